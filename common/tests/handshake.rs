@@ -1,0 +1,410 @@
+//! The offer/accept handshake and identities, with RSA keys checked in as
+//! fixtures (`tests/fixtures/*.pem`, generated once with `openssl genpkey`) so
+//! that no test waits for RSA key generation.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is a test failure
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::time::Instant;
+
+use keyferry_common::handshake::{
+    HandshakeError, Kind, Metadata, OfferParams, SignedOffer, make_offer, verify_offer,
+};
+use keyferry_common::identity::{Identity, KeyError};
+use keyferry_common::name::AgentName;
+use keyferry_common::replay::ReplayGuard;
+use keyferry_common::transfer::{RecvStream, RekeyPolicy, SendStream};
+
+fn fixture(name: &str) -> Identity {
+    let path = format!("{}/tests/fixtures/{name}.pem", env!("CARGO_MANIFEST_DIR"));
+    let pem = std::fs::read_to_string(path).expect("fixture exists");
+    Identity::from_pkcs8_pem(&pem)
+        .expect("fixture is PKCS#8")
+        .expect("fixture fits the key policy")
+}
+
+fn name(s: &str) -> AgentName {
+    AgentName::new(s).unwrap()
+}
+
+const NOW: u64 = 1_800_000_000;
+const WINDOW: u64 = 300;
+
+fn metadata() -> Metadata {
+    Metadata {
+        kind: Kind::File,
+        name: "report.pdf".into(),
+        size: 3000,
+    }
+}
+
+fn offer_from(
+    alice: &Identity,
+    bob: &Identity,
+) -> (keyferry_common::handshake::PendingOffer, SignedOffer) {
+    make_offer(OfferParams {
+        identity: alice,
+        sender: name("alice"),
+        receiver: name("bob"),
+        receiver_key: bob.public(),
+        metadata: metadata(),
+        now_unix: NOW,
+    })
+    .unwrap()
+}
+
+#[test]
+fn a_full_handshake_then_a_stream() {
+    let (alice, bob) = (fixture("alice"), fixture("bob"));
+    let (pending, offer) = offer_from(&alice, &bob);
+
+    let verified = verify_offer(
+        &offer,
+        alice.public(),
+        &name("bob"),
+        bob.fingerprint(),
+        NOW + 10,
+        WINDOW,
+    )
+    .unwrap();
+    assert_eq!(verified.fields().sender, name("alice"));
+    let opened = verified.open(&bob).unwrap();
+    assert_eq!(opened.metadata(), &metadata());
+    let (accept, recv_keys) = opened.accept().unwrap();
+    let send_keys = pending.handle_accept(&accept).unwrap();
+
+    let t0 = Instant::now();
+    let mut s = SendStream::new(send_keys, 3000, RekeyPolicy::default(), t0);
+    let mut r = RecvStream::new(recv_keys, 3000);
+    let out = s.push(vec![7; 3000], true, t0).unwrap();
+    let (plain, last) = r.open_chunk(&out.chunk.seal().encode()).unwrap();
+    assert!(last);
+    assert_eq!(plain, vec![7; 3000]);
+    let (trailer, _) = s.trailer().unwrap();
+    let done = r.open_trailer(&trailer.encode()).unwrap();
+    s.check_receipt(&done.receipt).unwrap();
+}
+
+#[test]
+fn every_bit_flip_in_the_offer_is_refused() {
+    let (alice, bob) = (fixture("alice"), fixture("bob"));
+    let (_, offer) = offer_from(&alice, &bob);
+    let check = |o: &SignedOffer| {
+        verify_offer(
+            o,
+            alice.public(),
+            &name("bob"),
+            bob.fingerprint(),
+            NOW,
+            WINDOW,
+        )
+    };
+    check(&offer).unwrap();
+    for bit in 0..offer.body.len() * 8 {
+        let mut o = offer.clone();
+        o.body[bit / 8] ^= 1 << (bit % 8);
+        assert!(check(&o).is_err(), "body bit {bit}");
+    }
+    for bit in (0..offer.signature.len() * 8).step_by(7) {
+        let mut o = offer.clone();
+        o.signature[bit / 8] ^= 1 << (bit % 8);
+        assert_eq!(
+            check(&o).unwrap_err(),
+            HandshakeError::Auth,
+            "signature bit {bit}"
+        );
+    }
+    let mut truncated = offer.clone();
+    truncated.signature.pop();
+    assert_eq!(check(&truncated).unwrap_err(), HandshakeError::Auth);
+    let mut trailing = offer.clone();
+    trailing.body.push(0);
+    assert!(check(&trailing).is_err());
+}
+
+#[test]
+fn an_offer_for_someone_else_or_from_another_key_is_refused() {
+    let (alice, bob, mallory) = (fixture("alice"), fixture("bob"), fixture("mallory"));
+    let (_, offer) = offer_from(&alice, &bob);
+    // Addressed to bob, presented to mallory (name or key differ).
+    assert!(matches!(
+        verify_offer(
+            &offer,
+            alice.public(),
+            &name("mallory"),
+            bob.fingerprint(),
+            NOW,
+            WINDOW
+        ),
+        Err(HandshakeError::NotForUs { .. })
+    ));
+    assert!(matches!(
+        verify_offer(
+            &offer,
+            alice.public(),
+            &name("bob"),
+            mallory.fingerprint(),
+            NOW,
+            WINDOW
+        ),
+        Err(HandshakeError::NotForUs { .. })
+    ));
+    // Verified with a key that is not the one the offer names.
+    assert_eq!(
+        verify_offer(
+            &offer,
+            mallory.public(),
+            &name("bob"),
+            bob.fingerprint(),
+            NOW,
+            WINDOW
+        )
+        .unwrap_err(),
+        HandshakeError::SenderKey
+    );
+}
+
+#[test]
+fn a_broker_that_re_signs_alices_offer_as_mallory_learns_nothing() {
+    let (alice, bob, mallory) = (fixture("alice"), fixture("bob"), fixture("mallory"));
+    let (_, offer) = offer_from(&alice, &bob);
+    // Mallory swaps in her own name and fingerprint and signs the result. Her
+    // signature verifies under her (pinned) key, but the OAEP label binds the
+    // sender's fingerprint, so the unwrapped key is random and the metadata
+    // tag fails: one opaque error, and bob never accepts.
+    let fields = offer.parse().unwrap();
+    let mut body = offer.body.clone();
+    let sender_off = 2 + 16 + 4;
+    assert_eq!(&body[sender_off..sender_off + 5], b"alice");
+    // Same-length name keeps every other offset; then Mallory's fingerprint.
+    body[sender_off..sender_off + 5].copy_from_slice(b"malry");
+    let fp_off = sender_off + 5;
+    assert_eq!(&body[fp_off..fp_off + 32], fields.sender_fp.as_bytes());
+    body[fp_off..fp_off + 32].copy_from_slice(mallory.fingerprint().as_bytes());
+    let signature = mallory.sign("keyferry/v1 offer", &body);
+    let forged = SignedOffer { body, signature };
+    let verified = verify_offer(
+        &forged,
+        mallory.public(),
+        &name("bob"),
+        bob.fingerprint(),
+        NOW,
+        WINDOW,
+    )
+    .expect("mallory's own signature verifies");
+    assert_eq!(verified.fields().sender, name("malry"));
+    assert_eq!(verified.open(&bob).unwrap_err(), HandshakeError::Auth);
+}
+
+#[test]
+fn a_signature_for_another_purpose_does_not_verify_as_an_offer() {
+    let (alice, bob) = (fixture("alice"), fixture("bob"));
+    let (_, offer) = offer_from(&alice, &bob);
+    let resigned = SignedOffer {
+        body: offer.body.clone(),
+        signature: alice.sign("keyferry/v1 broker-auth", &offer.body),
+    };
+    assert_eq!(
+        verify_offer(
+            &resigned,
+            alice.public(),
+            &name("bob"),
+            bob.fingerprint(),
+            NOW,
+            WINDOW
+        )
+        .unwrap_err(),
+        HandshakeError::Auth
+    );
+}
+
+#[test]
+fn stale_and_replayed_offers_are_refused() {
+    let (alice, bob) = (fixture("alice"), fixture("bob"));
+    let (_, offer) = offer_from(&alice, &bob);
+    assert!(
+        verify_offer(
+            &offer,
+            alice.public(),
+            &name("bob"),
+            bob.fingerprint(),
+            NOW + WINDOW,
+            WINDOW
+        )
+        .is_ok()
+    );
+    assert_eq!(
+        verify_offer(
+            &offer,
+            alice.public(),
+            &name("bob"),
+            bob.fingerprint(),
+            NOW + WINDOW + 1,
+            WINDOW
+        )
+        .unwrap_err(),
+        HandshakeError::Stale {
+            skew: WINDOW + 1,
+            window: WINDOW
+        }
+    );
+    assert!(
+        verify_offer(
+            &offer,
+            alice.public(),
+            &name("bob"),
+            bob.fingerprint(),
+            NOW - WINDOW - 1,
+            WINDOW
+        )
+        .is_err()
+    );
+
+    let mut guard = ReplayGuard::new(WINDOW);
+    let v = verify_offer(
+        &offer,
+        alice.public(),
+        &name("bob"),
+        bob.fingerprint(),
+        NOW,
+        WINDOW,
+    )
+    .unwrap();
+    guard
+        .check_and_insert(v.fields().transfer_id, v.fields().time, NOW)
+        .unwrap();
+    assert_eq!(
+        guard.check_and_insert(v.fields().transfer_id, v.fields().time, NOW + 5),
+        Err(HandshakeError::Replay)
+    );
+}
+
+#[test]
+fn a_tampered_or_foreign_accept_is_refused() {
+    let (alice, bob) = (fixture("alice"), fixture("bob"));
+    let (pending_for_flips, offer) = offer_from(&alice, &bob);
+    let opened = verify_offer(
+        &offer,
+        alice.public(),
+        &name("bob"),
+        bob.fingerprint(),
+        NOW,
+        WINDOW,
+    )
+    .unwrap()
+    .open(&bob)
+    .unwrap();
+    let (accept, _) = opened.accept().unwrap();
+    drop(pending_for_flips);
+    for bit in (0..accept.len() * 8).step_by(3) {
+        let (pending, offer) = offer_from(&alice, &bob);
+        // A fresh offer each time: an accept belongs to exactly one transfer.
+        let (good, _) = verify_offer(
+            &offer,
+            alice.public(),
+            &name("bob"),
+            bob.fingerprint(),
+            NOW,
+            WINDOW,
+        )
+        .unwrap()
+        .open(&bob)
+        .unwrap()
+        .accept()
+        .unwrap();
+        let mut bad = good.clone();
+        bad[bit / 8] ^= 1 << (bit % 8);
+        assert!(pending.handle_accept(&bad).is_err(), "accept bit {bit}");
+        if bit == 0 {
+            // The accept of one transfer does not complete another.
+            let (other_pending, _) = offer_from(&alice, &bob);
+            assert!(other_pending.handle_accept(&good).is_err());
+        }
+    }
+    let (pending, _) = offer_from(&alice, &bob);
+    assert!(matches!(
+        pending.handle_accept(&accept[..95]),
+        Err(HandshakeError::Malformed("accept"))
+    ));
+}
+
+#[test]
+fn keys_outside_the_policy_are_refused() {
+    for bad in ["small2048", "e3"] {
+        let path = format!("{}/tests/fixtures/{bad}.pem", env!("CARGO_MANIFEST_DIR"));
+        let pem = std::fs::read_to_string(path).unwrap();
+        assert!(
+            matches!(
+                Identity::from_pkcs8_pem(&pem),
+                Some(Err(KeyError::Policy { .. }))
+            ),
+            "{bad}"
+        );
+    }
+    // A public key outside the policy is refused too, and so is non-canonical DER.
+    let alice = fixture("alice");
+    let der = alice.public().spki_der().to_vec();
+    assert!(keyferry_common::identity::PublicKey::from_spki_der(&der).is_ok());
+    let mut trailing = der.clone();
+    trailing.push(0);
+    assert!(keyferry_common::identity::PublicKey::from_spki_der(&trailing).is_err());
+}
+
+#[test]
+fn key_files_are_private_and_parse_errors_are_clear() {
+    let dir = std::env::temp_dir().join(format!("keyferry-keys-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("identity.pem");
+    let alice = fixture("alice");
+    alice.save(&path).unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert_eq!(
+        Identity::load(&path).unwrap().fingerprint(),
+        alice.fingerprint()
+    );
+    // Never replaces an existing key file.
+    assert!(alice.save(&path).is_err());
+    // No temporary file is left behind.
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let err = Identity::load(&path).unwrap_err();
+    assert!(
+        matches!(err, KeyError::Insecure { mode: 0o640, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("chmod 600"));
+
+    let corrupt = dir.join("corrupt.pem");
+    std::fs::write(&corrupt, "-----BEGIN PRIVATE KEY-----\nnot base64\n").unwrap();
+    std::fs::set_permissions(&corrupt, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(matches!(
+        Identity::load(&corrupt),
+        Err(KeyError::Parse { .. })
+    ));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn fingerprints_print_like_openssh_and_parse_back() {
+    let alice = fixture("alice");
+    let fp = alice.fingerprint();
+    let s = fp.to_string();
+    assert!(s.starts_with("SHA256:") && s.len() == 7 + 43, "{s}");
+    assert_eq!(
+        s.parse::<keyferry_common::identity::Fingerprint>().unwrap(),
+        fp
+    );
+    assert!(
+        "SHA256:short"
+            .parse::<keyferry_common::identity::Fingerprint>()
+            .is_err()
+    );
+    assert!(
+        "MD5:xx"
+            .parse::<keyferry_common::identity::Fingerprint>()
+            .is_err()
+    );
+}
