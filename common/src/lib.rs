@@ -10,18 +10,27 @@
 //! * [`schedule`], [`record`], [`handshake`], [`transfer`]: the key schedule, the
 //!   byte layouts of the records, the offer/accept handshake and the sender's and
 //!   receiver's stream state machines. No I/O: bytes in, bytes or errors out.
-//! * [`message`], [`frame`]: postcard messages in length-prefixed frames with a hard
-//!   size limit.
+//! * [`message`], [`frame`], [`connection`]: postcard messages in length-prefixed
+//!   frames with a hard size limit, read and written over any async stream.
+//! * [`auth`], [`tls`]: what an agent signs to authenticate to the broker; TLS 1.3
+//!   configurations and the agents' pinning certificate verifier.
+//! * [`filename`], [`text`], [`budget`], [`replay`]: receiver-side guards — file
+//!   names from the wire, escaping of printed peer text, RSA decryption budgets,
+//!   replayed offers.
 //!
 //! `docs/PROTOCOL.md` in the repository is the specification this crate implements.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod auth;
+pub mod budget;
+pub mod connection;
 pub mod crypto;
 pub mod encode;
+pub mod filename;
 pub mod frame;
-mod fsutil;
+pub mod fsutil;
 pub mod handshake;
 pub mod identity;
 pub mod ids;
@@ -32,6 +41,7 @@ pub mod record;
 pub mod replay;
 pub mod schedule;
 pub mod text;
+pub mod tls;
 pub mod transfer;
 
 /// The protocol version this crate speaks.

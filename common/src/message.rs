@@ -45,6 +45,66 @@ pub enum AbortReason {
     PeerGone,
 }
 
+/// What an authenticated connection is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Role {
+    /// Sends one transfer (and may look up peers and list who is online).
+    Sender,
+    /// The one long-lived control connection of a receiving agent.
+    Receiver,
+    /// A receiver's data connection for one transfer: it carries the accept, then the stream.
+    Data,
+}
+
+impl Role {
+    /// The role's byte in the authentication signature (PROTOCOL.md §2.4).
+    pub fn code(self) -> u8 {
+        match self {
+            Self::Sender => 1,
+            Self::Receiver => 2,
+            Self::Data => 3,
+        }
+    }
+}
+
+/// What the broker tells an agent when it refuses something.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The agent speaks another protocol version.
+    Version,
+    /// The authentication signature did not verify.
+    AuthFailed,
+    /// The name is bound to another key.
+    NameTaken,
+    /// A receiver with this name is already connected.
+    ReceiverConnected,
+    /// No agent of that name has ever registered.
+    UnknownPeer,
+    /// The peer has registered but no receiver of that name is connected.
+    PeerOffline,
+    /// No such transfer (or not yours).
+    UnknownTransfer,
+    /// Too many requests, offers or connections.
+    RateLimited,
+    /// A message out of order or malformed.
+    Protocol,
+    /// Refused by the broker's access policy.
+    Policy,
+}
+
+/// One entry of the broker's list of online agents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OnlineAgent {
+    /// The agent's name.
+    pub name: AgentName,
+    /// Whether a receiver of that name is connected.
+    pub receiving: bool,
+    /// Transfers in progress to that receiver.
+    pub incoming: u32,
+    /// Sender connections of that name.
+    pub senders: u32,
+}
+
 /// One message on a connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
@@ -112,6 +172,63 @@ pub enum Message {
         transfer_id: TransferId,
         /// Why.
         reason: AbortReason,
+    },
+    /// Broker → agent after `Hello`: the nonce the agent must sign.
+    Challenge {
+        /// Fresh random nonce.
+        nonce: [u8; 32],
+    },
+    /// Agent → broker: who it is and what the connection is for.
+    Auth {
+        /// The agent's name.
+        name: AgentName,
+        /// The connection's role.
+        role: Role,
+        /// The agent's public key (SubjectPublicKeyInfo DER).
+        #[serde(with = "serde_bytes")]
+        spki: Vec<u8>,
+        /// RSA-PSS over the authentication input (PROTOCOL.md §2.4).
+        #[serde(with = "serde_bytes")]
+        signature: Vec<u8>,
+    },
+    /// Broker → agent: authenticated.
+    Welcome,
+    /// Broker → agent: a refusal; the broker may close the connection after it.
+    Error {
+        /// What went wrong.
+        code: ErrorCode,
+        /// Human-readable detail (no secrets).
+        detail: String,
+    },
+    /// Sender → broker: the public key of a peer.
+    Lookup {
+        /// The peer's name.
+        name: AgentName,
+    },
+    /// Broker → sender: a peer's public key, as registered.
+    PeerKey {
+        /// The peer's name.
+        name: AgentName,
+        /// Its SubjectPublicKeyInfo DER.
+        #[serde(with = "serde_bytes")]
+        spki: Vec<u8>,
+    },
+    /// Broker → receiver: an offer from an authenticated sender.
+    Offered {
+        /// The authenticated name of the offering connection.
+        from: AgentName,
+        /// The sender's registered key (SubjectPublicKeyInfo DER).
+        #[serde(with = "serde_bytes")]
+        spki: Vec<u8>,
+        /// The signed offer, as the sender sent it.
+        offer: SignedOffer,
+    },
+    /// Agent → broker: who is online?
+    List,
+    /// Broker → agent: who is online.
+    Online {
+        /// One entry per name with a connection.
+        agents: Vec<OnlineAgent>,
     },
 }
 
@@ -185,7 +302,62 @@ mod tests {
                 [vec![8], vec![0xaa; 16], vec![5]].concat(),
             ),
         ];
-        for (msg, bytes) in cases {
+        let name = || AgentName::new("b").unwrap();
+        let more: Vec<(Message, Vec<u8>)> = vec![
+            (
+                Message::Challenge { nonce: [1; 32] },
+                [vec![9], vec![1; 32]].concat(),
+            ),
+            (
+                Message::Auth {
+                    name: name(),
+                    role: Role::Data,
+                    spki: vec![4],
+                    signature: vec![5, 6],
+                },
+                vec![10, 1, b'b', 2, 1, 4, 2, 5, 6],
+            ),
+            (Message::Welcome, vec![11]),
+            (
+                Message::Error {
+                    code: ErrorCode::PeerOffline,
+                    detail: "x".into(),
+                },
+                vec![12, 5, 1, b'x'],
+            ),
+            (Message::Lookup { name: name() }, vec![13, 1, b'b']),
+            (
+                Message::PeerKey {
+                    name: name(),
+                    spki: vec![3],
+                },
+                vec![14, 1, b'b', 1, 3],
+            ),
+            (
+                Message::Offered {
+                    from: name(),
+                    spki: vec![3],
+                    offer: SignedOffer {
+                        body: vec![],
+                        signature: vec![],
+                    },
+                },
+                vec![15, 1, b'b', 1, 3, 0, 0],
+            ),
+            (Message::List, vec![16]),
+            (
+                Message::Online {
+                    agents: vec![OnlineAgent {
+                        name: name(),
+                        receiving: true,
+                        incoming: 2,
+                        senders: 0,
+                    }],
+                },
+                vec![17, 1, 1, b'b', 1, 2, 0],
+            ),
+        ];
+        for (msg, bytes) in cases.into_iter().chain(more) {
             assert_eq!(postcard::to_stdvec(&msg).unwrap(), bytes, "{msg:?}");
             assert_eq!(postcard::from_bytes::<Message>(&bytes).unwrap(), msg);
         }

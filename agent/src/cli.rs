@@ -1,0 +1,309 @@
+//! The command line, and what each invocation does.
+
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use keyferry_common::identity::Fingerprint;
+use keyferry_common::message::{Message, Role};
+use keyferry_common::name::AgentName;
+
+use crate::client::{Ctx, broker_error, conn_error, connect};
+use crate::error::AgentError;
+use crate::home::Home;
+use crate::receive::{RecvOptions, receive};
+use crate::send::{Payload, SendOptions, send};
+
+/// The address agents connect to by default (the broker's default listen address).
+pub const DEFAULT_BROKER: &str = "127.0.0.1:7447";
+
+/// The two roles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RoleArg {
+    /// Stay connected and receive files and messages into --out-dir.
+    Receiver,
+    /// Send one file (--file) or message (--message) to --to.
+    Sender,
+}
+
+/// keyferry agent: send and receive files end-to-end encrypted through a broker.
+///
+///   agent --role receiver [--out-dir DIR] [--once]
+///   agent --role sender --to PEER --file PATH
+///   agent --role sender --to PEER --message TEXT
+///   agent --list
+///
+/// The first run creates an RSA identity in --home. Keys of brokers and peers
+/// are pinned on first contact (printed as NEW KEY ... — verify them out of
+/// band); a changed key is refused.
+///
+/// Exit codes: 0 verified success, 1 other error, 2 usage, 3 broker unreachable,
+/// 4 broker key mismatch, 5 unknown or offline peer, 6 peer key mismatch,
+/// 7 file unreadable, 8 refused by the receiver, 9 verification failed,
+/// 10 name or key refused by the broker, 130 interrupted.
+#[derive(Debug, Parser)]
+#[command(version, verbatim_doc_comment)]
+pub struct Args {
+    /// Broker address.
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_BROKER)]
+    pub broker: String,
+    /// Require this broker certificate fingerprint (SHA256:...), instead of
+    /// pinning whatever the broker presents on first contact.
+    #[arg(long, value_name = "FP")]
+    pub broker_fingerprint: Option<Fingerprint>,
+    /// Directory holding this agent's identity and pins
+    /// [default: $XDG_CONFIG_HOME/keyferry or ~/.config/keyferry].
+    #[arg(long, value_name = "DIR", env = "KEYFERRY_HOME")]
+    pub home: Option<PathBuf>,
+    /// This agent's name: 1-32 of a-z 0-9 . _ - [default: your user name, lowercased].
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<AgentName>,
+    /// What to do.
+    #[arg(long, value_enum, required_unless_present = "list")]
+    pub role: Option<RoleArg>,
+    /// List the agents online at the broker (receivers, busy or free) and exit.
+    #[arg(long, conflicts_with = "role")]
+    pub list: bool,
+
+    /// Receiver: where received files go [default: the current directory].
+    #[arg(long, value_name = "DIR", help_heading = "Receiver")]
+    pub out_dir: Option<PathBuf>,
+    /// Receiver: exit after one transfer (0 if it verified, non-zero if not).
+    #[arg(long, help_heading = "Receiver")]
+    pub once: bool,
+    /// Receiver: refuse files larger than this (e.g. 500MiB, 4GiB).
+    #[arg(long, value_name = "SIZE", default_value = "4GiB", value_parser = parse_size, help_heading = "Receiver")]
+    pub max_size: u64,
+
+    /// Sender: the receiving agent's name.
+    #[arg(long, value_name = "PEER", help_heading = "Sender")]
+    pub to: Option<AgentName>,
+    /// Sender: the file to send.
+    #[arg(
+        long,
+        value_name = "PATH",
+        conflicts_with = "message",
+        help_heading = "Sender"
+    )]
+    pub file: Option<PathBuf>,
+    /// Sender: a short text message to send instead of a file.
+    #[arg(long, value_name = "TEXT", help_heading = "Sender")]
+    pub message: Option<String>,
+    /// Sender: how long one session key lives (e.g. 200ms, 5s, 1m).
+    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration, help_heading = "Sender")]
+    pub rekey_interval: Duration,
+    /// Sender: print one JSON object per finished transfer instead of a summary line.
+    #[arg(long, help_heading = "Sender")]
+    pub json: bool,
+    /// Sender: require the receiver to have this key fingerprint (SHA256:...).
+    #[arg(long, value_name = "FP", help_heading = "Sender")]
+    pub peer_fingerprint: Option<Fingerprint>,
+}
+
+/// Parses `4GiB`, `500MiB`, `10MB`, `123` (bytes).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 500MiB or 4GiB"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        "t" | "tb" => 1_000_000_000_000,
+        "tib" => 1 << 40,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} (use B, KiB, MiB, GiB, KB, MB, GB)"
+            ));
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Parses `200ms`, `5s`, `1m`; at least 1 ms.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 200ms or 5s"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" | "" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        other => return Err(format!("unknown duration unit {other:?} (use ms, s or m)")),
+    };
+    if d < Duration::from_millis(1) {
+        return Err("the duration must be at least 1ms".into());
+    }
+    Ok(d)
+}
+
+fn usage(msg: &str) -> AgentError {
+    AgentError::Other(format!("{msg} (see agent --help)"))
+}
+
+fn context(args: &Args) -> Result<Ctx, AgentError> {
+    let dir = args
+        .home
+        .clone()
+        .or_else(Home::default_dir)
+        .ok_or_else(|| {
+            usage("no --home given and neither KEYFERRY_HOME, XDG_CONFIG_HOME nor HOME is set")
+        })?;
+    let name = match &args.name {
+        Some(n) => n.clone(),
+        None => {
+            let user = std::env::var("USER")
+                .or_else(|_| std::env::var("LOGNAME"))
+                .map_err(|_| {
+                    usage("cannot tell your user name; choose an agent name with --name")
+                })?;
+            AgentName::from_user(&user).map_err(|e| {
+                usage(&format!(
+                    "your user name is not a valid agent name ({e}); choose one with --name"
+                ))
+            })?
+        }
+    };
+    let home = Home::open(dir)?;
+    let identity = Arc::new(home.identity()?);
+    Ok(Ctx {
+        broker: args.broker.clone(),
+        broker_fingerprint: args.broker_fingerprint,
+        home,
+        name,
+        identity,
+    })
+}
+
+async fn list(ctx: &Ctx) -> Result<(), AgentError> {
+    let mut conn = connect(ctx, Role::Sender).await?;
+    conn.writer
+        .write(&Message::List)
+        .await
+        .map_err(|e| conn_error(ctx, e))?;
+    match conn
+        .reader
+        .read_timeout(Duration::from_secs(30))
+        .await
+        .map_err(|e| conn_error(ctx, e))?
+    {
+        Some(Message::Online { agents }) => {
+            println!("{:<32} {:<9} {:<6} senders", "name", "receiver", "state");
+            for a in agents {
+                let (receiver, state) = match (a.receiving, a.incoming) {
+                    (false, _) => ("no", "-"),
+                    (true, 0) => ("yes", "free"),
+                    (true, _) => ("yes", "busy"),
+                };
+                println!("{:<32} {receiver:<9} {state:<6} {}", a.name, a.senders);
+            }
+            Ok(())
+        }
+        Some(Message::Error { code, detail }) => Err(broker_error(code, detail)),
+        _ => Err(AgentError::Other(
+            "the broker did not answer the list request".into(),
+        )),
+    }
+}
+
+/// Runs one invocation.
+pub async fn run(args: Args) -> Result<(), AgentError> {
+    let ctx = context(&args)?;
+    if args.list {
+        return list(&ctx).await;
+    }
+    match args.role {
+        Some(RoleArg::Receiver) => {
+            if args.to.is_some() || args.file.is_some() || args.message.is_some() || args.json {
+                return Err(usage(
+                    "--to, --file, --message and --json are for --role sender",
+                ));
+            }
+            let out_dir = match args.out_dir {
+                Some(d) => d,
+                None => std::env::current_dir()
+                    .map_err(|e| AgentError::Other(format!("current directory: {e}")))?,
+            };
+            receive(
+                ctx,
+                RecvOptions {
+                    out_dir,
+                    once: args.once,
+                    max_size: args.max_size,
+                },
+            )
+            .await
+        }
+        Some(RoleArg::Sender) => {
+            if args.out_dir.is_some() || args.once {
+                return Err(usage("--out-dir and --once are for --role receiver"));
+            }
+            let to = args
+                .to
+                .ok_or_else(|| usage("--role sender needs --to PEER"))?;
+            let payload = match (args.file, args.message) {
+                (Some(f), None) => Payload::File(f),
+                (None, Some(m)) => Payload::Message(m),
+                _ => return Err(usage("--role sender needs --file PATH or --message TEXT")),
+            };
+            let label = match &payload {
+                Payload::File(p) => p.display().to_string(),
+                Payload::Message(_) => "message".into(),
+            };
+            let report = send(
+                &ctx,
+                SendOptions {
+                    to,
+                    payload,
+                    rekey_interval: args.rekey_interval,
+                    peer_fingerprint: args.peer_fingerprint,
+                    progress: !args.json && std::io::stdout().is_terminal(),
+                },
+            )
+            .await?;
+            if args.json {
+                let line =
+                    serde_json::to_string(&report).map_err(|e| AgentError::Other(e.to_string()))?;
+                println!("{line}");
+            } else {
+                println!(
+                    "sent {label} to {} ({} bytes in {:.2} s, {} session keys, sha256 {}) — receipt verified",
+                    report.peer, report.bytes, report.seconds, report.session_keys, report.sha256
+                );
+            }
+            Ok(())
+        }
+        None => Err(usage("choose --role receiver, --role sender or --list")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations_parse() {
+        assert_eq!(parse_size("4GiB"), Ok(4 << 30));
+        assert_eq!(parse_size("500MiB"), Ok(500 << 20));
+        assert_eq!(parse_size("10MB"), Ok(10_000_000));
+        assert_eq!(parse_size("123"), Ok(123));
+        assert!(parse_size("-1").is_err() && parse_size("1XB").is_err() && parse_size("").is_err());
+        assert_eq!(parse_duration("200ms"), Ok(Duration::from_millis(200)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("0ms").is_err() && parse_duration("5h").is_err());
+    }
+}

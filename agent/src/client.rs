@@ -1,0 +1,230 @@
+//! Connecting to the broker: TCP, TLS 1.3 with the broker's pinned certificate,
+//! `Hello`, and authentication by signing the broker's challenge bound to the
+//! TLS session.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keyferry_common::PROTOCOL_VERSION;
+use keyferry_common::auth;
+use keyferry_common::connection::{ConnError, Connection, FrameReader, FrameWriter};
+use keyferry_common::frame::MAX_FRAME_LEN;
+use keyferry_common::identity::{Fingerprint, Identity};
+use keyferry_common::message::{ErrorCode, Message, Role};
+use keyferry_common::name::AgentName;
+use keyferry_common::pins::PinCheck;
+use keyferry_common::tls::{self, PinOutcome, PinningVerifier};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::error::AgentError;
+use crate::home::{Home, now_unix};
+
+/// A connection to the broker after TLS.
+pub type AgentConn = Connection<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// How long to wait for the broker at each step of connecting.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Who we are and where the broker is.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    /// Broker address.
+    pub broker: String,
+    /// A fingerprint the broker must have (`--broker-fingerprint`).
+    pub broker_fingerprint: Option<Fingerprint>,
+    /// Our home directory.
+    pub home: Home,
+    /// Our name.
+    pub name: AgentName,
+    /// Our identity.
+    pub identity: Arc<Identity>,
+}
+
+/// Maps a broker `Error` message to the agent's error.
+pub fn broker_error(code: ErrorCode, detail: String) -> AgentError {
+    match code {
+        ErrorCode::NameTaken | ErrorCode::AuthFailed | ErrorCode::Policy => {
+            AgentError::NameRefused(detail)
+        }
+        _ => AgentError::Other(format!("the broker refused: {detail}")),
+    }
+}
+
+/// A lost or failed broker connection.
+pub fn conn_error(ctx: &Ctx, e: ConnError) -> AgentError {
+    AgentError::BrokerUnreachable {
+        addr: ctx.broker.clone(),
+        detail: format!("connection lost ({e})"),
+    }
+}
+
+/// Connects, pins or checks the broker, and authenticates for `role`.
+pub async fn connect(ctx: &Ctx, role: Role) -> Result<AgentConn, AgentError> {
+    let unreachable = |detail: String| AgentError::BrokerUnreachable {
+        addr: ctx.broker.clone(),
+        detail,
+    };
+    let pins = ctx.home.known_brokers();
+    let pinned = pins
+        .get(&ctx.broker)
+        .map_err(|e| AgentError::Other(e.to_string()))?
+        .map(|p| p.fingerprint);
+    let expected = ctx.broker_fingerprint.or(pinned);
+
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&ctx.broker))
+        .await
+        .map_err(|_| unreachable("timed out".into()))?
+        .map_err(|e| unreachable(e.to_string()))?;
+    let _ = tcp.set_nodelay(true);
+    let verifier = PinningVerifier::new(expected);
+    let config =
+        tls::client_config(Arc::clone(&verifier)).map_err(|e| AgentError::Other(e.to_string()))?;
+    let server_name =
+        ServerName::try_from(tls::SERVER_NAME).map_err(|e| AgentError::Other(e.to_string()))?;
+    let handshake = TlsConnector::from(Arc::new(config)).connect(server_name, tcp);
+    let tls = match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
+        Ok(Ok(t)) => t,
+        outcome => {
+            if let PinOutcome::Mismatch {
+                expected,
+                presented,
+            } = verifier.outcome()
+            {
+                return Err(AgentError::BrokerMismatch {
+                    addr: ctx.broker.clone(),
+                    expected,
+                    presented,
+                    file: pins.path().to_owned(),
+                });
+            }
+            return Err(unreachable(match outcome {
+                Ok(Err(e)) => format!("TLS handshake failed: {e}"),
+                _ => "TLS handshake timed out".into(),
+            }));
+        }
+    };
+    let PinOutcome::Seen(broker_fp) = verifier.outcome() else {
+        return Err(unreachable("the broker presented no certificate".into()));
+    };
+    // Both a pin (if any) and --broker-fingerprint (if given) must agree.
+    let check = match ctx.broker_fingerprint {
+        Some(required) => pins.require(&ctx.broker, required, broker_fp, now_unix()),
+        None => pins.check_or_pin(&ctx.broker, broker_fp, now_unix()),
+    };
+    match check {
+        Ok(PinCheck::NewlyPinned(_)) if ctx.broker_fingerprint.is_none() => {
+            eprintln!(
+                "NEW KEY for broker {} {broker_fp} — first contact, verify out of band",
+                ctx.broker
+            );
+        }
+        Ok(_) => {}
+        Err(keyferry_common::pins::PinError::Mismatch {
+            pinned,
+            presented,
+            file,
+            ..
+        }) => {
+            return Err(AgentError::BrokerMismatch {
+                addr: ctx.broker.clone(),
+                expected: pinned,
+                presented,
+                file,
+            });
+        }
+        Err(e) => return Err(AgentError::Other(e.to_string())),
+    }
+
+    let mut tls = tls;
+    let leftover = hello_and_auth(ctx, &mut tls, broker_fp, role).await?;
+    Ok(Connection::with_buffer(tls, leftover))
+}
+
+async fn hello_and_auth(
+    ctx: &Ctx,
+    tls: &mut tokio_rustls::client::TlsStream<TcpStream>,
+    broker_fp: Fingerprint,
+    role: Role,
+) -> Result<Vec<u8>, AgentError> {
+    let unreachable = |detail: &str| AgentError::BrokerUnreachable {
+        addr: ctx.broker.clone(),
+        detail: detail.to_owned(),
+    };
+    let lost = |e| conn_error(ctx, e);
+    FrameWriter::new(&mut *tls, MAX_FRAME_LEN)
+        .write(&Message::Hello {
+            version: PROTOCOL_VERSION,
+        })
+        .await
+        .map_err(lost)?;
+    // The broker answers Hello then Challenge and waits for Auth, so after the
+    // challenge nothing else is buffered; any leftover would be a protocol error.
+    let mut reader = FrameReader::new(&mut *tls, MAX_FRAME_LEN);
+    let mut nonce = None;
+    while nonce.is_none() {
+        match reader.read_timeout(CONNECT_TIMEOUT).await.map_err(lost)? {
+            Some(Message::Hello { version }) if version == PROTOCOL_VERSION => {}
+            Some(Message::Hello { version }) => {
+                return Err(AgentError::Other(format!(
+                    "the broker speaks protocol version {version}, this agent {PROTOCOL_VERSION}: upgrade one of them"
+                )));
+            }
+            Some(Message::Challenge { nonce: n }) => nonce = Some(n),
+            Some(Message::Error { code, detail }) => return Err(broker_error(code, detail)),
+            Some(_) => {
+                return Err(AgentError::Other(
+                    "the broker sent an unexpected message".into(),
+                ));
+            }
+            None => return Err(unreachable("the broker closed the connection")),
+        }
+    }
+    let (_, leftover) = reader.into_parts();
+    let nonce = nonce.expect("the loop ends only with a nonce");
+    if !leftover.is_empty() {
+        return Err(AgentError::Other(
+            "the broker sent data before authentication".into(),
+        ));
+    }
+    let mut exporter = [0u8; auth::EXPORTER_LEN];
+    tls.get_ref()
+        .1
+        .export_keying_material(&mut exporter, auth::EXPORTER_LABEL, Some(&nonce))
+        .map_err(|e| AgentError::Other(format!("TLS exporter: {e}")))?;
+    let identity = Arc::clone(&ctx.identity);
+    let message = auth::message(
+        &exporter,
+        &nonce,
+        &ctx.name,
+        role,
+        &identity.fingerprint(),
+        &broker_fp,
+    );
+    let signature = tokio::task::spawn_blocking(move || identity.sign(auth::CONTEXT, &message))
+        .await
+        .map_err(|e| AgentError::Other(e.to_string()))?;
+    FrameWriter::new(&mut *tls, MAX_FRAME_LEN)
+        .write(&Message::Auth {
+            name: ctx.name.clone(),
+            role,
+            spki: ctx.identity.public().spki_der().to_vec(),
+            signature,
+        })
+        .await
+        .map_err(lost)?;
+    let mut reader = FrameReader::new(&mut *tls, MAX_FRAME_LEN);
+    match reader.read_timeout(CONNECT_TIMEOUT).await.map_err(lost)? {
+        Some(Message::Welcome) => {}
+        Some(Message::Error { code, detail }) => return Err(broker_error(code, detail)),
+        Some(_) => {
+            return Err(AgentError::Other(
+                "the broker sent an unexpected message".into(),
+            ));
+        }
+        None => return Err(unreachable("the broker closed the connection")),
+    }
+    // A receiver may already have an offer waiting behind the Welcome: keep it.
+    Ok(reader.into_parts().1)
+}

@@ -1,0 +1,134 @@
+//! Everything that can end an agent run, each with the exit code it maps to and
+//! a message that says what failed and what to do.
+
+use std::path::PathBuf;
+
+use keyferry_common::identity::Fingerprint;
+use keyferry_common::message::RefuseReason;
+use thiserror::Error;
+
+/// Exit codes, as documented in the README.
+pub mod exit {
+    /// Anything not listed below (bad configuration, key files, protocol errors).
+    pub const OTHER: u8 = 1;
+    /// Wrong command-line usage (clap's own code).
+    pub const USAGE: u8 = 2;
+    /// The broker cannot be reached, or the connection to it was lost.
+    pub const BROKER_UNREACHABLE: u8 = 3;
+    /// The broker presented another certificate than the pinned one.
+    pub const BROKER_MISMATCH: u8 = 4;
+    /// The peer is unknown to the broker, or not online.
+    pub const PEER_UNAVAILABLE: u8 = 5;
+    /// The peer's key differs from the pinned one.
+    pub const PEER_KEY_MISMATCH: u8 = 6;
+    /// The file to send cannot be read.
+    pub const FILE_UNREADABLE: u8 = 7;
+    /// The receiver refused the transfer.
+    pub const REFUSED: u8 = 8;
+    /// Verification failed: data altered, truncated, or not what was sent.
+    pub const VERIFICATION_FAILED: u8 = 9;
+    /// The broker refused our name or key.
+    pub const NAME_REFUSED: u8 = 10;
+    /// Interrupted (Ctrl-C).
+    pub const INTERRUPTED: u8 = 130;
+}
+
+/// Why an agent run failed.
+#[derive(Debug, Error)]
+pub enum AgentError {
+    /// TCP or TLS to the broker failed.
+    #[error(
+        "cannot reach the broker at {addr}: {detail}. Is `broker` running there? (--broker ADDR)"
+    )]
+    BrokerUnreachable {
+        /// Address tried.
+        addr: String,
+        /// What failed.
+        detail: String,
+    },
+    /// The broker's certificate differs from the pin.
+    #[error(
+        "BROKER KEY MISMATCH for {addr}: expected {expected}, but the broker presents {presented}. \
+         This may be an attack. If the broker really changed its key, verify the new fingerprint \
+         and remove the line for {addr} from {file}, or pass --broker-fingerprint"
+    )]
+    BrokerMismatch {
+        /// Broker address.
+        addr: String,
+        /// Pinned or required fingerprint.
+        expected: Fingerprint,
+        /// What it presented.
+        presented: Fingerprint,
+        /// The pin file.
+        file: PathBuf,
+    },
+    /// No agent of that name has registered.
+    #[error(
+        "unknown peer {0}: no agent of that name has registered with this broker (check the name; `agent --list` shows who is online)"
+    )]
+    UnknownPeer(String),
+    /// The peer is not connected as a receiver.
+    #[error(
+        "peer {0} is offline: it must run `agent --role receiver` (`agent --list` shows who is online)"
+    )]
+    PeerOffline(String),
+    /// A pinned key changed.
+    #[error("{0}")]
+    PeerKeyMismatch(String),
+    /// The file to send cannot be read.
+    #[error("cannot read {path}: {detail}")]
+    FileUnreadable {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        detail: String,
+    },
+    /// The receiver refused.
+    #[error("{peer} refused the transfer: {}", refuse_text(*.reason))]
+    Refused {
+        /// The receiver.
+        peer: String,
+        /// Its reason.
+        reason: RefuseReason,
+    },
+    /// Something did not verify.
+    #[error("verification failed: {0}")]
+    Verification(String),
+    /// The broker refused our name.
+    #[error("the broker refused this agent: {0}")]
+    NameRefused(String),
+    /// Ctrl-C.
+    #[error("interrupted")]
+    Interrupted,
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+fn refuse_text(r: RefuseReason) -> &'static str {
+    match r {
+        RefuseReason::TooLarge => "too large for its --max-size or its free disk space",
+        RefuseReason::Busy => "it is busy with other transfers; try again shortly",
+        RefuseReason::KeyMismatch => "your key does not match the one it pinned for you",
+        RefuseReason::VerificationFailed => "the offer did not verify",
+        RefuseReason::Policy => "refused by its policy (file name, rate limit)",
+    }
+}
+
+impl AgentError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::BrokerUnreachable { .. } => exit::BROKER_UNREACHABLE,
+            Self::BrokerMismatch { .. } => exit::BROKER_MISMATCH,
+            Self::UnknownPeer(_) | Self::PeerOffline(_) => exit::PEER_UNAVAILABLE,
+            Self::PeerKeyMismatch(_) => exit::PEER_KEY_MISMATCH,
+            Self::FileUnreadable { .. } => exit::FILE_UNREADABLE,
+            Self::Refused { .. } => exit::REFUSED,
+            Self::Verification(_) => exit::VERIFICATION_FAILED,
+            Self::NameRefused(_) => exit::NAME_REFUSED,
+            Self::Interrupted => exit::INTERRUPTED,
+            Self::Other(_) => exit::OTHER,
+        }
+    }
+}

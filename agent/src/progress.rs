@@ -1,0 +1,44 @@
+//! The sender's progress bar: the only module that knows indicatif. The
+//! transfer code reports `(done, epoch)`; nothing is drawn unless stdout is a
+//! terminal.
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// A progress display, or nothing.
+#[derive(Debug)]
+pub struct Progress {
+    bar: Option<ProgressBar>,
+}
+
+impl Progress {
+    /// A bar for `total` bytes if `enabled`.
+    pub fn new(total: u64, enabled: bool) -> Self {
+        let bar = enabled.then(|| {
+            let bar = ProgressBar::new(total);
+            let style = ProgressStyle::with_template(
+                "{bar:30.cyan/blue} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+            bar.set_style(style);
+            bar.set_message("key #1");
+            bar
+        });
+        Self { bar }
+    }
+
+    /// `done` bytes are sent; the current session key is number `epoch + 1`.
+    pub fn update(&self, done: u64, epoch: u32) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(done);
+            bar.set_message(format!("key #{}", u64::from(epoch) + 1));
+        }
+    }
+
+    /// Removes the bar.
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}

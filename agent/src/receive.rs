@@ -1,0 +1,510 @@
+//! The receiver role: stay connected, check every offer (pins, limits, budgets,
+//! signature, then RSA), receive each accepted transfer on its own data
+//! connection into a temporary file, verify, place, and only then send the
+//! receipt.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use keyferry_common::budget::{NEW_KEY_AGE_SECS, RsaBudget};
+use keyferry_common::connection::ConnError;
+use keyferry_common::filename;
+use keyferry_common::handshake::{self, DEFAULT_TIME_WINDOW_SECS, Kind, Metadata, SignedOffer};
+use keyferry_common::identity::PublicKey;
+use keyferry_common::ids::TransferId;
+use keyferry_common::message::{AbortReason, Message, RefuseReason, Role};
+use keyferry_common::name::AgentName;
+use keyferry_common::pins::{PinCheck, PinError};
+use keyferry_common::replay::ReplayGuard;
+use keyferry_common::text::escape;
+use keyferry_common::transfer::{RecvError, RecvStream};
+use tokio::sync::mpsc;
+
+use crate::client::{AgentConn, Ctx, conn_error, connect};
+use crate::error::AgentError;
+use crate::home::now_unix;
+use crate::output::{Incoming, clean_stale};
+use crate::send::MAX_MESSAGE;
+
+/// At most this many transfers at once.
+pub const MAX_CONCURRENT: usize = 4;
+/// At most this many transfers at once from one sender.
+pub const MAX_PER_SENDER: usize = 1;
+/// A transfer with no progress for this long fails.
+pub const PROGRESS_TIMEOUT: Duration = Duration::from_secs(60);
+/// Free space that must remain after every accepted transfer.
+pub const SPACE_MARGIN: u64 = 1 << 30;
+
+/// The receiver's options.
+#[derive(Debug, Clone)]
+pub struct RecvOptions {
+    /// Where files go.
+    pub out_dir: PathBuf,
+    /// Exit after one transfer.
+    pub once: bool,
+    /// Largest file accepted.
+    pub max_size: u64,
+}
+
+#[derive(Debug, Default)]
+struct Limits {
+    per_sender: HashMap<AgentName, usize>,
+    active: usize,
+    in_flight: u64,
+}
+
+struct Shared {
+    ctx: Ctx,
+    opts: RecvOptions,
+    limits: Mutex<Limits>,
+    replay: Mutex<ReplayGuard>,
+    budget: Mutex<RsaBudget>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Why one incoming transfer did not complete.
+#[derive(Debug)]
+enum Failure {
+    /// Refused before accepting.
+    Refused(RefuseReason, String),
+    /// Failed after accepting.
+    Failed(AbortReason, String),
+}
+
+/// Runs the receiver until the broker connection ends (or after one transfer with `--once`).
+pub async fn receive(ctx: Ctx, opts: RecvOptions) -> Result<(), AgentError> {
+    let dir_err = |e: std::io::Error| {
+        AgentError::Other(format!(
+            "cannot use out dir {}: {e}",
+            opts.out_dir.display()
+        ))
+    };
+    let meta = std::fs::metadata(&opts.out_dir).map_err(dir_err)?;
+    if !meta.is_dir() {
+        return Err(AgentError::Other(format!(
+            "out dir {} is not a directory",
+            opts.out_dir.display()
+        )));
+    }
+    let stale = clean_stale(&opts.out_dir).map_err(dir_err)?;
+    if stale > 0 {
+        eprintln!(
+            "removed {stale} unfinished temporary file(s) left in {}",
+            opts.out_dir.display()
+        );
+    }
+    let conn = connect(&ctx, Role::Receiver).await?;
+    println!(
+        "receiving as {} ({}) into {}",
+        ctx.name,
+        ctx.identity.fingerprint(),
+        opts.out_dir.display()
+    );
+    let shared = Arc::new(Shared {
+        ctx,
+        opts,
+        limits: Mutex::new(Limits::default()),
+        replay: Mutex::new(ReplayGuard::new(DEFAULT_TIME_WINDOW_SECS)),
+        budget: Mutex::new(RsaBudget::new()),
+    });
+    control_loop(shared, conn).await
+}
+
+async fn control_loop(shared: Arc<Shared>, mut conn: AgentConn) -> Result<(), AgentError> {
+    // Refusals go back on the control connection; results come back for --once.
+    let (refuse_tx, mut refuse_rx) = mpsc::channel::<Message>(16);
+    let (done_tx, mut done_rx) = mpsc::channel::<bool>(16);
+    loop {
+        tokio::select! {
+            Some(msg) = refuse_rx.recv() => {
+                conn.writer.write(&msg).await.map_err(|e| conn_error(&shared.ctx, e))?;
+            }
+            Some(ok) = done_rx.recv() => {
+                if shared.opts.once {
+                    return if ok {
+                        Ok(())
+                    } else {
+                        Err(AgentError::Verification("the transfer did not complete (see above)".into()))
+                    };
+                }
+            }
+            msg = conn.reader.read() => match msg {
+                Ok(Some(Message::Offered { from, spki, offer })) => {
+                    let (shared, refuse_tx, done_tx) = (Arc::clone(&shared), refuse_tx.clone(), done_tx.clone());
+                    tokio::spawn(async move {
+                        let ok = incoming(&shared, from, spki, offer, &refuse_tx).await;
+                        let _ = done_tx.send(ok).await;
+                    });
+                }
+                Ok(Some(Message::Error { detail, .. })) => {
+                    return Err(AgentError::Other(format!("the broker ended the session: {detail}")));
+                }
+                Ok(Some(_)) => return Err(AgentError::Other("unexpected message from the broker".into())),
+                Ok(None) => return Err(conn_error(&shared.ctx, ConnError::Truncated)),
+                Err(e) => return Err(conn_error(&shared.ctx, e)),
+            }
+        }
+    }
+}
+
+/// Handles one offer end to end; prints one line; returns whether it succeeded.
+async fn incoming(
+    shared: &Shared,
+    from: AgentName,
+    spki: Vec<u8>,
+    offer: SignedOffer,
+    refuse: &mpsc::Sender<Message>,
+) -> bool {
+    let tid = match offer.parse() {
+        Ok(f) => f.transfer_id,
+        Err(e) => {
+            eprintln!("ignored a malformed offer from {from}: {e}");
+            return false;
+        }
+    };
+    match accept_and_receive(shared, &from, &spki, &offer, tid).await {
+        Ok(line) => {
+            println!("{line}");
+            true
+        }
+        Err(Failure::Refused(reason, why)) => {
+            eprintln!("refused transfer {tid} from {from}: {why}");
+            let _ = refuse
+                .send(Message::Refuse {
+                    transfer_id: tid,
+                    reason,
+                })
+                .await;
+            false
+        }
+        Err(Failure::Failed(_, why)) => {
+            eprintln!("transfer {tid} from {from} failed: {why}; nothing was saved");
+            false
+        }
+    }
+}
+
+/// Releases a transfer's slot when dropped.
+struct Slot<'a> {
+    shared: &'a Shared,
+    sender: AgentName,
+    size: u64,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut l = lock(&self.shared.limits);
+        l.active -= 1;
+        l.in_flight -= self.size;
+        if let Some(n) = l.per_sender.get_mut(&self.sender) {
+            *n -= 1;
+            if *n == 0 {
+                l.per_sender.remove(&self.sender);
+            }
+        }
+    }
+}
+
+fn free_space(dir: &Path) -> Option<u64> {
+    let s = rustix::fs::statvfs(dir).ok()?;
+    Some(s.f_bavail.saturating_mul(s.f_frsize))
+}
+
+async fn accept_and_receive(
+    shared: &Shared,
+    from: &AgentName,
+    spki: &[u8],
+    offer: &SignedOffer,
+    tid: TransferId,
+) -> Result<String, Failure> {
+    let refuse = |r, why: String| Failure::Refused(r, why);
+    let ctx = &shared.ctx;
+    let fields = offer
+        .parse()
+        .map_err(|e| refuse(RefuseReason::VerificationFailed, e.to_string()))?;
+    if &fields.sender != from {
+        return Err(refuse(
+            RefuseReason::VerificationFailed,
+            "the offer names another sender than the broker reports".into(),
+        ));
+    }
+    let key = PublicKey::from_spki_der(spki)
+        .map_err(|e| refuse(RefuseReason::Policy, format!("sender key refused: {e}")))?;
+    let pin =
+        match ctx
+            .home
+            .known_peers()
+            .check_or_pin(from.as_str(), key.fingerprint(), now_unix())
+        {
+            Ok(PinCheck::NewlyPinned(p)) => {
+                eprintln!(
+                    "NEW KEY for {from} {} — first contact, verify out of band",
+                    key.fingerprint()
+                );
+                p
+            }
+            Ok(PinCheck::Known(p)) => p,
+            Err(e @ PinError::Mismatch { .. }) => {
+                return Err(refuse(RefuseReason::KeyMismatch, e.to_string()));
+            }
+            Err(e) => return Err(refuse(RefuseReason::Policy, e.to_string())),
+        };
+
+    // Capacity, before any RSA operation.
+    {
+        let mut l = lock(&shared.limits);
+        if l.active >= MAX_CONCURRENT
+            || l.per_sender.get(from).copied().unwrap_or(0) >= MAX_PER_SENDER
+        {
+            return Err(refuse(
+                RefuseReason::Busy,
+                "too many transfers in progress".into(),
+            ));
+        }
+        l.active += 1;
+        *l.per_sender.entry(from.clone()).or_default() += 1;
+    }
+    let mut slot = Slot {
+        shared,
+        sender: from.clone(),
+        size: 0,
+    };
+
+    let verified = handshake::verify_offer(
+        offer,
+        &key,
+        &ctx.name,
+        ctx.identity.fingerprint(),
+        now_unix(),
+        DEFAULT_TIME_WINDOW_SECS,
+    )
+    .map_err(|e| refuse(RefuseReason::VerificationFailed, e.to_string()))?;
+    lock(&shared.replay)
+        .check_and_insert(tid, verified.fields().time, now_unix())
+        .map_err(|e| refuse(RefuseReason::VerificationFailed, e.to_string()))?;
+    let age = now_unix().saturating_sub(pin.pinned_at);
+    if !lock(&shared.budget).try_take(key.fingerprint(), age, Instant::now()) {
+        let which = if age < NEW_KEY_AGE_SECS {
+            "recently pinned key"
+        } else {
+            "key"
+        };
+        return Err(refuse(
+            RefuseReason::Policy,
+            format!("RSA decryption budget for this {which} exhausted; try later"),
+        ));
+    }
+    let identity = Arc::clone(&ctx.identity);
+    let opened = tokio::task::spawn_blocking(move || verified.open(&identity))
+        .await
+        .map_err(|e| refuse(RefuseReason::VerificationFailed, e.to_string()))?
+        .map_err(|e| refuse(RefuseReason::VerificationFailed, e.to_string()))?;
+    let metadata = opened.metadata().clone();
+    let stored_name = check_metadata(shared, &metadata, &mut slot)?;
+
+    let (accept, keys) = opened
+        .accept()
+        .map_err(|e| refuse(RefuseReason::VerificationFailed, e.to_string()))?;
+    let mut data = connect(ctx, Role::Data)
+        .await
+        .map_err(|e| Failure::Failed(AbortReason::PeerGone, e.to_string()))?;
+    data.writer
+        .write(&Message::Accept {
+            transfer_id: tid,
+            accept,
+        })
+        .await
+        .map_err(|e| Failure::Failed(AbortReason::PeerGone, e.to_string()))?;
+
+    let stream = RecvStream::new(keys, metadata.size);
+    let result = receive_stream(
+        shared,
+        &mut data,
+        tid,
+        stream,
+        &metadata,
+        stored_name.as_deref(),
+    )
+    .await;
+    match result {
+        Ok((line, receipt)) => {
+            // The receipt goes out only once the file is in place and durable.
+            let _ = data
+                .writer
+                .write(&Message::Receipt {
+                    transfer_id: tid,
+                    tag: receipt,
+                })
+                .await;
+            let _ = data.writer.shutdown().await;
+            Ok(format!("{line} from {from}"))
+        }
+        Err(Failure::Failed(reason, why)) => {
+            let _ = data
+                .writer
+                .write(&Message::Abort {
+                    transfer_id: tid,
+                    reason,
+                })
+                .await;
+            Err(Failure::Failed(reason, why))
+        }
+        Err(other) => Err(other),
+    }
+}
+
+/// Checks size and name; reserves the declared size. Returns the name to store a file under.
+fn check_metadata(
+    shared: &Shared,
+    m: &Metadata,
+    slot: &mut Slot<'_>,
+) -> Result<Option<String>, Failure> {
+    let refuse = |r, why: String| Failure::Refused(r, why);
+    let name = match m.kind {
+        Kind::Message => {
+            if m.size > MAX_MESSAGE as u64 {
+                return Err(refuse(
+                    RefuseReason::TooLarge,
+                    format!("a message of {} bytes", m.size),
+                ));
+            }
+            None
+        }
+        Kind::File => Some(
+            filename::check(&m.name).map_err(|e| refuse(RefuseReason::Policy, e.to_string()))?,
+        ),
+    };
+    if m.size > shared.opts.max_size {
+        return Err(refuse(
+            RefuseReason::TooLarge,
+            format!(
+                "{} bytes is more than --max-size {}",
+                m.size, shared.opts.max_size
+            ),
+        ));
+    }
+    let mut l = lock(&shared.limits);
+    if m.kind == Kind::File {
+        let free = free_space(&shared.opts.out_dir).unwrap_or(0);
+        let needed = m
+            .size
+            .saturating_add(l.in_flight)
+            .saturating_add(SPACE_MARGIN);
+        if needed > free {
+            return Err(refuse(
+                RefuseReason::TooLarge,
+                format!(
+                    "{} bytes does not fit: {free} bytes free, keeping 1 GiB spare",
+                    m.size
+                ),
+            ));
+        }
+    }
+    l.in_flight += m.size;
+    slot.size = m.size;
+    Ok(name)
+}
+
+fn verification(e: RecvError) -> Failure {
+    Failure::Failed(AbortReason::VerificationFailed, e.to_string())
+}
+
+/// Receives the stream into a temporary file (or memory, for a message),
+/// verifies it, and places it. Returns the line to print and the receipt.
+async fn receive_stream(
+    shared: &Shared,
+    conn: &mut AgentConn,
+    tid: TransferId,
+    mut stream: RecvStream,
+    metadata: &Metadata,
+    stored_name: Option<&str>,
+) -> Result<(String, [u8; 32]), Failure> {
+    let storage = |e: std::io::Error| {
+        Failure::Failed(
+            AbortReason::Storage,
+            format!("cannot write in {}: {e}", shared.opts.out_dir.display()),
+        )
+    };
+    let mut file = match stored_name {
+        Some(_) => Some(Incoming::create(&shared.opts.out_dir, &tid).map_err(storage)?),
+        None => None,
+    };
+    let mut text = Vec::new();
+    let verified = loop {
+        let msg = match conn.reader.read_timeout(PROGRESS_TIMEOUT).await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Err(verification(RecvError::Truncated)),
+            Err(ConnError::Timeout(_)) => {
+                return Err(Failure::Failed(
+                    AbortReason::Timeout,
+                    "no progress for 60 s".into(),
+                ));
+            }
+            Err(e) => {
+                return Err(Failure::Failed(
+                    AbortReason::PeerGone,
+                    format!("connection lost: {e}"),
+                ));
+            }
+        };
+        match msg {
+            Message::KeyUpdate {
+                transfer_id,
+                record,
+            } if transfer_id == tid => {
+                stream.open_key_update(&record).map_err(verification)?;
+            }
+            Message::Chunk {
+                transfer_id,
+                record,
+            } if transfer_id == tid => {
+                let (plain, _) = stream.open_chunk(&record).map_err(verification)?;
+                match &mut file {
+                    Some(f) => tokio::task::block_in_place(|| f.write(&plain)).map_err(storage)?,
+                    None => text.extend_from_slice(&plain),
+                }
+            }
+            Message::Trailer {
+                transfer_id,
+                record,
+            } if transfer_id == tid => {
+                break stream.open_trailer(&record).map_err(verification)?;
+            }
+            Message::Abort { reason, .. } => {
+                return Err(Failure::Failed(
+                    reason,
+                    format!("the sender aborted ({reason:?})"),
+                ));
+            }
+            _ => {
+                return Err(Failure::Failed(
+                    AbortReason::VerificationFailed,
+                    "unexpected message in the stream".into(),
+                ));
+            }
+        }
+    };
+    let sha = hex::encode(verified.sha256);
+    let line = match (file, stored_name) {
+        (Some(f), Some(name)) => {
+            let path = tokio::task::block_in_place(|| f.finish(name)).map_err(storage)?;
+            format!(
+                "received {} ({} bytes, sha256 {sha}) -> {}",
+                escape(&metadata.name),
+                verified.total,
+                path.display()
+            )
+        }
+        _ => format!(
+            "message ({} bytes): {}",
+            verified.total,
+            escape(&String::from_utf8_lossy(&text))
+        ),
+    };
+    Ok((line, verified.receipt))
+}

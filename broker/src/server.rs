@@ -1,0 +1,117 @@
+//! The accept loop: a permit per connection caps their number, one task per
+//! connection, and a shutdown signal that stops accepting (as mini-redis does).
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use keyferry_common::identity::Fingerprint;
+use keyferry_common::tls;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use crate::cert::BrokerCert;
+use crate::config::Limits;
+use crate::error::BrokerError;
+use crate::handler::handle;
+use crate::registry::Registry;
+
+/// State shared by every connection.
+pub struct Shared {
+    /// Bindings and presence.
+    pub registry: Arc<Registry>,
+    /// The broker's certificate fingerprint (part of what agents sign).
+    pub fingerprint: Fingerprint,
+    /// Limits.
+    pub limits: Limits,
+    /// TLS acceptor.
+    pub acceptor: TlsAcceptor,
+    /// Connection ids for the receiver table.
+    pub next_conn_id: AtomicU64,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("fingerprint", &self.fingerprint)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A broker ready to serve: certificate and registry loaded.
+#[derive(Debug)]
+pub struct Broker {
+    shared: Arc<Shared>,
+}
+
+impl Broker {
+    /// Opens the data dir (creating it, the certificate and the database on first start).
+    pub fn open(data_dir: PathBuf, limits: Limits) -> Result<Self, BrokerError> {
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&data_dir)
+            .map_err(|source| BrokerError::DataDir {
+                path: data_dir.clone(),
+                source,
+            })?;
+        let cert = BrokerCert::load_or_create(&data_dir)?;
+        let registry = Registry::open(&data_dir.join("registry.redb"))?;
+        let config = tls::server_config(cert.cert, cert.key)?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                registry: Arc::new(registry),
+                fingerprint: cert.fingerprint,
+                limits,
+                acceptor: TlsAcceptor::from(Arc::new(config)),
+                next_conn_id: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The fingerprint agents pin.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.shared.fingerprint
+    }
+
+    /// Serves `listener` until `shutdown` completes.
+    pub async fn run(self, listener: TcpListener, shutdown: impl Future) {
+        let permits = Arc::new(Semaphore::new(self.shared.limits.max_connections));
+        tokio::pin!(shutdown);
+        loop {
+            let accepted = tokio::select! {
+                _ = &mut shutdown => break,
+                a = listener.accept() => a,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+                warn!(%peer, "connection refused: connection limit reached");
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let shared = Arc::clone(&self.shared);
+            tokio::spawn(async move {
+                if let Err(e) = handle(shared, tcp).await {
+                    debug!(%peer, error = %e, "connection ended");
+                    if matches!(e, crate::handler::HandlerError::Refused(_)) {
+                        info!(%peer, error = %e, "connection refused");
+                    }
+                }
+                drop(permit);
+            });
+        }
+        info!("shutting down");
+    }
+}

@@ -1,0 +1,104 @@
+//! Budgets for RSA private-key operations (PROTOCOL.md §7): in total, per
+//! sender key, and stricter for keys first pinned in the last 24 hours.
+//!
+//! The `rsa` crate's private-key operations leak timing (RUSTSEC-2023-0071). An
+//! attacker who can make a receiver decrypt many chosen ciphertexts could learn
+//! about its key; signed offers make each attempt cost a registered identity, and
+//! these budgets bound how many attempts any one identity, new identities, and
+//! everyone together get.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::identity::Fingerprint;
+
+/// Window the budgets count over.
+pub const WINDOW: Duration = Duration::from_secs(60);
+/// Decryptions per window for everyone together.
+pub const TOTAL_PER_WINDOW: usize = 120;
+/// Decryptions per window for one sender key pinned more than 24 h ago.
+pub const PER_KEY_PER_WINDOW: usize = 30;
+/// Decryptions per window for one sender key pinned in the last 24 h.
+pub const NEW_KEY_PER_WINDOW: usize = 6;
+/// How long a key counts as new.
+pub const NEW_KEY_AGE_SECS: u64 = 24 * 3600;
+
+/// Sliding-window counters of RSA decryptions.
+#[derive(Debug, Default)]
+pub struct RsaBudget {
+    total: VecDeque<Instant>,
+    per_key: HashMap<Fingerprint, VecDeque<Instant>>,
+}
+
+fn prune(q: &mut VecDeque<Instant>, now: Instant) {
+    while q
+        .front()
+        .is_some_and(|&t| now.saturating_duration_since(t) >= WINDOW)
+    {
+        q.pop_front();
+    }
+}
+
+impl RsaBudget {
+    /// A fresh budget.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Takes one decryption for `key` (first pinned `key_age_secs` ago) if the
+    /// budgets allow it; returns whether it may go ahead.
+    pub fn try_take(&mut self, key: Fingerprint, key_age_secs: u64, now: Instant) -> bool {
+        prune(&mut self.total, now);
+        self.per_key.retain(|_, q| {
+            prune(q, now);
+            !q.is_empty()
+        });
+        let limit = if key_age_secs < NEW_KEY_AGE_SECS {
+            NEW_KEY_PER_WINDOW
+        } else {
+            PER_KEY_PER_WINDOW
+        };
+        let used = self.per_key.get(&key).map_or(0, VecDeque::len);
+        if self.total.len() >= TOTAL_PER_WINDOW || used >= limit {
+            return false;
+        }
+        self.total.push_back(now);
+        self.per_key.entry(key).or_default().push_back(now);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_keys_get_less_and_the_window_slides() {
+        let mut b = RsaBudget::new();
+        let t = Instant::now();
+        let new = Fingerprint([1; 32]);
+        for _ in 0..NEW_KEY_PER_WINDOW {
+            assert!(b.try_take(new, 10, t));
+        }
+        assert!(!b.try_take(new, 10, t));
+        let old = Fingerprint([2; 32]);
+        for _ in 0..PER_KEY_PER_WINDOW {
+            assert!(b.try_take(old, NEW_KEY_AGE_SECS, t));
+        }
+        assert!(!b.try_take(old, NEW_KEY_AGE_SECS, t));
+        assert!(b.try_take(new, 10, t + WINDOW));
+    }
+
+    #[test]
+    fn the_total_caps_many_identities() {
+        let mut b = RsaBudget::new();
+        let t = Instant::now();
+        let mut granted = 0;
+        for i in 0..=255u8 {
+            if b.try_take(Fingerprint([i; 32]), NEW_KEY_AGE_SECS, t) {
+                granted += 1;
+            }
+        }
+        assert_eq!(granted, TOTAL_PER_WINDOW);
+    }
+}

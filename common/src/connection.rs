@@ -1,0 +1,215 @@
+//! Reading and writing frames over any async byte stream (as mini-redis'
+//! `connection.rs`), with the limits of [`crate::frame`].
+//!
+//! A frame's length is checked against the maximum before the buffer grows for
+//! it; EOF between frames is a clean end (`Ok(None)`), EOF inside one is an error.
+
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::frame::{self, FrameError, LEN_PREFIX};
+use crate::message::Message;
+
+/// A failure on a connection.
+#[derive(Debug, Error)]
+pub enum ConnError {
+    /// The socket failed.
+    #[error("connection error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The peer sent a frame that cannot be accepted.
+    #[error("bad frame from peer: {0}")]
+    Frame(#[from] FrameError),
+    /// The peer closed the connection in the middle of a frame.
+    #[error("connection closed in the middle of a frame")]
+    Truncated,
+    /// A deadline passed while waiting for the peer.
+    #[error("timed out after {0:?} waiting for the peer")]
+    Timeout(Duration),
+}
+
+/// Reads frames from `R`.
+#[derive(Debug)]
+pub struct FrameReader<R> {
+    inner: R,
+    buf: Vec<u8>,
+    max: usize,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// Reads frames of at most `max` bytes from `inner`.
+    pub fn new(inner: R, max: usize) -> Self {
+        Self {
+            inner,
+            buf: Vec::with_capacity(8 << 10),
+            max,
+        }
+    }
+
+    /// Continues reading from `inner` with bytes already read from it (see
+    /// [`Self::into_parts`]).
+    pub fn with_buffer(inner: R, buf: Vec<u8>, max: usize) -> Self {
+        Self { inner, buf, max }
+    }
+
+    /// The stream and the bytes read from it but not yet returned as frames.
+    pub fn into_parts(self) -> (R, Vec<u8>) {
+        (self.inner, self.buf)
+    }
+
+    /// Reads the next frame's payload; `Ok(None)` on a clean EOF.
+    pub async fn read_payload(&mut self) -> Result<Option<Vec<u8>>, ConnError> {
+        loop {
+            if let Some(len) = frame::peek_len(&self.buf, self.max)? {
+                let end = LEN_PREFIX + len;
+                if self.buf.len() >= end {
+                    let payload = self.buf[LEN_PREFIX..end].to_vec();
+                    self.buf.drain(..end);
+                    return Ok(Some(payload));
+                }
+                self.buf.reserve(end - self.buf.len());
+            } else {
+                self.buf.reserve(8 << 10);
+            }
+            if self.inner.read_buf(&mut self.buf).await? == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(ConnError::Truncated)
+                };
+            }
+        }
+    }
+
+    /// Reads the next message; `Ok(None)` on a clean EOF.
+    pub async fn read(&mut self) -> Result<Option<Message>, ConnError> {
+        match self.read_payload().await? {
+            Some(p) => Ok(Some(frame::decode_payload(&p)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// [`Self::read`] with a deadline.
+    pub async fn read_timeout(&mut self, limit: Duration) -> Result<Option<Message>, ConnError> {
+        tokio::time::timeout(limit, self.read())
+            .await
+            .map_err(|_| ConnError::Timeout(limit))?
+    }
+}
+
+/// Writes frames to `W`.
+#[derive(Debug)]
+pub struct FrameWriter<W> {
+    inner: W,
+    max: usize,
+}
+
+impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+    /// Writes frames of at most `max` bytes to `inner`.
+    pub fn new(inner: W, max: usize) -> Self {
+        Self { inner, max }
+    }
+
+    /// Writes one message and flushes it.
+    pub async fn write(&mut self, msg: &Message) -> Result<(), ConnError> {
+        let bytes = frame::encode(msg, self.max)?;
+        self.write_frame(&bytes).await
+    }
+
+    /// Writes one frame around `payload` (already a valid encoded message) and flushes it.
+    pub async fn write_payload(&mut self, payload: &[u8]) -> Result<(), ConnError> {
+        let len = payload.len();
+        if len == 0 || len > self.max {
+            return Err(FrameError::TooLarge { len, max: self.max }.into());
+        }
+        let prefix = u32::try_from(len).map_err(|_| FrameError::TooLarge { len, max: self.max })?;
+        self.inner.write_all(&prefix.to_be_bytes()).await?;
+        self.inner.write_all(payload).await?;
+        self.inner.flush().await?;
+        Ok(())
+    }
+
+    /// Writes an already encoded frame and flushes it.
+    pub async fn write_frame(&mut self, bytes: &[u8]) -> Result<(), ConnError> {
+        self.inner.write_all(bytes).await?;
+        self.inner.flush().await?;
+        Ok(())
+    }
+
+    /// Closes the write side.
+    pub async fn shutdown(&mut self) -> Result<(), ConnError> {
+        self.inner.shutdown().await?;
+        Ok(())
+    }
+}
+
+/// Both directions of one stream.
+#[derive(Debug)]
+pub struct Connection<S> {
+    /// Incoming frames.
+    pub reader: FrameReader<tokio::io::ReadHalf<S>>,
+    /// Outgoing frames.
+    pub writer: FrameWriter<tokio::io::WriteHalf<S>>,
+}
+
+impl<S: AsyncRead + AsyncWrite> Connection<S> {
+    /// Splits `stream` into a frame reader and writer with the default maximum.
+    pub fn new(stream: S) -> Self {
+        Self::with_buffer(stream, Vec::new())
+    }
+
+    /// Like [`Self::new`], for a stream of which `buf` was already read.
+    pub fn with_buffer(stream: S, buf: Vec<u8>) -> Self {
+        let (r, w) = tokio::io::split(stream);
+        Self {
+            reader: FrameReader::with_buffer(r, buf, frame::MAX_FRAME_LEN),
+            writer: FrameWriter::new(w, frame::MAX_FRAME_LEN),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reads_frames_across_partial_writes_and_refuses_oversize() {
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut reader = FrameReader::new(a, 1024);
+        let frame = frame::encode(&Message::Hello { version: 1 }, 1024).unwrap();
+        let writer = tokio::spawn(async move {
+            for byte in frame.iter().chain(frame.iter()) {
+                b.write_all(&[*byte]).await.unwrap();
+            }
+            b.write_all(&[0xff, 0xff, 0xff, 0xff]).await.unwrap();
+            b
+        });
+        assert_eq!(
+            reader.read().await.unwrap(),
+            Some(Message::Hello { version: 1 })
+        );
+        assert_eq!(
+            reader.read().await.unwrap(),
+            Some(Message::Hello { version: 1 })
+        );
+        assert!(matches!(
+            reader.read().await,
+            Err(ConnError::Frame(FrameError::TooLarge { .. }))
+        ));
+        drop(writer.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn eof_between_frames_is_clean_and_inside_a_frame_is_an_error() {
+        let (a, mut b) = tokio::io::duplex(64);
+        b.write_all(&[0, 0, 0, 2, 0]).await.unwrap();
+        drop(b);
+        let mut reader = FrameReader::new(a, 1024);
+        assert!(matches!(reader.read().await, Err(ConnError::Truncated)));
+
+        let (a, b) = tokio::io::duplex(64);
+        drop(b);
+        assert!(FrameReader::new(a, 1024).read().await.unwrap().is_none());
+    }
+}

@@ -1,0 +1,128 @@
+//! File names from the wire (PROTOCOL.md §8): checked before anything touches
+//! the disk, and the collision-free names a receiver tries in turn.
+
+use thiserror::Error;
+
+/// A received file name that is refused.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("unacceptable file name {shown}: {why}")]
+pub struct BadFileName {
+    /// The name, escaped for printing.
+    pub shown: String,
+    /// What is wrong with it.
+    pub why: &'static str,
+}
+
+const DEVICES: [&str; 22] = [
+    "con", "prn", "aux", "nul", "com1", "com2", "com3", "com4", "com5", "com6", "com7", "com8",
+    "com9", "lpt1", "lpt2", "lpt3", "lpt4", "lpt5", "lpt6", "lpt7", "lpt8", "lpt9",
+];
+
+/// Checks a proposed file name and returns the name to store it under: a name
+/// starting with `.` gets a `_` prefix, so a sender cannot create hidden files.
+///
+/// Refused: empty, `.`, `..`, more than 255 bytes, any `/`, `\`, `:`, NUL or other
+/// control, bidi or zero-width character, a trailing dot or space, and Windows
+/// device names (`CON`, `com1.txt`, …).
+pub fn check(name: &str) -> Result<String, BadFileName> {
+    let refuse = |why| {
+        Err(BadFileName {
+            shown: format!(
+                "\"{}\"",
+                crate::text::escape(&name.chars().take(80).collect::<String>())
+            ),
+            why,
+        })
+    };
+    if name.is_empty() || name == "." || name == ".." {
+        return refuse("empty or a directory name");
+    }
+    if name.len() > 255 {
+        return refuse("longer than 255 bytes");
+    }
+    if name.chars().any(|c| matches!(c, '/' | '\\' | ':')) {
+        return refuse("contains a path separator or colon");
+    }
+    if name.chars().any(crate::text::is_dangerous) {
+        return refuse("contains control or invisible characters");
+    }
+    if name.ends_with('.') || name.ends_with(' ') {
+        return refuse("ends with a dot or space");
+    }
+    let stem = name
+        .split('.')
+        .next()
+        .unwrap_or(name)
+        .trim_end()
+        .to_ascii_lowercase();
+    if DEVICES.contains(&stem.as_str()) {
+        return refuse("is a reserved device name");
+    }
+    let stored = if name.starts_with('.') {
+        format!("_{name}")
+    } else {
+        name.to_owned()
+    };
+    if stored.len() > 255 {
+        return refuse("longer than 255 bytes");
+    }
+    Ok(stored)
+}
+
+/// The names to try for `name`, in order: `name`, then `stem (1).ext` … `stem (99).ext`.
+pub fn candidates(name: &str) -> impl Iterator<Item = String> + '_ {
+    let (stem, ext) = match name.rfind('.') {
+        Some(i) if i > 0 => name.split_at(i),
+        _ => (name, ""),
+    };
+    std::iter::once(name.to_owned()).chain((1..=99).map(move |i| format!("{stem} ({i}){ext}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_names_are_refused() {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../etc/passwd",
+            "/etc/passwd",
+            "a/b",
+            "a\\b",
+            "c:x",
+            "a\0b",
+            "a\nb",
+            "x\u{202e}fdp.exe",
+            "trailing.",
+            "trailing ",
+            "CON",
+            "con.txt",
+            "Lpt9.log",
+            "nul",
+            &"x".repeat(256),
+        ] {
+            assert!(check(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn ordinary_names_pass_and_hidden_ones_are_prefixed() {
+        assert_eq!(check("report.pdf").unwrap(), "report.pdf");
+        assert_eq!(check("日本語 file (2).txt").unwrap(), "日本語 file (2).txt");
+        assert_eq!(check(".bashrc").unwrap(), "_.bashrc");
+        assert_eq!(check("console.log").unwrap(), "console.log");
+    }
+
+    #[test]
+    fn candidates_number_before_the_extension() {
+        let c: Vec<String> = candidates("a.tar.gz").take(3).collect();
+        assert_eq!(c, ["a.tar.gz", "a.tar (1).gz", "a.tar (2).gz"]);
+        let c: Vec<String> = candidates("README").take(2).collect();
+        assert_eq!(c, ["README", "README (1)"]);
+        assert_eq!(candidates("x").count(), 100);
+        assert_eq!(candidates("_.bashrc").nth(1).unwrap(), "_ (1).bashrc");
+    }
+}
