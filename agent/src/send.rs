@@ -353,6 +353,8 @@ struct Sealed {
     frames: Vec<Vec<u8>>,
     done: u64,
     epoch: u32,
+    /// The frames end with the trailer.
+    last: bool,
 }
 
 /// Reads, seals and writes the whole stream and the trailer.
@@ -436,6 +438,7 @@ async fn stream_out(
                 frames,
                 done: sent,
                 epoch: stream.epoch(),
+                last,
             };
             if tx.blocking_send(Ok(item)).is_err() {
                 return None;
@@ -454,6 +457,10 @@ async fn stream_out(
                         conn.writer.write_frame(f).await.map_err(|e| conn_error(ctx, e))?;
                     }
                     progress.update(sealed.done, sealed.epoch);
+                    if sealed.last {
+                        // The receipt may follow at once: stop watching for aborts here.
+                        break;
+                    }
                 }
                 Some(Err(e)) => return Err(e),
                 None => break,

@@ -1,0 +1,342 @@
+//! Test support: start the real `broker` and `agent` binaries on 127.0.0.1 with
+//! temporary homes and data dirs, watch their output, and stop them.
+//!
+//! Identities are the RSA fixtures in `common/tests/fixtures/` (copied into each
+//! home with mode 0600) so no test waits for key generation. Every wait has a
+//! deadline and every child is killed when its handle drops.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// A fresh temporary directory, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("keyferry-e2e-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn join(&self, p: &str) -> PathBuf {
+        self.0.join(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn agent_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_agent"))
+}
+
+/// The broker binary beside the agent binary; built if this test run did not build it.
+pub fn broker_bin() -> PathBuf {
+    let agent = agent_bin();
+    let broker = agent.with_file_name("broker");
+    if !broker.exists() {
+        let profile = agent
+            .parent()
+            .and_then(|p| p.file_name())
+            .and_then(|p| p.to_str())
+            .unwrap_or("debug")
+            .to_owned();
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.args(["build", "-p", "keyferry-broker", "--bin", "broker"]);
+        if profile == "release" {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("cargo runs");
+        assert!(status.success(), "building the broker binary failed");
+    }
+    broker
+}
+
+/// Lines a child prints, collected by a thread.
+pub struct Lines {
+    rx: mpsc::Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl Lines {
+    fn spawn(r: impl std::io::Read + Send + 'static) -> Self {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(r).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a line containing `needle`; returns it.
+    pub fn wait_for(&mut self, needle: &str, limit: Duration) -> String {
+        if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+            return l.clone();
+        }
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no line containing {needle:?} within {limit:?}; saw {:#?}",
+                    self.seen
+                ),
+            }
+        }
+    }
+
+    /// Everything printed so far (without waiting).
+    pub fn drain(&mut self) -> &[String] {
+        while let Ok(l) = self.rx.try_recv() {
+            self.seen.push(l);
+        }
+        &self.seen
+    }
+}
+
+/// A running child process, killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub stdout: Lines,
+    pub stderr: Lines,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command) -> Self {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("binary starts");
+        let stdout = Lines::spawn(child.stdout.take().unwrap());
+        let stderr = Lines::spawn(child.stderr.take().unwrap());
+        Self {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Waits for the process to exit; returns its exit code (None if killed by a signal).
+    pub fn wait(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "process did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A broker on 127.0.0.1 with its own data dir.
+pub struct Broker {
+    pub proc: Proc,
+    pub addr: String,
+    pub fingerprint: String,
+    pub data: TempDir,
+}
+
+impl Broker {
+    pub fn start() -> Self {
+        Self::start_in(TempDir::new("broker"))
+    }
+
+    pub fn start_in(data: TempDir) -> Self {
+        let mut cmd = Command::new(broker_bin());
+        cmd.args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data.path());
+        let mut proc = Proc::spawn(cmd);
+        let addr = proc
+            .stdout
+            .wait_for("listening on", WAIT)
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .to_owned();
+        let fingerprint = proc
+            .stdout
+            .wait_for("fingerprint", WAIT)
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .to_owned();
+        Self {
+            proc,
+            addr,
+            fingerprint,
+            data,
+        }
+    }
+}
+
+impl Broker {
+    /// Stops this broker and starts a new one on the same data dir (a new port).
+    pub fn restart(self) -> Self {
+        let Self { mut proc, data, .. } = self;
+        proc.kill();
+        Self::start_in(data)
+    }
+}
+
+/// An agent's home with a fixture identity.
+pub struct Home {
+    pub dir: TempDir,
+    pub name: String,
+}
+
+impl Home {
+    /// A home for `name` holding the fixture key `key` (alice, bob, carol, dave, mallory).
+    pub fn new(name: &str, key: &str) -> Self {
+        let dir = TempDir::new(name);
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("../common/tests/fixtures/{key}.pem"));
+        let target = dir.join("identity.pem");
+        std::fs::copy(&fixture, &target).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Self {
+            dir,
+            name: name.to_owned(),
+        }
+    }
+
+    fn command(&self, broker: &Broker) -> Command {
+        let mut cmd = Command::new(agent_bin());
+        cmd.args(["--broker", &broker.addr, "--name", &self.name, "--home"])
+            .arg(self.dir.path());
+        cmd
+    }
+
+    /// Starts a receiver and waits until it is ready.
+    pub fn receiver(&self, broker: &Broker, out: &Path, extra: &[&str]) -> Proc {
+        let mut cmd = self.command(broker);
+        cmd.args(["--role", "receiver", "--out-dir"])
+            .arg(out)
+            .args(extra);
+        let mut p = Proc::spawn(cmd);
+        p.stdout.wait_for("receiving as", WAIT);
+        p
+    }
+
+    /// Starts the agent with `args` without waiting.
+    pub fn start(&self, broker: &Broker, args: &[&str]) -> Proc {
+        let mut cmd = self.command(broker);
+        cmd.args(args);
+        Proc::spawn(cmd)
+    }
+
+    /// Runs the agent with `args` to completion (with a deadline).
+    pub fn run(&self, broker: &Broker, args: &[&str]) -> Run {
+        Run::finish(self.start(broker, args))
+    }
+
+    /// Sends `file` to `to` with `--json`; returns the output.
+    pub fn send_file(&self, broker: &Broker, to: &str, file: &Path, extra: &[&str]) -> Run {
+        let file = file.to_str().unwrap();
+        let mut args = vec!["--role", "sender", "--to", to, "--file", file, "--json"];
+        args.extend_from_slice(extra);
+        self.run(broker, &args)
+    }
+}
+
+/// A finished agent run.
+#[derive(Debug)]
+pub struct Run {
+    /// Exit code (None if killed by a signal).
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// Waits for `p` to exit and collects its output.
+    pub fn finish(mut p: Proc) -> Self {
+        let code = p.wait(WAIT * 2);
+        // The reader threads see EOF right after exit; give them a moment.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut stdout = p.stdout.drain().join("\n");
+        let mut stderr = p.stderr.drain().join("\n");
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            let (o, e) = (p.stdout.drain().join("\n"), p.stderr.drain().join("\n"));
+            if o == stdout && e == stderr {
+                break;
+            }
+            (stdout, stderr) = (o, e);
+        }
+        Self {
+            code,
+            stdout,
+            stderr,
+        }
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so files do not compress or repeat.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// The one JSON line a `--json` sender prints.
+pub fn json(out: &Run) -> serde_json::Value {
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON line; {out:#?}"));
+    serde_json::from_str(line).unwrap()
+}
