@@ -1,10 +1,18 @@
-//! The broker's limits, with their defaults.
+//! The broker's limits and access policy, with their defaults.
 
+use std::collections::HashSet;
+use std::path::Path;
 use std::time::Duration;
 
-/// Limits on what peers may do.
+use keyferry_common::identity::Fingerprint;
+use keyferry_common::name::AgentName;
+
+/// Limits on what peers may do. Every default is documented in the README.
 #[derive(Debug, Clone)]
 pub struct Limits {
+    /// Largest frame before a connection is relaying (Hello, Auth, offers, lists).
+    /// Relayed chunk frames may be up to the protocol's `MAX_FRAME_LEN`.
+    pub max_control_frame: usize,
     /// Time for the TLS handshake plus `Hello` and `Auth`.
     pub handshake_timeout: Duration,
     /// Longest silence on a sender connection or in a relay before it is cut.
@@ -13,15 +21,101 @@ pub struct Limits {
     pub answer_timeout: Duration,
     /// Most simultaneous connections.
     pub max_connections: usize,
+    /// Most simultaneous connections from one IP address.
+    pub max_connections_per_ip: usize,
+    /// Most offers one agent name may make per minute.
+    pub offers_per_minute: usize,
+    /// Most transfers one agent name may be sending at once.
+    pub max_transfers_per_agent: usize,
 }
+
+/// Smallest accepted control-frame limit: a maximal signed offer plus envelope.
+pub const MIN_CONTROL_FRAME: usize = keyferry_common::handshake::MAX_OFFER_LEN + 1024;
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
+            max_control_frame: 16 << 10,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
             answer_timeout: Duration::from_secs(60),
             max_connections: 4096,
+            max_connections_per_ip: 256,
+            offers_per_minute: 30,
+            max_transfers_per_agent: 4,
         }
+    }
+}
+
+/// Who may authenticate.
+#[derive(Debug, Clone, Default)]
+pub enum AccessPolicy {
+    /// Anyone; the first key to register a name owns it. The default on loopback.
+    #[default]
+    Open,
+    /// Only these name/fingerprint pairs.
+    Allowlist(HashSet<(AgentName, Fingerprint)>),
+}
+
+impl AccessPolicy {
+    /// Reads an allowlist file: one `<name> <SHA256:fingerprint>` per line, `#` comments.
+    pub fn from_file(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut set = HashSet::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let bad = || {
+                format!(
+                    "{} line {}: expected `<name> <SHA256:fingerprint>`",
+                    path.display(),
+                    i + 1
+                )
+            };
+            let mut fields = line.split_whitespace();
+            let (Some(name), Some(fp), None) = (fields.next(), fields.next(), fields.next()) else {
+                return Err(bad());
+            };
+            let name = AgentName::new(name).map_err(|_| bad())?;
+            let fp = fp.parse::<Fingerprint>().map_err(|_| bad())?;
+            set.insert((name, fp));
+        }
+        Ok(Self::Allowlist(set))
+    }
+
+    /// Whether `name` with key `fp` may authenticate.
+    pub fn allows(&self, name: &AgentName, fp: &Fingerprint) -> bool {
+        match self {
+            Self::Open => true,
+            Self::Allowlist(set) => set.contains(&(name.clone(), *fp)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allowlist_files_parse_and_match_name_and_key_together() {
+        let dir = std::env::temp_dir().join(format!("keyferry-allow-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fp = Fingerprint([7; 32]);
+        let path = dir.join("allow");
+        std::fs::write(&path, format!("# who may connect\nalice {fp}\n\n")).unwrap();
+        let policy = AccessPolicy::from_file(&path).unwrap();
+        let alice = AgentName::new("alice").unwrap();
+        assert!(policy.allows(&alice, &fp));
+        assert!(!policy.allows(&alice, &Fingerprint([8; 32])));
+        assert!(!policy.allows(&AgentName::new("bob").unwrap(), &fp));
+        std::fs::write(&path, "alice not-a-fingerprint\n").unwrap();
+        assert!(
+            AccessPolicy::from_file(&path)
+                .unwrap_err()
+                .contains("line 1")
+        );
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -12,6 +12,7 @@ use keyferry_common::PROTOCOL_VERSION;
 use keyferry_common::auth;
 use keyferry_common::connection::{ConnError, Connection};
 use keyferry_common::crypto::random_array;
+use keyferry_common::frame::MAX_FRAME_LEN;
 use keyferry_common::identity::{Fingerprint, PublicKey};
 use keyferry_common::message::{ErrorCode, Message, Role};
 use keyferry_common::name::AgentName;
@@ -19,7 +20,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::registry::{Binding, Outcome};
+use crate::registry::{Binding, OfferLimit, Outcome, Registry};
 use crate::relay::relay;
 use crate::server::Shared;
 
@@ -52,6 +53,38 @@ async fn refuse(conn: &mut BrokerConn, code: ErrorCode, detail: String) -> Handl
     HandlerError::Refused(detail)
 }
 
+/// Tells the peer why its bytes were refused (if the connection still works)
+/// and turns the failure into the handler's error.
+async fn bad_input(conn: &mut BrokerConn, e: ConnError) -> HandlerError {
+    match e {
+        ConnError::Frame(f) => refuse(conn, ErrorCode::Protocol, format!("bad frame: {f}")).await,
+        ConnError::Timeout(d) => {
+            refuse(
+                conn,
+                ErrorCode::Protocol,
+                format!("silent for {} s", d.as_secs()),
+            )
+            .await
+        }
+        other => other.into(),
+    }
+}
+
+/// The next message, with bad frames and timeouts answered by an `Error`.
+async fn next(
+    conn: &mut BrokerConn,
+    limit: Option<std::time::Duration>,
+) -> Result<Option<Message>, HandlerError> {
+    let read = match limit {
+        Some(d) => conn.reader.read_timeout(d).await,
+        None => conn.reader.read().await,
+    };
+    match read {
+        Ok(m) => Ok(m),
+        Err(e) => Err(bad_input(conn, e).await),
+    }
+}
+
 /// An authenticated agent.
 #[derive(Debug)]
 struct Agent {
@@ -74,6 +107,7 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream) -> Result<(), HandlerEr
         .export_keying_material(&mut exporter, auth::EXPORTER_LABEL, Some(&nonce))
         .map_err(|e| HandlerError::Tls(e.to_string()))?;
     let mut conn = Connection::new(tls);
+    conn.reader.set_max(limits.max_control_frame);
 
     let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
     let hello = tokio::time::timeout_at(deadline, conn.reader.read()).await;
@@ -105,7 +139,7 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream) -> Result<(), HandlerEr
     let auth_msg = match tokio::time::timeout_at(deadline, conn.reader.read()).await {
         Ok(Ok(Some(m))) => m,
         Ok(Ok(None)) => return Ok(()),
-        Ok(Err(e)) => return Err(e.into()),
+        Ok(Err(e)) => return Err(bad_input(&mut conn, e).await),
         Err(_) => {
             return Err(refuse(&mut conn, ErrorCode::Protocol, "handshake timed out".into()).await);
         }
@@ -144,6 +178,18 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream) -> Result<(), HandlerEr
             &mut conn,
             ErrorCode::AuthFailed,
             "authentication failed".into(),
+        )
+        .await);
+    }
+    if !shared.policy.allows(&name, &key.fingerprint()) {
+        warn!(agent = %name, fingerprint = %key.fingerprint(), "refused by the access policy");
+        return Err(refuse(
+            &mut conn,
+            ErrorCode::Policy,
+            format!(
+                "{name} with key {} is not on this broker's allowlist",
+                key.fingerprint()
+            ),
         )
         .await);
     }
@@ -191,6 +237,15 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream) -> Result<(), HandlerEr
     }
 }
 
+/// Releases an offer's concurrent-transfer slot when the offer ends.
+struct OfferSlot<'a>(&'a Registry, &'a AgentName);
+
+impl Drop for OfferSlot<'_> {
+    fn drop(&mut self) {
+        self.0.offer_ended(self.1);
+    }
+}
+
 struct SenderCount<'a>(&'a Shared, AgentName);
 
 impl Drop for SenderCount<'_> {
@@ -208,7 +263,7 @@ async fn sender_session(
     registry.sender_connected(&agent.name, true);
     let _count = SenderCount(shared, agent.name.clone());
     loop {
-        let Some(msg) = conn.reader.read_timeout(shared.limits.idle_timeout).await? else {
+        let Some(msg) = next(&mut conn, Some(shared.limits.idle_timeout)).await? else {
             return Ok(());
         };
         match msg {
@@ -263,6 +318,27 @@ async fn sender_session(
                     .await);
                 }
                 let tid = fields.transfer_id;
+                let limits = &shared.limits;
+                if let Err(limit) = registry.take_offer_slot(
+                    &agent.name,
+                    limits.offers_per_minute,
+                    limits.max_transfers_per_agent,
+                ) {
+                    let detail = match limit {
+                        OfferLimit::Rate => {
+                            format!("more than {} offers in a minute", limits.offers_per_minute)
+                        }
+                        OfferLimit::Concurrent => {
+                            format!(
+                                "more than {} transfers at once",
+                                limits.max_transfers_per_agent
+                            )
+                        }
+                    };
+                    warn!(agent = %agent.name, %detail, "offer refused by rate limit");
+                    return Err(refuse(&mut conn, ErrorCode::RateLimited, detail).await);
+                }
+                let _slot = OfferSlot(registry, &agent.name);
                 let offered = Message::Offered {
                     from: agent.name.clone(),
                     spki: agent.spki.clone(),
@@ -317,7 +393,10 @@ async fn sender_session(
                             })
                             .await?;
                         info!(transfer = %tid, "transfer started");
-                        let report = relay(conn, *data, tid, shared.limits.idle_timeout).await;
+                        let mut data = *data;
+                        conn.reader.set_max(MAX_FRAME_LEN);
+                        data.reader.set_max(MAX_FRAME_LEN);
+                        let report = relay(conn, data, tid, shared.limits.idle_timeout).await;
                         registry.transfer_ended(&to);
                         match report.result {
                             Ok(()) => info!(
@@ -390,7 +469,7 @@ async fn receiver_session(
         loop {
             tokio::select! {
                 Some(out) = rx.recv() => conn.writer.write(&out).await?,
-                msg = conn.reader.read() => match msg? {
+                msg = next(&mut conn, None) => match msg? {
                     None => return Ok(()),
                     Some(Message::Refuse { transfer_id, reason }) => {
                         // Only the receiver the offer named may answer it.

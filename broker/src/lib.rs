@@ -14,7 +14,7 @@ pub mod registry;
 pub mod relay;
 pub mod server;
 
-pub use config::Limits;
+pub use config::{AccessPolicy, Limits};
 pub use error::BrokerError;
 pub use server::Broker;
 

@@ -1,11 +1,15 @@
-//! `broker [--listen ADDR] [--data-dir DIR]`
+//! `broker [--listen ADDR] [--data-dir DIR] [limits] [access policy]`
 
 use std::io::Write as _;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
-use keyferry_broker::{Broker, DEFAULT_ADDR, Limits};
+use keyferry_broker::config::MIN_CONTROL_FRAME;
+use keyferry_broker::{AccessPolicy, Broker, DEFAULT_ADDR, Limits};
+use keyferry_common::units::{parse_duration, parse_size};
 
 /// The keyferry broker: authenticates agents and relays their end-to-end
 /// encrypted transfers. It never sees a file, a file name or a key.
@@ -13,6 +17,9 @@ use keyferry_broker::{Broker, DEFAULT_ADDR, Limits};
 /// On start it prints the address it listens on and its certificate
 /// fingerprint; agents pin that fingerprint on first contact (or take it with
 /// --broker-fingerprint). Names are bound to the first key that registers them.
+///
+/// Listening on a non-loopback address needs an access policy: --allow-file,
+/// or an explicit --allow-any-agent.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
@@ -23,6 +30,40 @@ struct Args {
     /// [default: $XDG_DATA_HOME/keyferry/broker or ~/.local/share/keyferry/broker].
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+
+    /// Only these agents may connect: a file of `<name> <SHA256:fingerprint>` lines.
+    #[arg(long, value_name = "FILE", help_heading = "Access policy")]
+    allow_file: Option<PathBuf>,
+    /// Let any agent register a free name, even on a non-loopback address.
+    #[arg(long, conflicts_with = "allow_file", help_heading = "Access policy")]
+    allow_any_agent: bool,
+
+    /// Largest message before a transfer starts (hello, auth, offers).
+    #[arg(long, value_name = "SIZE", default_value = "16KiB", value_parser = parse_size, help_heading = "Limits")]
+    max_control_frame: u64,
+    /// Time allowed for TLS, hello and authentication.
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration, help_heading = "Limits")]
+    handshake_timeout: Duration,
+    /// Longest silence from a sender, or in a transfer, before it is cut.
+    #[arg(long, value_name = "DUR", default_value = "120s", value_parser = parse_duration, help_heading = "Limits")]
+    idle_timeout: Duration,
+    /// Most simultaneous connections.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 4096,
+        help_heading = "Limits"
+    )]
+    max_connections: usize,
+    /// Most simultaneous connections from one IP address.
+    #[arg(long, value_name = "N", default_value_t = 256, help_heading = "Limits")]
+    max_connections_per_ip: usize,
+    /// Most offers one agent may make per minute.
+    #[arg(long, value_name = "N", default_value_t = 30, help_heading = "Limits")]
+    offers_per_minute: usize,
+    /// Most transfers one agent may be sending at once.
+    #[arg(long, value_name = "N", default_value_t = 4, help_heading = "Limits")]
+    max_transfers_per_agent: usize,
 }
 
 fn default_data_dir() -> Option<PathBuf> {
@@ -32,6 +73,11 @@ fn default_data_dir() -> Option<PathBuf> {
     Some(base.join("keyferry/broker"))
 }
 
+fn fail(msg: impl std::fmt::Display, code: u8) -> ExitCode {
+    eprintln!("broker: {msg}");
+    ExitCode::from(code)
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
@@ -39,30 +85,67 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
-    let Some(data_dir) = args.data_dir.or_else(default_data_dir) else {
-        eprintln!("broker: no --data-dir given and neither XDG_DATA_HOME nor HOME is set");
-        return ExitCode::from(2);
+    let Some(data_dir) = args.data_dir.clone().or_else(default_data_dir) else {
+        return fail(
+            "no --data-dir given and neither XDG_DATA_HOME nor HOME is set",
+            2,
+        );
     };
-    let broker = match Broker::open(data_dir, Limits::default()) {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("broker: {e}");
-            return ExitCode::FAILURE;
-        }
+    let control = usize::try_from(args.max_control_frame).unwrap_or(usize::MAX);
+    if control < MIN_CONTROL_FRAME {
+        return fail(
+            format!(
+                "--max-control-frame must be at least {MIN_CONTROL_FRAME} bytes (a signed offer)"
+            ),
+            2,
+        );
+    }
+    let limits = Limits {
+        max_control_frame: control.min(keyferry_common::frame::MAX_FRAME_LEN),
+        handshake_timeout: args.handshake_timeout,
+        idle_timeout: args.idle_timeout,
+        max_connections: args.max_connections.max(1),
+        max_connections_per_ip: args.max_connections_per_ip.max(1),
+        offers_per_minute: args.offers_per_minute,
+        max_transfers_per_agent: args.max_transfers_per_agent,
+        ..Limits::default()
     };
-    let listener = match tokio::net::TcpListener::bind(&args.listen).await {
+    let policy = match &args.allow_file {
+        Some(path) => match AccessPolicy::from_file(path) {
+            Ok(p) => p,
+            Err(e) => return fail(format!("allow file: {e}"), 2),
+        },
+        None => AccessPolicy::Open,
+    };
+    // Refuse an open broker on a non-loopback address before binding anything.
+    let resolved: Vec<SocketAddr> = match tokio::net::lookup_host(&args.listen).await {
+        Ok(addrs) => addrs.collect(),
+        Err(e) => return fail(format!("cannot resolve --listen {}: {e}", args.listen), 2),
+    };
+    let loopback = !resolved.is_empty() && resolved.iter().all(|a| a.ip().is_loopback());
+    if !loopback && args.allow_file.is_none() && !args.allow_any_agent {
+        return fail(
+            format!(
+                "refusing to listen on the non-loopback address {} without an access policy: \
+                 give --allow-file FILE (lines of `<name> <SHA256:fingerprint>`) to admit only those \
+                 agents, or --allow-any-agent to let anyone register a free name",
+                args.listen
+            ),
+            2,
+        );
+    }
+    let listener = match tokio::net::TcpListener::bind(resolved.as_slice()).await {
         Ok(l) => l,
-        Err(e) => {
-            eprintln!("broker: cannot listen on {}: {e}", args.listen);
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return fail(format!("cannot listen on {}: {e}", args.listen), 1),
     };
-    let addr = match listener.local_addr() {
-        Ok(a) => a.to_string(),
-        Err(_) => args.listen.clone(),
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    let broker = match Broker::open(data_dir, limits, policy) {
+        Ok(b) => b,
+        Err(e) => return fail(e, 1),
     };
+    let shown = addr.map_or_else(|| args.listen.clone(), |a| a.to_string());
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "keyferry broker listening on {addr}");
+    let _ = writeln!(out, "keyferry broker listening on {shown}");
     let _ = writeln!(out, "broker fingerprint {}", broker.fingerprint());
     let _ = out.flush();
     drop(out);

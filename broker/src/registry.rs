@@ -5,9 +5,10 @@
 //! A name is bound to the first key that registers it and refused to any other
 //! key afterwards, across restarts. The broker keeps no other state on disk.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use keyferry_common::ids::TransferId;
 use keyferry_common::message::{Message, OnlineAgent, RefuseReason};
@@ -64,6 +65,19 @@ struct Online {
     receivers: HashMap<AgentName, Receiver>,
     senders: HashMap<AgentName, u32>,
     pending: HashMap<TransferId, Pending>,
+    /// When each agent made its recent offers (sliding minute).
+    offers: HashMap<AgentName, VecDeque<Instant>>,
+    /// Transfers each agent is sending now (offered and not yet ended).
+    sending: HashMap<AgentName, usize>,
+}
+
+/// Why an agent may not make another offer now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OfferLimit {
+    /// More offers in the last minute than allowed.
+    Rate,
+    /// More transfers in progress than allowed.
+    Concurrent,
 }
 
 /// The registry: persistent bindings and in-memory presence.
@@ -207,6 +221,49 @@ impl Registry {
             },
         );
         Some(rx)
+    }
+
+    /// Counts an offer by `name` against its per-minute and concurrent-transfer
+    /// limits; on success the caller must call [`Self::offer_ended`] later.
+    pub fn take_offer_slot(
+        &self,
+        name: &AgentName,
+        per_minute: usize,
+        concurrent: usize,
+    ) -> Result<(), OfferLimit> {
+        let now = Instant::now();
+        let mut o = self.online();
+        let window = o.offers.entry(name.clone()).or_default();
+        while window
+            .front()
+            .is_some_and(|&t| now.duration_since(t) >= Duration::from_secs(60))
+        {
+            window.pop_front();
+        }
+        if window.len() >= per_minute {
+            return Err(OfferLimit::Rate);
+        }
+        window.push_back(now);
+        let sending = o.sending.entry(name.clone()).or_default();
+        if *sending >= concurrent {
+            return Err(OfferLimit::Concurrent);
+        }
+        *sending += 1;
+        Ok(())
+    }
+
+    /// An offer taken with [`Self::take_offer_slot`] ended (refused, failed or finished).
+    pub fn offer_ended(&self, name: &AgentName) {
+        let mut o = self.online();
+        if let Some(n) = o.sending.get_mut(name) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                o.sending.remove(name);
+            }
+        }
+        if o.offers.get(name).is_some_and(VecDeque::is_empty) {
+            o.offers.remove(name);
+        }
     }
 
     /// Forgets a pending transfer (the sender gave up waiting).

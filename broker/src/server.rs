@@ -1,10 +1,14 @@
 //! The accept loop: a permit per connection caps their number, one task per
 //! connection, and a shutdown signal that stops accepting (as mini-redis does).
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+use keyferry_common::connection::ConnError;
 
 use keyferry_common::identity::Fingerprint;
 use keyferry_common::tls;
@@ -14,9 +18,9 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::cert::BrokerCert;
-use crate::config::Limits;
+use crate::config::{AccessPolicy, Limits};
 use crate::error::BrokerError;
-use crate::handler::handle;
+use crate::handler::{HandlerError, handle};
 use crate::registry::Registry;
 
 /// State shared by every connection.
@@ -31,6 +35,43 @@ pub struct Shared {
     pub acceptor: TlsAcceptor,
     /// Connection ids for the receiver table.
     pub next_conn_id: AtomicU64,
+    /// Who may authenticate.
+    pub policy: AccessPolicy,
+    /// Open connections per IP address.
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// Holds one of an address's connection slots until dropped.
+struct IpSlot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl IpSlot {
+    fn take(shared: &Arc<Shared>, ip: IpAddr) -> Option<Self> {
+        let mut map = shared.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_default();
+        if *n >= shared.limits.max_connections_per_ip {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            shared: Arc::clone(shared),
+            ip,
+        })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut map = self.shared.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -50,7 +91,11 @@ pub struct Broker {
 
 impl Broker {
     /// Opens the data dir (creating it, the certificate and the database on first start).
-    pub fn open(data_dir: PathBuf, limits: Limits) -> Result<Self, BrokerError> {
+    pub fn open(
+        data_dir: PathBuf,
+        limits: Limits,
+        policy: AccessPolicy,
+    ) -> Result<Self, BrokerError> {
         use std::os::unix::fs::DirBuilderExt as _;
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -70,6 +115,8 @@ impl Broker {
                 limits,
                 acceptor: TlsAcceptor::from(Arc::new(config)),
                 next_conn_id: AtomicU64::new(0),
+                policy,
+                per_ip: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -100,15 +147,22 @@ impl Broker {
                 warn!(%peer, "connection refused: connection limit reached");
                 continue;
             };
+            let Some(ip_slot) = IpSlot::take(&self.shared, peer.ip()) else {
+                warn!(%peer, limit = self.shared.limits.max_connections_per_ip, "connection refused: per-address limit reached");
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let shared = Arc::clone(&self.shared);
             tokio::spawn(async move {
-                if let Err(e) = handle(shared, tcp).await {
-                    debug!(%peer, error = %e, "connection ended");
-                    if matches!(e, crate::handler::HandlerError::Refused(_)) {
-                        info!(%peer, error = %e, "connection refused");
+                match handle(shared, tcp).await {
+                    Ok(()) => {}
+                    Err(HandlerError::Conn(ConnError::Io(e))) => {
+                        debug!(%peer, error = %e, "connection ended")
                     }
+                    Err(e @ HandlerError::Tls(_)) => info!(%peer, error = %e, "connection cut off"),
+                    Err(e) => warn!(%peer, error = %e, "connection cut off"),
                 }
+                drop(ip_slot);
                 drop(permit);
             });
         }

@@ -53,6 +53,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         Self { inner, buf, max }
     }
 
+    /// Changes the largest frame accepted from now on.
+    pub fn set_max(&mut self, max: usize) {
+        self.max = max;
+    }
+
     /// The stream and the bytes read from it but not yet returned as frames.
     pub fn into_parts(self) -> (R, Vec<u8>) {
         (self.inner, self.buf)

@@ -43,6 +43,7 @@ pub mod schedule;
 pub mod text;
 pub mod tls;
 pub mod transfer;
+pub mod units;
 
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u16 = 1;

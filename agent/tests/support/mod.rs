@@ -187,9 +187,15 @@ impl Broker {
     }
 
     pub fn start_in(data: TempDir) -> Self {
+        Self::start_with(data, &[])
+    }
+
+    /// A broker with extra command-line options (limits, policy).
+    pub fn start_with(data: TempDir, extra: &[&str]) -> Self {
         let mut cmd = Command::new(broker_bin());
         cmd.args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data.path());
+            .arg(data.path())
+            .args(extra);
         let mut proc = Proc::spawn(cmd);
         let addr = proc
             .stdout
