@@ -121,6 +121,10 @@ async fn control_loop(shared: Arc<Shared>, mut conn: AgentConn) -> Result<(), Ag
     let (done_tx, mut done_rx) = mpsc::channel::<bool>(16);
     loop {
         tokio::select! {
+            // Biased, refusals first: a transfer task queues its Refuse before it
+            // reports being done, so a --once receiver never exits with the
+            // Refuse still queued (the sender would see "offline" instead).
+            biased;
             Some(msg) = refuse_rx.recv() => {
                 conn.writer.write(&msg).await.map_err(|e| conn_error(&shared.ctx, e))?;
             }
@@ -235,6 +239,32 @@ async fn accept_and_receive(
     }
     let key = PublicKey::from_spki_der(spki)
         .map_err(|e| refuse(RefuseReason::Policy, format!("sender key refused: {e}")))?;
+    // A key the signed offer itself contradicts is refused before it can be
+    // pinned: otherwise a broker could plant it and lock the real sender out.
+    if key.fingerprint() != fields.sender_fp {
+        let pins = ctx.home.known_peers();
+        return Err(match pins.get(from.as_str()) {
+            Ok(Some(pin)) if pin.fingerprint != key.fingerprint() => refuse(
+                RefuseReason::KeyMismatch,
+                PinError::Mismatch {
+                    key: from.to_string(),
+                    pinned: pin.fingerprint,
+                    presented: key.fingerprint(),
+                    file: pins.path().to_owned(),
+                }
+                .to_string(),
+            ),
+            _ => refuse(
+                RefuseReason::VerificationFailed,
+                format!(
+                    "the broker gave key {} for {from}, but the signed offer names {}; \
+                     nothing was pinned",
+                    key.fingerprint(),
+                    fields.sender_fp
+                ),
+            ),
+        });
+    }
     let pin =
         match ctx
             .home
