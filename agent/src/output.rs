@@ -17,12 +17,36 @@ use keyferry_common::ids::TransferId;
 const TEMP_PREFIX: &str = ".keyferry-";
 const TEMP_SUFFIX: &str = ".part";
 
+/// Flush written data to disk in the background every this many bytes, so the
+/// final fsync has little left to do and disk writes overlap the network.
+const SYNC_EVERY: u64 = 64 << 20;
+
 /// A file being received.
 #[derive(Debug)]
 pub struct Incoming {
     dir: PathBuf,
     temp: PathBuf,
     file: Option<BufWriter<File>>,
+    written: u64,
+    /// Wakes the background syncer; dropping it ends the syncer.
+    syncer: Option<(std::sync::mpsc::SyncSender<()>, std::thread::JoinHandle<()>)>,
+}
+
+fn spawn_syncer(
+    file: &File,
+) -> Option<(std::sync::mpsc::SyncSender<()>, std::thread::JoinHandle<()>)> {
+    let handle = file.try_clone().ok()?;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+    let thread = std::thread::Builder::new()
+        .name("fdatasync".into())
+        .spawn(move || {
+            while rx.recv().is_ok() {
+                // Errors surface at the final sync_all, which is checked.
+                let _ = handle.sync_data();
+            }
+        })
+        .ok()?;
+    Some((tx, thread))
 }
 
 impl Incoming {
@@ -37,16 +61,28 @@ impl Incoming {
         Ok(Self {
             dir: dir.to_owned(),
             temp,
+            syncer: spawn_syncer(&file),
             file: Some(BufWriter::with_capacity(1 << 20, file)),
+            written: 0,
         })
     }
 
     /// Appends verified plaintext.
     pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
-        match &mut self.file {
-            Some(f) => f.write_all(data),
-            None => Err(io::Error::other("file already finished")),
+        let f = self
+            .file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("file already finished"))?;
+        f.write_all(data)?;
+        let before = self.written;
+        self.written += data.len() as u64;
+        if before / SYNC_EVERY != self.written / SYNC_EVERY
+            && let Some((wake, _)) = &self.syncer
+        {
+            // If the syncer is still busy, the next multiple will wake it.
+            let _ = wake.try_send(());
         }
+        Ok(())
     }
 
     /// Flushes and fsyncs, then links the file under the first free name of
@@ -57,6 +93,10 @@ impl Incoming {
             .take()
             .ok_or_else(|| io::Error::other("file already finished"))?;
         let file = file.into_inner().map_err(|e| e.into_error())?;
+        if let Some((wake, thread)) = self.syncer.take() {
+            drop(wake);
+            let _ = thread.join();
+        }
         file.sync_all()?;
         drop(file);
         for candidate in filename::candidates(name) {

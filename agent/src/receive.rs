@@ -446,41 +446,92 @@ fn verification(e: RecvError) -> Failure {
 
 /// Receives the stream into a temporary file (or memory, for a message),
 /// verifies it, and places it. Returns the line to print and the receipt.
+///
+/// This task only reads frames; a blocking thread opens the records (tag check,
+/// decryption, hashing) and writes the file, so network, crypto and disk work
+/// overlap. The channel between them is bounded: a slow disk slows the reads.
 async fn receive_stream(
     shared: &Shared,
     conn: &mut AgentConn,
     tid: TransferId,
-    mut stream: RecvStream,
+    stream: RecvStream,
     metadata: &Metadata,
     stored_name: Option<&str>,
 ) -> Result<(String, [u8; 32]), Failure> {
-    let storage = |e: std::io::Error| {
-        Failure::Failed(
-            AbortReason::Storage,
-            format!("cannot write in {}: {e}", shared.opts.out_dir.display()),
-        )
-    };
-    let mut file = match stored_name {
-        Some(_) => Some(Incoming::create(&shared.opts.out_dir, &tid).map_err(storage)?),
+    let out_dir = shared.opts.out_dir.clone();
+    let file = match stored_name {
+        Some(_) => Some(Incoming::create(&out_dir, &tid).map_err(|e| storage(&out_dir, e))?),
         None => None,
     };
-    let mut text = Vec::new();
-    let verified = loop {
+    let (tx, rx) = mpsc::channel::<Message>(8);
+    let (name, display_name) = (stored_name.map(str::to_owned), escape(&metadata.name));
+    let worker = tokio::task::spawn_blocking(move || {
+        open_and_store(tid, stream, file, rx, &out_dir, name, display_name)
+    });
+    let read_result = loop {
         let msg = match conn.reader.read_timeout(PROGRESS_TIMEOUT).await {
             Ok(Some(m)) => m,
-            Ok(None) => return Err(verification(RecvError::Truncated)),
+            Ok(None) => break Err(verification(RecvError::Truncated)),
             Err(ConnError::Timeout(_)) => {
-                return Err(Failure::Failed(
+                break Err(Failure::Failed(
                     AbortReason::Timeout,
                     "no progress for 60 s".into(),
                 ));
             }
             Err(e) => {
-                return Err(Failure::Failed(
+                break Err(Failure::Failed(
                     AbortReason::PeerGone,
                     format!("connection lost: {e}"),
                 ));
             }
+        };
+        if let Message::Abort { reason, .. } = msg {
+            break Err(Failure::Failed(
+                reason,
+                format!("the sender aborted ({reason:?})"),
+            ));
+        }
+        let is_trailer = matches!(msg, Message::Trailer { .. });
+        if tx.send(msg).await.is_err() || is_trailer {
+            // The worker stopped (it will say why), or the stream is complete.
+            break Ok(());
+        }
+    };
+    drop(tx);
+    let worked = worker
+        .await
+        .map_err(|e| Failure::Failed(AbortReason::Storage, e.to_string()))?;
+    // A verification or storage failure the worker saw explains more than a
+    // read error that followed from it; otherwise the read error stands.
+    match (worked, read_result) {
+        (Ok(done), Ok(())) => Ok(done),
+        (Err(e), _) => Err(e),
+        (Ok(_), Err(e)) => Err(e),
+    }
+}
+
+fn storage(dir: &Path, e: std::io::Error) -> Failure {
+    Failure::Failed(
+        AbortReason::Storage,
+        format!("cannot write in {}: {e}", dir.display()),
+    )
+}
+
+/// The blocking half of [`receive_stream`]: opens records in order and stores
+/// the plaintext; places the file once the trailer verified.
+fn open_and_store(
+    tid: TransferId,
+    mut stream: RecvStream,
+    mut file: Option<Incoming>,
+    mut rx: mpsc::Receiver<Message>,
+    out_dir: &Path,
+    stored_name: Option<String>,
+    display_name: String,
+) -> Result<(String, [u8; 32]), Failure> {
+    let mut text = Vec::new();
+    let verified = loop {
+        let Some(msg) = rx.blocking_recv() else {
+            return Err(verification(RecvError::Truncated));
         };
         match msg {
             Message::KeyUpdate {
@@ -495,7 +546,7 @@ async fn receive_stream(
             } if transfer_id == tid => {
                 let (plain, _) = stream.open_chunk(&record).map_err(verification)?;
                 match &mut file {
-                    Some(f) => tokio::task::block_in_place(|| f.write(&plain)).map_err(storage)?,
+                    Some(f) => f.write(&plain).map_err(|e| storage(out_dir, e))?,
                     None => text.extend_from_slice(&plain),
                 }
             }
@@ -504,12 +555,6 @@ async fn receive_stream(
                 record,
             } if transfer_id == tid => {
                 break stream.open_trailer(&record).map_err(verification)?;
-            }
-            Message::Abort { reason, .. } => {
-                return Err(Failure::Failed(
-                    reason,
-                    format!("the sender aborted ({reason:?})"),
-                ));
             }
             _ => {
                 return Err(Failure::Failed(
@@ -522,10 +567,9 @@ async fn receive_stream(
     let sha = hex::encode(verified.sha256);
     let line = match (file, stored_name) {
         (Some(f), Some(name)) => {
-            let path = tokio::task::block_in_place(|| f.finish(name)).map_err(storage)?;
+            let path = f.finish(&name).map_err(|e| storage(out_dir, e))?;
             format!(
-                "received {} ({} bytes, sha256 {sha}) -> {}",
-                escape(&metadata.name),
+                "received {display_name} ({} bytes, sha256 {sha}) -> {}",
                 verified.total,
                 path.display()
             )

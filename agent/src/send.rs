@@ -357,7 +357,54 @@ struct Sealed {
     last: bool,
 }
 
+/// A chunk on its way to a sealing thread, with what must travel with it.
+struct Job {
+    index: u64,
+    key_update: Option<Message>,
+    chunk: keyferry_common::transfer::ChunkJob,
+    trailer: Option<Message>,
+    done: u64,
+    epoch: u32,
+}
+
+impl Job {
+    fn seal(self, tid: TransferId) -> Result<(u64, Sealed), AgentError> {
+        let last = self.trailer.is_some();
+        let chunk = Message::Chunk {
+            transfer_id: tid,
+            record: self.chunk.seal().encode(),
+        };
+        let frames = self
+            .key_update
+            .iter()
+            .chain(std::iter::once(&chunk))
+            .chain(self.trailer.iter())
+            .map(|m| frame::encode(m, MAX_FRAME_LEN))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| AgentError::Other(e.to_string()))?;
+        Ok((
+            self.index,
+            Sealed {
+                frames,
+                done: self.done,
+                epoch: self.epoch,
+                last,
+            },
+        ))
+    }
+}
+
+/// Threads that seal chunks: one per core, at most four.
+fn sealing_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+}
+
 /// Reads, seals and writes the whole stream and the trailer.
+///
+/// One blocking thread reads the file and feeds the [`SendStream`] in order
+/// (sequence numbers, rekeying, SHA-256); sealing threads encrypt and MAC the
+/// chunks in parallel; this task writes them back in order. Every queue is
+/// bounded, so a slow receiver slows the reader.
 async fn stream_out(
     ctx: &Ctx,
     conn: &mut AgentConn,
@@ -367,97 +414,121 @@ async fn stream_out(
     size: u64,
     progress: &Progress,
 ) -> Result<(SendStream, [u8; 32]), AgentError> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Sealed, AgentError>>(4);
+    let workers = sealing_threads();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<(u64, Sealed), AgentError>>(2 * workers);
     let path = match &source {
         Source::File(_, p) => p.clone(),
         Source::Bytes(..) => PathBuf::from("(message)"),
     };
     let producer = tokio::task::spawn_blocking(move || -> Option<(SendStream, [u8; 32])> {
-        let mut sent = 0u64;
-        let fail = |e: AgentError| {
-            let _ = tx.blocking_send(Err(e));
-            None
-        };
-        loop {
-            let want =
-                usize::try_from((size - sent).min(DEFAULT_CHUNK as u64)).unwrap_or(DEFAULT_CHUNK);
-            let chunk = match source.read_chunk(want) {
-                Ok(c) => c,
-                Err(e) => {
+        let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<Job>(2 * workers);
+        // Each worker owns a handle on the queue: once they all stopped (the
+        // writer went away), the queue closes and the reader stops too; and the
+        // reader's end is moved into the scope, so every way out of it closes
+        // the queue and lets the workers finish.
+        let job_rx = Arc::new(std::sync::Mutex::new(job_rx));
+        std::thread::scope(|scope| {
+            let job_tx = job_tx;
+            for _ in 0..workers {
+                let (job_rx, tx) = (Arc::clone(&job_rx), tx.clone());
+                scope.spawn(move || {
+                    loop {
+                        let job = match job_rx.lock() {
+                            Ok(rx) => rx.recv(),
+                            Err(_) => return,
+                        };
+                        let Ok(job) = job else { return };
+                        if tx.blocking_send(job.seal(tid)).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            drop(job_rx);
+            let fail = |e: AgentError| {
+                let _ = tx.blocking_send(Err(e));
+                None
+            };
+            let mut sent = 0u64;
+            let mut index = 0u64;
+            loop {
+                let want = usize::try_from((size - sent).min(DEFAULT_CHUNK as u64))
+                    .unwrap_or(DEFAULT_CHUNK);
+                let chunk = match source.read_chunk(want) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        return fail(AgentError::FileUnreadable {
+                            path: path.clone(),
+                            detail: e.to_string(),
+                        });
+                    }
+                };
+                if chunk.len() != want {
                     return fail(AgentError::FileUnreadable {
                         path: path.clone(),
-                        detail: e.to_string(),
+                        detail: "the file shrank while it was being sent".into(),
                     });
                 }
-            };
-            if chunk.len() != want {
-                return fail(AgentError::FileUnreadable {
-                    path: path.clone(),
-                    detail: "the file shrank while it was being sent".into(),
-                });
-            }
-            sent += chunk.len() as u64;
-            let last = sent == size;
-            let out = match stream.push(chunk, last, Instant::now()) {
-                Ok(o) => o,
-                Err(e) => return fail(AgentError::Other(e.to_string())),
-            };
-            let mut frames = Vec::with_capacity(2);
-            if let Some(ku) = out.key_update {
-                frames.push(Message::KeyUpdate {
-                    transfer_id: tid,
-                    record: ku.encode(),
-                });
-            }
-            frames.push(Message::Chunk {
-                transfer_id: tid,
-                record: out.chunk.seal().encode(),
-            });
-            let mut digest = None;
-            if last {
-                match stream.trailer() {
-                    Ok((t, d)) => {
-                        frames.push(Message::Trailer {
-                            transfer_id: tid,
-                            record: t.encode(),
-                        });
-                        digest = Some(d);
-                    }
+                sent += chunk.len() as u64;
+                let last = sent == size;
+                let out = match stream.push(chunk, last, Instant::now()) {
+                    Ok(o) => o,
                     Err(e) => return fail(AgentError::Other(e.to_string())),
+                };
+                let (trailer, digest) = if last {
+                    match stream.trailer() {
+                        Ok((t, d)) => (
+                            Some(Message::Trailer {
+                                transfer_id: tid,
+                                record: t.encode(),
+                            }),
+                            Some(d),
+                        ),
+                        Err(e) => return fail(AgentError::Other(e.to_string())),
+                    }
+                } else {
+                    (None, None)
+                };
+                let job = Job {
+                    index,
+                    key_update: out.key_update.map(|ku| Message::KeyUpdate {
+                        transfer_id: tid,
+                        record: ku.encode(),
+                    }),
+                    chunk: out.chunk,
+                    trailer,
+                    done: sent,
+                    epoch: stream.epoch(),
+                };
+                index += 1;
+                if job_tx.send(job).is_err() {
+                    return None;
+                }
+                if let Some(d) = digest {
+                    return Some((stream, d));
                 }
             }
-            let encoded: Result<Vec<Vec<u8>>, _> = frames
-                .iter()
-                .map(|m| frame::encode(m, MAX_FRAME_LEN))
-                .collect();
-            let frames = match encoded {
-                Ok(f) => f,
-                Err(e) => return fail(AgentError::Other(e.to_string())),
-            };
-            let item = Sealed {
-                frames,
-                done: sent,
-                epoch: stream.epoch(),
-                last,
-            };
-            if tx.blocking_send(Ok(item)).is_err() {
-                return None;
-            }
-            if let Some(d) = digest {
-                return Some((stream, d));
-            }
-        }
+        })
     });
 
+    // Sealed chunks arrive in any order; write them in sequence.
+    let mut waiting = std::collections::BTreeMap::new();
+    let mut next = 0u64;
     loop {
         tokio::select! {
             item = rx.recv() => match item {
-                Some(Ok(sealed)) => {
-                    for f in &sealed.frames {
-                        conn.writer.write_frame(f).await.map_err(|e| conn_error(ctx, e))?;
+                Some(Ok((index, sealed))) => {
+                    waiting.insert(index, sealed);
+                    let mut finished = false;
+                    while let Some(sealed) = waiting.remove(&next) {
+                        for f in &sealed.frames {
+                            conn.writer.write_frame(f).await.map_err(|e| conn_error(ctx, e))?;
+                        }
+                        progress.update(sealed.done, sealed.epoch);
+                        next += 1;
+                        finished |= sealed.last;
                     }
-                    progress.update(sealed.done, sealed.epoch);
-                    if sealed.last {
+                    if finished {
                         // The receipt may follow at once: stop watching for aborts here.
                         break;
                     }

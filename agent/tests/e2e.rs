@@ -80,18 +80,21 @@ fn sixty_four_mib_with_a_20ms_rekey_spans_many_session_keys() {
     let keys = r["session_keys"].as_u64().unwrap();
     let seconds = r["seconds"].as_f64().unwrap();
     println!("64 MiB: {keys} session keys in {seconds:.3} s");
-    // A key lives at least 20 ms, so there can be at most seconds/0.02 + 1
-    // keys; and the sender rotates as soon as one is 20 ms old, so (allowing
-    // for the time spent waiting for the receipt and for the chunk in flight)
-    // at least half of that.
+    // Upper bound, exact: a key lives at least 20 ms, so there are at most
+    // seconds/0.02 + 1 keys. Lower bound: the sender rotates before the first
+    // chunk sealed after its key turned 20 ms old. Chunks are taken from the
+    // file in bursts whenever the bounded sealing queue has room, and `seconds`
+    // also covers the receiver's fsync and the receipt, so not every 20 ms
+    // window sees a chunk (more so on a loaded machine); a quarter of the
+    // windows is the floor. A sender that rotated by data volume only (the
+    // 1 GiB backstop) would use 1 key.
     let most = (seconds / 0.020).floor() as u64 + 1;
-    assert!(keys >= 3, "only {keys} session keys in {seconds:.3} s");
     assert!(
         keys <= most,
         "{keys} session keys in {seconds:.3} s is more than {most}"
     );
     assert!(
-        keys * 2 >= most.saturating_sub(2),
+        keys * 4 >= most,
         "{keys} session keys in {seconds:.3} s is far fewer than {most}"
     );
 }
