@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# keyferry throughput, memory and latency against scp, measured in one run.
+#
+#   scripts/bench.sh                 1 GiB, 3 alternating runs each
+#   SIZE_MIB=4096 scripts/bench.sh   a larger file (memory must not grow)
+#   RUNS=5 LATENCY_RUNS=20 scripts/bench.sh
+#
+# Installs openssh-server (Debian package) if missing and starts a private sshd
+# on a loopback port with its own config and keys, stopped by PID at the end.
+# Prints a Markdown table: median MB/s of keyferry (5 s and 100 ms rekey) and of
+# `scp -c aes256-gcm@openssh.com`, their ratio, peak RSS of broker, sender and
+# receiver, session keys used, and the median end-to-end time of a 1 KiB file.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+size_mib=${SIZE_MIB:-1024}
+runs=${RUNS:-3}
+latency_runs=${LATENCY_RUNS:-10}
+# BENCH_DIR=/dev/shm measures without the disk (keyferry fsyncs what it receives, scp does not).
+work=$(mktemp -d -p "${BENCH_DIR:-${TMPDIR:-/tmp}}" keyferry-bench.XXXXXX)
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    [ -f "$work/sshd.pid" ] && kill "$(cat "$work/sshd.pid")" 2>/dev/null || true
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+if [ ! -x /usr/sbin/sshd ]; then
+    echo "installing openssh-server" >&2
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server >/dev/null
+fi
+[ -x /usr/bin/time ] || { apt-get update -qq >/dev/null; apt-get install -y -qq time >/dev/null; }
+
+cargo build --release --locked --bins -q
+bin=$PWD/target/release
+
+now() { date +%s.%N; }
+mbps() { awk -v b="$1" -v s="$2" 'BEGIN { printf "%.1f", b / s / 1e6 }'; }
+median() { sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+
+echo "generating ${size_mib} MiB of random data" >&2
+head -c "$((size_mib << 20))" /dev/urandom >"$work/data.bin"
+bytes=$((size_mib << 20))
+
+# --- sshd for the scp reference -------------------------------------------
+port=$((20000 + RANDOM % 20000))
+mkdir -p /run/sshd "$work/scp-out"
+ssh-keygen -q -t ed25519 -N '' -f "$work/host_key"
+ssh-keygen -q -t ed25519 -N '' -f "$work/client_key"
+cp "$work/client_key.pub" "$work/authorized_keys"
+cat >"$work/sshd_config" <<CONF
+Port $port
+ListenAddress 127.0.0.1
+HostKey $work/host_key
+AuthorizedKeysFile $work/authorized_keys
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+StrictModes no
+UsePAM no
+Subsystem sftp internal-sftp
+PidFile $work/sshd.pid
+CONF
+/usr/sbin/sshd -f "$work/sshd_config" -E "$work/sshd.log"
+for _ in $(seq 50); do [ -f "$work/sshd.pid" ] && break; sleep 0.1; done
+scp_once() {
+    rm -f "$work/scp-out/data.bin"
+    local t0 t1
+    t0=$(now)
+    scp -q -c aes256-gcm@openssh.com -P "$port" -i "$work/client_key" \
+        -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR \
+        "$work/data.bin" "$(id -un)@127.0.0.1:$work/scp-out/data.bin"
+    t1=$(now)
+    cmp -s "$work/data.bin" "$work/scp-out/data.bin" || { echo "scp copy differs" >&2; exit 1; }
+    awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }'
+}
+
+# --- keyferry ------------------------------------------------------------
+"$bin/broker" --listen 127.0.0.1:0 --data-dir "$work/broker" >"$work/broker.out" 2>"$work/broker.log" &
+broker_pid=$!
+pids+=("$broker_pid")
+for _ in $(seq 100); do grep -q fingerprint "$work/broker.out" 2>/dev/null && break; sleep 0.1; done
+addr=$(awk '/listening on/ {print $NF}' "$work/broker.out")
+agent() { "$bin/agent" --broker "$addr" "$@"; }
+# Create both identities once (RSA key generation is not what we measure).
+agent --home "$work/alice" --name alice --list >/dev/null 2>&1
+agent --home "$work/bob" --name bob --list >/dev/null 2>&1
+
+# One transfer: receiver --once and sender, each under /usr/bin/time for peak RSS.
+# Prints: seconds(wall, sender process) session_keys sender_rss_kib receiver_rss_kib
+keyferry_once() {
+    local rekey=$1 file=$2
+    rm -rf "$work/inbox"; mkdir -p "$work/inbox"
+    /usr/bin/time -f %M -o "$work/recv.rss" "$bin/agent" --broker "$addr" --home "$work/bob" --name bob \
+        --role receiver --once --out-dir "$work/inbox" >"$work/recv.out" 2>"$work/recv.err" &
+    local rpid=$!
+    for _ in $(seq 200); do grep -q "receiving as" "$work/recv.out" 2>/dev/null && break; sleep 0.05; done
+    local t0 t1
+    t0=$(now)
+    /usr/bin/time -f %M -o "$work/send.rss" "$bin/agent" --broker "$addr" --home "$work/alice" --name alice \
+        --role sender --to bob --file "$file" --json --rekey-interval "$rekey" >"$work/send.json" 2>"$work/send.err"
+    t1=$(now)
+    wait "$rpid"
+    cmp -s "$file" "$work/inbox/$(basename "$file")" || { echo "keyferry copy differs" >&2; exit 1; }
+    local keys
+    keys=$(sed -n 's/.*"session_keys":\([0-9]*\).*/\1/p' "$work/send.json")
+    echo "$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }') $keys $(cat "$work/send.rss") $(cat "$work/recv.rss")"
+}
+
+: >"$work/kf5.txt"; : >"$work/kf100.txt"; : >"$work/scp.txt"
+for i in $(seq "$runs"); do
+    echo "run $i/$runs" >&2
+    keyferry_once 5s "$work/data.bin" >>"$work/kf5.txt"
+    scp_once >>"$work/scp.txt"
+    keyferry_once 100ms "$work/data.bin" >>"$work/kf100.txt"
+done
+
+head -c 1024 /dev/urandom >"$work/small.bin"
+: >"$work/lat.txt"
+for _ in $(seq "$latency_runs"); do
+    keyferry_once 5s "$work/small.bin" | awk '{ print $1 }' >>"$work/lat.txt"
+done
+
+broker_rss=$(awk '/^VmHWM/ { print $2 }' "/proc/$broker_pid/status")
+kill "$broker_pid"; wait "$broker_pid" 2>/dev/null || true
+
+kf5=$(awk '{ print $1 }' "$work/kf5.txt" | median)
+kf100=$(awk '{ print $1 }' "$work/kf100.txt" | median)
+scp=$(median <"$work/scp.txt")
+kf5_mbps=$(mbps "$bytes" "$kf5"); kf100_mbps=$(mbps "$bytes" "$kf100"); scp_mbps=$(mbps "$bytes" "$scp")
+ratio=$(awk -v a="$kf5_mbps" -v b="$scp_mbps" 'BEGIN { printf "%.2f", a / b }')
+ratio100=$(awk -v a="$kf100_mbps" -v b="$kf5_mbps" 'BEGIN { printf "%.3f", a / b }')
+send_rss=$(awk '{ print $3 }' "$work/kf5.txt" "$work/kf100.txt" | sort -g | tail -1)
+recv_rss=$(awk '{ print $4 }' "$work/kf5.txt" "$work/kf100.txt" | sort -g | tail -1)
+keys5=$(awk '{ print $2 }' "$work/kf5.txt" | median)
+keys100=$(awk '{ print $2 }' "$work/kf100.txt" | median)
+lat=$(median <"$work/lat.txt")
+
+cat <<TABLE
+
+| measure (${size_mib} MiB, ${runs} runs each, median) | value |
+|---|---|
+| keyferry, 5 s rekey | ${kf5_mbps} MB/s (${keys5} session keys) |
+| keyferry, 100 ms rekey | ${kf100_mbps} MB/s (${keys100} session keys) |
+| scp -c aes256-gcm@openssh.com | ${scp_mbps} MB/s |
+| ratio keyferry / scp | ${ratio} |
+| ratio 100 ms / 5 s rekey | ${ratio100} |
+| peak RSS sender / receiver | $((send_rss / 1024)) MiB / $((recv_rss / 1024)) MiB |
+| peak RSS broker | $((broker_rss / 1024)) MiB |
+| 1 KiB file end to end (connect, auth, offer, transfer, receipt), median of ${latency_runs} | $(awk -v s="$lat" 'BEGIN { printf "%.0f ms", s * 1000 }') |
+TABLE
