@@ -349,6 +349,19 @@ fn aborted_by_receiver(reason: AbortReason) -> AgentError {
     }
 }
 
+/// A write failed: if the broker told us why (an `Abort` waiting to be read),
+/// that is the better error; otherwise the connection was lost.
+async fn why_write_failed(
+    ctx: &Ctx,
+    conn: &mut AgentConn,
+    e: keyferry_common::connection::ConnError,
+) -> AgentError {
+    match tokio::time::timeout(Duration::from_secs(2), conn.reader.read()).await {
+        Ok(Ok(Some(Message::Abort { reason, .. }))) => aborted_by_receiver(reason),
+        _ => conn_error(ctx, e),
+    }
+}
+
 struct Sealed {
     frames: Vec<Vec<u8>>,
     done: u64,
@@ -522,7 +535,9 @@ async fn stream_out(
                     let mut finished = false;
                     while let Some(sealed) = waiting.remove(&next) {
                         for f in &sealed.frames {
-                            conn.writer.write_frame(f).await.map_err(|e| conn_error(ctx, e))?;
+                            if let Err(e) = conn.writer.write_frame(f).await {
+                                return Err(why_write_failed(ctx, conn, e).await);
+                            }
                         }
                         progress.update(sealed.done, sealed.epoch);
                         next += 1;

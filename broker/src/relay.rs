@@ -61,8 +61,8 @@ async fn pump<R, W>(
     dir: Dir,
     tid: TransferId,
     idle: Duration,
-    mut from: FrameReader<R>,
-    mut to: FrameWriter<W>,
+    from: &mut FrameReader<R>,
+    to: &mut FrameWriter<W>,
 ) -> (u64, Result<(), String>)
 where
     R: AsyncRead + Unpin,
@@ -106,6 +106,19 @@ where
     (bytes, result)
 }
 
+/// Reads and discards what a peer still sends, until it closes or `grace`
+/// passes: closing a socket with unread data makes the kernel send a reset,
+/// which can destroy the `Abort` just written to that peer before it reads it.
+async fn drain<R: AsyncRead + Unpin>(from: &mut FrameReader<R>, grace: Duration) {
+    let _ = tokio::time::timeout(grace, async {
+        while let Ok(Some(_)) = from.read_payload().await {}
+    })
+    .await;
+}
+
+/// How long a failed relay keeps reading, so its `Abort` reaches both sides.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
 /// Relays transfer `tid` until both directions ended.
 pub async fn relay<S, D>(
     sender: Connection<S>,
@@ -118,10 +131,20 @@ where
     D: AsyncRead + AsyncWrite,
 {
     let start = Instant::now();
+    let (mut s_read, mut s_write) = (sender.reader, sender.writer);
+    let (mut r_read, mut r_write) = (receiver.reader, receiver.writer);
     let (forward, back) = tokio::join!(
-        pump(Dir::Forward, tid, idle, sender.reader, receiver.writer),
-        pump(Dir::Back, tid, idle, receiver.reader, sender.writer),
+        pump(Dir::Forward, tid, idle, &mut s_read, &mut r_write),
+        pump(Dir::Back, tid, idle, &mut r_read, &mut s_write),
     );
+    if forward.1.is_err() || back.1.is_err() {
+        // The failing direction told the other side; let both read that
+        // before the sockets close.
+        tokio::join!(
+            drain(&mut s_read, DRAIN_GRACE),
+            drain(&mut r_read, DRAIN_GRACE)
+        );
+    }
     RelayReport {
         bytes: forward.0,
         elapsed: start.elapsed(),

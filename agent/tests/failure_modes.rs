@@ -1,0 +1,445 @@
+//! Failures: a side killed mid-transfer, a full disk, hostile file names from a
+//! sender, unusable key and pin files. In each case the other sides report it
+//! and exit non-zero in bounded time, and nothing appears under a final name.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is a test failure
+
+mod support;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keyferry_agent::client::{Ctx, connect};
+use keyferry_agent::home::Home as AgentHome;
+use keyferry_common::handshake::{Kind, Metadata, OfferParams, make_offer};
+use keyferry_common::identity::{Identity, PublicKey};
+use keyferry_common::message::{Message, RefuseReason, Role};
+use keyferry_common::name::AgentName;
+use support::{Broker, Home, Run, TempDir, WAIT, pseudo_random};
+
+/// Files in `dir` other than temporaries.
+fn finals(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with(".keyferry-"))
+        .collect()
+}
+
+fn temporaries(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| {
+            let n = e.as_ref().unwrap().file_name();
+            let n = n.to_string_lossy();
+            n.starts_with(".keyferry-") && n.ends_with(".part")
+        })
+        .count()
+}
+
+/// Waits until a temporary file in `dir` has received some data.
+fn wait_for_data(dir: &Path) {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            if e.file_name().to_string_lossy().ends_with(".part")
+                && e.metadata().unwrap().len() > (4 << 20)
+            {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panic!("the transfer never started writing into {}", dir.display());
+}
+
+const BIG: usize = 512 << 20;
+
+fn big_file(src: &TempDir) -> std::path::PathBuf {
+    let path = src.join("big.bin");
+    std::fs::write(&path, pseudo_random(BIG, 11)).unwrap();
+    path
+}
+
+#[test]
+fn the_receiver_killed_mid_transfer() {
+    let broker = Broker::start();
+    let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
+    let (src, out) = (TempDir::new("src"), TempDir::new("out"));
+    let file = big_file(&src);
+    let mut receiver = bob.receiver(&broker, out.path(), &[]);
+    let sender = alice.start(
+        &broker,
+        &[
+            "--role",
+            "sender",
+            "--to",
+            "bob",
+            "--file",
+            file.to_str().unwrap(),
+        ],
+    );
+    wait_for_data(out.path());
+    receiver.kill();
+    let start = Instant::now();
+    let sent = Run::finish(sender);
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "the sender took {:?}",
+        start.elapsed()
+    );
+    assert!(matches!(sent.code, Some(c) if c != 0), "{sent:#?}");
+    assert!(sent.stderr.contains("disconnected"), "{}", sent.stderr);
+    assert!(finals(out.path()).is_empty(), "{:?}", finals(out.path()));
+    // The killed receiver could not clean up; its next start does.
+    assert_eq!(temporaries(out.path()), 1);
+    let mut again = bob.receiver(&broker, out.path(), &[]);
+    again
+        .stderr
+        .wait_for("removed 1 unfinished temporary file", WAIT);
+    assert_eq!(temporaries(out.path()), 0);
+}
+
+#[test]
+fn the_sender_killed_mid_transfer() {
+    let broker = Broker::start();
+    let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
+    let (src, out) = (TempDir::new("src"), TempDir::new("out"));
+    let file = big_file(&src);
+    let mut receiver = bob.receiver(&broker, out.path(), &["--once"]);
+    let mut sender = alice.start(
+        &broker,
+        &[
+            "--role",
+            "sender",
+            "--to",
+            "bob",
+            "--file",
+            file.to_str().unwrap(),
+        ],
+    );
+    wait_for_data(out.path());
+    sender.kill();
+    let start = Instant::now();
+    let code = receiver.wait(Duration::from_secs(90));
+    assert!(
+        start.elapsed() < Duration::from_secs(70),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(matches!(code, Some(c) if c != 0), "{code:?}");
+    receiver.stderr.wait_for("nothing was saved", WAIT);
+    assert!(finals(out.path()).is_empty());
+    assert_eq!(
+        temporaries(out.path()),
+        0,
+        "the receiver removes its temporary"
+    );
+}
+
+#[test]
+fn the_broker_killed_mid_transfer_then_restarted() {
+    let broker = Broker::start();
+    let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
+    let (src, out) = (TempDir::new("src"), TempDir::new("out"));
+    let file = big_file(&src);
+    let mut receiver = bob.receiver(&broker, out.path(), &["--once"]);
+    let sender = alice.start(
+        &broker,
+        &[
+            "--role",
+            "sender",
+            "--to",
+            "bob",
+            "--file",
+            file.to_str().unwrap(),
+        ],
+    );
+    wait_for_data(out.path());
+    let mut proc = broker.proc;
+    proc.kill();
+    let start = Instant::now();
+    let sent = Run::finish(sender);
+    let code = receiver.wait(Duration::from_secs(90));
+    assert!(
+        start.elapsed() < Duration::from_secs(70),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(matches!(sent.code, Some(c) if c != 0), "{sent:#?}");
+    assert!(sent.stderr.contains("broker"), "{}", sent.stderr);
+    assert!(matches!(code, Some(c) if c != 0), "{code:?}");
+    assert!(finals(out.path()).is_empty(), "{:?}", finals(out.path()));
+
+    // Same data dir: same certificate, same name bindings.
+    let broker = Broker::start_in(broker.data);
+    let impostor = Home::new("alice", "mallory");
+    assert_eq!(impostor.run(&broker, &["--list"]).code, Some(10));
+    let out2 = TempDir::new("out");
+    let mut receiver = bob.receiver(&broker, out2.path(), &["--once"]);
+    std::fs::write(src.join("small.txt"), b"after the restart").unwrap();
+    let sent = alice.send_file(&broker, "bob", &src.join("small.txt"), &[]);
+    assert_eq!(sent.code, Some(0), "{sent:#?}");
+    assert_eq!(receiver.wait(WAIT), Some(0));
+    assert_eq!(
+        std::fs::read(out2.join("small.txt")).unwrap(),
+        b"after the restart"
+    );
+}
+
+/// Mounts a tmpfs of `size` on `dir`; `false` if this machine does not allow it.
+fn mount_tmpfs(dir: &Path, size: &str) -> bool {
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir)
+        .status();
+    matches!(status, Ok(s) if s.success())
+}
+
+struct Unmount<'a>(&'a Path);
+
+impl Drop for Unmount<'_> {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(self.0).status();
+    }
+}
+
+#[test]
+fn a_disk_too_small_is_refused_before_any_data_and_a_disk_that_fills_up_fails_cleanly() {
+    let broker = Broker::start();
+    let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
+    let (src, mnt) = (TempDir::new("src"), TempDir::new("mnt"));
+    let out = mnt.join("out");
+    std::fs::create_dir(&out).unwrap();
+    if !mount_tmpfs(&out, "1300m") {
+        eprintln!("SKIPPED: this machine does not allow mounting a tmpfs (needs root)");
+        return;
+    }
+    let _unmount = Unmount(&out);
+
+    // 1 GiB must stay free beyond the file: 400 MiB does not fit in 1300 MiB.
+    std::fs::write(src.join("too-big.bin"), pseudo_random(400 << 20, 1)).unwrap();
+    let mut receiver = bob.receiver(&broker, &out, &[]);
+    let sent = alice.send_file(&broker, "bob", &src.join("too-big.bin"), &[]);
+    assert_eq!(sent.code, Some(8), "{sent:#?}");
+    assert!(sent.stderr.contains("free disk space"), "{}", sent.stderr);
+    receiver.stderr.wait_for("does not fit", WAIT);
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
+
+    // 200 MiB fits; then something else fills the disk while it arrives.
+    let file = src.join("fits.bin");
+    std::fs::write(&file, pseudo_random(200 << 20, 2)).unwrap();
+    let sender = alice.start(
+        &broker,
+        &[
+            "--role",
+            "sender",
+            "--to",
+            "bob",
+            "--file",
+            file.to_str().unwrap(),
+        ],
+    );
+    wait_for_data(&out);
+    let filled = std::process::Command::new("fallocate")
+        .args(["-l", "1300M"])
+        .arg(out.join("filler"))
+        .status()
+        .unwrap();
+    let _ = filled; // it fails part-way once the disk is full, which is the point
+    let sent = Run::finish(sender);
+    assert!(matches!(sent.code, Some(c) if c != 0), "{sent:#?}");
+    assert!(sent.stderr.contains("could not store"), "{}", sent.stderr);
+    receiver.stderr.wait_for("cannot write in", WAIT);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!out.join("fits.bin").exists());
+    assert_eq!(temporaries(&out), 0);
+}
+
+#[test]
+fn an_out_dir_that_is_not_a_directory_is_a_clear_error() {
+    let broker = Broker::start();
+    let bob = Home::new("bob", "bob");
+    let dir = TempDir::new("out");
+    let not_dir = dir.join("file");
+    std::fs::write(&not_dir, b"x").unwrap();
+    for out in [not_dir, dir.join("missing")] {
+        let run = bob.run(
+            &broker,
+            &["--role", "receiver", "--out-dir", out.to_str().unwrap()],
+        );
+        assert_eq!(run.code, Some(1), "{run:#?}");
+        assert!(run.stderr.contains("out dir"), "{}", run.stderr);
+        assert!(!run.stderr.contains("panicked"));
+    }
+}
+
+/// Offers a file called `name` to bob, as alice, with the agent's own client
+/// code and a hand-made offer (the agent's sender refuses such names itself).
+async fn hostile_offer(broker: &Broker, alice: &Home, name: &str) -> Message {
+    let h = AgentHome::open(alice.dir.path().to_owned()).unwrap();
+    let ctx = Ctx {
+        broker: broker.addr.clone(),
+        broker_fingerprint: None,
+        identity: Arc::new(h.identity().unwrap()),
+        home: h,
+        name: AgentName::new("alice").unwrap(),
+    };
+    let mut conn = connect(&ctx, Role::Sender).await.unwrap();
+    conn.writer
+        .write(&Message::Lookup {
+            name: AgentName::new("bob").unwrap(),
+        })
+        .await
+        .unwrap();
+    let Some(Message::PeerKey { spki, .. }) = conn.reader.read_timeout(WAIT).await.unwrap() else {
+        panic!("no key for bob")
+    };
+    let bob_key = PublicKey::from_spki_der(&spki).unwrap();
+    let identity: &Identity = &ctx.identity;
+    let (_, offer) = make_offer(OfferParams {
+        identity,
+        sender: AgentName::new("alice").unwrap(),
+        receiver: AgentName::new("bob").unwrap(),
+        receiver_key: &bob_key,
+        metadata: Metadata {
+            kind: Kind::File,
+            name: name.to_owned(),
+            size: 5,
+        },
+        now_unix: keyferry_agent::home::now_unix(),
+    })
+    .unwrap();
+    conn.writer
+        .write(&Message::Offer {
+            to: AgentName::new("bob").unwrap(),
+            offer,
+        })
+        .await
+        .unwrap();
+    conn.reader.read_timeout(WAIT).await.unwrap().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_file_names_are_refused_and_nothing_is_written_outside_the_out_dir() {
+    let broker = Broker::start();
+    let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
+    let parent = TempDir::new("parent");
+    let out = parent.join("out");
+    std::fs::create_dir(&out).unwrap();
+    // bob has known alice for two days: the stricter RSA budget for new keys
+    // (6 offers a minute) would otherwise refuse the later names first.
+    let alice_fp = Identity::load(&alice.dir.join("identity.pem"))
+        .unwrap()
+        .fingerprint();
+    keyferry_common::pins::PinStore::new(bob.dir.join("known_peers"))
+        .check_or_pin(
+            "alice",
+            alice_fp,
+            keyferry_agent::home::now_unix() - 2 * 86400,
+        )
+        .unwrap();
+    let mut receiver = bob.receiver(&broker, &out, &[]);
+    for (name, why) in [
+        ("../escaped.txt", "path separator"),
+        ("/etc/passwd", "path separator"),
+        ("a/b.txt", "path separator"),
+        ("..", "directory name"),
+        ("evil\u{1b}[2J.txt", "control"),
+        ("x\u{202e}txt.exe", "control"),
+        ("CON", "device name"),
+        ("lpt1.log", "device name"),
+        ("c:boot.ini", "colon"),
+        ("trailing.", "ends with a dot"),
+        ("", "empty"),
+    ] {
+        let answer = hostile_offer(&broker, &alice, name).await;
+        assert!(
+            matches!(
+                answer,
+                Message::Refuse {
+                    reason: RefuseReason::Policy,
+                    ..
+                }
+            ),
+            "{name:?}: {answer:?}"
+        );
+        receiver.stderr.wait_for(why, WAIT);
+    }
+    // Nothing anywhere: not in the out dir, not beside it.
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
+    assert_eq!(std::fs::read_dir(parent.path()).unwrap().count(), 1);
+
+    // A leading dot is not refused but cannot make a hidden file.
+    let src = TempDir::new("src");
+    std::fs::write(src.join(".bashrc"), b"alias ls=rm").unwrap();
+    let sent =
+        tokio::task::block_in_place(|| alice.send_file(&broker, "bob", &src.join(".bashrc"), &[]));
+    assert_eq!(sent.code, Some(0), "{sent:#?}");
+    receiver.stdout.wait_for("received", WAIT);
+    assert_eq!(std::fs::read(out.join("_.bashrc")).unwrap(), b"alias ls=rm");
+    assert!(!out.join(".bashrc").exists());
+}
+
+#[test]
+fn unusable_key_and_pin_files_are_clear_errors_not_panics() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let broker = Broker::start();
+    let alice = Home::new("alice", "alice");
+    let key = alice.dir.join("identity.pem");
+
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let run = alice.run(&broker, &["--list"]);
+    assert_eq!(run.code, Some(1), "{run:#?}");
+    assert!(
+        run.stderr.contains("chmod 600") && run.stderr.contains("identity.pem"),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stderr.contains("panicked"));
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    let good = std::fs::read(&key).unwrap();
+    std::fs::write(
+        &key,
+        b"-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let run = alice.run(&broker, &["--list"]);
+    assert_eq!(run.code, Some(1), "{run:#?}");
+    assert!(run.stderr.contains("not a PKCS#8 PEM"), "{}", run.stderr);
+    assert!(!run.stderr.contains("panicked"));
+    std::fs::write(&key, good).unwrap();
+
+    for pins in ["known_brokers", "known_peers"] {
+        let path = alice.dir.join(pins);
+        std::fs::write(&path, "bob SHA256:not-a-fingerprint 1\n").unwrap();
+        let run = alice.run(
+            &broker,
+            &["--role", "sender", "--to", "bob", "--message", "hi"],
+        );
+        if pins == "known_brokers" {
+            assert_eq!(run.code, Some(1), "{run:#?}");
+            assert!(run.stderr.contains("corrupt at line 1"), "{}", run.stderr);
+        }
+        assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+        std::fs::remove_file(&path).unwrap();
+    }
+    // A corrupt known_peers is reached only once the peer is known to the broker.
+    let bob = Home::new("bob", "bob");
+    let out = TempDir::new("out");
+    let _r = bob.receiver(&broker, out.path(), &[]);
+    std::fs::write(alice.dir.join("known_peers"), "bob\n").unwrap();
+    let run = alice.run(
+        &broker,
+        &["--role", "sender", "--to", "bob", "--message", "hi"],
+    );
+    assert_eq!(run.code, Some(1), "{run:#?}");
+    assert!(
+        run.stderr.contains("known_peers is corrupt at line 1"),
+        "{}",
+        run.stderr
+    );
+}
