@@ -9,7 +9,10 @@ fuzz_target!(|data: &[u8]| {
     let mut rest = data;
     while let Ok(Some((msg, used))) = frame::decode(rest, MAX_FRAME_LEN) {
         let again = frame::encode(&msg, MAX_FRAME_LEN).expect("a decoded message re-encodes");
-        assert_eq!(frame::decode(&again, MAX_FRAME_LEN), Ok(Some((msg, again.len()))));
+        assert_eq!(
+            frame::decode(&again, MAX_FRAME_LEN),
+            Ok(Some((msg, again.len())))
+        );
         rest = &rest[used..];
     }
 });
