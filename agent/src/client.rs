@@ -10,6 +10,7 @@ use keyferry_common::auth;
 use keyferry_common::connection::{ConnError, Connection, FrameReader, FrameWriter};
 use keyferry_common::frame::MAX_FRAME_LEN;
 use keyferry_common::identity::{Fingerprint, Identity};
+use keyferry_common::ids::TransferId;
 use keyferry_common::message::{ErrorCode, Message, Role};
 use keyferry_common::name::AgentName;
 use keyferry_common::pins::PinCheck;
@@ -23,6 +24,10 @@ use crate::home::{Home, now_unix};
 
 /// A connection to the broker after TLS.
 pub type AgentConn = Connection<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// A transfer's plain data connection to the broker (PROTOCOL.md §2.5): the
+/// stream on it is sealed end to end.
+pub type DataConn = Connection<TcpStream>;
 
 /// How long to wait for the broker at each step of connecting.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -227,4 +232,50 @@ async fn hello_and_auth(
     }
     // A receiver may already have an offer waiting behind the Welcome: keep it.
     Ok(reader.into_parts().1)
+}
+
+/// Waits on an authenticated connection for the broker's ticket for `tid`.
+pub async fn await_ticket(
+    ctx: &Ctx,
+    conn: &mut AgentConn,
+    tid: TransferId,
+) -> Result<[u8; 32], AgentError> {
+    match conn.reader.read_timeout(CONNECT_TIMEOUT).await {
+        Ok(Some(Message::Ticket {
+            transfer_id,
+            ticket,
+        })) if transfer_id == tid => Ok(ticket),
+        Ok(Some(Message::Error { code, detail })) => Err(broker_error(code, detail)),
+        Ok(Some(_)) => Err(AgentError::Other(
+            "the broker sent no ticket for the data connection".into(),
+        )),
+        Ok(None) => Err(conn_error(ctx, ConnError::Truncated)),
+        Err(e) => Err(conn_error(ctx, e)),
+    }
+}
+
+/// Opens the plain data connection of transfer `tid` with the broker's ticket.
+pub async fn open_data(
+    ctx: &Ctx,
+    tid: TransferId,
+    ticket: [u8; 32],
+) -> Result<DataConn, AgentError> {
+    let unreachable = |detail: String| AgentError::BrokerUnreachable {
+        addr: ctx.broker.clone(),
+        detail: format!("data connection: {detail}"),
+    };
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&ctx.broker))
+        .await
+        .map_err(|_| unreachable("timed out".into()))?
+        .map_err(|e| unreachable(e.to_string()))?;
+    let _ = tcp.set_nodelay(true);
+    let mut conn = Connection::new(tcp);
+    conn.writer
+        .write(&Message::Redeem {
+            transfer_id: tid,
+            ticket,
+        })
+        .await
+        .map_err(|e| conn_error(ctx, e))?;
+    Ok(conn)
 }

@@ -22,7 +22,7 @@ use keyferry_common::text::escape;
 use keyferry_common::transfer::{RecvError, RecvStream};
 use tokio::sync::mpsc;
 
-use crate::client::{AgentConn, Ctx, conn_error, connect};
+use crate::client::{AgentConn, Ctx, DataConn, await_ticket, conn_error, connect, open_data};
 use crate::error::AgentError;
 use crate::home::now_unix;
 use crate::output::{Incoming, clean_stale};
@@ -340,16 +340,20 @@ async fn accept_and_receive(
     let (accept, keys) = opened
         .accept()
         .map_err(|e| refuse(RefuseReason::VerificationFailed, e.to_string()))?;
-    let mut data = connect(ctx, Role::Data)
-        .await
-        .map_err(|e| Failure::Failed(AbortReason::PeerGone, e.to_string()))?;
-    data.writer
+    let gone = |e: AgentError| Failure::Failed(AbortReason::PeerGone, e.to_string());
+    let mut control = connect(ctx, Role::Data).await.map_err(gone)?;
+    control
+        .writer
         .write(&Message::Accept {
             transfer_id: tid,
             accept,
         })
         .await
-        .map_err(|e| Failure::Failed(AbortReason::PeerGone, e.to_string()))?;
+        .map_err(|e| gone(conn_error(ctx, e)))?;
+    // The stream comes over a plain connection: it is sealed end to end.
+    let ticket = await_ticket(ctx, &mut control, tid).await.map_err(gone)?;
+    drop(control);
+    let mut data = open_data(ctx, tid, ticket).await.map_err(gone)?;
 
     let stream = RecvStream::new(keys, metadata.size);
     let result = receive_stream(
@@ -452,7 +456,7 @@ fn verification(e: RecvError) -> Failure {
 /// overlap. The channel between them is bounded: a slow disk slows the reads.
 async fn receive_stream(
     shared: &Shared,
-    conn: &mut AgentConn,
+    conn: &mut DataConn,
     tid: TransferId,
     stream: RecvStream,
     metadata: &Metadata,

@@ -22,7 +22,9 @@ use keyferry_common::record::DEFAULT_CHUNK;
 use keyferry_common::transfer::{RekeyPolicy, SendStream};
 use serde::Serialize;
 
-use crate::client::{AgentConn, Ctx, broker_error, conn_error, connect};
+use crate::client::{
+    AgentConn, Ctx, DataConn, await_ticket, broker_error, conn_error, connect, open_data,
+};
 use crate::error::AgentError;
 use crate::home::now_unix;
 use crate::progress::Progress;
@@ -264,6 +266,10 @@ pub async fn send(ctx: &Ctx, opts: SendOptions) -> Result<Report, AgentError> {
     let keys = pending.handle_accept(&accept).map_err(|e| {
         AgentError::Verification(format!("the receiver's accept did not verify ({e})"))
     })?;
+    // The stream goes over a plain connection: it is sealed end to end.
+    let ticket = await_ticket(ctx, &mut conn, tid).await?;
+    drop(conn);
+    let mut conn = open_data(ctx, tid, ticket).await?;
 
     let start = Instant::now();
     let stream = SendStream::new(
@@ -353,7 +359,7 @@ fn aborted_by_receiver(reason: AbortReason) -> AgentError {
 /// that is the better error; otherwise the connection was lost.
 async fn why_write_failed(
     ctx: &Ctx,
-    conn: &mut AgentConn,
+    conn: &mut DataConn,
     e: keyferry_common::connection::ConnError,
 ) -> AgentError {
     match tokio::time::timeout(Duration::from_secs(2), conn.reader.read()).await {
@@ -420,7 +426,7 @@ fn sealing_threads() -> usize {
 /// bounded, so a slow receiver slows the reader.
 async fn stream_out(
     ctx: &Ctx,
-    conn: &mut AgentConn,
+    conn: &mut DataConn,
     tid: TransferId,
     mut source: Source,
     mut stream: SendStream,

@@ -185,6 +185,10 @@ async fn hello_must_come_first() {
 }
 
 fn offer_to(alice_home: &Home, bob_key: &PublicKey) -> Message {
+    offer_of_size(alice_home, bob_key, 1 << 40)
+}
+
+fn offer_of_size(alice_home: &Home, bob_key: &PublicKey, size: u64) -> Message {
     let identity =
         keyferry_common::identity::Identity::load(&alice_home.dir.join("identity.pem")).unwrap();
     let (_, offer) = make_offer(OfferParams {
@@ -195,7 +199,7 @@ fn offer_to(alice_home: &Home, bob_key: &PublicKey) -> Message {
         metadata: Metadata {
             kind: Kind::File,
             name: "flood.bin".into(),
-            size: 1 << 40,
+            size,
         },
         now_unix: keyferry_agent::home::now_unix(),
     })
@@ -375,4 +379,114 @@ fn an_allowlist_admits_only_the_listed_name_and_key() {
     // Alice's name with another key is refused too.
     let impostor = Home::new("alice", "mallory");
     assert_eq!(impostor.run(&broker, &["--list"]).code, Some(10));
+}
+
+/// Sends `msg` on a fresh plain connection and returns what the broker answers
+/// (`None` if it answers nothing and keeps the connection).
+async fn plain(broker: &Broker, msg: Option<&Message>, raw: &[u8]) -> Option<Message> {
+    let tcp = tokio::net::TcpStream::connect(&broker.addr).await.unwrap();
+    let mut conn = keyferry_common::connection::Connection::new(tcp);
+    if let Some(m) = msg {
+        conn.writer.write(m).await.unwrap();
+    }
+    conn.writer.write_frame(raw).await.unwrap();
+    conn.reader
+        .read_timeout(Duration::from_secs(2))
+        .await
+        .ok()
+        .flatten()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_connections_need_a_valid_unused_ticket() {
+    use keyferry_common::ids::TransferId;
+    let mut broker = Broker::start();
+    let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
+    let out = TempDir::new("out");
+    let mut receiver = bob.receiver(&broker, out.path(), &["--once"]);
+    let (_, mut conn) = authenticated(&broker, &alice, Role::Sender).await;
+    conn.writer
+        .write(&Message::Lookup {
+            name: AgentName::new("bob").unwrap(),
+        })
+        .await
+        .unwrap();
+    let Some(Message::PeerKey { spki, .. }) = conn.reader.read_timeout(WAIT).await.unwrap() else {
+        panic!("no key for bob")
+    };
+    let offer = offer_of_size(&alice, &PublicKey::from_spki_der(&spki).unwrap(), 5);
+    conn.writer.write(&offer).await.unwrap();
+    let Some(Message::Accept { transfer_id, .. }) = conn.reader.read_timeout(WAIT).await.unwrap()
+    else {
+        panic!("bob did not accept")
+    };
+    let Some(Message::Ticket { ticket, .. }) = conn.reader.read_timeout(WAIT).await.unwrap() else {
+        panic!("no ticket")
+    };
+    let unknown = |m: Option<Message>| {
+        assert!(
+            matches!(
+                m,
+                Some(Message::Error {
+                    code: ErrorCode::UnknownTransfer,
+                    ..
+                })
+            ),
+            "{m:?}"
+        )
+    };
+    let redeem = |transfer_id, ticket| Message::Redeem {
+        transfer_id,
+        ticket,
+    };
+    // A wrong ticket for the right transfer; the right ticket for another one.
+    let mut wrong = ticket;
+    wrong[31] ^= 1;
+    unknown(plain(&broker, Some(&redeem(transfer_id, wrong)), &[]).await);
+    unknown(plain(&broker, Some(&redeem(TransferId([9; 16]), ticket)), &[]).await);
+    // Something else first, and bytes that are neither TLS nor a frame.
+    for other in [
+        plain(&broker, Some(&Message::List), &[]).await,
+        plain(&broker, None, b"SSH-2.0-x\r\n").await,
+    ] {
+        assert!(
+            matches!(
+                other,
+                Some(Message::Error {
+                    code: ErrorCode::Protocol,
+                    ..
+                })
+            ),
+            "{other:?}"
+        );
+    }
+    // The right ticket is admitted (no answer: the stream starts) — once.
+    let tcp = tokio::net::TcpStream::connect(&broker.addr).await.unwrap();
+    let mut admitted = keyferry_common::connection::Connection::new(tcp);
+    admitted
+        .writer
+        .write(&redeem(transfer_id, ticket))
+        .await
+        .unwrap();
+    assert!(
+        admitted
+            .reader
+            .read_timeout(Duration::from_millis(500))
+            .await
+            .is_err(),
+        "the broker answered an admitted data connection"
+    );
+    unknown(plain(&broker, Some(&redeem(transfer_id, ticket)), &[]).await);
+    broker
+        .proc
+        .stderr
+        .wait_for("no transfer waits for this ticket", WAIT);
+    broker.proc.stderr.wait_for("neither TLS nor", WAIT);
+    // Ending the stream without a trailer fails bob's transfer; nothing is kept.
+    drop(admitted);
+    assert_ne!(receiver.wait(WAIT), Some(0));
+    assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
+    tokio::task::spawn_blocking(move || normal_transfer(&broker, 6))
+        .await
+        .unwrap();
 }

@@ -12,17 +12,18 @@ use keyferry_common::PROTOCOL_VERSION;
 use keyferry_common::auth;
 use keyferry_common::connection::{ConnError, Connection};
 use keyferry_common::crypto::random_array;
-use keyferry_common::frame::MAX_FRAME_LEN;
 use keyferry_common::identity::{Fingerprint, PublicKey};
+use keyferry_common::ids::TransferId;
 use keyferry_common::message::{ErrorCode, Message, Role};
 use keyferry_common::name::AgentName;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use crate::data;
 use crate::registry::{Binding, OfferLimit, Outcome, Registry};
 use crate::relay::relay;
-use crate::server::Shared;
+use crate::server::{ConnGuard, Shared};
 
 /// A connection after TLS, as the broker holds it.
 pub type BrokerConn = Connection<tokio_rustls::server::TlsStream<TcpStream>>;
@@ -93,10 +94,27 @@ struct Agent {
     fingerprint: Fingerprint,
 }
 
-/// Serves one accepted TCP connection until it ends.
-pub async fn handle(shared: Arc<Shared>, tcp: TcpStream) -> Result<(), HandlerError> {
+/// The first byte of a TLS connection (a handshake record).
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Serves one accepted TCP connection until it ends: TLS for agents, anything
+/// else must be a data connection with a ticket ([`crate::data`]).
+pub async fn handle(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    guard: ConnGuard,
+) -> Result<(), HandlerError> {
+    let deadline = tokio::time::Instant::now() + shared.limits.handshake_timeout;
+    let mut first = [0u8; 1];
+    match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
+        Err(_) => return Err(HandlerError::Tls("timed out".into())),
+        Ok(Err(e)) => return Err(ConnError::Io(e).into()),
+        Ok(Ok(0)) => return Ok(()),
+        Ok(Ok(_)) if first[0] == TLS_HANDSHAKE => {}
+        Ok(Ok(_)) => return data::admit(shared, tcp, guard).await,
+    }
     let limits = &shared.limits;
-    let tls = tokio::time::timeout(limits.handshake_timeout, shared.acceptor.accept(tcp))
+    let tls = tokio::time::timeout_at(deadline, shared.acceptor.accept(tcp))
         .await
         .map_err(|_| HandlerError::Tls("timed out".into()))?
         .map_err(|e| HandlerError::Tls(e.to_string()))?;
@@ -109,7 +127,6 @@ pub async fn handle(shared: Arc<Shared>, tcp: TcpStream) -> Result<(), HandlerEr
     let mut conn = Connection::new(tls);
     conn.reader.set_max(limits.max_control_frame);
 
-    let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
     let hello = tokio::time::timeout_at(deadline, conn.reader.read()).await;
     match hello {
         Ok(Ok(Some(Message::Hello { version }))) if version == PROTOCOL_VERSION => {}
@@ -386,34 +403,9 @@ async fn sender_session(
                             .await?;
                     }
                     Ok(Ok(Outcome::Accepted { accept, data })) => {
-                        conn.writer
-                            .write(&Message::Accept {
-                                transfer_id: tid,
-                                accept,
-                            })
-                            .await?;
-                        info!(transfer = %tid, "transfer started");
-                        let mut data = *data;
-                        conn.reader.set_max(MAX_FRAME_LEN);
-                        data.reader.set_max(MAX_FRAME_LEN);
-                        let report = relay(conn, data, tid, shared.limits.idle_timeout).await;
+                        let result = start_transfer(shared, conn, *data, tid, accept).await;
                         registry.transfer_ended(&to);
-                        match report.result {
-                            Ok(()) => info!(
-                                transfer = %tid,
-                                bytes = report.bytes,
-                                seconds = format!("{:.3}", report.elapsed.as_secs_f64()),
-                                "transfer finished"
-                            ),
-                            Err(why) => info!(
-                                transfer = %tid,
-                                bytes = report.bytes,
-                                seconds = format!("{:.3}", report.elapsed.as_secs_f64()),
-                                %why,
-                                "transfer failed"
-                            ),
-                        }
-                        return Ok(());
+                        return result;
                     }
                 }
             }
@@ -423,6 +415,55 @@ async fn sender_session(
             }
         }
     }
+}
+
+/// Sends the accept and the tickets, waits for both data connections, relays.
+async fn start_transfer(
+    shared: &Shared,
+    mut conn: BrokerConn,
+    mut data: BrokerConn,
+    tid: TransferId,
+    accept: Vec<u8>,
+) -> Result<(), HandlerError> {
+    let Some(mut issued) = shared.tickets.issue(tid) else {
+        let detail = format!("transfer {tid} is already under way");
+        let _ = refuse(&mut data, ErrorCode::Protocol, detail.clone()).await;
+        return Err(refuse(&mut conn, ErrorCode::Protocol, detail).await);
+    };
+    conn.writer
+        .write(&Message::Accept {
+            transfer_id: tid,
+            accept,
+        })
+        .await?;
+    conn.writer
+        .write(&Message::Ticket {
+            transfer_id: tid,
+            ticket: issued.sender_ticket,
+        })
+        .await?;
+    data.writer
+        .write(&Message::Ticket {
+            transfer_id: tid,
+            ticket: issued.receiver_ticket,
+        })
+        .await?;
+    let limit = shared.limits.handshake_timeout;
+    let Ok(Some((sender, receiver))) = tokio::time::timeout(limit, issued.arrivals()).await else {
+        info!(transfer = %tid, "data connections did not arrive in time");
+        return Ok(());
+    };
+    drop(issued);
+    // The TLS connections have done their part; the agents close theirs too.
+    drop((conn, data));
+    info!(transfer = %tid, "transfer started");
+    let report = relay(sender, receiver, tid, shared.limits.idle_timeout).await;
+    let seconds = format!("{:.3}", report.elapsed.as_secs_f64());
+    match report.result {
+        Ok(()) => info!(transfer = %tid, bytes = report.bytes, seconds, "transfer finished"),
+        Err(why) => info!(transfer = %tid, bytes = report.bytes, seconds, %why, "transfer failed"),
+    }
+    Ok(())
 }
 
 fn variant(m: &Message) -> &'static str {
@@ -445,6 +486,8 @@ fn variant(m: &Message) -> &'static str {
         Message::Offered { .. } => "Offered",
         Message::List => "List",
         Message::Online { .. } => "Online",
+        Message::Ticket { .. } => "Ticket",
+        Message::Redeem { .. } => "Redeem",
     }
 }
 

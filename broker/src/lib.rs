@@ -8,6 +8,7 @@
 
 pub mod cert;
 pub mod config;
+pub mod data;
 pub mod error;
 pub mod handler;
 pub mod registry;

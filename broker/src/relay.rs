@@ -1,26 +1,35 @@
-//! Relaying one transfer between the sender's connection and the receiver's data
-//! connection. The broker never opens a record: it only checks that each frame
+//! Relaying one transfer between the sender's and the receiver's data
+//! connections. The broker never opens a record: it only checks that each frame
 //! is a message allowed in that direction for that transfer.
 //!
 //! Forward (sender → receiver): key updates, chunks, the trailer, an abort.
 //! Back (receiver → sender): the receipt, an abort. Anything else, EOF, an error
 //! or a silence longer than the idle limit ends that direction and tells the
 //! other side `Abort(PeerGone)`, which ends the other direction in turn.
-//! Backpressure is end to end: a frame is read from one side only after the
-//! previous one was written to the other.
+//!
+//! Bytes are forwarded as they arrive, unchanged and without copying frames
+//! out: a chunk is checked from its first 27 bytes ([`peek_chunk`]) and its
+//! record streamed through; other (small) messages are decoded whole before
+//! they go on. Each direction holds at most one read buffer, and reads again
+//! only after it wrote what it read: backpressure is end to end.
 
 use std::time::{Duration, Instant};
 
-use keyferry_common::connection::{Connection, FrameReader, FrameWriter};
-use keyferry_common::frame;
+use keyferry_common::frame::{self, LEN_PREFIX, MAX_FRAME_LEN};
 use keyferry_common::ids::TransferId;
-use keyferry_common::message::{AbortReason, Message};
-use tokio::io::{AsyncRead, AsyncWrite};
+use keyferry_common::message::{AbortReason, CHUNK_HEAD_MAX, Message, peek_chunk};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+use crate::data::DataConn;
+
+/// How much one read may bring in.
+const READ_SIZE: usize = 128 << 10;
 
 /// How a relay ended.
 #[derive(Debug)]
 pub struct RelayReport {
-    /// Payload bytes relayed forward.
+    /// Bytes relayed forward.
     pub bytes: u64,
     /// How long the relay ran.
     pub elapsed: Duration,
@@ -57,51 +66,148 @@ impl Dir {
     }
 }
 
-async fn pump<R, W>(
+/// What the start of a buffer holds.
+enum Scan {
+    /// `n` bytes may go on; `ends` if they finish this direction.
+    Forward { n: usize, ends: bool },
+    /// More bytes are needed to decide.
+    NeedMore,
+    /// A frame that may not pass.
+    Refuse(String),
+}
+
+/// One direction's parser: where it stands in the byte stream.
+struct Checker {
+    dir: Dir,
+    tid: TransferId,
+    /// Bytes of an approved chunk frame that are still to come.
+    passing: usize,
+}
+
+impl Checker {
+    /// Decides about the start of `buf`.
+    fn scan(&mut self, buf: &[u8]) -> Scan {
+        if self.passing > 0 {
+            let n = self.passing.min(buf.len());
+            self.passing -= n;
+            return if n == 0 {
+                Scan::NeedMore
+            } else {
+                Scan::Forward { n, ends: false }
+            };
+        }
+        let len = match frame::peek_len(buf, MAX_FRAME_LEN) {
+            Ok(Some(len)) => len,
+            Ok(None) => return Scan::NeedMore,
+            Err(e) => return Scan::Refuse(format!("{} sent a bad frame: {e}", self.dir.source())),
+        };
+        let payload = &buf[LEN_PREFIX..];
+        let head = len.min(CHUNK_HEAD_MAX);
+        if payload.len() < head {
+            return Scan::NeedMore;
+        }
+        let chunk = match self.dir {
+            Dir::Forward => peek_chunk(&payload[..head], len),
+            Dir::Back => None,
+        };
+        if let Some(tid) = chunk {
+            if tid != self.tid {
+                return self.not_allowed();
+            }
+            self.passing = LEN_PREFIX + len;
+            return self.scan(buf);
+        }
+        // Anything else is small: decode it whole.
+        let Some(payload) = payload.get(..len) else {
+            return Scan::NeedMore;
+        };
+        match frame::decode_payload(payload)
+            .ok()
+            .and_then(|m| self.dir.allows(&m, &self.tid))
+        {
+            Some(ends) => Scan::Forward {
+                n: LEN_PREFIX + len,
+                ends,
+            },
+            None => self.not_allowed(),
+        }
+    }
+
+    fn not_allowed(&self) -> Scan {
+        Scan::Refuse(format!(
+            "{} sent a message not allowed here",
+            self.dir.source()
+        ))
+    }
+}
+
+/// Relays one direction until it ends; returns the bytes forwarded.
+async fn pump(
     dir: Dir,
     tid: TransferId,
     idle: Duration,
-    from: &mut FrameReader<R>,
-    to: &mut FrameWriter<W>,
-) -> (u64, Result<(), String>)
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
+    from: &mut OwnedReadHalf,
+    mut buf: Vec<u8>,
+    to: &mut OwnedWriteHalf,
+) -> (u64, Result<(), String>) {
+    let mut checker = Checker {
+        dir,
+        tid,
+        passing: 0,
+    };
     let mut bytes = 0u64;
-    let result = loop {
-        let payload = match tokio::time::timeout(idle, from.read_payload()).await {
-            Ok(Ok(Some(p))) => p,
-            Ok(Ok(None)) => break Err(format!("{} disconnected", dir.source())),
-            Ok(Err(e)) => break Err(format!("{}: {e}", dir.source())),
-            Err(_) => break Err(format!("{} silent for {}s", dir.source(), idle.as_secs())),
-        };
-        let Some(ends) = frame::decode_payload(&payload)
-            .ok()
-            .and_then(|m| dir.allows(&m, &tid))
-        else {
-            break Err(format!("{} sent a message not allowed here", dir.source()));
-        };
-        match tokio::time::timeout(idle, to.write_payload(&payload)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return (bytes, Err(format!("forwarding from {}: {e}", dir.source()))),
-            Err(_) => {
-                return (
-                    bytes,
-                    Err(format!("peer of {} stopped reading", dir.source())),
-                );
+    let result = 'relay: loop {
+        // Everything at the start of the buffer that may go on, goes on.
+        let mut ok = 0;
+        let mut ends = false;
+        while !ends {
+            match checker.scan(&buf[ok..]) {
+                Scan::Forward { n, ends: e } => {
+                    ok += n;
+                    ends = e;
+                }
+                Scan::NeedMore => break,
+                Scan::Refuse(why) => break 'relay Err(why),
             }
         }
-        bytes += payload.len() as u64;
+        if ok > 0 {
+            match tokio::time::timeout(idle, to.write_all(&buf[..ok])).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    return (bytes, Err(format!("forwarding from {}: {e}", dir.source())));
+                }
+                Err(_) => {
+                    return (
+                        bytes,
+                        Err(format!("peer of {} stopped reading", dir.source())),
+                    );
+                }
+            }
+            bytes += ok as u64;
+            buf.drain(..ok);
+        }
         if ends {
             return (bytes, Ok(()));
         }
+        // A small message is decoded whole, so it must fit; chunks stream.
+        buf.reserve(READ_SIZE);
+        match tokio::time::timeout(idle, from.read_buf(&mut buf)).await {
+            Ok(Ok(0)) => break Err(format!("{} disconnected", dir.source())),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => break Err(format!("{}: {e}", dir.source())),
+            Err(_) => break Err(format!("{} silent for {}s", dir.source(), idle.as_secs())),
+        }
     };
-    let gone = Message::Abort {
-        transfer_id: tid,
-        reason: AbortReason::PeerGone,
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(5), to.write(&gone)).await;
+    // Mid-frame, an abort would corrupt the stream; the close says enough then.
+    if checker.passing == 0 {
+        let gone = Message::Abort {
+            transfer_id: tid,
+            reason: AbortReason::PeerGone,
+        };
+        if let Ok(frame) = frame::encode(&gone, MAX_FRAME_LEN) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), to.write_all(&frame)).await;
+        }
+    }
     let _ = to.shutdown().await;
     (bytes, result)
 }
@@ -109,9 +215,14 @@ where
 /// Reads and discards what a peer still sends, until it closes or `grace`
 /// passes: closing a socket with unread data makes the kernel send a reset,
 /// which can destroy the `Abort` just written to that peer before it reads it.
-async fn drain<R: AsyncRead + Unpin>(from: &mut FrameReader<R>, grace: Duration) {
+async fn drain(from: &mut OwnedReadHalf, grace: Duration) {
+    let mut sink = vec![0u8; 64 << 10];
     let _ = tokio::time::timeout(grace, async {
-        while let Ok(Some(_)) = from.read_payload().await {}
+        while let Ok(n) = from.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
     })
     .await;
 }
@@ -120,22 +231,32 @@ async fn drain<R: AsyncRead + Unpin>(from: &mut FrameReader<R>, grace: Duration)
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 /// Relays transfer `tid` until both directions ended.
-pub async fn relay<S, D>(
-    sender: Connection<S>,
-    receiver: Connection<D>,
+pub async fn relay(
+    sender: DataConn,
+    receiver: DataConn,
     tid: TransferId,
     idle: Duration,
-) -> RelayReport
-where
-    S: AsyncRead + AsyncWrite,
-    D: AsyncRead + AsyncWrite,
-{
+) -> RelayReport {
     let start = Instant::now();
-    let (mut s_read, mut s_write) = (sender.reader, sender.writer);
-    let (mut r_read, mut r_write) = (receiver.reader, receiver.writer);
+    let (mut s_read, mut s_write) = sender.tcp.into_split();
+    let (mut r_read, mut r_write) = receiver.tcp.into_split();
     let (forward, back) = tokio::join!(
-        pump(Dir::Forward, tid, idle, &mut s_read, &mut r_write),
-        pump(Dir::Back, tid, idle, &mut r_read, &mut s_write),
+        pump(
+            Dir::Forward,
+            tid,
+            idle,
+            &mut s_read,
+            sender.leftover,
+            &mut r_write
+        ),
+        pump(
+            Dir::Back,
+            tid,
+            idle,
+            &mut r_read,
+            receiver.leftover,
+            &mut s_write
+        ),
     );
     if forward.1.is_err() || back.1.is_err() {
         // The failing direction told the other side; let both read that
@@ -145,9 +266,140 @@ where
             drain(&mut r_read, DRAIN_GRACE)
         );
     }
+    drop((sender.guard, receiver.guard));
     RelayReport {
         bytes: forward.0,
         elapsed: start.elapsed(),
         result: forward.1.and(back.1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame_of(msg: &Message) -> Vec<u8> {
+        frame::encode(msg, MAX_FRAME_LEN).unwrap()
+    }
+
+    /// Runs a checker over `stream` fed in pieces of `step` bytes, as the pump
+    /// does; returns how many bytes it let through and how it stopped.
+    fn check(dir: Dir, tid: TransferId, stream: &[u8], step: usize) -> (usize, Option<String>) {
+        let mut checker = Checker {
+            dir,
+            tid,
+            passing: 0,
+        };
+        let (mut buf, mut fed, mut passed) = (Vec::new(), 0, 0);
+        loop {
+            let mut ok = 0;
+            loop {
+                match checker.scan(&buf[ok..]) {
+                    Scan::Forward { n, ends } => {
+                        ok += n;
+                        if ends {
+                            return (passed + ok, None);
+                        }
+                    }
+                    Scan::NeedMore => break,
+                    Scan::Refuse(why) => return (passed + ok, Some(why)),
+                }
+            }
+            passed += ok;
+            buf.drain(..ok);
+            if fed == stream.len() {
+                return (passed, Some("end".into()));
+            }
+            let next = (fed + step).min(stream.len());
+            buf.extend_from_slice(&stream[fed..next]);
+            fed = next;
+        }
+    }
+
+    #[test]
+    fn passes_a_whole_stream_in_any_pieces_and_stops_after_the_trailer() {
+        let tid = TransferId([1; 16]);
+        let stream = [
+            frame_of(&Message::Chunk {
+                transfer_id: tid,
+                record: vec![3; 5000],
+            }),
+            frame_of(&Message::KeyUpdate {
+                transfer_id: tid,
+                record: vec![4; 108],
+            }),
+            frame_of(&Message::Chunk {
+                transfer_id: tid,
+                record: vec![],
+            }),
+            frame_of(&Message::Trailer {
+                transfer_id: tid,
+                record: vec![5; 96],
+            }),
+        ]
+        .concat();
+        let extra = [stream.clone(), vec![0xff; 10]].concat();
+        for step in [1, 3, 27, 31, 4096, 1 << 20] {
+            assert_eq!(check(Dir::Forward, tid, &extra, step), (stream.len(), None));
+        }
+    }
+
+    #[test]
+    fn refuses_what_may_not_pass_and_forwards_nothing_of_it() {
+        let (tid, other) = (TransferId([1; 16]), TransferId([2; 16]));
+        let good = frame_of(&Message::Chunk {
+            transfer_id: tid,
+            record: vec![3; 300],
+        });
+        let bad: Vec<(Dir, Vec<u8>)> = vec![
+            (
+                Dir::Forward,
+                frame_of(&Message::Chunk {
+                    transfer_id: other,
+                    record: vec![3; 300],
+                }),
+            ),
+            (
+                Dir::Back,
+                frame_of(&Message::Chunk {
+                    transfer_id: tid,
+                    record: vec![3; 300],
+                }),
+            ),
+            (
+                Dir::Forward,
+                frame_of(&Message::Receipt {
+                    transfer_id: tid,
+                    tag: [0; 32],
+                }),
+            ),
+            (Dir::Forward, frame_of(&Message::List)),
+            // A chunk whose record length disagrees with the frame.
+            (Dir::Forward, {
+                let mut f = good.clone();
+                f[LEN_PREFIX + 17] ^= 1;
+                f
+            }),
+            (Dir::Forward, vec![0, 0, 0, 0]),
+            (Dir::Forward, u32::MAX.to_be_bytes().to_vec()),
+        ];
+        for (dir, frame) in bad {
+            let stream = [good.clone(), frame.clone()].concat();
+            let ahead = if matches!(dir, Dir::Forward) {
+                good.len()
+            } else {
+                0
+            };
+            let stream = if matches!(dir, Dir::Forward) {
+                stream
+            } else {
+                frame
+            };
+            for step in [1, 64, 1 << 20] {
+                let (passed, why) = check(dir, tid, &stream, step);
+                assert_eq!(passed, ahead, "{dir:?} step {step}");
+                assert!(why.is_some_and(|w| w != "end"), "{dir:?} step {step}");
+            }
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! The accept loop: a permit per connection caps their number, one task per
 //! connection, and a shutdown signal that stops accepting (as mini-redis does).
+//! A permit travels with its connection, also into a transfer's relay.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -13,12 +14,13 @@ use keyferry_common::connection::ConnError;
 use keyferry_common::identity::Fingerprint;
 use keyferry_common::tls;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::cert::BrokerCert;
 use crate::config::{AccessPolicy, Limits};
+use crate::data::Tickets;
 use crate::error::BrokerError;
 use crate::handler::{HandlerError, handle};
 use crate::registry::Registry;
@@ -37,11 +39,14 @@ pub struct Shared {
     pub next_conn_id: AtomicU64,
     /// Who may authenticate.
     pub policy: AccessPolicy,
+    /// Tickets of accepted transfers whose data connections are awaited.
+    pub tickets: Tickets,
     /// Open connections per IP address.
     per_ip: Mutex<HashMap<IpAddr, usize>>,
 }
 
 /// Holds one of an address's connection slots until dropped.
+#[derive(Debug)]
 struct IpSlot {
     shared: Arc<Shared>,
     ip: IpAddr,
@@ -60,6 +65,14 @@ impl IpSlot {
             ip,
         })
     }
+}
+
+/// A connection's place under the connection limits, released when dropped.
+/// A data connection hands it on to the relay that uses the connection.
+#[derive(Debug)]
+pub struct ConnGuard {
+    _permit: OwnedSemaphorePermit,
+    _ip: IpSlot,
 }
 
 impl Drop for IpSlot {
@@ -116,6 +129,7 @@ impl Broker {
                 acceptor: TlsAcceptor::from(Arc::new(config)),
                 next_conn_id: AtomicU64::new(0),
                 policy,
+                tickets: Tickets::default(),
                 per_ip: Mutex::new(HashMap::new()),
             }),
         })
@@ -153,8 +167,12 @@ impl Broker {
             };
             let _ = tcp.set_nodelay(true);
             let shared = Arc::clone(&self.shared);
+            let guard = ConnGuard {
+                _permit: permit,
+                _ip: ip_slot,
+            };
             tokio::spawn(async move {
-                match handle(shared, tcp).await {
+                match handle(shared, tcp, guard).await {
                     Ok(()) => {}
                     Err(HandlerError::Conn(ConnError::Io(e))) => {
                         debug!(%peer, error = %e, "connection ended")
@@ -162,8 +180,6 @@ impl Broker {
                     Err(e @ HandlerError::Tls(_)) => info!(%peer, error = %e, "connection cut off"),
                     Err(e) => warn!(%peer, error = %e, "connection cut off"),
                 }
-                drop(ip_slot);
-                drop(permit);
             });
         }
         info!("shutting down");

@@ -230,6 +230,56 @@ pub enum Message {
         /// One entry per name with a connection.
         agents: Vec<OnlineAgent>,
     },
+    /// Broker → sender and receiver of an accepted transfer (over TLS): the
+    /// one-time secret that admits a plain data connection for it.
+    Ticket {
+        /// Transfer id.
+        transfer_id: TransferId,
+        /// 32 random bytes, valid once and only for a short time.
+        ticket: [u8; 32],
+    },
+    /// Agent → broker: the first message of a plain data connection.
+    Redeem {
+        /// Transfer id.
+        transfer_id: TransferId,
+        /// The ticket the broker gave for it.
+        ticket: [u8; 32],
+    },
+}
+
+/// The variant index of [`Message::Chunk`] (its first encoded byte).
+const CHUNK_INDEX: u8 = 5;
+
+/// How much of a payload [`peek_chunk`] needs: the variant, the transfer id
+/// and the record's length (a varint of at most ten bytes).
+pub const CHUNK_HEAD_MAX: usize = 1 + 16 + 10;
+
+/// If a payload of `len` bytes that starts with `head` is a well-formed
+/// [`Message::Chunk`], its transfer id; `None` for anything else (another
+/// variant, or a malformed chunk). `head` must hold the first
+/// `min(len, CHUNK_HEAD_MAX)` bytes of the payload.
+///
+/// Gives the same answer as decoding the whole payload and matching on
+/// `Chunk`, without having the record: the broker's relay checks every chunk
+/// it forwards this way and streams the record through.
+pub fn peek_chunk(head: &[u8], len: usize) -> Option<TransferId> {
+    let (&index, rest) = head.split_first()?;
+    if index != CHUNK_INDEX {
+        return None;
+    }
+    let (tid, rest) = rest.split_first_chunk::<16>()?;
+    // The record: a varint length as postcard reads a `usize` (at most ten
+    // bytes, the tenth at most 1), then exactly that many bytes.
+    let mut record_len = 0u64;
+    for (i, &byte) in rest.iter().enumerate().take(10) {
+        record_len |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            let header = 1 + 16 + i + 1;
+            let exact = (i < 9 || byte <= 1) && len.checked_sub(header)? as u64 == record_len;
+            return exact.then_some(TransferId(*tid));
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -356,10 +406,111 @@ mod tests {
                 },
                 vec![17, 1, 1, b'b', 1, 2, 0],
             ),
+            (
+                Message::Ticket {
+                    transfer_id: tid,
+                    ticket: [3; 32],
+                },
+                [vec![18], vec![0xaa; 16], vec![3; 32]].concat(),
+            ),
+            (
+                Message::Redeem {
+                    transfer_id: tid,
+                    ticket: [4; 32],
+                },
+                [vec![19], vec![0xaa; 16], vec![4; 32]].concat(),
+            ),
         ];
         for (msg, bytes) in cases.into_iter().chain(more) {
             assert_eq!(postcard::to_stdvec(&msg).unwrap(), bytes, "{msg:?}");
             assert_eq!(postcard::from_bytes::<Message>(&bytes).unwrap(), msg);
+        }
+    }
+
+    /// What decoding says about `payload`: `Some(tid)` iff it is a chunk.
+    fn decoded_chunk(payload: &[u8]) -> Option<TransferId> {
+        match postcard::take_from_bytes::<Message>(payload) {
+            Ok((Message::Chunk { transfer_id, .. }, [])) => Some(transfer_id),
+            _ => None,
+        }
+    }
+
+    /// `peek_chunk` on the whole payload, and on just the head it needs: both
+    /// must give the same answer.
+    fn peek(payload: &[u8]) -> Option<TransferId> {
+        let whole = peek_chunk(payload, payload.len());
+        let head = &payload[..payload.len().min(CHUNK_HEAD_MAX)];
+        assert_eq!(whole, peek_chunk(head, payload.len()));
+        whole
+    }
+
+    #[test]
+    fn peek_chunk_agrees_with_decoding() {
+        let tid = TransferId([7; 16]);
+        let mut cases: Vec<Vec<u8>> = Vec::new();
+        for len in [0usize, 1, 127, 128, 300, 16_384, 262_176] {
+            let chunk = Message::Chunk {
+                transfer_id: tid,
+                record: vec![9; len],
+            };
+            let bytes = postcard::to_stdvec(&chunk).unwrap();
+            cases.push(bytes[..bytes.len() - 1].to_vec()); // one byte short
+            cases.push([bytes.clone(), vec![0]].concat()); // one byte over
+            cases.push(bytes[..17].to_vec()); // no length
+            cases.push(bytes);
+        }
+        // Over-long (non-canonical) and oversized varints, other variants.
+        cases.push([vec![5], vec![7; 16], vec![0x81, 0x00], vec![1]].concat());
+        cases.push([vec![5], vec![7; 16], vec![0x80, 0x00]].concat());
+        cases.push([vec![5], vec![7; 16], vec![0xff, 0xff, 0xff, 0xff, 0x7f]].concat());
+        cases.push([vec![5], vec![7; 16], vec![0x80; 6]].concat());
+        cases.push([vec![4], vec![7; 16], vec![1, 1]].concat());
+        cases.push(vec![5]);
+        cases.push(Vec::new());
+        for payload in &cases {
+            assert_eq!(peek(payload), decoded_chunk(payload), "{payload:?}");
+        }
+        assert_eq!(peek(&cases[3]), Some(tid));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn peek_chunk_agrees_with_decoding_on_any_bytes(
+            head in proptest::collection::vec(proptest::num::u8::ANY, 0..24),
+            tail in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+        ) {
+            let mut payload = vec![5];
+            payload.extend(&head);
+            payload.extend(&tail);
+            proptest::prop_assert_eq!(peek(&payload), decoded_chunk(&payload));
+            proptest::prop_assert_eq!(peek(&payload[1..]), decoded_chunk(&payload[1..]));
+        }
+
+        #[test]
+        fn peek_chunk_agrees_with_decoding_near_the_right_length(
+            tail in proptest::collection::vec(proptest::num::u8::ANY, 0..400),
+            delta in -2i64..=2,
+            padded in proptest::bool::ANY,
+        ) {
+            let claimed = (tail.len() as i64 + delta).max(0) as u64;
+            let mut payload = vec![5];
+            payload.extend([7; 16]);
+            // The length as a varint, sometimes with a redundant 0x80 0x00 tail.
+            let mut v = claimed;
+            loop {
+                let more = v >= 0x80 || padded;
+                payload.push((v as u8 & 0x7f) | if more { 0x80 } else { 0 });
+                v >>= 7;
+                if v == 0 && !more {
+                    break;
+                }
+                if v == 0 {
+                    payload.push(0);
+                    break;
+                }
+            }
+            payload.extend(&tail);
+            proptest::prop_assert_eq!(peek(&payload), decoded_chunk(&payload));
         }
     }
 }

@@ -7,8 +7,9 @@
 //! `agent` binaries: `Hello`, `Challenge`, `Auth` (signatures are **not**
 //! checked — this broker believes whatever it is told), `Welcome`,
 //! `Lookup`/`PeerKey`, `Offer` → `Offered` on the receiver's control connection,
-//! `Refuse` back, the receiver's data connection that starts with `Accept`, and
-//! then a relay between the sender's connection and that data connection.
+//! `Refuse` back, the receiver's data connection that starts with `Accept`,
+//! tickets to both sides, and then a relay between their plain data
+//! connections (§2.5).
 //!
 //! Every message of a transfer is decoded and handed to the test's [`Hooks`],
 //! which decide what actually goes on the wire: pass it on, change it, hold it,
@@ -38,7 +39,7 @@ use keyferry_common::message::{ErrorCode, Message, RefuseReason, Role};
 use keyferry_common::name::AgentName;
 use keyferry_common::tls;
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-use tokio::io::{ReadHalf, WriteHalf};
+use tokio::io::{AsyncWrite, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::TlsAcceptor;
@@ -51,8 +52,10 @@ use super::{Home, Proc, Run, WAIT, agent_bin};
 pub const STEP: Duration = Duration::from_secs(20);
 
 type Conn = Connection<TlsStream<TcpStream>>;
-type Reader = FrameReader<ReadHalf<TlsStream<TcpStream>>>;
-type Writer = FrameWriter<WriteHalf<TlsStream<TcpStream>>>;
+/// A plain data connection, after its `Redeem`.
+type Plain = Connection<TcpStream>;
+type Reader = FrameReader<ReadHalf<TcpStream>>;
+type Writer = FrameWriter<WriteHalf<TcpStream>>;
 
 /// Where a transfer's relay stands when a hook sees a message.
 #[derive(Debug, Clone)]
@@ -210,6 +213,8 @@ struct State {
     /// name → (connection id, channel to its control connection).
     receivers: HashMap<String, (u64, mpsc::Sender<Message>)>,
     pending: HashMap<TransferId, Pending>,
+    /// ticket → where its data connection goes.
+    tickets: HashMap<[u8; 32], oneshot::Sender<Plain>>,
     records: Vec<Record>,
 }
 
@@ -528,7 +533,14 @@ async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, shared: Arc<S
         let _ = tcp.set_nodelay(true);
         let (acceptor, shared) = (acceptor.clone(), Arc::clone(&shared));
         tokio::spawn(async move {
-            let _ = handle(shared, acceptor, tcp).await;
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(STEP, tcp.peek(&mut first)).await {
+                Ok(Ok(1)) if first[0] == 0x16 => {
+                    let _ = handle(shared, acceptor, tcp).await;
+                }
+                Ok(Ok(1)) => admit(&shared, tcp).await,
+                _ => {}
+            }
         });
     }
 }
@@ -547,7 +559,7 @@ async fn read_step(conn: &mut Conn) -> Result<Message, String> {
     }
 }
 
-async fn write(w: &mut Writer, m: &Message) -> Result<(), String> {
+async fn write<W: AsyncWrite + Unpin>(w: &mut FrameWriter<W>, m: &Message) -> Result<(), String> {
     match tokio::time::timeout(STEP, w.write(m)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
@@ -611,6 +623,42 @@ async fn handle(shared: Arc<Shared>, acceptor: TlsAcceptor, tcp: TcpStream) -> R
             data_session(&shared, conn, agent).await
         }
     }
+}
+
+/// A connection that is not TLS: a data connection redeeming its ticket.
+async fn admit(shared: &Shared, tcp: TcpStream) {
+    let mut conn = Connection::new(tcp);
+    let Ok(Ok(Some(Message::Redeem { ticket, .. }))) =
+        tokio::time::timeout(STEP, conn.reader.read()).await
+    else {
+        return;
+    };
+    let waiting = shared.state().tickets.remove(&ticket);
+    if let Some(tx) = waiting {
+        let _ = tx.send(conn);
+    }
+}
+
+/// Sends `conn` a ticket for `tid` and waits for its data connection.
+async fn data_connection(shared: &Shared, conn: &mut Conn, tid: TransferId) -> Option<Plain> {
+    let ticket: [u8; 32] = random_array();
+    let (tx, rx) = oneshot::channel();
+    shared.state().tickets.insert(ticket, tx);
+    let arrived = async {
+        write(
+            &mut conn.writer,
+            &Message::Ticket {
+                transfer_id: tid,
+                ticket,
+            },
+        )
+        .await
+        .ok()?;
+        tokio::time::timeout(STEP, rx).await.ok()?.ok()
+    }
+    .await;
+    shared.state().tickets.remove(&ticket);
+    arrived
 }
 
 async fn receiver_session(shared: &Shared, mut conn: Conn, agent: Agent) -> Result<(), String> {
@@ -690,7 +738,10 @@ async fn data_session(shared: &Shared, mut conn: Conn, agent: Agent) -> Result<(
             Ok(())
         }
         Waiting::Injected(stream) => {
-            replay(shared, conn, transfer_id, stream).await;
+            if let Some(plain) = data_connection(shared, &mut conn, transfer_id).await {
+                drop(conn);
+                replay(shared, plain, transfer_id, stream).await;
+            }
             Ok(())
         }
     }
@@ -698,7 +749,7 @@ async fn data_session(shared: &Shared, mut conn: Conn, agent: Agent) -> Result<(
 
 /// Writes a recorded stream to a receiver's data connection while recording
 /// what it answers.
-async fn replay(shared: &Shared, conn: Conn, tid: TransferId, stream: Vec<Message>) {
+async fn replay(shared: &Shared, conn: Plain, tid: TransferId, stream: Vec<Message>) {
     let Connection {
         mut reader,
         mut writer,
@@ -831,6 +882,15 @@ async fn sender_session(shared: &Shared, mut conn: Conn, agent: Agent) -> Result
                             },
                         )
                         .await?;
+                        let mut data = *data;
+                        let (sender, receiver) = tokio::join!(
+                            data_connection(shared, &mut conn, tid),
+                            data_connection(shared, &mut data, tid),
+                        );
+                        let (Some(sender), Some(receiver)) = (sender, receiver) else {
+                            return Err("the data connections did not arrive".into());
+                        };
+                        drop((conn, data));
                         let flow = Flow {
                             tid,
                             from: agent.name.to_string(),
@@ -840,7 +900,7 @@ async fn sender_session(shared: &Shared, mut conn: Conn, agent: Agent) -> Result
                             key_updates_seen: 0,
                             back_seen: 0,
                         };
-                        relay(shared, flow, conn, *data).await;
+                        relay(shared, flow, sender, receiver).await;
                         return Ok(());
                     }
                     Ok(Err(_)) => {
@@ -888,7 +948,7 @@ struct Relay<'a> {
     r_wr: Writer,
 }
 
-async fn relay(shared: &Shared, flow: Flow, sender: Conn, receiver: Conn) {
+async fn relay(shared: &Shared, flow: Flow, sender: Plain, receiver: Plain) {
     let (
         Connection {
             reader: s_rd,
