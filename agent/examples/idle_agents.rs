@@ -1,0 +1,60 @@
+//! Holds many authenticated, idle receiver connections to a broker, for the
+//! scale benchmark (`scripts/scale.sh`): `idle-0000`, `idle-0001`, … all with
+//! the identity in HOME, each exactly as `agent --role receiver` connects.
+//!
+//!     idle_agents BROKER HOME COUNT
+//!
+//! Prints `connected N` once all are up, then holds them until killed or until
+//! stdin closes; exits non-zero if any connection fails.
+
+use std::io::Read as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use keyferry_agent::client::{Ctx, connect};
+use keyferry_agent::home::Home;
+use keyferry_common::message::Role;
+use keyferry_common::name::AgentName;
+
+/// How many connections are opened at once (each costs one RSA signature).
+const AT_ONCE: usize = 16;
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, broker, home, count] = args.as_slice() else {
+        return Err("usage: idle_agents BROKER HOME COUNT".into());
+    };
+    let count: usize = count.parse()?;
+    let home = Home::open(PathBuf::from(home))?;
+    let identity = Arc::new(home.identity()?);
+    let mut held = Vec::with_capacity(count);
+    let mut started = 0;
+    while started < count {
+        let batch: Vec<_> = (started..count.min(started + AT_ONCE))
+            .map(|i| {
+                let ctx = Ctx {
+                    broker: broker.clone(),
+                    broker_fingerprint: None,
+                    home: home.clone(),
+                    name: AgentName::new(&format!("idle-{i:04}")).expect("a valid name"),
+                    identity: Arc::clone(&identity),
+                };
+                tokio::spawn(async move { connect(&ctx, Role::Receiver).await })
+            })
+            .collect();
+        started += batch.len();
+        for task in batch {
+            held.push(task.await??);
+        }
+    }
+    println!("connected {}", held.len());
+    // Hold them until stdin closes (or the process is killed).
+    tokio::task::spawn_blocking(|| {
+        let mut sink = [0u8; 64];
+        while matches!(std::io::stdin().read(&mut sink), Ok(n) if n > 0) {}
+    })
+    .await?;
+    drop(held);
+    Ok(())
+}
