@@ -6,7 +6,7 @@
 //! by a killed receiver are removed when it next starts.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Write as _};
+use std::io::{self, Write as _};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
@@ -26,7 +26,7 @@ const SYNC_EVERY: u64 = 64 << 20;
 pub struct Incoming {
     dir: PathBuf,
     temp: PathBuf,
-    file: Option<BufWriter<File>>,
+    file: Option<File>,
     written: u64,
     /// Wakes the background syncer; dropping it ends the syncer.
     syncer: Option<(std::sync::mpsc::SyncSender<()>, std::thread::JoinHandle<()>)>,
@@ -62,12 +62,12 @@ impl Incoming {
             dir: dir.to_owned(),
             temp,
             syncer: spawn_syncer(&file),
-            file: Some(BufWriter::with_capacity(1 << 20, file)),
+            file: Some(file),
             written: 0,
         })
     }
 
-    /// Appends verified plaintext.
+    /// Appends verified plaintext (whole chunks: no buffering needed).
     pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
         let f = self
             .file
@@ -92,7 +92,6 @@ impl Incoming {
             .file
             .take()
             .ok_or_else(|| io::Error::other("file already finished"))?;
-        let file = file.into_inner().map_err(|e| e.into_error())?;
         if let Some((wake, thread)) = self.syncer.take() {
             drop(wake);
             let _ = thread.join();
