@@ -63,15 +63,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         (self.inner, self.buf)
     }
 
-    /// Reads the next frame's payload; `Ok(None)` on a clean EOF.
-    pub async fn read_payload(&mut self) -> Result<Option<Vec<u8>>, ConnError> {
+    /// Reads until a whole frame is buffered; returns its end in the buffer,
+    /// `Ok(None)` on a clean EOF.
+    async fn fill_frame(&mut self) -> Result<Option<usize>, ConnError> {
         loop {
             if let Some(len) = frame::peek_len(&self.buf, self.max)? {
                 let end = LEN_PREFIX + len;
                 if self.buf.len() >= end {
-                    let payload = self.buf[LEN_PREFIX..end].to_vec();
-                    self.buf.drain(..end);
-                    return Ok(Some(payload));
+                    return Ok(Some(end));
                 }
                 self.buf.reserve(end - self.buf.len());
             } else {
@@ -87,12 +86,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
-    /// Reads the next message; `Ok(None)` on a clean EOF.
+    /// Reads the next message; `Ok(None)` on a clean EOF. The message is
+    /// decoded straight from the read buffer.
     pub async fn read(&mut self) -> Result<Option<Message>, ConnError> {
-        match self.read_payload().await? {
-            Some(p) => Ok(Some(frame::decode_payload(&p)?)),
-            None => Ok(None),
-        }
+        let Some(end) = self.fill_frame().await? else {
+            return Ok(None);
+        };
+        let msg = frame::decode_payload(&self.buf[LEN_PREFIX..end])?;
+        self.buf.drain(..end);
+        Ok(Some(msg))
     }
 
     /// [`Self::read`] with a deadline.
