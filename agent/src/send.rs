@@ -389,16 +389,16 @@ struct Job {
 impl Job {
     fn seal(self, tid: TransferId) -> Result<(u64, Sealed), AgentError> {
         let last = self.trailer.is_some();
-        let chunk = Message::Chunk {
-            transfer_id: tid,
-            record: self.chunk.seal().encode(),
-        };
+        let encode = |m: &Message| frame::encode(m, MAX_FRAME_LEN);
         let frames = self
             .key_update
             .iter()
-            .chain(std::iter::once(&chunk))
-            .chain(self.trailer.iter())
-            .map(|m| frame::encode(m, MAX_FRAME_LEN))
+            .map(encode)
+            .chain(std::iter::once(frame::encode_chunk(
+                &tid,
+                &self.chunk.seal(),
+            )))
+            .chain(self.trailer.iter().map(encode))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| AgentError::Other(e.to_string()))?;
         Ok((

@@ -248,7 +248,7 @@ pub enum Message {
 }
 
 /// The variant index of [`Message::Chunk`] (its first encoded byte).
-const CHUNK_INDEX: u8 = 5;
+pub const CHUNK_INDEX: u8 = 5;
 
 /// How much of a payload [`peek_chunk`] needs: the variant, the transfer id
 /// and the record's length (a varint of at most ten bytes).

@@ -65,9 +65,14 @@ pub fn chunk_ad(transfer_id: &TransferId, epoch: u32, seq: u64, last: bool) -> V
 impl ChunkRecord {
     /// Encodes the record.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(CHUNK_HEADER_LEN + self.sealed.ciphertext.len() + TAG_LEN);
+        let mut out = Vec::with_capacity(self.encoded_len());
         self.encode_into(&mut out);
         out
+    }
+
+    /// The length of [`Self::encode`]'s output.
+    pub fn encoded_len(&self) -> usize {
+        CHUNK_HEADER_LEN + self.sealed.ciphertext.len() + TAG_LEN
     }
 
     /// Appends the encoding to `out`.
