@@ -33,8 +33,8 @@ use support::{Home, Proc, Run, TempDir, WAIT, pseudo_random};
 const EXIT_WAIT: Duration = Duration::from_secs(45);
 /// Cases run at once (each runs two agents and one broker).
 const WORKERS: usize = 3;
-/// Default file size: 8 chunks of 256 KiB.
-const SIZE: usize = 2 << 20;
+/// Default file size: 8 chunks.
+const SIZE: usize = 8 * keyferry_common::record::DEFAULT_CHUNK;
 
 // ---------------------------------------------------------------------------
 // Fixtures.
@@ -565,7 +565,7 @@ fn case_10_splice() -> Vec<Row> {
     let r = finish_within(receiver, EXIT_WAIT);
     assert_eq!((s.code, r.code), (Some(0), Some(0)), "{s:#?}\n{r:#?}");
     let chunks = w.broker.records()[0].chunks();
-    assert_eq!(chunks.len(), SIZE / (256 << 10));
+    assert_eq!(chunks.len(), SIZE / keyferry_common::record::DEFAULT_CHUNK);
     // Transfer B: its chunk #1 is replaced by A's chunk #1 (same epoch and
     // sequence number, so only the keys and the transfer id tell them apart).
     let hits = Hits::default();

@@ -34,7 +34,7 @@ const BIG: u64 = 1 << 50;
 
 fn chunk_path(c: &mut Criterion) {
     let plain = vec![0x5a; DEFAULT_CHUNK];
-    let mut g = c.benchmark_group("chunk-256KiB");
+    let mut g = c.benchmark_group("chunk");
     g.throughput(Throughput::Bytes(DEFAULT_CHUNK as u64));
     g.measurement_time(Duration::from_secs(3));
 

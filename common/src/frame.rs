@@ -87,7 +87,7 @@ pub fn decode(buf: &[u8], max: usize) -> Result<Option<(Message, usize)>, FrameE
 
 /// The frame of `Message::Chunk { transfer_id, record }`, byte for byte what
 /// [`encode`] makes of it, written without the intermediate encoded record
-/// (the sender's hot path: one 256 KiB copy and allocation less per chunk).
+/// (the sender's hot path: one chunk-sized copy and allocation less per chunk).
 pub fn encode_chunk(transfer_id: &TransferId, record: &ChunkRecord) -> Result<Vec<u8>, FrameError> {
     let record_len = record.encoded_len();
     let mut out = Vec::with_capacity(LEN_PREFIX + 1 + 16 + 5 + record_len);
