@@ -546,12 +546,14 @@ fn open_and_store(
             }
             Message::Chunk {
                 transfer_id,
-                record,
+                mut record,
             } if transfer_id == tid => {
-                let (plain, _) = stream.open_chunk(&record).map_err(verification)?;
+                let (plain, _) = stream
+                    .open_chunk_in_place(&mut record)
+                    .map_err(verification)?;
                 match &mut file {
-                    Some(f) => f.write(&plain).map_err(|e| storage(out_dir, e))?,
-                    None => text.extend_from_slice(&plain),
+                    Some(f) => f.write(plain).map_err(|e| storage(out_dir, e))?,
+                    None => text.extend_from_slice(plain),
                 }
             }
             Message::Trailer {

@@ -85,18 +85,16 @@ enum Source {
 }
 
 impl Source {
-    fn read_chunk(&mut self, want: usize) -> std::io::Result<Vec<u8>> {
+    /// Fills `out` with the next bytes; running out early means the file shrank.
+    fn fill(&mut self, out: &mut [u8]) -> std::io::Result<()> {
         match self {
-            Self::File(f, _) => {
-                let mut buf = Vec::with_capacity(want);
-                f.by_ref().take(want as u64).read_to_end(&mut buf)?;
-                Ok(buf)
-            }
+            Self::File(f, _) => f.read_exact(out),
             Self::Bytes(b, pos) => {
-                let end = (*pos + want).min(b.len());
-                let out = b[*pos..end].to_vec();
+                let end = *pos + out.len();
+                let src = b.get(*pos..end).ok_or(std::io::ErrorKind::UnexpectedEof)?;
+                out.copy_from_slice(src);
                 *pos = end;
-                Ok(out)
+                Ok(())
             }
         }
     }
@@ -369,11 +367,12 @@ async fn why_write_failed(
 }
 
 struct Sealed {
-    frames: Vec<Vec<u8>>,
+    key_update: Option<Vec<u8>>,
+    /// The chunk's frame; its buffer goes back to the reader afterwards.
+    chunk: Vec<u8>,
+    trailer: Option<Vec<u8>>,
     done: u64,
     epoch: u32,
-    /// The frames end with the trailer.
-    last: bool,
 }
 
 /// A chunk on its way to a sealing thread, with what must travel with it.
@@ -387,27 +386,20 @@ struct Job {
 }
 
 impl Job {
-    fn seal(self, tid: TransferId) -> Result<(u64, Sealed), AgentError> {
-        let last = self.trailer.is_some();
-        let encode = |m: &Message| frame::encode(m, MAX_FRAME_LEN);
-        let frames = self
-            .key_update
-            .iter()
-            .map(encode)
-            .chain(std::iter::once(frame::encode_chunk(
-                &tid,
-                &self.chunk.seal(),
-            )))
-            .chain(self.trailer.iter().map(encode))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| AgentError::Other(e.to_string()))?;
+    fn seal(self) -> Result<(u64, Sealed), AgentError> {
+        let encode = |m: Option<Message>| {
+            m.map(|m| frame::encode(&m, MAX_FRAME_LEN))
+                .transpose()
+                .map_err(|e| AgentError::Other(e.to_string()))
+        };
         Ok((
             self.index,
             Sealed {
-                frames,
+                key_update: encode(self.key_update)?,
+                chunk: self.chunk.seal().into_frame(),
+                trailer: encode(self.trailer)?,
                 done: self.done,
                 epoch: self.epoch,
-                last,
             },
         ))
     }
@@ -435,6 +427,9 @@ async fn stream_out(
 ) -> Result<(SendStream, [u8; 32]), AgentError> {
     let workers = sealing_threads();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<(u64, Sealed), AgentError>>(2 * workers);
+    // Frame buffers the writer is done with go back to the reader. The queues
+    // bound how many chunks are in flight, and so how many buffers exist.
+    let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
     let path = match &source {
         Source::File(_, p) => p.clone(),
         Source::Bytes(..) => PathBuf::from("(message)"),
@@ -457,7 +452,7 @@ async fn stream_out(
                             Err(_) => return,
                         };
                         let Ok(job) = job else { return };
-                        if tx.blocking_send(job.seal(tid)).is_err() {
+                        if tx.blocking_send(job.seal()).is_err() {
                             return;
                         }
                     }
@@ -473,24 +468,26 @@ async fn stream_out(
             loop {
                 let want = usize::try_from((size - sent).min(DEFAULT_CHUNK as u64))
                     .unwrap_or(DEFAULT_CHUNK);
-                let chunk = match source.read_chunk(want) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        return fail(AgentError::FileUnreadable {
-                            path: path.clone(),
-                            detail: e.to_string(),
-                        });
-                    }
+                // Reuse a buffer the writer is done with, if one came back.
+                let buf = free_rx.try_recv().unwrap_or_default();
+                let mut frame = match stream.chunk_frame(buf, want) {
+                    Ok(f) => f,
+                    Err(e) => return fail(AgentError::Other(e.to_string())),
                 };
-                if chunk.len() != want {
+                if let Err(e) = source.fill(frame.plaintext_mut()) {
+                    let detail = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        "the file shrank while it was being sent".into()
+                    } else {
+                        e.to_string()
+                    };
                     return fail(AgentError::FileUnreadable {
                         path: path.clone(),
-                        detail: "the file shrank while it was being sent".into(),
+                        detail,
                     });
                 }
-                sent += chunk.len() as u64;
+                sent += want as u64;
                 let last = sent == size;
-                let out = match stream.push(chunk, last, Instant::now()) {
+                let out = match stream.push_frame(frame, last, Instant::now()) {
                     Ok(o) => o,
                     Err(e) => return fail(AgentError::Other(e.to_string())),
                 };
@@ -540,14 +537,22 @@ async fn stream_out(
                     waiting.insert(index, sealed);
                     let mut finished = false;
                     while let Some(sealed) = waiting.remove(&next) {
-                        for f in &sealed.frames {
+                        let frames = [
+                            sealed.key_update.as_deref(),
+                            Some(&sealed.chunk[..]),
+                            sealed.trailer.as_deref(),
+                        ];
+                        for f in frames.into_iter().flatten() {
                             if let Err(e) = conn.writer.write_frame(f).await {
                                 return Err(why_write_failed(ctx, conn, e).await);
                             }
                         }
                         progress.update(sealed.done, sealed.epoch);
                         next += 1;
-                        finished |= sealed.last;
+                        finished |= sealed.trailer.is_some();
+                        // The reader may be gone (it read the last chunk); then
+                        // the buffer is simply freed.
+                        let _ = free_tx.send(sealed.chunk);
                     }
                     if finished {
                         // The receipt may follow at once: stop watching for aborts here.

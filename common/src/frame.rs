@@ -7,9 +7,11 @@
 
 use thiserror::Error;
 
+use crate::crypto::cipher::ciphertext_len;
+use crate::crypto::seal::TAG_LEN;
 use crate::ids::TransferId;
 use crate::message::{CHUNK_INDEX, Message};
-use crate::record::{ChunkRecord, MAX_CHUNK_CIPHERTEXT};
+use crate::record::{CHUNK_HEADER_LEN, MAX_CHUNK_CIPHERTEXT, chunk_record_len};
 
 /// Largest frame payload: a full chunk record plus its message envelope.
 pub const MAX_FRAME_LEN: usize = MAX_CHUNK_CIPHERTEXT + 1024;
@@ -85,36 +87,120 @@ pub fn decode(buf: &[u8], max: usize) -> Result<Option<(Message, usize)>, FrameE
     Ok(Some((decode_payload(payload)?, LEN_PREFIX + len)))
 }
 
-/// The frame of `Message::Chunk { transfer_id, record }`, byte for byte what
-/// [`encode`] makes of it, written without the intermediate encoded record
-/// (the sender's hot path: one chunk-sized copy and allocation less per chunk).
-pub fn encode_chunk(transfer_id: &TransferId, record: &ChunkRecord) -> Result<Vec<u8>, FrameError> {
-    let record_len = record.encoded_len();
-    let mut out = Vec::with_capacity(LEN_PREFIX + 1 + 16 + 5 + record_len);
-    out.extend_from_slice(&[0; LEN_PREFIX]);
-    out.push(CHUNK_INDEX);
-    out.extend_from_slice(&transfer_id.0);
-    // postcard's length of a byte string: an unsigned LEB128 varint.
-    let mut n = record_len;
-    while n >= 0x80 {
-        out.push((n as u8 & 0x7f) | 0x80);
-        n >>= 7;
+/// A chunk frame laid out in one buffer, the sender's hot path: the plaintext
+/// is written straight into its place, sealed where it lies
+/// ([`crate::transfer::ChunkJob::seal`]), and the record header and tag are
+/// filled in around it. The finished bytes are exactly what [`encode`] makes of
+/// `Message::Chunk` with the same record, without a chunk-sized copy or
+/// allocation in between; the buffer can be reused for the next chunk.
+///
+/// Layout: `len u32 ‖ CHUNK_INDEX ‖ transfer id[16] ‖ varint(record len) ‖
+/// record header ‖ plaintext, then padding ‖ tag`.
+pub struct ChunkFrame {
+    buf: Vec<u8>,
+    record_at: usize,
+    plaintext_len: usize,
+}
+
+impl std::fmt::Debug for ChunkFrame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkFrame")
+            .field("plaintext_len", &self.plaintext_len)
+            .finish_non_exhaustive()
     }
-    out.push(n as u8);
-    record.encode_into(&mut out);
-    let len = out.len() - LEN_PREFIX;
-    if len > MAX_FRAME_LEN {
-        return Err(FrameError::TooLarge {
+}
+
+impl ChunkFrame {
+    /// Lays out a frame for `plaintext_len` bytes in `buf` (its contents are
+    /// discarded, its allocation reused). The plaintext area starts zeroed.
+    pub(crate) fn new(
+        mut buf: Vec<u8>,
+        transfer_id: &TransferId,
+        plaintext_len: usize,
+    ) -> Result<Self, FrameError> {
+        let record_len = chunk_record_len(ciphertext_len(plaintext_len));
+        buf.clear();
+        buf.extend_from_slice(&[0; LEN_PREFIX]);
+        buf.push(CHUNK_INDEX);
+        buf.extend_from_slice(&transfer_id.0);
+        // postcard's length of a byte string: an unsigned LEB128 varint.
+        let mut n = record_len;
+        while n >= 0x80 {
+            buf.push((n as u8 & 0x7f) | 0x80);
+            n >>= 7;
+        }
+        buf.push(n as u8);
+        let record_at = buf.len();
+        let len = record_at - LEN_PREFIX + record_len;
+        if len > MAX_FRAME_LEN {
+            return Err(FrameError::TooLarge {
+                len,
+                max: MAX_FRAME_LEN,
+            });
+        }
+        let prefix = u32::try_from(len).map_err(|_| FrameError::TooLarge {
             len,
             max: MAX_FRAME_LEN,
-        });
+        })?;
+        buf[..LEN_PREFIX].copy_from_slice(&prefix.to_be_bytes());
+        buf.resize(record_at + record_len, 0);
+        Ok(Self {
+            buf,
+            record_at,
+            plaintext_len,
+        })
     }
-    let prefix = u32::try_from(len).map_err(|_| FrameError::TooLarge {
-        len,
-        max: MAX_FRAME_LEN,
-    })?;
-    out[..LEN_PREFIX].copy_from_slice(&prefix.to_be_bytes());
-    Ok(out)
+
+    /// The transfer this frame belongs to.
+    pub fn transfer_id(&self) -> TransferId {
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&self.buf[LEN_PREFIX + 1..LEN_PREFIX + 17]);
+        TransferId(id)
+    }
+
+    /// Length of the plaintext.
+    pub fn plaintext_len(&self) -> usize {
+        self.plaintext_len
+    }
+
+    fn plaintext_at(&self) -> usize {
+        self.record_at + CHUNK_HEADER_LEN
+    }
+
+    /// The plaintext, before sealing.
+    pub fn plaintext(&self) -> &[u8] {
+        &self.buf[self.plaintext_at()..self.plaintext_at() + self.plaintext_len]
+    }
+
+    /// The plaintext area, to be filled before sealing.
+    pub fn plaintext_mut(&mut self) -> &mut [u8] {
+        let at = self.plaintext_at();
+        &mut self.buf[at..at + self.plaintext_len]
+    }
+
+    /// The record header slot, the ciphertext area (plaintext then room for
+    /// the padding) and the tag slot.
+    pub(crate) fn record_parts_mut(
+        &mut self,
+    ) -> (&mut [u8; CHUNK_HEADER_LEN], &mut [u8], &mut [u8; TAG_LEN]) {
+        let (header, rest) = self.buf[self.record_at..].split_at_mut(CHUNK_HEADER_LEN);
+        let (ciphertext, tag) = rest.split_at_mut(rest.len() - TAG_LEN);
+        (
+            header.try_into().expect("split at the header length"),
+            ciphertext,
+            tag.try_into().expect("split at the tag length"),
+        )
+    }
+
+    /// Where the record starts in the frame.
+    pub(crate) fn record_at(&self) -> usize {
+        self.record_at
+    }
+
+    /// The frame's bytes.
+    pub(crate) fn into_bytes(self) -> Vec<u8> {
+        self.buf
+    }
 }
 
 #[cfg(test)]
@@ -122,30 +208,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_chunk_frame_written_directly_equals_the_encoded_message() {
-        use crate::crypto::seal::Sealed;
-        for ct_len in [16usize, 32, 80, 4096, 262_160, MAX_CHUNK_CIPHERTEXT] {
-            let record = ChunkRecord {
-                epoch: 7,
-                seq: 1 << 40,
-                last: ct_len == 32,
-                sealed: Sealed {
-                    iv: [3; 16],
-                    ciphertext: vec![9; ct_len],
-                    tag: [4; 32],
-                },
-            };
-            let tid = TransferId([5; 16]);
+    fn a_chunk_frame_built_in_place_equals_the_encoded_message() {
+        use crate::record::{ChunkRecord, chunk_header};
+        let tid = TransferId([5; 16]);
+        for plain_len in [0usize, 15, 16, 64, 4096, 262_144, 1 << 20] {
+            let mut f = ChunkFrame::new(vec![1; 7], &tid, plain_len).unwrap();
+            assert_eq!(f.transfer_id(), tid);
+            assert!(f.plaintext().iter().all(|&b| b == 0));
+            f.plaintext_mut().fill(9);
+            let (header, ct, tag) = f.record_parts_mut();
+            assert_eq!(ct.len(), ciphertext_len(plain_len));
+            *header = chunk_header(7, 1 << 40, plain_len == 15, &[3; 16], ct.len());
+            ct[plain_len..].fill(6);
+            *tag = [4; 32];
+            let record_at = f.record_at();
+            let bytes = f.into_bytes();
+            let mut record = bytes[record_at..].to_vec();
+            ChunkRecord::parse(&mut record).unwrap();
             let msg = Message::Chunk {
                 transfer_id: tid,
-                record: record.encode(),
+                record,
             };
-            assert_eq!(
-                encode_chunk(&tid, &record).unwrap(),
-                encode(&msg, MAX_FRAME_LEN).unwrap(),
-                "{ct_len}"
-            );
+            assert_eq!(bytes, encode(&msg, MAX_FRAME_LEN).unwrap(), "{plain_len}");
         }
+        assert!(ChunkFrame::new(Vec::new(), &tid, MAX_FRAME_LEN).is_err());
     }
 
     #[test]

@@ -41,17 +41,23 @@ pub struct MalformedRecord(pub &'static str);
 /// Fixed part of a chunk record before the ciphertext.
 pub const CHUNK_HEADER_LEN: usize = 4 + 8 + 1 + IV_LEN + 4;
 
-/// One sealed chunk: `epoch u32 ‖ seq u64 ‖ last u8 ‖ IV[16] ‖ len u32 ‖ C ‖ tag[32]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChunkRecord {
+/// One sealed chunk: `epoch u32 ‖ seq u64 ‖ last u8 ‖ IV[16] ‖ len u32 ‖ C ‖ tag[32]`,
+/// borrowed from the bytes it was parsed from. The ciphertext is writable so
+/// the receiver can decrypt it where it lies, after the tag checked out.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ChunkRecord<'a> {
     /// Key epoch the chunk is sealed under.
     pub epoch: u32,
     /// Sequence number within the transfer.
     pub seq: u64,
     /// Whether this is the final chunk.
     pub last: bool,
-    /// IV, ciphertext and tag.
-    pub sealed: Sealed,
+    /// Random CBC IV.
+    pub iv: [u8; IV_LEN],
+    /// AES-256-CBC ciphertext, PKCS#7-padded.
+    pub ciphertext: &'a mut [u8],
+    /// HMAC-SHA256 tag.
+    pub tag: &'a [u8; TAG_LEN],
 }
 
 /// Associated data of a chunk's tag.
@@ -64,64 +70,62 @@ pub fn chunk_ad(transfer_id: &TransferId, epoch: u32, seq: u64, last: bool) -> V
         .finish()
 }
 
-impl ChunkRecord {
-    /// Encodes the record.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.encoded_len());
-        self.encode_into(&mut out);
-        out
-    }
+/// The fixed part of a chunk record, before the ciphertext.
+pub fn chunk_header(
+    epoch: u32,
+    seq: u64,
+    last: bool,
+    iv: &[u8; IV_LEN],
+    ciphertext_len: usize,
+) -> [u8; CHUNK_HEADER_LEN] {
+    let len = u32::try_from(ciphertext_len).expect("chunks are at most 1 MiB");
+    let mut h = [0u8; CHUNK_HEADER_LEN];
+    h[..4].copy_from_slice(&epoch.to_be_bytes());
+    h[4..12].copy_from_slice(&seq.to_be_bytes());
+    h[12] = u8::from(last);
+    h[13..29].copy_from_slice(iv);
+    h[29..].copy_from_slice(&len.to_be_bytes());
+    h
+}
 
-    /// The length of [`Self::encode`]'s output.
-    pub fn encoded_len(&self) -> usize {
-        CHUNK_HEADER_LEN + self.sealed.ciphertext.len() + TAG_LEN
-    }
+/// Length of a chunk record whose ciphertext is `ciphertext_len` bytes.
+pub const fn chunk_record_len(ciphertext_len: usize) -> usize {
+    CHUNK_HEADER_LEN + ciphertext_len + TAG_LEN
+}
 
-    /// Appends the encoding to `out`.
-    pub fn encode_into(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.epoch.to_be_bytes());
-        out.extend_from_slice(&self.seq.to_be_bytes());
-        out.push(u8::from(self.last));
-        out.extend_from_slice(&self.sealed.iv);
-        let len = u32::try_from(self.sealed.ciphertext.len()).expect("chunks are at most 1 MiB");
-        out.extend_from_slice(&len.to_be_bytes());
-        out.extend_from_slice(&self.sealed.ciphertext);
-        out.extend_from_slice(&self.sealed.tag);
-    }
-
+impl<'a> ChunkRecord<'a> {
     /// Parses a record; the ciphertext must be a non-zero multiple of 16 bytes,
     /// at most [`MAX_CHUNK_CIPHERTEXT`], and fill the record exactly.
-    pub fn parse(bytes: &[u8]) -> Result<Self, MalformedRecord> {
+    pub fn parse(bytes: &'a mut [u8]) -> Result<Self, MalformedRecord> {
         let bad = MalformedRecord("chunk");
-        let mut d = Decoder::new(bytes);
-        let epoch = d.u32().map_err(|_| bad)?;
-        let seq = d.u64().map_err(|_| bad)?;
-        let last = match d.u8().map_err(|_| bad)? {
-            0 => false,
-            1 => true,
-            _ => return Err(bad),
+        let (epoch, seq, last, iv, len) = {
+            let mut d = Decoder::new(bytes);
+            let epoch = d.u32().map_err(|_| bad)?;
+            let seq = d.u64().map_err(|_| bad)?;
+            let last = match d.u8().map_err(|_| bad)? {
+                0 => false,
+                1 => true,
+                _ => return Err(bad),
+            };
+            let iv = d.array::<IV_LEN>().map_err(|_| bad)?;
+            let len = d.u32().map_err(|_| bad)? as usize;
+            (epoch, seq, last, iv, len)
         };
-        let iv = d.array::<IV_LEN>().map_err(|_| bad)?;
-        let len = d.u32().map_err(|_| bad)? as usize;
         if len == 0 || !len.is_multiple_of(16) || len > MAX_CHUNK_CIPHERTEXT {
             return Err(bad);
         }
-        let rest = d.rest();
-        if rest.len() != len + TAG_LEN {
+        if bytes.len() != chunk_record_len(len) {
             return Err(bad);
         }
-        let (ct, tag) = rest.split_at(len);
-        let mut t = [0u8; TAG_LEN];
-        t.copy_from_slice(tag);
+        let (ciphertext, tag) = bytes[CHUNK_HEADER_LEN..].split_at_mut(len);
+        let tag: &[u8; TAG_LEN] = (&*tag).try_into().map_err(|_| bad)?;
         Ok(Self {
             epoch,
             seq,
             last,
-            sealed: Sealed {
-                iv,
-                ciphertext: ct.to_vec(),
-                tag: t,
-            },
+            iv,
+            ciphertext,
+            tag,
         })
     }
 }
@@ -259,44 +263,44 @@ mod tests {
         }
     }
 
+    fn chunk_bytes(epoch: u32, seq: u64, last: bool, ct_len: usize) -> Vec<u8> {
+        let mut b = chunk_header(epoch, seq, last, &[1; 16], ct_len).to_vec();
+        b.extend(std::iter::repeat_n(2, ct_len));
+        b.extend([3; TAG_LEN]);
+        b
+    }
+
     #[test]
     fn chunk_round_trip_and_exact_layout() {
-        let r = ChunkRecord {
-            epoch: 7,
-            seq: 9,
-            last: true,
-            sealed: sealed(16),
-        };
-        let b = r.encode();
+        let mut b = chunk_bytes(7, 9, true, 16);
+        assert_eq!(b.len(), chunk_record_len(16));
         assert_eq!(b.len(), CHUNK_HEADER_LEN + 16 + 32);
         assert_eq!(&b[..13], &[0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 9, 1]);
+        assert_eq!(&b[13..29], &[1; 16]);
         assert_eq!(&b[29..33], &[0, 0, 0, 16]);
-        assert_eq!(ChunkRecord::parse(&b).unwrap(), r);
+        let r = ChunkRecord::parse(&mut b).unwrap();
+        assert_eq!((r.epoch, r.seq, r.last, r.iv), (7, 9, true, [1; 16]));
+        assert_eq!((&*r.ciphertext, r.tag), (&[2u8; 16][..], &[3u8; 32]));
     }
 
     #[test]
     fn chunk_parse_refuses_bad_flag_lengths_and_trailing_bytes() {
-        let b = ChunkRecord {
-            epoch: 0,
-            seq: 0,
-            last: false,
-            sealed: sealed(32),
-        }
-        .encode();
+        let b = chunk_bytes(0, 0, false, 32);
+        assert!(ChunkRecord::parse(&mut b.clone()).is_ok());
         let mut flag = b.clone();
         flag[12] = 2;
-        assert!(ChunkRecord::parse(&flag).is_err());
+        assert!(ChunkRecord::parse(&mut flag).is_err());
         let mut trailing = b.clone();
         trailing.push(0);
-        assert!(ChunkRecord::parse(&trailing).is_err());
-        assert!(ChunkRecord::parse(&b[..b.len() - 1]).is_err());
+        assert!(ChunkRecord::parse(&mut trailing).is_err());
+        assert!(ChunkRecord::parse(&mut b[..b.len() - 1].to_vec()).is_err());
         let mut odd = b.clone();
         odd[32] = 31; // declared ciphertext length not a multiple of 16
-        assert!(ChunkRecord::parse(&odd).is_err());
+        assert!(ChunkRecord::parse(&mut odd).is_err());
         let mut huge = b;
         huge[29..33].copy_from_slice(&u32::MAX.to_be_bytes());
-        assert!(ChunkRecord::parse(&huge).is_err());
-        assert!(ChunkRecord::parse(&[]).is_err());
+        assert!(ChunkRecord::parse(&mut huge).is_err());
+        assert!(ChunkRecord::parse(&mut []).is_err());
     }
 
     #[test]

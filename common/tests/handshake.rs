@@ -77,7 +77,7 @@ fn a_full_handshake_then_a_stream() {
     let mut s = SendStream::new(send_keys, 3000, RekeyPolicy::default(), t0);
     let mut r = RecvStream::new(recv_keys, 3000);
     let out = s.push(vec![7; 3000], true, t0).unwrap();
-    let (plain, last) = r.open_chunk(&out.chunk.seal().encode()).unwrap();
+    let (plain, last) = r.open_chunk(out.chunk.seal().record()).unwrap();
     assert!(last);
     assert_eq!(plain, vec![7; 3000]);
     let (trailer, _) = s.trailer().unwrap();

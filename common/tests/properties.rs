@@ -108,11 +108,11 @@ proptest! {
         let n = pieces.len();
         let mut got = Vec::new();
         for (i, p) in pieces.into_iter().enumerate() {
-            let out = s.push(p.to_vec(), i + 1 == n, t0 + Duration::from_millis(i as u64)).unwrap();
+            let out = s.push(p, i + 1 == n, t0 + Duration::from_millis(i as u64)).unwrap();
             if let Some(ku) = out.key_update {
                 r.open_key_update(&ku.encode()).unwrap();
             }
-            let (plain, last) = r.open_chunk(&out.chunk.seal().encode()).unwrap();
+            let (plain, last) = r.open_chunk(out.chunk.seal().record()).unwrap();
             prop_assert_eq!(last, i + 1 == n);
             got.extend_from_slice(&plain);
         }

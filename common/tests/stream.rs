@@ -64,12 +64,12 @@ fn send_with(
     let n = pieces.len();
     for (i, piece) in pieces.into_iter().enumerate() {
         let out = s
-            .push(piece.to_vec(), i + 1 == n, t0 + step * i as u32)
+            .push(piece, i + 1 == n, t0 + step * i as u32)
             .expect("push");
         if let Some(ku) = out.key_update {
             records.push(Rec::KeyUpdate(ku.encode()));
         }
-        records.push(Rec::Chunk(out.chunk.seal().encode()));
+        records.push(Rec::Chunk(out.chunk.seal().record().to_vec()));
     }
     let (trailer, sha256) = s.trailer().expect("trailer");
     records.push(Rec::Trailer(trailer.encode()));

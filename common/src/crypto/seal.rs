@@ -41,16 +41,31 @@ pub(crate) fn seal_with_iv(
     iv: [u8; IV_LEN],
     plaintext: &[u8],
 ) -> Sealed {
-    let ciphertext = cipher::encrypt(keys.aes.expose(), &iv, plaintext);
-    let tag = mac::tag(
-        &keys.mac,
-        &[ad, &tag_input_len(&ciphertext), &iv, &ciphertext],
-    );
+    let mut ciphertext = vec![0; cipher::ciphertext_len(plaintext.len())];
+    ciphertext[..plaintext.len()].copy_from_slice(plaintext);
+    let tag = seal_in_place(keys, ad, &iv, &mut ciphertext, plaintext.len());
     Sealed {
         iv,
         ciphertext,
         tag,
     }
+}
+
+/// Seals the first `plaintext_len` bytes of `buf` where they lie: `buf` must be
+/// exactly [`cipher::ciphertext_len`]`(plaintext_len)` bytes and holds the
+/// ciphertext afterwards; returns the tag. The caller picks a fresh random IV.
+///
+/// # Panics
+/// If `buf` has another length (a bug in the caller).
+pub fn seal_in_place(
+    keys: &SealKeys,
+    ad: &[u8],
+    iv: &[u8; IV_LEN],
+    buf: &mut [u8],
+    plaintext_len: usize,
+) -> [u8; TAG_LEN] {
+    cipher::encrypt_in_place(keys.aes.expose(), iv, buf, plaintext_len);
+    mac::tag(&keys.mac, &[ad, &tag_input_len(buf), iv, buf])
 }
 
 /// Opens a sealed payload whose ciphertext may be at most `max_ciphertext` bytes.
@@ -62,6 +77,23 @@ pub fn open(
     tag: &[u8],
     max_ciphertext: usize,
 ) -> Result<Vec<u8>, AuthError> {
+    let mut buf = ciphertext.to_vec();
+    let len = open_in_place(keys, ad, iv, &mut buf, tag, max_ciphertext)?.len();
+    buf.truncate(len);
+    Ok(buf)
+}
+
+/// Opens a sealed payload where it lies: checks the length and the tag, and
+/// only then decrypts `ciphertext` in place; returns the plaintext at its start.
+/// On failure the buffer's contents are unspecified (and must be discarded).
+pub fn open_in_place<'a>(
+    keys: &SealKeys,
+    ad: &[u8],
+    iv: &[u8; IV_LEN],
+    ciphertext: &'a mut [u8],
+    tag: &[u8],
+    max_ciphertext: usize,
+) -> Result<&'a [u8], AuthError> {
     if ciphertext.is_empty()
         || !ciphertext.len().is_multiple_of(IV_LEN)
         || ciphertext.len() > max_ciphertext
@@ -73,7 +105,7 @@ pub fn open(
         &[ad, &tag_input_len(ciphertext), iv, ciphertext],
         tag,
     )?;
-    cipher::decrypt(keys.aes.expose(), iv, ciphertext)
+    cipher::decrypt_in_place(keys.aes.expose(), iv, ciphertext)
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ pub mod sender;
 use std::time::Duration;
 
 pub use receiver::{RecvError, RecvStream, TrailerVerified};
-pub use sender::{ChunkJob, SendError, SendStream, Sent};
+pub use sender::{ChunkJob, SealedChunk, SendError, SendStream, Sent};
 
 /// Default session-key lifetime.
 pub const DEFAULT_REKEY_INTERVAL: Duration = Duration::from_secs(5);

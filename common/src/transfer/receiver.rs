@@ -14,9 +14,9 @@ use crate::crypto::keys::{MacKey, SealKeys, SessionKey};
 use crate::crypto::{mac, seal};
 use crate::ids::TransferId;
 use crate::record::{
-    ChunkRecord, KEY_UPDATE_CT_LEN, KeyUpdateRecord, MAX_CHUNK, MAX_CHUNK_CIPHERTEXT,
-    MalformedRecord, TRAILER_CT_LEN, TrailerRecord, chunk_ad, key_update_ad, receipt_input,
-    trailer_ad,
+    CHUNK_HEADER_LEN, ChunkRecord, KEY_UPDATE_CT_LEN, KeyUpdateRecord, MAX_CHUNK,
+    MAX_CHUNK_CIPHERTEXT, MalformedRecord, TRAILER_CT_LEN, TrailerRecord, chunk_ad, key_update_ad,
+    receipt_input, trailer_ad,
 };
 use crate::schedule::StreamKeys;
 
@@ -221,7 +221,24 @@ impl RecvStream {
     }
 
     /// Opens a chunk record; returns its plaintext and whether it was the last.
+    /// A copying form of [`Self::open_chunk_in_place`].
     pub fn open_chunk(&mut self, bytes: &[u8]) -> Result<(Vec<u8>, bool), RecvError> {
+        let mut record = bytes.to_vec();
+        let (plain, last) = self.open_chunk_in_place(&mut record)?;
+        let len = plain.len();
+        record.copy_within(CHUNK_HEADER_LEN..CHUNK_HEADER_LEN + len, 0);
+        record.truncate(len);
+        Ok((record, last))
+    }
+
+    /// Opens a chunk record where it lies: checks order, epoch, length and tag,
+    /// then decrypts the ciphertext in place; returns the plaintext (inside
+    /// `bytes`) and whether it was the last chunk. After an error the bytes are
+    /// unspecified and the stream is dead.
+    pub fn open_chunk_in_place<'a>(
+        &mut self,
+        bytes: &'a mut [u8],
+    ) -> Result<(&'a [u8], bool), RecvError> {
         self.guarded(|s| {
             if s.state != State::Streaming {
                 return Err(RecvError::AfterEnd);
@@ -241,18 +258,18 @@ impl RecvStream {
             }
             // A chunk can never hold more than what is left of the declared size.
             let left = s.declared - s.total;
-            if (rec.sealed.ciphertext.len() as u64) > left + 16 {
+            if (rec.ciphertext.len() as u64) > left + 16 {
                 return Err(RecvError::Length {
                     declared: s.declared,
                 });
             }
             let ad = chunk_ad(&s.transfer_id, s.epoch, s.next_seq, rec.last);
-            let plain = seal::open(
+            let plain = seal::open_in_place(
                 &s.epoch_keys,
                 &ad,
-                &rec.sealed.iv,
-                &rec.sealed.ciphertext,
-                &rec.sealed.tag,
+                &rec.iv,
+                rec.ciphertext,
+                rec.tag,
                 MAX_CHUNK_CIPHERTEXT,
             )
             .map_err(|_| RecvError::Auth)?;
@@ -270,7 +287,7 @@ impl RecvStream {
                 got: rec.seq,
             })?;
             s.total += len;
-            s.hasher.update(&plain);
+            s.hasher.update(plain);
             if rec.last {
                 s.state = State::LastChunkSeen;
             }

@@ -15,10 +15,11 @@ use zeroize::Zeroize;
 use super::RekeyPolicy;
 use crate::crypto::keys::{MacKey, SealKeys, SessionKey};
 use crate::crypto::{AuthError, mac, random_array, seal};
+use crate::frame::ChunkFrame;
 use crate::ids::TransferId;
 use crate::record::{
-    ChunkRecord, KeyUpdateRecord, MAX_CHUNK, TrailerRecord, chunk_ad, key_update_ad, receipt_input,
-    trailer_ad,
+    KeyUpdateRecord, MAX_CHUNK, TrailerRecord, chunk_ad, chunk_header, key_update_ad,
+    receipt_input, trailer_ad,
 };
 use crate::schedule::StreamKeys;
 
@@ -60,7 +61,7 @@ pub struct ChunkJob {
     epoch: u32,
     seq: u64,
     last: bool,
-    plaintext: Vec<u8>,
+    frame: ChunkFrame,
 }
 
 impl std::fmt::Debug for ChunkJob {
@@ -69,30 +70,58 @@ impl std::fmt::Debug for ChunkJob {
             .field("epoch", &self.epoch)
             .field("seq", &self.seq)
             .field("last", &self.last)
-            .field("len", &self.plaintext.len())
+            .field("len", &self.frame.plaintext_len())
             .finish_non_exhaustive()
     }
 }
 
 impl ChunkJob {
-    /// Seals the chunk (AES-256-CBC, random IV, HMAC-SHA256).
-    pub fn seal(self) -> ChunkRecord {
-        ChunkRecord {
-            epoch: self.epoch,
-            seq: self.seq,
-            last: self.last,
-            sealed: seal::seal(&self.keys, &self.ad, &self.plaintext),
+    /// Seals the chunk where it lies (AES-256-CBC, random IV, HMAC-SHA256) and
+    /// completes its frame.
+    pub fn seal(mut self) -> SealedChunk {
+        let iv = random_array();
+        let plaintext_len = self.frame.plaintext_len();
+        let (header, ciphertext, tag) = self.frame.record_parts_mut();
+        *tag = seal::seal_in_place(&self.keys, &self.ad, &iv, ciphertext, plaintext_len);
+        *header = chunk_header(self.epoch, self.seq, self.last, &iv, ciphertext.len());
+        SealedChunk {
+            record_at: self.frame.record_at(),
+            frame: self.frame.into_bytes(),
         }
     }
 
     /// Plaintext length of this chunk.
     pub fn len(&self) -> usize {
-        self.plaintext.len()
+        self.frame.plaintext_len()
     }
 
     /// Whether the chunk is empty (only an empty file's final chunk is).
     pub fn is_empty(&self) -> bool {
-        self.plaintext.is_empty()
+        self.len() == 0
+    }
+}
+
+/// A sealed chunk: the complete `Message::Chunk` frame, ready to be written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedChunk {
+    frame: Vec<u8>,
+    record_at: usize,
+}
+
+impl SealedChunk {
+    /// The frame's bytes.
+    pub fn frame(&self) -> &[u8] {
+        &self.frame
+    }
+
+    /// The chunk record inside the frame (what `Message::Chunk` carries).
+    pub fn record(&self) -> &[u8] {
+        &self.frame[self.record_at..]
+    }
+
+    /// The frame's buffer, to be written and then reused for another chunk.
+    pub fn into_frame(self) -> Vec<u8> {
+        self.frame
     }
 }
 
@@ -216,17 +245,45 @@ impl SendStream {
         })
     }
 
-    /// Takes the next chunk of plaintext; `last` marks the final one.
+    /// Takes the next chunk of plaintext (a copy of it: see
+    /// [`Self::push_frame`] for the form without one).
     pub fn push(
         &mut self,
-        plaintext: Vec<u8>,
+        plaintext: impl AsRef<[u8]>,
         last: bool,
         now: Instant,
     ) -> Result<Sent, SendError> {
-        if self.last_pushed {
+        let plaintext = plaintext.as_ref();
+        let mut frame = self.chunk_frame(Vec::new(), plaintext.len())?;
+        frame.plaintext_mut().copy_from_slice(plaintext);
+        self.push_frame(frame, last, now)
+    }
+
+    /// A frame for the next chunk of `plaintext_len` bytes, in `buf` (whose
+    /// allocation is reused); fill its plaintext, then [`Self::push_frame`] it.
+    pub fn chunk_frame(&self, buf: Vec<u8>, plaintext_len: usize) -> Result<ChunkFrame, SendError> {
+        if plaintext_len > MAX_CHUNK {
+            return Err(SendError::ChunkLength(plaintext_len));
+        }
+        ChunkFrame::new(buf, &self.transfer_id, plaintext_len)
+            .map_err(|_| SendError::ChunkLength(plaintext_len))
+    }
+
+    /// Takes the next chunk, its plaintext in place in `frame`: checks it
+    /// against the declared size, assigns its sequence number, rotates the key
+    /// if it is due, and hashes the plaintext. The last chunk must bring the
+    /// stream to the declared size exactly; only an empty file's last chunk may
+    /// be empty.
+    pub fn push_frame(
+        &mut self,
+        frame: ChunkFrame,
+        last: bool,
+        now: Instant,
+    ) -> Result<Sent, SendError> {
+        if self.last_pushed || frame.transfer_id() != self.transfer_id {
             return Err(SendError::Order);
         }
-        let len = plaintext.len();
+        let len = frame.plaintext_len();
         if len > MAX_CHUNK || (len == 0 && !last) {
             return Err(SendError::ChunkLength(len));
         }
@@ -255,7 +312,7 @@ impl SendStream {
         self.next_seq = seq.checked_add(1).ok_or(SendError::CounterExhausted)?;
         self.epoch_bytes += len64;
         self.total = total;
-        self.hasher.update(&plaintext);
+        self.hasher.update(frame.plaintext());
         self.last_pushed = last;
         Ok(Sent {
             key_update,
@@ -265,7 +322,7 @@ impl SendStream {
                 epoch: self.epoch,
                 seq,
                 last,
-                plaintext,
+                frame,
             },
         })
     }
