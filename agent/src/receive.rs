@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 use keyferry_common::budget::{NEW_KEY_AGE_SECS, RsaBudget};
 use keyferry_common::connection::ConnError;
 use keyferry_common::filename;
+use keyferry_common::frame;
 use keyferry_common::handshake::{self, DEFAULT_TIME_WINDOW_SECS, Kind, Metadata, SignedOffer};
 use keyferry_common::identity::PublicKey;
 use keyferry_common::ids::TransferId;
-use keyferry_common::message::{AbortReason, Message, RefuseReason, Role};
+use keyferry_common::message::{self, AbortReason, Message, RefuseReason, Role};
 use keyferry_common::name::AgentName;
 use keyferry_common::pins::{PinCheck, PinError};
 use keyferry_common::replay::ReplayGuard;
@@ -448,12 +449,31 @@ fn verification(e: RecvError) -> Failure {
     Failure::Failed(AbortReason::VerificationFailed, e.to_string())
 }
 
+/// What the reading task hands the opening thread: a chunk still sealed, in
+/// the frame payload it arrived in (record from `at` on), or another message.
+enum Piece {
+    Chunk {
+        payload: Vec<u8>,
+        transfer_id: TransferId,
+        at: usize,
+    },
+    Other(Message),
+}
+
+/// The opening thread's ends of the channels: pieces in, empty buffers back.
+struct Pipe {
+    pieces: mpsc::Receiver<Piece>,
+    free: std::sync::mpsc::Sender<Vec<u8>>,
+}
+
 /// Receives the stream into a temporary file (or memory, for a message),
 /// verifies it, and places it. Returns the line to print and the receipt.
 ///
 /// This task only reads frames; a blocking thread opens the records (tag check,
 /// decryption, hashing) and writes the file, so network, crypto and disk work
 /// overlap. The channel between them is bounded: a slow disk slows the reads.
+/// Chunk payloads are read into buffers the thread hands back once it wrote
+/// them, and opened where they lie.
 async fn receive_stream(
     shared: &Shared,
     conn: &mut DataConn,
@@ -467,36 +487,58 @@ async fn receive_stream(
         Some(_) => Some(Incoming::create(&out_dir, &tid).map_err(|e| storage(&out_dir, e))?),
         None => None,
     };
-    let (tx, rx) = mpsc::channel::<Message>(8);
+    let (tx, rx) = mpsc::channel::<Piece>(8);
+    // Buffers the opening thread is done with. The channel above bounds how
+    // many pieces are in flight, and so how many buffers exist.
+    let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
     let (name, display_name) = (stored_name.map(str::to_owned), escape(&metadata.name));
     let worker = tokio::task::spawn_blocking(move || {
-        open_and_store(tid, stream, file, rx, &out_dir, name, display_name)
+        let pipe = Pipe {
+            pieces: rx,
+            free: free_tx,
+        };
+        open_and_store(tid, stream, file, pipe, &out_dir, name, display_name)
     });
+    let mut spare = Vec::new();
     let read_result = loop {
-        let msg = match conn.reader.read_timeout(PROGRESS_TIMEOUT).await {
-            Ok(Some(m)) => m,
-            Ok(None) => break Err(verification(RecvError::Truncated)),
-            Err(ConnError::Timeout(_)) => {
+        let mut payload = match spare.capacity() {
+            0 => free_rx.try_recv().unwrap_or_default(),
+            _ => std::mem::take(&mut spare),
+        };
+        let read = conn.reader.read_payload_into(&mut payload);
+        match tokio::time::timeout(PROGRESS_TIMEOUT, read).await {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => break Err(verification(RecvError::Truncated)),
+            Err(_) => {
                 break Err(Failure::Failed(
                     AbortReason::Timeout,
                     "no progress for 60 s".into(),
                 ));
             }
-            Err(e) => {
+            Ok(Err(e)) => break Err(connection_lost(e)),
+        }
+        let piece = if let Some((transfer_id, at)) = message::chunk_record(&payload) {
+            Piece::Chunk {
+                payload,
+                transfer_id,
+                at,
+            }
+        } else {
+            let msg = match frame::decode_payload(&payload) {
+                Ok(m) => m,
+                Err(e) => break Err(connection_lost(e.into())),
+            };
+            spare = payload;
+            if let Message::Abort { reason, .. } = msg {
                 break Err(Failure::Failed(
-                    AbortReason::PeerGone,
-                    format!("connection lost: {e}"),
+                    reason,
+                    format!("the sender aborted ({reason:?})"),
                 ));
             }
+            Piece::Other(msg)
         };
-        if let Message::Abort { reason, .. } = msg {
-            break Err(Failure::Failed(
-                reason,
-                format!("the sender aborted ({reason:?})"),
-            ));
-        }
-        let is_trailer = matches!(msg, Message::Trailer { .. });
-        if tx.send(msg).await.is_err() || is_trailer {
+        let is_trailer = matches!(piece, Piece::Other(Message::Trailer { .. }));
+        if tx.send(piece).await.is_err() || is_trailer {
             // The worker stopped (it will say why), or the stream is complete.
             break Ok(());
         }
@@ -514,6 +556,10 @@ async fn receive_stream(
     }
 }
 
+fn connection_lost(e: ConnError) -> Failure {
+    Failure::Failed(AbortReason::PeerGone, format!("connection lost: {e}"))
+}
+
 fn storage(dir: &Path, e: std::io::Error) -> Failure {
     Failure::Failed(
         AbortReason::Storage,
@@ -527,39 +573,42 @@ fn open_and_store(
     tid: TransferId,
     mut stream: RecvStream,
     mut file: Option<Incoming>,
-    mut rx: mpsc::Receiver<Message>,
+    mut pipe: Pipe,
     out_dir: &Path,
     stored_name: Option<String>,
     display_name: String,
 ) -> Result<(String, [u8; 32]), Failure> {
     let mut text = Vec::new();
     let verified = loop {
-        let Some(msg) = rx.blocking_recv() else {
+        let Some(piece) = pipe.pieces.blocking_recv() else {
             return Err(verification(RecvError::Truncated));
         };
-        match msg {
-            Message::KeyUpdate {
+        match piece {
+            Piece::Chunk {
+                mut payload,
                 transfer_id,
-                record,
-            } if transfer_id == tid => {
-                stream.open_key_update(&record).map_err(verification)?;
-            }
-            Message::Chunk {
-                transfer_id,
-                mut record,
+                at,
             } if transfer_id == tid => {
                 let (plain, _) = stream
-                    .open_chunk_in_place(&mut record)
+                    .open_chunk_in_place(&mut payload[at..])
                     .map_err(verification)?;
                 match &mut file {
                     Some(f) => f.write(plain).map_err(|e| storage(out_dir, e))?,
                     None => text.extend_from_slice(plain),
                 }
+                // The reader may have stopped; then the buffer is freed.
+                let _ = pipe.free.send(payload);
             }
-            Message::Trailer {
+            Piece::Other(Message::KeyUpdate {
                 transfer_id,
                 record,
-            } if transfer_id == tid => {
+            }) if transfer_id == tid => {
+                stream.open_key_update(&record).map_err(verification)?;
+            }
+            Piece::Other(Message::Trailer {
+                transfer_id,
+                record,
+            }) if transfer_id == tid => {
                 break stream.open_trailer(&record).map_err(verification)?;
             }
             _ => {

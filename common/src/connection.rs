@@ -97,6 +97,44 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         Ok(Some(msg))
     }
 
+    /// Reads the next frame's payload into `out` (its allocation reused)
+    /// without decoding it; `Ok(false)` on a clean EOF. The bulk path: most of
+    /// a large payload goes from the socket straight into `out`, and the
+    /// caller can open a chunk record where it lies.
+    ///
+    /// Not cancel-safe: a future dropped in the middle of a frame leaves the
+    /// stream in an unknown place, and the connection must be abandoned.
+    pub async fn read_payload_into(&mut self, out: &mut Vec<u8>) -> Result<bool, ConnError> {
+        while self.buf.len() < LEN_PREFIX {
+            self.buf.reserve(8 << 10);
+            if self.inner.read_buf(&mut self.buf).await? == 0 {
+                return if self.buf.is_empty() {
+                    Ok(false)
+                } else {
+                    Err(ConnError::Truncated)
+                };
+            }
+        }
+        let Some(len) = frame::peek_len(&self.buf, self.max)? else {
+            return Err(ConnError::Truncated);
+        };
+        let buffered = (self.buf.len() - LEN_PREFIX).min(len);
+        out.clear();
+        out.extend_from_slice(&self.buf[LEN_PREFIX..LEN_PREFIX + buffered]);
+        self.buf.drain(..LEN_PREFIX + buffered);
+        if buffered < len {
+            out.resize(len, 0);
+            self.inner
+                .read_exact(&mut out[buffered..])
+                .await
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::UnexpectedEof => ConnError::Truncated,
+                    _ => ConnError::Io(e),
+                })?;
+        }
+        Ok(true)
+    }
+
     /// [`Self::read`] with a deadline.
     pub async fn read_timeout(&mut self, limit: Duration) -> Result<Option<Message>, ConnError> {
         tokio::time::timeout(limit, self.read())
@@ -179,6 +217,53 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn payloads_read_into_a_reused_buffer_match_the_frames() {
+        let big = Message::Chunk {
+            transfer_id: crate::ids::TransferId([3; 16]),
+            record: (0..100_000u32).map(|i| i as u8).collect(),
+        };
+        let small = Message::Hello { version: 1 };
+        let frames: Vec<Vec<u8>> = [&small, &big, &big, &small, &big]
+            .iter()
+            .map(|m| frame::encode(m, frame::MAX_FRAME_LEN).unwrap())
+            .collect();
+        let all = frames.concat();
+        // Odd-sized writes, so frames and prefixes straddle reads.
+        let (a, mut b) = tokio::io::duplex(4096);
+        let writer = tokio::spawn(async move {
+            for piece in all.chunks(7919) {
+                b.write_all(piece).await.unwrap();
+            }
+        });
+        let mut reader = FrameReader::new(a, frame::MAX_FRAME_LEN);
+        let mut out = vec![0xee; 3];
+        for (i, f) in frames.iter().enumerate() {
+            if i == 3 {
+                // The decoding read still works between the raw ones.
+                assert_eq!(reader.read().await.unwrap(), Some(small.clone()));
+                continue;
+            }
+            assert!(reader.read_payload_into(&mut out).await.unwrap());
+            assert_eq!(out, f[LEN_PREFIX..], "frame {i}");
+        }
+        writer.await.unwrap();
+        assert!(!reader.read_payload_into(&mut out).await.unwrap());
+
+        // Cut inside a payload, and a length over the limit.
+        let f = frame::encode(&big, frame::MAX_FRAME_LEN).unwrap();
+        let mut reader = FrameReader::new(&f[..f.len() - 1], frame::MAX_FRAME_LEN);
+        assert!(matches!(
+            reader.read_payload_into(&mut out).await,
+            Err(ConnError::Truncated)
+        ));
+        let mut reader = FrameReader::new(&f[..], 1000);
+        assert!(matches!(
+            reader.read_payload_into(&mut out).await,
+            Err(ConnError::Frame(FrameError::TooLarge { .. }))
+        ));
+    }
 
     #[tokio::test]
     async fn reads_frames_across_partial_writes_and_refuses_oversize() {

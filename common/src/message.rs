@@ -263,6 +263,18 @@ pub const CHUNK_HEAD_MAX: usize = 1 + 16 + 10;
 /// `Chunk`, without having the record: the broker's relay checks every chunk
 /// it forwards this way and streams the record through.
 pub fn peek_chunk(head: &[u8], len: usize) -> Option<TransferId> {
+    chunk_head(head, len).map(|(tid, _)| tid)
+}
+
+/// If `payload` is exactly one well-formed [`Message::Chunk`], its transfer
+/// id and where its record starts (the record runs to the end). The same
+/// answer as decoding, without copying the record out: the receiver opens
+/// the record where it lies.
+pub fn chunk_record(payload: &[u8]) -> Option<(TransferId, usize)> {
+    chunk_head(payload, payload.len())
+}
+
+fn chunk_head(head: &[u8], len: usize) -> Option<(TransferId, usize)> {
     let (&index, rest) = head.split_first()?;
     if index != CHUNK_INDEX {
         return None;
@@ -276,7 +288,7 @@ pub fn peek_chunk(head: &[u8], len: usize) -> Option<TransferId> {
         if byte & 0x80 == 0 {
             let header = 1 + 16 + i + 1;
             let exact = (i < 9 || byte <= 1) && len.checked_sub(header)? as u64 == record_len;
-            return exact.then_some(TransferId(*tid));
+            return exact.then_some((TransferId(*tid), header));
         }
     }
     None
@@ -427,25 +439,34 @@ mod tests {
         }
     }
 
-    /// What decoding says about `payload`: `Some(tid)` iff it is a chunk.
-    fn decoded_chunk(payload: &[u8]) -> Option<TransferId> {
+    /// What decoding says about `payload`: the transfer id and record iff it
+    /// is a chunk.
+    fn decoded_chunk(payload: &[u8]) -> Option<(TransferId, Vec<u8>)> {
         match postcard::take_from_bytes::<Message>(payload) {
-            Ok((Message::Chunk { transfer_id, .. }, [])) => Some(transfer_id),
+            Ok((
+                Message::Chunk {
+                    transfer_id,
+                    record,
+                },
+                [],
+            )) => Some((transfer_id, record)),
             _ => None,
         }
     }
 
-    /// `peek_chunk` on the whole payload, and on just the head it needs: both
-    /// must give the same answer.
-    fn peek(payload: &[u8]) -> Option<TransferId> {
+    /// `peek_chunk` on the whole payload and on just the head it needs, and
+    /// `chunk_record`: all must give the same answer.
+    fn peek(payload: &[u8]) -> Option<(TransferId, Vec<u8>)> {
         let whole = peek_chunk(payload, payload.len());
         let head = &payload[..payload.len().min(CHUNK_HEAD_MAX)];
         assert_eq!(whole, peek_chunk(head, payload.len()));
-        whole
+        let located = chunk_record(payload);
+        assert_eq!(whole, located.map(|(tid, _)| tid));
+        located.map(|(tid, at)| (tid, payload[at..].to_vec()))
     }
 
     #[test]
-    fn peek_chunk_agrees_with_decoding() {
+    fn peek_chunk_and_chunk_record_agree_with_decoding() {
         let tid = TransferId([7; 16]);
         let mut cases: Vec<Vec<u8>> = Vec::new();
         for len in [0usize, 1, 127, 128, 300, 16_384, 262_176] {
@@ -470,7 +491,8 @@ mod tests {
         for payload in &cases {
             assert_eq!(peek(payload), decoded_chunk(payload), "{payload:?}");
         }
-        assert_eq!(peek(&cases[3]), Some(tid));
+        assert_eq!(peek(&cases[3]), Some((tid, vec![])));
+        assert_eq!(peek(&cases[7]), Some((tid, vec![9])));
     }
 
     proptest::proptest! {
