@@ -6,12 +6,11 @@
 //! receiver slows the reader instead of growing a buffer.
 
 use std::fs::File;
-use std::io::Read as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keyferry_common::frame::{self, MAX_FRAME_LEN};
+use keyferry_common::frame::{self, ChunkFrame, MAX_FRAME_LEN};
 use keyferry_common::handshake::{Kind, Metadata, OfferParams, make_offer};
 use keyferry_common::identity::{Fingerprint, PublicKey};
 use keyferry_common::ids::TransferId;
@@ -85,11 +84,12 @@ enum Source {
 }
 
 impl Source {
-    /// Fills `out` with the next bytes; running out early means the file shrank.
-    fn fill(&mut self, out: &mut [u8]) -> std::io::Result<()> {
+    /// Reads the frame's plaintext; running out early means the file shrank.
+    fn fill(&mut self, frame: &mut ChunkFrame) -> std::io::Result<()> {
         match self {
-            Self::File(f, _) => f.read_exact(out),
+            Self::File(f, _) => frame.fill_from(f),
             Self::Bytes(b, pos) => {
+                let out = frame.plaintext_mut();
                 let end = *pos + out.len();
                 let src = b.get(*pos..end).ok_or(std::io::ErrorKind::UnexpectedEof)?;
                 out.copy_from_slice(src);
@@ -474,7 +474,7 @@ async fn stream_out(
                     Ok(f) => f,
                     Err(e) => return fail(AgentError::Other(e.to_string())),
                 };
-                if let Err(e) = source.fill(frame.plaintext_mut()) {
+                if let Err(e) = source.fill(&mut frame) {
                     let detail = if e.kind() == std::io::ErrorKind::UnexpectedEof {
                         "the file shrank while it was being sent".into()
                     } else {

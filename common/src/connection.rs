@@ -123,14 +123,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         out.extend_from_slice(&self.buf[LEN_PREFIX..LEN_PREFIX + buffered]);
         self.buf.drain(..LEN_PREFIX + buffered);
         if buffered < len {
-            out.resize(len, 0);
-            self.inner
-                .read_exact(&mut out[buffered..])
-                .await
-                .map_err(|e| match e.kind() {
-                    std::io::ErrorKind::UnexpectedEof => ConnError::Truncated,
-                    _ => ConnError::Io(e),
-                })?;
+            // Read into the spare capacity as it is: no zeroing first.
+            out.reserve_exact(len - buffered);
+            let rest = (len - buffered) as u64;
+            (&mut self.inner).take(rest).read_to_end(out).await?;
+            if out.len() != len {
+                return Err(ConnError::Truncated);
+            }
         }
         Ok(true)
     }

@@ -143,12 +143,43 @@ impl ChunkFrame {
             max: MAX_FRAME_LEN,
         })?;
         buf[..LEN_PREFIX].copy_from_slice(&prefix.to_be_bytes());
-        buf.resize(record_at + record_len, 0);
+        // The record header's slot; the plaintext comes with fill_from or
+        // plaintext_mut.
+        buf.resize(record_at + CHUNK_HEADER_LEN, 0);
         Ok(Self {
             buf,
             record_at,
             plaintext_len,
         })
+    }
+
+    fn end(&self) -> usize {
+        self.record_at + chunk_record_len(ciphertext_len(self.plaintext_len))
+    }
+
+    /// Reads the plaintext from `r` into its place, straight into the
+    /// buffer's capacity (nothing is zeroed first). Fewer bytes than the
+    /// chunk's length is `UnexpectedEof`; a frame already filled is an error.
+    pub fn fill_from(&mut self, r: &mut impl std::io::Read) -> std::io::Result<()> {
+        use std::io::Read as _;
+        if self.buf.len() != self.plaintext_at() {
+            return Err(std::io::Error::other("chunk frame filled twice"));
+        }
+        self.buf.reserve_exact(self.end() - self.buf.len());
+        let n = r
+            .take(self.plaintext_len as u64)
+            .read_to_end(&mut self.buf)?;
+        if n != self.plaintext_len {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        self.buf.resize(self.end(), 0);
+        Ok(())
+    }
+
+    /// Whether the plaintext is in place ([`Self::fill_from`] or
+    /// [`Self::plaintext_mut`] was called).
+    pub fn is_filled(&self) -> bool {
+        self.buf.len() == self.end()
     }
 
     /// The transfer this frame belongs to.
@@ -167,14 +198,21 @@ impl ChunkFrame {
         self.record_at + CHUNK_HEADER_LEN
     }
 
-    /// The plaintext, before sealing.
+    /// The plaintext, before sealing (empty until the frame is filled).
     pub fn plaintext(&self) -> &[u8] {
-        &self.buf[self.plaintext_at()..self.plaintext_at() + self.plaintext_len]
+        let at = self.plaintext_at();
+        self.buf
+            .get(at..at + self.plaintext_len)
+            .unwrap_or_default()
     }
 
-    /// The plaintext area, to be filled before sealing.
+    /// The plaintext area, zeroed if it was not filled yet, to be written
+    /// before sealing.
     pub fn plaintext_mut(&mut self) -> &mut [u8] {
-        let at = self.plaintext_at();
+        let (at, end) = (self.plaintext_at(), self.end());
+        if self.buf.len() != end {
+            self.buf.resize(end, 0);
+        }
         &mut self.buf[at..at + self.plaintext_len]
     }
 
@@ -183,6 +221,8 @@ impl ChunkFrame {
     pub(crate) fn record_parts_mut(
         &mut self,
     ) -> (&mut [u8; CHUNK_HEADER_LEN], &mut [u8], &mut [u8; TAG_LEN]) {
+        let end = self.end();
+        self.buf.resize(end, 0);
         let (header, rest) = self.buf[self.record_at..].split_at_mut(CHUNK_HEADER_LEN);
         let (ciphertext, tag) = rest.split_at_mut(rest.len() - TAG_LEN);
         (
@@ -214,8 +254,17 @@ mod tests {
         for plain_len in [0usize, 15, 16, 64, 4096, 262_144, 1 << 20] {
             let mut f = ChunkFrame::new(vec![1; 7], &tid, plain_len).unwrap();
             assert_eq!(f.transfer_id(), tid);
-            assert!(f.plaintext().iter().all(|&b| b == 0));
-            f.plaintext_mut().fill(9);
+            assert!(!f.is_filled());
+            // Half the cases filled from a reader, half written in place.
+            if plain_len % 2 == 0 {
+                f.fill_from(&mut &vec![9; plain_len + 5][..]).unwrap();
+                assert!(f.fill_from(&mut &[9u8; 16][..]).is_err(), "filled twice");
+            } else {
+                assert!(f.plaintext_mut().iter().all(|&b| b == 0));
+                f.plaintext_mut().fill(9);
+            }
+            assert!(f.is_filled());
+            assert_eq!(f.plaintext(), vec![9; plain_len]);
             let (header, ct, tag) = f.record_parts_mut();
             assert_eq!(ct.len(), ciphertext_len(plain_len));
             *header = chunk_header(7, 1 << 40, plain_len == 15, &[3; 16], ct.len());
@@ -232,6 +281,11 @@ mod tests {
             assert_eq!(bytes, encode(&msg, MAX_FRAME_LEN).unwrap(), "{plain_len}");
         }
         assert!(ChunkFrame::new(Vec::new(), &tid, MAX_FRAME_LEN).is_err());
+        // A reader that runs dry before the chunk is full.
+        let mut f = ChunkFrame::new(Vec::new(), &tid, 100).unwrap();
+        let short = f.fill_from(&mut &[9u8; 99][..]).unwrap_err();
+        assert_eq!(short.kind(), std::io::ErrorKind::UnexpectedEof);
+        assert!(!f.is_filled());
     }
 
     #[test]

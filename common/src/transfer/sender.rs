@@ -49,6 +49,9 @@ pub enum SendError {
     /// The hard per-key limit would be exceeded (only reachable if rekeying is disabled).
     #[error("refusing to seal more than {0} bytes under one session key")]
     KeyExhausted(u64),
+    /// A chunk frame pushed before its plaintext was written.
+    #[error("chunk pushed before its plaintext was read")]
+    Unfilled,
     /// Sequence or epoch numbers would wrap.
     #[error("sequence or epoch counter exhausted")]
     CounterExhausted,
@@ -282,6 +285,9 @@ impl SendStream {
     ) -> Result<Sent, SendError> {
         if self.last_pushed || frame.transfer_id() != self.transfer_id {
             return Err(SendError::Order);
+        }
+        if !frame.is_filled() {
+            return Err(SendError::Unfilled);
         }
         let len = frame.plaintext_len();
         if len > MAX_CHUNK || (len == 0 && !last) {
