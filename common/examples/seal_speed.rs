@@ -1,0 +1,80 @@
+//! One core's speed at sealing and opening a stream through the protocol's own
+//! code (sequence numbers, SHA-256 of the whole stream, AES-256-CBC, HMAC-SHA256,
+//! the chunk frame). `scripts/bench.sh` prints it to show that the hardware
+//! AES and SHA paths are in use: without them sealing falls to about 35 MB/s.
+//!
+//! `cargo run --release --example seal_speed [MiB]` (default 256).
+
+use std::time::{Duration, Instant};
+
+use keyferry_common::crypto::keys::{MasterKey, SharedSecret};
+use keyferry_common::ids::{Nonce, TransferId};
+use keyferry_common::message;
+use keyferry_common::record::DEFAULT_CHUNK;
+use keyferry_common::schedule::{StreamKeys, derive_stream_keys};
+use keyferry_common::transfer::{RecvStream, RekeyPolicy, SendStream};
+
+fn keys() -> StreamKeys {
+    derive_stream_keys(
+        MasterKey::from_bytes([1; 32]),
+        SharedSecret::from_bytes([2; 32]),
+        &Nonce([3; 32]),
+        &Nonce([4; 32]),
+        &TransferId([5; 16]),
+        &[6; 32],
+    )
+    .1
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mib: u64 = match std::env::args().nth(1) {
+        Some(a) => a.parse()?,
+        None => 256,
+    };
+    let size = mib << 20;
+    let chunks = size.div_ceil(DEFAULT_CHUNK as u64);
+    let hour = Duration::from_secs(3600);
+
+    // Each chunk is sealed, then opened, in one reused buffer; the two are
+    // timed apart.
+    let mut sender = SendStream::new(
+        keys(),
+        size,
+        RekeyPolicy::with_interval(hour),
+        Instant::now(),
+    );
+    let mut receiver = RecvStream::new(keys(), size);
+    let (mut seal, mut open) = (Duration::ZERO, Duration::ZERO);
+    let mut buf = Vec::new();
+    let mut sent = 0u64;
+    for i in 0..chunks {
+        let start = Instant::now();
+        let len = (size - sent).min(DEFAULT_CHUNK as u64);
+        let mut frame = sender.chunk_frame(buf, usize::try_from(len)?)?;
+        frame.plaintext_mut().fill(i as u8);
+        sent += len;
+        let out = sender.push_frame(frame, sent == size, Instant::now())?;
+        buf = out.chunk.seal().into_frame();
+        let sealed = Instant::now();
+        let payload = &mut buf[4..];
+        let (_, at) = message::chunk_record(payload).ok_or("not a chunk frame")?;
+        receiver.open_chunk_in_place(&mut payload[at..])?;
+        open += sealed.elapsed();
+        seal += sealed - start;
+    }
+    let start = Instant::now();
+    let trailer = sender.trailer()?.0.encode();
+    let sealed = Instant::now();
+    receiver.open_trailer(&trailer)?;
+    open += sealed.elapsed();
+    seal += sealed - start;
+
+    let mbps = |t: Duration| size as f64 / t.as_secs_f64() / 1e6;
+    println!(
+        "seal {:.0} MB/s, open {:.0} MB/s (one core, {mib} MiB in {} KiB chunks)",
+        mbps(seal),
+        mbps(open),
+        DEFAULT_CHUNK >> 10
+    );
+    Ok(())
+}
