@@ -37,7 +37,7 @@ pub fn check(name: &str) -> Result<String, BadFileName> {
     if name.is_empty() || name == "." || name == ".." {
         return refuse("empty or a directory name");
     }
-    if name.len() > 255 {
+    if name.len() > MAX_NAME_BYTES {
         return refuse("longer than 255 bytes");
     }
     if name.chars().any(|c| matches!(c, '/' | '\\' | ':')) {
@@ -63,18 +63,42 @@ pub fn check(name: &str) -> Result<String, BadFileName> {
     } else {
         name.to_owned()
     };
-    if stored.len() > 255 {
+    if stored.len() > MAX_NAME_BYTES {
         return refuse("longer than 255 bytes");
     }
     Ok(stored)
 }
 
-/// The names to try for `name`, in order: `name`, then `stem (1).ext` … `stem (99).ext`.
+/// Longest file name accepted or produced, in bytes (the usual file-system limit).
+pub const MAX_NAME_BYTES: usize = 255;
+
+/// The longest counter a candidate carries: ` (99)`.
+const COUNTER_MAX: usize = 5;
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+fn prefix_within(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// The names to try for `name`, in order: `name`, then `stem (1).ext` …
+/// `stem (99).ext`. The stem is shortened on a character boundary where
+/// needed, so that every candidate fits in [`MAX_NAME_BYTES`]; if the
+/// extension alone leaves no room, the whole name counts as the stem.
 pub fn candidates(name: &str) -> impl Iterator<Item = String> + '_ {
     let (stem, ext) = match name.rfind('.') {
-        Some(i) if i > 0 => name.split_at(i),
+        // Keep the extension only if it leaves room for at least one
+        // character of the stem (up to four bytes in UTF-8).
+        Some(i) if i > 0 && name.len() - i + COUNTER_MAX + 4 <= MAX_NAME_BYTES => name.split_at(i),
         _ => (name, ""),
     };
+    let stem = prefix_within(stem, MAX_NAME_BYTES - COUNTER_MAX - ext.len());
     std::iter::once(name.to_owned()).chain((1..=99).map(move |i| format!("{stem} ({i}){ext}")))
 }
 
@@ -124,5 +148,51 @@ mod tests {
         assert_eq!(c, ["README", "README (1)"]);
         assert_eq!(candidates("x").count(), 100);
         assert_eq!(candidates("_.bashrc").nth(1).unwrap(), "_ (1).bashrc");
+    }
+
+    #[test]
+    fn every_candidate_of_a_long_name_fits_and_keeps_the_extension() {
+        // 250 bytes of stem plus ".pdf": the name fits, `name (99).pdf` would not.
+        let long = format!("{}.pdf", "a".repeat(250));
+        assert!(check(&long).is_ok());
+        let all: Vec<String> = candidates(&long).collect();
+        assert_eq!(all[0], long);
+        assert!(all.iter().all(|c| c.len() <= MAX_NAME_BYTES), "{all:?}");
+        assert!(all[1..].iter().all(|c| c.ends_with(").pdf")));
+        assert_eq!(all[99], format!("{} (99).pdf", "a".repeat(246)));
+        // Multi-byte characters are never cut in half.
+        let wide = format!("{}.txt", "é".repeat(125));
+        for c in candidates(&wide) {
+            assert!(c.len() <= MAX_NAME_BYTES && check(&c).is_ok(), "{c}");
+        }
+        // An extension too long to keep: the whole name is the stem.
+        let ext = format!("x.{}", "b".repeat(252));
+        let c: Vec<String> = candidates(&ext).collect();
+        assert!(c.iter().all(|n| n.len() <= MAX_NAME_BYTES));
+        assert!(c[1].ends_with(" (1)"), "{}", c[1]);
+        // A stem of one wide character and the longest extension kept.
+        let edge = format!("é.{}", "b".repeat(245));
+        let c: Vec<String> = candidates(&edge).collect();
+        assert!(
+            c.iter()
+                .all(|n| n.len() <= MAX_NAME_BYTES && !n.starts_with(' ')),
+            "{c:?}"
+        );
+    }
+
+    #[test]
+    fn names_with_invisible_characters_are_refused() {
+        for bad in [
+            "invoice\u{E0069}\u{E0078}.pdf",
+            "a\u{180E}b",
+            "line\u{2028}break",
+            "para\u{2029}",
+            "x\u{206A}y",
+            "x\u{FFFB}y",
+            "\u{3164}.txt",
+            "a\u{115F}b",
+        ] {
+            assert!(check(bad).is_err(), "{bad:?}");
+        }
     }
 }
