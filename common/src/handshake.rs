@@ -467,6 +467,9 @@ impl VerifiedOffer {
             &f.metadata.tag,
             MAX_METADATA_LEN + 16,
         )?;
+        if plain.len() > MAX_METADATA_LEN {
+            return Err(HandshakeError::Malformed("metadata"));
+        }
         let (metadata, rest) = postcard::take_from_bytes::<Metadata>(&plain)
             .map_err(|_| HandshakeError::Malformed("metadata"))?;
         if !rest.is_empty() {

@@ -408,3 +408,93 @@ fn fingerprints_print_like_openssh_and_parse_back() {
             .is_err()
     );
 }
+
+/// An offer built by hand from PROTOCOL.md §3.3 (as a second implementation
+/// would), sealing `metadata_plain` whatever its length: honest senders stop
+/// at 1024 bytes.
+fn hand_made_offer(alice: &Identity, bob: &Identity, metadata_plain: &[u8]) -> SignedOffer {
+    use keyferry_common::crypto::ecdh::Ephemeral;
+    use keyferry_common::crypto::keys::MasterKey;
+    use keyferry_common::crypto::{seal, wrap};
+    use keyferry_common::encode::Encoder;
+    use keyferry_common::ids::{Nonce, TransferId};
+    use keyferry_common::schedule::metadata_keys;
+    use sha2::{Digest as _, Sha256};
+    let (tid, nonce, master) = (TransferId::random(), Nonce::random(), MasterKey::random());
+    let (afp, bfp) = (alice.fingerprint(), bob.fingerprint());
+    let label: [u8; 32] = Sha256::digest(
+        Encoder::new("keyferry/v1 master-key")
+            .u16(1)
+            .fixed(&tid.0)
+            .fixed(&afp.0)
+            .fixed(&bfp.0)
+            .fixed(&nonce.0)
+            .finish(),
+    )
+    .into();
+    let wrapped = wrap::wrap_master_key(bob.public().rsa(), &label, &master);
+    let mut body = Encoder::default()
+        .u16(1)
+        .fixed(&tid.0)
+        .bytes(b"alice")
+        .fixed(&afp.0)
+        .bytes(b"bob")
+        .fixed(&bfp.0)
+        .u64(NOW)
+        .fixed(&nonce.0)
+        .fixed(&Ephemeral::generate().public())
+        .bytes(&wrapped)
+        .finish();
+    let header_hash: [u8; 32] = Sha256::digest(
+        Encoder::new("keyferry/v1 offer-header")
+            .fixed(&body)
+            .finish(),
+    )
+    .into();
+    let keys = metadata_keys(&master, &nonce, &tid, &header_hash);
+    let ad = Encoder::new("keyferry/v1 metadata").fixed(&tid.0).finish();
+    let sealed = seal::seal(&keys, &ad, metadata_plain);
+    body.extend(
+        Encoder::default()
+            .fixed(&sealed.iv)
+            .bytes(&sealed.ciphertext)
+            .fixed(&sealed.tag)
+            .finish(),
+    );
+    let signature = alice.sign("keyferry/v1 offer", &body);
+    SignedOffer { body, signature }
+}
+
+#[test]
+fn metadata_over_1024_bytes_is_refused_even_when_its_seal_fits() {
+    let (alice, bob) = (fixture("alice"), fixture("bob"));
+    let meta = |len: usize| Metadata {
+        kind: Kind::File,
+        name: "n".repeat(len),
+        size: 1,
+    };
+    let open = |plain: &[u8]| {
+        let offer = hand_made_offer(&alice, &bob, plain);
+        verify_offer(
+            &offer,
+            alice.public(),
+            &name("bob"),
+            bob.fingerprint(),
+            NOW,
+            WINDOW,
+        )
+        .unwrap()
+        .open(&bob)
+    };
+    // 1024 bytes of postcard metadata: the largest allowed, opens.
+    let at_limit = postcard::to_stdvec(&meta(1024 - 4)).unwrap();
+    assert_eq!(at_limit.len(), 1024);
+    assert_eq!(open(&at_limit).unwrap().metadata(), &meta(1024 - 4));
+    // 1030 bytes still seal into the 1040-byte ciphertext bound, but are refused.
+    let over = postcard::to_stdvec(&meta(1030 - 4)).unwrap();
+    assert_eq!(over.len(), 1030);
+    assert_eq!(
+        open(&over).unwrap_err(),
+        HandshakeError::Malformed("metadata")
+    );
+}

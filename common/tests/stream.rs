@@ -508,3 +508,91 @@ fn after_one_error_the_receiver_accepts_nothing() {
     // The genuine chunk 0 is refused now too: the stream is dead.
     assert!(r.open_chunk(c0).is_err());
 }
+
+/// What a hostile sender holding the stream keys can put on the wire: a key
+/// update for any epoch and position (the honest `SendStream` never makes
+/// these).
+fn forged_key_update(k: &StreamKeys, epoch: u32, first_seq: u64) -> Rec {
+    use keyferry_common::crypto::seal;
+    use keyferry_common::record::{KeyUpdateRecord, key_update_ad};
+    let ad = key_update_ad(&k.transfer_id, epoch, first_seq);
+    Rec::KeyUpdate(
+        KeyUpdateRecord {
+            epoch,
+            first_seq,
+            sealed: seal::seal(&k.wrap, &ad, &[9; 32]),
+        }
+        .encode(),
+    )
+}
+
+/// A chunk of epoch 0 sealed by hand, with whatever `last` flag a hostile
+/// sender likes.
+fn forged_chunk(k: &StreamKeys, seq: u64, last: bool, plain: &[u8]) -> Rec {
+    use keyferry_common::crypto::seal;
+    use keyferry_common::record::{chunk_ad, chunk_header};
+    let keys = k.epoch0.epoch_keys(&k.transfer_id, 0);
+    let s = seal::seal(&keys, &chunk_ad(&k.transfer_id, 0, seq, last), plain);
+    let mut record = chunk_header(0, seq, last, &s.iv, s.ciphertext.len()).to_vec();
+    record.extend_from_slice(&s.ciphertext);
+    record.extend_from_slice(&s.tag);
+    Rec::Chunk(record)
+}
+
+#[test]
+fn an_epoch_without_a_chunk_is_refused() {
+    let (k, _) = keys(12);
+    // A key update before the first chunk of the transfer.
+    let early = vec![forged_key_update(&k, 1, 0)];
+    assert!(matches!(
+        receive(12, 100, &early),
+        Err((0, RecvError::EmptyEpoch { epoch: 1 }))
+    ));
+    // Two key updates back to back after a chunk: the second opens nothing.
+    let stream = vec![
+        forged_chunk(&k, 0, false, b"first"),
+        forged_key_update(&k, 1, 1),
+        forged_key_update(&k, 2, 1),
+    ];
+    assert!(matches!(
+        receive(12, 100, &stream),
+        Err((2, RecvError::EmptyEpoch { epoch: 2 }))
+    ));
+    // One key update after a chunk is fine (the honest sender's rule).
+    assert!(matches!(
+        receive(12, 100, &stream[..2]),
+        Err((2, RecvError::Truncated))
+    ));
+}
+
+#[test]
+fn the_chunk_that_reaches_the_declared_size_must_be_the_last() {
+    let (k, _) = keys(13);
+    // Two full chunks, the second not flagged last although it reaches the size.
+    let unflagged = vec![
+        forged_chunk(&k, 0, false, &[1; 10]),
+        forged_chunk(&k, 1, false, &[2; 10]),
+    ];
+    assert!(matches!(
+        receive(13, 20, &unflagged),
+        Err((1, RecvError::Length { declared: 20 }))
+    ));
+    // ... and so no empty last chunk may follow a full stream.
+    let mut trailing_empty = unflagged.clone();
+    trailing_empty[1] = forged_chunk(&k, 1, true, &[2; 10]);
+    trailing_empty.push(forged_chunk(&k, 2, true, &[]));
+    assert!(matches!(
+        receive(13, 20, &trailing_empty),
+        Err((2, RecvError::AfterEnd))
+    ));
+    // The honest sender flags the k-th of k full chunks and refuses otherwise.
+    let d = data(2000);
+    let sent = send(13, &d, 1000, RekeyPolicy::default(), STEP);
+    assert_eq!(chunks_of(&sent.records).len(), 2);
+    let (k, _) = keys(13);
+    let mut s = SendStream::new(k, 10, RekeyPolicy::default(), Instant::now());
+    assert_eq!(
+        s.push([0; 10], false, Instant::now()).unwrap_err(),
+        SendError::Order
+    );
+}

@@ -64,6 +64,13 @@ pub enum RecvError {
     /// An empty chunk that is not the last one.
     #[error("empty chunk before the end of the stream")]
     EmptyChunk,
+    /// A key update for an epoch that carried no chunk (before the first
+    /// chunk, or right after another key update).
+    #[error("key update #{epoch} for an epoch without a chunk")]
+    EmptyEpoch {
+        /// The epoch that would have started.
+        epoch: u32,
+    },
     /// A record after the last chunk (other than one trailer), or a second trailer.
     #[error("data after the end of the stream")]
     AfterEnd,
@@ -106,6 +113,8 @@ pub struct RecvStream {
     session: SessionKey,
     epoch: u32,
     epoch_keys: SealKeys,
+    /// Sequence number of the current epoch's first chunk.
+    epoch_first_seq: u64,
     next_seq: u64,
     total: u64,
     declared: u64,
@@ -143,6 +152,7 @@ impl RecvStream {
             receipt,
             session: epoch0,
             epoch: 0,
+            epoch_first_seq: 0,
             next_seq: 0,
             total: 0,
             declared,
@@ -199,6 +209,11 @@ impl RecvStream {
                     got: ku.first_seq,
                 });
             }
+            // Every epoch carries at least one chunk (the sender's own rule):
+            // key updates alone never make a stream look alive.
+            if s.next_seq == s.epoch_first_seq {
+                return Err(RecvError::EmptyEpoch { epoch: expected });
+            }
             let ad = key_update_ad(&s.transfer_id, expected, s.next_seq);
             let fresh = zeroize::Zeroizing::new(
                 seal::open(
@@ -216,6 +231,7 @@ impl RecvStream {
             s.session = s.session.ratchet(fresh, &s.transfer_id, expected);
             s.epoch_keys = s.session.epoch_keys(&s.transfer_id, expected);
             s.epoch = expected;
+            s.epoch_first_seq = s.next_seq;
             Ok(expected)
         })
     }
@@ -274,7 +290,10 @@ impl RecvStream {
             )
             .map_err(|_| RecvError::Auth)?;
             let len = plain.len() as u64;
-            if plain.len() > MAX_CHUNK || len > left || (rec.last && len != left) {
+            // The chunk that reaches the declared size is the last one, and
+            // only a last one may: a file of k full chunks is k chunks, and
+            // only an empty file ends with an empty chunk.
+            if plain.len() > MAX_CHUNK || len > left || rec.last != (len == left) {
                 return Err(RecvError::Length {
                     declared: s.declared,
                 });

@@ -306,6 +306,10 @@ impl SendStream {
                 declared: self.declared,
             });
         }
+        // The chunk that reaches the declared size must be the last one.
+        if !last && total == self.declared {
+            return Err(SendError::Order);
+        }
         let key_update = if self.rekey_due(len64, now) {
             Some(self.rekey(now)?)
         } else {
