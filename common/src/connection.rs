@@ -2,7 +2,10 @@
 //! `connection.rs`), with the limits of [`crate::frame`].
 //!
 //! A frame's length is checked against the maximum before the buffer grows for
-//! it; EOF between frames is a clean end (`Ok(None)`), EOF inside one is an error.
+//! it, and the buffer then grows only as the frame's bytes arrive (at most
+//! [`GROW_STEP`] ahead of them), never to the announced length at once: a peer
+//! that announces a large frame and sends nothing costs nothing. EOF between
+//! frames is a clean end (`Ok(None)`), EOF inside one is an error.
 
 use std::time::Duration;
 
@@ -11,6 +14,18 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::frame::{self, FrameError, LEN_PREFIX};
 use crate::message::Message;
+
+/// How far a read buffer may grow ahead of the bytes that arrived.
+pub const GROW_STEP: usize = 64 << 10;
+
+/// Makes room in `buf` for the next read of at most `need` bytes: uses spare
+/// capacity where there is some, else grows by at most [`GROW_STEP`].
+fn room_for(buf: &mut Vec<u8>, need: usize) -> usize {
+    if buf.capacity() == buf.len() {
+        buf.reserve(need.min(GROW_STEP));
+    }
+    (buf.capacity() - buf.len()).min(need)
+}
 
 /// A failure on a connection.
 #[derive(Debug, Error)]
@@ -67,15 +82,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// `Ok(None)` on a clean EOF.
     async fn fill_frame(&mut self) -> Result<Option<usize>, ConnError> {
         loop {
-            if let Some(len) = frame::peek_len(&self.buf, self.max)? {
-                let end = LEN_PREFIX + len;
-                if self.buf.len() >= end {
-                    return Ok(Some(end));
+            let need = match frame::peek_len(&self.buf, self.max)? {
+                Some(len) if self.buf.len() >= LEN_PREFIX + len => {
+                    return Ok(Some(LEN_PREFIX + len));
                 }
-                self.buf.reserve(end - self.buf.len());
-            } else {
-                self.buf.reserve(8 << 10);
-            }
+                Some(len) => LEN_PREFIX + len - self.buf.len(),
+                None => GROW_STEP,
+            };
+            room_for(&mut self.buf, need);
             if self.inner.read_buf(&mut self.buf).await? == 0 {
                 return if self.buf.is_empty() {
                     Ok(None)
@@ -106,7 +120,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// stream in an unknown place, and the connection must be abandoned.
     pub async fn read_payload_into(&mut self, out: &mut Vec<u8>) -> Result<bool, ConnError> {
         while self.buf.len() < LEN_PREFIX {
-            self.buf.reserve(8 << 10);
+            room_for(&mut self.buf, GROW_STEP);
             if self.inner.read_buf(&mut self.buf).await? == 0 {
                 return if self.buf.is_empty() {
                     Ok(false)
@@ -122,12 +136,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         out.clear();
         out.extend_from_slice(&self.buf[LEN_PREFIX..LEN_PREFIX + buffered]);
         self.buf.drain(..LEN_PREFIX + buffered);
-        if buffered < len {
-            // Read into the spare capacity as it is: no zeroing first.
-            out.reserve_exact(len - buffered);
-            let rest = (len - buffered) as u64;
-            (&mut self.inner).take(rest).read_to_end(out).await?;
-            if out.len() != len {
+        // Read into the spare capacity as it is (no zeroing first), growing
+        // the buffer only as the bytes arrive.
+        while out.len() < len {
+            let room = room_for(out, len - out.len());
+            if (&mut self.inner).take(room as u64).read_buf(out).await? == 0 {
                 return Err(ConnError::Truncated);
             }
         }
@@ -262,6 +275,34 @@ mod tests {
             reader.read_payload_into(&mut out).await,
             Err(ConnError::Frame(FrameError::TooLarge { .. }))
         ));
+    }
+
+    #[tokio::test]
+    async fn an_announced_frame_is_not_allocated_before_its_bytes_arrive() {
+        // A peer announces a 1 MiB frame, sends ten bytes of it and goes quiet.
+        let (a, mut b) = tokio::io::duplex(64 << 10);
+        let mut announce = (1u32 << 20).to_be_bytes().to_vec();
+        announce.extend_from_slice(&[5; 10]);
+        b.write_all(&announce).await.unwrap();
+        let quiet = Duration::from_millis(50);
+        let mut reader = FrameReader::new(a, frame::MAX_FRAME_LEN);
+        assert!(matches!(
+            reader.read_timeout(quiet).await,
+            Err(ConnError::Timeout(_))
+        ));
+        assert!(
+            reader.buf.capacity() <= 2 * GROW_STEP,
+            "{}",
+            reader.buf.capacity()
+        );
+
+        let (a, mut b) = tokio::io::duplex(64 << 10);
+        b.write_all(&announce).await.unwrap();
+        let mut reader = FrameReader::new(a, frame::MAX_FRAME_LEN);
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(quiet, reader.read_payload_into(&mut out)).await;
+        assert!(out.capacity() <= 2 * GROW_STEP, "{}", out.capacity());
+        drop(b);
     }
 
     #[tokio::test]
