@@ -5,7 +5,9 @@
 //! attacker who can make a receiver decrypt many chosen ciphertexts could learn
 //! about its key; signed offers make each attempt cost a registered identity, and
 //! these budgets bound how many attempts any one identity, new identities, and
-//! everyone together get.
+//! everyone together get. New identities are cheap to make, so together they
+//! may use only a share of the total: a crowd of fresh keys cannot lock out
+//! senders that have been pinned for longer than a day.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -16,6 +18,9 @@ use crate::identity::Fingerprint;
 pub const WINDOW: Duration = Duration::from_secs(60);
 /// Decryptions per window for everyone together.
 pub const TOTAL_PER_WINDOW: usize = 120;
+/// Of [`TOTAL_PER_WINDOW`], how many keys pinned in the last 24 h (first
+/// contacts included) may use together; the rest is kept for older keys.
+pub const NEW_KEYS_PER_WINDOW: usize = 60;
 /// Decryptions per window for one sender key pinned more than 24 h ago.
 pub const PER_KEY_PER_WINDOW: usize = 30;
 /// Decryptions per window for one sender key pinned in the last 24 h.
@@ -27,6 +32,7 @@ pub const NEW_KEY_AGE_SECS: u64 = 24 * 3600;
 #[derive(Debug, Default)]
 pub struct RsaBudget {
     total: VecDeque<Instant>,
+    new_keys: VecDeque<Instant>,
     per_key: HashMap<Fingerprint, VecDeque<Instant>>,
 }
 
@@ -49,20 +55,28 @@ impl RsaBudget {
     /// budgets allow it; returns whether it may go ahead.
     pub fn try_take(&mut self, key: Fingerprint, key_age_secs: u64, now: Instant) -> bool {
         prune(&mut self.total, now);
+        prune(&mut self.new_keys, now);
         self.per_key.retain(|_, q| {
             prune(q, now);
             !q.is_empty()
         });
-        let limit = if key_age_secs < NEW_KEY_AGE_SECS {
+        let new = key_age_secs < NEW_KEY_AGE_SECS;
+        let limit = if new {
             NEW_KEY_PER_WINDOW
         } else {
             PER_KEY_PER_WINDOW
         };
         let used = self.per_key.get(&key).map_or(0, VecDeque::len);
-        if self.total.len() >= TOTAL_PER_WINDOW || used >= limit {
+        if self.total.len() >= TOTAL_PER_WINDOW
+            || used >= limit
+            || (new && self.new_keys.len() >= NEW_KEYS_PER_WINDOW)
+        {
             return false;
         }
         self.total.push_back(now);
+        if new {
+            self.new_keys.push_back(now);
+        }
         self.per_key.entry(key).or_default().push_back(now);
         true
     }
@@ -87,6 +101,26 @@ mod tests {
         }
         assert!(!b.try_take(old, NEW_KEY_AGE_SECS, t));
         assert!(b.try_take(new, 10, t + WINDOW));
+    }
+
+    #[test]
+    fn many_fresh_identities_cannot_lock_out_a_long_pinned_sender() {
+        let mut b = RsaBudget::new();
+        let t = Instant::now();
+        // Twenty identities first seen minutes ago spend what they can.
+        let mut granted = 0;
+        for i in 0..20u8 {
+            for _ in 0..NEW_KEY_PER_WINDOW {
+                granted += usize::from(b.try_take(Fingerprint([i; 32]), 60, t));
+            }
+        }
+        assert_eq!(granted, NEW_KEYS_PER_WINDOW);
+        // A sender pinned for two days still gets its whole per-key budget.
+        let old = Fingerprint([0xee; 32]);
+        for _ in 0..PER_KEY_PER_WINDOW {
+            assert!(b.try_take(old, 2 * NEW_KEY_AGE_SECS, t));
+        }
+        assert!(!b.try_take(old, 2 * NEW_KEY_AGE_SECS, t));
     }
 
     #[test]
