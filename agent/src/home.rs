@@ -15,9 +15,11 @@ pub struct Home {
 }
 
 impl Home {
-    /// `dir`, created with mode 0700 if missing.
+    /// `dir`, created with mode 0700 if missing. An existing one must belong
+    /// to this user and must not be writable by others: whoever can write in
+    /// it can replace the pin files or the identity.
     pub fn open(dir: PathBuf) -> Result<Self, AgentError> {
-        use std::os::unix::fs::DirBuilderExt as _;
+        use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -28,6 +30,24 @@ impl Home {
                     dir.display()
                 ))
             })?;
+        let meta = std::fs::metadata(&dir).map_err(|e| {
+            AgentError::Other(format!("cannot use home directory {}: {e}", dir.display()))
+        })?;
+        if meta.uid() != rustix::process::geteuid().as_raw() {
+            return Err(AgentError::Other(format!(
+                "home directory {} belongs to another user; use a directory of your own (--home)",
+                dir.display()
+            )));
+        }
+        if meta.mode() & 0o022 != 0 {
+            return Err(AgentError::Other(format!(
+                "home directory {} is writable by other users (mode {:03o}), who could replace \
+                 its keys and pins; run `chmod 700 {}`",
+                dir.display(),
+                meta.mode() & 0o777,
+                dir.display()
+            )));
+        }
         Ok(Self { dir })
     }
 

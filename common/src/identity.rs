@@ -9,7 +9,6 @@
 
 use std::fmt;
 use std::fs;
-use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
@@ -52,6 +51,21 @@ pub enum KeyError {
         path: PathBuf,
         /// The cause.
         source: std::io::Error,
+    },
+    /// The key file's name is a symbolic link (or not a regular file).
+    #[error(
+        "key file {path} is a symbolic link or not a regular file; refusing to use it. \
+         Put the key itself there (mode 0600)"
+    )]
+    NotAFile {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The key file belongs to another user.
+    #[error("key file {path} belongs to another user; refusing to use it")]
+    Owner {
+        /// The file.
+        path: PathBuf,
     },
     /// Group or others may read the private key file.
     #[error(
@@ -273,20 +287,51 @@ impl Identity {
     }
 
     /// Loads the key file at `path`, refusing one that others may read.
+    ///
+    /// The file is opened once, without following a symbolic link, and its
+    /// type, owner and mode are checked on the open descriptor, which is then
+    /// read: no name is looked up twice, so nothing can be swapped in between.
     pub fn load(path: &Path) -> Result<Self, KeyError> {
+        use rustix::fs::{FileType, Mode, OFlags};
+        use std::io::Read as _;
         let read_err = |source| KeyError::Read {
             path: path.to_owned(),
             source,
         };
-        let meta = fs::metadata(path).map_err(read_err)?;
-        let mode = meta.permissions().mode() & 0o777;
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+        let fd = match rustix::fs::open(path, flags, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::LOOP) => {
+                return Err(KeyError::NotAFile {
+                    path: path.to_owned(),
+                });
+            }
+            Err(e) => return Err(read_err(e.into())),
+        };
+        let st = rustix::fs::fstat(&fd).map_err(|e| read_err(e.into()))?;
+        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+            return Err(KeyError::NotAFile {
+                path: path.to_owned(),
+            });
+        }
+        if st.st_uid != rustix::process::geteuid().as_raw() {
+            return Err(KeyError::Owner {
+                path: path.to_owned(),
+            });
+        }
+        let mode = st.st_mode & 0o777;
         if mode & 0o077 != 0 {
             return Err(KeyError::Insecure {
                 path: path.to_owned(),
                 mode,
             });
         }
-        let pem = zeroize::Zeroizing::new(fs::read_to_string(path).map_err(read_err)?);
+        // Sized up front, so no copy of the key is left behind by a regrowth.
+        let size = usize::try_from(st.st_size).unwrap_or(0).min(64 << 10);
+        let mut pem = zeroize::Zeroizing::new(String::with_capacity(size + 1));
+        fs::File::from(fd)
+            .read_to_string(&mut pem)
+            .map_err(read_err)?;
         Self::from_pkcs8_pem(&pem).unwrap_or_else(|| {
             Err(KeyError::Parse {
                 path: path.to_owned(),
