@@ -77,6 +77,9 @@ pub struct Args {
     /// Receiver: refuse files larger than this (e.g. 500MiB, 4GiB).
     #[arg(long, value_name = "SIZE", default_value = "4GiB", value_parser = parse_size, help_heading = "Receiver")]
     pub max_size: u64,
+    /// Receiver: fail a transfer that brings no new verified data for this long.
+    #[arg(long, value_name = "DUR", default_value = "60s", value_parser = parse_duration, help_heading = "Receiver")]
+    pub progress_timeout: Duration,
 
     /// Sender: the receiving agent's name.
     #[arg(long, value_name = "PEER", help_heading = "Sender")]
@@ -196,6 +199,7 @@ pub async fn run(args: Args) -> Result<(), AgentError> {
                     out_dir,
                     once: args.once,
                     max_size: args.max_size,
+                    progress_timeout: args.progress_timeout,
                 },
             )
             .await

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,15 +27,13 @@ use tokio::sync::mpsc;
 use crate::client::{AgentConn, Ctx, DataConn, await_ticket, conn_error, connect, open_data};
 use crate::error::AgentError;
 use crate::home::now_unix;
-use crate::output::{Incoming, clean_stale};
+use crate::output::{Incoming, OutDir};
 use crate::send::MAX_MESSAGE;
 
 /// At most this many transfers at once.
 pub const MAX_CONCURRENT: usize = 4;
 /// At most this many transfers at once from one sender.
 pub const MAX_PER_SENDER: usize = 1;
-/// A transfer with no progress for this long fails.
-pub const PROGRESS_TIMEOUT: Duration = Duration::from_secs(60);
 /// Free space that must remain after every accepted transfer.
 pub const SPACE_MARGIN: u64 = 1 << 30;
 
@@ -47,6 +46,8 @@ pub struct RecvOptions {
     pub once: bool,
     /// Largest file accepted.
     pub max_size: u64,
+    /// A transfer without new verified data for this long fails.
+    pub progress_timeout: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -59,6 +60,7 @@ struct Limits {
 struct Shared {
     ctx: Ctx,
     opts: RecvOptions,
+    out: Arc<OutDir>,
     limits: Mutex<Limits>,
     replay: Mutex<ReplayGuard>,
     budget: Mutex<RsaBudget>,
@@ -85,14 +87,8 @@ pub async fn receive(ctx: Ctx, opts: RecvOptions) -> Result<(), AgentError> {
             opts.out_dir.display()
         ))
     };
-    let meta = std::fs::metadata(&opts.out_dir).map_err(dir_err)?;
-    if !meta.is_dir() {
-        return Err(AgentError::Other(format!(
-            "out dir {} is not a directory",
-            opts.out_dir.display()
-        )));
-    }
-    let stale = clean_stale(&opts.out_dir).map_err(dir_err)?;
+    let out = OutDir::open(&opts.out_dir).map_err(dir_err)?;
+    let stale = out.clean_stale().map_err(dir_err)?;
     if stale > 0 {
         eprintln!(
             "removed {stale} unfinished temporary file(s) left in {}",
@@ -109,6 +105,7 @@ pub async fn receive(ctx: Ctx, opts: RecvOptions) -> Result<(), AgentError> {
     let shared = Arc::new(Shared {
         ctx,
         opts,
+        out,
         limits: Mutex::new(Limits::default()),
         replay: Mutex::new(ReplayGuard::new(DEFAULT_TIME_WINDOW_SECS)),
         budget: Mutex::new(RsaBudget::new()),
@@ -168,7 +165,20 @@ async fn incoming(
     let tid = match offer.parse() {
         Ok(f) => f.transfer_id,
         Err(e) => {
-            eprintln!("ignored a malformed offer from {from}: {e}");
+            // Refused if its transfer id can be read (bytes 2..18 of the
+            // body), so the sender hears at once; otherwise only logged.
+            let Some(tid) = offer.body.get(2..18).and_then(|b| b.try_into().ok()) else {
+                eprintln!("ignored an unreadable offer from {from}: {e}");
+                return false;
+            };
+            let tid = TransferId(tid);
+            eprintln!("refused transfer {tid} from {from}: unreadable offer: {e}");
+            let _ = refuse
+                .send(Message::Refuse {
+                    transfer_id: tid,
+                    reason: RefuseReason::VerificationFailed,
+                })
+                .await;
             return false;
         }
     };
@@ -213,11 +223,6 @@ impl Drop for Slot<'_> {
             }
         }
     }
-}
-
-fn free_space(dir: &Path) -> Option<u64> {
-    let s = rustix::fs::statvfs(dir).ok()?;
-    Some(s.f_bavail.saturating_mul(s.f_frsize))
 }
 
 async fn accept_and_receive(
@@ -266,25 +271,27 @@ async fn accept_and_receive(
             ),
         });
     }
-    let pin =
-        match ctx
-            .home
-            .known_peers()
-            .check_or_pin(from.as_str(), key.fingerprint(), now_unix())
-        {
-            Ok(PinCheck::NewlyPinned(p)) => {
-                eprintln!(
-                    "NEW KEY for {from} {} — first contact, verify out of band",
-                    key.fingerprint()
-                );
-                p
-            }
-            Ok(PinCheck::Known(p)) => p,
-            Err(e @ PinError::Mismatch { .. }) => {
-                return Err(refuse(RefuseReason::KeyMismatch, e.to_string()));
-            }
-            Err(e) => return Err(refuse(RefuseReason::Policy, e.to_string())),
-        };
+    // A pin that exists must match; a first-contact key is pinned only once
+    // the offer's signature and metadata verified (below), so a refused offer
+    // pins nothing.
+    let pins = ctx.home.known_peers();
+    let pinned_at = match pins.get(from.as_str()) {
+        Ok(Some(pin)) if pin.fingerprint == key.fingerprint() => Some(pin.pinned_at),
+        Ok(Some(pin)) => {
+            return Err(refuse(
+                RefuseReason::KeyMismatch,
+                PinError::Mismatch {
+                    key: from.to_string(),
+                    pinned: pin.fingerprint,
+                    presented: key.fingerprint(),
+                    file: pins.path().to_owned(),
+                }
+                .to_string(),
+            ));
+        }
+        Ok(None) => None,
+        Err(e) => return Err(refuse(RefuseReason::Policy, e.to_string())),
+    };
 
     // Capacity, before any RSA operation.
     {
@@ -318,7 +325,8 @@ async fn accept_and_receive(
     lock(&shared.replay)
         .check_and_insert(tid, verified.fields().time, now_unix())
         .map_err(|e| refuse(RefuseReason::VerificationFailed, e.to_string()))?;
-    let age = now_unix().saturating_sub(pin.pinned_at);
+    // A first contact is as new as a key can be.
+    let age = pinned_at.map_or(0, |at| now_unix().saturating_sub(at));
     if !lock(&shared.budget).try_take(key.fingerprint(), age, Instant::now()) {
         let which = if age < NEW_KEY_AGE_SECS {
             "recently pinned key"
@@ -337,6 +345,20 @@ async fn accept_and_receive(
         .map_err(|e| refuse(RefuseReason::VerificationFailed, e.to_string()))?;
     let metadata = opened.metadata().clone();
     let stored_name = check_metadata(shared, &metadata, &mut slot)?;
+    if pinned_at.is_none() {
+        // Signature and metadata verified: only now is the key worth a pin.
+        match pins.check_or_pin(from.as_str(), key.fingerprint(), now_unix()) {
+            Ok(PinCheck::NewlyPinned(_)) => eprintln!(
+                "NEW KEY for {from} {} — first contact, verify out of band",
+                key.fingerprint()
+            ),
+            Ok(PinCheck::Known(_)) => {}
+            Err(e @ PinError::Mismatch { .. }) => {
+                return Err(refuse(RefuseReason::KeyMismatch, e.to_string()));
+            }
+            Err(e) => return Err(refuse(RefuseReason::Policy, e.to_string())),
+        }
+    }
 
     let (accept, keys) = opened
         .accept()
@@ -425,7 +447,7 @@ fn check_metadata(
     }
     let mut l = lock(&shared.limits);
     if m.kind == Kind::File {
-        let free = free_space(&shared.opts.out_dir).unwrap_or(0);
+        let free = shared.out.free_space().unwrap_or(0);
         let needed = m
             .size
             .saturating_add(l.in_flight)
@@ -460,10 +482,20 @@ enum Piece {
     Other(Message),
 }
 
-/// The opening thread's ends of the channels: pieces in, empty buffers back.
+/// The opening thread's ends of the channels: pieces in, empty buffers back,
+/// and the count of verified plaintext bytes out (the stream's progress).
 struct Pipe {
     pieces: mpsc::Receiver<Piece>,
     free: std::sync::mpsc::Sender<Vec<u8>>,
+    progress: Arc<AtomicU64>,
+}
+
+/// Why the opening thread stopped without a verified stream.
+enum Stopped {
+    /// It refused something, or could not store it: the real cause.
+    Failed(Failure),
+    /// Its input ended: the reading task knows why.
+    InputEnded,
 }
 
 /// Receives the stream into a temporary file (or memory, for a message),
@@ -474,6 +506,12 @@ struct Pipe {
 /// overlap. The channel between them is bounded: a slow disk slows the reads.
 /// Chunk payloads are read into buffers the thread hands back once it wrote
 /// them, and opened where they lie.
+///
+/// The transfer fails after `--progress-timeout` (60 s) without new verified
+/// plaintext (frames that carry none, such as key updates, do not count), and
+/// at once when the opening thread refused a record, whatever the peer does
+/// next. The failure reported is the first real cause: a refused record, a
+/// storage error, a timeout, a bad frame, or the connection's end.
 async fn receive_stream(
     shared: &Shared,
     conn: &mut DataConn,
@@ -484,38 +522,60 @@ async fn receive_stream(
 ) -> Result<(String, [u8; 32]), Failure> {
     let out_dir = shared.opts.out_dir.clone();
     let file = match stored_name {
-        Some(_) => Some(Incoming::create(&out_dir, &tid).map_err(|e| storage(&out_dir, e))?),
+        Some(_) => Some(shared.out.create(&tid).map_err(|e| storage(&out_dir, e))?),
         None => None,
     };
     let (tx, rx) = mpsc::channel::<Piece>(8);
     // Buffers the opening thread is done with. The channel above bounds how
     // many pieces are in flight, and so how many buffers exist.
     let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let progress = Arc::new(AtomicU64::new(0));
     let (name, display_name) = (stored_name.map(str::to_owned), escape(&metadata.name));
-    let worker = tokio::task::spawn_blocking(move || {
-        let pipe = Pipe {
-            pieces: rx,
-            free: free_tx,
-        };
+    let pipe = Pipe {
+        pieces: rx,
+        free: free_tx,
+        progress: Arc::clone(&progress),
+    };
+    let mut worker = tokio::task::spawn_blocking(move || {
         open_and_store(tid, stream, file, pipe, &out_dir, name, display_name)
     });
+    let timeout = shared.opts.progress_timeout;
+    let (mut verified, mut deadline) = (0, tokio::time::Instant::now() + timeout);
+    let mut finished = None;
     let mut spare = Vec::new();
     let read_result = loop {
         let mut payload = match spare.capacity() {
             0 => free_rx.try_recv().unwrap_or_default(),
             _ => std::mem::take(&mut spare),
         };
-        let read = conn.reader.read_payload_into(&mut payload);
-        match tokio::time::timeout(PROGRESS_TIMEOUT, read).await {
+        let read = tokio::select! {
+            // The opening thread stopped (it refused a record): stop now,
+            // not at the next frame the peer may never send.
+            done = &mut worker => {
+                finished = Some(done);
+                break Ok(());
+            }
+            read = tokio::time::timeout_at(deadline, conn.reader.read_payload_into(&mut payload)) => read,
+        };
+        match read {
             Ok(Ok(true)) => {}
             Ok(Ok(false)) => break Err(verification(RecvError::Truncated)),
             Err(_) => {
                 break Err(Failure::Failed(
                     AbortReason::Timeout,
-                    "no progress for 60 s".into(),
+                    format!(
+                        "no progress for {} s (no new verified data)",
+                        timeout.as_secs()
+                    ),
                 ));
             }
-            Ok(Err(e)) => break Err(connection_lost(e)),
+            Ok(Err(e)) => break Err(read_failure(e)),
+        }
+        // Progress is verified plaintext, nothing else.
+        let now_verified = progress.load(Ordering::Relaxed);
+        if now_verified > verified {
+            verified = now_verified;
+            deadline = tokio::time::Instant::now() + timeout;
         }
         let piece = if let Some((transfer_id, at)) = message::chunk_record(&payload) {
             Piece::Chunk {
@@ -526,16 +586,28 @@ async fn receive_stream(
         } else {
             let msg = match frame::decode_payload(&payload) {
                 Ok(m) => m,
-                Err(e) => break Err(connection_lost(e.into())),
+                Err(e) => break Err(read_failure(e.into())),
             };
             spare = payload;
-            if let Message::Abort { reason, .. } = msg {
-                break Err(Failure::Failed(
-                    reason,
-                    format!("the sender aborted ({reason:?})"),
-                ));
+            match msg {
+                Message::Abort { reason, .. } => {
+                    break Err(Failure::Failed(
+                        reason,
+                        format!("the sender aborted ({reason:?})"),
+                    ));
+                }
+                // A chunk in a form the fast path does not take (postcard
+                // allows non-shortest varints): the same chunk.
+                Message::Chunk {
+                    transfer_id,
+                    record,
+                } => Piece::Chunk {
+                    payload: record,
+                    transfer_id,
+                    at: 0,
+                },
+                msg => Piece::Other(msg),
             }
-            Piece::Other(msg)
         };
         let is_trailer = matches!(piece, Piece::Other(Message::Trailer { .. }));
         if tx.send(piece).await.is_err() || is_trailer {
@@ -544,20 +616,37 @@ async fn receive_stream(
         }
     };
     drop(tx);
-    let worked = worker
-        .await
-        .map_err(|e| Failure::Failed(AbortReason::Storage, e.to_string()))?;
-    // A verification or storage failure the worker saw explains more than a
-    // read error that followed from it; otherwise the read error stands.
+    let worked = match finished {
+        Some(done) => done,
+        None => worker.await,
+    }
+    .map_err(|e| Failure::Failed(AbortReason::Storage, e.to_string()))?;
+    // A refusal or storage failure the worker saw explains more than a read
+    // error that followed from it; a worker whose input ended leaves the
+    // explanation to the reading task.
     match (worked, read_result) {
         (Ok(done), Ok(())) => Ok(done),
-        (Err(e), _) => Err(e),
-        (Ok(_), Err(e)) => Err(e),
+        (Err(Stopped::Failed(e)), _) | (Ok(_), Err(e)) | (Err(Stopped::InputEnded), Err(e)) => {
+            Err(e)
+        }
+        (Err(Stopped::InputEnded), Ok(())) => Err(verification(RecvError::Truncated)),
     }
 }
 
-fn connection_lost(e: ConnError) -> Failure {
-    Failure::Failed(AbortReason::PeerGone, format!("connection lost: {e}"))
+/// What a failed read of the data connection means.
+fn read_failure(e: ConnError) -> Failure {
+    match e {
+        ConnError::Frame(f) => Failure::Failed(
+            AbortReason::VerificationFailed,
+            format!("bad frame from the sender: {f}"),
+        ),
+        ConnError::Truncated => verification(RecvError::Truncated),
+        ConnError::Timeout(d) => Failure::Failed(
+            AbortReason::Timeout,
+            format!("no progress for {} s", d.as_secs()),
+        ),
+        ConnError::Io(e) => Failure::Failed(AbortReason::PeerGone, format!("connection lost: {e}")),
+    }
 }
 
 fn storage(dir: &Path, e: std::io::Error) -> Failure {
@@ -577,11 +666,13 @@ fn open_and_store(
     out_dir: &Path,
     stored_name: Option<String>,
     display_name: String,
-) -> Result<(String, [u8; 32]), Failure> {
+) -> Result<(String, [u8; 32]), Stopped> {
+    let failed = |e: Failure| Stopped::Failed(e);
+    let refused = |e: RecvError| Stopped::Failed(verification(e));
     let mut text = Vec::new();
     let verified = loop {
         let Some(piece) = pipe.pieces.blocking_recv() else {
-            return Err(verification(RecvError::Truncated));
+            return Err(Stopped::InputEnded);
         };
         match piece {
             Piece::Chunk {
@@ -591,11 +682,12 @@ fn open_and_store(
             } if transfer_id == tid => {
                 let (plain, _) = stream
                     .open_chunk_in_place(&mut payload[at..])
-                    .map_err(verification)?;
+                    .map_err(refused)?;
                 match &mut file {
-                    Some(f) => f.write(plain).map_err(|e| storage(out_dir, e))?,
+                    Some(f) => f.write(plain).map_err(|e| failed(storage(out_dir, e)))?,
                     None => text.extend_from_slice(plain),
                 }
+                pipe.progress.store(stream.total(), Ordering::Relaxed);
                 // The reader may have stopped; then the buffer is freed.
                 let _ = pipe.free.send(payload);
             }
@@ -603,26 +695,26 @@ fn open_and_store(
                 transfer_id,
                 record,
             }) if transfer_id == tid => {
-                stream.open_key_update(&record).map_err(verification)?;
+                stream.open_key_update(&record).map_err(refused)?;
             }
             Piece::Other(Message::Trailer {
                 transfer_id,
                 record,
             }) if transfer_id == tid => {
-                break stream.open_trailer(&record).map_err(verification)?;
+                break stream.open_trailer(&record).map_err(refused)?;
             }
             _ => {
-                return Err(Failure::Failed(
+                return Err(failed(Failure::Failed(
                     AbortReason::VerificationFailed,
                     "unexpected message in the stream".into(),
-                ));
+                )));
             }
         }
     };
     let sha = hex::encode(verified.sha256);
     let line = match (file, stored_name) {
         (Some(f), Some(name)) => {
-            let path = f.finish(&name).map_err(|e| storage(out_dir, e))?;
+            let path = f.finish(&name).map_err(|e| failed(storage(out_dir, e)))?;
             format!(
                 "received {display_name} ({} bytes, sha256 {sha}) -> {}",
                 verified.total,

@@ -83,6 +83,8 @@ pub enum Action {
     Pass(Message),
     /// Send this message back to the side the original came from.
     Reply(Message),
+    /// Write these bytes to the other side as they are (not a message).
+    Raw(Vec<u8>),
     /// Close both connections of the transfer (TLS close_notify, then drop).
     Close,
 }
@@ -1045,9 +1047,10 @@ impl Relay<'_> {
             self.flow.back_seen += 1;
         }
         for action in actions {
-            let (to_receiver, m) = match action {
-                Action::Pass(m) => (forward, m),
-                Action::Reply(m) => (!forward, m),
+            let (to_receiver, bytes) = match action {
+                Action::Pass(m) => (forward, frame_of(&m)),
+                Action::Reply(m) => (!forward, frame_of(&m)),
+                Action::Raw(bytes) => (forward, bytes),
                 Action::Close => return Err(End::Close),
             };
             let w = if to_receiver {
@@ -1055,7 +1058,8 @@ impl Relay<'_> {
             } else {
                 &mut self.s_wr
             };
-            if write(w, &m).await.is_err() {
+            let written = tokio::time::timeout(STEP, w.write_frame(&bytes)).await;
+            if !matches!(written, Ok(Ok(()))) {
                 return Err(if to_receiver {
                     End::Receiver
                 } else {
@@ -1084,6 +1088,10 @@ impl Relay<'_> {
             }
         }
     }
+}
+
+fn frame_of(m: &Message) -> Vec<u8> {
+    keyferry_common::frame::encode(m, keyferry_common::frame::MAX_FRAME_LEN).unwrap()
 }
 
 /// Reads and drops frames until the peer closes (or is silent for [`STEP`]).

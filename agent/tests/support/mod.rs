@@ -271,6 +271,15 @@ impl Home {
         p
     }
 
+    /// Starts the agent against the broker at `addr` (any server) with `args`.
+    pub fn at(&self, addr: &str, args: &[&str]) -> Proc {
+        let mut cmd = Command::new(agent_bin());
+        cmd.args(["--broker", addr, "--name", &self.name, "--home"])
+            .arg(self.dir.path())
+            .args(args);
+        Proc::spawn(cmd)
+    }
+
     /// Starts the agent with `args` without waiting.
     pub fn start(&self, broker: &Broker, args: &[&str]) -> Proc {
         let mut cmd = self.command(broker);
@@ -323,6 +332,28 @@ impl Run {
             stderr,
         }
     }
+}
+
+/// Waits until process `pid` holds an open file in `dir` that has received
+/// more than `bytes`. A receiver's file has no name while it arrives
+/// (O_TMPFILE), so it is found among the process's open descriptors.
+pub fn wait_for_data(pid: u32, dir: &Path, bytes: u64) {
+    let deadline = Instant::now() + WAIT;
+    let dir = dir.canonicalize().unwrap();
+    while Instant::now() < deadline {
+        for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+        {
+            let Ok(e) = e else { continue };
+            let in_dir = std::fs::read_link(e.path()).is_ok_and(|t| t.starts_with(&dir));
+            if in_dir && std::fs::metadata(e.path()).is_ok_and(|m| m.len() > bytes) {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panic!("the transfer never started writing into {}", dir.display());
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so files do not compress or repeat.
