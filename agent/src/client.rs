@@ -29,7 +29,9 @@ pub type AgentConn = Connection<tokio_rustls::client::TlsStream<TcpStream>>;
 /// stream on it is sealed end to end.
 pub type DataConn = Connection<TcpStream>;
 
-/// How long to wait for the broker at each step of connecting.
+/// How long connecting may take in all: TCP, TLS, `Hello`, the challenge and
+/// authentication, under one deadline (a broker that keeps talking without
+/// finishing the handshake is cut off by it).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Who we are and where the broker is.
@@ -65,8 +67,24 @@ pub fn conn_error(ctx: &Ctx, e: ConnError) -> AgentError {
     }
 }
 
-/// Connects, pins or checks the broker, and authenticates for `role`.
+/// Connects, pins or checks the broker, and authenticates for `role`, all
+/// within [`CONNECT_TIMEOUT`].
 pub async fn connect(ctx: &Ctx, role: Role) -> Result<AgentConn, AgentError> {
+    tokio::time::timeout(CONNECT_TIMEOUT, connect_within(ctx, role))
+        .await
+        .unwrap_or_else(|_| {
+            Err(AgentError::BrokerUnreachable {
+                addr: ctx.broker.clone(),
+                detail: format!(
+                    "the broker did not complete the handshake (TLS, hello, authentication) \
+                     within {} s",
+                    CONNECT_TIMEOUT.as_secs()
+                ),
+            })
+        })
+}
+
+async fn connect_within(ctx: &Ctx, role: Role) -> Result<AgentConn, AgentError> {
     let unreachable = |detail: String| AgentError::BrokerUnreachable {
         addr: ctx.broker.clone(),
         detail,
