@@ -23,6 +23,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// Most simultaneous connections from one IP address.
     pub max_connections_per_ip: usize,
+    /// Most connections from one IP address that have not authenticated yet;
+    /// a newer one cuts the oldest.
+    pub max_unauthenticated_per_ip: usize,
     /// Most offers one agent name may make per minute.
     pub offers_per_minute: usize,
     /// Most transfers one agent name may be sending at once.
@@ -41,6 +44,7 @@ impl Default for Limits {
             answer_timeout: Duration::from_secs(60),
             max_connections: 4096,
             max_connections_per_ip: 256,
+            max_unauthenticated_per_ip: 64,
             offers_per_minute: 30,
             max_transfers_per_agent: 4,
         }

@@ -143,14 +143,25 @@ impl Tickets {
 }
 
 /// Serves a connection that did not start with TLS: it must be a data
-/// connection presenting a valid ticket within the handshake timeout.
+/// connection presenting a valid ticket before `deadline` (the handshake
+/// timeout, counted from the accept).
 pub async fn admit(
     shared: Arc<Shared>,
     mut tcp: TcpStream,
-    guard: ConnGuard,
+    mut guard: ConnGuard,
+    deadline: tokio::time::Instant,
 ) -> Result<(), HandlerError> {
     let mut reader = FrameReader::new(&mut tcp, REDEEM_MAX);
-    let first = reader.read_timeout(shared.limits.handshake_timeout).await;
+    let first = tokio::select! {
+        r = tokio::time::timeout_at(deadline, reader.read()) => {
+            r.unwrap_or(Err(ConnError::Timeout(shared.limits.handshake_timeout)))
+        }
+        () = guard.evicted() => {
+            return Err(HandlerError::Refused(
+                "a newer connection from the same address took its place before it redeemed a ticket".into(),
+            ));
+        }
+    };
     let leftover = reader.into_parts().1;
     let (tid, ticket) = match first {
         Ok(Some(Message::Redeem {
@@ -176,6 +187,7 @@ pub async fn admit(
         )
         .await);
     };
+    guard.admit();
     // If the wait just ended, the connection is dropped, which is its answer.
     let _ = to.send(DataConn {
         tcp,

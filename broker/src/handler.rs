@@ -98,21 +98,63 @@ struct Agent {
 const TLS_HANDSHAKE: u8 = 0x16;
 
 /// Serves one accepted TCP connection until it ends: TLS for agents, anything
-/// else must be a data connection with a ticket ([`crate::data`]).
+/// else must be a data connection with a ticket ([`crate::data`]). Until it
+/// authenticated, a newer connection from the same address may cut it
+/// ([`ConnGuard::evicted`]).
 pub async fn handle(
     shared: Arc<Shared>,
     tcp: TcpStream,
-    guard: ConnGuard,
+    mut guard: ConnGuard,
 ) -> Result<(), HandlerError> {
     let deadline = tokio::time::Instant::now() + shared.limits.handshake_timeout;
-    let mut first = [0u8; 1];
-    match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
-        Err(_) => return Err(HandlerError::Tls("timed out".into())),
-        Ok(Err(e)) => return Err(ConnError::Io(e).into()),
-        Ok(Ok(0)) => return Ok(()),
-        Ok(Ok(_)) if first[0] == TLS_HANDSHAKE => {}
-        Ok(Ok(_)) => return data::admit(shared, tcp, guard).await,
+    let handshake = async {
+        let mut first = [0u8; 1];
+        match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
+            Err(_) => Err(HandlerError::Tls("timed out".into())),
+            Ok(Err(e)) => Err(ConnError::Io(e).into()),
+            Ok(Ok(0)) => Ok(None),
+            Ok(Ok(_)) if first[0] == TLS_HANDSHAKE => Ok(Some((tcp, true))),
+            Ok(Ok(_)) => Ok(Some((tcp, false))),
+        }
+    };
+    let evicted = || {
+        HandlerError::Refused(
+            "a newer connection from the same address took its place before it authenticated"
+                .into(),
+        )
+    };
+    let first = tokio::select! {
+        r = handshake => r?,
+        () = guard.evicted() => return Err(evicted()),
+    };
+    let Some((tcp, tls)) = first else {
+        return Ok(());
+    };
+    if !tls {
+        return data::admit(shared, tcp, guard, deadline).await;
     }
+    let authenticated = tokio::select! {
+        r = authenticate(&shared, tcp, deadline) => r?,
+        () = guard.evicted() => return Err(evicted()),
+    };
+    let Some((conn, agent, role)) = authenticated else {
+        return Ok(());
+    };
+    guard.admit();
+    match role {
+        Role::Sender => sender_session(&shared, conn, agent).await,
+        Role::Receiver => receiver_session(&shared, conn, agent).await,
+        Role::Data => data_session(&shared, conn, agent).await,
+    }
+}
+
+/// TLS, `Hello`, the challenge and `Auth`, all before `deadline`; `None` if
+/// the peer left quietly.
+async fn authenticate(
+    shared: &Shared,
+    tcp: TcpStream,
+    deadline: tokio::time::Instant,
+) -> Result<Option<(BrokerConn, Agent, Role)>, HandlerError> {
     let limits = &shared.limits;
     let tls = tokio::time::timeout_at(deadline, shared.acceptor.accept(tcp))
         .await
@@ -155,7 +197,7 @@ pub async fn handle(
 
     let auth_msg = match tokio::time::timeout_at(deadline, conn.reader.read()).await {
         Ok(Ok(Some(m))) => m,
-        Ok(Ok(None)) => return Ok(()),
+        Ok(Ok(None)) => return Ok(None),
         Ok(Err(e)) => return Err(bad_input(&mut conn, e).await),
         Err(_) => {
             return Err(refuse(&mut conn, ErrorCode::Protocol, "handshake timed out".into()).await);
@@ -247,11 +289,7 @@ pub async fn handle(
         spki,
         fingerprint: key.fingerprint(),
     };
-    match role {
-        Role::Sender => sender_session(&shared, conn, agent).await,
-        Role::Receiver => receiver_session(&shared, conn, agent).await,
-        Role::Data => data_session(&shared, conn, agent).await,
-    }
+    Ok(Some((conn, agent, role)))
 }
 
 /// Releases an offer's concurrent-transfer slot when the offer ends.

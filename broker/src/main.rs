@@ -58,6 +58,11 @@ struct Args {
     /// Most simultaneous connections from one IP address.
     #[arg(long, value_name = "N", default_value_t = 256, help_heading = "Limits")]
     max_connections_per_ip: usize,
+    /// Most connections from one IP address still in their handshake (not yet
+    /// authenticated); a newer one cuts the oldest, so idle handshakes cannot
+    /// lock out the agents behind an address. Keep it below the per-IP limit.
+    #[arg(long, value_name = "N", default_value_t = 64, help_heading = "Limits")]
+    max_unauthenticated_per_ip: usize,
     /// Most offers one agent may make per minute.
     #[arg(long, value_name = "N", default_value_t = 30, help_heading = "Limits")]
     offers_per_minute: usize,
@@ -106,6 +111,7 @@ async fn main() -> ExitCode {
         idle_timeout: args.idle_timeout,
         max_connections: args.max_connections.max(1),
         max_connections_per_ip: args.max_connections_per_ip.max(1),
+        max_unauthenticated_per_ip: args.max_unauthenticated_per_ip.max(1),
         offers_per_minute: args.offers_per_minute,
         max_transfers_per_agent: args.max_transfers_per_agent,
         ..Limits::default()

@@ -2,11 +2,11 @@
 //! connection, and a shutdown signal that stops accepting (as mini-redis does).
 //! A permit travels with its connection, also into a transfer's relay.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use keyferry_common::connection::ConnError;
@@ -14,7 +14,7 @@ use keyferry_common::connection::ConnError;
 use keyferry_common::identity::Fingerprint;
 use keyferry_common::tls;
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
@@ -42,49 +42,104 @@ pub struct Shared {
     /// Tickets of accepted transfers whose data connections are awaited.
     pub tickets: Tickets,
     /// Open connections per IP address.
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    per_ip: Mutex<HashMap<IpAddr, PerIp>>,
 }
 
-/// Holds one of an address's connection slots until dropped.
-#[derive(Debug)]
-struct IpSlot {
-    shared: Arc<Shared>,
-    ip: IpAddr,
-}
-
-impl IpSlot {
-    fn take(shared: &Arc<Shared>, ip: IpAddr) -> Option<Self> {
-        let mut map = shared.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.entry(ip).or_default();
-        if *n >= shared.limits.max_connections_per_ip {
-            return None;
-        }
-        *n += 1;
-        Some(Self {
-            shared: Arc::clone(shared),
-            ip,
-        })
-    }
+/// One address's connections: how many there are in all, and which of them
+/// have not authenticated yet (oldest first, each with the means to cut it).
+#[derive(Debug, Default)]
+pub(crate) struct PerIp {
+    total: usize,
+    pending: VecDeque<(u64, oneshot::Sender<()>)>,
 }
 
 /// A connection's place under the connection limits, released when dropped.
-/// A data connection hands it on to the relay that uses the connection.
+///
+/// Until [`ConnGuard::admit`] (after authentication, or a valid ticket) the
+/// connection also holds one of its address's few unauthenticated places;
+/// when those are full, a new connection from that address cuts the oldest
+/// one still in its handshake ([`ConnGuard::evicted`]), so idle handshakes
+/// can never lock out the agents behind an address. A data connection hands
+/// its guard on to the relay that uses the connection.
 #[derive(Debug)]
 pub struct ConnGuard {
     _permit: OwnedSemaphorePermit,
-    _ip: IpSlot,
+    shared: Arc<Shared>,
+    ip: IpAddr,
+    id: u64,
+    /// Fires when a newer connection from the same address took our
+    /// unauthenticated place; `None` once admitted.
+    eviction: Option<oneshot::Receiver<()>>,
 }
 
-impl Drop for IpSlot {
+impl ConnGuard {
+    fn take(shared: &Arc<Shared>, permit: OwnedSemaphorePermit, ip: IpAddr) -> Option<Self> {
+        let limits = &shared.limits;
+        let mut map = lock(&shared.per_ip);
+        let entry = map.entry(ip).or_default();
+        if entry.total >= limits.max_connections_per_ip {
+            return None;
+        }
+        if entry.pending.len() >= limits.max_unauthenticated_per_ip.max(1)
+            && let Some((_, cut)) = entry.pending.pop_front()
+        {
+            let _ = cut.send(());
+        }
+        let id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        let (cut, eviction) = oneshot::channel();
+        entry.total += 1;
+        entry.pending.push_back((id, cut));
+        Some(Self {
+            _permit: permit,
+            shared: Arc::clone(shared),
+            ip,
+            id,
+            eviction: Some(eviction),
+        })
+    }
+
+    /// Resolves when this connection, still unauthenticated, was cut to make
+    /// room for a newer one from its address; never once admitted.
+    pub async fn evicted(&mut self) {
+        match &mut self.eviction {
+            Some(rx) => {
+                if rx.await.is_err() {
+                    // The table let go of us without a cut: keep waiting.
+                    std::future::pending::<()>().await;
+                }
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The connection authenticated (or redeemed a ticket): it leaves the
+    /// unauthenticated places and can no longer be evicted.
+    pub fn admit(&mut self) {
+        if self.eviction.take().is_some() {
+            let mut map = lock(&self.shared.per_ip);
+            if let Some(entry) = map.get_mut(&self.ip) {
+                entry.pending.retain(|(id, _)| *id != self.id);
+            }
+        }
+    }
+}
+
+impl Drop for ConnGuard {
     fn drop(&mut self) {
-        let mut map = self.shared.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
+        let mut map = lock(&self.shared.per_ip);
+        if let Some(entry) = map.get_mut(&self.ip) {
+            entry.total -= 1;
+            entry.pending.retain(|(id, _)| *id != self.id);
+            if entry.total == 0 {
                 map.remove(&self.ip);
             }
         }
     }
+}
+
+/// Locks a mutex whose holder may have panicked: the data stays usable.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl std::fmt::Debug for Shared {
@@ -161,16 +216,12 @@ impl Broker {
                 warn!(%peer, "connection refused: connection limit reached");
                 continue;
             };
-            let Some(ip_slot) = IpSlot::take(&self.shared, peer.ip()) else {
+            let Some(guard) = ConnGuard::take(&self.shared, permit, peer.ip()) else {
                 warn!(%peer, limit = self.shared.limits.max_connections_per_ip, "connection refused: per-address limit reached");
                 continue;
             };
             let _ = tcp.set_nodelay(true);
             let shared = Arc::clone(&self.shared);
-            let guard = ConnGuard {
-                _permit: permit,
-                _ip: ip_slot,
-            };
             tokio::spawn(async move {
                 match handle(shared, tcp, guard).await {
                     Ok(()) => {}
