@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use keyferry_agent::client::{Ctx, connect};
 use keyferry_agent::home::Home;
-use keyferry_common::message::Role;
 use keyferry_common::name::AgentName;
+use keyferry_common::wire::message::Role;
 
 /// How many connections are opened at once (each costs one RSA signature).
 const AT_ONCE: usize = 16;

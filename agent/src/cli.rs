@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use keyferry_common::identity::Fingerprint;
-use keyferry_common::message::{Message, Role};
 use keyferry_common::name::AgentName;
 use keyferry_common::units::{parse_duration, parse_size};
+use keyferry_common::wire::message::{Message, Role};
 
 use crate::client::{Ctx, broker_error, conn_error, connect};
 use crate::error::AgentError;
@@ -107,7 +107,7 @@ pub struct Args {
 }
 
 fn usage(msg: &str) -> AgentError {
-    AgentError::Other(format!("{msg} (see agent --help)"))
+    AgentError::Usage(msg.to_owned())
 }
 
 fn context(args: &Args) -> Result<Ctx, AgentError> {
@@ -169,8 +169,8 @@ async fn list(ctx: &Ctx) -> Result<(), AgentError> {
             Ok(())
         }
         Some(Message::Error { code, detail }) => Err(broker_error(code, detail)),
-        _ => Err(AgentError::Other(
-            "the broker did not answer the list request".into(),
+        _ => Err(AgentError::Protocol(
+            "the broker did not answer the list request",
         )),
     }
 }
@@ -190,8 +190,10 @@ pub async fn run(args: Args) -> Result<(), AgentError> {
             }
             let out_dir = match args.out_dir {
                 Some(d) => d,
-                None => std::env::current_dir()
-                    .map_err(|e| AgentError::Other(format!("current directory: {e}")))?,
+                None => std::env::current_dir().map_err(|source| AgentError::OutDir {
+                    path: PathBuf::from("."),
+                    source,
+                })?,
             };
             receive(
                 ctx,
@@ -232,8 +234,8 @@ pub async fn run(args: Args) -> Result<(), AgentError> {
             )
             .await?;
             if args.json {
-                let line =
-                    serde_json::to_string(&report).map_err(|e| AgentError::Other(e.to_string()))?;
+                let line = serde_json::to_string(&report)
+                    .map_err(|e| AgentError::Internal(e.to_string()))?;
                 println!("{line}");
             } else {
                 println!(

@@ -7,20 +7,20 @@ use std::time::Duration;
 
 use keyferry_common::PROTOCOL_VERSION;
 use keyferry_common::auth;
-use keyferry_common::connection::{ConnError, Connection, FrameReader, FrameWriter};
-use keyferry_common::frame::MAX_FRAME_LEN;
 use keyferry_common::identity::{Fingerprint, Identity};
 use keyferry_common::ids::TransferId;
-use keyferry_common::message::{ErrorCode, Message, Role};
+use keyferry_common::io::connection::{ConnError, Connection, FrameReader, FrameWriter};
+use keyferry_common::io::tls::{self, PinOutcome, PinningVerifier};
 use keyferry_common::name::AgentName;
-use keyferry_common::pins::PinCheck;
-use keyferry_common::tls::{self, PinOutcome, PinningVerifier};
+use keyferry_common::wire::frame::MAX_FRAME_LEN;
+use keyferry_common::wire::message::{ErrorCode, Message, Role};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use crate::error::AgentError;
 use crate::home::{Home, now_unix};
+use crate::trust::pins::{PinCheck, PinError};
 
 /// A connection to the broker after TLS.
 pub type AgentConn = Connection<tokio_rustls::client::TlsStream<TcpStream>>;
@@ -55,7 +55,7 @@ pub fn broker_error(code: ErrorCode, detail: String) -> AgentError {
         ErrorCode::NameTaken | ErrorCode::AuthFailed | ErrorCode::Policy => {
             AgentError::NameRefused(detail)
         }
-        _ => AgentError::Other(format!("the broker refused: {detail}")),
+        _ => AgentError::BrokerRefused(detail),
     }
 }
 
@@ -90,10 +90,7 @@ async fn connect_within(ctx: &Ctx, role: Role) -> Result<AgentConn, AgentError> 
         detail,
     };
     let pins = ctx.home.known_brokers();
-    let pinned = pins
-        .get(&ctx.broker)
-        .map_err(|e| AgentError::Other(e.to_string()))?
-        .map(|p| p.fingerprint);
+    let pinned = pins.get(&ctx.broker)?.map(|p| p.fingerprint);
     let expected = ctx.broker_fingerprint.or(pinned);
 
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&ctx.broker))
@@ -102,10 +99,9 @@ async fn connect_within(ctx: &Ctx, role: Role) -> Result<AgentConn, AgentError> 
         .map_err(|e| unreachable(e.to_string()))?;
     let _ = tcp.set_nodelay(true);
     let verifier = PinningVerifier::new(expected);
-    let config =
-        tls::client_config(Arc::clone(&verifier)).map_err(|e| AgentError::Other(e.to_string()))?;
-    let server_name =
-        ServerName::try_from(tls::SERVER_NAME).map_err(|e| AgentError::Other(e.to_string()))?;
+    let config = tls::client_config(Arc::clone(&verifier))?;
+    let server_name = ServerName::try_from(tls::SERVER_NAME)
+        .map_err(|_| AgentError::Protocol("the broker's TLS server name is invalid"))?;
     let handshake = TlsConnector::from(Arc::new(config)).connect(server_name, tcp);
     let tls = match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
         Ok(Ok(t)) => t,
@@ -144,7 +140,7 @@ async fn connect_within(ctx: &Ctx, role: Role) -> Result<AgentConn, AgentError> 
             );
         }
         Ok(_) => {}
-        Err(keyferry_common::pins::PinError::Mismatch {
+        Err(PinError::Mismatch {
             pinned,
             presented,
             file,
@@ -157,7 +153,7 @@ async fn connect_within(ctx: &Ctx, role: Role) -> Result<AgentConn, AgentError> 
                 file,
             });
         }
-        Err(e) => return Err(AgentError::Other(e.to_string())),
+        Err(e) => return Err(e.into()),
     }
 
     let mut tls = tls;
@@ -190,15 +186,13 @@ async fn hello_and_auth(
         match reader.read_timeout(CONNECT_TIMEOUT).await.map_err(lost)? {
             Some(Message::Hello { version }) if version == PROTOCOL_VERSION => {}
             Some(Message::Hello { version }) => {
-                return Err(AgentError::Other(format!(
-                    "the broker speaks protocol version {version}, this agent {PROTOCOL_VERSION}: upgrade one of them"
-                )));
+                return Err(AgentError::Version { broker: version });
             }
             Some(Message::Challenge { nonce: n }) => nonce = Some(n),
             Some(Message::Error { code, detail }) => return Err(broker_error(code, detail)),
             Some(_) => {
-                return Err(AgentError::Other(
-                    "the broker sent an unexpected message".into(),
+                return Err(AgentError::Protocol(
+                    "the broker sent an unexpected message",
                 ));
             }
             None => return Err(unreachable("the broker closed the connection")),
@@ -207,15 +201,15 @@ async fn hello_and_auth(
     let (_, leftover) = reader.into_parts();
     let nonce = nonce.expect("the loop ends only with a nonce");
     if !leftover.is_empty() {
-        return Err(AgentError::Other(
-            "the broker sent data before authentication".into(),
+        return Err(AgentError::Protocol(
+            "the broker sent data before authentication",
         ));
     }
     let mut exporter = [0u8; auth::EXPORTER_LEN];
     tls.get_ref()
         .1
         .export_keying_material(&mut exporter, auth::EXPORTER_LABEL, Some(&nonce))
-        .map_err(|e| AgentError::Other(format!("TLS exporter: {e}")))?;
+        .map_err(AgentError::Tls)?;
     let identity = Arc::clone(&ctx.identity);
     let message = auth::message(
         &exporter,
@@ -225,9 +219,8 @@ async fn hello_and_auth(
         &identity.fingerprint(),
         &broker_fp,
     );
-    let signature = tokio::task::spawn_blocking(move || identity.sign(auth::CONTEXT, &message))
-        .await
-        .map_err(|e| AgentError::Other(e.to_string()))?;
+    let signature =
+        tokio::task::spawn_blocking(move || identity.sign(auth::CONTEXT, &message)).await?;
     FrameWriter::new(&mut *tls, MAX_FRAME_LEN)
         .write(&Message::Auth {
             name: ctx.name.clone(),
@@ -242,8 +235,8 @@ async fn hello_and_auth(
         Some(Message::Welcome) => {}
         Some(Message::Error { code, detail }) => return Err(broker_error(code, detail)),
         Some(_) => {
-            return Err(AgentError::Other(
-                "the broker sent an unexpected message".into(),
+            return Err(AgentError::Protocol(
+                "the broker sent an unexpected message",
             ));
         }
         None => return Err(unreachable("the broker closed the connection")),
@@ -264,8 +257,8 @@ pub async fn await_ticket(
             ticket,
         })) if transfer_id == tid => Ok(ticket),
         Ok(Some(Message::Error { code, detail })) => Err(broker_error(code, detail)),
-        Ok(Some(_)) => Err(AgentError::Other(
-            "the broker sent no ticket for the data connection".into(),
+        Ok(Some(_)) => Err(AgentError::Protocol(
+            "the broker sent no ticket for the data connection",
         )),
         Ok(None) => Err(conn_error(ctx, ConnError::Truncated)),
         Err(e) => Err(conn_error(ctx, e)),

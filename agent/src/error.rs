@@ -1,11 +1,17 @@
 //! Everything that can end an agent run, each with the exit code it maps to and
-//! a message that says what failed and what to do.
+//! a message that says what failed and what to do. Every variant keeps the
+//! error it came from.
 
 use std::path::PathBuf;
 
+use keyferry_common::handshake::HandshakeError;
 use keyferry_common::identity::Fingerprint;
-use keyferry_common::message::RefuseReason;
+use keyferry_common::transfer::SendError;
+use keyferry_common::wire::message::{AbortReason, RefuseReason};
 use thiserror::Error;
+
+use crate::home::{HomeError, KeyFileError};
+use crate::trust::pins::PinError;
 
 /// Exit codes, as documented in the README.
 pub mod exit {
@@ -72,9 +78,9 @@ pub enum AgentError {
         "peer {0} is offline: it must run `agent --role receiver` (`agent --list` shows who is online)"
     )]
     PeerOffline(String),
-    /// A pinned key changed.
-    #[error("{0}")]
-    PeerKeyMismatch(String),
+    /// A pinned peer key changed.
+    #[error(transparent)]
+    PeerKeyMismatch(PinError),
     /// The file to send cannot be read.
     #[error("cannot read {path}: {detail}")]
     FileUnreadable {
@@ -94,15 +100,88 @@ pub enum AgentError {
     /// Something did not verify.
     #[error("verification failed: {0}")]
     Verification(String),
+    /// The receiver gave up on the transfer and said why.
+    #[error("{}", abort_text(*.0))]
+    ReceiverAborted(AbortReason),
     /// The broker refused our name.
     #[error("the broker refused this agent: {0}")]
     NameRefused(String),
+    /// The broker refused a request (the detail is the broker's).
+    #[error("the broker refused: {0}")]
+    BrokerRefused(String),
+    /// The broker ended a receiver's session and said why.
+    #[error("the broker ended the session: {0}")]
+    SessionEnded(String),
+    /// The broker or the peer sent something the protocol does not allow here.
+    #[error("{0}")]
+    Protocol(&'static str),
+    /// The broker speaks another protocol version.
+    #[error(
+        "the broker speaks protocol version {broker}, this agent {}: upgrade one of them",
+        keyferry_common::PROTOCOL_VERSION
+    )]
+    Version {
+        /// The broker's version.
+        broker: u16,
+    },
     /// Ctrl-C.
     #[error("interrupted")]
     Interrupted,
-    /// Anything else.
-    #[error("{0}")]
-    Other(String),
+    /// A wrong combination of options.
+    #[error("{0} (see agent --help)")]
+    Usage(String),
+    /// The home directory cannot be used.
+    #[error(transparent)]
+    Home(#[from] HomeError),
+    /// The identity's key file.
+    #[error(transparent)]
+    KeyFile(#[from] KeyFileError),
+    /// A pin file cannot be read or written.
+    #[error(transparent)]
+    Pins(PinError),
+    /// The out dir cannot be used.
+    #[error("cannot use out dir {path}: {source}")]
+    OutDir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The offer could not be built.
+    #[error("cannot build the offer: {0}")]
+    Offer(#[source] HandshakeError),
+    /// The sender's stream refused what it was given.
+    #[error(transparent)]
+    Stream(#[from] SendError),
+    /// A text message was too long to send.
+    #[error("message of {len} bytes is longer than the {max}-byte limit; send it as a file")]
+    MessageTooLong {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A worker task or thread stopped without an answer (a bug, not input).
+    #[error("internal error: {0}")]
+    Internal(String),
+    /// TLS could not be set up.
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+impl From<PinError> for AgentError {
+    fn from(e: PinError) -> Self {
+        match e {
+            PinError::Mismatch { .. } => Self::PeerKeyMismatch(e),
+            other => Self::Pins(other),
+        }
+    }
+}
+
+impl From<tokio::task::JoinError> for AgentError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        Self::Internal(e.to_string())
+    }
 }
 
 fn refuse_text(r: RefuseReason) -> &'static str {
@@ -112,6 +191,20 @@ fn refuse_text(r: RefuseReason) -> &'static str {
         RefuseReason::KeyMismatch => "your key does not match the one it pinned for you",
         RefuseReason::VerificationFailed => "the offer did not verify",
         RefuseReason::Policy => "refused by its policy (file name, rate limit)",
+    }
+}
+
+fn abort_text(r: AbortReason) -> &'static str {
+    match r {
+        AbortReason::Storage => {
+            "the receiver could not store the file (disk full or out dir not writable)"
+        }
+        AbortReason::PeerGone => "the receiver disconnected before the transfer completed",
+        AbortReason::Timeout => "the receiver gave up waiting",
+        AbortReason::Interrupted => "the receiver was interrupted",
+        AbortReason::VerificationFailed | AbortReason::Source => {
+            "verification failed: the receiver refused the data (it did not verify)"
+        }
     }
 }
 
@@ -126,9 +219,26 @@ impl AgentError {
             Self::FileUnreadable { .. } => exit::FILE_UNREADABLE,
             Self::Refused { .. } => exit::REFUSED,
             Self::Verification(_) => exit::VERIFICATION_FAILED,
+            Self::ReceiverAborted(AbortReason::VerificationFailed | AbortReason::Source) => {
+                exit::VERIFICATION_FAILED
+            }
             Self::NameRefused(_) => exit::NAME_REFUSED,
             Self::Interrupted => exit::INTERRUPTED,
-            Self::Other(_) => exit::OTHER,
+            Self::ReceiverAborted(_)
+            | Self::BrokerRefused(_)
+            | Self::SessionEnded(_)
+            | Self::Protocol(_)
+            | Self::Version { .. }
+            | Self::Usage(_)
+            | Self::Home(_)
+            | Self::KeyFile(_)
+            | Self::Pins(_)
+            | Self::OutDir { .. }
+            | Self::Offer(_)
+            | Self::Stream(_)
+            | Self::MessageTooLong { .. }
+            | Self::Internal(_)
+            | Self::Tls(_) => exit::OTHER,
         }
     }
 }

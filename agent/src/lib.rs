@@ -2,6 +2,18 @@
 //!
 //! `main.rs` parses the command line ([`cli`]) and calls [`run`]; everything a
 //! user can do goes through the same code the integration tests drive.
+//!
+//! Layers, bottom up, as the imports really are:
+//!
+//! * [`error`] (every way a run can end, with its exit code), [`progress`]
+//!   (the only module that knows indicatif);
+//! * [`trust`] (pins, RSA budgets, replayed ids) and [`home`] (the home
+//!   directory, the key file, the pin files);
+//! * [`client`]: connecting to the broker, pinning it, authenticating, data
+//!   connections;
+//! * the roles: [`send`] (look up, pin, offer, the sealing pipeline) and
+//!   [`receive`] (the offer gate, the stream, files placed by descriptor);
+//! * [`cli`]: the command line and what each invocation does.
 
 #![forbid(unsafe_code)]
 
@@ -9,10 +21,10 @@ pub mod cli;
 pub mod client;
 pub mod error;
 pub mod home;
-pub mod output;
 pub mod progress;
 pub mod receive;
 pub mod send;
+pub mod trust;
 
 pub use cli::{Args, run};
 pub use error::AgentError;

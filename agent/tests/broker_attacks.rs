@@ -16,8 +16,8 @@ use keyferry_agent::client::{AgentConn, Ctx, connect};
 use keyferry_agent::home::Home as AgentHome;
 use keyferry_common::handshake::{Kind, Metadata, OfferParams, make_offer};
 use keyferry_common::identity::PublicKey;
-use keyferry_common::message::{ErrorCode, Message, Role};
 use keyferry_common::name::AgentName;
+use keyferry_common::wire::message::{ErrorCode, Message, Role};
 use support::{Broker, Home, TempDir, WAIT, pseudo_random};
 
 /// A normal transfer from alice to bob through `broker`, checked byte for byte.
@@ -170,15 +170,16 @@ async fn oversized_and_malformed_frames_and_messages_out_of_order_get_an_error()
 async fn hello_must_come_first() {
     let broker = Broker::start();
     // Raw TLS with a pinning verifier that accepts the broker, then Auth first.
-    let verifier = keyferry_common::tls::PinningVerifier::new(None);
-    let config = keyferry_common::tls::client_config(verifier).unwrap();
+    let verifier = keyferry_common::io::tls::PinningVerifier::new(None);
+    let config = keyferry_common::io::tls::client_config(verifier).unwrap();
     let tcp = tokio::net::TcpStream::connect(&broker.addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from(keyferry_common::tls::SERVER_NAME).unwrap();
+    let name =
+        rustls::pki_types::ServerName::try_from(keyferry_common::io::tls::SERVER_NAME).unwrap();
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await
         .unwrap();
-    let mut conn = keyferry_common::connection::Connection::new(tls);
+    let mut conn = keyferry_common::io::connection::Connection::new(tls);
     conn.writer.write(&Message::List).await.unwrap();
     let detail = expect_error(&mut conn, ErrorCode::Protocol).await;
     assert!(detail.contains("expected Hello"), "{detail}");
@@ -190,7 +191,7 @@ fn offer_to(alice_home: &Home, bob_key: &PublicKey) -> Message {
 
 fn offer_of_size(alice_home: &Home, bob_key: &PublicKey, size: u64) -> Message {
     let identity =
-        keyferry_common::identity::Identity::load(&alice_home.dir.join("identity.pem")).unwrap();
+        keyferry_agent::home::load_identity(&alice_home.dir.join("identity.pem")).unwrap();
     let (_, offer) = make_offer(OfferParams {
         identity: &identity,
         sender: AgentName::new(&alice_home.name).unwrap(),
@@ -363,7 +364,7 @@ fn a_non_loopback_broker_needs_an_access_policy() {
 #[test]
 fn an_allowlist_admits_only_the_listed_name_and_key() {
     let alice = Home::new("alice", "alice");
-    let fp = keyferry_common::identity::Identity::load(&alice.dir.join("identity.pem"))
+    let fp = keyferry_agent::home::load_identity(&alice.dir.join("identity.pem"))
         .unwrap()
         .fingerprint();
     let data = TempDir::new("broker");
@@ -385,7 +386,7 @@ fn an_allowlist_admits_only_the_listed_name_and_key() {
 /// (`None` if it answers nothing and keeps the connection).
 async fn plain(broker: &Broker, msg: Option<&Message>, raw: &[u8]) -> Option<Message> {
     let tcp = tokio::net::TcpStream::connect(&broker.addr).await.unwrap();
-    let mut conn = keyferry_common::connection::Connection::new(tcp);
+    let mut conn = keyferry_common::io::connection::Connection::new(tcp);
     if let Some(m) = msg {
         conn.writer.write(m).await.unwrap();
     }
@@ -462,7 +463,7 @@ async fn data_connections_need_a_valid_unused_ticket() {
     }
     // The right ticket is admitted (no answer: the stream starts) — once.
     let tcp = tokio::net::TcpStream::connect(&broker.addr).await.unwrap();
-    let mut admitted = keyferry_common::connection::Connection::new(tcp);
+    let mut admitted = keyferry_common::io::connection::Connection::new(tcp);
     admitted
         .writer
         .write(&redeem(transfer_id, ticket))

@@ -14,8 +14,8 @@ use keyferry_agent::client::{Ctx, connect};
 use keyferry_agent::home::Home as AgentHome;
 use keyferry_common::handshake::{Kind, Metadata, OfferParams, make_offer};
 use keyferry_common::identity::{Identity, PublicKey};
-use keyferry_common::message::{Message, RefuseReason, Role};
 use keyferry_common::name::AgentName;
+use keyferry_common::wire::message::{Message, RefuseReason, Role};
 use support::{Broker, Home, Run, TempDir, WAIT, pseudo_random, wait_for_data};
 
 /// Files in `dir` other than temporaries.
@@ -311,10 +311,10 @@ async fn hostile_file_names_are_refused_and_nothing_is_written_outside_the_out_d
     std::fs::create_dir(&out).unwrap();
     // bob has known alice for two days: the stricter RSA budget for new keys
     // (6 offers a minute) would otherwise refuse the later names first.
-    let alice_fp = Identity::load(&alice.dir.join("identity.pem"))
+    let alice_fp = keyferry_agent::home::load_identity(&alice.dir.join("identity.pem"))
         .unwrap()
         .fingerprint();
-    keyferry_common::pins::PinStore::new(bob.dir.join("known_peers"))
+    keyferry_agent::trust::pins::PinStore::new(bob.dir.join("known_peers"))
         .check_or_pin(
             "alice",
             alice_fp,

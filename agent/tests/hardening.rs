@@ -17,14 +17,14 @@ use std::time::{Duration, Instant};
 
 use keyferry_agent::client::{Ctx, await_ticket, connect, open_data};
 use keyferry_agent::home::{Home as AgentHome, now_unix};
+use keyferry_agent::trust::pins::PinStore;
 use keyferry_common::crypto::seal;
 use keyferry_common::handshake::{Kind, Metadata, OfferParams, make_offer};
 use keyferry_common::identity::{Identity, PublicKey};
-use keyferry_common::message::{AbortReason, Message, RefuseReason, Role};
 use keyferry_common::name::AgentName;
-use keyferry_common::pins::PinStore;
-use keyferry_common::record::{KeyUpdateRecord, chunk_ad, chunk_header, key_update_ad};
 use keyferry_common::schedule::StreamKeys;
+use keyferry_common::wire::message::{AbortReason, Message, RefuseReason, Role};
+use keyferry_common::wire::record::{KeyUpdateRecord, chunk_ad, chunk_header, key_update_ad};
 use support::evil::{Action, EvilBroker, Hooks, finish_within, flip};
 use support::{Broker, Home, Run, TempDir, WAIT, json, pseudo_random, wait_for_data};
 
@@ -254,8 +254,8 @@ fn a_254_byte_name_that_already_exists_arrives_beside_it() {
 /// agent waited without end; now one deadline covers the whole connect.
 #[test]
 fn a_broker_that_keeps_saying_hello_is_cut_off_at_one_deadline() {
-    use keyferry_common::connection::Connection;
-    use keyferry_common::tls;
+    use keyferry_common::io::connection::Connection;
+    use keyferry_common::io::tls;
     use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
     let rt = tokio::runtime::Builder::new_multi_thread()

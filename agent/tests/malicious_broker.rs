@@ -19,12 +19,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use keyferry_agent::trust::pins::PinStore;
 use keyferry_common::crypto::random_array;
 use keyferry_common::handshake::{self, DEFAULT_TIME_WINDOW_SECS};
 use keyferry_common::identity::{Fingerprint, Identity};
-use keyferry_common::message::{Message, RefuseReason};
 use keyferry_common::name::AgentName;
-use keyferry_common::pins::PinStore;
+use keyferry_common::wire::message::{Message, RefuseReason};
 
 use support::evil::{Action, EvilBroker, Hooks, finish_within, flip, is_last_chunk, readdress};
 use support::{Home, Proc, Run, TempDir, WAIT, pseudo_random};
@@ -34,7 +34,7 @@ const EXIT_WAIT: Duration = Duration::from_secs(45);
 /// Cases run at once (each runs two agents and one broker).
 const WORKERS: usize = 3;
 /// Default file size: 8 chunks.
-const SIZE: usize = 8 * keyferry_common::record::DEFAULT_CHUNK;
+const SIZE: usize = 8 * keyferry_common::wire::record::DEFAULT_CHUNK;
 
 // ---------------------------------------------------------------------------
 // Fixtures.
@@ -565,7 +565,10 @@ fn case_10_splice() -> Vec<Row> {
     let r = finish_within(receiver, EXIT_WAIT);
     assert_eq!((s.code, r.code), (Some(0), Some(0)), "{s:#?}\n{r:#?}");
     let chunks = w.broker.records()[0].chunks();
-    assert_eq!(chunks.len(), SIZE / keyferry_common::record::DEFAULT_CHUNK);
+    assert_eq!(
+        chunks.len(),
+        SIZE / keyferry_common::wire::record::DEFAULT_CHUNK
+    );
     // Transfer B: its chunk #1 is replaced by A's chunk #1 (same epoch and
     // sequence number, so only the keys and the transfer id tell them apart).
     let hits = Hits::default();

@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
-use keyferry_common::fsutil::{Place, write_private};
 use keyferry_common::identity::Fingerprint;
-use keyferry_common::tls;
+use keyferry_common::io::fs::{Place, write_private};
+use keyferry_common::io::tls;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use crate::error::BrokerError;

@@ -30,6 +30,8 @@ pub struct Limits {
     pub offers_per_minute: usize,
     /// Most transfers one agent name may be sending at once.
     pub max_transfers_per_agent: usize,
+    /// On shutdown, how long running transfers may go on before they are cut.
+    pub shutdown_grace: Duration,
 }
 
 /// Smallest accepted control-frame limit: a maximal signed offer plus envelope.
@@ -47,6 +49,7 @@ impl Default for Limits {
             max_unauthenticated_per_ip: 64,
             offers_per_minute: 30,
             max_transfers_per_agent: 4,
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }

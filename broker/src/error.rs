@@ -1,8 +1,12 @@
-//! The broker's start-up errors (per-connection problems are logged, not fatal).
+//! The broker's errors: why it cannot start ([`BrokerError`]), and why one
+//! connection ended early ([`SessionError`], logged, never fatal).
 
 use std::path::PathBuf;
 
+use keyferry_common::io::connection::ConnError;
 use thiserror::Error;
+
+use crate::registry::RegistryError;
 
 /// Why the broker cannot start.
 #[derive(Debug, Error)]
@@ -19,22 +23,23 @@ pub enum BrokerError {
     #[error("broker certificate: {0}")]
     Cert(String),
     /// The registry database cannot be opened.
-    #[error("registry database {path}: {detail}")]
-    Database {
-        /// The path.
-        path: PathBuf,
-        /// What went wrong.
-        detail: String,
-    },
-    /// The listen address cannot be bound.
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        /// The address.
-        addr: String,
-        /// The cause.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
     /// TLS configuration failed.
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+}
+
+/// Why a connection ended early.
+#[derive(Debug, Error)]
+pub enum SessionError {
+    /// TLS failed or timed out.
+    #[error("TLS handshake: {0}")]
+    Tls(String),
+    /// The connection failed.
+    #[error(transparent)]
+    Conn(#[from] ConnError),
+    /// We refused the peer (it was told why, where it could be).
+    #[error("refused: {0}")]
+    Refused(String),
 }

@@ -2,18 +2,37 @@
 //! being able to read it.
 //!
 //! `main.rs` parses arguments and calls [`Broker::open`] then [`Broker::run`];
-//! tests do the same with a listener bound to `127.0.0.1:0`.
+//! the tests in `broker/tests/` do the same with a listener bound to
+//! `127.0.0.1:0`.
+//!
+//! Layers, bottom up, as the imports really are:
+//!
+//! * leaves: [`config`] (limits, access policy), [`cert`] (the TLS identity),
+//!   [`conns`] (places under the connection limits), [`registry`] (names,
+//!   keys, who is online), [`transfers`] (one transfer's life and its
+//!   tickets), [`error`];
+//! * [`relay`]: pumping one transfer's bytes between its two data
+//!   connections, never opening a record;
+//! * [`shutdown`]: the phase every task watches;
+//! * [`state`]: what every connection shares — state only, no sockets;
+//! * [`data`] (admitting a data connection by its ticket) and [`session`]
+//!   (authentication, then the sender's or receiver's session);
+//! * [`server`]: the accept loop, the caps, the graceful shutdown.
 
 #![forbid(unsafe_code)]
 
 pub mod cert;
 pub mod config;
+pub mod conns;
 pub mod data;
 pub mod error;
-pub mod handler;
 pub mod registry;
 pub mod relay;
 pub mod server;
+pub mod session;
+pub mod shutdown;
+pub mod state;
+pub mod transfers;
 
 pub use config::{AccessPolicy, Limits};
 pub use error::BrokerError;

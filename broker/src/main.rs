@@ -69,6 +69,26 @@ struct Args {
     /// Most transfers one agent may be sending at once.
     #[arg(long, value_name = "N", default_value_t = 4, help_heading = "Limits")]
     max_transfers_per_agent: usize,
+    /// On SIGTERM or Ctrl-C: stop accepting, end control connections, and let
+    /// running transfers finish for this long before cutting them.
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_duration, help_heading = "Limits")]
+    shutdown_grace: Duration,
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn stop_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
 }
 
 fn default_data_dir() -> Option<PathBuf> {
@@ -106,7 +126,7 @@ async fn main() -> ExitCode {
         );
     }
     let limits = Limits {
-        max_control_frame: control.min(keyferry_common::frame::MAX_FRAME_LEN),
+        max_control_frame: control.min(keyferry_common::wire::frame::MAX_FRAME_LEN),
         handshake_timeout: args.handshake_timeout,
         idle_timeout: args.idle_timeout,
         max_connections: args.max_connections.max(1),
@@ -114,6 +134,7 @@ async fn main() -> ExitCode {
         max_unauthenticated_per_ip: args.max_unauthenticated_per_ip.max(1),
         offers_per_minute: args.offers_per_minute,
         max_transfers_per_agent: args.max_transfers_per_agent,
+        shutdown_grace: args.shutdown_grace,
         ..Limits::default()
     };
     let policy = match &args.allow_file {
@@ -155,10 +176,6 @@ async fn main() -> ExitCode {
     let _ = writeln!(out, "broker fingerprint {}", broker.fingerprint());
     let _ = out.flush();
     drop(out);
-    broker
-        .run(listener, async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await;
+    broker.run(listener, stop_signal()).await;
     ExitCode::SUCCESS
 }

@@ -1,25 +1,35 @@
-//! Who is who and who is online: name → key bindings in a crash-safe database
-//! (redb, in the data dir), the connected receivers, and the transfers waiting
-//! for an answer.
+//! Names, keys and who is online: name → key bindings in a crash-safe database
+//! (redb, in the data dir), and the agents connected right now (each receiver
+//! with the channel to its control connection's task, and how many sender
+//! connections each name has).
 //!
 //! A name is bound to the first key that registers it and refused to any other
-//! key afterwards, across restarts. The broker keeps no other state on disk.
+//! key afterwards, across restarts. Presence lives in memory only. Nothing here
+//! holds a socket: a receiver is reached through a bounded channel to the task
+//! that owns its connection.
 
-use std::collections::{HashMap, VecDeque};
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
-use keyferry_common::ids::TransferId;
-use keyferry_common::message::{Message, OnlineAgent, RefuseReason};
 use keyferry_common::name::AgentName;
+use keyferry_common::sync::lock;
+use keyferry_common::wire::message::Message;
 use redb::{Database, ReadableDatabase as _, ReadableTable as _, TableDefinition};
-use tokio::sync::{mpsc, oneshot};
-
-use crate::error::BrokerError;
-use crate::handler::BrokerConn;
+use thiserror::Error;
+use tokio::sync::mpsc;
 
 const BINDINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("bindings");
+
+/// The registry database failed.
+#[derive(Debug, Error)]
+#[error("registry database {path}: {source}")]
+pub struct RegistryError {
+    /// The database file.
+    pub path: PathBuf,
+    /// What redb reported.
+    pub source: redb::Error,
+}
 
 /// The result of binding a name to a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,153 +42,127 @@ pub enum Binding {
     Taken,
 }
 
-/// How a pending transfer ended its handshake.
-#[derive(Debug)]
-pub enum Outcome {
-    /// The receiver refused.
-    Refused(RefuseReason),
-    /// The receiver accepted on its data connection, which now belongs to the relay.
-    Accepted {
-        /// The accept bytes for the sender.
-        accept: Vec<u8>,
-        /// The receiver's data connection.
-        data: Box<BrokerConn>,
-    },
+/// Why a receiver cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unreachable {
+    /// No receiver of that name is connected.
+    Offline,
+    /// Its queue of pushed messages is full.
+    Full,
 }
 
 #[derive(Debug)]
 struct Receiver {
     conn_id: u64,
     tx: mpsc::Sender<Message>,
-    incoming: u32,
-}
-
-#[derive(Debug)]
-struct Pending {
-    sender: AgentName,
-    receiver: AgentName,
-    reply: oneshot::Sender<Outcome>,
 }
 
 #[derive(Debug, Default)]
 struct Online {
     receivers: HashMap<AgentName, Receiver>,
     senders: HashMap<AgentName, u32>,
-    pending: HashMap<TransferId, Pending>,
-    /// When each agent made its recent offers (sliding minute).
-    offers: HashMap<AgentName, VecDeque<Instant>>,
-    /// Transfers each agent is sending now (offered and not yet ended).
-    sending: HashMap<AgentName, usize>,
 }
 
-/// Why an agent may not make another offer now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OfferLimit {
-    /// More offers in the last minute than allowed.
-    Rate,
-    /// More transfers in progress than allowed.
-    Concurrent,
+/// Who is connected, for the list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Present {
+    /// The agent's name.
+    pub name: AgentName,
+    /// Whether a receiver of that name is connected.
+    pub receiving: bool,
+    /// Sender connections of that name.
+    pub senders: u32,
 }
 
 /// The registry: persistent bindings and in-memory presence.
 #[derive(Debug)]
 pub struct Registry {
     db: Database,
+    path: PathBuf,
     online: Mutex<Online>,
-}
-
-fn db_err(path: &Path) -> impl Fn(String) -> BrokerError + '_ {
-    move |detail| BrokerError::Database {
-        path: path.to_owned(),
-        detail,
-    }
 }
 
 impl Registry {
     /// Opens (or creates) the database at `path`.
-    pub fn open(path: &Path) -> Result<Self, BrokerError> {
-        let err = db_err(path);
-        let db = Database::create(path).map_err(|e| err(e.to_string()))?;
-        let tx = db.begin_write().map_err(|e| err(e.to_string()))?;
-        tx.open_table(BINDINGS).map_err(|e| err(e.to_string()))?;
-        tx.commit().map_err(|e| err(e.to_string()))?;
+    pub fn open(path: &Path) -> Result<Self, RegistryError> {
+        let err = |e: redb::Error| RegistryError {
+            path: path.to_owned(),
+            source: e,
+        };
+        let db = Database::create(path).map_err(|e| err(e.into()))?;
+        let tx = db.begin_write().map_err(|e| err(e.into()))?;
+        tx.open_table(BINDINGS).map_err(|e| err(e.into()))?;
+        tx.commit().map_err(|e| err(e.into()))?;
         Ok(Self {
             db,
+            path: path.to_owned(),
             online: Mutex::new(Online::default()),
         })
     }
 
-    fn online(&self) -> std::sync::MutexGuard<'_, Online> {
-        self.online.lock().unwrap_or_else(|p| p.into_inner())
+    fn err(&self, e: impl Into<redb::Error>) -> RegistryError {
+        RegistryError {
+            path: self.path.clone(),
+            source: e.into(),
+        }
     }
 
     /// The key bound to `name`, if any.
-    pub fn key_of(&self, name: &AgentName) -> Result<Option<Vec<u8>>, String> {
-        let tx = self.db.begin_read().map_err(|e| e.to_string())?;
-        let table = tx.open_table(BINDINGS).map_err(|e| e.to_string())?;
-        let value = table.get(name.as_str()).map_err(|e| e.to_string())?;
+    pub fn key_of(&self, name: &AgentName) -> Result<Option<Vec<u8>>, RegistryError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = tx.open_table(BINDINGS).map_err(|e| self.err(e))?;
+        let value = table.get(name.as_str()).map_err(|e| self.err(e))?;
         Ok(value.map(|v| v.value().to_vec()))
     }
 
     /// Binds `name` to `spki` unless it is bound to another key (durable on return).
-    pub fn bind(&self, name: &AgentName, spki: &[u8]) -> Result<Binding, String> {
-        let tx = self.db.begin_write().map_err(|e| e.to_string())?;
+    pub fn bind(&self, name: &AgentName, spki: &[u8]) -> Result<Binding, RegistryError> {
+        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
         let binding = {
-            let mut table = tx.open_table(BINDINGS).map_err(|e| e.to_string())?;
+            let mut table = tx.open_table(BINDINGS).map_err(|e| self.err(e))?;
             let existing = table
                 .get(name.as_str())
-                .map_err(|e| e.to_string())?
+                .map_err(|e| self.err(e))?
                 .map(|v| v.value().to_vec());
             match existing {
                 Some(k) if k == spki => Binding::Known,
                 Some(_) => Binding::Taken,
                 None => {
-                    table
-                        .insert(name.as_str(), spki)
-                        .map_err(|e| e.to_string())?;
+                    table.insert(name.as_str(), spki).map_err(|e| self.err(e))?;
                     Binding::New
                 }
             }
         };
         if binding == Binding::New {
-            tx.commit().map_err(|e| e.to_string())?;
+            tx.commit().map_err(|e| self.err(e))?;
         } else {
-            tx.abort().map_err(|e| e.to_string())?;
+            tx.abort().map_err(|e| self.err(e))?;
         }
         Ok(binding)
     }
 
-    /// Registers the receiver connection of `name`; fails if one is connected.
+    /// Registers the receiver connection `conn_id` of `name`, reached through
+    /// `tx`; fails if one is connected.
     pub fn add_receiver(&self, name: &AgentName, conn_id: u64, tx: mpsc::Sender<Message>) -> bool {
-        let mut o = self.online();
+        let mut o = lock(&self.online);
         if o.receivers.contains_key(name) {
             return false;
         }
-        o.receivers.insert(
-            name.clone(),
-            Receiver {
-                conn_id,
-                tx,
-                incoming: 0,
-            },
-        );
+        o.receivers.insert(name.clone(), Receiver { conn_id, tx });
         true
     }
 
-    /// Removes the receiver connection `conn_id` of `name`, and refuses the
-    /// transfers still waiting for its answer.
+    /// Removes the receiver connection `conn_id` of `name` (not a newer one).
     pub fn remove_receiver(&self, name: &AgentName, conn_id: u64) {
-        let mut o = self.online();
+        let mut o = lock(&self.online);
         if o.receivers.get(name).is_some_and(|r| r.conn_id == conn_id) {
             o.receivers.remove(name);
-            // Dropping their reply channels tells the waiting senders it left.
-            o.pending.retain(|_, p| &p.receiver != name);
         }
     }
 
     /// Counts a sender connection of `name` in or out.
     pub fn sender_connected(&self, name: &AgentName, connected: bool) {
-        let mut o = self.online();
+        let mut o = lock(&self.online);
         let n = o.senders.entry(name.clone()).or_default();
         if connected {
             *n += 1;
@@ -192,129 +176,102 @@ impl Registry {
 
     /// Whether a receiver of `name` is connected.
     pub fn is_receiving(&self, name: &AgentName) -> bool {
-        self.online().receivers.contains_key(name)
+        lock(&self.online).receivers.contains_key(name)
     }
 
-    /// Records an offer from `sender` to `receiver` and hands it to the receiver's
-    /// connection. Returns the channel the outcome will arrive on, or `None` if
-    /// the receiver is not connected or cannot take more.
-    pub fn offer(
-        &self,
-        transfer_id: TransferId,
-        sender: &AgentName,
-        receiver: &AgentName,
-        msg: Message,
-    ) -> Option<oneshot::Receiver<Outcome>> {
-        let mut o = self.online();
-        if o.pending.contains_key(&transfer_id) {
-            return None;
-        }
-        let r = o.receivers.get(receiver)?;
-        r.tx.try_send(msg).ok()?;
-        let (reply, rx) = oneshot::channel();
-        o.pending.insert(
-            transfer_id,
-            Pending {
-                sender: sender.clone(),
-                receiver: receiver.clone(),
-                reply,
-            },
-        );
-        Some(rx)
+    /// Pushes `msg` to `name`'s receiver connection, without waiting.
+    pub fn push(&self, name: &AgentName, msg: Message) -> Result<(), Unreachable> {
+        let o = lock(&self.online);
+        let r = o.receivers.get(name).ok_or(Unreachable::Offline)?;
+        r.tx.try_send(msg).map_err(|_| Unreachable::Full)
     }
 
-    /// Counts an offer by `name` against its per-minute and concurrent-transfer
-    /// limits; on success the caller must call [`Self::offer_ended`] later.
-    pub fn take_offer_slot(
-        &self,
-        name: &AgentName,
-        per_minute: usize,
-        concurrent: usize,
-    ) -> Result<(), OfferLimit> {
-        let now = Instant::now();
-        let mut o = self.online();
-        let window = o.offers.entry(name.clone()).or_default();
-        while window
-            .front()
-            .is_some_and(|&t| now.duration_since(t) >= Duration::from_secs(60))
-        {
-            window.pop_front();
-        }
-        if window.len() >= per_minute {
-            return Err(OfferLimit::Rate);
-        }
-        window.push_back(now);
-        let sending = o.sending.entry(name.clone()).or_default();
-        if *sending >= concurrent {
-            return Err(OfferLimit::Concurrent);
-        }
-        *sending += 1;
-        Ok(())
-    }
-
-    /// An offer taken with [`Self::take_offer_slot`] ended (refused, failed or finished).
-    pub fn offer_ended(&self, name: &AgentName) {
-        let mut o = self.online();
-        if let Some(n) = o.sending.get_mut(name) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                o.sending.remove(name);
-            }
-        }
-        if o.offers.get(name).is_some_and(VecDeque::is_empty) {
-            o.offers.remove(name);
-        }
-    }
-
-    /// Forgets a pending transfer (the sender gave up waiting).
-    pub fn cancel(&self, transfer_id: &TransferId) {
-        self.online().pending.remove(transfer_id);
-    }
-
-    /// Delivers the receiver's answer, if `receiver` is the one the offer named.
-    pub fn answer(
-        &self,
-        transfer_id: &TransferId,
-        receiver: &AgentName,
-        outcome: Outcome,
-    ) -> Result<AgentName, Outcome> {
-        let mut o = self.online();
-        match o.pending.get(transfer_id) {
-            Some(p) if &p.receiver == receiver => {}
-            _ => return Err(outcome),
-        }
-        let p = o.pending.remove(transfer_id).expect("checked just above");
-        if matches!(outcome, Outcome::Accepted { .. })
-            && let Some(r) = o.receivers.get_mut(receiver)
-        {
-            r.incoming += 1;
-        }
-        let sender = p.sender.clone();
-        p.reply.send(outcome)?;
-        Ok(sender)
-    }
-
-    /// A relayed transfer to `receiver` ended.
-    pub fn transfer_ended(&self, receiver: &AgentName) {
-        if let Some(r) = self.online().receivers.get_mut(receiver) {
-            r.incoming = r.incoming.saturating_sub(1);
-        }
-    }
-
-    /// Everyone online, sorted by name.
-    pub fn list(&self) -> Vec<OnlineAgent> {
-        let o = self.online();
+    /// Everyone connected, sorted by name.
+    pub fn present(&self) -> Vec<Present> {
+        let o = lock(&self.online);
         let mut names: Vec<&AgentName> = o.receivers.keys().chain(o.senders.keys()).collect();
         names.sort();
         names.dedup();
         names
             .into_iter()
-            .map(|n| OnlineAgent {
+            .map(|n| Present {
                 name: n.clone(),
                 receiving: o.receivers.contains_key(n),
-                incoming: o.receivers.get(n).map_or(0, |r| r.incoming),
                 senders: o.senders.get(n).copied().unwrap_or(0),
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(s: &str) -> AgentName {
+        AgentName::new(s).unwrap()
+    }
+
+    fn temp_db(tag: &str) -> (PathBuf, Registry) {
+        let dir =
+            std::env::temp_dir().join(format!("keyferry-registry-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let reg = Registry::open(&dir.join("registry.redb")).unwrap();
+        (dir, reg)
+    }
+
+    #[test]
+    fn the_first_key_owns_a_name_across_restarts() {
+        let (dir, reg) = temp_db("bind");
+        let alice = name("alice");
+        assert_eq!(reg.bind(&alice, b"key-1").unwrap(), Binding::New);
+        assert_eq!(reg.bind(&alice, b"key-1").unwrap(), Binding::Known);
+        assert_eq!(reg.bind(&alice, b"key-2").unwrap(), Binding::Taken);
+        drop(reg);
+        let reg = Registry::open(&dir.join("registry.redb")).unwrap();
+        assert_eq!(reg.key_of(&alice).unwrap().as_deref(), Some(&b"key-1"[..]));
+        assert_eq!(reg.bind(&alice, b"key-2").unwrap(), Binding::Taken);
+        assert_eq!(reg.key_of(&name("bob")).unwrap(), None);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn one_receiver_per_name_and_presence_is_listed() {
+        let (dir, reg) = temp_db("presence");
+        let (bob, carol) = (name("bob"), name("carol"));
+        let (tx, mut rx) = mpsc::channel(1);
+        assert!(reg.add_receiver(&bob, 1, tx.clone()));
+        assert!(!reg.add_receiver(&bob, 2, tx));
+        reg.sender_connected(&carol, true);
+        reg.sender_connected(&bob, true);
+        assert_eq!(
+            reg.present(),
+            [
+                Present {
+                    name: bob.clone(),
+                    receiving: true,
+                    senders: 1
+                },
+                Present {
+                    name: carol.clone(),
+                    receiving: false,
+                    senders: 1
+                },
+            ]
+        );
+        // Pushes reach the receiver's task; a full queue is refused at once.
+        reg.push(&bob, Message::List).unwrap();
+        assert_eq!(reg.push(&bob, Message::List), Err(Unreachable::Full));
+        assert_eq!(rx.try_recv().unwrap(), Message::List);
+        assert_eq!(reg.push(&carol, Message::List), Err(Unreachable::Offline));
+        // Only the connection that registered may remove itself.
+        reg.remove_receiver(&bob, 2);
+        assert!(reg.is_receiving(&bob));
+        reg.remove_receiver(&bob, 1);
+        assert!(!reg.is_receiving(&bob));
+        reg.sender_connected(&carol, false);
+        reg.sender_connected(&bob, false);
+        assert!(reg.present().is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

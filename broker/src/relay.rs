@@ -15,13 +15,68 @@
 
 use std::time::{Duration, Instant};
 
-use keyferry_common::frame::{self, LEN_PREFIX, MAX_FRAME_LEN};
 use keyferry_common::ids::TransferId;
-use keyferry_common::message::{AbortReason, CHUNK_HEAD_MAX, Message, peek_chunk};
+use keyferry_common::wire::chunk::{CHUNK_HEAD_MAX, peek_chunk};
+use keyferry_common::wire::frame::{self, LEN_PREFIX, MAX_FRAME_LEN};
+use keyferry_common::wire::message::{self, AbortReason, Message};
+use thiserror::Error;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
-use crate::data::DataConn;
+use crate::conns::ConnGuard;
+use crate::shutdown::Shutdown;
+
+/// An admitted data connection: the socket, what was read past its `Redeem`,
+/// and its place under the connection limits.
+#[derive(Debug)]
+pub struct DataConn {
+    /// The socket.
+    pub tcp: TcpStream,
+    /// Bytes already read after the `Redeem` frame (the stream's start).
+    pub leftover: Vec<u8>,
+    /// Released when the relay ends.
+    pub guard: ConnGuard,
+}
+
+/// Why a relay ended before both directions completed.
+#[derive(Debug, Error)]
+pub enum RelayEnd {
+    /// A side sent a frame that may not pass (bad length, wrong message or
+    /// transfer).
+    #[error("{side} sent {what}")]
+    Refused {
+        /// Which side.
+        side: &'static str,
+        /// What it sent.
+        what: String,
+    },
+    /// A side closed its connection early.
+    #[error("{0} disconnected")]
+    Disconnected(&'static str),
+    /// Reading from or writing to a side failed.
+    #[error("{side}: {source}")]
+    Io {
+        /// Which side.
+        side: &'static str,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A side sent nothing for the idle limit.
+    #[error("{side} silent for {secs}s")]
+    Silent {
+        /// Which side.
+        side: &'static str,
+        /// The limit.
+        secs: u64,
+    },
+    /// The other side of a side stopped reading for the idle limit.
+    #[error("peer of {0} stopped reading")]
+    Stalled(&'static str),
+    /// The broker is shutting down and the grace period is over.
+    #[error("cut by the broker's shutdown")]
+    Shutdown,
+}
 
 /// How much one read may bring in.
 const READ_SIZE: usize = 128 << 10;
@@ -34,7 +89,7 @@ pub struct RelayReport {
     /// How long the relay ran.
     pub elapsed: Duration,
     /// `Ok` if the trailer went forward and the receipt went back.
-    pub result: Result<(), String>,
+    pub result: Result<(), RelayEnd>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -73,7 +128,7 @@ enum Scan {
     /// More bytes are needed to decide.
     NeedMore,
     /// A frame that may not pass.
-    Refuse(String),
+    Refuse(RelayEnd),
 }
 
 /// One direction's parser: where it stands in the byte stream.
@@ -99,7 +154,12 @@ impl Checker {
         let len = match frame::peek_len(buf, MAX_FRAME_LEN) {
             Ok(Some(len)) => len,
             Ok(None) => return Scan::NeedMore,
-            Err(e) => return Scan::Refuse(format!("{} sent a bad frame: {e}", self.dir.source())),
+            Err(e) => {
+                return Scan::Refuse(RelayEnd::Refused {
+                    side: self.dir.source(),
+                    what: format!("a bad frame: {e}"),
+                });
+            }
         };
         let payload = &buf[LEN_PREFIX..];
         let head = len.min(CHUNK_HEAD_MAX);
@@ -121,7 +181,7 @@ impl Checker {
         let Some(payload) = payload.get(..len) else {
             return Scan::NeedMore;
         };
-        match frame::decode_payload(payload)
+        match message::decode_payload(payload)
             .ok()
             .and_then(|m| self.dir.allows(&m, &self.tid))
         {
@@ -134,10 +194,10 @@ impl Checker {
     }
 
     fn not_allowed(&self) -> Scan {
-        Scan::Refuse(format!(
-            "{} sent a message not allowed here",
-            self.dir.source()
-        ))
+        Scan::Refuse(RelayEnd::Refused {
+            side: self.dir.source(),
+            what: "a message not allowed here".into(),
+        })
     }
 }
 
@@ -149,7 +209,8 @@ async fn pump(
     from: &mut OwnedReadHalf,
     mut buf: Vec<u8>,
     to: &mut OwnedWriteHalf,
-) -> (u64, Result<(), String>) {
+    mut shutdown: Shutdown,
+) -> (u64, Result<(), RelayEnd>) {
     let mut checker = Checker {
         dir,
         tid,
@@ -171,17 +232,17 @@ async fn pump(
             }
         }
         if ok > 0 {
-            match tokio::time::timeout(idle, to.write_all(&buf[..ok])).await {
+            let written = tokio::select! {
+                w = tokio::time::timeout(idle, to.write_all(&buf[..ok])) => w,
+                () = shutdown.cut() => break 'relay Err(RelayEnd::Shutdown),
+            };
+            match written {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    return (bytes, Err(format!("forwarding from {}: {e}", dir.source())));
+                Ok(Err(source)) => {
+                    let side = dir.source();
+                    return (bytes, Err(RelayEnd::Io { side, source }));
                 }
-                Err(_) => {
-                    return (
-                        bytes,
-                        Err(format!("peer of {} stopped reading", dir.source())),
-                    );
-                }
+                Err(_) => return (bytes, Err(RelayEnd::Stalled(dir.source()))),
             }
             bytes += ok as u64;
             buf.drain(..ok);
@@ -191,11 +252,21 @@ async fn pump(
         }
         // A small message is decoded whole, so it must fit; chunks stream.
         buf.reserve(READ_SIZE);
-        match tokio::time::timeout(idle, from.read_buf(&mut buf)).await {
-            Ok(Ok(0)) => break Err(format!("{} disconnected", dir.source())),
+        let read = tokio::select! {
+            r = tokio::time::timeout(idle, from.read_buf(&mut buf)) => r,
+            () = shutdown.cut() => break Err(RelayEnd::Shutdown),
+        };
+        let side = dir.source();
+        match read {
+            Ok(Ok(0)) => break Err(RelayEnd::Disconnected(side)),
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => break Err(format!("{}: {e}", dir.source())),
-            Err(_) => break Err(format!("{} silent for {}s", dir.source(), idle.as_secs())),
+            Ok(Err(source)) => break Err(RelayEnd::Io { side, source }),
+            Err(_) => {
+                break Err(RelayEnd::Silent {
+                    side,
+                    secs: idle.as_secs(),
+                });
+            }
         }
     };
     // Mid-frame, an abort would corrupt the stream; the close says enough then.
@@ -204,7 +275,7 @@ async fn pump(
             transfer_id: tid,
             reason: AbortReason::PeerGone,
         };
-        if let Ok(frame) = frame::encode(&gone, MAX_FRAME_LEN) {
+        if let Ok(frame) = message::encode(&gone, MAX_FRAME_LEN) {
             let _ = tokio::time::timeout(Duration::from_secs(5), to.write_all(&frame)).await;
         }
     }
@@ -230,12 +301,13 @@ async fn drain(from: &mut OwnedReadHalf, grace: Duration) {
 /// How long a failed relay keeps reading, so its `Abort` reaches both sides.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
-/// Relays transfer `tid` until both directions ended.
+/// Relays transfer `tid` until both directions ended (or `shutdown` cuts it).
 pub async fn relay(
     sender: DataConn,
     receiver: DataConn,
     tid: TransferId,
     idle: Duration,
+    shutdown: Shutdown,
 ) -> RelayReport {
     let start = Instant::now();
     let (mut s_read, mut s_write) = sender.tcp.into_split();
@@ -247,7 +319,8 @@ pub async fn relay(
             idle,
             &mut s_read,
             sender.leftover,
-            &mut r_write
+            &mut r_write,
+            shutdown.clone(),
         ),
         pump(
             Dir::Back,
@@ -255,7 +328,8 @@ pub async fn relay(
             idle,
             &mut r_read,
             receiver.leftover,
-            &mut s_write
+            &mut s_write,
+            shutdown,
         ),
     );
     if forward.1.is_err() || back.1.is_err() {
@@ -279,7 +353,7 @@ mod tests {
     use super::*;
 
     fn frame_of(msg: &Message) -> Vec<u8> {
-        frame::encode(msg, MAX_FRAME_LEN).unwrap()
+        message::encode(msg, MAX_FRAME_LEN).unwrap()
     }
 
     /// Runs a checker over `stream` fed in pieces of `step` bytes, as the pump
@@ -302,7 +376,7 @@ mod tests {
                         }
                     }
                     Scan::NeedMore => break,
-                    Scan::Refuse(why) => return (passed + ok, Some(why)),
+                    Scan::Refuse(why) => return (passed + ok, Some(why.to_string())),
                 }
             }
             passed += ok;

@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use keyferry_common::crypto::keys::{MasterKey, SharedSecret};
-use keyferry_common::frame::{self, MAX_FRAME_LEN};
 use keyferry_common::ids::{Nonce, TransferId};
-use keyferry_common::message::Message;
-use keyferry_common::record::DEFAULT_CHUNK;
 use keyferry_common::schedule::{StreamKeys, derive_stream_keys};
 use keyferry_common::transfer::{RecvStream, RekeyPolicy, SendStream};
+use keyferry_common::wire::frame::MAX_FRAME_LEN;
+use keyferry_common::wire::message::{self, Message};
+use keyferry_common::wire::record::DEFAULT_CHUNK;
 use sha2::Digest as _;
 
 fn keys() -> StreamKeys {
@@ -104,11 +104,11 @@ fn chunk_path(c: &mut Criterion) {
         record: records[0].clone(),
     };
     g.bench_function("frame encode", |b| {
-        b.iter(|| black_box(frame::encode(&msg, MAX_FRAME_LEN).unwrap()))
+        b.iter(|| black_box(message::encode(&msg, MAX_FRAME_LEN).unwrap()))
     });
-    let encoded = frame::encode(&msg, MAX_FRAME_LEN).unwrap();
+    let encoded = message::encode(&msg, MAX_FRAME_LEN).unwrap();
     g.bench_function("frame decode", |b| {
-        b.iter(|| black_box(frame::decode(&encoded, MAX_FRAME_LEN).unwrap()))
+        b.iter(|| black_box(message::decode(&encoded, MAX_FRAME_LEN).unwrap()))
     });
     g.finish();
 }

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use keyferry_common::crypto::keys::{MasterKey, SharedSecret};
 use keyferry_common::ids::{Nonce, TransferId};
-use keyferry_common::message;
-use keyferry_common::record::DEFAULT_CHUNK;
 use keyferry_common::schedule::{StreamKeys, derive_stream_keys};
 use keyferry_common::transfer::{RecvStream, RekeyPolicy, SendStream};
+use keyferry_common::wire::frame::LEN_PREFIX;
+use keyferry_common::wire::record::DEFAULT_CHUNK;
 
 fn keys() -> StreamKeys {
     derive_stream_keys(
@@ -56,16 +56,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let out = sender.push_frame(frame, sent == size, Instant::now())?;
         buf = out.chunk.seal().into_frame();
         let sealed = Instant::now();
-        let payload = &mut buf[4..];
-        let (_, at) = message::chunk_record(payload).ok_or("not a chunk frame")?;
-        receiver.open_chunk_in_place(&mut payload[at..])?;
+        // The receiver's one door, on the frame's payload as it arrives.
+        receiver.open(&mut buf[LEN_PREFIX..])?;
         open += sealed.elapsed();
         seal += sealed - start;
     }
     let start = Instant::now();
-    let trailer = sender.trailer()?.0.encode();
+    let mut trailer = sender.trailer()?.0.into_frame();
     let sealed = Instant::now();
-    receiver.open_trailer(&trailer)?;
+    receiver.open(&mut trailer[LEN_PREFIX..])?;
     open += sealed.elapsed();
     seal += sealed - start;
 

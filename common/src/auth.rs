@@ -8,8 +8,8 @@
 
 use crate::encode::Encoder;
 use crate::identity::Fingerprint;
-use crate::message::Role;
 use crate::name::AgentName;
+use crate::wire::message::Role;
 
 /// Signature context of broker authentication.
 pub const CONTEXT: &str = "keyferry/v1 broker-auth";

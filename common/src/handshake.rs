@@ -22,6 +22,7 @@ use crate::identity::{Fingerprint, Identity, PublicKey};
 use crate::ids::{Nonce, TransferId};
 use crate::name::AgentName;
 use crate::schedule::{StreamKeys, derive_stream_keys, metadata_keys};
+pub use crate::wire::message::SignedOffer;
 
 /// Signature and hash contexts of the handshake.
 pub mod label {
@@ -43,6 +44,8 @@ pub mod label {
 pub const MAX_OFFER_LEN: usize = 8 << 10;
 /// Largest metadata plaintext.
 pub const MAX_METADATA_LEN: usize = 1 << 10;
+/// Largest text message (`Kind::Message`), in bytes (PROTOCOL.md §6.2).
+pub const MAX_MESSAGE_LEN: usize = 64 << 10;
 /// Largest RSA ciphertext (a 4096-bit modulus).
 pub const MAX_WRAPPED_LEN: usize = 512;
 /// Exact length of an accept: receiver nonce, receiver share, tag.
@@ -78,9 +81,6 @@ pub enum HandshakeError {
         /// The accepted window.
         window: u64,
     },
-    /// The transfer id was already seen inside the window.
-    #[error("replayed offer: this transfer id was already seen")]
-    Replay,
     /// A signature, tag or key unwrap failed (deliberately indistinct).
     #[error("verification failed")]
     Auth,
@@ -110,17 +110,6 @@ pub struct Metadata {
     pub name: String,
     /// Exact plaintext size of the stream.
     pub size: u64,
-}
-
-/// An offer as it travels: the exact body and the signature over it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SignedOffer {
-    /// The hand-encoded offer fields.
-    #[serde(with = "serde_bytes")]
-    pub body: Vec<u8>,
-    /// RSA-PSS-SHA256 over `label(OFFER) ‖ body`.
-    #[serde(with = "serde_bytes")]
-    pub signature: Vec<u8>,
 }
 
 /// The fields of an offer, parsed but not yet authenticated.
@@ -409,7 +398,7 @@ pub struct VerifiedOffer {
 /// Checks, in order: structure and version; that `sender_key` is the key the
 /// offer names; the signature; that the offer names this agent and its key; that
 /// its time lies within `window_secs` of `now_unix`. Replay of the transfer id is
-/// the caller's [`crate::replay::ReplayGuard`]'s job.
+/// the caller's job (the agent's replay guard).
 pub fn verify_offer(
     offer: &SignedOffer,
     sender_key: &PublicKey,

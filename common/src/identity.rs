@@ -1,15 +1,13 @@
-//! Long-term RSA identities: generation, key files, public keys and fingerprints
-//! (PROTOCOL.md §1).
+//! Long-term RSA identities: generation, PKCS#8 encoding, public keys and
+//! fingerprints, and the key policy (PROTOCOL.md §1).
 //!
 //! Only 3072- and 4096-bit moduli with e = 65537 are accepted, everywhere: when a
-//! key file is loaded, when a peer's public key arrives, when one is pinned. The
-//! private key file is PKCS#8 PEM, created with mode 0600, and refused when group
-//! or others may read it. A fingerprint is SHA-256 of the SubjectPublicKeyInfo
-//! DER, printed as `SHA256:<base64>` like OpenSSH.
+//! key is parsed, when a peer's public key arrives, when one is pinned. A
+//! fingerprint is SHA-256 of the SubjectPublicKeyInfo DER, printed as
+//! `SHA256:<base64>` like OpenSSH. Key files (their modes, owners, where they
+//! live) are the agent's business, not this module's.
 
 use std::fmt;
-use std::fs;
-use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD_NO_PAD;
@@ -24,7 +22,6 @@ use thiserror::Error;
 
 use crate::crypto::sign::{self, Signer};
 use crate::crypto::{AuthError, wrap};
-use crate::fsutil;
 
 /// Default identity key size.
 pub const DEFAULT_KEY_BITS: usize = 3072;
@@ -33,59 +30,9 @@ pub const ACCEPTED_KEY_BITS: [u32; 2] = [3072, 4096];
 /// Largest SubjectPublicKeyInfo DER accepted (a 4096-bit key's is 550 bytes).
 pub const MAX_SPKI_LEN: usize = 1024;
 
-/// Errors with key files and keys.
+/// Keys keyferry refuses.
 #[derive(Debug, Error)]
 pub enum KeyError {
-    /// The key file could not be read.
-    #[error("cannot read key file {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// The key file could not be written.
-    #[error("cannot write key file {path}: {source}")]
-    Write {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// The key file's name is a symbolic link (or not a regular file).
-    #[error(
-        "key file {path} is a symbolic link or not a regular file; refusing to use it. \
-         Put the key itself there (mode 0600)"
-    )]
-    NotAFile {
-        /// The file.
-        path: PathBuf,
-    },
-    /// The key file belongs to another user.
-    #[error("key file {path} belongs to another user; refusing to use it")]
-    Owner {
-        /// The file.
-        path: PathBuf,
-    },
-    /// Group or others may read the private key file.
-    #[error(
-        "key file {path} is accessible by other users (mode {mode:03o}); refusing to use it. \
-         Run `chmod 600 {path}` if the key is still secret, or move it away to create a new one"
-    )]
-    Insecure {
-        /// The file.
-        path: PathBuf,
-        /// Its permission bits.
-        mode: u32,
-    },
-    /// The key file is not a PKCS#8 PEM RSA private key.
-    #[error(
-        "key file {path} is not a PKCS#8 PEM RSA private key; move it away to create a new one"
-    )]
-    Parse {
-        /// The file.
-        path: PathBuf,
-    },
     /// The key is RSA but of a size or exponent keyferry does not accept.
     #[error(
         "RSA key of {bits} bits refused: only 3072- or 4096-bit keys with e = 65537 are accepted"
@@ -100,6 +47,9 @@ pub enum KeyError {
     /// RSA key generation failed.
     #[error("RSA key generation failed")]
     Generate,
+    /// PKCS#8 encoding of the private key failed.
+    #[error("PKCS#8 encoding of the private key failed")]
+    Encode,
 }
 
 /// SHA-256 of a SubjectPublicKeyInfo DER.
@@ -286,89 +236,10 @@ impl Identity {
         wrap::unwrap_master_key(self.private_key(), label, ciphertext)
     }
 
-    /// Loads the key file at `path`, refusing one that others may read.
-    ///
-    /// The file is opened once, without following a symbolic link, and its
-    /// type, owner and mode are checked on the open descriptor, which is then
-    /// read: no name is looked up twice, so nothing can be swapped in between.
-    pub fn load(path: &Path) -> Result<Self, KeyError> {
-        use rustix::fs::{FileType, Mode, OFlags};
-        use std::io::Read as _;
-        let read_err = |source| KeyError::Read {
-            path: path.to_owned(),
-            source,
-        };
-        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
-        let fd = match rustix::fs::open(path, flags, Mode::empty()) {
-            Ok(fd) => fd,
-            Err(rustix::io::Errno::LOOP) => {
-                return Err(KeyError::NotAFile {
-                    path: path.to_owned(),
-                });
-            }
-            Err(e) => return Err(read_err(e.into())),
-        };
-        let st = rustix::fs::fstat(&fd).map_err(|e| read_err(e.into()))?;
-        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
-            return Err(KeyError::NotAFile {
-                path: path.to_owned(),
-            });
-        }
-        if st.st_uid != rustix::process::geteuid().as_raw() {
-            return Err(KeyError::Owner {
-                path: path.to_owned(),
-            });
-        }
-        let mode = st.st_mode & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(KeyError::Insecure {
-                path: path.to_owned(),
-                mode,
-            });
-        }
-        // Sized up front, so no copy of the key is left behind by a regrowth.
-        let size = usize::try_from(st.st_size).unwrap_or(0).min(64 << 10);
-        let mut pem = zeroize::Zeroizing::new(String::with_capacity(size + 1));
-        fs::File::from(fd)
-            .read_to_string(&mut pem)
-            .map_err(read_err)?;
-        Self::from_pkcs8_pem(&pem).unwrap_or_else(|| {
-            Err(KeyError::Parse {
-                path: path.to_owned(),
-            })
-        })
-    }
-
-    /// Writes the key to a new file at `path` (mode 0600); never replaces a file.
-    ///
-    /// The PEM goes to a temporary file first and is hard-linked into place, so a
-    /// crash never leaves a half-written key under the real name.
-    pub fn save(&self, path: &Path) -> Result<(), KeyError> {
-        let write_err = |source| KeyError::Write {
-            path: path.to_owned(),
-            source,
-        };
-        let pem = self
-            .private_key()
+    /// The private key as PKCS#8 PEM, for the agent's key file (erased on drop).
+    pub fn to_pkcs8_pem(&self) -> Result<zeroize::Zeroizing<String>, KeyError> {
+        self.private_key()
             .to_pkcs8_pem(LineEnding::LF)
-            .map_err(|_| write_err(std::io::Error::other("PKCS#8 encoding failed")))?;
-        fsutil::write_private(path, pem.as_bytes(), fsutil::Place::New).map_err(write_err)
-    }
-
-    /// Loads the key at `path`, or creates and saves a new one if there is none.
-    /// Returns whether it was created.
-    pub fn load_or_create(path: &Path, bits: usize) -> Result<(Self, bool), KeyError> {
-        match fs::symlink_metadata(path) {
-            Ok(_) => Ok((Self::load(path)?, false)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let id = Self::generate(bits)?;
-                id.save(path)?;
-                Ok((id, true))
-            }
-            Err(source) => Err(KeyError::Read {
-                path: path.to_owned(),
-                source,
-            }),
-        }
+            .map_err(|_| KeyError::Encode)
     }
 }

@@ -1,22 +1,25 @@
 //! keyferry's shared core: everything the broker and the agents must agree on.
 //!
-//! Layers, bottom up — nothing lower imports anything higher:
+//! Layers, bottom up, as the imports really are — nothing lower imports
+//! anything higher:
 //!
-//! * [`encode`]: hand-built, unambiguous encodings of everything signed or MACed.
-//! * [`crypto`]: AES-256-CBC, HMAC-SHA256, HKDF, RSA-OAEP/PSS, X25519, behind typed,
-//!   zeroizing keys and one opaque authentication error.
-//! * [`identity`], [`name`], [`pins`]: RSA identities and key files, agent names,
-//!   trust-on-first-use pin files.
-//! * [`schedule`], [`record`], [`handshake`], [`transfer`]: the key schedule, the
-//!   byte layouts of the records, the offer/accept handshake and the sender's and
-//!   receiver's stream state machines. No I/O: bytes in, bytes or errors out.
-//! * [`message`], [`frame`], [`connection`]: postcard messages in length-prefixed
-//!   frames with a hard size limit, read and written over any async stream.
-//! * [`auth`], [`tls`]: what an agent signs to authenticate to the broker; TLS 1.3
-//!   configurations and the agents' pinning certificate verifier.
-//! * [`filename`], [`text`], [`budget`], [`replay`]: receiver-side guards — file
-//!   names from the wire, escaping of printed peer text, RSA decryption budgets,
-//!   replayed offers.
+//! 1. Leaves: [`encode`] (hand-built encodings of everything signed or MACed),
+//!    [`ids`], [`name`], [`text`] (escaping peer text), [`units`], [`sync`].
+//! 2. [`crypto`]: AES-256-CBC, HMAC-SHA256, HKDF, RSA-OAEP/PSS, X25519, behind
+//!    typed, zeroizing keys and one opaque authentication error.
+//! 3. [`identity`]: RSA identities, public keys, fingerprints, the key policy.
+//! 4. [`schedule`]: every HKDF call of a transfer, and the session-key ratchet.
+//! 5. [`wire`]: what travels, as bytes — record layouts, the frame codec, the
+//!    messages, the chunk fast path.
+//! 6. [`handshake`] (offer and accept), [`auth`] (what an agent signs for the
+//!    broker), [`transfer`] (the sender's and receiver's stream state
+//!    machines): sans-IO, frames in, frames out.
+//! 7. [`io`] (default-on feature `io`): frames over tokio streams, TLS
+//!    configurations and the pinning verifier, durable file writes. Without the
+//!    feature the crate builds with neither tokio nor rustls.
+//!
+//! Guards that only the receiving agent needs (pins, RSA budgets, the replay
+//! guard, file names from the wire) live in the agent, not here.
 //!
 //! `docs/PROTOCOL.md` in the repository is the specification this crate implements.
 
@@ -24,26 +27,20 @@
 #![deny(missing_docs)]
 
 pub mod auth;
-pub mod budget;
-pub mod connection;
 pub mod crypto;
 pub mod encode;
-pub mod filename;
-pub mod frame;
-pub mod fsutil;
 pub mod handshake;
 pub mod identity;
 pub mod ids;
-pub mod message;
+#[cfg(feature = "io")]
+pub mod io;
 pub mod name;
-pub mod pins;
-pub mod record;
-pub mod replay;
 pub mod schedule;
+pub mod sync;
 pub mod text;
-pub mod tls;
 pub mod transfer;
 pub mod units;
+pub mod wire;
 
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u16 = 1;

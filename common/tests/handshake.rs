@@ -4,7 +4,6 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is a test failure
 
-use std::os::unix::fs::PermissionsExt as _;
 use std::time::Instant;
 
 use keyferry_common::handshake::{
@@ -12,7 +11,6 @@ use keyferry_common::handshake::{
 };
 use keyferry_common::identity::{Identity, KeyError};
 use keyferry_common::name::AgentName;
-use keyferry_common::replay::ReplayGuard;
 use keyferry_common::transfer::{RecvStream, RekeyPolicy, SendStream};
 
 fn fixture(name: &str) -> Identity {
@@ -81,7 +79,7 @@ fn a_full_handshake_then_a_stream() {
     assert!(last);
     assert_eq!(plain, vec![7; 3000]);
     let (trailer, _) = s.trailer().unwrap();
-    let done = r.open_trailer(&trailer.encode()).unwrap();
+    let done = r.open_trailer(trailer.record()).unwrap();
     s.check_receipt(&done.receipt).unwrap();
 }
 
@@ -219,7 +217,7 @@ fn a_signature_for_another_purpose_does_not_verify_as_an_offer() {
 }
 
 #[test]
-fn stale_and_replayed_offers_are_refused() {
+fn stale_offers_are_refused() {
     let (alice, bob) = (fixture("alice"), fixture("bob"));
     let (_, offer) = offer_from(&alice, &bob);
     assert!(
@@ -258,24 +256,6 @@ fn stale_and_replayed_offers_are_refused() {
             WINDOW
         )
         .is_err()
-    );
-
-    let mut guard = ReplayGuard::new(WINDOW);
-    let v = verify_offer(
-        &offer,
-        alice.public(),
-        &name("bob"),
-        bob.fingerprint(),
-        NOW,
-        WINDOW,
-    )
-    .unwrap();
-    guard
-        .check_and_insert(v.fields().transfer_id, v.fields().time, NOW)
-        .unwrap();
-    assert_eq!(
-        guard.check_and_insert(v.fields().transfer_id, v.fields().time, NOW + 5),
-        Err(HandshakeError::Replay)
     );
 }
 
@@ -348,43 +328,6 @@ fn keys_outside_the_policy_are_refused() {
     let mut trailing = der.clone();
     trailing.push(0);
     assert!(keyferry_common::identity::PublicKey::from_spki_der(&trailing).is_err());
-}
-
-#[test]
-fn key_files_are_private_and_parse_errors_are_clear() {
-    let dir = std::env::temp_dir().join(format!("keyferry-keys-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("identity.pem");
-    let alice = fixture("alice");
-    alice.save(&path).unwrap();
-    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o600);
-    assert_eq!(
-        Identity::load(&path).unwrap().fingerprint(),
-        alice.fingerprint()
-    );
-    // Never replaces an existing key file.
-    assert!(alice.save(&path).is_err());
-    // No temporary file is left behind.
-    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
-
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
-    let err = Identity::load(&path).unwrap_err();
-    assert!(
-        matches!(err, KeyError::Insecure { mode: 0o640, .. }),
-        "{err}"
-    );
-    assert!(err.to_string().contains("chmod 600"));
-
-    let corrupt = dir.join("corrupt.pem");
-    std::fs::write(&corrupt, "-----BEGIN PRIVATE KEY-----\nnot base64\n").unwrap();
-    std::fs::set_permissions(&corrupt, std::fs::Permissions::from_mode(0o600)).unwrap();
-    assert!(matches!(
-        Identity::load(&corrupt),
-        Err(KeyError::Parse { .. })
-    ));
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

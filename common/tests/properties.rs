@@ -7,13 +7,13 @@ use std::time::{Duration, Instant};
 
 use keyferry_common::crypto::keys::{AesKey, MacKey, MasterKey, SealKeys, SharedSecret};
 use keyferry_common::crypto::seal;
-use keyferry_common::frame::{self, MAX_FRAME_LEN};
 use keyferry_common::handshake::SignedOffer;
 use keyferry_common::ids::{Nonce, TransferId};
-use keyferry_common::message::{AbortReason, Message, RefuseReason};
 use keyferry_common::name::AgentName;
 use keyferry_common::schedule::derive_stream_keys;
 use keyferry_common::transfer::{RecvStream, RekeyPolicy, SendStream};
+use keyferry_common::wire::frame::MAX_FRAME_LEN;
+use keyferry_common::wire::message::{self, AbortReason, Message, RefuseReason};
 use proptest::prelude::*;
 
 fn arb_message() -> impl Strategy<Value = Message> {
@@ -61,21 +61,21 @@ fn arb_message() -> impl Strategy<Value = Message> {
 proptest! {
     #[test]
     fn frames_round_trip_whole_and_split(msg in arb_message(), split in 0usize..64) {
-        let bytes = frame::encode(&msg, MAX_FRAME_LEN).unwrap();
-        let (back, used) = frame::decode(&bytes, MAX_FRAME_LEN).unwrap().unwrap();
+        let bytes = message::encode(&msg, MAX_FRAME_LEN).unwrap();
+        let (back, used) = message::decode(&bytes, MAX_FRAME_LEN).unwrap().unwrap();
         prop_assert_eq!(&back, &msg);
         prop_assert_eq!(used, bytes.len());
         let cut = split.min(bytes.len() - 1);
-        prop_assert_eq!(frame::decode(&bytes[..cut], MAX_FRAME_LEN).unwrap(), None);
+        prop_assert_eq!(message::decode(&bytes[..cut], MAX_FRAME_LEN).unwrap(), None);
         // Two frames back to back decode one at a time.
         let two = [bytes.clone(), bytes.clone()].concat();
-        let (_, first) = frame::decode(&two, MAX_FRAME_LEN).unwrap().unwrap();
-        prop_assert_eq!(frame::decode(&two[first..], MAX_FRAME_LEN).unwrap().unwrap().0, msg);
+        let (_, first) = message::decode(&two, MAX_FRAME_LEN).unwrap().unwrap();
+        prop_assert_eq!(message::decode(&two[first..], MAX_FRAME_LEN).unwrap().unwrap().0, msg);
     }
 
     #[test]
     fn the_frame_decoder_never_panics_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-        let _ = frame::decode(&bytes, MAX_FRAME_LEN);
+        let _ = message::decode(&bytes, MAX_FRAME_LEN);
     }
 
     #[test]
@@ -110,14 +110,14 @@ proptest! {
         for (i, p) in pieces.into_iter().enumerate() {
             let out = s.push(p, i + 1 == n, t0 + Duration::from_millis(i as u64)).unwrap();
             if let Some(ku) = out.key_update {
-                r.open_key_update(&ku.encode()).unwrap();
+                r.open_key_update(ku.record()).unwrap();
             }
             let (plain, last) = r.open_chunk(out.chunk.seal().record()).unwrap();
             prop_assert_eq!(last, i + 1 == n);
             got.extend_from_slice(&plain);
         }
         let (trailer, _) = s.trailer().unwrap();
-        let done = r.open_trailer(&trailer.encode()).unwrap();
+        let done = r.open_trailer(trailer.record()).unwrap();
         prop_assert_eq!(&got, &data);
         prop_assert_eq!(done.total, len as u64);
         prop_assert!(s.check_receipt(&done.receipt).is_ok());

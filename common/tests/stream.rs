@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use keyferry_common::crypto::keys::{MasterKey, SharedSecret};
 use keyferry_common::ids::{Nonce, TransferId};
 use keyferry_common::schedule::{StreamKeys, derive_stream_keys};
-use keyferry_common::transfer::{RecvError, RecvStream, RekeyPolicy, SendError, SendStream};
+use keyferry_common::transfer::{
+    Opened, RecvError, RecvStream, RekeyPolicy, SendError, SendStream,
+};
 
 /// Two copies of the same transfer's stream keys (what the handshake gives each side).
 fn keys(transfer: u8) -> (StreamKeys, StreamKeys) {
@@ -67,12 +69,12 @@ fn send_with(
             .push(piece, i + 1 == n, t0 + step * i as u32)
             .expect("push");
         if let Some(ku) = out.key_update {
-            records.push(Rec::KeyUpdate(ku.encode()));
+            records.push(Rec::KeyUpdate(ku.record().to_vec()));
         }
         records.push(Rec::Chunk(out.chunk.seal().record().to_vec()));
     }
     let (trailer, sha256) = s.trailer().expect("trailer");
-    records.push(Rec::Trailer(trailer.encode()));
+    records.push(Rec::Trailer(trailer.record().to_vec()));
     Sent {
         records,
         stream: s,
@@ -469,6 +471,7 @@ fn rekeying_happens_exactly_when_the_interval_has_passed() {
         .push(vec![1; 10], false, t0 + interval)
         .unwrap()
         .key_update;
+    let ku = ku.map(|k| keyferry_common::wire::record::KeyUpdateRecord::parse(k.record()).unwrap());
     assert_eq!(ku.map(|k| (k.epoch, k.first_seq)), Some((1, 2)));
 }
 
@@ -514,7 +517,7 @@ fn after_one_error_the_receiver_accepts_nothing() {
 /// these).
 fn forged_key_update(k: &StreamKeys, epoch: u32, first_seq: u64) -> Rec {
     use keyferry_common::crypto::seal;
-    use keyferry_common::record::{KeyUpdateRecord, key_update_ad};
+    use keyferry_common::wire::record::{KeyUpdateRecord, key_update_ad};
     let ad = key_update_ad(&k.transfer_id, epoch, first_seq);
     Rec::KeyUpdate(
         KeyUpdateRecord {
@@ -530,7 +533,7 @@ fn forged_key_update(k: &StreamKeys, epoch: u32, first_seq: u64) -> Rec {
 /// sender likes.
 fn forged_chunk(k: &StreamKeys, seq: u64, last: bool, plain: &[u8]) -> Rec {
     use keyferry_common::crypto::seal;
-    use keyferry_common::record::{chunk_ad, chunk_header};
+    use keyferry_common::wire::record::{chunk_ad, chunk_header};
     let keys = k.epoch0.epoch_keys(&k.transfer_id, 0);
     let s = seal::seal(&keys, &chunk_ad(&k.transfer_id, 0, seq, last), plain);
     let mut record = chunk_header(0, seq, last, &s.iv, s.ciphertext.len()).to_vec();
@@ -595,4 +598,67 @@ fn the_chunk_that_reaches_the_declared_size_must_be_the_last() {
         s.push([0; 10], false, Instant::now()).unwrap_err(),
         SendError::Order
     );
+}
+
+#[test]
+fn the_one_door_takes_whole_frames_and_checks_the_transfer() {
+    use keyferry_common::wire::frame::{LEN_PREFIX, MAX_FRAME_LEN};
+    use keyferry_common::wire::message::{AbortReason, Message, encode};
+    let d = data(5000);
+    let (k, _) = keys(14);
+    let t0 = Instant::now();
+    let mut s = SendStream::new(k, d.len() as u64, every_chunk_rekeys(), t0);
+    let mut frames = Vec::new();
+    for (i, piece) in d.chunks(2000).enumerate() {
+        let out = s.push(piece, i == 2, t0 + STEP * i as u32).unwrap();
+        frames.extend(out.key_update.map(|ku| ku.frame().to_vec()));
+        frames.push(out.chunk.seal().into_frame());
+    }
+    frames.push(s.trailer().unwrap().0.into_frame());
+    // Through the door, frame by frame, exactly as they come off the wire.
+    let (_, k) = keys(14);
+    let mut r = RecvStream::new(k, d.len() as u64);
+    let (mut got, mut epochs, mut done) = (Vec::new(), 0, None);
+    for f in &frames {
+        let mut payload = f[LEN_PREFIX..].to_vec();
+        match r.open(&mut payload).unwrap() {
+            Opened::Chunk { plaintext, .. } => got.extend_from_slice(plaintext),
+            Opened::KeyUpdate(_) => epochs += 1,
+            Opened::Trailer(t) => done = Some(t),
+        }
+    }
+    assert_eq!(got, d);
+    assert_eq!(epochs, 2);
+    assert!(r.is_complete());
+    s.check_receipt(&done.unwrap().receipt).unwrap();
+
+    // Anything else through the door ends the stream, and says what it was.
+    let payload = |m: &Message| encode(m, MAX_FRAME_LEN).unwrap()[LEN_PREFIX..].to_vec();
+    let cases: Vec<(Vec<u8>, RecvError)> = vec![
+        (
+            payload(&Message::Abort {
+                transfer_id: TransferId([14; 16]),
+                reason: AbortReason::Interrupted,
+            }),
+            RecvError::Aborted(AbortReason::Interrupted),
+        ),
+        (
+            payload(&Message::Abort {
+                transfer_id: TransferId([15; 16]),
+                reason: AbortReason::Interrupted,
+            }),
+            RecvError::OtherTransfer,
+        ),
+        (payload(&Message::List), RecvError::Unexpected("List")),
+        (vec![0xff, 0xff], RecvError::NotAMessage),
+        // A chunk of another transfer, on the fast path.
+        (frames[0][LEN_PREFIX..].to_vec(), RecvError::OtherTransfer),
+    ];
+    for (i, (mut bad, want)) in cases.into_iter().enumerate() {
+        let transfer = if i == 4 { 15 } else { 14 };
+        let (_, k) = keys(transfer);
+        let mut r = RecvStream::new(k, d.len() as u64);
+        assert_eq!(r.open(&mut bad).unwrap_err(), want, "case {i}");
+        assert_eq!(r.end_of_stream().unwrap_err(), RecvError::Truncated);
+    }
 }

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use keyferry_common::tls::{self, PinOutcome, PinningVerifier};
+use keyferry_common::io::tls::{self, PinOutcome, PinningVerifier};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;

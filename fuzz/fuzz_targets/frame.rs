@@ -2,7 +2,8 @@
 //! re-encodes to the same bytes.
 #![no_main]
 
-use keyferry_common::frame::{self, MAX_FRAME_LEN};
+use keyferry_common::wire::frame::MAX_FRAME_LEN;
+use keyferry_common::wire::message as frame;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -2,9 +2,7 @@
 //! hand-encoded offer body the broker and receivers parse.
 #![no_main]
 
-use keyferry_common::frame;
-use keyferry_common::handshake::SignedOffer;
-use keyferry_common::message::Message;
+use keyferry_common::wire::message::{self as frame, Message, SignedOffer};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

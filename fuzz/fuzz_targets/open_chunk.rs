@@ -1,4 +1,5 @@
-//! The receiver's stream state machine fed arbitrary records: never panics,
+//! The receiver's stream state machine fed arbitrary records and frame
+//! payloads: never panics,
 //! and never accepts a forged record (any record it accepts would have to
 //! carry a valid tag under keys the fuzzer does not know).
 #![no_main]
@@ -27,10 +28,12 @@ fuzz_target!(|data: &[u8]| {
         let len = usize::from(u16::from_be_bytes([rest[1], rest[2]])).min(rest.len() - 3);
         let record = &rest[3..3 + len];
         rest = &rest[3 + len..];
-        let accepted = match kind % 3 {
+        let accepted = match kind % 4 {
             0 => stream.open_chunk(record).is_ok(),
             1 => stream.open_key_update(record).is_ok(),
-            _ => stream.open_trailer(record).is_ok(),
+            2 => stream.open_trailer(record).is_ok(),
+            // The one door the agent uses: a whole frame payload.
+            _ => stream.open(&mut record.to_vec()).is_ok(),
         };
         assert!(!accepted, "a record forged without the keys was accepted");
     }

@@ -32,12 +32,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use keyferry_common::PROTOCOL_VERSION;
-use keyferry_common::connection::{Connection, FrameReader, FrameWriter};
 use keyferry_common::crypto::random_array;
 use keyferry_common::ids::TransferId;
-use keyferry_common::message::{ErrorCode, Message, RefuseReason, Role};
+use keyferry_common::io::connection::{Connection, FrameReader, FrameWriter};
+use keyferry_common::io::tls;
 use keyferry_common::name::AgentName;
-use keyferry_common::tls;
+use keyferry_common::wire::message::{ErrorCode, Message, RefuseReason, Role};
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::io::{AsyncWrite, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -1091,7 +1091,7 @@ impl Relay<'_> {
 }
 
 fn frame_of(m: &Message) -> Vec<u8> {
-    keyferry_common::frame::encode(m, keyferry_common::frame::MAX_FRAME_LEN).unwrap()
+    keyferry_common::wire::message::encode(m, keyferry_common::wire::frame::MAX_FRAME_LEN).unwrap()
 }
 
 /// Reads and drops frames until the peer closes (or is silent for [`STEP`]).

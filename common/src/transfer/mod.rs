@@ -1,18 +1,21 @@
 //! The sender's and receiver's stream state machines (PROTOCOL.md §6), free of I/O.
 //!
 //! Both take and return bytes and typed errors; the caller owns sockets, files and
-//! clocks (the current [`Instant`](std::time::Instant) is passed in). The sender
-//! decides when a session key has expired and emits key updates before the first
-//! chunk they govern; the receiver accepts exactly the next record the protocol
-//! allows and nothing else.
+//! clocks (the current [`Instant`](std::time::Instant) is passed in). One door
+//! each way, as rustls has it: the sender yields ready frames (key updates,
+//! chunks and the trailer alike), and the receiver takes each frame payload as
+//! it arrived ([`RecvStream::open`]) and says what it was, checking the
+//! transfer id itself. The sender decides when a session key has expired and
+//! emits key updates before the first chunk they govern; the receiver accepts
+//! exactly the next record the protocol allows and nothing else.
 
 pub mod receiver;
 pub mod sender;
 
 use std::time::Duration;
 
-pub use receiver::{RecvError, RecvStream, TrailerVerified};
-pub use sender::{ChunkJob, SealedChunk, SendError, SendStream, Sent};
+pub use receiver::{Opened, RecvError, RecvStream, TrailerVerified};
+pub use sender::{ChunkJob, ReadyFrame, SendError, SendStream, Sent};
 
 /// Default session-key lifetime.
 pub const DEFAULT_REKEY_INTERVAL: Duration = Duration::from_secs(5);

@@ -13,12 +13,14 @@ use thiserror::Error;
 use crate::crypto::keys::{MacKey, SealKeys, SessionKey};
 use crate::crypto::{mac, seal};
 use crate::ids::TransferId;
-use crate::record::{
+use crate::schedule::StreamKeys;
+use crate::wire::chunk::chunk_record;
+use crate::wire::message::{AbortReason, Message, decode_payload};
+use crate::wire::record::{
     CHUNK_HEADER_LEN, ChunkRecord, KEY_UPDATE_CT_LEN, KeyUpdateRecord, MAX_CHUNK,
     MAX_CHUNK_CIPHERTEXT, MalformedRecord, TRAILER_CT_LEN, TrailerRecord, chunk_ad, key_update_ad,
     receipt_input, trailer_ad,
 };
-use crate::schedule::StreamKeys;
 
 /// Why the receiver refused a record. Peers are only ever told "verification
 /// failed"; the detail is for the local user and the tests.
@@ -83,6 +85,36 @@ pub enum RecvError {
     /// The stream ended before the last chunk and a verified trailer.
     #[error("the stream ended before the transfer was complete")]
     Truncated,
+    /// A frame payload that is not one well-formed message.
+    #[error("a frame in the stream is not a well-formed message")]
+    NotAMessage,
+    /// A message of another transfer.
+    #[error("a message of another transfer in the stream")]
+    OtherTransfer,
+    /// A message that has no place in a stream.
+    #[error("unexpected {0} message in the stream")]
+    Unexpected(&'static str),
+    /// The sender gave up and said why (unauthenticated: it ends the stream,
+    /// it proves nothing).
+    #[error("the sender aborted the transfer ({0:?})")]
+    Aborted(AbortReason),
+}
+
+/// What one frame of the stream was, once [`RecvStream::open`] accepted it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Opened<'a> {
+    /// A chunk's verified plaintext (inside the payload it arrived in), and
+    /// whether it was the last chunk.
+    Chunk {
+        /// The plaintext.
+        plaintext: &'a [u8],
+        /// Whether this was the final chunk.
+        last: bool,
+    },
+    /// A key update: the stream is now in this epoch.
+    KeyUpdate(u32),
+    /// The verified trailer: the stream is complete.
+    Trailer(TrailerVerified),
 }
 
 /// The verified end of a stream.
@@ -184,6 +216,75 @@ impl RecvStream {
             self.state = State::Failed;
         }
         result
+    }
+
+    /// The one door: takes the payload of the next frame of the data
+    /// connection as it arrived, checks that it is a key update, chunk or
+    /// trailer of this transfer, and opens it (a chunk where it lies). A
+    /// sender's `Abort` ends the stream as [`RecvError::Aborted`].
+    pub fn open<'a>(&mut self, payload: &'a mut [u8]) -> Result<Opened<'a>, RecvError> {
+        if self.state == State::Failed {
+            return Err(RecvError::AfterEnd);
+        }
+        // The fast path: a chunk in its shortest encoding, opened in place.
+        if let Some((transfer_id, at)) = chunk_record(payload) {
+            if transfer_id != self.transfer_id {
+                return self.fail(RecvError::OtherTransfer);
+            }
+            let (plaintext, last) = self.open_chunk_in_place(&mut payload[at..])?;
+            return Ok(Opened::Chunk { plaintext, last });
+        }
+        let msg = match decode_payload(payload) {
+            Ok(msg) => msg,
+            Err(_) => return self.fail(RecvError::NotAMessage),
+        };
+        match msg {
+            Message::KeyUpdate {
+                transfer_id,
+                record,
+            } if transfer_id == self.transfer_id => {
+                self.open_key_update(&record).map(Opened::KeyUpdate)
+            }
+            Message::Trailer {
+                transfer_id,
+                record,
+            } if transfer_id == self.transfer_id => self.open_trailer(&record).map(Opened::Trailer),
+            // A chunk in a non-shortest encoding (postcard accepts those):
+            // opened from its own copy, the plaintext put back where the
+            // payload was.
+            Message::Chunk {
+                transfer_id,
+                mut record,
+            } if transfer_id == self.transfer_id => {
+                let (plain, last) = self.open_chunk_in_place(&mut record)?;
+                let len = plain.len();
+                payload[..len].copy_from_slice(plain);
+                Ok(Opened::Chunk {
+                    plaintext: &payload[..len],
+                    last,
+                })
+            }
+            Message::Abort {
+                transfer_id,
+                reason,
+            } if transfer_id == self.transfer_id => self.fail(RecvError::Aborted(reason)),
+            Message::KeyUpdate { .. }
+            | Message::Trailer { .. }
+            | Message::Chunk { .. }
+            | Message::Abort { .. } => self.fail(RecvError::OtherTransfer),
+            other => self.fail(RecvError::Unexpected(other.kind())),
+        }
+    }
+
+    /// Poisons the stream with `e`.
+    fn fail<T>(&mut self, e: RecvError) -> Result<T, RecvError> {
+        self.state = State::Failed;
+        Err(e)
+    }
+
+    /// Whether a verified trailer ended the stream.
+    pub fn is_complete(&self) -> bool {
+        self.state == State::Done
     }
 
     /// Opens a key-update record; returns the new epoch.

@@ -1,9 +1,11 @@
 //! The sender's stream: chunking decisions, rekeying, the trailer, the receipt.
 //!
-//! [`SendStream::push`] is sequential (it assigns sequence numbers, rotates keys
-//! and hashes the plaintext in order); the [`ChunkJob`] it returns is
-//! self-contained and may be sealed on another thread, so several chunks can be
-//! sealed at once while their order stays fixed.
+//! Everything it produces is a [`ReadyFrame`], the exact bytes to write: key
+//! updates, chunks and the trailer alike, so the caller is plumbing.
+//! [`SendStream::push_frame`] is sequential (it assigns sequence numbers,
+//! rotates keys and hashes the plaintext in order); the [`ChunkJob`] it returns
+//! is self-contained and may be sealed on another thread, so several chunks can
+//! be sealed at once while their order stays fixed.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -15,13 +17,15 @@ use zeroize::Zeroize;
 use super::RekeyPolicy;
 use crate::crypto::keys::{MacKey, SealKeys, SessionKey};
 use crate::crypto::{AuthError, mac, random_array, seal};
-use crate::frame::ChunkFrame;
 use crate::ids::TransferId;
-use crate::record::{
+use crate::schedule::StreamKeys;
+use crate::wire::chunk::ChunkFrame;
+use crate::wire::frame::MAX_FRAME_LEN;
+use crate::wire::message::{self, Message};
+use crate::wire::record::{
     KeyUpdateRecord, MAX_CHUNK, TrailerRecord, chunk_ad, chunk_header, key_update_ad,
     receipt_input, trailer_ad,
 };
-use crate::schedule::StreamKeys;
 
 /// Misuse of the sender's stream (by our own code, or a file that changed size).
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -57,6 +61,41 @@ pub enum SendError {
     CounterExhausted,
 }
 
+/// One frame ready to be written: a `Message::KeyUpdate`, `Chunk` or
+/// `Trailer` of the stream's transfer, exactly as it goes on the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadyFrame {
+    frame: Vec<u8>,
+    record_at: usize,
+}
+
+impl ReadyFrame {
+    /// A frame for the record of a small message (key update, trailer).
+    fn small(msg: &Message, record_len: usize) -> Self {
+        let frame = message::encode(msg, MAX_FRAME_LEN)
+            .expect("key updates and trailers are far below the frame limit");
+        Self {
+            record_at: frame.len() - record_len,
+            frame,
+        }
+    }
+
+    /// The frame's bytes.
+    pub fn frame(&self) -> &[u8] {
+        &self.frame
+    }
+
+    /// The record inside the frame (what the message carries).
+    pub fn record(&self) -> &[u8] {
+        &self.frame[self.record_at..]
+    }
+
+    /// The frame's buffer, to be written and then reused for another chunk.
+    pub fn into_frame(self) -> Vec<u8> {
+        self.frame
+    }
+}
+
 /// A chunk ready to be sealed, possibly on another thread.
 pub struct ChunkJob {
     keys: Arc<SealKeys>,
@@ -81,13 +120,13 @@ impl std::fmt::Debug for ChunkJob {
 impl ChunkJob {
     /// Seals the chunk where it lies (AES-256-CBC, random IV, HMAC-SHA256) and
     /// completes its frame.
-    pub fn seal(mut self) -> SealedChunk {
+    pub fn seal(mut self) -> ReadyFrame {
         let iv = random_array();
         let plaintext_len = self.frame.plaintext_len();
         let (header, ciphertext, tag) = self.frame.record_parts_mut();
         *tag = seal::seal_in_place(&self.keys, &self.ad, &iv, ciphertext, plaintext_len);
         *header = chunk_header(self.epoch, self.seq, self.last, &iv, ciphertext.len());
-        SealedChunk {
+        ReadyFrame {
             record_at: self.frame.record_at(),
             frame: self.frame.into_bytes(),
         }
@@ -104,36 +143,12 @@ impl ChunkJob {
     }
 }
 
-/// A sealed chunk: the complete `Message::Chunk` frame, ready to be written.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SealedChunk {
-    frame: Vec<u8>,
-    record_at: usize,
-}
-
-impl SealedChunk {
-    /// The frame's bytes.
-    pub fn frame(&self) -> &[u8] {
-        &self.frame
-    }
-
-    /// The chunk record inside the frame (what `Message::Chunk` carries).
-    pub fn record(&self) -> &[u8] {
-        &self.frame[self.record_at..]
-    }
-
-    /// The frame's buffer, to be written and then reused for another chunk.
-    pub fn into_frame(self) -> Vec<u8> {
-        self.frame
-    }
-}
-
-/// What [`SendStream::push`] produced: a key update to send first, if the key
-/// rotated, then the chunk.
+/// What [`SendStream::push_frame`] produced: a key update to send first, if
+/// the key rotated, then the chunk.
 #[derive(Debug)]
 pub struct Sent {
-    /// The key update that must precede the chunk, if any.
-    pub key_update: Option<KeyUpdateRecord>,
+    /// The key update frame that must precede the chunk, if any.
+    pub key_update: Option<ReadyFrame>,
     /// The chunk to seal and send.
     pub chunk: ChunkJob,
 }
@@ -222,7 +237,7 @@ impl SendStream {
                 || self.epoch_bytes + len > self.policy.soft_bytes)
     }
 
-    fn rekey(&mut self, now: Instant) -> Result<KeyUpdateRecord, SendError> {
+    fn rekey(&mut self, now: Instant) -> Result<ReadyFrame, SendError> {
         let epoch = self
             .epoch
             .checked_add(1)
@@ -241,11 +256,20 @@ impl SendStream {
         self.epoch = epoch;
         self.epoch_started = now;
         self.epoch_bytes = 0;
-        Ok(KeyUpdateRecord {
+        let record = KeyUpdateRecord {
             epoch,
             first_seq,
             sealed,
-        })
+        }
+        .encode();
+        let len = record.len();
+        Ok(ReadyFrame::small(
+            &Message::KeyUpdate {
+                transfer_id: self.transfer_id,
+                record,
+            },
+            len,
+        ))
     }
 
     /// Takes the next chunk of plaintext (a copy of it: see
@@ -337,9 +361,9 @@ impl SendStream {
         })
     }
 
-    /// The trailer, once the last chunk was pushed; also returns the SHA-256 of
-    /// the whole plaintext.
-    pub fn trailer(&mut self) -> Result<(TrailerRecord, [u8; 32]), SendError> {
+    /// The trailer's frame, once the last chunk was pushed; also returns the
+    /// SHA-256 of the whole plaintext.
+    pub fn trailer(&mut self) -> Result<(ReadyFrame, [u8; 32]), SendError> {
         if !self.last_pushed || self.digest.is_some() {
             return Err(SendError::Order);
         }
@@ -353,7 +377,16 @@ impl SendStream {
             &trailer_ad(&self.transfer_id, self.next_seq),
             &plain,
         );
-        Ok((TrailerRecord { sealed }, digest))
+        let record = TrailerRecord { sealed }.encode();
+        let len = record.len();
+        let frame = ReadyFrame::small(
+            &Message::Trailer {
+                transfer_id: self.transfer_id,
+                record,
+            },
+            len,
+        );
+        Ok((frame, digest))
     }
 
     /// Checks the receiver's receipt against our own length and hash.

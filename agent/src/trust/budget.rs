@@ -12,7 +12,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use crate::identity::Fingerprint;
+use keyferry_common::identity::Fingerprint;
 
 /// Window the budgets count over.
 pub const WINDOW: Duration = Duration::from_secs(60);

@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-use crate::fsutil::{Place, write_private};
-use crate::identity::Fingerprint;
+use keyferry_common::identity::Fingerprint;
+use keyferry_common::io::fs::{Place, write_private};
 
 /// Errors from a pin file.
 #[derive(Debug, Error)]
@@ -246,7 +246,7 @@ mod tests {
     fn temp_dir() -> PathBuf {
         let d = std::env::temp_dir().join(format!(
             "keyferry-pins-{}",
-            crate::fsutil::temp_sibling(Path::new("x")).display()
+            keyferry_common::io::fs::temp_sibling(Path::new("x")).display()
         ));
         fs::create_dir_all(&d).unwrap();
         d

@@ -1,5 +1,5 @@
 //! Reading and writing frames over any async byte stream (as mini-redis'
-//! `connection.rs`), with the limits of [`crate::frame`].
+//! `connection.rs`), with the limits of [`crate::wire::frame`].
 //!
 //! A frame's length is checked against the maximum before the buffer grows for
 //! it, and the buffer then grows only as the frame's bytes arrive (at most
@@ -12,8 +12,8 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::frame::{self, FrameError, LEN_PREFIX};
-use crate::message::Message;
+use crate::wire::frame::{self, FrameError, LEN_PREFIX};
+use crate::wire::message::{self, Message};
 
 /// How far a read buffer may grow ahead of the bytes that arrived.
 pub const GROW_STEP: usize = 64 << 10;
@@ -106,7 +106,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         let Some(end) = self.fill_frame().await? else {
             return Ok(None);
         };
-        let msg = frame::decode_payload(&self.buf[LEN_PREFIX..end])?;
+        let msg = message::decode_payload(&self.buf[LEN_PREFIX..end])?;
         self.buf.drain(..end);
         Ok(Some(msg))
     }
@@ -170,21 +170,8 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 
     /// Writes one message and flushes it.
     pub async fn write(&mut self, msg: &Message) -> Result<(), ConnError> {
-        let bytes = frame::encode(msg, self.max)?;
+        let bytes = message::encode(msg, self.max)?;
         self.write_frame(&bytes).await
-    }
-
-    /// Writes one frame around `payload` (already a valid encoded message) and flushes it.
-    pub async fn write_payload(&mut self, payload: &[u8]) -> Result<(), ConnError> {
-        let len = payload.len();
-        if len == 0 || len > self.max {
-            return Err(FrameError::TooLarge { len, max: self.max }.into());
-        }
-        let prefix = u32::try_from(len).map_err(|_| FrameError::TooLarge { len, max: self.max })?;
-        self.inner.write_all(&prefix.to_be_bytes()).await?;
-        self.inner.write_all(payload).await?;
-        self.inner.flush().await?;
-        Ok(())
     }
 
     /// Writes an already encoded frame and flushes it.
@@ -239,7 +226,7 @@ mod tests {
         let small = Message::Hello { version: 1 };
         let frames: Vec<Vec<u8>> = [&small, &big, &big, &small, &big]
             .iter()
-            .map(|m| frame::encode(m, frame::MAX_FRAME_LEN).unwrap())
+            .map(|m| message::encode(m, frame::MAX_FRAME_LEN).unwrap())
             .collect();
         let all = frames.concat();
         // Odd-sized writes, so frames and prefixes straddle reads.
@@ -264,7 +251,7 @@ mod tests {
         assert!(!reader.read_payload_into(&mut out).await.unwrap());
 
         // Cut inside a payload, and a length over the limit.
-        let f = frame::encode(&big, frame::MAX_FRAME_LEN).unwrap();
+        let f = message::encode(&big, frame::MAX_FRAME_LEN).unwrap();
         let mut reader = FrameReader::new(&f[..f.len() - 1], frame::MAX_FRAME_LEN);
         assert!(matches!(
             reader.read_payload_into(&mut out).await,
@@ -309,7 +296,7 @@ mod tests {
     async fn reads_frames_across_partial_writes_and_refuses_oversize() {
         let (a, mut b) = tokio::io::duplex(64);
         let mut reader = FrameReader::new(a, 1024);
-        let frame = frame::encode(&Message::Hello { version: 1 }, 1024).unwrap();
+        let frame = message::encode(&Message::Hello { version: 1 }, 1024).unwrap();
         let writer = tokio::spawn(async move {
             for byte in frame.iter().chain(frame.iter()) {
                 b.write_all(&[*byte]).await.unwrap();

@@ -25,8 +25,8 @@ use std::os::fd::{AsRawFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::filename;
 use keyferry_common::crypto::random_array;
-use keyferry_common::filename;
 use keyferry_common::ids::TransferId;
 use rustix::fs::{AtFlags, FileType, FlockOperation, Mode, OFlags, Stat};
 use rustix::io::Errno;

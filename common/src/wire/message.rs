@@ -1,17 +1,29 @@
 //! The messages agents and the broker exchange, as serde types encoded with
-//! postcard (PROTOCOL.md §2.2).
+//! postcard (PROTOCOL.md §2.2), and their frames.
 //!
 //! Everything here is routing and framing; what must be authenticated travels
-//! inside as hand-encoded bytes ([`crate::handshake`], [`crate::record`]) whose
+//! inside as hand-encoded bytes ([`crate::handshake`], [`super::record`]) whose
 //! signatures and tags never depend on serde. The first message on every
 //! connection is [`Message::Hello`] with the protocol version, so a future change
 //! can be refused cleanly. `tests::exact_bytes` pins the encoding of every variant.
 
 use serde::{Deserialize, Serialize};
 
-use crate::handshake::SignedOffer;
+use super::frame::{self, FrameError, LEN_PREFIX};
 use crate::ids::TransferId;
 use crate::name::AgentName;
+
+/// An offer as it travels: the exact hand-encoded body (PROTOCOL.md §3.3) and
+/// the signature over it. [`crate::handshake`] builds, parses and checks it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedOffer {
+    /// The hand-encoded offer fields.
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+    /// RSA-PSS-SHA256 over `label("keyferry/v1 offer") ‖ body`.
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
 
 /// Why a receiver refused an offer (sent back to the sender, unauthenticated).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -247,56 +259,75 @@ pub enum Message {
     },
 }
 
-/// The variant index of [`Message::Chunk`] (its first encoded byte).
-pub const CHUNK_INDEX: u8 = 5;
-
-/// How much of a payload [`peek_chunk`] needs: the variant, the transfer id
-/// and the record's length (a varint of at most ten bytes).
-pub const CHUNK_HEAD_MAX: usize = 1 + 16 + 10;
-
-/// If a payload of `len` bytes that starts with `head` is a well-formed
-/// [`Message::Chunk`], its transfer id; `None` for anything else (another
-/// variant, or a malformed chunk). `head` must hold the first
-/// `min(len, CHUNK_HEAD_MAX)` bytes of the payload.
-///
-/// Gives the same answer as decoding the whole payload and matching on
-/// `Chunk`, without having the record: the broker's relay checks every chunk
-/// it forwards this way and streams the record through.
-pub fn peek_chunk(head: &[u8], len: usize) -> Option<TransferId> {
-    chunk_head(head, len).map(|(tid, _)| tid)
-}
-
-/// If `payload` is exactly one well-formed [`Message::Chunk`], its transfer
-/// id and where its record starts (the record runs to the end). The same
-/// answer as decoding, without copying the record out: the receiver opens
-/// the record where it lies.
-pub fn chunk_record(payload: &[u8]) -> Option<(TransferId, usize)> {
-    chunk_head(payload, payload.len())
-}
-
-fn chunk_head(head: &[u8], len: usize) -> Option<(TransferId, usize)> {
-    let (&index, rest) = head.split_first()?;
-    if index != CHUNK_INDEX {
-        return None;
-    }
-    let (tid, rest) = rest.split_first_chunk::<16>()?;
-    // The record: a varint length as postcard reads a `usize` (at most ten
-    // bytes, the tenth at most 1), then exactly that many bytes.
-    let mut record_len = 0u64;
-    for (i, &byte) in rest.iter().enumerate().take(10) {
-        record_len |= u64::from(byte & 0x7f) << (7 * i);
-        if byte & 0x80 == 0 {
-            let header = 1 + 16 + i + 1;
-            let exact = (i < 9 || byte <= 1) && len.checked_sub(header)? as u64 == record_len;
-            return exact.then_some((TransferId(*tid), header));
+impl Message {
+    /// The variant's name, for log lines and errors (never its contents).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Hello { .. } => "Hello",
+            Self::Offer { .. } => "Offer",
+            Self::Accept { .. } => "Accept",
+            Self::Refuse { .. } => "Refuse",
+            Self::KeyUpdate { .. } => "KeyUpdate",
+            Self::Chunk { .. } => "Chunk",
+            Self::Trailer { .. } => "Trailer",
+            Self::Receipt { .. } => "Receipt",
+            Self::Abort { .. } => "Abort",
+            Self::Challenge { .. } => "Challenge",
+            Self::Auth { .. } => "Auth",
+            Self::Welcome => "Welcome",
+            Self::Error { .. } => "Error",
+            Self::Lookup { .. } => "Lookup",
+            Self::PeerKey { .. } => "PeerKey",
+            Self::Offered { .. } => "Offered",
+            Self::List => "List",
+            Self::Online { .. } => "Online",
+            Self::Ticket { .. } => "Ticket",
+            Self::Redeem { .. } => "Redeem",
         }
     }
-    None
+}
+
+/// Encodes `msg` as one frame, refusing to produce a frame above `max`.
+pub fn encode(msg: &Message, max: usize) -> Result<Vec<u8>, FrameError> {
+    let out = postcard::to_extend(msg, vec![0u8; LEN_PREFIX]).map_err(|_| FrameError::Malformed)?;
+    let mut out = out;
+    let prefix = frame::prefix(out.len() - LEN_PREFIX, max)?;
+    out[..LEN_PREFIX].copy_from_slice(&prefix);
+    Ok(out)
+}
+
+/// Decodes a frame payload as exactly one message.
+pub fn decode_payload(payload: &[u8]) -> Result<Message, FrameError> {
+    match postcard::take_from_bytes::<Message>(payload) {
+        Ok((msg, [])) => Ok(msg),
+        _ => Err(FrameError::Malformed),
+    }
+}
+
+/// Decodes one frame from the start of `buf`. `Ok(None)` means more bytes are
+/// needed; `Ok(Some((msg, n)))` consumed `n` bytes.
+pub fn decode(buf: &[u8], max: usize) -> Result<Option<(Message, usize)>, FrameError> {
+    match frame::split(buf, max)? {
+        Some((payload, n)) => Ok(Some((decode_payload(payload)?, n))),
+        None => Ok(None),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_chunk_fast_path_knows_the_chunk_index() {
+        let chunk = Message::Chunk {
+            transfer_id: TransferId([0; 16]),
+            record: vec![],
+        };
+        assert_eq!(
+            postcard::to_stdvec(&chunk).unwrap()[0],
+            super::super::chunk::CHUNK_INDEX
+        );
+    }
 
     #[test]
     fn exact_bytes() {
@@ -436,103 +467,6 @@ mod tests {
         for (msg, bytes) in cases.into_iter().chain(more) {
             assert_eq!(postcard::to_stdvec(&msg).unwrap(), bytes, "{msg:?}");
             assert_eq!(postcard::from_bytes::<Message>(&bytes).unwrap(), msg);
-        }
-    }
-
-    /// What decoding says about `payload`: the transfer id and record iff it
-    /// is a chunk.
-    fn decoded_chunk(payload: &[u8]) -> Option<(TransferId, Vec<u8>)> {
-        match postcard::take_from_bytes::<Message>(payload) {
-            Ok((
-                Message::Chunk {
-                    transfer_id,
-                    record,
-                },
-                [],
-            )) => Some((transfer_id, record)),
-            _ => None,
-        }
-    }
-
-    /// `peek_chunk` on the whole payload and on just the head it needs, and
-    /// `chunk_record`: all must give the same answer.
-    fn peek(payload: &[u8]) -> Option<(TransferId, Vec<u8>)> {
-        let whole = peek_chunk(payload, payload.len());
-        let head = &payload[..payload.len().min(CHUNK_HEAD_MAX)];
-        assert_eq!(whole, peek_chunk(head, payload.len()));
-        let located = chunk_record(payload);
-        assert_eq!(whole, located.map(|(tid, _)| tid));
-        located.map(|(tid, at)| (tid, payload[at..].to_vec()))
-    }
-
-    #[test]
-    fn peek_chunk_and_chunk_record_agree_with_decoding() {
-        let tid = TransferId([7; 16]);
-        let mut cases: Vec<Vec<u8>> = Vec::new();
-        for len in [0usize, 1, 127, 128, 300, 16_384, 262_176] {
-            let chunk = Message::Chunk {
-                transfer_id: tid,
-                record: vec![9; len],
-            };
-            let bytes = postcard::to_stdvec(&chunk).unwrap();
-            cases.push(bytes[..bytes.len() - 1].to_vec()); // one byte short
-            cases.push([bytes.clone(), vec![0]].concat()); // one byte over
-            cases.push(bytes[..17].to_vec()); // no length
-            cases.push(bytes);
-        }
-        // Over-long (non-canonical) and oversized varints, other variants.
-        cases.push([vec![5], vec![7; 16], vec![0x81, 0x00], vec![1]].concat());
-        cases.push([vec![5], vec![7; 16], vec![0x80, 0x00]].concat());
-        cases.push([vec![5], vec![7; 16], vec![0xff, 0xff, 0xff, 0xff, 0x7f]].concat());
-        cases.push([vec![5], vec![7; 16], vec![0x80; 6]].concat());
-        cases.push([vec![4], vec![7; 16], vec![1, 1]].concat());
-        cases.push(vec![5]);
-        cases.push(Vec::new());
-        for payload in &cases {
-            assert_eq!(peek(payload), decoded_chunk(payload), "{payload:?}");
-        }
-        assert_eq!(peek(&cases[3]), Some((tid, vec![])));
-        assert_eq!(peek(&cases[7]), Some((tid, vec![9])));
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn peek_chunk_agrees_with_decoding_on_any_bytes(
-            head in proptest::collection::vec(proptest::num::u8::ANY, 0..24),
-            tail in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
-        ) {
-            let mut payload = vec![5];
-            payload.extend(&head);
-            payload.extend(&tail);
-            proptest::prop_assert_eq!(peek(&payload), decoded_chunk(&payload));
-            proptest::prop_assert_eq!(peek(&payload[1..]), decoded_chunk(&payload[1..]));
-        }
-
-        #[test]
-        fn peek_chunk_agrees_with_decoding_near_the_right_length(
-            tail in proptest::collection::vec(proptest::num::u8::ANY, 0..400),
-            delta in -2i64..=2,
-            padded in proptest::bool::ANY,
-        ) {
-            let claimed = (tail.len() as i64 + delta).max(0) as u64;
-            let mut payload = vec![5];
-            payload.extend([7; 16]);
-            // The length as a varint, sometimes with a redundant 0x80 0x00 tail.
-            let mut v = claimed;
-            loop {
-                let more = v >= 0x80 || padded;
-                payload.push((v as u8 & 0x7f) | if more { 0x80 } else { 0 });
-                v >>= 7;
-                if v == 0 && !more {
-                    break;
-                }
-                if v == 0 {
-                    payload.push(0);
-                    break;
-                }
-            }
-            payload.extend(&tail);
-            proptest::prop_assert_eq!(peek(&payload), decoded_chunk(&payload));
         }
     }
 }

@@ -1,4 +1,4 @@
-//! File names from the wire (PROTOCOL.md §8): checked before anything touches
+//! File names from the wire (PROTOCOL.md §8.1): checked before anything touches
 //! the disk, and the collision-free names a receiver tries in turn.
 
 use thiserror::Error;
@@ -29,7 +29,7 @@ pub fn check(name: &str) -> Result<String, BadFileName> {
         Err(BadFileName {
             shown: format!(
                 "\"{}\"",
-                crate::text::escape(&name.chars().take(80).collect::<String>())
+                keyferry_common::text::escape(&name.chars().take(80).collect::<String>())
             ),
             why,
         })
@@ -43,7 +43,7 @@ pub fn check(name: &str) -> Result<String, BadFileName> {
     if name.chars().any(|c| matches!(c, '/' | '\\' | ':')) {
         return refuse("contains a path separator or colon");
     }
-    if name.chars().any(crate::text::is_dangerous) {
+    if name.chars().any(keyferry_common::text::is_dangerous) {
         return refuse("contains control or invisible characters");
     }
     if name.ends_with('.') || name.ends_with(' ') {

@@ -1,0 +1,227 @@
+//! The sender's pipeline: one blocking thread reads the file and feeds the
+//! [`SendStream`] in order (sequence numbers, rekeying, SHA-256), a pool of
+//! sealing threads encrypts and MACs the chunks in parallel, and the writer
+//! task puts the frames on the data connection in order. Every queue is
+//! bounded, so a slow receiver slows the reader instead of growing a buffer;
+//! frame buffers go back to the reader once written.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keyferry_common::io::connection::ConnError;
+use keyferry_common::transfer::{ChunkJob, ReadyFrame, SendStream};
+use keyferry_common::wire::message::Message;
+use keyferry_common::wire::record::DEFAULT_CHUNK;
+
+use super::Source;
+use crate::client::{Ctx, DataConn, broker_error, conn_error};
+use crate::error::AgentError;
+use crate::progress::Progress;
+
+/// A write failed: if the broker told us why (an `Abort` waiting to be read),
+/// that is the better error; otherwise the connection was lost.
+async fn why_write_failed(ctx: &Ctx, conn: &mut DataConn, e: ConnError) -> AgentError {
+    match tokio::time::timeout(Duration::from_secs(2), conn.reader.read()).await {
+        Ok(Ok(Some(Message::Abort { reason, .. }))) => AgentError::ReceiverAborted(reason),
+        _ => conn_error(ctx, e),
+    }
+}
+
+/// A chunk's frames, sealed and ready to be written in order.
+struct Sealed {
+    key_update: Option<ReadyFrame>,
+    /// The chunk's frame; its buffer goes back to the reader afterwards.
+    chunk: Vec<u8>,
+    trailer: Option<ReadyFrame>,
+    done: u64,
+    epoch: u32,
+}
+
+/// A chunk on its way to a sealing thread, with what must travel with it.
+struct Job {
+    index: u64,
+    key_update: Option<ReadyFrame>,
+    chunk: ChunkJob,
+    trailer: Option<ReadyFrame>,
+    done: u64,
+    epoch: u32,
+}
+
+impl Job {
+    fn seal(self) -> (u64, Sealed) {
+        (
+            self.index,
+            Sealed {
+                key_update: self.key_update,
+                chunk: self.chunk.seal().into_frame(),
+                trailer: self.trailer,
+                done: self.done,
+                epoch: self.epoch,
+            },
+        )
+    }
+}
+
+/// Threads that seal chunks: one per core, at most four.
+fn sealing_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+}
+
+/// Reads, seals and writes the whole stream and the trailer.
+///
+/// One blocking thread reads the file and feeds the [`SendStream`] in order
+/// (sequence numbers, rekeying, SHA-256); sealing threads encrypt and MAC the
+/// chunks in parallel; this task writes them back in order. Every queue is
+/// bounded, so a slow receiver slows the reader.
+pub(super) async fn stream_out(
+    ctx: &Ctx,
+    conn: &mut DataConn,
+    mut source: Source,
+    mut stream: SendStream,
+    size: u64,
+    progress: &Progress,
+) -> Result<(SendStream, [u8; 32]), AgentError> {
+    let workers = sealing_threads();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<(u64, Sealed), AgentError>>(2 * workers);
+    // Frame buffers the writer is done with go back to the reader. The queues
+    // bound how many chunks are in flight, and so how many buffers exist.
+    let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let path = match &source {
+        Source::File(_, p) => p.clone(),
+        Source::Bytes(..) => PathBuf::from("(message)"),
+    };
+    let producer = tokio::task::spawn_blocking(move || -> Option<(SendStream, [u8; 32])> {
+        let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<Job>(2 * workers);
+        // Each worker owns a handle on the queue: once they all stopped (the
+        // writer went away), the queue closes and the reader stops too; and the
+        // reader's end is moved into the scope, so every way out of it closes
+        // the queue and lets the workers finish.
+        let job_rx = Arc::new(std::sync::Mutex::new(job_rx));
+        std::thread::scope(|scope| {
+            let job_tx = job_tx;
+            for _ in 0..workers {
+                let (job_rx, tx) = (Arc::clone(&job_rx), tx.clone());
+                scope.spawn(move || {
+                    loop {
+                        let job = match job_rx.lock() {
+                            Ok(rx) => rx.recv(),
+                            Err(_) => return,
+                        };
+                        let Ok(job) = job else { return };
+                        if tx.blocking_send(Ok(job.seal())).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            drop(job_rx);
+            let fail = |e: AgentError| {
+                let _ = tx.blocking_send(Err(e));
+                None
+            };
+            let mut sent = 0u64;
+            let mut index = 0u64;
+            loop {
+                let want = usize::try_from((size - sent).min(DEFAULT_CHUNK as u64))
+                    .unwrap_or(DEFAULT_CHUNK);
+                // Reuse a buffer the writer is done with, if one came back.
+                let buf = free_rx.try_recv().unwrap_or_default();
+                let mut frame = match stream.chunk_frame(buf, want) {
+                    Ok(f) => f,
+                    Err(e) => return fail(e.into()),
+                };
+                if let Err(e) = source.fill(&mut frame) {
+                    let detail = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        "the file shrank while it was being sent".into()
+                    } else {
+                        e.to_string()
+                    };
+                    return fail(AgentError::FileUnreadable {
+                        path: path.clone(),
+                        detail,
+                    });
+                }
+                sent += want as u64;
+                let last = sent == size;
+                let out = match stream.push_frame(frame, last, Instant::now()) {
+                    Ok(o) => o,
+                    Err(e) => return fail(e.into()),
+                };
+                let (trailer, digest) = if last {
+                    match stream.trailer() {
+                        Ok((t, d)) => (Some(t), Some(d)),
+                        Err(e) => return fail(e.into()),
+                    }
+                } else {
+                    (None, None)
+                };
+                let job = Job {
+                    index,
+                    key_update: out.key_update,
+                    chunk: out.chunk,
+                    trailer,
+                    done: sent,
+                    epoch: stream.epoch(),
+                };
+                index += 1;
+                if job_tx.send(job).is_err() {
+                    return None;
+                }
+                if let Some(d) = digest {
+                    return Some((stream, d));
+                }
+            }
+        })
+    });
+
+    // Sealed chunks arrive in any order; write them in sequence.
+    let mut waiting = std::collections::BTreeMap::new();
+    let mut next = 0u64;
+    loop {
+        tokio::select! {
+            item = rx.recv() => match item {
+                Some(Ok((index, sealed))) => {
+                    waiting.insert(index, sealed);
+                    let mut finished = false;
+                    while let Some(sealed) = waiting.remove(&next) {
+                        let frames = [
+                            sealed.key_update.as_ref().map(ReadyFrame::frame),
+                            Some(&sealed.chunk[..]),
+                            sealed.trailer.as_ref().map(ReadyFrame::frame),
+                        ];
+                        for f in frames.into_iter().flatten() {
+                            if let Err(e) = conn.writer.write_frame(f).await {
+                                return Err(why_write_failed(ctx, conn, e).await);
+                            }
+                        }
+                        progress.update(sealed.done, sealed.epoch);
+                        next += 1;
+                        finished |= sealed.trailer.is_some();
+                        // The reader may be gone (it read the last chunk); then
+                        // the buffer is simply freed.
+                        let _ = free_tx.send(sealed.chunk);
+                    }
+                    if finished {
+                        // The receipt may follow at once: stop watching for aborts here.
+                        break;
+                    }
+                }
+                Some(Err(e)) => return Err(e),
+                None => break,
+            },
+            msg = conn.reader.read() => {
+                return Err(match msg {
+                    Ok(Some(Message::Abort { reason, .. })) => AgentError::ReceiverAborted(reason),
+                    Ok(Some(Message::Error { code, detail })) => broker_error(code, detail),
+                    Ok(Some(_)) => AgentError::Protocol("unexpected message during the transfer"),
+                    Ok(None) => conn_error(ctx, ConnError::Truncated),
+                    Err(e) => conn_error(ctx, e),
+                });
+            }
+        }
+    }
+    producer
+        .await?
+        .ok_or_else(|| AgentError::Internal("the sealing thread stopped".into()))
+}

@@ -1,0 +1,166 @@
+//! Authenticating an agent (PROTOCOL.md §2.4): TLS 1.3, `Hello` both ways,
+//! a fresh nonce in `Challenge`, and the agent's RSA-PSS signature over the
+//! TLS exporter for that nonce, the nonce, its name, role and fingerprint and
+//! the broker's fingerprint. Then the access policy and the name binding: the
+//! first key to register a name owns it, any other key is refused.
+
+use std::sync::Arc;
+
+use keyferry_common::PROTOCOL_VERSION;
+use keyferry_common::auth;
+use keyferry_common::crypto::random_array;
+use keyferry_common::identity::PublicKey;
+use keyferry_common::io::connection::Connection;
+use keyferry_common::wire::message::{ErrorCode, Message, Role};
+use tokio::net::TcpStream;
+use tracing::{info, warn};
+
+use super::{Agent, BrokerConn, bad_input, refuse};
+use crate::error::SessionError;
+use crate::registry::Binding;
+use crate::state::State;
+
+/// TLS, `Hello`, the challenge and `Auth`, all before `deadline`; `None` if
+/// the peer left quietly.
+pub(super) async fn authenticate(
+    state: &Arc<State>,
+    tcp: TcpStream,
+    deadline: tokio::time::Instant,
+) -> Result<Option<(BrokerConn, Agent, Role)>, SessionError> {
+    let limits = &state.limits;
+    let tls = tokio::time::timeout_at(deadline, state.acceptor.accept(tcp))
+        .await
+        .map_err(|_| SessionError::Tls("timed out".into()))?
+        .map_err(|e| SessionError::Tls(e.to_string()))?;
+    let nonce: [u8; 32] = random_array();
+    let mut exporter = [0u8; auth::EXPORTER_LEN];
+    tls.get_ref()
+        .1
+        .export_keying_material(&mut exporter, auth::EXPORTER_LABEL, Some(&nonce))
+        .map_err(|e| SessionError::Tls(e.to_string()))?;
+    let mut conn = Connection::new(tls);
+    conn.reader.set_max(limits.max_control_frame);
+
+    let hello = tokio::time::timeout_at(deadline, conn.reader.read()).await;
+    match hello {
+        Ok(Ok(Some(Message::Hello { version }))) if version == PROTOCOL_VERSION => {}
+        Ok(Ok(Some(Message::Hello { version }))) => {
+            return Err(refuse(
+                &mut conn,
+                ErrorCode::Version,
+                format!("protocol version {version} is not supported; this broker speaks {PROTOCOL_VERSION}"),
+            )
+            .await);
+        }
+        Ok(Ok(_)) => {
+            return Err(refuse(&mut conn, ErrorCode::Protocol, "expected Hello".into()).await);
+        }
+        Ok(Err(e)) => return Err(e.into()),
+        Err(_) => {
+            return Err(refuse(&mut conn, ErrorCode::Protocol, "handshake timed out".into()).await);
+        }
+    }
+    conn.writer
+        .write(&Message::Hello {
+            version: PROTOCOL_VERSION,
+        })
+        .await?;
+    conn.writer.write(&Message::Challenge { nonce }).await?;
+
+    let auth_msg = match tokio::time::timeout_at(deadline, conn.reader.read()).await {
+        Ok(Ok(Some(m))) => m,
+        Ok(Ok(None)) => return Ok(None),
+        Ok(Err(e)) => return Err(bad_input(&mut conn, e).await),
+        Err(_) => {
+            return Err(refuse(&mut conn, ErrorCode::Protocol, "handshake timed out".into()).await);
+        }
+    };
+    let Message::Auth {
+        name,
+        role,
+        spki,
+        signature,
+    } = auth_msg
+    else {
+        return Err(refuse(&mut conn, ErrorCode::Protocol, "expected Auth".into()).await);
+    };
+    let key = match PublicKey::from_spki_der(&spki) {
+        Ok(k) => k,
+        Err(e) => {
+            return Err(refuse(
+                &mut conn,
+                ErrorCode::AuthFailed,
+                format!("key refused: {e}"),
+            )
+            .await);
+        }
+    };
+    let signed = auth::message(
+        &exporter,
+        &nonce,
+        &name,
+        role,
+        &key.fingerprint(),
+        &state.fingerprint,
+    );
+    if key.verify(auth::CONTEXT, &signed, &signature).is_err() {
+        warn!(agent = %name, "authentication signature did not verify");
+        return Err(refuse(
+            &mut conn,
+            ErrorCode::AuthFailed,
+            "authentication failed".into(),
+        )
+        .await);
+    }
+    if !state.policy.allows(&name, &key.fingerprint()) {
+        warn!(agent = %name, fingerprint = %key.fingerprint(), "refused by the access policy");
+        return Err(refuse(
+            &mut conn,
+            ErrorCode::Policy,
+            format!(
+                "{name} with key {} is not on this broker's allowlist",
+                key.fingerprint()
+            ),
+        )
+        .await);
+    }
+    // A durable write: off the reactor.
+    let (bind_state, bind_name, bind_spki) = (Arc::clone(state), name.clone(), spki.clone());
+    let binding =
+        tokio::task::spawn_blocking(move || bind_state.registry.bind(&bind_name, &bind_spki))
+            .await
+            .map_err(|e| SessionError::Refused(e.to_string()))?;
+    match binding {
+        Ok(Binding::New) => {
+            info!(agent = %name, fingerprint = %key.fingerprint(), "agent registered")
+        }
+        Ok(Binding::Known) => {}
+        Ok(Binding::Taken) => {
+            warn!(agent = %name, fingerprint = %key.fingerprint(), "name claimed by another key refused");
+            return Err(refuse(
+                &mut conn,
+                ErrorCode::NameTaken,
+                format!(
+                    "the name {name} is registered to another key; choose another name with --name"
+                ),
+            )
+            .await);
+        }
+        Err(e) => {
+            warn!(error = %e, "registry database error");
+            return Err(refuse(
+                &mut conn,
+                ErrorCode::Protocol,
+                "broker database error".into(),
+            )
+            .await);
+        }
+    }
+    conn.writer.write(&Message::Welcome).await?;
+    let agent = Agent {
+        name,
+        spki,
+        fingerprint: key.fingerprint(),
+    };
+    Ok(Some((conn, agent, role)))
+}

@@ -1,0 +1,256 @@
+//! A sender's session: lookups and lists, then one offer — checked against
+//! the connection's own name and key, its rate and concurrency — routed to
+//! the receiver's control connection; its answer relayed back; on accept, the
+//! tickets, the two data connections, and the relay of the transfer.
+
+use std::time::Instant;
+
+use keyferry_common::ids::TransferId;
+use keyferry_common::name::AgentName;
+use keyferry_common::wire::message::{ErrorCode, Message, OnlineAgent};
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+use super::{Agent, BrokerConn, next, refuse};
+use crate::error::SessionError;
+use crate::registry::Unreachable;
+use crate::relay::relay;
+use crate::shutdown::Shutdown;
+use crate::state::State;
+use crate::transfers::{Answer, OfferLimit, Ticketing};
+
+/// Counts a sender connection in the registry while it lives.
+struct SenderCount<'a>(&'a State, AgentName);
+
+impl Drop for SenderCount<'_> {
+    fn drop(&mut self) {
+        self.0.registry.sender_connected(&self.1, false);
+    }
+}
+
+/// Everyone online, as the `Online` message lists them.
+pub(super) fn online(state: &State) -> Message {
+    Message::Online {
+        agents: state
+            .registry
+            .present()
+            .into_iter()
+            .map(|p| OnlineAgent {
+                incoming: state.transfers.incoming(&p.name),
+                name: p.name,
+                receiving: p.receiving,
+                senders: p.senders,
+            })
+            .collect(),
+    }
+}
+
+pub(super) async fn session(
+    state: &State,
+    mut conn: BrokerConn,
+    agent: Agent,
+    mut shutdown: Shutdown,
+) -> Result<(), SessionError> {
+    let registry = &state.registry;
+    registry.sender_connected(&agent.name, true);
+    let _count = SenderCount(state, agent.name.clone());
+    loop {
+        let idle = Some(state.limits.idle_timeout);
+        let Some(msg) = next(&mut conn, idle, &mut shutdown).await? else {
+            return Ok(());
+        };
+        match msg {
+            Message::List => conn.writer.write(&online(state)).await?,
+            Message::Lookup { name } => {
+                let reply = match registry.key_of(&name) {
+                    Ok(Some(spki)) if registry.is_receiving(&name) => {
+                        Message::PeerKey { name, spki }
+                    }
+                    Ok(Some(_)) => Message::Error {
+                        code: ErrorCode::PeerOffline,
+                        detail: format!("{name} is not connected as a receiver"),
+                    },
+                    Ok(None) => Message::Error {
+                        code: ErrorCode::UnknownPeer,
+                        detail: format!(
+                            "no agent named {name} has ever registered with this broker"
+                        ),
+                    },
+                    Err(e) => {
+                        warn!(error = %e, "registry database error");
+                        Message::Error {
+                            code: ErrorCode::Protocol,
+                            detail: "broker database error".into(),
+                        }
+                    }
+                };
+                conn.writer.write(&reply).await?;
+            }
+            Message::Offer { to, offer } => {
+                let Ok(fields) = offer.parse() else {
+                    return Err(
+                        refuse(&mut conn, ErrorCode::Protocol, "malformed offer".into()).await,
+                    );
+                };
+                if fields.sender != agent.name
+                    || fields.sender_fp != agent.fingerprint
+                    || fields.receiver != to
+                {
+                    warn!(agent = %agent.name, "offer names another sender or receiver");
+                    return Err(refuse(
+                        &mut conn,
+                        ErrorCode::Protocol,
+                        "the offer must name this connection's agent and key as its sender".into(),
+                    )
+                    .await);
+                }
+                let tid = fields.transfer_id;
+                let limits = &state.limits;
+                let slot = match state.transfers.take_offer_slot(
+                    &agent.name,
+                    limits.offers_per_minute,
+                    limits.max_transfers_per_agent,
+                    Instant::now(),
+                ) {
+                    Ok(slot) => slot,
+                    Err(limit) => {
+                        let detail = match limit {
+                            OfferLimit::Rate => {
+                                format!("more than {} offers in a minute", limits.offers_per_minute)
+                            }
+                            OfferLimit::Concurrent => format!(
+                                "more than {} transfers at once",
+                                limits.max_transfers_per_agent
+                            ),
+                        };
+                        warn!(agent = %agent.name, %detail, "offer refused by rate limit");
+                        return Err(refuse(&mut conn, ErrorCode::RateLimited, detail).await);
+                    }
+                };
+                let offered = Message::Offered {
+                    from: agent.name.clone(),
+                    spki: agent.spki.clone(),
+                    offer,
+                };
+                // Waiting for the answer first, so that even a receiver that
+                // answers at once finds the offer.
+                let answer = state.transfers.offer(tid, &to);
+                let delivered = match answer {
+                    Some(answer) => match registry.push(&to, offered) {
+                        Ok(()) => Some(answer),
+                        Err(Unreachable::Offline | Unreachable::Full) => {
+                            state.transfers.cancel(&tid);
+                            None
+                        }
+                    },
+                    None => None,
+                };
+                let Some(answer) = delivered else {
+                    conn.writer
+                        .write(&Message::Error {
+                            code: ErrorCode::PeerOffline,
+                            detail: format!(
+                                "{to} is not connected as a receiver, or cannot take offers now"
+                            ),
+                        })
+                        .await?;
+                    continue;
+                };
+                info!(transfer = %tid, from = %agent.name, to = %to, "transfer offered");
+                match tokio::time::timeout(state.limits.answer_timeout, answer).await {
+                    Err(_) => {
+                        state.transfers.cancel(&tid);
+                        info!(transfer = %tid, "receiver did not answer in time");
+                        return Err(refuse(
+                            &mut conn,
+                            ErrorCode::PeerOffline,
+                            format!("{to} did not answer the offer"),
+                        )
+                        .await);
+                    }
+                    Ok(Err(_)) => {
+                        info!(transfer = %tid, "receiver left before answering");
+                        return Err(refuse(
+                            &mut conn,
+                            ErrorCode::PeerOffline,
+                            format!("{to} disconnected"),
+                        )
+                        .await);
+                    }
+                    Ok(Ok(Answer::Refused(reason))) => {
+                        info!(transfer = %tid, ?reason, "transfer refused by receiver");
+                        drop(slot);
+                        conn.writer
+                            .write(&Message::Refuse {
+                                transfer_id: tid,
+                                reason,
+                            })
+                            .await?;
+                    }
+                    Ok(Ok(Answer::Accepted { accept, ticket })) => {
+                        let _incoming = state.transfers.relaying(&to);
+                        let result =
+                            start_transfer(state, conn, ticket, tid, accept, shutdown).await;
+                        drop(slot);
+                        return result;
+                    }
+                }
+            }
+            other => {
+                let what = format!("unexpected {} from a sender", other.kind());
+                return Err(refuse(&mut conn, ErrorCode::Protocol, what).await);
+            }
+        }
+    }
+}
+
+/// Sends the accept and the tickets, waits for both data connections, relays.
+async fn start_transfer(
+    state: &State,
+    mut conn: BrokerConn,
+    receiver: oneshot::Sender<Ticketing>,
+    tid: TransferId,
+    accept: Vec<u8>,
+    shutdown: Shutdown,
+) -> Result<(), SessionError> {
+    let Some(mut issued) = state.transfers.issue(tid) else {
+        let detail = format!("transfer {tid} is already under way");
+        let _ = receiver.send(Ticketing::Refused(detail.clone()));
+        return Err(refuse(&mut conn, ErrorCode::Protocol, detail).await);
+    };
+    conn.writer
+        .write(&Message::Accept {
+            transfer_id: tid,
+            accept,
+        })
+        .await?;
+    conn.writer
+        .write(&Message::Ticket {
+            transfer_id: tid,
+            ticket: issued.sender_ticket,
+        })
+        .await?;
+    // The receiver's accept connection stays open until the wait ends.
+    let (wait_over, wait) = oneshot::channel::<()>();
+    let _ = receiver.send(Ticketing::Ticket {
+        ticket: issued.receiver_ticket,
+        wait,
+    });
+    let limit = state.limits.handshake_timeout;
+    let arrived = tokio::time::timeout(limit, issued.arrivals()).await;
+    drop((issued, wait_over));
+    let Ok(Some((sender, receiver))) = arrived else {
+        info!(transfer = %tid, "data connections did not arrive in time");
+        return Ok(());
+    };
+    // The TLS connections have done their part; the agents close theirs too.
+    drop(conn);
+    info!(transfer = %tid, "transfer started");
+    let report = relay(sender, receiver, tid, state.limits.idle_timeout, shutdown).await;
+    let seconds = format!("{:.3}", report.elapsed.as_secs_f64());
+    match report.result {
+        Ok(()) => info!(transfer = %tid, bytes = report.bytes, seconds, "transfer finished"),
+        Err(why) => info!(transfer = %tid, bytes = report.bytes, seconds, %why, "transfer failed"),
+    }
+    Ok(())
+}

@@ -1,0 +1,11 @@
+//! The edges: frames over async streams ([`connection`]), the TLS 1.3
+//! configurations and the agents' pinning verifier ([`tls`]), and durable
+//! private file writes ([`fs`]).
+//!
+//! Behind the default-on `io` cargo feature: without it the crate is the
+//! protocol alone (no tokio, no rustls), which is what the fuzz targets and
+//! benchmarks need. Nothing in the protocol core imports this module.
+
+pub mod connection;
+pub mod fs;
+pub mod tls;
