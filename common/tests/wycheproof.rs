@@ -2,8 +2,9 @@
 //! the protocol uses (`crypto::wrap::oaep_decrypt`, `crypto::sign::verify_raw`,
 //! `crypto::cipher`, `crypto::mac`). Each test prints how many cases passed.
 //!
-//! The vectors live in `../shared/testvectors/wycheproof/` beside the repository
-//! (override with `KEYFERRY_TESTVECTORS`); a missing file fails the test.
+//! The vectors live in the repository, in `tests/vectors/wycheproof/` (public,
+//! with their licence file beside them; override the directory with
+//! `KEYFERRY_TESTVECTORS`); a missing file fails the test.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is a test failure
 
@@ -18,7 +19,7 @@ fn vectors(file: &str) -> Value {
     let dir = std::env::var_os("KEYFERRY_TESTVECTORS")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/testvectors/wycheproof")
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/wycheproof")
         });
     let path = dir.join(file);
     let text = std::fs::read_to_string(&path)
