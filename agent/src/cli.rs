@@ -15,6 +15,7 @@ use crate::client::{Ctx, broker_error, conn_error, connect};
 use crate::error::AgentError;
 use crate::home::Home;
 use crate::receive::{RecvOptions, receive};
+use crate::send::source::Walk;
 use crate::send::{Payload, SendOptions, send};
 
 /// The address agents connect to by default (the broker's default listen address).
@@ -25,20 +26,22 @@ pub const DEFAULT_BROKER: &str = "127.0.0.1:7447";
 pub enum RoleArg {
     /// Stay connected and receive files and messages into --out-dir.
     Receiver,
-    /// Send one file (--file) or message (--message) to --to.
+    /// Send files and directories (--file) or a message (--message) to --to.
     Sender,
 }
 
 /// keyferry agent: send and receive files end-to-end encrypted through a broker.
 ///
 ///   agent --role receiver [--out-dir DIR] [--once]
-///   agent --role sender --to PEER --file PATH
+///   agent --role sender --to PEER --file PATH [--file PATH ...] [--exclude GLOB ...]
 ///   agent --role sender --to PEER --message TEXT
 ///   agent --list
 ///
 /// The first run creates an RSA identity in --home. Keys of brokers and peers
 /// are pinned on first contact (printed as NEW KEY ... — verify them out of
-/// band); a changed key is refused.
+/// band); a changed key is refused. A transfer that breaks after the receiver
+/// accepted it is retried by the sender (--retry-for) and resumes from what
+/// the receiver holds verified.
 ///
 /// Exit codes: 0 verified success, 1 other error, 2 usage, 3 broker unreachable,
 /// 4 broker key mismatch, 5 unknown or offline peer, 6 peer key mismatch,
@@ -84,14 +87,28 @@ pub struct Args {
     /// Sender: the receiving agent's name.
     #[arg(long, value_name = "PEER", help_heading = "Sender")]
     pub to: Option<AgentName>,
-    /// Sender: the file to send.
+    /// Sender: a file or directory to send (a directory with everything
+    /// below it); may be given several times. Each arrives under its own name.
     #[arg(
         long,
         value_name = "PATH",
         conflicts_with = "message",
         help_heading = "Sender"
     )]
-    pub file: Option<PathBuf>,
+    pub file: Vec<PathBuf>,
+    /// Sender: leave out files and directories whose name or path (from the
+    /// --file item's own name, e.g. photos/raw) matches this glob; may be
+    /// given several times.
+    #[arg(long, value_name = "GLOB", value_parser = parse_glob, help_heading = "Sender")]
+    pub exclude: Vec<glob::Pattern>,
+    /// Sender: refuse to send a directory that holds a symbolic link, instead
+    /// of skipping the link with a warning (links are never followed).
+    #[arg(long, help_heading = "Sender")]
+    pub no_skip_links: bool,
+    /// Sender: how long to keep retrying a transfer that broke after the
+    /// receiver accepted it (waiting for it to come back; 0 = never).
+    #[arg(long, value_name = "DUR", default_value = "10m", value_parser = parse_retry, help_heading = "Sender")]
+    pub retry_for: Duration,
     /// Sender: a short text message to send instead of a file.
     #[arg(long, value_name = "TEXT", help_heading = "Sender")]
     pub message: Option<String>,
@@ -104,6 +121,17 @@ pub struct Args {
     /// Sender: require the receiver to have this key fingerprint (SHA256:...).
     #[arg(long, value_name = "FP", help_heading = "Sender")]
     pub peer_fingerprint: Option<Fingerprint>,
+}
+
+fn parse_retry(s: &str) -> Result<Duration, String> {
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(s)
+}
+
+fn parse_glob(s: &str) -> Result<glob::Pattern, String> {
+    glob::Pattern::new(s).map_err(|e| format!("not a glob pattern: {e}"))
 }
 
 fn usage(msg: &str) -> AgentError {
@@ -183,9 +211,16 @@ pub async fn run(args: Args) -> Result<(), AgentError> {
     }
     match args.role {
         Some(RoleArg::Receiver) => {
-            if args.to.is_some() || args.file.is_some() || args.message.is_some() || args.json {
+            if args.to.is_some()
+                || !args.file.is_empty()
+                || args.message.is_some()
+                || args.json
+                || !args.exclude.is_empty()
+                || args.no_skip_links
+            {
                 return Err(usage(
-                    "--to, --file, --message and --json are for --role sender",
+                    "--to, --file, --message, --exclude, --no-skip-links and --json are for \
+                     --role sender",
                 ));
             }
             let out_dir = match args.out_dir {
@@ -213,22 +248,29 @@ pub async fn run(args: Args) -> Result<(), AgentError> {
             let to = args
                 .to
                 .ok_or_else(|| usage("--role sender needs --to PEER"))?;
-            let payload = match (args.file, args.message) {
-                (Some(f), None) => Payload::File(f),
-                (None, Some(m)) => Payload::Message(m),
-                _ => return Err(usage("--role sender needs --file PATH or --message TEXT")),
+            let label = match (&args.file[..], &args.message) {
+                ([one], None) => one.display().to_string(),
+                ([], Some(_)) => "message".into(),
+                (many, None) => format!("{} items", many.len()),
+                _ => String::new(),
             };
-            let label = match &payload {
-                Payload::File(p) => p.display().to_string(),
-                Payload::Message(_) => "message".into(),
+            let payload = match (args.file, args.message) {
+                (files, None) if !files.is_empty() => Payload::Files(files),
+                (files, Some(m)) if files.is_empty() => Payload::Message(m),
+                _ => return Err(usage("--role sender needs --file PATH or --message TEXT")),
             };
             let report = send(
                 &ctx,
                 SendOptions {
                     to,
                     payload,
+                    walk: Walk {
+                        exclude: args.exclude,
+                        refuse_links: args.no_skip_links,
+                    },
                     rekey_interval: args.rekey_interval,
                     peer_fingerprint: args.peer_fingerprint,
+                    retry_for: args.retry_for,
                     progress: !args.json && std::io::stdout().is_terminal(),
                 },
             )
@@ -238,8 +280,18 @@ pub async fn run(args: Args) -> Result<(), AgentError> {
                     .map_err(|e| AgentError::Internal(e.to_string()))?;
                 println!("{line}");
             } else {
+                let resumed = if report.resumed_from > 0 {
+                    format!(", resumed at byte {}", report.resumed_from)
+                } else {
+                    String::new()
+                };
+                let files = match report.files {
+                    0 => String::new(),
+                    1 => "1 file, ".into(),
+                    n => format!("{n} files, "),
+                };
                 println!(
-                    "sent {label} to {} ({} bytes in {:.2} s, {} session keys, sha256 {}) — receipt verified",
+                    "sent {label} to {} ({files}{} bytes in {:.2} s, {} session keys, sha256 {}{resumed}) — receipt verified",
                     report.peer, report.bytes, report.seconds, report.session_keys, report.sha256
                 );
             }

@@ -55,6 +55,12 @@ pub fn broker_error(code: ErrorCode, detail: String) -> AgentError {
         ErrorCode::NameTaken | ErrorCode::AuthFailed | ErrorCode::Policy => {
             AgentError::NameRefused(detail)
         }
+        // A broker of this version explains itself fully; an older one in
+        // its own words.
+        ErrorCode::Version if detail.starts_with("this agent speaks") => {
+            AgentError::BrokerRefused(detail)
+        }
+        ErrorCode::Version => AgentError::VersionRefused(detail),
         _ => AgentError::BrokerRefused(detail),
     }
 }
@@ -245,18 +251,29 @@ async fn hello_and_auth(
     Ok(reader.into_parts().1)
 }
 
+/// A broker's ticket for one data connection, and where to open it.
+#[derive(Debug, Clone)]
+pub struct Ticket {
+    /// The one-time ticket.
+    pub ticket: [u8; 32],
+    /// `HOST:PORT` to connect to, or empty for the broker itself.
+    pub address: String,
+}
+
 /// Waits on an authenticated connection for the broker's ticket for `tid`.
 pub async fn await_ticket(
     ctx: &Ctx,
     conn: &mut AgentConn,
     tid: TransferId,
-) -> Result<[u8; 32], AgentError> {
+) -> Result<Ticket, AgentError> {
     match conn.reader.read_timeout(CONNECT_TIMEOUT).await {
         Ok(Some(Message::Ticket {
             transfer_id,
             ticket,
-        })) if transfer_id == tid => Ok(ticket),
+            address,
+        })) if transfer_id == tid => Ok(Ticket { ticket, address }),
         Ok(Some(Message::Error { code, detail })) => Err(broker_error(code, detail)),
+        Ok(Some(Message::Abort { reason, .. })) => Err(AgentError::ReceiverAborted(reason)),
         Ok(Some(_)) => Err(AgentError::Protocol(
             "the broker sent no ticket for the data connection",
         )),
@@ -265,17 +282,28 @@ pub async fn await_ticket(
     }
 }
 
-/// Opens the plain data connection of transfer `tid` with the broker's ticket.
-pub async fn open_data(
-    ctx: &Ctx,
-    tid: TransferId,
-    ticket: [u8; 32],
-) -> Result<DataConn, AgentError> {
+/// Longest data-connection address a ticket may name.
+const MAX_ADDRESS: usize = 255;
+
+/// Opens the plain data connection of transfer `tid` with the broker's
+/// ticket: to the broker itself, or to the address the ticket names (another
+/// broker of a cluster; the stream is sealed end to end either way).
+pub async fn open_data(ctx: &Ctx, tid: TransferId, ticket: Ticket) -> Result<DataConn, AgentError> {
+    let addr = if ticket.address.is_empty() {
+        ctx.broker.clone()
+    } else if ticket.address.len() <= MAX_ADDRESS && !ticket.address.chars().any(char::is_control) {
+        ticket.address.clone()
+    } else {
+        return Err(AgentError::Protocol(
+            "the broker's ticket names an invalid address",
+        ));
+    };
     let unreachable = |detail: String| AgentError::BrokerUnreachable {
-        addr: ctx.broker.clone(),
+        addr: addr.clone(),
         detail: format!("data connection: {detail}"),
     };
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&ctx.broker))
+    let ticket = ticket.ticket;
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
         .await
         .map_err(|_| unreachable("timed out".into()))?
         .map_err(|e| unreachable(e.to_string()))?;

@@ -117,13 +117,21 @@ pub enum AgentError {
     Protocol(&'static str),
     /// The broker speaks another protocol version.
     #[error(
-        "the broker speaks protocol version {broker}, this agent {}: upgrade one of them",
-        keyferry_common::PROTOCOL_VERSION
+        "{}",
+        keyferry_common::version_mismatch(keyferry_common::PROTOCOL_VERSION, *.broker)
     )]
     Version {
         /// The broker's version.
         broker: u16,
     },
+    /// The broker refused this agent's protocol version (an older broker
+    /// says so in its own words).
+    #[error(
+        "the broker does not speak keyferry protocol version {v}, which this agent speaks \
+         ({0}): upgrade the broker, or use an agent of the broker's version",
+        v = keyferry_common::PROTOCOL_VERSION
+    )]
+    VersionRefused(String),
     /// Ctrl-C.
     #[error("interrupted")]
     Interrupted,
@@ -205,6 +213,9 @@ fn abort_text(r: AbortReason) -> &'static str {
         AbortReason::VerificationFailed | AbortReason::Source => {
             "verification failed: the receiver refused the data (it did not verify)"
         }
+        AbortReason::Policy => {
+            "the receiver refused what was sent (a name or size its rules do not allow)"
+        }
     }
 }
 
@@ -229,6 +240,7 @@ impl AgentError {
             | Self::SessionEnded(_)
             | Self::Protocol(_)
             | Self::Version { .. }
+            | Self::VersionRefused(_)
             | Self::Usage(_)
             | Self::Home(_)
             | Self::KeyFile(_)

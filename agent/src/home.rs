@@ -1,4 +1,5 @@
-//! The agent's home directory: the identity's key file and the pin files.
+//! The agent's home directory: the identity's key file, the pin files, and
+//! the receiver's journal key.
 //!
 //! The home must belong to the user and must not be writable by others. The
 //! identity is a PKCS#8 PEM file, created with mode 0600 (written to a
@@ -12,6 +13,8 @@ use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use keyferry_common::crypto::keys::MacKey;
+use keyferry_common::crypto::random_array;
 use keyferry_common::identity::{DEFAULT_KEY_BITS, Identity, KeyError};
 use keyferry_common::io::fs::{Place, write_private};
 use thiserror::Error;
@@ -71,6 +74,14 @@ pub enum KeyFileError {
         /// The file.
         path: PathBuf,
     },
+    /// The journal key file is not 32 bytes.
+    #[error(
+        "key file {path} is not a journal key (32 bytes); move it away to create a new one          (interrupted transfers then start again from byte 0)"
+    )]
+    NotAJournalKey {
+        /// The file.
+        path: PathBuf,
+    },
     /// The key is outside the policy, or cannot be made or encoded.
     #[error("key file {path}: {source}")]
     Key {
@@ -117,6 +128,26 @@ pub enum HomeError {
 /// owner and mode are checked on the open descriptor, which is then read: no
 /// name is looked up twice, so nothing can be swapped in between.
 pub fn load_identity(path: &Path) -> Result<Identity, KeyFileError> {
+    let bytes = read_private(path, 64 << 10)?;
+    let pem = std::str::from_utf8(&bytes).map_err(|_| KeyFileError::Parse {
+        path: path.to_owned(),
+    })?;
+    match Identity::from_pkcs8_pem(pem) {
+        Some(Ok(id)) => Ok(id),
+        Some(Err(source)) => Err(KeyFileError::Key {
+            path: path.to_owned(),
+            source,
+        }),
+        None => Err(KeyFileError::Parse {
+            path: path.to_owned(),
+        }),
+    }
+}
+
+/// Reads a private file of at most `max` bytes: opened once without
+/// following a link, and refused unless the descriptor is a regular file of
+/// this user that group and others cannot access.
+fn read_private(path: &Path, max: usize) -> Result<zeroize::Zeroizing<Vec<u8>>, KeyFileError> {
     use rustix::fs::{FileType, Mode, OFlags};
     use std::io::Read as _;
     let read_err = |source| KeyFileError::Read {
@@ -152,21 +183,13 @@ pub fn load_identity(path: &Path) -> Result<Identity, KeyFileError> {
         });
     }
     // Sized up front, so no copy of the key is left behind by a regrowth.
-    let size = usize::try_from(st.st_size).unwrap_or(0).min(64 << 10);
-    let mut pem = zeroize::Zeroizing::new(String::with_capacity(size + 1));
+    let size = usize::try_from(st.st_size).unwrap_or(0).min(max);
+    let mut out = zeroize::Zeroizing::new(Vec::with_capacity(size + 1));
     fs::File::from(fd)
-        .read_to_string(&mut pem)
+        .take(max as u64)
+        .read_to_end(&mut out)
         .map_err(read_err)?;
-    match Identity::from_pkcs8_pem(&pem) {
-        Some(Ok(id)) => Ok(id),
-        Some(Err(source)) => Err(KeyFileError::Key {
-            path: path.to_owned(),
-            source,
-        }),
-        None => Err(KeyFileError::Parse {
-            path: path.to_owned(),
-        }),
-    }
+    Ok(out)
 }
 
 /// Writes `identity` to a new key file at `path` (mode 0600); never replaces a
@@ -261,6 +284,37 @@ impl Home {
             );
         }
         Ok(id)
+    }
+
+    /// The key a receiver's journals are MACed under (`journal.key`: 32
+    /// random bytes, mode 0600), made on first use. It never leaves the
+    /// home, so a journal in an out dir others can write is not believed
+    /// unless this receiver wrote it.
+    pub fn journal_key(&self) -> Result<MacKey, KeyFileError> {
+        let path = self.dir.join("journal.key");
+        for _ in 0..2 {
+            match read_private(&path, 64) {
+                Ok(bytes) => {
+                    let key: [u8; 32] = bytes[..]
+                        .try_into()
+                        .map_err(|_| KeyFileError::NotAJournalKey { path: path.clone() })?;
+                    return Ok(MacKey::from_bytes(key));
+                }
+                Err(KeyFileError::Read { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    let key = zeroize::Zeroizing::new(random_array::<32>());
+                    match write_private(&path, &key[..], Place::New) {
+                        Ok(()) => return Ok(MacKey::from_bytes(*key)),
+                        // Another receiver made it first: read that one.
+                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                        Err(source) => return Err(KeyFileError::Write { path, source }),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(KeyFileError::NotAJournalKey { path })
     }
 
     /// Pins of broker certificates.

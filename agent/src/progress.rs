@@ -1,6 +1,6 @@
 //! The sender's progress bar: the only module that knows indicatif. The
-//! transfer code reports `(done, epoch)`; nothing is drawn unless stdout is a
-//! terminal.
+//! transfer code reports `(done, epoch)`, where an attempt starts and why it
+//! waits; nothing is drawn unless stdout is a terminal.
 
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -32,6 +32,29 @@ impl Progress {
         if let Some(bar) = &self.bar {
             bar.set_position(done);
             bar.set_message(format!("key #{}", u64::from(epoch) + 1));
+        }
+    }
+
+    /// A new attempt begins with `offset` bytes already at the receiver.
+    pub fn start_at(&self, offset: u64) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(offset);
+            bar.reset_eta();
+            if offset > 0 {
+                let total = bar.length().unwrap_or(0).max(1);
+                bar.set_message(format!(
+                    "resuming at {:.1} % (verified)",
+                    offset as f64 * 100.0 / total as f64
+                ));
+            }
+        }
+    }
+
+    /// The transfer is interrupted: says why, and that it waits.
+    pub fn suspend(&self, why: &str) {
+        match &self.bar {
+            Some(bar) => bar.set_message(why.to_owned()),
+            None => eprintln!("{why}"),
         }
     }
 

@@ -7,12 +7,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Broker, Home, Run, TempDir, WAIT, json, pseudo_random};
-
-fn sha256_hex(data: &[u8]) -> String {
-    use sha2::Digest as _;
-    hex::encode(sha2::Sha256::digest(data))
-}
+use support::{Broker, Home, Run, TempDir, WAIT, json, pseudo_random, sha256_hex};
 
 /// Sends `data` as `name` from alice to bob; checks the JSON, the receiver's
 /// line and the file byte for byte. Returns the JSON.

@@ -1,31 +1,20 @@
 //! Failures: a side killed mid-transfer, a full disk, hostile file names from a
 //! sender, unusable key and pin files. In each case the other sides report it
-//! and exit non-zero in bounded time, and nothing appears under a final name.
+//! and exit non-zero in bounded time (the sender with `--retry-for 0`: here it
+//! must not wait to resume), and nothing appears under a final name; what
+//! verified before a side went away is kept hidden for a resume.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is a test failure
 
 mod support;
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keyferry_agent::client::{Ctx, connect};
-use keyferry_agent::home::Home as AgentHome;
-use keyferry_common::handshake::{Kind, Metadata, OfferParams, make_offer};
-use keyferry_common::identity::{Identity, PublicKey};
-use keyferry_common::name::AgentName;
-use keyferry_common::wire::message::{Message, RefuseReason, Role};
-use support::{Broker, Home, Run, TempDir, WAIT, pseudo_random, wait_for_data};
-
-/// Files in `dir` other than temporaries.
-fn finals(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| !n.starts_with(".keyferry-"))
-        .collect()
-}
+use keyferry_common::manifest::Manifest;
+use keyferry_common::wire::message::{AbortReason, Message};
+use support::hand::{self, HandSender};
+use support::{Broker, Home, Run, TempDir, WAIT, finals, pseudo_random, wait_for_data};
 
 fn temporaries(dir: &Path) -> usize {
     std::fs::read_dir(dir)
@@ -33,7 +22,7 @@ fn temporaries(dir: &Path) -> usize {
         .filter(|e| {
             let n = e.as_ref().unwrap().file_name();
             let n = n.to_string_lossy();
-            n.starts_with(".keyferry-") && n.ends_with(".part")
+            n.starts_with(".keyferry-")
         })
         .count()
 }
@@ -60,6 +49,8 @@ fn the_receiver_killed_mid_transfer() {
             "sender",
             "--to",
             "bob",
+            "--retry-for",
+            "0",
             "--file",
             file.to_str().unwrap(),
         ],
@@ -76,10 +67,10 @@ fn the_receiver_killed_mid_transfer() {
     assert!(matches!(sent.code, Some(c) if c != 0), "{sent:#?}");
     assert!(sent.stderr.contains("disconnected"), "{}", sent.stderr);
     assert!(finals(out.path()).is_empty(), "{:?}", finals(out.path()));
-    // The killed receiver could not clean up, and need not: its file never
-    // had a name (O_TMPFILE), so nothing at all is left in the out dir.
-    assert_eq!(temporaries(out.path()), 0);
-    assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
+    // Only the hidden staging directory is left, to be resumed (or removed
+    // at the next start if its journal is no good).
+    assert_eq!(temporaries(out.path()), 1);
+    assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 1);
 }
 
 #[test]
@@ -110,12 +101,12 @@ fn the_sender_killed_mid_transfer() {
         start.elapsed()
     );
     assert!(matches!(code, Some(c) if c != 0), "{code:?}");
-    receiver.stderr.wait_for("nothing was saved", WAIT);
+    receiver.stderr.wait_for("nothing was placed", WAIT);
     assert!(finals(out.path()).is_empty());
     assert_eq!(
         temporaries(out.path()),
-        0,
-        "the receiver removes its temporary"
+        1,
+        "the receiver keeps what verified for the sender's retry"
     );
 }
 
@@ -133,6 +124,8 @@ fn the_broker_killed_mid_transfer_then_restarted() {
             "sender",
             "--to",
             "bob",
+            "--retry-for",
+            "0",
             "--file",
             file.to_str().unwrap(),
         ],
@@ -205,7 +198,7 @@ fn a_disk_too_small_is_refused_before_any_data_and_a_disk_that_fills_up_fails_cl
     let sent = alice.send_file(&broker, "bob", &src.join("too-big.bin"), &[]);
     assert_eq!(sent.code, Some(8), "{sent:#?}");
     assert!(sent.stderr.contains("free disk space"), "{}", sent.stderr);
-    receiver.stderr.wait_for("does not fit", WAIT);
+    receiver.stderr.wait_for("do not fit", WAIT);
     assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
 
     // 200 MiB fits; then something else fills the disk while it arrives.
@@ -218,6 +211,8 @@ fn a_disk_too_small_is_refused_before_any_data_and_a_disk_that_fills_up_fails_cl
             "sender",
             "--to",
             "bob",
+            "--retry-for",
+            "0",
             "--file",
             file.to_str().unwrap(),
         ],
@@ -232,7 +227,7 @@ fn a_disk_too_small_is_refused_before_any_data_and_a_disk_that_fills_up_fails_cl
     let sent = Run::finish(sender);
     assert!(matches!(sent.code, Some(c) if c != 0), "{sent:#?}");
     assert!(sent.stderr.contains("could not store"), "{}", sent.stderr);
-    receiver.stderr.wait_for("cannot write in", WAIT);
+    receiver.stderr.wait_for("cannot store the data", WAIT);
     std::thread::sleep(Duration::from_millis(200));
     assert!(!out.join("fits.bin").exists());
     assert_eq!(temporaries(&out), 0);
@@ -256,50 +251,17 @@ fn an_out_dir_that_is_not_a_directory_is_a_clear_error() {
     }
 }
 
-/// Offers a file called `name` to bob, as alice, with the agent's own client
-/// code and a hand-made offer (the agent's sender refuses such names itself).
-async fn hostile_offer(broker: &Broker, alice: &Home, name: &str) -> Message {
-    let h = AgentHome::open(alice.dir.path().to_owned()).unwrap();
-    let ctx = Ctx {
-        broker: broker.addr.clone(),
-        broker_fingerprint: None,
-        identity: Arc::new(h.identity().unwrap()),
-        home: h,
-        name: AgentName::new("alice").unwrap(),
-    };
-    let mut conn = connect(&ctx, Role::Sender).await.unwrap();
-    conn.writer
-        .write(&Message::Lookup {
-            name: AgentName::new("bob").unwrap(),
-        })
+/// A hostile sender's transfer of one 5-byte file called `name` (the agent's
+/// sender refuses such names itself, so this one is driven by hand): the
+/// receiver's answer to its manifest.
+async fn hostile_manifest(broker: &Broker, alice: &Home, name: &str) -> (String, Option<Message>) {
+    let mut hs = HandSender::connect(&broker.addr, alice, "bob")
         .await
-        .unwrap();
-    let Some(Message::PeerKey { spki, .. }) = conn.reader.read_timeout(WAIT).await.unwrap() else {
-        panic!("no key for bob")
-    };
-    let bob_key = PublicKey::from_spki_der(&spki).unwrap();
-    let identity: &Identity = &ctx.identity;
-    let (_, offer) = make_offer(OfferParams {
-        identity,
-        sender: AgentName::new("alice").unwrap(),
-        receiver: AgentName::new("bob").unwrap(),
-        receiver_key: &bob_key,
-        metadata: Metadata {
-            kind: Kind::File,
-            name: name.to_owned(),
-            size: 5,
-        },
-        now_unix: keyferry_agent::home::now_unix(),
-    })
-    .unwrap();
-    conn.writer
-        .write(&Message::Offer {
-            to: AgentName::new("bob").unwrap(),
-            offer,
-        })
-        .await
-        .unwrap();
-    conn.reader.read_timeout(WAIT).await.unwrap().unwrap()
+        .accepted(hand::files(5))
+        .await;
+    let tid = hs.accepted.pair.transfer_id.to_string();
+    hs.head(&Manifest::single_file(name, 5).encode()).await;
+    (tid, hs.answer().await)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -311,29 +273,21 @@ async fn hostile_file_names_are_refused_and_nothing_is_written_outside_the_out_d
     std::fs::create_dir(&out).unwrap();
     // bob has known alice for two days: the stricter RSA budget for new keys
     // (6 offers a minute) would otherwise refuse the later names first.
-    let alice_fp = keyferry_agent::home::load_identity(&alice.dir.join("identity.pem"))
-        .unwrap()
-        .fingerprint();
-    keyferry_agent::trust::pins::PinStore::new(bob.dir.join("known_peers"))
-        .check_or_pin(
-            "alice",
-            alice_fp,
-            keyferry_agent::home::now_unix() - 2 * 86400,
-        )
-        .unwrap();
+    support::known_for_two_days(&alice, &bob);
     let mut receiver = bob.receiver(&broker, &out, &[]);
     for (name, why) in [
-        ("../escaped.txt", "path separator"),
-        ("/etc/passwd", "path separator"),
-        ("a/b.txt", "path separator"),
-        ("..", "directory name"),
+        ("../escaped.txt", "separator in a component"),
+        ("/etc/passwd", "separator in a component"),
+        ("a/b.txt", "separator in a component"),
+        ("a\\b.txt", "separator in a component"),
+        ("..", "dot component"),
         ("evil\u{1b}[2J.txt", "control"),
         ("x\u{202e}txt.exe", "control"),
         ("CON", "device name"),
         ("lpt1.log", "device name"),
         ("c:boot.ini", "colon"),
         ("trailing.", "ends with a dot"),
-        ("", "empty"),
+        ("", "empty or dot component"),
         // Invisible: TAG characters, a Mongolian vowel separator, line and
         // paragraph separators, deprecated format controls, interlinear
         // annotation, Hangul fillers.
@@ -346,18 +300,23 @@ async fn hostile_file_names_are_refused_and_nothing_is_written_outside_the_out_d
         ("\u{3164}.txt", "invisible"),
         ("a\u{115F}b.txt", "invisible"),
     ] {
-        let answer = hostile_offer(&broker, &alice, name).await;
+        let (tid, answer) = hostile_manifest(&broker, &alice, name).await;
         assert!(
             matches!(
                 answer,
-                Message::Refuse {
-                    reason: RefuseReason::Policy,
+                Some(Message::Abort {
+                    reason: AbortReason::Policy,
                     ..
-                }
+                })
             ),
             "{name:?}: {answer:?}"
         );
-        receiver.stderr.wait_for(why, WAIT);
+        let line = tokio::task::block_in_place(|| {
+            receiver
+                .stderr
+                .wait_for(&format!("transfer {tid} from alice failed"), WAIT)
+        });
+        assert!(line.contains(why), "{name:?}: {line}");
     }
     // Nothing anywhere: not in the out dir, not beside it.
     assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
@@ -372,6 +331,103 @@ async fn hostile_file_names_are_refused_and_nothing_is_written_outside_the_out_d
     receiver.stdout.wait_for("received", WAIT);
     assert_eq!(std::fs::read(out.join("_.bashrc")).unwrap(), b"alias ls=rm");
     assert!(!out.join(".bashrc").exists());
+}
+
+/// A manifest that is no tree a receiver may build, from a hostile sender
+/// that holds the stream keys: refused before any data, nothing left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_manifests_are_refused_before_any_data() {
+    use keyferry_common::manifest::{Entry, EntryKind};
+    let broker = Broker::start();
+    let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
+    let out = TempDir::new("out");
+    support::known_for_two_days(&alice, &bob);
+    let mut receiver = bob.receiver(&broker, out.path(), &[]);
+    let e = |path: &[&str], kind| Entry {
+        path: path.iter().map(|c| (*c).to_owned()).collect(),
+        kind,
+    };
+    let file = |path: &[&str], size| e(path, EntryKind::File { size });
+    let dir = |path: &[&str]| e(path, EntryKind::Dir);
+    let many: Vec<Entry> = (0..=10_000).map(|i| file(&[&format!("f{i}")], 0)).collect();
+    let cases: Vec<(&str, u64, Vec<Entry>, &str)> = vec![
+        (
+            "duplicate path",
+            2,
+            vec![file(&["a"], 1), file(&["a"], 1)],
+            "twice",
+        ),
+        (
+            "a file below a file",
+            2,
+            vec![file(&["a"], 1), file(&["a", "b"], 1)],
+            "below a file",
+        ),
+        (
+            "an entry before its directory",
+            1,
+            vec![file(&["d", "x"], 1), dir(&["d"])],
+            "before its directory",
+        ),
+        (
+            "an absolute path",
+            1,
+            vec![file(&["/etc/passwd"], 1)],
+            "separator",
+        ),
+        (
+            "a dot-dot component",
+            1,
+            vec![dir(&["d"]), file(&["d", ".."], 1)],
+            "dot component",
+        ),
+        ("more entries than allowed", 0, many, "exceeds a limit"),
+        (
+            "more bytes than the offer declared",
+            5,
+            vec![file(&["a"], 6)],
+            "the offer 5",
+        ),
+        (
+            "fewer bytes than the offer declared",
+            5,
+            vec![file(&["a"], 4)],
+            "the offer 5",
+        ),
+        ("an empty tree", 0, vec![], "lists nothing"),
+        (
+            "a stream beside a file",
+            1,
+            vec![e(&["s"], EntryKind::Stream), file(&["b"], 1)],
+            "only entry",
+        ),
+    ];
+    for (what, size, entries, why) in cases {
+        let mut hs = HandSender::connect(&broker.addr, &alice, "bob")
+            .await
+            .accepted(hand::files(size))
+            .await;
+        let tid = hs.accepted.pair.transfer_id;
+        hs.head(&Manifest { entries }.encode()).await;
+        let answer = hs.answer().await;
+        assert!(
+            matches!(
+                answer,
+                Some(Message::Abort {
+                    reason: AbortReason::Policy,
+                    ..
+                })
+            ),
+            "{what}: {answer:?}"
+        );
+        let line = tokio::task::block_in_place(|| {
+            receiver
+                .stderr
+                .wait_for(&format!("transfer {tid} from alice failed"), WAIT)
+        });
+        assert!(line.contains(why), "{what}: {line}");
+    }
+    assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
 }
 
 #[test]

@@ -15,18 +15,21 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use keyferry_agent::client::{Ctx, await_ticket, connect, open_data};
-use keyferry_agent::home::{Home as AgentHome, now_unix};
+use keyferry_agent::home::now_unix;
 use keyferry_agent::trust::pins::PinStore;
 use keyferry_common::crypto::seal;
-use keyferry_common::handshake::{Kind, Metadata, OfferParams, make_offer};
-use keyferry_common::identity::{Identity, PublicKey};
+use keyferry_common::handshake::{OfferParams, make_offer};
+use keyferry_common::identity::Identity;
+use keyferry_common::ids::StreamId;
+use keyferry_common::manifest::Manifest;
 use keyferry_common::name::AgentName;
-use keyferry_common::schedule::StreamKeys;
-use keyferry_common::wire::message::{AbortReason, Message, RefuseReason, Role};
+use keyferry_common::wire::message::{AbortReason, Message, RefuseReason};
 use keyferry_common::wire::record::{KeyUpdateRecord, chunk_ad, chunk_header, key_update_ad};
 use support::evil::{Action, EvilBroker, Hooks, finish_within, flip};
-use support::{Broker, Home, Run, TempDir, WAIT, json, pseudo_random, wait_for_data};
+use support::hand::{self, HandSender};
+use support::{
+    Broker, Home, Run, TempDir, WAIT, json, names_in, pseudo_random, sha256_hex, wait_for_data,
+};
 
 const EXIT_WAIT: Duration = Duration::from_secs(45);
 
@@ -41,28 +44,18 @@ fn name(s: &str) -> AgentName {
     AgentName::new(s).unwrap()
 }
 
-fn sha256_hex(data: &[u8]) -> String {
-    use sha2::Digest as _;
-    hex::encode(sha2::Sha256::digest(data))
-}
-
-fn names_in(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 // ---------------------------------------------------------------------------
 // Holes.
 
 /// Hole 1: a local user who may write in the out dir renames a file of their
 /// own over every `.keyferry-*.part` that appears. Before: the final name held
 /// the attacker's file, while the receiver printed the right SHA-256 and the
-/// sender got a valid receipt. Now the file being received has no name until
-/// it is linked by descriptor.
+/// sender got a valid receipt. Version 1 closed it with unnamed files; version 2
+/// receives into a private staging directory used only by descriptor: here
+/// the attacker moves every staging directory away as it appears and puts a
+/// directory of its own, holding its own `photo.jpg`, under that name. The
+/// verified file still takes the final name, the attacker's never does, and
+/// the attacker's directory is not the receiver's to remove.
 #[test]
 fn a_file_renamed_over_the_temporary_never_takes_the_final_name() {
     let broker = Broker::start();
@@ -83,11 +76,12 @@ fn a_file_renamed_over_the_temporary_never_takes_the_final_name() {
             while !stop.load(Ordering::Relaxed) {
                 for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
                     let n = e.file_name().to_string_lossy().into_owned();
-                    if n.starts_with(".keyferry-") && n.ends_with(".part") && done.insert(n.clone())
-                    {
-                        let mine = dir.join(format!("evil-{}", done.len()));
-                        std::fs::write(&mine, b"the attacker's file").unwrap();
-                        if std::fs::rename(&mine, dir.join(&n)).is_ok() {
+                    if n.starts_with(".keyferry-") && n.ends_with(".d") && done.insert(n.clone()) {
+                        let away = dir.join(format!("moved-{}", done.len()));
+                        if std::fs::rename(dir.join(&n), &away).is_ok() {
+                            let fake = dir.join(&n).join("t");
+                            std::fs::create_dir_all(&fake).unwrap();
+                            std::fs::write(fake.join("photo.jpg"), b"the attacker's file").unwrap();
                             swaps.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -104,11 +98,19 @@ fn a_file_renamed_over_the_temporary_never_takes_the_final_name() {
     assert_eq!(sent.code, Some(0), "{sent:#?}");
     assert_eq!(code, Some(0));
     assert_eq!(json(&sent)["sha256"], sha256_hex(&data));
-    // What the final name holds is what was verified, and nothing had a
-    // name the attacker could take while the data arrived.
+    // The attacker did move the staging directory; what the final name holds
+    // is what was verified all the same.
+    assert!(swaps.load(Ordering::Relaxed) >= 1);
     assert_eq!(std::fs::read(out.join("photo.jpg")).unwrap(), data);
-    assert_eq!(swaps.load(Ordering::Relaxed), 0);
-    assert_eq!(names_in(out.path()), ["photo.jpg"]);
+    let names = names_in(out.path());
+    assert!(names.contains(&"photo.jpg".to_owned()), "{names:?}");
+    assert!(!names.contains(&"photo (1).jpg".to_owned()), "{names:?}");
+    // The attacker's directory under the staging name is left alone.
+    let fake = names.iter().find(|n| n.ends_with(".d")).unwrap();
+    assert_eq!(
+        std::fs::read(out.join(fake).join("t/photo.jpg")).unwrap(),
+        b"the attacker's file"
+    );
 }
 
 /// Hole 2: a lying broker hands over an offer "from alice" that names
@@ -128,11 +130,8 @@ fn a_lying_broker_cannot_plant_a_pin_with_a_bad_signature() {
         sender: name("alice"),
         receiver: name("bob"),
         receiver_key: bob_id.public(),
-        metadata: Metadata {
-            kind: Kind::File,
-            name: "x.txt".into(),
-            size: 5,
-        },
+        stream_id: StreamId::random(),
+        terms: hand::files(5),
         now_unix: now_unix(),
     })
     .unwrap();
@@ -341,11 +340,14 @@ fn idle_handshakes_from_one_address_do_not_lock_out_its_agents() {
     drop(idle);
 }
 
-/// Outcome of a transfer through an evil broker whose forward hook is `hook`.
+/// Outcome of a transfer through an evil broker whose forward hook is `hook`:
+/// the receiver's and the sender's run, how long the receiver took, and
+/// whether it kept the verified prefix (a hidden staging directory) for a
+/// resume. Nothing may appear under a visible name.
 fn through_evil_broker(
     hook: impl FnMut(&support::evil::Flow, Message) -> Vec<Action> + Send + 'static,
     receiver_args: &[&str],
-) -> (Run, Run, Duration) {
+) -> (Run, Run, Duration, bool) {
     let broker = EvilBroker::start(Hooks::pass_through().forward(hook));
     let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
     let (src, out) = (TempDir::new("src"), TempDir::new("out"));
@@ -359,15 +361,21 @@ fn through_evil_broker(
     let took = start.elapsed();
     let s = finish_within(sender, EXIT_WAIT);
     assert!(!out.join("data.bin").exists());
-    assert!(names_in(out.path()).is_empty());
-    (r, s, took)
+    let names = names_in(out.path());
+    assert!(
+        names
+            .iter()
+            .all(|n| n.starts_with(".keyferry-") && n.ends_with(".d")),
+        "{names:?}"
+    );
+    (r, s, took, !names.is_empty())
 }
 
 /// The real reason, 1: a stream that stalls is a timeout on both sides. It
 /// used to be reported as "stream ended" and sent as a verification failure.
 #[test]
 fn a_stalled_stream_is_reported_and_sent_as_a_timeout() {
-    let (r, s, _) = through_evil_broker(
+    let (r, s, _, kept) = through_evil_broker(
         |flow, m| match m {
             Message::Chunk { .. } | Message::KeyUpdate { .. } | Message::Trailer { .. }
                 if flow.chunks_seen >= 2 =>
@@ -381,12 +389,14 @@ fn a_stalled_stream_is_reported_and_sent_as_a_timeout() {
     assert_ne!(r.code, Some(0));
     assert!(r.stderr.contains("no progress for 2 s"), "{r:#?}");
     assert!(s.stderr.contains("the receiver gave up waiting"), "{s:#?}");
+    // A stall may pass: the two verified chunks are kept for a resume.
+    assert!(kept);
 }
 
 /// The real reason, 2: an oversized frame is reported as such.
 #[test]
 fn an_oversized_frame_is_reported_as_a_bad_frame() {
-    let (r, s, _) = through_evil_broker(
+    let (r, s, _, kept) = through_evil_broker(
         |flow, m| match m {
             Message::Chunk { .. } if flow.chunks_seen == 2 => {
                 vec![Action::Raw(u32::MAX.to_be_bytes().to_vec())]
@@ -402,6 +412,8 @@ fn an_oversized_frame_is_reported_as_a_bad_frame() {
         "{r:#?}"
     );
     assert_ne!(s.code, Some(0));
+    // What did not verify is not worth resuming: nothing is kept.
+    assert!(!kept);
 }
 
 /// A rejected record followed by silence: the receiver stops at once instead
@@ -409,7 +421,7 @@ fn an_oversized_frame_is_reported_as_a_bad_frame() {
 /// only at its next read, here the evil broker's 20 s idle end).
 #[test]
 fn a_refused_record_followed_by_silence_fails_at_once() {
-    let (r, s, took) = through_evil_broker(
+    let (r, s, took, kept) = through_evil_broker(
         |flow, m| match m {
             Message::Chunk { .. } if flow.chunks_seen == 1 => vec![Action::Pass(flip(m, 100))],
             _ if flow.chunks_seen > 1 => vec![],
@@ -421,6 +433,7 @@ fn a_refused_record_followed_by_silence_fails_at_once() {
     assert!(r.stderr.contains("authentication failed"), "{r:#?}");
     assert!(took < Duration::from_secs(10), "the receiver took {took:?}");
     assert!(s.stderr.contains("the receiver refused the data"), "{s:#?}");
+    assert!(!kept);
 }
 
 /// Unreadable offers used to be ignored without an answer, leaving the
@@ -469,65 +482,28 @@ async fn key_updates_alone_do_not_keep_a_stream_alive() {
     let out = TempDir::new("out");
     let mut receiver = bob.receiver(&broker, out.path(), &["--once"]);
 
-    let h = AgentHome::open(alice.dir.path().to_owned()).unwrap();
-    let ctx = Ctx {
-        broker: broker.addr.clone(),
-        broker_fingerprint: None,
-        identity: Arc::new(h.identity().unwrap()),
-        home: h,
-        name: name("alice"),
-    };
-    let mut conn = connect(&ctx, Role::Sender).await.unwrap();
-    conn.writer
-        .write(&Message::Lookup { name: name("bob") })
+    let mut hs = HandSender::connect(&broker.addr, &alice, "bob")
         .await
-        .unwrap();
-    let Some(Message::PeerKey { spki, .. }) = conn.reader.read_timeout(WAIT).await.unwrap() else {
-        panic!("no key for bob")
-    };
-    let (pending, offer) = make_offer(OfferParams {
-        identity: &ctx.identity,
-        sender: name("alice"),
-        receiver: name("bob"),
-        receiver_key: &PublicKey::from_spki_der(&spki).unwrap(),
-        metadata: Metadata {
-            kind: Kind::File,
-            name: "slow.bin".into(),
-            size: 100,
-        },
-        now_unix: now_unix(),
-    })
-    .unwrap();
-    let tid = pending.transfer_id();
-    conn.writer
-        .write(&Message::Offer {
-            to: name("bob"),
-            offer,
-        })
-        .await
-        .unwrap();
-    let Some(Message::Accept { accept, .. }) = conn.reader.read_timeout(WAIT).await.unwrap() else {
-        panic!("not accepted")
-    };
-    let keys: StreamKeys = pending.handle_accept(&accept).unwrap();
-    let ticket = await_ticket(&ctx, &mut conn, tid).await.unwrap();
-    drop(conn);
-    let mut data = open_data(&ctx, tid, ticket).await.unwrap();
+        .accepted(hand::files(100))
+        .await;
+    hs.head(&Manifest::single_file("slow.bin", 100).encode())
+        .await;
+    let (keys, sid) = (&hs.keys, hs.stream.stream_id());
 
     // One chunk of ten bytes (not the last), then two key updates.
-    let epoch0 = keys.epoch0.epoch_keys(&tid, 0);
-    let sealed = seal::seal(&epoch0, &chunk_ad(&tid, 0, 0, false), &[7; 10]);
+    let epoch0 = keys.epoch0.epoch_keys(&sid, 0);
+    let sealed = seal::seal(&epoch0, &chunk_ad(&sid, 0, 0, 0, false), &[7; 10]);
     let mut record = chunk_header(0, 0, false, &sealed.iv, sealed.ciphertext.len()).to_vec();
     record.extend_from_slice(&sealed.ciphertext);
     record.extend_from_slice(&sealed.tag);
     let key_update = |epoch: u32| Message::KeyUpdate {
-        transfer_id: tid,
+        stream_id: sid,
         record: KeyUpdateRecord {
             epoch,
             first_seq: 1,
             sealed: seal::seal(
                 &keys.wrap,
-                &key_update_ad(&tid, epoch, 1),
+                &key_update_ad(&sid, epoch, 1),
                 &[epoch as u8; 32],
             ),
         }
@@ -536,16 +512,16 @@ async fn key_updates_alone_do_not_keep_a_stream_alive() {
     let start = Instant::now();
     for m in [
         Message::Chunk {
-            transfer_id: tid,
+            stream_id: sid,
             record,
         },
         key_update(1),
         key_update(2),
     ] {
-        data.writer.write(&m).await.unwrap();
+        hs.data.writer.write(&m).await.unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let answer = data.reader.read_timeout(Duration::from_secs(10)).await;
+    let answer = hs.data.reader.read_timeout(Duration::from_secs(10)).await;
     assert!(
         matches!(
             answer,

@@ -2,8 +2,9 @@
 //! connections. The broker never opens a record: it only checks that each frame
 //! is a message allowed in that direction for that transfer.
 //!
-//! Forward (sender → receiver): key updates, chunks, the trailer, an abort.
-//! Back (receiver → sender): the receipt, an abort. Anything else, EOF, an error
+//! Forward (sender → receiver): the root (for this transfer), the manifest,
+//! key updates, chunks and the trailer (of this transfer's stream), an abort.
+//! Back (receiver → sender): the receipt, an abort (of this transfer). Anything else, EOF, an error
 //! or a silence longer than the idle limit ends that direction and tells the
 //! other side `Abort(PeerGone)`, which ends the other direction in turn.
 //!
@@ -15,7 +16,7 @@
 
 use std::time::{Duration, Instant};
 
-use keyferry_common::ids::TransferId;
+use keyferry_common::ids::{StreamId, TransferId};
 use keyferry_common::wire::chunk::{CHUNK_HEAD_MAX, peek_chunk};
 use keyferry_common::wire::frame::{self, LEN_PREFIX, MAX_FRAME_LEN};
 use keyferry_common::wire::message::{self, AbortReason, Message};
@@ -106,18 +107,20 @@ impl Dir {
         }
     }
 
-    /// `Some(ends)` if `msg` may travel this way for `tid`; `ends` if it is the
-    /// last message of this direction.
-    fn allows(self, msg: &Message, tid: &TransferId) -> Option<bool> {
-        let (id, ends) = match (self, msg) {
-            (Self::Forward, Message::KeyUpdate { transfer_id, .. })
-            | (Self::Forward, Message::Chunk { transfer_id, .. }) => (transfer_id, false),
-            (Self::Forward, Message::Trailer { transfer_id, .. })
-            | (Self::Back, Message::Receipt { transfer_id, .. })
-            | (_, Message::Abort { transfer_id, .. }) => (transfer_id, true),
+    /// `Some(ends)` if `msg` may travel this way for transfer `tid` of
+    /// stream `sid`; `ends` if it is the last message of this direction.
+    fn allows(self, msg: &Message, (tid, sid): &(TransferId, StreamId)) -> Option<bool> {
+        let (ours, ends) = match (self, msg) {
+            (Self::Forward, Message::Root { transfer_id, .. }) => (transfer_id == tid, false),
+            (Self::Forward, Message::Manifest { stream_id, .. })
+            | (Self::Forward, Message::KeyUpdate { stream_id, .. })
+            | (Self::Forward, Message::Chunk { stream_id, .. }) => (stream_id == sid, false),
+            (Self::Forward, Message::Trailer { stream_id, .. }) => (stream_id == sid, true),
+            (Self::Back, Message::Receipt { transfer_id, .. })
+            | (_, Message::Abort { transfer_id, .. }) => (transfer_id == tid, true),
             _ => return None,
         };
-        (id == tid).then_some(ends)
+        ours.then_some(ends)
     }
 }
 
@@ -134,7 +137,7 @@ enum Scan {
 /// One direction's parser: where it stands in the byte stream.
 struct Checker {
     dir: Dir,
-    tid: TransferId,
+    ids: (TransferId, StreamId),
     /// Bytes of an approved chunk frame that are still to come.
     passing: usize,
 }
@@ -170,8 +173,8 @@ impl Checker {
             Dir::Forward => peek_chunk(&payload[..head], len),
             Dir::Back => None,
         };
-        if let Some(tid) = chunk {
-            if tid != self.tid {
+        if let Some(sid) = chunk {
+            if sid != self.ids.1 {
                 return self.not_allowed();
             }
             self.passing = LEN_PREFIX + len;
@@ -183,7 +186,7 @@ impl Checker {
         };
         match message::decode_payload(payload)
             .ok()
-            .and_then(|m| self.dir.allows(&m, &self.tid))
+            .and_then(|m| self.dir.allows(&m, &self.ids))
         {
             Some(ends) => Scan::Forward {
                 n: LEN_PREFIX + len,
@@ -204,7 +207,7 @@ impl Checker {
 /// Relays one direction until it ends; returns the bytes forwarded.
 async fn pump(
     dir: Dir,
-    tid: TransferId,
+    ids: (TransferId, StreamId),
     idle: Duration,
     from: &mut OwnedReadHalf,
     mut buf: Vec<u8>,
@@ -213,7 +216,7 @@ async fn pump(
 ) -> (u64, Result<(), RelayEnd>) {
     let mut checker = Checker {
         dir,
-        tid,
+        ids,
         passing: 0,
     };
     let mut bytes = 0u64;
@@ -272,7 +275,7 @@ async fn pump(
     // Mid-frame, an abort would corrupt the stream; the close says enough then.
     if checker.passing == 0 {
         let gone = Message::Abort {
-            transfer_id: tid,
+            transfer_id: ids.0,
             reason: AbortReason::PeerGone,
         };
         if let Ok(frame) = message::encode(&gone, MAX_FRAME_LEN) {
@@ -301,11 +304,12 @@ async fn drain(from: &mut OwnedReadHalf, grace: Duration) {
 /// How long a failed relay keeps reading, so its `Abort` reaches both sides.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
-/// Relays transfer `tid` until both directions ended (or `shutdown` cuts it).
+/// Relays transfer `ids.0` (of stream `ids.1`) until both directions ended
+/// (or `shutdown` cuts it).
 pub async fn relay(
     sender: DataConn,
     receiver: DataConn,
-    tid: TransferId,
+    ids: (TransferId, StreamId),
     idle: Duration,
     shutdown: Shutdown,
 ) -> RelayReport {
@@ -315,7 +319,7 @@ pub async fn relay(
     let (forward, back) = tokio::join!(
         pump(
             Dir::Forward,
-            tid,
+            ids,
             idle,
             &mut s_read,
             sender.leftover,
@@ -324,7 +328,7 @@ pub async fn relay(
         ),
         pump(
             Dir::Back,
-            tid,
+            ids,
             idle,
             &mut r_read,
             receiver.leftover,
@@ -358,10 +362,12 @@ mod tests {
 
     /// Runs a checker over `stream` fed in pieces of `step` bytes, as the pump
     /// does; returns how many bytes it let through and how it stopped.
-    fn check(dir: Dir, tid: TransferId, stream: &[u8], step: usize) -> (usize, Option<String>) {
+    const IDS: (TransferId, StreamId) = (TransferId([1; 16]), StreamId([7; 16]));
+
+    fn check(dir: Dir, stream: &[u8], step: usize) -> (usize, Option<String>) {
         let mut checker = Checker {
             dir,
-            tid,
+            ids: IDS,
             passing: 0,
         };
         let (mut buf, mut fed, mut passed) = (Vec::new(), 0, 0);
@@ -392,52 +398,92 @@ mod tests {
 
     #[test]
     fn passes_a_whole_stream_in_any_pieces_and_stops_after_the_trailer() {
-        let tid = TransferId([1; 16]);
+        let (tid, sid) = IDS;
         let stream = [
-            frame_of(&Message::Chunk {
+            frame_of(&Message::Root {
                 transfer_id: tid,
+                record: vec![1; 96],
+            }),
+            frame_of(&Message::Manifest {
+                stream_id: sid,
+                record: vec![2; 200],
+            }),
+            frame_of(&Message::Chunk {
+                stream_id: sid,
                 record: vec![3; 5000],
             }),
             frame_of(&Message::KeyUpdate {
-                transfer_id: tid,
+                stream_id: sid,
                 record: vec![4; 108],
             }),
             frame_of(&Message::Chunk {
-                transfer_id: tid,
+                stream_id: sid,
                 record: vec![],
             }),
             frame_of(&Message::Trailer {
-                transfer_id: tid,
+                stream_id: sid,
                 record: vec![5; 96],
             }),
         ]
         .concat();
         let extra = [stream.clone(), vec![0xff; 10]].concat();
         for step in [1, 3, 27, 31, 4096, 1 << 20] {
-            assert_eq!(check(Dir::Forward, tid, &extra, step), (stream.len(), None));
+            assert_eq!(check(Dir::Forward, &extra, step), (stream.len(), None));
         }
     }
 
     #[test]
     fn refuses_what_may_not_pass_and_forwards_nothing_of_it() {
-        let (tid, other) = (TransferId([1; 16]), TransferId([2; 16]));
+        let (tid, sid) = IDS;
+        let (other_t, other_s) = (TransferId([2; 16]), StreamId([2; 16]));
         let good = frame_of(&Message::Chunk {
-            transfer_id: tid,
+            stream_id: sid,
             record: vec![3; 300],
         });
         let bad: Vec<(Dir, Vec<u8>)> = vec![
             (
                 Dir::Forward,
                 frame_of(&Message::Chunk {
-                    transfer_id: other,
+                    stream_id: other_s,
                     record: vec![3; 300],
+                }),
+            ),
+            // Another transfer's root, another stream's manifest: a broker
+            // bug or a sender that mixes streams.
+            (
+                Dir::Forward,
+                frame_of(&Message::Root {
+                    transfer_id: other_t,
+                    record: vec![1; 96],
+                }),
+            ),
+            (
+                Dir::Forward,
+                frame_of(&Message::Manifest {
+                    stream_id: other_s,
+                    record: vec![1; 96],
+                }),
+            ),
+            // The stream id where a transfer id belongs (they differ).
+            (
+                Dir::Forward,
+                frame_of(&Message::Root {
+                    transfer_id: TransferId(sid.0),
+                    record: vec![1; 96],
                 }),
             ),
             (
                 Dir::Back,
                 frame_of(&Message::Chunk {
-                    transfer_id: tid,
+                    stream_id: sid,
                     record: vec![3; 300],
+                }),
+            ),
+            (
+                Dir::Back,
+                frame_of(&Message::Receipt {
+                    transfer_id: other_t,
+                    tag: [0; 32],
                 }),
             ),
             (
@@ -448,6 +494,7 @@ mod tests {
                 }),
             ),
             (Dir::Forward, frame_of(&Message::List)),
+            (Dir::Forward, frame_of(&Message::Ping { nonce: 1 })),
             // A chunk whose record length disagrees with the frame.
             (Dir::Forward, {
                 let mut f = good.clone();
@@ -457,7 +504,7 @@ mod tests {
             (Dir::Forward, vec![0, 0, 0, 0]),
             (Dir::Forward, u32::MAX.to_be_bytes().to_vec()),
         ];
-        for (dir, frame) in bad {
+        for (i, (dir, frame)) in bad.into_iter().enumerate() {
             let stream = [good.clone(), frame.clone()].concat();
             let ahead = if matches!(dir, Dir::Forward) {
                 good.len()
@@ -470,9 +517,12 @@ mod tests {
                 frame
             };
             for step in [1, 64, 1 << 20] {
-                let (passed, why) = check(dir, tid, &stream, step);
-                assert_eq!(passed, ahead, "{dir:?} step {step}");
-                assert!(why.is_some_and(|w| w != "end"), "{dir:?} step {step}");
+                let (passed, why) = check(dir, &stream, step);
+                assert_eq!(passed, ahead, "case {i} {dir:?} step {step}");
+                assert!(
+                    why.is_some_and(|w| w != "end"),
+                    "case {i} {dir:?} step {step}"
+                );
             }
         }
     }

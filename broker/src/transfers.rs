@@ -4,7 +4,8 @@
 //! relaying (counted as incoming to its receiver, for the list), ended.
 //!
 //! Plain state, no sockets: answers and tickets travel through channels to the
-//! tasks that own the connections, and a redeemed ticket hands over whatever
+//! tasks that own the connections (the receiver's ticket through its control
+//! connection's own queue), and a redeemed ticket hands over whatever
 //! data-connection value `C` the caller uses (the relay's connection in the
 //! broker, a number in the tests). Every place taken here is released by a
 //! guard's `Drop`, so no path can leak a slot.
@@ -16,10 +17,10 @@ use keyferry_common::crypto::random_array;
 use keyferry_common::ids::TransferId;
 use keyferry_common::name::AgentName;
 use keyferry_common::sync::lock;
-use keyferry_common::wire::message::RefuseReason;
+use keyferry_common::wire::message::{Message, RefuseReason};
 use std::sync::Mutex;
 use subtle::ConstantTimeEq as _;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 /// The window of the offer rate.
 const RATE_WINDOW: Duration = Duration::from_secs(60);
@@ -29,29 +30,15 @@ const RATE_WINDOW: Duration = Duration::from_secs(60);
 pub enum Answer {
     /// It refused.
     Refused(RefuseReason),
-    /// It accepted: the accept bytes for the sender, and where the
-    /// receiver's ticket goes once the tickets are drawn.
+    /// It accepted: the accept bytes for the sender, and the receiver's own
+    /// push queue, where its `Ticket` (or an `Abort` if the transfer cannot
+    /// start) goes on its control connection.
     Accepted {
         /// The accept bytes.
         accept: Vec<u8>,
-        /// Tells the task on the receiver's accept connection its ticket.
-        ticket: oneshot::Sender<Ticketing>,
+        /// The receiver's control connection's queue.
+        receiver: mpsc::Sender<Message>,
     },
-}
-
-/// What the receiver's accept connection is told once the sender's side
-/// handled the accept.
-#[derive(Debug)]
-pub enum Ticketing {
-    /// Its ticket; `wait` closes when the wait for the data connections ends.
-    Ticket {
-        /// The receiver's ticket.
-        ticket: [u8; 32],
-        /// Closes (its sender drops) when the wait for both data connections ended.
-        wait: oneshot::Receiver<()>,
-    },
-    /// The transfer cannot start (why, for the receiver).
-    Refused(String),
 }
 
 /// Why an agent may not make another offer now.

@@ -14,12 +14,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keyferry_broker::{AccessPolicy, Limits};
-use keyferry_common::handshake::{Kind, Metadata, OfferParams, make_offer};
+use keyferry_common::handshake::{Kind, OfferParams, Terms, make_offer};
 use keyferry_common::identity::PublicKey;
-use keyferry_common::ids::TransferId;
+use keyferry_common::ids::{StreamId, TransferId};
 use keyferry_common::io::connection::Connection;
 use keyferry_common::name::AgentName;
-use keyferry_common::wire::message::{ErrorCode, Message, Role};
+use keyferry_common::wire::message::{AbortReason, ErrorCode, Message, Role};
 use support::{
     Agent, TempDir, TestBroker, WAIT, closed, expect_error, normal_transfer, pseudo_random,
 };
@@ -90,7 +90,7 @@ async fn oversized_and_malformed_frames_and_messages_out_of_order_get_an_error()
     let mut conn = alice.connect(Role::Sender).await;
     conn.writer
         .write(&Message::Chunk {
-            transfer_id: TransferId([1; 16]),
+            stream_id: StreamId([1; 16]),
             record: vec![0; 100],
         })
         .await
@@ -98,13 +98,11 @@ async fn oversized_and_malformed_frames_and_messages_out_of_order_get_an_error()
     let detail = expect_error(&mut conn, ErrorCode::Protocol).await;
     assert!(detail.contains("unexpected Chunk"), "{detail}");
 
-    // An accept connection that does not start with an accept, and one that
-    // accepts a transfer nobody offered.
+    // A receiver that accepts a transfer nobody offered hears that it is
+    // gone, and stays connected (a ping still gets its pong); a stream
+    // record on its control connection ends the session.
     let bob = Agent::new(&broker, "bob", "bob");
-    let mut conn = bob.connect(Role::Data).await;
-    conn.writer.write(&Message::List).await.unwrap();
-    expect_error(&mut conn, ErrorCode::Protocol).await;
-    let mut conn = bob.connect(Role::Data).await;
+    let mut conn = bob.connect(Role::Receiver).await;
     conn.writer
         .write(&Message::Accept {
             transfer_id: TransferId([2; 16]),
@@ -112,7 +110,30 @@ async fn oversized_and_malformed_frames_and_messages_out_of_order_get_an_error()
         })
         .await
         .unwrap();
-    expect_error(&mut conn, ErrorCode::UnknownTransfer).await;
+    assert_eq!(
+        conn.reader.read_timeout(WAIT).await.unwrap(),
+        Some(Message::Abort {
+            transfer_id: TransferId([2; 16]),
+            reason: AbortReason::PeerGone,
+        })
+    );
+    conn.writer
+        .write(&Message::Ping { nonce: 7 })
+        .await
+        .unwrap();
+    assert_eq!(
+        conn.reader.read_timeout(WAIT).await.unwrap(),
+        Some(Message::Pong { nonce: 7 })
+    );
+    conn.writer
+        .write(&Message::Trailer {
+            stream_id: StreamId([2; 16]),
+            record: vec![0; 100],
+        })
+        .await
+        .unwrap();
+    let detail = expect_error(&mut conn, ErrorCode::Protocol).await;
+    assert!(detail.contains("unexpected Trailer"), "{detail}");
 
     broker.logs.wait_for("bad frame", WAIT).await;
     normal_transfer(&broker, 3).await;
@@ -143,10 +164,13 @@ fn offer_of_size(alice: &Agent, bob_key: &PublicKey, size: u64) -> Message {
         sender: alice.ctx.name.clone(),
         receiver: AgentName::new("bob").unwrap(),
         receiver_key: bob_key,
-        metadata: Metadata {
-            kind: Kind::File,
-            name: "flood.bin".into(),
+        stream_id: StreamId::random(),
+        terms: Terms {
+            kind: Kind::Files,
             size,
+            size_known: true,
+            resumes: None,
+            receivers: 1,
         },
         now_unix: keyferry_agent::home::now_unix(),
     })

@@ -8,22 +8,37 @@
 use std::time::{Duration, Instant};
 
 use keyferry_common::crypto::keys::{MasterKey, SharedSecret};
-use keyferry_common::ids::{Nonce, TransferId};
-use keyferry_common::schedule::{StreamKeys, derive_stream_keys};
-use keyferry_common::transfer::{RecvStream, RekeyPolicy, SendStream};
+use keyferry_common::identity::Identity;
+use keyferry_common::ids::{Nonce, StreamId, TransferId};
+use keyferry_common::manifest::Manifest;
+use keyferry_common::name::AgentName;
+use keyferry_common::schedule::{PairKeys, Secrets, derive_pair_keys};
+use keyferry_common::transfer::{Expect, RecvStream, RekeyPolicy, SendStream, StreamStart};
 use keyferry_common::wire::frame::LEN_PREFIX;
 use keyferry_common::wire::record::DEFAULT_CHUNK;
 
-fn keys() -> StreamKeys {
-    derive_stream_keys(
-        MasterKey::from_bytes([1; 32]),
-        SharedSecret::from_bytes([2; 32]),
+const SID: StreamId = StreamId([5; 16]);
+
+/// One side's copy of a pair's keys, as a handshake would leave them.
+fn pair() -> PairKeys {
+    let secrets = Secrets {
+        master: MasterKey::from_bytes([1; 32]),
+        x25519: SharedSecret::from_bytes([2; 32]),
+        mlkem: SharedSecret::from_bytes([7; 32]),
+    };
+    derive_pair_keys(
+        secrets,
         &Nonce([3; 32]),
         &Nonce([4; 32]),
         &TransferId([5; 16]),
+        &SID,
         &[6; 32],
     )
     .1
+}
+
+fn identity(pem: &str) -> Result<Identity, Box<dyn std::error::Error>> {
+    Ok(Identity::from_pkcs8_pem(pem).ok_or("not PKCS#8")??)
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -37,13 +52,34 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Each chunk is sealed, then opened, in one reused buffer; the two are
     // timed apart.
+    let alice = identity(include_str!("../tests/fixtures/alice.pem"))?;
+    let bob = identity(include_str!("../tests/fixtures/bob.pem"))?;
     let mut sender = SendStream::new(
-        keys(),
+        SID,
         size,
+        true,
+        StreamStart::fresh(),
         RekeyPolicy::with_interval(hour),
         Instant::now(),
     );
-    let mut receiver = RecvStream::new(keys(), size);
+    let mut receiver = RecvStream::new(
+        pair(),
+        Expect {
+            declared: size,
+            size_known: true,
+            resume: None,
+            sender: alice.public().clone(),
+            me: AgentName::new("bob")?,
+            my_fp: bob.fingerprint(),
+        },
+    );
+    let body = Manifest::single_file("speed", size).encode();
+    for mut head in [
+        sender.root_for(&pair()).into_frame(),
+        sender.manifest(&body)?.into_frame(),
+    ] {
+        receiver.open(&mut head[LEN_PREFIX..])?;
+    }
     let (mut seal, mut open) = (Duration::ZERO, Duration::ZERO);
     let mut buf = Vec::new();
     let mut sent = 0u64;
@@ -62,7 +98,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         seal += sealed - start;
     }
     let start = Instant::now();
-    let mut trailer = sender.trailer()?.0.into_frame();
+    let receivers = [(AgentName::new("bob")?, bob.fingerprint())];
+    let mut trailer = sender.trailer(&alice, &receivers)?.0.into_frame();
     let sealed = Instant::now();
     receiver.open(&mut trailer[LEN_PREFIX..])?;
     open += sealed.elapsed();

@@ -34,6 +34,7 @@ pub mod identity;
 pub mod ids;
 #[cfg(feature = "io")]
 pub mod io;
+pub mod manifest;
 pub mod name;
 pub mod schedule;
 pub mod sync;
@@ -43,4 +44,26 @@ pub mod units;
 pub mod wire;
 
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
+
+/// The one line an agent and a broker of different protocol versions show:
+/// both versions, and which side to upgrade.
+pub fn version_mismatch(agent: u16, broker: u16) -> String {
+    let upgrade = if agent < broker { "agent" } else { "broker" };
+    format!(
+        "this agent speaks keyferry protocol version {agent} and the broker version {broker}: \
+         upgrade the {upgrade}"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_version_mismatch_names_both_versions_and_the_side_to_upgrade() {
+        assert_eq!(
+            super::version_mismatch(1, 2),
+            "this agent speaks keyferry protocol version 1 and the broker version 2: upgrade the agent"
+        );
+        assert!(super::version_mismatch(3, 2).ends_with("upgrade the broker"));
+    }
+}

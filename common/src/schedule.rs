@@ -1,50 +1,67 @@
 //! The key schedule (PROTOCOL.md §4): every key of a transfer, each from its own
 //! HKDF-SHA256 call with its own label.
 //!
-//! * Metadata keys: salt = sender nonce, IKM = M, context = hash of the signed
-//!   offer header. They exist before the receiver's nonce does.
-//! * Everything after the accept: salt = sender nonce ‖ receiver nonce,
-//!   IKM = M ‖ X25519 shared secret, context = transcript hash. M and the shared
-//!   secret are consumed (and erased) by [`derive_stream_keys`].
-//! * Session keys: epoch 0 from the schedule; each next one =
-//!   HKDF(salt = fresh random bytes, IKM = previous session key), so a leaked
-//!   session key reveals no earlier epoch. Each epoch's AES and HMAC keys are
-//!   derived from its session key.
+//! * Terms keys: salt = sender nonce, IKM = M, context = hash of the signed
+//!   offer header. They exist before the receiver's nonce does, and seal only
+//!   what the receiver must decide on before accepting (kind, size).
+//! * Pair keys, one set per sender–receiver handshake: salt = sender nonce ‖
+//!   receiver nonce, IKM = M ‖ X25519 secret ‖ ML-KEM secret (the hybrid
+//!   combiner: HKDF-Extract over the concatenation; both shares are in the
+//!   transcript, which is every pair key's context). M and both secrets are
+//!   consumed (and erased) by [`derive_pair_keys`]. The pair's root keys wrap
+//!   the stream root.
+//! * Stream keys: IKM = the stream root (32 random bytes, one per upload,
+//!   shared by every receiver of it), salt = stream id. Session keys: epoch 0
+//!   from the stream keys; each next one = HKDF(salt = fresh random bytes,
+//!   IKM = previous session key), so a leaked session key reveals no earlier
+//!   epoch. Each epoch's AES and HMAC keys are derived from its session key.
 
 use crate::crypto::kdf::derive;
-use crate::crypto::keys::{AesKey, MacKey, MasterKey, SealKeys, SessionKey, SharedSecret};
-use crate::ids::{Nonce, TransferId};
+use crate::crypto::keys::{
+    AesKey, MacKey, MasterKey, SealKeys, SessionKey, SharedSecret, StreamRoot,
+};
+use crate::ids::{Nonce, StreamId, TransferId};
 
 /// HKDF labels, one per key purpose.
 pub mod label {
-    /// Metadata encryption key.
-    pub const METADATA_AES: &str = "keyferry/v1 metadata-aes";
-    /// Metadata MAC key.
-    pub const METADATA_MAC: &str = "keyferry/v1 metadata-mac";
+    /// Terms (what is offered) encryption key.
+    pub const TERMS_AES: &str = "keyferry/v2 terms-aes";
+    /// Terms MAC key.
+    pub const TERMS_MAC: &str = "keyferry/v2 terms-mac";
     /// Accept proof MAC key.
-    pub const ACCEPT_MAC: &str = "keyferry/v1 accept-mac";
-    /// Key-update (session key wrapping) encryption key.
-    pub const WRAP_AES: &str = "keyferry/v1 wrap-aes";
-    /// Key-update MAC key.
-    pub const WRAP_MAC: &str = "keyferry/v1 wrap-mac";
-    /// Session key of epoch 0.
-    pub const EPOCH_ZERO: &str = "keyferry/v1 session-0";
-    /// Trailer encryption key.
-    pub const TRAILER_AES: &str = "keyferry/v1 trailer-aes";
-    /// Trailer MAC key.
-    pub const TRAILER_MAC: &str = "keyferry/v1 trailer-mac";
+    pub const ACCEPT_MAC: &str = "keyferry/v2 accept-mac";
+    /// Resume proof MAC key.
+    pub const RESUME_MAC: &str = "keyferry/v2 resume-mac";
+    /// Stream-root wrapping encryption key.
+    pub const ROOT_AES: &str = "keyferry/v2 root-aes";
+    /// Stream-root wrapping MAC key.
+    pub const ROOT_MAC: &str = "keyferry/v2 root-mac";
     /// Receipt MAC key.
-    pub const RECEIPT_MAC: &str = "keyferry/v1 receipt-mac";
+    pub const RECEIPT_MAC: &str = "keyferry/v2 receipt-mac";
+    /// Key-update (session key wrapping) encryption key.
+    pub const WRAP_AES: &str = "keyferry/v2 wrap-aes";
+    /// Key-update MAC key.
+    pub const WRAP_MAC: &str = "keyferry/v2 wrap-mac";
+    /// Manifest encryption key.
+    pub const MANIFEST_AES: &str = "keyferry/v2 manifest-aes";
+    /// Manifest MAC key.
+    pub const MANIFEST_MAC: &str = "keyferry/v2 manifest-mac";
+    /// Trailer encryption key.
+    pub const TRAILER_AES: &str = "keyferry/v2 trailer-aes";
+    /// Trailer MAC key.
+    pub const TRAILER_MAC: &str = "keyferry/v2 trailer-mac";
+    /// Session key of epoch 0.
+    pub const EPOCH_ZERO: &str = "keyferry/v2 session-0";
     /// Next session key from the previous one and fresh bytes.
-    pub const SESSION_NEXT: &str = "keyferry/v1 session-next";
+    pub const SESSION_NEXT: &str = "keyferry/v2 session-next";
     /// An epoch's chunk encryption key.
-    pub const EPOCH_AES: &str = "keyferry/v1 epoch-aes";
+    pub const EPOCH_AES: &str = "keyferry/v2 epoch-aes";
     /// An epoch's chunk MAC key.
-    pub const EPOCH_MAC: &str = "keyferry/v1 epoch-mac";
+    pub const EPOCH_MAC: &str = "keyferry/v2 epoch-mac";
 }
 
-/// Keys that seal the file metadata inside the offer.
-pub fn metadata_keys(
+/// Keys that seal the offer's terms.
+pub fn terms_keys(
     master: &MasterKey,
     sender_nonce: &Nonce,
     transfer_id: &TransferId,
@@ -60,63 +77,120 @@ pub fn metadata_keys(
         )
     };
     SealKeys {
-        aes: AesKey::from_bytes(d(label::METADATA_AES)),
-        mac: MacKey::from_bytes(d(label::METADATA_MAC)),
+        aes: AesKey::from_bytes(d(label::TERMS_AES)),
+        mac: MacKey::from_bytes(d(label::TERMS_MAC)),
     }
 }
 
-/// Everything a transfer's stream needs after the handshake.
+/// The secrets one handshake agreed on: the master key and the two
+/// ephemeral shared secrets.
+#[derive(Debug)]
+pub struct Secrets {
+    /// The RSA-wrapped master key.
+    pub master: MasterKey,
+    /// The X25519 shared secret.
+    pub x25519: SharedSecret,
+    /// The ML-KEM-768 shared secret.
+    pub mlkem: SharedSecret,
+}
+
+/// The keys of one sender–receiver pair, besides the accept's two MAC keys.
+#[derive(Debug)]
+pub struct PairKeys {
+    /// The pair's transfer.
+    pub transfer_id: TransferId,
+    /// The stream it receives.
+    pub stream_id: StreamId,
+    /// Wraps the stream root for this receiver.
+    pub root: SealKeys,
+    /// Authenticates this receiver's receipt.
+    pub receipt: MacKey,
+}
+
+/// The accept's MAC keys: one over the accept, one over the resume point.
+#[derive(Debug)]
+pub struct AcceptKeys {
+    /// Authenticates the accept's fixed fields.
+    pub accept: MacKey,
+    /// Authenticates the resume point (which never travels in clear).
+    pub resume: MacKey,
+}
+
+/// Derives a pair's keys, consuming the secrets so that none outlives this call.
+pub fn derive_pair_keys(
+    secrets: Secrets,
+    sender_nonce: &Nonce,
+    receiver_nonce: &Nonce,
+    transfer_id: &TransferId,
+    stream_id: &StreamId,
+    transcript_hash: &[u8; 32],
+) -> (AcceptKeys, PairKeys) {
+    let mut salt = [0u8; 64];
+    salt[..32].copy_from_slice(&sender_nonce.0);
+    salt[32..].copy_from_slice(&receiver_nonce.0);
+    let ikm: [&[u8]; 3] = [
+        secrets.master.expose(),
+        secrets.x25519.expose(),
+        secrets.mlkem.expose(),
+    ];
+    let d = |l| derive(Some(&salt), &ikm, l, &transfer_id.0, transcript_hash);
+    let accept = AcceptKeys {
+        accept: MacKey::from_bytes(d(label::ACCEPT_MAC)),
+        resume: MacKey::from_bytes(d(label::RESUME_MAC)),
+    };
+    let pair = PairKeys {
+        transfer_id: *transfer_id,
+        stream_id: *stream_id,
+        root: SealKeys {
+            aes: AesKey::from_bytes(d(label::ROOT_AES)),
+            mac: MacKey::from_bytes(d(label::ROOT_MAC)),
+        },
+        receipt: MacKey::from_bytes(d(label::RECEIPT_MAC)),
+    };
+    (accept, pair)
+}
+
+/// Everything a stream needs, shared by every receiver of it.
 #[derive(Debug)]
 pub struct StreamKeys {
-    /// The transfer these keys belong to.
-    pub transfer_id: TransferId,
+    /// The stream these keys belong to.
+    pub stream_id: StreamId,
     /// Wraps the fresh bytes of key updates.
     pub wrap: SealKeys,
     /// Session key of epoch 0.
     pub epoch0: SessionKey,
+    /// Seals the manifest.
+    pub manifest: SealKeys,
     /// Seals the trailer.
     pub trailer: SealKeys,
-    /// Authenticates the receipt.
-    pub receipt: MacKey,
 }
 
-/// Derives the accept MAC key and the stream keys, consuming M and the shared
-/// secret so that neither outlives this call.
-pub fn derive_stream_keys(
-    master: MasterKey,
-    shared: SharedSecret,
-    sender_nonce: &Nonce,
-    receiver_nonce: &Nonce,
-    transfer_id: &TransferId,
-    transcript_hash: &[u8; 32],
-) -> (MacKey, StreamKeys) {
-    let mut salt = [0u8; 64];
-    salt[..32].copy_from_slice(&sender_nonce.0);
-    salt[32..].copy_from_slice(&receiver_nonce.0);
-    let ikm: [&[u8]; 2] = [master.expose(), shared.expose()];
-    let d = |l| derive(Some(&salt), &ikm, l, &transfer_id.0, transcript_hash);
-    let accept = MacKey::from_bytes(d(label::ACCEPT_MAC));
-    let keys = StreamKeys {
-        transfer_id: *transfer_id,
+/// The stream keys of `root`.
+pub fn derive_stream_keys(root: &StreamRoot, stream_id: &StreamId) -> StreamKeys {
+    let d = |l| derive(Some(&stream_id.0), &[root.expose()], l, &stream_id.0, b"");
+    StreamKeys {
+        stream_id: *stream_id,
         wrap: SealKeys {
             aes: AesKey::from_bytes(d(label::WRAP_AES)),
             mac: MacKey::from_bytes(d(label::WRAP_MAC)),
         },
         epoch0: SessionKey::from_bytes(d(label::EPOCH_ZERO)),
+        manifest: SealKeys {
+            aes: AesKey::from_bytes(d(label::MANIFEST_AES)),
+            mac: MacKey::from_bytes(d(label::MANIFEST_MAC)),
+        },
         trailer: SealKeys {
             aes: AesKey::from_bytes(d(label::TRAILER_AES)),
             mac: MacKey::from_bytes(d(label::TRAILER_MAC)),
         },
-        receipt: MacKey::from_bytes(d(label::RECEIPT_MAC)),
-    };
-    (accept, keys)
+    }
 }
 
 impl SessionKey {
     /// The chunk keys of `epoch`, derived from this session key.
-    pub fn epoch_keys(&self, transfer_id: &TransferId, epoch: u32) -> SealKeys {
+    pub fn epoch_keys(&self, stream_id: &StreamId, epoch: u32) -> SealKeys {
         let ctx = epoch.to_be_bytes();
-        let d = |l| derive(None, &[self.expose()], l, &transfer_id.0, &ctx);
+        let d = |l| derive(None, &[self.expose()], l, &stream_id.0, &ctx);
         SealKeys {
             aes: AesKey::from_bytes(d(label::EPOCH_AES)),
             mac: MacKey::from_bytes(d(label::EPOCH_MAC)),
@@ -124,17 +198,12 @@ impl SessionKey {
     }
 
     /// The session key of `next_epoch`: HKDF(salt = fresh, IKM = this key).
-    pub fn ratchet(
-        &self,
-        fresh: &[u8; 32],
-        transfer_id: &TransferId,
-        next_epoch: u32,
-    ) -> SessionKey {
+    pub fn ratchet(&self, fresh: &[u8; 32], stream_id: &StreamId, next_epoch: u32) -> SessionKey {
         SessionKey::from_bytes(derive(
             Some(fresh),
             &[self.expose()],
             label::SESSION_NEXT,
-            &transfer_id.0,
+            &stream_id.0,
             &next_epoch.to_be_bytes(),
         ))
     }
@@ -144,36 +213,50 @@ impl SessionKey {
 mod tests {
     use super::*;
 
+    fn secrets(m: u8) -> Secrets {
+        Secrets {
+            master: MasterKey::from_bytes([m; 32]),
+            x25519: SharedSecret::from_bytes([3; 32]),
+            mlkem: SharedSecret::from_bytes([8; 32]),
+        }
+    }
+
     #[test]
     fn every_key_of_a_transfer_is_distinct() {
-        let tid = TransferId([1; 16]);
-        let (accept, k) = derive_stream_keys(
-            MasterKey::from_bytes([2; 32]),
-            SharedSecret::from_bytes([3; 32]),
+        let (tid, sid) = (TransferId([1; 16]), StreamId([1; 16]));
+        let (accept, pair) = derive_pair_keys(
+            secrets(2),
             &Nonce([4; 32]),
             &Nonce([5; 32]),
             &tid,
+            &sid,
             &[6; 32],
         );
-        let meta = metadata_keys(
+        let terms = terms_keys(
             &MasterKey::from_bytes([2; 32]),
             &Nonce([4; 32]),
             &tid,
             &[6; 32],
         );
-        let e0 = k.epoch0.epoch_keys(&tid, 0);
-        let s1 = k.epoch0.ratchet(&[7; 32], &tid, 1);
-        let e1 = s1.epoch_keys(&tid, 1);
+        let k = derive_stream_keys(&StreamRoot::from_bytes([2; 32]), &sid);
+        let e0 = k.epoch0.epoch_keys(&sid, 0);
+        let s1 = k.epoch0.ratchet(&[7; 32], &sid, 1);
+        let e1 = s1.epoch_keys(&sid, 1);
         let all: Vec<[u8; 32]> = vec![
-            *accept.expose(),
+            *accept.accept.expose(),
+            *accept.resume.expose(),
+            *pair.root.aes.expose(),
+            *pair.root.mac.expose(),
+            *pair.receipt.expose(),
+            *terms.aes.expose(),
+            *terms.mac.expose(),
             *k.wrap.aes.expose(),
             *k.wrap.mac.expose(),
             *k.epoch0.expose(),
+            *k.manifest.aes.expose(),
+            *k.manifest.mac.expose(),
             *k.trailer.aes.expose(),
             *k.trailer.mac.expose(),
-            *k.receipt.expose(),
-            *meta.aes.expose(),
-            *meta.mac.expose(),
             *e0.aes.expose(),
             *e0.mac.expose(),
             *s1.expose(),
@@ -188,22 +271,24 @@ mod tests {
     }
 
     #[test]
-    fn the_receiver_nonce_changes_every_later_key() {
-        let tid = TransferId([1; 16]);
-        let derive_with = |r: u8| {
-            derive_stream_keys(
-                MasterKey::from_bytes([2; 32]),
-                SharedSecret::from_bytes([3; 32]),
-                &Nonce([4; 32]),
-                &Nonce([r; 32]),
-                &tid,
-                &[6; 32],
-            )
-            .1
+    fn every_secret_and_the_receiver_nonce_change_every_pair_key() {
+        let (tid, sid) = (TransferId([1; 16]), StreamId([1; 16]));
+        let derive_with = |s: Secrets, r: u8| {
+            derive_pair_keys(s, &Nonce([4; 32]), &Nonce([r; 32]), &tid, &sid, &[6; 32])
+                .1
+                .root
+                .aes
+                .expose()
+                .to_owned()
         };
-        assert_ne!(
-            derive_with(5).epoch0.expose(),
-            derive_with(9).epoch0.expose()
-        );
+        let base = derive_with(secrets(2), 5);
+        assert_ne!(base, derive_with(secrets(2), 9));
+        assert_ne!(base, derive_with(secrets(3), 5));
+        let mut other_x = secrets(2);
+        other_x.x25519 = SharedSecret::from_bytes([4; 32]);
+        assert_ne!(base, derive_with(other_x, 5));
+        let mut other_k = secrets(2);
+        other_k.mlkem = SharedSecret::from_bytes([9; 32]);
+        assert_ne!(base, derive_with(other_k, 5));
     }
 }

@@ -7,48 +7,60 @@
 use std::time::Instant;
 
 use keyferry_common::handshake::{
-    HandshakeError, Kind, Metadata, OfferParams, SignedOffer, make_offer, verify_offer,
+    HandshakeError, Kind, OfferParams, PendingOffer, ResumePoint, SignedOffer, Terms, make_offer,
+    verify_offer,
 };
 use keyferry_common::identity::{Identity, KeyError};
-use keyferry_common::name::AgentName;
-use keyferry_common::transfer::{RecvStream, RekeyPolicy, SendStream};
+use keyferry_common::ids::StreamId;
+use keyferry_common::manifest::Manifest;
+use keyferry_common::transfer::{Expect, Opened, RecvStream, RekeyPolicy, SendStream, StreamStart};
 
-fn fixture(name: &str) -> Identity {
-    let path = format!("{}/tests/fixtures/{name}.pem", env!("CARGO_MANIFEST_DIR"));
-    let pem = std::fs::read_to_string(path).expect("fixture exists");
-    Identity::from_pkcs8_pem(&pem)
-        .expect("fixture is PKCS#8")
-        .expect("fixture fits the key policy")
-}
+mod kit;
 
-fn name(s: &str) -> AgentName {
-    AgentName::new(s).unwrap()
-}
+use kit::{fixture, name};
 
 const NOW: u64 = 1_800_000_000;
 const WINDOW: u64 = 300;
 
-fn metadata() -> Metadata {
-    Metadata {
-        kind: Kind::File,
-        name: "report.pdf".into(),
+fn terms() -> Terms {
+    Terms {
+        kind: Kind::Files,
         size: 3000,
+        size_known: true,
+        resumes: None,
+        receivers: 1,
     }
 }
 
-fn offer_from(
-    alice: &Identity,
-    bob: &Identity,
-) -> (keyferry_common::handshake::PendingOffer, SignedOffer) {
+fn offer_from(alice: &Identity, bob: &Identity) -> (PendingOffer, SignedOffer) {
     make_offer(OfferParams {
         identity: alice,
         sender: name("alice"),
         receiver: name("bob"),
         receiver_key: bob.public(),
-        metadata: metadata(),
+        stream_id: StreamId::random(),
+        terms: terms(),
         now_unix: NOW,
     })
     .unwrap()
+}
+
+/// Bob's accept of `offer` (with nothing to resume).
+fn accept_of(alice: &Identity, bob: &Identity, offer: &SignedOffer) -> Vec<u8> {
+    verify_offer(
+        offer,
+        alice.public(),
+        &name("bob"),
+        bob.fingerprint(),
+        NOW,
+        WINDOW,
+    )
+    .unwrap()
+    .open(bob)
+    .unwrap()
+    .accept(ResumePoint::none())
+    .unwrap()
+    .0
 }
 
 #[test]
@@ -67,20 +79,73 @@ fn a_full_handshake_then_a_stream() {
     .unwrap();
     assert_eq!(verified.fields().sender, name("alice"));
     let opened = verified.open(&bob).unwrap();
-    assert_eq!(opened.metadata(), &metadata());
-    let (accept, recv_keys) = opened.accept().unwrap();
-    let send_keys = pending.handle_accept(&accept).unwrap();
+    assert_eq!(opened.terms(), &terms());
+    let stream_id = opened.fields().stream_id;
+    let (accept, recv_keys) = opened.accept(ResumePoint::none()).unwrap();
+    let accepted = pending.handle_accept(&accept).unwrap();
+    assert_eq!(accepted.resume_offset, 0);
+    assert_eq!(accepted.stream_id(), stream_id);
 
     let t0 = Instant::now();
-    let mut s = SendStream::new(send_keys, 3000, RekeyPolicy::default(), t0);
-    let mut r = RecvStream::new(recv_keys, 3000);
-    let out = s.push(vec![7; 3000], true, t0).unwrap();
-    let (plain, last) = r.open_chunk(out.chunk.seal().record()).unwrap();
-    assert!(last);
-    assert_eq!(plain, vec![7; 3000]);
-    let (trailer, _) = s.trailer().unwrap();
-    let done = r.open_trailer(trailer.record()).unwrap();
-    s.check_receipt(&done.receipt).unwrap();
+    let mut s = SendStream::new(
+        stream_id,
+        3000,
+        true,
+        StreamStart::fresh(),
+        RekeyPolicy::default(),
+        t0,
+    );
+    let body = Manifest::single_file("report.pdf", 3000).encode();
+    let mut r = RecvStream::new(
+        recv_keys,
+        Expect {
+            declared: 3000,
+            size_known: true,
+            resume: None,
+            sender: alice.public().clone(),
+            me: name("bob"),
+            my_fp: bob.fingerprint(),
+        },
+    );
+    let mut frames = vec![
+        s.root_for(&accepted.pair).into_frame(),
+        s.manifest(&body).unwrap().into_frame(),
+        s.push(vec![7; 3000], true, t0)
+            .unwrap()
+            .chunk
+            .seal()
+            .into_frame(),
+    ];
+    frames.push(
+        s.trailer(&alice, &[(name("bob"), bob.fingerprint())])
+            .unwrap()
+            .0
+            .into_frame(),
+    );
+    let mut opened = Vec::new();
+    for f in &mut frames {
+        match r.open(&mut f[4..]).unwrap() {
+            Opened::Root => opened.push("root"),
+            Opened::Manifest {
+                resume_from,
+                body: b,
+            } => {
+                assert_eq!((resume_from, &b), (0, &body));
+                opened.push("manifest");
+            }
+            Opened::Chunk { plaintext, last } => {
+                assert!(last);
+                assert_eq!(plaintext, vec![7; 3000]);
+                opened.push("chunk");
+            }
+            Opened::KeyUpdate(_) => opened.push("key update"),
+            Opened::Trailer(done) => {
+                s.check_receipt(&accepted.pair, &done.receipt).unwrap();
+                opened.push("trailer");
+            }
+        }
+    }
+    assert_eq!(opened, ["root", "manifest", "chunk", "trailer"]);
 }
 
 #[test]
@@ -168,18 +233,18 @@ fn a_broker_that_re_signs_alices_offer_as_mallory_learns_nothing() {
     let (_, offer) = offer_from(&alice, &bob);
     // Mallory swaps in her own name and fingerprint and signs the result. Her
     // signature verifies under her (pinned) key, but the OAEP label binds the
-    // sender's fingerprint, so the unwrapped key is random and the metadata
+    // sender's fingerprint, so the unwrapped key is random and the terms'
     // tag fails: one opaque error, and bob never accepts.
     let fields = offer.parse().unwrap();
     let mut body = offer.body.clone();
-    let sender_off = 2 + 16 + 4;
+    let sender_off = 2 + 16 + 16 + 4;
     assert_eq!(&body[sender_off..sender_off + 5], b"alice");
     // Same-length name keeps every other offset; then Mallory's fingerprint.
     body[sender_off..sender_off + 5].copy_from_slice(b"malry");
     let fp_off = sender_off + 5;
     assert_eq!(&body[fp_off..fp_off + 32], fields.sender_fp.as_bytes());
     body[fp_off..fp_off + 32].copy_from_slice(mallory.fingerprint().as_bytes());
-    let signature = mallory.sign("keyferry/v1 offer", &body);
+    let signature = mallory.sign("keyferry/v2 offer", &body);
     let forged = SignedOffer { body, signature };
     let verified = verify_offer(
         &forged,
@@ -262,41 +327,21 @@ fn stale_offers_are_refused() {
 #[test]
 fn a_tampered_or_foreign_accept_is_refused() {
     let (alice, bob) = (fixture("alice"), fixture("bob"));
-    let (pending_for_flips, offer) = offer_from(&alice, &bob);
-    let opened = verify_offer(
-        &offer,
-        alice.public(),
-        &name("bob"),
-        bob.fingerprint(),
-        NOW,
-        WINDOW,
-    )
-    .unwrap()
-    .open(&bob)
-    .unwrap();
-    let (accept, _) = opened.accept().unwrap();
-    drop(pending_for_flips);
-    for bit in (0..accept.len() * 8).step_by(3) {
+    let (_, offer) = offer_from(&alice, &bob);
+    let accept = accept_of(&alice, &bob, &offer);
+    assert_eq!(accept.len(), keyferry_common::handshake::ACCEPT_LEN);
+    // Every 29th bit: the nonce, the X25519 share, the ML-KEM ciphertext,
+    // the resume offset and both tags are all hit.
+    for bit in (0..accept.len() * 8).step_by(29) {
         let (pending, offer) = offer_from(&alice, &bob);
         // A fresh offer each time: an accept belongs to exactly one transfer.
-        let (good, _) = verify_offer(
-            &offer,
-            alice.public(),
-            &name("bob"),
-            bob.fingerprint(),
-            NOW,
-            WINDOW,
-        )
-        .unwrap()
-        .open(&bob)
-        .unwrap()
-        .accept()
-        .unwrap();
+        let good = accept_of(&alice, &bob, &offer);
         let mut bad = good.clone();
         bad[bit / 8] ^= 1 << (bit % 8);
         assert!(pending.handle_accept(&bad).is_err(), "accept bit {bit}");
         if bit == 0 {
-            // The accept of one transfer does not complete another.
+            // The accept of one transfer does not complete another (a
+            // broker replaying an old accept).
             let (other_pending, _) = offer_from(&alice, &bob);
             assert!(other_pending.handle_accept(&good).is_err());
         }
@@ -349,95 +394,5 @@ fn fingerprints_print_like_openssh_and_parse_back() {
         "MD5:xx"
             .parse::<keyferry_common::identity::Fingerprint>()
             .is_err()
-    );
-}
-
-/// An offer built by hand from PROTOCOL.md §3.3 (as a second implementation
-/// would), sealing `metadata_plain` whatever its length: honest senders stop
-/// at 1024 bytes.
-fn hand_made_offer(alice: &Identity, bob: &Identity, metadata_plain: &[u8]) -> SignedOffer {
-    use keyferry_common::crypto::ecdh::Ephemeral;
-    use keyferry_common::crypto::keys::MasterKey;
-    use keyferry_common::crypto::{seal, wrap};
-    use keyferry_common::encode::Encoder;
-    use keyferry_common::ids::{Nonce, TransferId};
-    use keyferry_common::schedule::metadata_keys;
-    use sha2::{Digest as _, Sha256};
-    let (tid, nonce, master) = (TransferId::random(), Nonce::random(), MasterKey::random());
-    let (afp, bfp) = (alice.fingerprint(), bob.fingerprint());
-    let label: [u8; 32] = Sha256::digest(
-        Encoder::new("keyferry/v1 master-key")
-            .u16(1)
-            .fixed(&tid.0)
-            .fixed(&afp.0)
-            .fixed(&bfp.0)
-            .fixed(&nonce.0)
-            .finish(),
-    )
-    .into();
-    let wrapped = wrap::wrap_master_key(bob.public().rsa(), &label, &master);
-    let mut body = Encoder::default()
-        .u16(1)
-        .fixed(&tid.0)
-        .bytes(b"alice")
-        .fixed(&afp.0)
-        .bytes(b"bob")
-        .fixed(&bfp.0)
-        .u64(NOW)
-        .fixed(&nonce.0)
-        .fixed(&Ephemeral::generate().public())
-        .bytes(&wrapped)
-        .finish();
-    let header_hash: [u8; 32] = Sha256::digest(
-        Encoder::new("keyferry/v1 offer-header")
-            .fixed(&body)
-            .finish(),
-    )
-    .into();
-    let keys = metadata_keys(&master, &nonce, &tid, &header_hash);
-    let ad = Encoder::new("keyferry/v1 metadata").fixed(&tid.0).finish();
-    let sealed = seal::seal(&keys, &ad, metadata_plain);
-    body.extend(
-        Encoder::default()
-            .fixed(&sealed.iv)
-            .bytes(&sealed.ciphertext)
-            .fixed(&sealed.tag)
-            .finish(),
-    );
-    let signature = alice.sign("keyferry/v1 offer", &body);
-    SignedOffer { body, signature }
-}
-
-#[test]
-fn metadata_over_1024_bytes_is_refused_even_when_its_seal_fits() {
-    let (alice, bob) = (fixture("alice"), fixture("bob"));
-    let meta = |len: usize| Metadata {
-        kind: Kind::File,
-        name: "n".repeat(len),
-        size: 1,
-    };
-    let open = |plain: &[u8]| {
-        let offer = hand_made_offer(&alice, &bob, plain);
-        verify_offer(
-            &offer,
-            alice.public(),
-            &name("bob"),
-            bob.fingerprint(),
-            NOW,
-            WINDOW,
-        )
-        .unwrap()
-        .open(&bob)
-    };
-    // 1024 bytes of postcard metadata: the largest allowed, opens.
-    let at_limit = postcard::to_stdvec(&meta(1024 - 4)).unwrap();
-    assert_eq!(at_limit.len(), 1024);
-    assert_eq!(open(&at_limit).unwrap().metadata(), &meta(1024 - 4));
-    // 1030 bytes still seal into the 1040-byte ciphertext bound, but are refused.
-    let over = postcard::to_stdvec(&meta(1030 - 4)).unwrap();
-    assert_eq!(over.len(), 1030);
-    assert_eq!(
-        open(&over).unwrap_err(),
-        HandshakeError::Malformed("metadata")
     );
 }

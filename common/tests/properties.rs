@@ -5,19 +5,21 @@
 
 use std::time::{Duration, Instant};
 
-use keyferry_common::crypto::keys::{AesKey, MacKey, MasterKey, SealKeys, SharedSecret};
+use keyferry_common::crypto::keys::{AesKey, MacKey, SealKeys};
 use keyferry_common::crypto::seal;
 use keyferry_common::handshake::SignedOffer;
-use keyferry_common::ids::{Nonce, TransferId};
+use keyferry_common::ids::{StreamId, TransferId};
 use keyferry_common::name::AgentName;
-use keyferry_common::schedule::derive_stream_keys;
-use keyferry_common::transfer::{RecvStream, RekeyPolicy, SendStream};
+use keyferry_common::transfer::RekeyPolicy;
 use keyferry_common::wire::frame::MAX_FRAME_LEN;
 use keyferry_common::wire::message::{self, AbortReason, Message, RefuseReason};
 use proptest::prelude::*;
 
+mod kit;
+
 fn arb_message() -> impl Strategy<Value = Message> {
     let tid = any::<[u8; 16]>().prop_map(TransferId);
+    let sid = any::<[u8; 16]>().prop_map(StreamId);
     let bytes = proptest::collection::vec(any::<u8>(), 0..2048);
     prop_oneof![
         any::<u16>().prop_map(|version| Message::Hello { version }),
@@ -37,18 +39,29 @@ fn arb_message() -> impl Strategy<Value = Message> {
             transfer_id,
             reason: RefuseReason::TooLarge
         }),
-        (tid.clone(), bytes.clone()).prop_map(|(transfer_id, record)| Message::KeyUpdate {
+        (sid.clone(), bytes.clone())
+            .prop_map(|(stream_id, record)| Message::KeyUpdate { stream_id, record }),
+        (sid.clone(), bytes.clone())
+            .prop_map(|(stream_id, record)| Message::Chunk { stream_id, record }),
+        (sid.clone(), bytes.clone())
+            .prop_map(|(stream_id, record)| Message::Trailer { stream_id, record }),
+        (sid, bytes.clone())
+            .prop_map(|(stream_id, record)| Message::Manifest { stream_id, record }),
+        (tid.clone(), bytes).prop_map(|(transfer_id, record)| Message::Root {
             transfer_id,
             record
         }),
-        (tid.clone(), bytes.clone()).prop_map(|(transfer_id, record)| Message::Chunk {
-            transfer_id,
-            record
-        }),
-        (tid.clone(), bytes).prop_map(|(transfer_id, record)| Message::Trailer {
-            transfer_id,
-            record
-        }),
+        (tid.clone(), any::<[u8; 32]>(), "[ -~]{0,64}").prop_map(
+            |(transfer_id, ticket, address)| {
+                Message::Ticket {
+                    transfer_id,
+                    ticket,
+                    address,
+                }
+            }
+        ),
+        any::<u64>().prop_map(|nonce| Message::Ping { nonce }),
+        any::<u64>().prop_map(|nonce| Message::Pong { nonce }),
         (tid.clone(), any::<[u8; 32]>())
             .prop_map(|(transfer_id, tag)| Message::Receipt { transfer_id, tag }),
         tid.prop_map(|transfer_id| Message::Abort {
@@ -98,12 +111,10 @@ proptest! {
         // chunks * chunk + extra covers 0 bytes and exact multiples of the chunk size.
         let len = chunks * chunk + extra;
         let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-        let make = || derive_stream_keys(
-            MasterKey::from_bytes([1; 32]), SharedSecret::from_bytes([2; 32]),
-            &Nonce([3; 32]), &Nonce([4; 32]), &TransferId([5; 16]), &[6; 32]).1;
         let t0 = Instant::now();
-        let mut s = SendStream::new(make(), len as u64, RekeyPolicy::with_interval(Duration::from_millis(rekey_ms)), t0);
-        let mut r = RecvStream::new(make(), len as u64);
+        let policy = RekeyPolicy::with_interval(Duration::from_millis(rekey_ms));
+        let mut s = kit::sender(1, len as u64, policy, t0);
+        let mut r = kit::receiver(1, len as u64);
         let pieces: Vec<&[u8]> = if data.is_empty() { vec![&[]] } else { data.chunks(chunk).collect() };
         let n = pieces.len();
         let mut got = Vec::new();
@@ -116,11 +127,11 @@ proptest! {
             prop_assert_eq!(last, i + 1 == n);
             got.extend_from_slice(&plain);
         }
-        let (trailer, _) = s.trailer().unwrap();
+        let (trailer, _) = kit::trailer(&mut s);
         let done = r.open_trailer(trailer.record()).unwrap();
         prop_assert_eq!(&got, &data);
         prop_assert_eq!(done.total, len as u64);
-        prop_assert!(s.check_receipt(&done.receipt).is_ok());
+        prop_assert!(s.check_receipt(&kit::pair(1), &done.receipt).is_ok());
         prop_assert!(r.end_of_stream().is_ok());
     }
 }

@@ -6,28 +6,11 @@
 
 use std::time::{Duration, Instant};
 
-use keyferry_common::crypto::keys::{MasterKey, SharedSecret};
-use keyferry_common::ids::{Nonce, TransferId};
-use keyferry_common::schedule::{StreamKeys, derive_stream_keys};
-use keyferry_common::transfer::{
-    Opened, RecvError, RecvStream, RekeyPolicy, SendError, SendStream,
-};
+use keyferry_common::ids::TransferId;
+use keyferry_common::schedule::StreamKeys;
+use keyferry_common::transfer::{Opened, RecvError, RekeyPolicy, SendError, SendStream};
 
-/// Two copies of the same transfer's stream keys (what the handshake gives each side).
-fn keys(transfer: u8) -> (StreamKeys, StreamKeys) {
-    let make = || {
-        derive_stream_keys(
-            MasterKey::from_bytes([transfer; 32]),
-            SharedSecret::from_bytes([3; 32]),
-            &Nonce([4; 32]),
-            &Nonce([5; 32]),
-            &TransferId([transfer; 16]),
-            &[6; 32],
-        )
-        .1
-    };
-    (make(), make())
-}
+mod kit;
 
 #[derive(Debug, Clone, PartialEq)]
 enum Rec {
@@ -37,26 +20,26 @@ enum Rec {
 }
 
 struct Sent {
+    transfer: u8,
     records: Vec<Rec>,
     stream: SendStream,
     sha256: [u8; 32],
 }
 
-/// Sends `data` in chunks of `chunk` bytes; the clock advances `step` per chunk.
-fn send(transfer: u8, data: &[u8], chunk: usize, policy: RekeyPolicy, step: Duration) -> Sent {
-    let (k, _) = keys(transfer);
-    send_with(k, data, chunk, policy, step)
+impl Sent {
+    /// Checks a receipt the way Alice does.
+    fn check(&self, receipt: &[u8; 32]) -> bool {
+        self.stream
+            .check_receipt(&kit::pair(self.transfer), receipt)
+            .is_ok()
+    }
 }
 
-fn send_with(
-    k: StreamKeys,
-    data: &[u8],
-    chunk: usize,
-    policy: RekeyPolicy,
-    step: Duration,
-) -> Sent {
+/// Sends `data` as transfer `transfer` in chunks of `chunk` bytes; the clock
+/// advances `step` per chunk. The records after the root and manifest.
+fn send(transfer: u8, data: &[u8], chunk: usize, policy: RekeyPolicy, step: Duration) -> Sent {
     let t0 = Instant::now();
-    let mut s = SendStream::new(k, data.len() as u64, policy, t0);
+    let mut s = kit::sender(transfer, data.len() as u64, policy, t0);
     let mut records = Vec::new();
     let pieces: Vec<&[u8]> = if data.is_empty() {
         vec![&[]]
@@ -73,24 +56,25 @@ fn send_with(
         }
         records.push(Rec::Chunk(out.chunk.seal().record().to_vec()));
     }
-    let (trailer, sha256) = s.trailer().expect("trailer");
+    let (trailer, sha256) = kit::trailer(&mut s);
     records.push(Rec::Trailer(trailer.record().to_vec()));
     Sent {
+        transfer,
         records,
         stream: s,
         sha256,
     }
 }
 
-/// Feeds records to a fresh receiver; returns the data and receipt, or the
-/// error with the index of the record that caused it (`records.len()` = at the end).
+/// Feeds records to a receiver that has its root and manifest; returns the
+/// data and receipt, or the error with the index of the record that caused it
+/// (`records.len()` = at the end).
 fn receive(
     transfer: u8,
     declared: u64,
     records: &[Rec],
 ) -> Result<(Vec<u8>, [u8; 32]), (usize, RecvError)> {
-    let (_, k) = keys(transfer);
-    let mut r = RecvStream::new(k, declared);
+    let mut r = kit::receiver(transfer, declared);
     let mut data = Vec::new();
     let mut receipt = None;
     for (i, rec) in records.iter().enumerate() {
@@ -131,10 +115,10 @@ fn one_mib_with_a_tiny_rekey_interval_spans_many_epochs_and_round_trips() {
     assert_eq!(sent.stream.session_keys(), 16);
     let (got, receipt) = receive(1, d.len() as u64, &sent.records).unwrap();
     assert_eq!(got, d);
-    sent.stream.check_receipt(&receipt).unwrap();
+    assert!(sent.check(&receipt));
     let mut bad = receipt;
     bad[0] ^= 1;
-    assert!(sent.stream.check_receipt(&bad).is_err());
+    assert!(!sent.check(&bad));
     assert_eq!(
         sent.sha256,
         <sha2::Sha256 as sha2::Digest>::digest(&d).as_slice()
@@ -299,8 +283,7 @@ fn no_final_chunk_two_final_chunks_and_bytes_after_the_end_are_refused() {
 
     // Two final chunks, both validly sealed under the transfer's keys: one
     // sender declared 1000 bytes (chunk 0 is final), another 2000.
-    let (k, _) = keys(6);
-    let short = send_with(k, &d[..1000], 1000, RekeyPolicy::default(), STEP);
+    let short = send(6, &d[..1000], 1000, RekeyPolicy::default(), STEP);
     let two_finals = vec![short.records[0].clone(), full.records[1].clone()];
     assert!(matches!(
         receive(6, 1000, &two_finals),
@@ -404,11 +387,10 @@ fn an_empty_file_is_exactly_one_empty_final_chunk() {
     }
     let (got, receipt) = receive(8, 0, &sent.records).unwrap();
     assert!(got.is_empty());
-    sent.stream.check_receipt(&receipt).unwrap();
+    assert!(sent.check(&receipt));
 
     // The sender refuses an empty chunk that is not the last one.
-    let (k, _) = keys(8);
-    let mut s = SendStream::new(k, 10, RekeyPolicy::default(), Instant::now());
+    let mut s = kit::sender(8, 10, RekeyPolicy::default(), Instant::now());
     assert_eq!(
         s.push(Vec::new(), false, Instant::now()).unwrap_err(),
         SendError::ChunkLength(0)
@@ -417,14 +399,13 @@ fn an_empty_file_is_exactly_one_empty_final_chunk() {
 
 #[test]
 fn rekeying_happens_exactly_at_the_soft_limit_and_sealing_stops_at_the_hard_limit() {
-    let (k, _) = keys(9);
     let t0 = Instant::now();
     let policy = RekeyPolicy {
         interval: Duration::from_secs(3600),
         soft_bytes: 4096,
         hard_bytes: 8192,
     };
-    let mut s = SendStream::new(k, 10_000, policy, t0);
+    let mut s = kit::sender(9, 10_000, policy, t0);
     for _ in 0..4 {
         assert!(
             s.push(vec![0; 1024], false, t0)
@@ -437,13 +418,12 @@ fn rekeying_happens_exactly_at_the_soft_limit_and_sealing_stops_at_the_hard_limi
     assert!(s.push(vec![0; 1], false, t0).unwrap().key_update.is_some());
     assert_eq!(s.epoch(), 1);
 
-    let (k, _) = keys(9);
     let no_soft = RekeyPolicy {
         interval: Duration::from_secs(3600),
         soft_bytes: u64::MAX,
         hard_bytes: 4096,
     };
-    let mut s = SendStream::new(k, 10_000, no_soft, t0);
+    let mut s = kit::sender(9, 10_000, no_soft, t0);
     for _ in 0..4 {
         s.push(vec![0; 1024], false, t0).unwrap();
     }
@@ -455,10 +435,9 @@ fn rekeying_happens_exactly_at_the_soft_limit_and_sealing_stops_at_the_hard_limi
 
 #[test]
 fn rekeying_happens_exactly_when_the_interval_has_passed() {
-    let (k, _) = keys(10);
     let t0 = Instant::now();
     let interval = Duration::from_millis(100);
-    let mut s = SendStream::new(k, 10_000, RekeyPolicy::with_interval(interval), t0);
+    let mut s = kit::sender(10, 10_000, RekeyPolicy::with_interval(interval), t0);
     assert!(s.push(vec![1; 10], false, t0).unwrap().key_update.is_none());
     let just_before = t0 + interval - Duration::from_nanos(1);
     assert!(
@@ -477,9 +456,8 @@ fn rekeying_happens_exactly_when_the_interval_has_passed() {
 
 #[test]
 fn the_sender_refuses_a_file_that_grew_or_shrank() {
-    let (k, _) = keys(11);
     let t0 = Instant::now();
-    let mut s = SendStream::new(k, 100, RekeyPolicy::default(), t0);
+    let mut s = kit::sender(11, 100, RekeyPolicy::default(), t0);
     assert_eq!(
         s.push(vec![0; 101], false, t0).unwrap_err(),
         SendError::Oversize { declared: 100 }
@@ -491,7 +469,10 @@ fn the_sender_refuses_a_file_that_grew_or_shrank() {
             declared: 100
         }
     );
-    assert_eq!(s.trailer().unwrap_err(), SendError::Order);
+    assert_eq!(
+        s.trailer(kit::alice(), &kit::bob_only()).unwrap_err(),
+        SendError::Order
+    );
     s.push(vec![0; 100], true, t0).unwrap();
     assert_eq!(s.push(vec![0; 1], true, t0).unwrap_err(), SendError::Order);
 }
@@ -500,8 +481,7 @@ fn the_sender_refuses_a_file_that_grew_or_shrank() {
 fn after_one_error_the_receiver_accepts_nothing() {
     let d = data(3000);
     let sent = sent_without_rekey(12, &d);
-    let (_, k) = keys(12);
-    let mut r = RecvStream::new(k, d.len() as u64);
+    let mut r = kit::receiver(12, d.len() as u64);
     let Rec::Chunk(c0) = &sent.records[0] else {
         panic!()
     };
@@ -518,7 +498,7 @@ fn after_one_error_the_receiver_accepts_nothing() {
 fn forged_key_update(k: &StreamKeys, epoch: u32, first_seq: u64) -> Rec {
     use keyferry_common::crypto::seal;
     use keyferry_common::wire::record::{KeyUpdateRecord, key_update_ad};
-    let ad = key_update_ad(&k.transfer_id, epoch, first_seq);
+    let ad = key_update_ad(&k.stream_id, epoch, first_seq);
     Rec::KeyUpdate(
         KeyUpdateRecord {
             epoch,
@@ -531,11 +511,11 @@ fn forged_key_update(k: &StreamKeys, epoch: u32, first_seq: u64) -> Rec {
 
 /// A chunk of epoch 0 sealed by hand, with whatever `last` flag a hostile
 /// sender likes.
-fn forged_chunk(k: &StreamKeys, seq: u64, last: bool, plain: &[u8]) -> Rec {
+fn forged_chunk(k: &StreamKeys, seq: u64, offset: u64, last: bool, plain: &[u8]) -> Rec {
     use keyferry_common::crypto::seal;
     use keyferry_common::wire::record::{chunk_ad, chunk_header};
-    let keys = k.epoch0.epoch_keys(&k.transfer_id, 0);
-    let s = seal::seal(&keys, &chunk_ad(&k.transfer_id, 0, seq, last), plain);
+    let keys = k.epoch0.epoch_keys(&k.stream_id, 0);
+    let s = seal::seal(&keys, &chunk_ad(&k.stream_id, 0, seq, offset, last), plain);
     let mut record = chunk_header(0, seq, last, &s.iv, s.ciphertext.len()).to_vec();
     record.extend_from_slice(&s.ciphertext);
     record.extend_from_slice(&s.tag);
@@ -544,7 +524,7 @@ fn forged_chunk(k: &StreamKeys, seq: u64, last: bool, plain: &[u8]) -> Rec {
 
 #[test]
 fn an_epoch_without_a_chunk_is_refused() {
-    let (k, _) = keys(12);
+    let k = kit::stream_keys(12);
     // A key update before the first chunk of the transfer.
     let early = vec![forged_key_update(&k, 1, 0)];
     assert!(matches!(
@@ -553,7 +533,7 @@ fn an_epoch_without_a_chunk_is_refused() {
     ));
     // Two key updates back to back after a chunk: the second opens nothing.
     let stream = vec![
-        forged_chunk(&k, 0, false, b"first"),
+        forged_chunk(&k, 0, 0, false, b"first"),
         forged_key_update(&k, 1, 1),
         forged_key_update(&k, 2, 1),
     ];
@@ -570,11 +550,11 @@ fn an_epoch_without_a_chunk_is_refused() {
 
 #[test]
 fn the_chunk_that_reaches_the_declared_size_must_be_the_last() {
-    let (k, _) = keys(13);
+    let k = kit::stream_keys(13);
     // Two full chunks, the second not flagged last although it reaches the size.
     let unflagged = vec![
-        forged_chunk(&k, 0, false, &[1; 10]),
-        forged_chunk(&k, 1, false, &[2; 10]),
+        forged_chunk(&k, 0, 0, false, &[1; 10]),
+        forged_chunk(&k, 1, 10, false, &[2; 10]),
     ];
     assert!(matches!(
         receive(13, 20, &unflagged),
@@ -582,8 +562,8 @@ fn the_chunk_that_reaches_the_declared_size_must_be_the_last() {
     ));
     // ... and so no empty last chunk may follow a full stream.
     let mut trailing_empty = unflagged.clone();
-    trailing_empty[1] = forged_chunk(&k, 1, true, &[2; 10]);
-    trailing_empty.push(forged_chunk(&k, 2, true, &[]));
+    trailing_empty[1] = forged_chunk(&k, 1, 10, true, &[2; 10]);
+    trailing_empty.push(forged_chunk(&k, 2, 20, true, &[]));
     assert!(matches!(
         receive(13, 20, &trailing_empty),
         Err((2, RecvError::AfterEnd))
@@ -592,8 +572,7 @@ fn the_chunk_that_reaches_the_declared_size_must_be_the_last() {
     let d = data(2000);
     let sent = send(13, &d, 1000, RekeyPolicy::default(), STEP);
     assert_eq!(chunks_of(&sent.records).len(), 2);
-    let (k, _) = keys(13);
-    let mut s = SendStream::new(k, 10, RekeyPolicy::default(), Instant::now());
+    let mut s = kit::sender(13, 10, RekeyPolicy::default(), Instant::now());
     assert_eq!(
         s.push([0; 10], false, Instant::now()).unwrap_err(),
         SendError::Order
@@ -605,23 +584,31 @@ fn the_one_door_takes_whole_frames_and_checks_the_transfer() {
     use keyferry_common::wire::frame::{LEN_PREFIX, MAX_FRAME_LEN};
     use keyferry_common::wire::message::{AbortReason, Message, encode};
     let d = data(5000);
-    let (k, _) = keys(14);
     let t0 = Instant::now();
-    let mut s = SendStream::new(k, d.len() as u64, every_chunk_rekeys(), t0);
-    let mut frames = Vec::new();
+    let mut s = kit::bare_sender(14, d.len() as u64, every_chunk_rekeys(), t0);
+    let mut frames = vec![
+        s.root_for(&kit::pair(14)).into_frame(),
+        s.manifest(&kit::manifest_body(d.len() as u64))
+            .unwrap()
+            .into_frame(),
+    ];
     for (i, piece) in d.chunks(2000).enumerate() {
         let out = s.push(piece, i == 2, t0 + STEP * i as u32).unwrap();
         frames.extend(out.key_update.map(|ku| ku.frame().to_vec()));
         frames.push(out.chunk.seal().into_frame());
     }
-    frames.push(s.trailer().unwrap().0.into_frame());
+    frames.push(kit::trailer(&mut s).0.into_frame());
     // Through the door, frame by frame, exactly as they come off the wire.
-    let (_, k) = keys(14);
-    let mut r = RecvStream::new(k, d.len() as u64);
+    let mut r = kit::bare_receiver(14, d.len() as u64);
     let (mut got, mut epochs, mut done) = (Vec::new(), 0, None);
     for f in &frames {
         let mut payload = f[LEN_PREFIX..].to_vec();
         match r.open(&mut payload).unwrap() {
+            Opened::Root => assert_eq!(r.epoch(), 0),
+            Opened::Manifest { resume_from, body } => {
+                assert_eq!(resume_from, 0);
+                assert_eq!(body, kit::manifest_body(d.len() as u64));
+            }
             Opened::Chunk { plaintext, .. } => got.extend_from_slice(plaintext),
             Opened::KeyUpdate(_) => epochs += 1,
             Opened::Trailer(t) => done = Some(t),
@@ -630,7 +617,8 @@ fn the_one_door_takes_whole_frames_and_checks_the_transfer() {
     assert_eq!(got, d);
     assert_eq!(epochs, 2);
     assert!(r.is_complete());
-    s.check_receipt(&done.unwrap().receipt).unwrap();
+    s.check_receipt(&kit::pair(14), &done.unwrap().receipt)
+        .unwrap();
 
     // Anything else through the door ends the stream, and says what it was.
     let payload = |m: &Message| encode(m, MAX_FRAME_LEN).unwrap()[LEN_PREFIX..].to_vec();
@@ -651,13 +639,16 @@ fn the_one_door_takes_whole_frames_and_checks_the_transfer() {
         ),
         (payload(&Message::List), RecvError::Unexpected("List")),
         (vec![0xff, 0xff], RecvError::NotAMessage),
-        // A chunk of another transfer, on the fast path.
+        // Another transfer's root, and a chunk of another stream on the
+        // fast path.
         (frames[0][LEN_PREFIX..].to_vec(), RecvError::OtherTransfer),
+        (frames[2][LEN_PREFIX..].to_vec(), RecvError::OtherTransfer),
+        // The transfer's own chunk before its root.
+        (frames[2][LEN_PREFIX..].to_vec(), RecvError::Early("chunk")),
     ];
     for (i, (mut bad, want)) in cases.into_iter().enumerate() {
-        let transfer = if i == 4 { 15 } else { 14 };
-        let (_, k) = keys(transfer);
-        let mut r = RecvStream::new(k, d.len() as u64);
+        let transfer = if i == 4 || i == 5 { 15 } else { 14 };
+        let mut r = kit::bare_receiver(transfer, d.len() as u64);
         assert_eq!(r.open(&mut bad).unwrap_err(), want, "case {i}");
         assert_eq!(r.end_of_stream().unwrap_err(), RecvError::Truncated);
     }

@@ -1,23 +1,27 @@
 //! The offer gate, in the order PROTOCOL.md §3.3 gives: who sent it, which
 //! key, the pin, capacity, the signature, addressee and time, replay, the RSA
-//! budget, and only then the RSA decryption and the metadata; a first-contact
-//! key is pinned last, once all of that verified. Nothing here touches a
-//! socket; a refusal says which reason goes back to the sender.
+//! budget, and only then the RSA decryption and the terms; a first-contact
+//! key is pinned once all of that verified. Then the place the data goes
+//! ([`super::resume`]: fresh, or what an earlier attempt left), the free
+//! space it needs, and the accept. Nothing here touches a socket; a refusal
+//! says which reason goes back to the sender.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use keyferry_common::handshake::{
-    self, DEFAULT_TIME_WINDOW_SECS, Kind, MAX_MESSAGE_LEN as MAX_MESSAGE, Metadata, SignedOffer,
+    self, DEFAULT_TIME_WINDOW_SECS, Kind, MAX_MESSAGE_LEN as MAX_MESSAGE, ResumePoint, SignedOffer,
+    Terms,
 };
 use keyferry_common::identity::PublicKey;
 use keyferry_common::ids::TransferId;
 use keyferry_common::name::AgentName;
-use keyferry_common::schedule::StreamKeys;
+use keyferry_common::schedule::PairKeys;
 use keyferry_common::sync::lock;
 use keyferry_common::wire::message::RefuseReason;
 
-use super::{Failure, MAX_CONCURRENT, MAX_PER_SENDER, SPACE_MARGIN, Shared, filename};
+use super::resume::{Origin, Place, prepare};
+use super::{Failure, MAX_CONCURRENT, MAX_PER_SENDER, SPACE_MARGIN, Shared};
 use crate::home::now_unix;
 use crate::trust::budget::NEW_KEY_AGE_SECS;
 use crate::trust::pins::{PinCheck, PinError};
@@ -27,12 +31,14 @@ use crate::trust::pins::{PinCheck, PinError};
 pub(super) struct Admitted<'a> {
     /// The accept bytes for the sender.
     pub accept: Vec<u8>,
-    /// The stream keys.
-    pub keys: StreamKeys,
-    /// The authenticated metadata.
-    pub metadata: Metadata,
-    /// For a file, the name to store it under (checked).
-    pub stored_name: Option<String>,
+    /// The pair's keys.
+    pub pair: PairKeys,
+    /// The authenticated terms.
+    pub terms: Terms,
+    /// The sender's verified key.
+    pub sender_key: PublicKey,
+    /// Where files go (none for a message).
+    pub place: Option<Place>,
     /// Held until the transfer ends.
     pub _slot: Slot<'a>,
 }
@@ -85,7 +91,7 @@ pub(super) async fn admit<'a>(
         });
     }
     // A pin that exists must match; a first-contact key is pinned only once
-    // the offer's signature and metadata verified (below), so a refused offer
+    // the offer's signature and terms verified (below), so a refused offer
     // pins nothing.
     let pins = ctx.home.known_peers();
     let pinned_at = match pins.get(from.as_str()) {
@@ -156,10 +162,10 @@ pub(super) async fn admit<'a>(
         .await
         .map_err(|e| refuse(RefuseReason::VerificationFailed, e.to_string()))?
         .map_err(|e| refuse(RefuseReason::VerificationFailed, e.to_string()))?;
-    let metadata = opened.metadata().clone();
-    let stored_name = check_metadata(shared, &metadata, &mut slot)?;
+    let terms = opened.terms().clone();
+    check_terms(shared, &terms, &mut slot)?;
     if pinned_at.is_none() {
-        // Signature and metadata verified: only now is the key worth a pin.
+        // Signature and terms verified: only now is the key worth a pin.
         match pins.check_or_pin(from.as_str(), key.fingerprint(), now_unix()) {
             Ok(PinCheck::NewlyPinned(_)) => eprintln!(
                 "NEW KEY for {from} {} — first contact, verify out of band",
@@ -172,15 +178,43 @@ pub(super) async fn admit<'a>(
             Err(e) => return Err(refuse(RefuseReason::Policy, e.to_string())),
         }
     }
-
-    let (accept, keys) = opened
-        .accept()
-        .map_err(|e| refuse(RefuseReason::VerificationFailed, e.to_string()))?;
+    let stream_id = opened.fields().stream_id;
+    let place = match terms.kind {
+        Kind::Message => None,
+        Kind::Files => {
+            let origin = Origin {
+                origin: terms.resumes.unwrap_or(stream_id),
+                resumes: terms.resumes.is_some(),
+                sender: from.clone(),
+                sender_fp: key.fingerprint(),
+                total: terms.size,
+            };
+            let place = prepare(&shared.out, &shared.journal_key, &origin, now_unix())?;
+            let needed = terms.size - place.point.offset.min(terms.size);
+            if let Err(e) = reserve_space(shared, needed, &mut slot) {
+                place.discard_if_empty();
+                return Err(e);
+            }
+            Some(place)
+        }
+    };
+    let point = place.as_ref().map_or(ResumePoint::none(), |p| p.point);
+    let (accept, pair) = match opened.accept(point) {
+        Ok(done) => done,
+        Err(e) => {
+            // An offer whose key exchange fails leaves nothing behind.
+            if let Some(p) = place {
+                p.discard_if_empty();
+            }
+            return Err(refuse(RefuseReason::VerificationFailed, e.to_string()));
+        }
+    };
     Ok(Admitted {
         accept,
-        keys,
-        metadata,
-        stored_name,
+        pair,
+        terms,
+        sender_key: key,
+        place,
         _slot: slot,
     })
 }
@@ -206,54 +240,58 @@ impl Drop for Slot<'_> {
     }
 }
 
-/// Checks size and name; reserves the declared size. Returns the name to store a file under.
-fn check_metadata(
-    shared: &Shared,
-    m: &Metadata,
-    slot: &mut Slot<'_>,
-) -> Result<Option<String>, Failure> {
+/// Checks the kind and size against this receiver's limits.
+fn check_terms(shared: &Shared, t: &Terms, slot: &mut Slot<'_>) -> Result<(), Failure> {
     let refuse = |r, why: String| Failure::Refused(r, why);
-    let name = match m.kind {
-        Kind::Message => {
-            if m.size > MAX_MESSAGE as u64 {
-                return Err(refuse(
-                    RefuseReason::TooLarge,
-                    format!("a message of {} bytes", m.size),
-                ));
-            }
-            None
-        }
-        Kind::File => Some(
-            filename::check(&m.name).map_err(|e| refuse(RefuseReason::Policy, e.to_string()))?,
-        ),
-    };
-    if m.size > shared.opts.max_size {
+    if t.receivers != 1 {
+        return Err(refuse(
+            RefuseReason::Policy,
+            format!(
+                "a stream to {} receivers (this receiver takes one-to-one transfers)",
+                t.receivers
+            ),
+        ));
+    }
+    if t.kind == Kind::Message && (t.size > MAX_MESSAGE as u64 || t.resumes.is_some()) {
+        return Err(refuse(
+            RefuseReason::TooLarge,
+            format!("a message of {} bytes", t.size),
+        ));
+    }
+    if t.size > shared.opts.max_size {
         return Err(refuse(
             RefuseReason::TooLarge,
             format!(
                 "{} bytes is more than --max-size {}",
-                m.size, shared.opts.max_size
+                t.size, shared.opts.max_size
             ),
         ));
     }
-    let mut l = lock(&shared.limits);
-    if m.kind == Kind::File {
-        let free = shared.out.free_space().unwrap_or(0);
-        let needed = m
-            .size
-            .saturating_add(l.in_flight)
-            .saturating_add(SPACE_MARGIN);
-        if needed > free {
-            return Err(refuse(
-                RefuseReason::TooLarge,
-                format!(
-                    "{} bytes does not fit: {free} bytes free, keeping 1 GiB spare",
-                    m.size
-                ),
-            ));
-        }
+    if t.kind == Kind::Message {
+        reserve(shared, t.size, slot);
     }
-    l.in_flight += m.size;
-    slot.size = m.size;
-    Ok(name)
+    Ok(())
+}
+
+fn reserve(shared: &Shared, size: u64, slot: &mut Slot<'_>) {
+    lock(&shared.limits).in_flight += size;
+    slot.size += size;
+}
+
+/// Reserves `needed` bytes of the out dir's free space, keeping a margin.
+fn reserve_space(shared: &Shared, needed: u64, slot: &mut Slot<'_>) -> Result<(), Failure> {
+    let l = lock(&shared.limits);
+    let free = shared.out.free_space().unwrap_or(0);
+    let all = needed
+        .saturating_add(l.in_flight)
+        .saturating_add(SPACE_MARGIN);
+    drop(l);
+    if all > free {
+        return Err(Failure::Refused(
+            RefuseReason::TooLarge,
+            format!("{needed} more bytes do not fit: {free} bytes free, keeping 1 GiB spare"),
+        ));
+    }
+    reserve(shared, needed, slot);
+    Ok(())
 }

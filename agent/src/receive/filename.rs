@@ -1,6 +1,8 @@
 //! File names from the wire (PROTOCOL.md §8.1): checked before anything touches
-//! the disk, and the collision-free names a receiver tries in turn.
+//! the disk (a single name, or every name of a manifest), and the
+//! collision-free names a receiver tries in turn.
 
+use keyferry_common::manifest::Manifest;
 use thiserror::Error;
 
 /// A received file name that is refused.
@@ -25,15 +27,33 @@ const DEVICES: [&str; 22] = [
 /// control, bidi or zero-width character, a trailing dot or space, and Windows
 /// device names (`CON`, `com1.txt`, …).
 pub fn check(name: &str) -> Result<String, BadFileName> {
-    let refuse = |why| {
-        Err(BadFileName {
-            shown: format!(
-                "\"{}\"",
-                keyferry_common::text::escape(&name.chars().take(80).collect::<String>())
-            ),
-            why,
-        })
+    check_component(name)?;
+    let stored = if name.starts_with('.') {
+        format!("_{name}")
+    } else {
+        name.to_owned()
     };
+    if stored.len() > MAX_NAME_BYTES {
+        return Err(bad(name, "longer than 255 bytes"));
+    }
+    Ok(stored)
+}
+
+fn bad(name: &str, why: &'static str) -> BadFileName {
+    BadFileName {
+        shown: format!(
+            "\"{}\"",
+            keyferry_common::text::escape(&name.chars().take(80).collect::<String>())
+        ),
+        why,
+    }
+}
+
+/// Checks a name below a top-level item (inside a received directory): the
+/// rules of [`check`], but a leading dot is kept, since nothing inside a new
+/// directory can hide among the user's own files.
+pub fn check_component(name: &str) -> Result<(), BadFileName> {
+    let refuse = |why| Err(bad(name, why));
     if name.is_empty() || name == "." || name == ".." {
         return refuse("empty or a directory name");
     }
@@ -58,15 +78,37 @@ pub fn check(name: &str) -> Result<String, BadFileName> {
     if DEVICES.contains(&stem.as_str()) {
         return refuse("is a reserved device name");
     }
-    let stored = if name.starts_with('.') {
-        format!("_{name}")
-    } else {
-        name.to_owned()
-    };
-    if stored.len() > MAX_NAME_BYTES {
-        return refuse("longer than 255 bytes");
+    Ok(())
+}
+
+/// A manifest entry's top-level item: its name in the manifest, and the
+/// name it is stored under ([`check`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopLevel {
+    /// The name in the manifest (and in the staging tree).
+    pub name: String,
+    /// The name to place it under, before collisions are resolved.
+    pub stored: String,
+}
+
+/// Checks every name of a manifest (whose structure
+/// [`keyferry_common::manifest::Manifest::decode`] already checked) with
+/// the file-name rules; returns its top-level items in order.
+pub fn check_manifest(m: &Manifest) -> Result<Vec<TopLevel>, BadFileName> {
+    for e in &m.entries {
+        for c in e.path.iter().skip(1) {
+            check_component(c)?;
+        }
     }
-    Ok(stored)
+    m.top_level()
+        .into_iter()
+        .map(|name| {
+            Ok(TopLevel {
+                name: name.to_owned(),
+                stored: check(name)?,
+            })
+        })
+        .collect()
 }
 
 /// Longest file name accepted or produced, in bytes (the usual file-system limit).

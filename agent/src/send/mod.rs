@@ -1,28 +1,29 @@
-//! The sender role: look up the peer, check its pin, offer, stream
-//! ([`pipeline`]), and report success only after the receiver's receipt
+//! The sender role: walk what is sent into a manifest ([`source`]), make
+//! attempts ([`attempt`]: offer, stream through [`pipeline`], receipt) until
+//! one is confirmed by the receiver's receipt, and, when a transfer breaks
+//! after the receiver accepted it, try again (waiting for the receiver to
+//! come back, up to `--retry-for`), resuming from what the receiver holds
 //! verified.
 
-use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod attempt;
 mod pipeline;
+pub mod source;
 
-use keyferry_common::handshake::{Kind, Metadata, OfferParams, make_offer};
 use keyferry_common::identity::{Fingerprint, PublicKey};
-use keyferry_common::io::connection::ConnError;
 use keyferry_common::name::AgentName;
-use keyferry_common::transfer::{RekeyPolicy, SendStream};
-use keyferry_common::wire::chunk::ChunkFrame;
-use keyferry_common::wire::message::{AbortReason, ErrorCode, Message, Role};
+use keyferry_common::wire::message::{AbortReason, ErrorCode, Message, RefuseReason};
 use serde::Serialize;
 
-use crate::client::{AgentConn, Ctx, await_ticket, broker_error, conn_error, connect, open_data};
+use crate::client::{AgentConn, Ctx, broker_error, conn_error};
 use crate::error::AgentError;
 use crate::home::now_unix;
 use crate::progress::Progress;
 use crate::trust::pins::{PinCheck, PinError};
+use source::{Source, Walk};
 
 /// Longest text message.
 pub use keyferry_common::handshake::MAX_MESSAGE_LEN as MAX_MESSAGE;
@@ -30,12 +31,14 @@ pub use keyferry_common::handshake::MAX_MESSAGE_LEN as MAX_MESSAGE;
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(75);
 /// How long to wait for the receipt after the trailer (the receiver fsyncs).
 pub const RECEIPT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest wait between two attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(15);
 
 /// What to send.
 #[derive(Debug, Clone)]
 pub enum Payload {
-    /// A file.
-    File(PathBuf),
+    /// Files and directories.
+    Files(Vec<PathBuf>),
     /// A short text.
     Message(String),
 }
@@ -47,58 +50,52 @@ pub struct SendOptions {
     pub to: AgentName,
     /// What to send.
     pub payload: Payload,
+    /// How directories are walked.
+    pub walk: Walk,
     /// Session key lifetime.
     pub rekey_interval: Duration,
     /// A key the receiver must have (`--peer-fingerprint`).
     pub peer_fingerprint: Option<Fingerprint>,
+    /// How long to keep retrying a transfer that broke after it was accepted.
+    pub retry_for: Duration,
     /// Draw a progress bar.
     pub progress: bool,
+}
+
+impl SendOptions {
+    fn is_message(&self) -> bool {
+        matches!(self.payload, Payload::Message(_))
+    }
 }
 
 /// One finished transfer, as `--json` prints it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
-    /// Transfer id (hex).
+    /// Transfer id of the attempt that completed (hex).
     pub transfer_id: String,
     /// Receiver's name.
     pub peer: String,
-    /// File name sent (empty for a message).
+    /// The name the first item sent arrives under (empty for a message).
     pub file: String,
+    /// How many files (not directories) were sent.
+    pub files: usize,
     /// Bytes of plaintext.
     pub bytes: u64,
     /// SHA-256 of the plaintext (hex), confirmed by the receipt.
     pub sha256: String,
-    /// Seconds from the accept to the verified receipt.
+    /// Seconds from the last attempt's accept to its verified receipt.
     pub seconds: f64,
-    /// Session keys used (1 + key updates).
+    /// Session keys the last attempt used (1 + key updates).
     pub session_keys: u64,
+    /// Plaintext bytes the receiver already held verified when the last
+    /// attempt began (0 if nothing was resumed).
+    pub resumed_from: u64,
+    /// Attempts made (1 if nothing had to be retried).
+    pub attempts: u32,
 }
 
-/// Where the plaintext comes from.
-enum Source {
-    File(File, PathBuf),
-    Bytes(Vec<u8>, usize),
-}
-
-impl Source {
-    /// Reads the frame's plaintext; running out early means the file shrank.
-    fn fill(&mut self, frame: &mut ChunkFrame) -> std::io::Result<()> {
-        match self {
-            Self::File(f, _) => frame.fill_from(f),
-            Self::Bytes(b, pos) => {
-                let out = frame.plaintext_mut();
-                let end = *pos + out.len();
-                let src = b.get(*pos..end).ok_or(std::io::ErrorKind::UnexpectedEof)?;
-                out.copy_from_slice(src);
-                *pos = end;
-                Ok(())
-            }
-        }
-    }
-}
-
-fn open_payload(p: &Payload) -> Result<(Source, Metadata), AgentError> {
-    match p {
+fn collect(opts: &SendOptions) -> Result<Source, AgentError> {
+    match &opts.payload {
         Payload::Message(text) => {
             if text.len() > MAX_MESSAGE {
                 return Err(AgentError::MessageTooLong {
@@ -106,43 +103,77 @@ fn open_payload(p: &Payload) -> Result<(Source, Metadata), AgentError> {
                     max: MAX_MESSAGE,
                 });
             }
-            Ok((
-                Source::Bytes(text.as_bytes().to_vec(), 0),
-                Metadata {
-                    kind: Kind::Message,
-                    name: String::new(),
-                    size: text.len() as u64,
-                },
-            ))
+            Ok(Source::text(text.clone()))
         }
-        Payload::File(path) => {
-            let unreadable = |detail: String| AgentError::FileUnreadable {
-                path: path.clone(),
-                detail,
-            };
-            let file = File::open(path).map_err(|e| unreadable(e.to_string()))?;
-            let meta = file.metadata().map_err(|e| unreadable(e.to_string()))?;
-            if !meta.is_file() {
-                return Err(unreadable("not a regular file".into()));
-            }
-            let name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
-                unreadable("the file name is not valid UTF-8; rename the file".into())
-            })?;
-            crate::receive::filename::check(name)
-                .map_err(|e| unreadable(format!("{e}; rename the file")))?;
-            Ok((
-                Source::File(file, path.clone()),
-                Metadata {
-                    kind: Kind::File,
-                    name: name.to_owned(),
-                    size: meta.len(),
-                },
-            ))
-        }
+        Payload::Files(paths) => Source::files(paths, &opts.walk),
     }
 }
 
-async fn peer_key(
+/// Whether a transfer that failed this way after it was accepted may be
+/// tried again: the broker, the receiver or a connection went away, or the
+/// receiver is busy. Nothing that did not verify is ever retried.
+fn transient(e: &AgentError) -> bool {
+    matches!(
+        e,
+        AgentError::BrokerUnreachable { .. }
+            | AgentError::PeerOffline(_)
+            | AgentError::SessionEnded(_)
+            | AgentError::ReceiverAborted(
+                AbortReason::PeerGone | AbortReason::Timeout | AbortReason::Interrupted
+            )
+            | AgentError::Refused {
+                reason: RefuseReason::Busy,
+                ..
+            }
+    )
+}
+
+/// Sends the files or message; returns the verified report.
+pub async fn send(ctx: &Ctx, opts: SendOptions) -> Result<Report, AgentError> {
+    let source = Arc::new(collect(&opts)?);
+    let origin = source.origin(&ctx.name, &opts.to);
+    let progress = Progress::new(source.total, opts.progress);
+    let (mut attempts, mut accepted) = (0u32, false);
+    let mut deadline = None;
+    let mut wait = Duration::from_secs(1);
+    let done = loop {
+        attempts += 1;
+        match attempt::run(ctx, &opts, &source, origin, &progress).await {
+            Ok(done) => break done,
+            Err(failed) => {
+                // Only a transfer that was accepted is waited for again.
+                accepted |= failed.accepted;
+                let until = *deadline.get_or_insert_with(|| Instant::now() + opts.retry_for);
+                if !accepted || !transient(&failed.error) || Instant::now() + wait > until {
+                    progress.finish();
+                    return Err(failed.error);
+                }
+                progress.suspend(&format!("interrupted ({}); retrying", failed.error));
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(MAX_BACKOFF);
+                // A file that changed since the first attempt must never
+                // be resumed into.
+                source.unchanged()?;
+            }
+        }
+    };
+    progress.finish();
+    let file = source.manifest.top_level().first().map(|n| (*n).to_owned());
+    Ok(Report {
+        transfer_id: done.transfer_id.to_string(),
+        peer: opts.to.to_string(),
+        file: file.unwrap_or_default(),
+        files: source.file_count(),
+        bytes: source.total,
+        sha256: hex::encode(done.sha256),
+        seconds: done.seconds,
+        session_keys: done.session_keys,
+        resumed_from: done.resumed_from,
+        attempts,
+    })
+}
+
+pub(super) async fn peer_key(
     ctx: &Ctx,
     conn: &mut AgentConn,
     opts: &SendOptions,
@@ -190,126 +221,4 @@ async fn peer_key(
         Err(e) => return Err(AgentError::Pins(e)),
     }
     Ok(key)
-}
-
-/// Sends one file or message; returns the verified report.
-pub async fn send(ctx: &Ctx, opts: SendOptions) -> Result<Report, AgentError> {
-    let (source, metadata) = open_payload(&opts.payload)?;
-    let mut conn = connect(ctx, Role::Sender).await?;
-    let receiver_key = peer_key(ctx, &mut conn, &opts).await?;
-
-    let identity = Arc::clone(&ctx.identity);
-    let (sender, receiver) = (ctx.name.clone(), opts.to.clone());
-    let meta = metadata.clone();
-    let (pending, offer) = tokio::task::spawn_blocking(move || {
-        make_offer(OfferParams {
-            identity: &identity,
-            sender,
-            receiver,
-            receiver_key: &receiver_key,
-            metadata: meta,
-            now_unix: now_unix(),
-        })
-    })
-    .await?
-    .map_err(AgentError::Offer)?;
-    let tid = pending.transfer_id();
-    conn.writer
-        .write(&Message::Offer {
-            to: opts.to.clone(),
-            offer,
-        })
-        .await
-        .map_err(|e| conn_error(ctx, e))?;
-
-    let answer = conn.reader.read_timeout(ANSWER_TIMEOUT).await;
-    let accept = match answer {
-        Ok(Some(Message::Accept {
-            transfer_id,
-            accept,
-        })) if transfer_id == tid => accept,
-        Ok(Some(Message::Refuse {
-            transfer_id,
-            reason,
-        })) if transfer_id == tid => {
-            return Err(AgentError::Refused {
-                peer: opts.to.to_string(),
-                reason,
-            });
-        }
-        Ok(Some(Message::Error {
-            code: ErrorCode::PeerOffline,
-            ..
-        })) => return Err(AgentError::PeerOffline(opts.to.to_string())),
-        Ok(Some(Message::Error { code, detail })) => return Err(broker_error(code, detail)),
-        Ok(Some(_)) => return Err(AgentError::Protocol("unexpected answer to the offer")),
-        Ok(None) => return Err(conn_error(ctx, ConnError::Truncated)),
-        Err(e) => return Err(conn_error(ctx, e)),
-    };
-    let keys = pending.handle_accept(&accept).map_err(|e| {
-        AgentError::Verification(format!("the receiver's accept did not verify ({e})"))
-    })?;
-    // The stream goes over a plain connection: it is sealed end to end.
-    let ticket = await_ticket(ctx, &mut conn, tid).await?;
-    drop(conn);
-    let mut conn = open_data(ctx, tid, ticket).await?;
-
-    let start = Instant::now();
-    let stream = SendStream::new(
-        keys,
-        metadata.size,
-        RekeyPolicy::with_interval(opts.rekey_interval),
-        start,
-    );
-    let progress = Progress::new(metadata.size, opts.progress);
-    let result =
-        pipeline::stream_out(ctx, &mut conn, source, stream, metadata.size, &progress).await;
-    progress.finish();
-    let (stream, digest) = match result {
-        Ok(done) => done,
-        Err(e) => {
-            let reason = match &e {
-                AgentError::FileUnreadable { .. } => AbortReason::Source,
-                AgentError::Interrupted => AbortReason::Interrupted,
-                _ => AbortReason::VerificationFailed,
-            };
-            let _ = conn
-                .writer
-                .write(&Message::Abort {
-                    transfer_id: tid,
-                    reason,
-                })
-                .await;
-            return Err(e);
-        }
-    };
-
-    let receipt = conn.reader.read_timeout(RECEIPT_TIMEOUT).await;
-    match receipt {
-        Ok(Some(Message::Receipt { transfer_id, tag })) if transfer_id == tid => {
-            stream.check_receipt(&tag).map_err(|_| {
-                AgentError::Verification(
-                    "the receipt does not confirm the length and SHA-256 we sent".into(),
-                )
-            })?;
-        }
-        Ok(Some(Message::Abort { reason, .. })) => {
-            return Err(AgentError::ReceiverAborted(reason));
-        }
-        Ok(_) => {
-            return Err(AgentError::Verification(
-                "the receiver sent no receipt".into(),
-            ));
-        }
-        Err(e) => return Err(conn_error(ctx, e)),
-    }
-    Ok(Report {
-        transfer_id: tid.to_string(),
-        peer: opts.to.to_string(),
-        file: metadata.name,
-        bytes: metadata.size,
-        sha256: hex::encode(digest),
-        seconds: start.elapsed().as_secs_f64(),
-        session_keys: stream.session_keys(),
-    })
 }

@@ -5,16 +5,17 @@
 //! bounded, so a slow receiver slows the reader instead of growing a buffer;
 //! frame buffers go back to the reader once written.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use keyferry_common::identity::{Fingerprint, Identity};
 use keyferry_common::io::connection::ConnError;
+use keyferry_common::name::AgentName;
 use keyferry_common::transfer::{ChunkJob, ReadyFrame, SendStream};
 use keyferry_common::wire::message::Message;
 use keyferry_common::wire::record::DEFAULT_CHUNK;
 
-use super::Source;
+use super::source::Reader;
 use crate::client::{Ctx, DataConn, broker_error, conn_error};
 use crate::error::AgentError;
 use crate::progress::Progress;
@@ -68,29 +69,35 @@ fn sealing_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
 }
 
-/// Reads, seals and writes the whole stream and the trailer.
+/// Writes the stream's first frames (`head`: the root and the manifest),
+/// then reads, seals and writes the data from where `reader` stands to the
+/// end, and the trailer signed for `receivers`.
 ///
-/// One blocking thread reads the file and feeds the [`SendStream`] in order
+/// One blocking thread reads the files and feeds the [`SendStream`] in order
 /// (sequence numbers, rekeying, SHA-256); sealing threads encrypt and MAC the
 /// chunks in parallel; this task writes them back in order. Every queue is
 /// bounded, so a slow receiver slows the reader.
 pub(super) async fn stream_out(
     ctx: &Ctx,
     conn: &mut DataConn,
-    mut source: Source,
+    mut reader: Reader,
     mut stream: SendStream,
-    size: u64,
+    head: &[ReadyFrame],
+    receivers: Vec<(AgentName, Fingerprint)>,
     progress: &Progress,
 ) -> Result<(SendStream, [u8; 32]), AgentError> {
+    for f in head {
+        if let Err(e) = conn.writer.write_frame(f.frame()).await {
+            return Err(why_write_failed(ctx, conn, e).await);
+        }
+    }
+    let size = stream.declared();
+    let identity: Arc<Identity> = Arc::clone(&ctx.identity);
     let workers = sealing_threads();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<(u64, Sealed), AgentError>>(2 * workers);
     // Frame buffers the writer is done with go back to the reader. The queues
     // bound how many chunks are in flight, and so how many buffers exist.
     let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
-    let path = match &source {
-        Source::File(_, p) => p.clone(),
-        Source::Bytes(..) => PathBuf::from("(message)"),
-    };
     let producer = tokio::task::spawn_blocking(move || -> Option<(SendStream, [u8; 32])> {
         let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<Job>(2 * workers);
         // Each worker owns a handle on the queue: once they all stopped (the
@@ -120,7 +127,7 @@ pub(super) async fn stream_out(
                 let _ = tx.blocking_send(Err(e));
                 None
             };
-            let mut sent = 0u64;
+            let mut sent = stream.total();
             let mut index = 0u64;
             loop {
                 let want = usize::try_from((size - sent).min(DEFAULT_CHUNK as u64))
@@ -131,16 +138,8 @@ pub(super) async fn stream_out(
                     Ok(f) => f,
                     Err(e) => return fail(e.into()),
                 };
-                if let Err(e) = source.fill(&mut frame) {
-                    let detail = if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                        "the file shrank while it was being sent".into()
-                    } else {
-                        e.to_string()
-                    };
-                    return fail(AgentError::FileUnreadable {
-                        path: path.clone(),
-                        detail,
-                    });
+                if let Err(e) = reader.fill(&mut frame) {
+                    return fail(e);
                 }
                 sent += want as u64;
                 let last = sent == size;
@@ -149,7 +148,7 @@ pub(super) async fn stream_out(
                     Err(e) => return fail(e.into()),
                 };
                 let (trailer, digest) = if last {
-                    match stream.trailer() {
+                    match stream.trailer(&identity, &receivers) {
                         Ok((t, d)) => (Some(t), Some(d)),
                         Err(e) => return fail(e.into()),
                     }

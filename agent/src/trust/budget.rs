@@ -1,4 +1,4 @@
-//! Budgets for RSA private-key operations (PROTOCOL.md §7): in total, per
+//! Budgets for RSA private-key operations (PROTOCOL.md §9): in total, per
 //! sender key, and stricter for keys first pinned in the last 24 hours.
 //!
 //! The `rsa` crate's private-key operations leak timing (RUSTSEC-2023-0071). An

@@ -71,8 +71,9 @@ mod tests {
 
     #[test]
     fn a_verified_offer_seen_twice_is_a_replay() {
-        use keyferry_common::handshake::{Kind, Metadata, OfferParams, make_offer, verify_offer};
+        use keyferry_common::handshake::{Kind, OfferParams, Terms, make_offer, verify_offer};
         use keyferry_common::identity::Identity;
+        use keyferry_common::ids::StreamId;
         use keyferry_common::name::AgentName;
         const NOW: u64 = 1_800_000_000;
         const WINDOW: u64 = 300;
@@ -92,10 +93,13 @@ mod tests {
             sender: name("alice"),
             receiver: name("bob"),
             receiver_key: bob.public(),
-            metadata: Metadata {
-                kind: Kind::File,
-                name: "report.pdf".into(),
+            stream_id: StreamId::random(),
+            terms: Terms {
+                kind: Kind::Files,
                 size: 3000,
+                size_known: true,
+                resumes: None,
+                receivers: 1,
             },
             now_unix: NOW,
         })

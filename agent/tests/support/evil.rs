@@ -7,8 +7,8 @@
 //! `agent` binaries: `Hello`, `Challenge`, `Auth` (signatures are **not**
 //! checked — this broker believes whatever it is told), `Welcome`,
 //! `Lookup`/`PeerKey`, `Offer` → `Offered` on the receiver's control connection,
-//! `Refuse` back, the receiver's data connection that starts with `Accept`,
-//! tickets to both sides, and then a relay between their plain data
+//! `Refuse` or `Accept` back on it, tickets to both sides (the receiver's on
+//! its control connection), and then a relay between their plain data
 //! connections (§2.5).
 //!
 //! Every message of a transfer is decoded and handed to the test's [`Hooks`],
@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use keyferry_common::PROTOCOL_VERSION;
 use keyferry_common::crypto::random_array;
-use keyferry_common::ids::TransferId;
+use keyferry_common::ids::{StreamId, TransferId};
 use keyferry_common::io::connection::{Connection, FrameReader, FrameWriter};
 use keyferry_common::io::tls;
 use keyferry_common::name::AgentName;
@@ -62,6 +62,8 @@ type Writer = FrameWriter<WriteHalf<TcpStream>>;
 pub struct Flow {
     /// The transfer.
     pub tid: TransferId,
+    /// Its stream (from the offer).
+    pub sid: StreamId,
     /// Sender's name.
     pub from: String,
     /// Receiver's name.
@@ -91,6 +93,7 @@ pub enum Action {
 
 type PeerKeyHook = Box<dyn FnMut(&str, Vec<u8>) -> Vec<u8> + Send>;
 type OfferedHook = Box<dyn FnMut(Message) -> Message + Send>;
+type AcceptHook = Box<dyn FnMut(Vec<u8>) -> Vec<u8> + Send>;
 type StreamHook = Box<dyn FnMut(&Flow, Message) -> Vec<Action> + Send>;
 
 /// The misbehaviour of an [`EvilBroker`]: each hook replaces one step of the
@@ -99,6 +102,7 @@ type StreamHook = Box<dyn FnMut(&Flow, Message) -> Vec<Action> + Send>;
 pub struct Hooks {
     peer_key: Option<PeerKeyHook>,
     offered: Option<OfferedHook>,
+    accept: Option<AcceptHook>,
     forward: Option<StreamHook>,
     back: Option<StreamHook>,
 }
@@ -108,6 +112,7 @@ impl std::fmt::Debug for Hooks {
         f.debug_struct("Hooks")
             .field("peer_key", &self.peer_key.is_some())
             .field("offered", &self.offered.is_some())
+            .field("accept", &self.accept.is_some())
             .field("forward", &self.forward.is_some())
             .field("back", &self.back.is_some())
             .finish()
@@ -133,6 +138,12 @@ impl Hooks {
         self
     }
 
+    /// Rewrites the receiver's accept bytes before they reach the sender.
+    pub fn accept(mut self, f: impl FnMut(Vec<u8>) -> Vec<u8> + Send + 'static) -> Self {
+        self.accept = Some(Box::new(f));
+        self
+    }
+
     /// Decides what happens to each sender → receiver message of a transfer.
     pub fn forward(
         mut self,
@@ -154,6 +165,8 @@ impl Hooks {
 pub struct Record {
     /// Transfer id (from the offer body).
     pub tid: TransferId,
+    /// Stream id (from the offer body).
+    pub sid: StreamId,
     /// Sender's name.
     pub from: String,
     /// Receiver's name.
@@ -164,7 +177,7 @@ pub struct Record {
     pub injected: bool,
     /// The receiver's `Refuse`, if it refused.
     pub refused: Option<RefuseReason>,
-    /// Whether the receiver opened a data connection with `Accept`.
+    /// Whether the receiver accepted.
     pub accepted: bool,
     /// Sender → receiver messages as the sender sent them (before any hook).
     pub forward: Vec<Message>,
@@ -193,7 +206,8 @@ impl Record {
 
 enum Answer {
     Refused(RefuseReason),
-    Accepted(Vec<u8>, Box<Conn>),
+    /// The accept, and the receiver's control connection for its ticket.
+    Accepted(Vec<u8>, mpsc::Sender<Message>),
 }
 
 enum Waiting {
@@ -338,12 +352,14 @@ impl EvilBroker {
         let Message::Offered { from, offer, .. } = &offered else {
             panic!("inject takes an Offered message, not {offered:?}");
         };
-        let tid = offer.parse().expect("a well-formed offer").transfer_id;
+        let fields = offer.parse().expect("a well-formed offer");
+        let (tid, sid) = (fields.transfer_id, fields.stream_id);
         let channel = {
             let mut st = self.shared.state();
             let (_, channel) = st.receivers.get(to)?.clone();
             st.records.push(Record {
                 tid,
+                sid,
                 from: from.to_string(),
                 to: to.to_owned(),
                 offered: offered.clone(),
@@ -391,9 +407,11 @@ impl EvilBroker {
         p
     }
 
-    /// Starts a real sender of `file` to `to` (not waiting for it).
+    /// Starts a real sender of `file` to `to` (not waiting for it). It does
+    /// not retry (`--retry-for 0`): these tests are about what one attempt
+    /// detects, and a retry would meet the same broker again.
     pub fn sender(&self, home: &Home, to: &str, file: &Path, extra: &[&str]) -> Proc {
-        let mut args = vec!["--role", "sender", "--to", to, "--file"];
+        let mut args = vec!["--role", "sender", "--to", to, "--retry-for", "0", "--file"];
         args.push(file.to_str().unwrap());
         args.extend_from_slice(extra);
         self.agent(home, &args)
@@ -436,33 +454,40 @@ pub fn finish_within(mut p: Proc, limit: Duration) -> Run {
 // ---------------------------------------------------------------------------
 // Helpers for writing hooks.
 
-/// The transfer id a transfer message carries.
+/// The transfer id a transfer message carries (stream messages carry a
+/// stream id instead).
 pub fn tid_of(m: &Message) -> Option<TransferId> {
     match m {
         Message::Accept { transfer_id, .. }
         | Message::Refuse { transfer_id, .. }
-        | Message::KeyUpdate { transfer_id, .. }
-        | Message::Chunk { transfer_id, .. }
-        | Message::Trailer { transfer_id, .. }
+        | Message::Root { transfer_id, .. }
         | Message::Receipt { transfer_id, .. }
         | Message::Abort { transfer_id, .. } => Some(*transfer_id),
         _ => None,
     }
 }
 
-/// The same message re-addressed to transfer `tid`.
-pub fn readdress(m: Message, tid: TransferId) -> Message {
+/// The same message re-addressed to transfer `tid` of stream `sid`.
+pub fn readdress(m: Message, tid: TransferId, sid: StreamId) -> Message {
     match m {
-        Message::KeyUpdate { record, .. } => Message::KeyUpdate {
+        Message::Root { record, .. } => Message::Root {
             transfer_id: tid,
+            record,
+        },
+        Message::Manifest { record, .. } => Message::Manifest {
+            stream_id: sid,
+            record,
+        },
+        Message::KeyUpdate { record, .. } => Message::KeyUpdate {
+            stream_id: sid,
             record,
         },
         Message::Chunk { record, .. } => Message::Chunk {
-            transfer_id: tid,
+            stream_id: sid,
             record,
         },
         Message::Trailer { record, .. } => Message::Trailer {
-            transfer_id: tid,
+            stream_id: sid,
             record,
         },
         Message::Receipt { tag, .. } => Message::Receipt {
@@ -473,39 +498,47 @@ pub fn readdress(m: Message, tid: TransferId) -> Message {
     }
 }
 
-/// Flips the lowest bit of byte `at` of the record (key update, chunk,
-/// trailer) or tag (receipt) the message carries.
+/// Flips the lowest bit of byte `at` of the record (root, manifest, key
+/// update, chunk, trailer) or tag (receipt) the message carries.
 pub fn flip(m: Message, at: usize) -> Message {
     match m {
-        Message::KeyUpdate {
+        Message::Root {
             transfer_id,
             mut record,
         } => {
             record[at] ^= 1;
-            Message::KeyUpdate {
+            Message::Root {
                 transfer_id,
                 record,
             }
+        }
+        Message::Manifest {
+            stream_id,
+            mut record,
+        } => {
+            record[at] ^= 1;
+            Message::Manifest { stream_id, record }
+        }
+        Message::KeyUpdate {
+            stream_id,
+            mut record,
+        } => {
+            record[at] ^= 1;
+            Message::KeyUpdate { stream_id, record }
         }
         Message::Chunk {
-            transfer_id,
+            stream_id,
             mut record,
         } => {
             record[at] ^= 1;
-            Message::Chunk {
-                transfer_id,
-                record,
-            }
+            Message::Chunk { stream_id, record }
         }
         Message::Trailer {
-            transfer_id,
+            stream_id,
             mut record,
         } => {
             record[at] ^= 1;
-            Message::Trailer {
-                transfer_id,
-                record,
-            }
+            Message::Trailer { stream_id, record }
         }
         Message::Receipt {
             transfer_id,
@@ -620,10 +653,6 @@ async fn handle(shared: Arc<Shared>, acceptor: TlsAcceptor, tcp: TcpStream) -> R
             sender_session(&shared, conn, agent).await
         }
         Role::Receiver => receiver_session(&shared, conn, agent).await,
-        Role::Data => {
-            write(&mut conn.writer, &Message::Welcome).await?;
-            data_session(&shared, conn, agent).await
-        }
     }
 }
 
@@ -641,21 +670,28 @@ async fn admit(shared: &Shared, tcp: TcpStream) {
     }
 }
 
-/// Sends `conn` a ticket for `tid` and waits for its data connection.
-async fn data_connection(shared: &Shared, conn: &mut Conn, tid: TransferId) -> Option<Plain> {
+/// Where a ticket goes: the sender's connection, or the receiver's control
+/// connection (through its queue).
+enum TicketTo<'a> {
+    Conn(&'a mut Conn),
+    Queue(&'a mpsc::Sender<Message>),
+}
+
+/// Sends a ticket for `tid` and waits for its data connection.
+async fn data_connection(shared: &Shared, to: TicketTo<'_>, tid: TransferId) -> Option<Plain> {
     let ticket: [u8; 32] = random_array();
     let (tx, rx) = oneshot::channel();
     shared.state().tickets.insert(ticket, tx);
+    let message = Message::Ticket {
+        transfer_id: tid,
+        ticket,
+        address: String::new(),
+    };
     let arrived = async {
-        write(
-            &mut conn.writer,
-            &Message::Ticket {
-                transfer_id: tid,
-                ticket,
-            },
-        )
-        .await
-        .ok()?;
+        match to {
+            TicketTo::Conn(conn) => write(&mut conn.writer, &message).await.ok()?,
+            TicketTo::Queue(q) => q.send(message).await.ok()?,
+        }
         tokio::time::timeout(STEP, rx).await.ok()?.ok()
     }
     .await;
@@ -663,13 +699,20 @@ async fn data_connection(shared: &Shared, conn: &mut Conn, tid: TransferId) -> O
     arrived
 }
 
-async fn receiver_session(shared: &Shared, mut conn: Conn, agent: Agent) -> Result<(), String> {
+async fn receiver_session(
+    shared: &Arc<Shared>,
+    mut conn: Conn,
+    agent: Agent,
+) -> Result<(), String> {
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let name = agent.name.to_string();
     let (tx, mut rx) = mpsc::channel::<Message>(16);
     // Online before the Welcome: once the agent says it is receiving, offers
     // (and injected offers) reach it.
-    shared.state().receivers.insert(name.clone(), (id, tx));
+    shared
+        .state()
+        .receivers
+        .insert(name.clone(), (id, tx.clone()));
     let welcomed = write(&mut conn.writer, &Message::Welcome).await;
     let result = if let Err(e) = welcomed {
         Err(e)
@@ -688,6 +731,9 @@ async fn receiver_session(shared: &Shared, mut conn: Conn, agent: Agent) -> Resu
                         if let Some(Pending { waiting: Waiting::Sender(tx), .. }) = pending {
                             let _ = tx.send(Answer::Refused(reason));
                         }
+                    }
+                    Ok(Some(Message::Accept { transfer_id, accept })) => {
+                        accepted(shared, &agent, &tx, transfer_id, accept);
                     }
                     Ok(Some(Message::List)) => {
                         if let Err(e) = write(&mut conn.writer, &Message::Online { agents: Vec::new() }).await {
@@ -710,41 +756,41 @@ async fn receiver_session(shared: &Shared, mut conn: Conn, agent: Agent) -> Resu
     result
 }
 
-async fn data_session(shared: &Shared, mut conn: Conn, agent: Agent) -> Result<(), String> {
-    let Message::Accept {
-        transfer_id,
-        accept,
-    } = read_step(&mut conn).await?
-    else {
-        return error(
-            &mut conn,
-            ErrorCode::Protocol,
-            "a data connection starts with Accept",
-        )
-        .await;
-    };
+/// The receiver accepted `tid` on its control connection: the waiting
+/// sender's side takes over, or an injected stream is replayed.
+fn accepted(
+    shared: &Arc<Shared>,
+    agent: &Agent,
+    queue: &mpsc::Sender<Message>,
+    tid: TransferId,
+    accept: Vec<u8>,
+) {
     let pending = {
         let mut st = shared.state();
-        match st.pending.get(&transfer_id) {
-            Some(p) if p.to == agent.name.as_str() => st.pending.remove(&transfer_id),
+        match st.pending.get(&tid) {
+            Some(p) if p.to == agent.name.as_str() => st.pending.remove(&tid),
             _ => None,
         }
     };
     let Some(pending) = pending else {
-        return error(&mut conn, ErrorCode::UnknownTransfer, "no such transfer").await;
+        let _ = queue.try_send(Message::Abort {
+            transfer_id: tid,
+            reason: keyferry_common::wire::message::AbortReason::PeerGone,
+        });
+        return;
     };
-    shared.record(&transfer_id, |r| r.accepted = true);
+    shared.record(&tid, |r| r.accepted = true);
     match pending.waiting {
         Waiting::Sender(tx) => {
-            let _ = tx.send(Answer::Accepted(accept, Box::new(conn)));
-            Ok(())
+            let _ = tx.send(Answer::Accepted(accept, queue.clone()));
         }
         Waiting::Injected(stream) => {
-            if let Some(plain) = data_connection(shared, &mut conn, transfer_id).await {
-                drop(conn);
-                replay(shared, plain, transfer_id, stream).await;
-            }
-            Ok(())
+            let (shared, queue) = (Arc::clone(shared), queue.clone());
+            tokio::spawn(async move {
+                if let Some(plain) = data_connection(&shared, TicketTo::Queue(&queue), tid).await {
+                    replay(&shared, plain, tid, stream).await;
+                }
+            });
         }
     }
 }
@@ -761,9 +807,19 @@ async fn replay(shared: &Shared, conn: Plain, tid: TransferId, stream: Vec<Messa
             shared.record(&tid, |r| r.back.push(m));
         }
     };
+    let sid = shared
+        .state()
+        .records
+        .iter()
+        .rev()
+        .find(|r| r.tid == tid)
+        .map(|r| r.sid);
     let write_out = async {
         for m in stream {
-            let m = readdress(m, tid);
+            let m = match sid {
+                Some(sid) => readdress(m, tid, sid),
+                None => m,
+            };
             shared.record(&tid, |r| r.forward.push(m.clone()));
             if write(&mut writer, &m).await.is_err() {
                 break;
@@ -815,7 +871,7 @@ async fn sender_session(shared: &Shared, mut conn: Conn, agent: Agent) -> Result
                 let Ok(fields) = offer.parse() else {
                     return error(&mut conn, ErrorCode::Protocol, "malformed offer").await;
                 };
-                let tid = fields.transfer_id;
+                let (tid, sid) = (fields.transfer_id, fields.stream_id);
                 let honest = Message::Offered {
                     from: agent.name.clone(),
                     spki: agent.spki.clone(),
@@ -837,6 +893,7 @@ async fn sender_session(shared: &Shared, mut conn: Conn, agent: Agent) -> Result
                     let mut st = shared.state();
                     st.records.push(Record {
                         tid,
+                        sid,
                         from: agent.name.to_string(),
                         to: to.to_string(),
                         offered: honest,
@@ -875,7 +932,11 @@ async fn sender_session(shared: &Shared, mut conn: Conn, agent: Agent) -> Result
                         )
                         .await?;
                     }
-                    Ok(Ok(Answer::Accepted(accept, data))) => {
+                    Ok(Ok(Answer::Accepted(accept, queue))) => {
+                        let accept = match shared.hooks().accept.as_mut() {
+                            Some(f) => f(accept),
+                            None => accept,
+                        };
                         write(
                             &mut conn.writer,
                             &Message::Accept {
@@ -884,17 +945,17 @@ async fn sender_session(shared: &Shared, mut conn: Conn, agent: Agent) -> Result
                             },
                         )
                         .await?;
-                        let mut data = *data;
                         let (sender, receiver) = tokio::join!(
-                            data_connection(shared, &mut conn, tid),
-                            data_connection(shared, &mut data, tid),
+                            data_connection(shared, TicketTo::Conn(&mut conn), tid),
+                            data_connection(shared, TicketTo::Queue(&queue), tid),
                         );
                         let (Some(sender), Some(receiver)) = (sender, receiver) else {
                             return Err("the data connections did not arrive".into());
                         };
-                        drop((conn, data));
+                        drop(conn);
                         let flow = Flow {
                             tid,
+                            sid,
                             from: agent.name.to_string(),
                             to: to.to_string(),
                             forward_seen: 0,

@@ -8,6 +8,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod evil;
+pub mod hand;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -223,6 +224,59 @@ impl Broker {
 }
 
 impl Broker {
+    /// A broker on the data dir `data` listening on `listen` (e.g. the
+    /// address of an earlier broker, to come back where agents look for it).
+    /// Retries the bind for a while: the old port may not be free at once.
+    pub fn start_at(data: TempDir, listen: &str) -> Self {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let mut cmd = Command::new(broker_bin());
+            cmd.args(["--listen", listen, "--data-dir"])
+                .arg(data.path());
+            let mut proc = Proc::spawn(cmd);
+            let mut started = None;
+            while Instant::now() < deadline {
+                if let Some(l) = proc
+                    .stdout
+                    .drain()
+                    .iter()
+                    .find(|l| l.contains("listening on"))
+                {
+                    started = Some(l.clone());
+                    break;
+                }
+                if proc.child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if let Some(line) = started {
+                let addr = line.rsplit(' ').next().unwrap().to_owned();
+                let fingerprint = proc
+                    .stdout
+                    .wait_for("fingerprint", WAIT)
+                    .rsplit(' ')
+                    .next()
+                    .unwrap()
+                    .to_owned();
+                return Self {
+                    proc,
+                    addr,
+                    fingerprint,
+                    data,
+                };
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no broker could listen on {listen} within {WAIT:?}; stderr {:#?}",
+                proc.stderr.drain()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Broker {
     /// Stops this broker and starts a new one on the same data dir (a new port).
     pub fn restart(self) -> Self {
         let Self { mut proc, data, .. } = self;
@@ -312,8 +366,13 @@ pub struct Run {
 
 impl Run {
     /// Waits for `p` to exit and collects its output.
-    pub fn finish(mut p: Proc) -> Self {
-        let code = p.wait(WAIT * 2);
+    pub fn finish(p: Proc) -> Self {
+        Self::finish_within(p, WAIT * 2)
+    }
+
+    /// [`Run::finish`] with a deadline of `limit` for the exit.
+    pub fn finish_within(mut p: Proc, limit: Duration) -> Self {
+        let code = p.wait(limit);
         // The reader threads see EOF right after exit; give them a moment.
         let deadline = Instant::now() + Duration::from_secs(2);
         let mut stdout = p.stdout.drain().join("\n");
@@ -378,4 +437,64 @@ pub fn json(out: &Run) -> serde_json::Value {
         .find(|l| l.starts_with('{'))
         .unwrap_or_else(|| panic!("no JSON line; {out:#?}"));
     serde_json::from_str(line).unwrap()
+}
+
+/// The names in `dir`, sorted.
+pub fn names_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// The names in `dir` other than keyferry's hidden temporaries
+/// (`.keyferry-*`), sorted.
+pub fn finals(dir: &Path) -> Vec<String> {
+    names_in(dir)
+        .into_iter()
+        .filter(|n| !n.starts_with(".keyferry-"))
+        .collect()
+}
+
+/// The SHA-256 of `data`, hex.
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// The size and SHA-256 (hex) of the file at `path`, read in 8 MiB pieces.
+pub fn hash_file(path: &Path) -> (u64, String) {
+    use sha2::Digest as _;
+    use std::io::Read as _;
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 8 << 20];
+    let mut len = 0;
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        len += n as u64;
+    }
+    (len, hex::encode(h.finalize()))
+}
+
+/// Makes `bob` know `alice` for two days: a key pinned in the last day may
+/// make a receiver decrypt only 6 offers a minute, which tests that send many
+/// offers would otherwise meet.
+pub fn known_for_two_days(alice: &Home, bob: &Home) {
+    let alice_fp = keyferry_agent::home::load_identity(&alice.dir.join("identity.pem"))
+        .unwrap()
+        .fingerprint();
+    keyferry_agent::trust::pins::PinStore::new(bob.dir.join("known_peers"))
+        .check_or_pin(
+            &alice.name,
+            alice_fp,
+            keyferry_agent::home::now_unix() - 2 * 86400,
+        )
+        .unwrap();
 }

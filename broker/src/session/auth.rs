@@ -48,7 +48,7 @@ pub(super) async fn authenticate(
             return Err(refuse(
                 &mut conn,
                 ErrorCode::Version,
-                format!("protocol version {version} is not supported; this broker speaks {PROTOCOL_VERSION}"),
+                keyferry_common::version_mismatch(version, PROTOCOL_VERSION),
             )
             .await);
         }

@@ -1,8 +1,8 @@
 //! One agent connection, from its first byte to its end: TLS or a data
 //! connection ([`crate::data`]), authentication ([`auth`]), then the session
 //! of its role: a sender ([`sender`]: lookups, one offer, its transfer) or a
-//! receiver ([`receiver`]: its long-lived control connection, and the accept
-//! connection it opens per transfer).
+//! receiver ([`receiver`]: its long-lived control connection, on which it
+//! answers offers and gets its tickets).
 //!
 //! Until it authenticated, a newer connection from the same address may cut it
 //! ([`ConnGuard::evicted`]); once the broker drains for shutdown, control
@@ -88,7 +88,6 @@ pub async fn handle(
     match role {
         Role::Sender => sender::session(&state, conn, agent, shutdown).await,
         Role::Receiver => receiver::session(&state, conn, agent, shutdown).await,
-        Role::Data => receiver::accept_session(&state, conn, agent).await,
     }
 }
 

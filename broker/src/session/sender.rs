@@ -1,14 +1,15 @@
 //! A sender's session: lookups and lists, then one offer — checked against
 //! the connection's own name and key, its rate and concurrency — routed to
 //! the receiver's control connection; its answer relayed back; on accept, the
-//! tickets, the two data connections, and the relay of the transfer.
+//! tickets (the receiver's on its own control connection), the two data
+//! connections, and the relay of the transfer.
 
 use std::time::Instant;
 
-use keyferry_common::ids::TransferId;
+use keyferry_common::ids::{StreamId, TransferId};
 use keyferry_common::name::AgentName;
-use keyferry_common::wire::message::{ErrorCode, Message, OnlineAgent};
-use tokio::sync::oneshot;
+use keyferry_common::wire::message::{AbortReason, ErrorCode, Message, OnlineAgent};
+use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::{Agent, BrokerConn, next, refuse};
@@ -17,7 +18,7 @@ use crate::registry::Unreachable;
 use crate::relay::relay;
 use crate::shutdown::Shutdown;
 use crate::state::State;
-use crate::transfers::{Answer, OfferLimit, Ticketing};
+use crate::transfers::{Answer, OfferLimit};
 
 /// Counts a sender connection in the registry while it lives.
 struct SenderCount<'a>(&'a State, AgentName);
@@ -61,6 +62,7 @@ pub(super) async fn session(
         };
         match msg {
             Message::List => conn.writer.write(&online(state)).await?,
+            Message::Ping { nonce } => conn.writer.write(&Message::Pong { nonce }).await?,
             Message::Lookup { name } => {
                 let reply = match registry.key_of(&name) {
                     Ok(Some(spki)) if registry.is_receiving(&name) => {
@@ -187,10 +189,16 @@ pub(super) async fn session(
                             })
                             .await?;
                     }
-                    Ok(Ok(Answer::Accepted { accept, ticket })) => {
+                    Ok(Ok(Answer::Accepted { accept, receiver })) => {
                         let _incoming = state.transfers.relaying(&to);
+                        let receiver = ReceiverLink {
+                            queue: receiver,
+                            tid,
+                            told: false,
+                        };
+                        let ids = (tid, fields.stream_id);
                         let result =
-                            start_transfer(state, conn, ticket, tid, accept, shutdown).await;
+                            start_transfer(state, conn, receiver, ids, accept, shutdown).await;
                         drop(slot);
                         return result;
                     }
@@ -204,20 +212,64 @@ pub(super) async fn session(
     }
 }
 
+/// The receiver's control connection, for its ticket. If the transfer ends
+/// before the ticket went there, the receiver is told `Abort(PeerGone)`
+/// instead of being left waiting.
+struct ReceiverLink {
+    queue: mpsc::Sender<Message>,
+    tid: TransferId,
+    told: bool,
+}
+
+impl ReceiverLink {
+    /// Queues the receiver's ticket; `false` if its connection is gone or
+    /// not reading.
+    fn ticket(&mut self, ticket: [u8; 32]) -> bool {
+        self.told = self
+            .queue
+            .try_send(Message::Ticket {
+                transfer_id: self.tid,
+                ticket,
+                address: String::new(),
+            })
+            .is_ok();
+        self.told
+    }
+}
+
+impl Drop for ReceiverLink {
+    fn drop(&mut self) {
+        if !self.told {
+            let _ = self.queue.try_send(Message::Abort {
+                transfer_id: self.tid,
+                reason: AbortReason::PeerGone,
+            });
+        }
+    }
+}
+
 /// Sends the accept and the tickets, waits for both data connections, relays.
 async fn start_transfer(
     state: &State,
     mut conn: BrokerConn,
-    receiver: oneshot::Sender<Ticketing>,
-    tid: TransferId,
+    mut receiver: ReceiverLink,
+    (tid, sid): (TransferId, StreamId),
     accept: Vec<u8>,
     shutdown: Shutdown,
 ) -> Result<(), SessionError> {
     let Some(mut issued) = state.transfers.issue(tid) else {
         let detail = format!("transfer {tid} is already under way");
-        let _ = receiver.send(Ticketing::Refused(detail.clone()));
         return Err(refuse(&mut conn, ErrorCode::Protocol, detail).await);
     };
+    if !receiver.ticket(issued.receiver_ticket) {
+        info!(transfer = %tid, "receiver left before its ticket");
+        return Err(refuse(
+            &mut conn,
+            ErrorCode::PeerOffline,
+            "the receiver disconnected after accepting".into(),
+        )
+        .await);
+    }
     conn.writer
         .write(&Message::Accept {
             transfer_id: tid,
@@ -228,25 +280,21 @@ async fn start_transfer(
         .write(&Message::Ticket {
             transfer_id: tid,
             ticket: issued.sender_ticket,
+            address: String::new(),
         })
         .await?;
-    // The receiver's accept connection stays open until the wait ends.
-    let (wait_over, wait) = oneshot::channel::<()>();
-    let _ = receiver.send(Ticketing::Ticket {
-        ticket: issued.receiver_ticket,
-        wait,
-    });
     let limit = state.limits.handshake_timeout;
     let arrived = tokio::time::timeout(limit, issued.arrivals()).await;
-    drop((issued, wait_over));
+    drop(issued);
     let Ok(Some((sender, receiver))) = arrived else {
         info!(transfer = %tid, "data connections did not arrive in time");
         return Ok(());
     };
-    // The TLS connections have done their part; the agents close theirs too.
+    // The TLS connection has done its part; the sender closes its own too.
     drop(conn);
     info!(transfer = %tid, "transfer started");
-    let report = relay(sender, receiver, tid, state.limits.idle_timeout, shutdown).await;
+    let ids = (tid, sid);
+    let report = relay(sender, receiver, ids, state.limits.idle_timeout, shutdown).await;
     let seconds = format!("{:.3}", report.elapsed.as_secs_f64());
     match report.result {
         Ok(()) => info!(transfer = %tid, bytes = report.bytes, seconds, "transfer finished"),

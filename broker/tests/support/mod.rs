@@ -286,9 +286,11 @@ impl Agent {
             &self.ctx,
             SendOptions {
                 to: AgentName::new(to).unwrap(),
-                payload: Payload::File(file.to_owned()),
+                payload: Payload::Files(vec![file.to_owned()]),
+                walk: Default::default(),
                 rekey_interval: Duration::from_secs(5),
                 peer_fingerprint: None,
+                retry_for: Duration::ZERO,
                 progress: false,
             },
         )

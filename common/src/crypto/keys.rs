@@ -53,13 +53,26 @@ secret!(
     32
 );
 secret!(
-    /// The X25519 shared secret of one transfer.
+    /// An ephemeral shared secret of one transfer (X25519 or ML-KEM).
     SharedSecret,
+    32
+);
+secret!(
+    /// The root of one stream's keys: drawn by the sender per upload and
+    /// wrapped for each of its receivers.
+    StreamRoot,
     32
 );
 
 impl MasterKey {
     /// Draws a fresh random master key.
+    pub fn random() -> Self {
+        Self(super::random_array())
+    }
+}
+
+impl StreamRoot {
+    /// Draws a fresh random stream root.
     pub fn random() -> Self {
         Self(super::random_array())
     }

@@ -8,6 +8,7 @@
 pub mod cipher;
 pub mod ecdh;
 pub mod kdf;
+pub mod kem;
 pub mod keys;
 pub mod mac;
 pub mod seal;

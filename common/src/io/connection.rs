@@ -220,7 +220,7 @@ mod tests {
     #[tokio::test]
     async fn payloads_read_into_a_reused_buffer_match_the_frames() {
         let big = Message::Chunk {
-            transfer_id: crate::ids::TransferId([3; 16]),
+            stream_id: crate::ids::StreamId([3; 16]),
             record: (0..100_000u32).map(|i| i as u8).collect(),
         };
         let small = Message::Hello { version: 1 };

@@ -83,11 +83,11 @@ impl PinningVerifier {
 
     /// What the last handshake presented.
     pub fn outcome(&self) -> PinOutcome {
-        *self.outcome.lock().unwrap_or_else(|p| p.into_inner())
+        *crate::sync::lock(&self.outcome)
     }
 
     fn set(&self, o: PinOutcome) {
-        *self.outcome.lock().unwrap_or_else(|p| p.into_inner()) = o;
+        *crate::sync::lock(&self.outcome) = o;
     }
 }
 

@@ -1,11 +1,12 @@
-//! The sender's stream: chunking decisions, rekeying, the trailer, the receipt.
+//! The sender's stream: the stream root for each receiver, the manifest, the
+//! chunking decisions and rekeying, the signed trailer, the receipts.
 //!
-//! Everything it produces is a [`ReadyFrame`], the exact bytes to write: key
-//! updates, chunks and the trailer alike, so the caller is plumbing.
-//! [`SendStream::push_frame`] is sequential (it assigns sequence numbers,
-//! rotates keys and hashes the plaintext in order); the [`ChunkJob`] it returns
-//! is self-contained and may be sealed on another thread, so several chunks can
-//! be sealed at once while their order stays fixed.
+//! Order: [`SendStream::root_for`] (once per receiver), then
+//! [`SendStream::manifest`], then chunks ([`SendStream::push_frame`]), then
+//! [`SendStream::trailer`]. Everything it produces is a [`ReadyFrame`]. Pushing
+//! chunks is sequential (sequence numbers, offsets, rekeying, the hash of the
+//! plaintext in order); the [`ChunkJob`] it returns may be sealed on another
+//! thread, so several chunks can be sealed at once while their order stays fixed.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,30 +15,34 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 use zeroize::Zeroize;
 
-use super::RekeyPolicy;
-use crate::crypto::keys::{MacKey, SealKeys, SessionKey};
+use super::frames::{ChunkJob, ReadyFrame};
+use super::{MAX_RECEIVERS, RekeyPolicy};
+use crate::crypto::keys::{SealKeys, SessionKey, StreamRoot};
 use crate::crypto::{AuthError, mac, random_array, seal};
-use crate::ids::TransferId;
-use crate::schedule::StreamKeys;
+use crate::encode::Encoder;
+use crate::identity::{Fingerprint, Identity};
+use crate::ids::StreamId;
+use crate::name::AgentName;
+use crate::schedule::{PairKeys, StreamKeys, derive_stream_keys};
 use crate::wire::chunk::ChunkFrame;
-use crate::wire::frame::MAX_FRAME_LEN;
-use crate::wire::message::{self, Message};
+use crate::wire::message::Message;
 use crate::wire::record::{
-    KeyUpdateRecord, MAX_CHUNK, TrailerRecord, chunk_ad, chunk_header, key_update_ad,
-    receipt_input, trailer_ad,
+    KeyUpdateRecord, MAX_CHUNK, MAX_MANIFEST, StreamCommitment, TrailerPlain, chunk_ad,
+    encode_fixed, encode_sealed, key_update_ad, label, manifest_ad, manifest_hash, receipt_input,
+    root_ad, stream_signed, trailer_ad,
 };
 
 /// Misuse of the sender's stream (by our own code, or a file that changed size).
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum SendError {
     /// A chunk would take the stream past the size declared in the offer.
-    #[error("the file grew while it was being sent: more than the {declared} bytes announced")]
+    #[error("the data grew while it was being sent: more than the {declared} bytes announced")]
     Oversize {
         /// Size announced in the offer.
         declared: u64,
     },
     /// The last chunk does not bring the stream to the declared size.
-    #[error("the file shrank while it was being sent: {sent} of {declared} bytes")]
+    #[error("the data shrank while it was being sent: {sent} of {declared} bytes")]
     Undersize {
         /// Bytes sent.
         sent: u64,
@@ -47,9 +52,16 @@ pub enum SendError {
     /// A chunk is empty (only the last may be) or larger than the maximum.
     #[error("invalid chunk length {0}")]
     ChunkLength(usize),
-    /// Data or a trailer after the stream was finished, or a trailer before the last chunk.
+    /// Records out of order: chunks before the manifest, data after the last
+    /// chunk, a trailer before it, a second manifest or trailer.
     #[error("stream used out of order")]
     Order,
+    /// The manifest is larger than the protocol allows.
+    #[error("the manifest is larger than {MAX_MANIFEST} bytes (too many or too long names)")]
+    ManifestTooLarge,
+    /// More receivers than one stream may have.
+    #[error("more than {MAX_RECEIVERS} receivers for one stream")]
+    TooManyReceivers,
     /// The hard per-key limit would be exceeded (only reachable if rekeying is disabled).
     #[error("refusing to seal more than {0} bytes under one session key")]
     KeyExhausted(u64),
@@ -59,88 +71,6 @@ pub enum SendError {
     /// Sequence or epoch numbers would wrap.
     #[error("sequence or epoch counter exhausted")]
     CounterExhausted,
-}
-
-/// One frame ready to be written: a `Message::KeyUpdate`, `Chunk` or
-/// `Trailer` of the stream's transfer, exactly as it goes on the wire.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReadyFrame {
-    frame: Vec<u8>,
-    record_at: usize,
-}
-
-impl ReadyFrame {
-    /// A frame for the record of a small message (key update, trailer).
-    fn small(msg: &Message, record_len: usize) -> Self {
-        let frame = message::encode(msg, MAX_FRAME_LEN)
-            .expect("key updates and trailers are far below the frame limit");
-        Self {
-            record_at: frame.len() - record_len,
-            frame,
-        }
-    }
-
-    /// The frame's bytes.
-    pub fn frame(&self) -> &[u8] {
-        &self.frame
-    }
-
-    /// The record inside the frame (what the message carries).
-    pub fn record(&self) -> &[u8] {
-        &self.frame[self.record_at..]
-    }
-
-    /// The frame's buffer, to be written and then reused for another chunk.
-    pub fn into_frame(self) -> Vec<u8> {
-        self.frame
-    }
-}
-
-/// A chunk ready to be sealed, possibly on another thread.
-pub struct ChunkJob {
-    keys: Arc<SealKeys>,
-    ad: Vec<u8>,
-    epoch: u32,
-    seq: u64,
-    last: bool,
-    frame: ChunkFrame,
-}
-
-impl std::fmt::Debug for ChunkJob {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChunkJob")
-            .field("epoch", &self.epoch)
-            .field("seq", &self.seq)
-            .field("last", &self.last)
-            .field("len", &self.frame.plaintext_len())
-            .finish_non_exhaustive()
-    }
-}
-
-impl ChunkJob {
-    /// Seals the chunk where it lies (AES-256-CBC, random IV, HMAC-SHA256) and
-    /// completes its frame.
-    pub fn seal(mut self) -> ReadyFrame {
-        let iv = random_array();
-        let plaintext_len = self.frame.plaintext_len();
-        let (header, ciphertext, tag) = self.frame.record_parts_mut();
-        *tag = seal::seal_in_place(&self.keys, &self.ad, &iv, ciphertext, plaintext_len);
-        *header = chunk_header(self.epoch, self.seq, self.last, &iv, ciphertext.len());
-        ReadyFrame {
-            record_at: self.frame.record_at(),
-            frame: self.frame.into_bytes(),
-        }
-    }
-
-    /// Plaintext length of this chunk.
-    pub fn len(&self) -> usize {
-        self.frame.plaintext_len()
-    }
-
-    /// Whether the chunk is empty (only an empty file's final chunk is).
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// What [`SendStream::push_frame`] produced: a key update to send first, if
@@ -153,22 +83,44 @@ pub struct Sent {
     pub chunk: ChunkJob,
 }
 
-/// The sender's side of one transfer's stream.
+/// Where a stream's data starts: at 0, or (resuming) after a prefix the
+/// receiver already holds verified, with the hash state of that prefix.
+#[derive(Debug, Clone)]
+pub struct StreamStart {
+    /// Plaintext bytes before this stream's first chunk.
+    pub offset: u64,
+    /// SHA-256 of those bytes, not yet finalized.
+    pub hasher: Sha256,
+}
+
+impl StreamStart {
+    /// From the beginning.
+    pub fn fresh() -> Self {
+        Self {
+            offset: 0,
+            hasher: Sha256::new(),
+        }
+    }
+}
+
+/// The sender's side of one stream.
 pub struct SendStream {
-    transfer_id: TransferId,
+    stream_id: StreamId,
     policy: RekeyPolicy,
-    wrap: SealKeys,
-    trailer: SealKeys,
-    receipt: MacKey,
+    root: StreamRoot,
+    keys: StreamKeys,
     session: SessionKey,
     epoch: u32,
     epoch_keys: Arc<SealKeys>,
     epoch_started: Instant,
     epoch_bytes: u64,
     next_seq: u64,
+    start: u64,
     total: u64,
     declared: u64,
+    size_known: bool,
     hasher: Sha256,
+    manifest_hash: Option<[u8; 32]>,
     last_pushed: bool,
     digest: Option<[u8; 32]>,
 }
@@ -176,7 +128,7 @@ pub struct SendStream {
 impl std::fmt::Debug for SendStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SendStream")
-            .field("transfer_id", &self.transfer_id)
+            .field("stream_id", &self.stream_id)
             .field("epoch", &self.epoch)
             .field("next_seq", &self.next_seq)
             .field("total", &self.total)
@@ -185,35 +137,61 @@ impl std::fmt::Debug for SendStream {
 }
 
 impl SendStream {
-    /// Starts the stream of a transfer that declared `declared` bytes; epoch 0
-    /// begins `now`.
-    pub fn new(keys: StreamKeys, declared: u64, policy: RekeyPolicy, now: Instant) -> Self {
-        let StreamKeys {
-            transfer_id,
-            wrap,
-            epoch0,
-            trailer,
-            receipt,
-        } = keys;
-        let epoch_keys = Arc::new(epoch0.epoch_keys(&transfer_id, 0));
+    /// Starts stream `stream_id` with a fresh root: `declared` bytes in all
+    /// (exactly, or at most if `size_known` is false), its data starting at
+    /// `start`; epoch 0 begins `now`.
+    pub fn new(
+        stream_id: StreamId,
+        declared: u64,
+        size_known: bool,
+        start: StreamStart,
+        policy: RekeyPolicy,
+        now: Instant,
+    ) -> Self {
+        let root = StreamRoot::random();
+        Self::with_root(root, stream_id, declared, size_known, start, policy, now)
+    }
+
+    /// [`Self::new`] with a given root instead of a fresh random one: for
+    /// known-answer tests only. A root must never be used for two streams.
+    #[doc(hidden)]
+    pub fn with_root(
+        root: StreamRoot,
+        stream_id: StreamId,
+        declared: u64,
+        size_known: bool,
+        start: StreamStart,
+        policy: RekeyPolicy,
+        now: Instant,
+    ) -> Self {
+        let keys = derive_stream_keys(&root, &stream_id);
+        let session = SessionKey::from_bytes(*keys.epoch0.expose());
+        let epoch_keys = Arc::new(session.epoch_keys(&stream_id, 0));
         Self {
-            transfer_id,
+            stream_id,
             policy,
-            wrap,
-            trailer,
-            receipt,
-            session: epoch0,
+            root,
+            keys,
+            session,
             epoch: 0,
             epoch_keys,
             epoch_started: now,
             epoch_bytes: 0,
             next_seq: 0,
-            total: 0,
+            start: start.offset,
+            total: start.offset,
             declared,
-            hasher: Sha256::new(),
+            size_known,
+            hasher: start.hasher,
+            manifest_hash: None,
             last_pushed: false,
             digest: None,
         }
+    }
+
+    /// The stream's id.
+    pub fn stream_id(&self) -> StreamId {
+        self.stream_id
     }
 
     /// The current epoch.
@@ -226,9 +204,62 @@ impl SendStream {
         u64::from(self.epoch) + 1
     }
 
-    /// Plaintext bytes accepted so far.
+    /// Plaintext bytes accepted so far, counted from the start of the data
+    /// (a resumed stream starts at its offset).
     pub fn total(&self) -> u64 {
         self.total
+    }
+
+    /// The declared size (exact, or the bound if the size is not known).
+    pub fn declared(&self) -> u64 {
+        self.declared
+    }
+
+    /// The stream root sealed for one receiver: its `Root` frame, the first
+    /// thing that receiver gets on its data connection.
+    pub fn root_for(&self, pair: &PairKeys) -> ReadyFrame {
+        let sealed = seal::seal(
+            &pair.root,
+            &root_ad(&pair.transfer_id, &self.stream_id),
+            self.root.expose(),
+        );
+        let record = encode_fixed(&sealed);
+        let len = record.len();
+        ReadyFrame::small(
+            &Message::Root {
+                transfer_id: pair.transfer_id,
+                record,
+            },
+            len,
+        )
+    }
+
+    /// The manifest's frame (before any chunk): `u64 start ‖ body`, sealed
+    /// under the manifest keys.
+    pub fn manifest(&mut self, body: &[u8]) -> Result<ReadyFrame, SendError> {
+        if self.manifest_hash.is_some() {
+            return Err(SendError::Order);
+        }
+        if body.len() > MAX_MANIFEST {
+            return Err(SendError::ManifestTooLarge);
+        }
+        let mut plain = Encoder::default();
+        plain.u64(self.start).fixed(body);
+        let sealed = seal::seal(
+            &self.keys.manifest,
+            &manifest_ad(&self.stream_id),
+            plain.as_slice(),
+        );
+        self.manifest_hash = Some(manifest_hash(body));
+        let record = encode_sealed(&sealed);
+        let len = record.len();
+        Ok(ReadyFrame::small(
+            &Message::Manifest {
+                stream_id: self.stream_id,
+                record,
+            },
+            len,
+        ))
     }
 
     fn rekey_due(&self, len: u64, now: Instant) -> bool {
@@ -245,14 +276,14 @@ impl SendStream {
         let first_seq = self.next_seq;
         let mut fresh: [u8; 32] = random_array();
         let sealed = seal::seal(
-            &self.wrap,
-            &key_update_ad(&self.transfer_id, epoch, first_seq),
+            &self.keys.wrap,
+            &key_update_ad(&self.stream_id, epoch, first_seq),
             &fresh,
         );
-        self.session = self.session.ratchet(&fresh, &self.transfer_id, epoch);
+        self.session = self.session.ratchet(&fresh, &self.stream_id, epoch);
         fresh.zeroize();
         // The previous epoch's keys are erased when the last job holding them is done.
-        self.epoch_keys = Arc::new(self.session.epoch_keys(&self.transfer_id, epoch));
+        self.epoch_keys = Arc::new(self.session.epoch_keys(&self.stream_id, epoch));
         self.epoch = epoch;
         self.epoch_started = now;
         self.epoch_bytes = 0;
@@ -265,7 +296,7 @@ impl SendStream {
         let len = record.len();
         Ok(ReadyFrame::small(
             &Message::KeyUpdate {
-                transfer_id: self.transfer_id,
+                stream_id: self.stream_id,
                 record,
             },
             len,
@@ -292,22 +323,23 @@ impl SendStream {
         if plaintext_len > MAX_CHUNK {
             return Err(SendError::ChunkLength(plaintext_len));
         }
-        ChunkFrame::new(buf, &self.transfer_id, plaintext_len)
+        ChunkFrame::new(buf, &self.stream_id, plaintext_len)
             .map_err(|_| SendError::ChunkLength(plaintext_len))
     }
 
     /// Takes the next chunk, its plaintext in place in `frame`: checks it
-    /// against the declared size, assigns its sequence number, rotates the key
-    /// if it is due, and hashes the plaintext. The last chunk must bring the
-    /// stream to the declared size exactly; only an empty file's last chunk may
-    /// be empty.
+    /// against the declared size, assigns its sequence number and offset,
+    /// rotates the key if it is due, and hashes the plaintext. With a known
+    /// size the last chunk must bring the data to it exactly (and the chunk
+    /// that does must be the last); only a last chunk with nothing left may be
+    /// empty.
     pub fn push_frame(
         &mut self,
         frame: ChunkFrame,
         last: bool,
         now: Instant,
     ) -> Result<Sent, SendError> {
-        if self.last_pushed || frame.transfer_id() != self.transfer_id {
+        if self.manifest_hash.is_none() || self.last_pushed || frame.stream_id() != self.stream_id {
             return Err(SendError::Order);
         }
         if !frame.is_filled() {
@@ -324,15 +356,20 @@ impl SendStream {
                 declared: self.declared,
             });
         }
-        if last && total != self.declared {
-            return Err(SendError::Undersize {
-                sent: total,
-                declared: self.declared,
-            });
+        if self.size_known {
+            if last && total != self.declared {
+                return Err(SendError::Undersize {
+                    sent: total,
+                    declared: self.declared,
+                });
+            }
+            // The chunk that reaches the declared size must be the last one.
+            if !last && total == self.declared {
+                return Err(SendError::Order);
+            }
         }
-        // The chunk that reaches the declared size must be the last one.
-        if !last && total == self.declared {
-            return Err(SendError::Order);
+        if len == 0 && self.total != self.start && self.size_known {
+            return Err(SendError::ChunkLength(0));
         }
         let key_update = if self.rekey_due(len64, now) {
             Some(self.rekey(now)?)
@@ -344,6 +381,7 @@ impl SendStream {
         }
         let seq = self.next_seq;
         self.next_seq = seq.checked_add(1).ok_or(SendError::CounterExhausted)?;
+        let offset = self.total;
         self.epoch_bytes += len64;
         self.total = total;
         self.hasher.update(frame.plaintext());
@@ -352,7 +390,7 @@ impl SendStream {
             key_update,
             chunk: ChunkJob {
                 keys: Arc::clone(&self.epoch_keys),
-                ad: chunk_ad(&self.transfer_id, self.epoch, seq, last),
+                ad: chunk_ad(&self.stream_id, self.epoch, seq, offset, last),
                 epoch: self.epoch,
                 seq,
                 last,
@@ -361,27 +399,52 @@ impl SendStream {
         })
     }
 
-    /// The trailer's frame, once the last chunk was pushed; also returns the
-    /// SHA-256 of the whole plaintext.
-    pub fn trailer(&mut self) -> Result<(ReadyFrame, [u8; 32]), SendError> {
+    /// The trailer's frame, once the last chunk was pushed: the total and the
+    /// SHA-256 of the whole data, and `identity`'s signature over what the
+    /// stream commits to, for `receivers` (every receiver of the stream). Also
+    /// returns the SHA-256.
+    pub fn trailer(
+        &mut self,
+        identity: &Identity,
+        receivers: &[(AgentName, Fingerprint)],
+    ) -> Result<(ReadyFrame, [u8; 32]), SendError> {
+        let Some(manifest) = self.manifest_hash else {
+            return Err(SendError::Order);
+        };
         if !self.last_pushed || self.digest.is_some() {
             return Err(SendError::Order);
         }
+        if receivers.len() > MAX_RECEIVERS {
+            return Err(SendError::TooManyReceivers);
+        }
         let digest: [u8; 32] = std::mem::take(&mut self.hasher).finalize().into();
         self.digest = Some(digest);
-        let mut plain = [0u8; 40];
-        plain[..8].copy_from_slice(&self.total.to_be_bytes());
-        plain[8..].copy_from_slice(&digest);
+        let signed = stream_signed(&StreamCommitment {
+            stream_id: &self.stream_id,
+            sender_fp: &identity.fingerprint(),
+            total: self.total,
+            sha256: &digest,
+            chunks: self.next_seq,
+            resume_from: self.start,
+            manifest_hash: &manifest,
+            receivers,
+        });
+        let plain = TrailerPlain {
+            total: self.total,
+            sha256: digest,
+            signature: identity.sign(label::STREAM_SIGNATURE, &signed),
+            receivers: receivers.to_vec(),
+        };
         let sealed = seal::seal(
-            &self.trailer,
-            &trailer_ad(&self.transfer_id, self.next_seq),
-            &plain,
+            &self.keys.trailer,
+            &trailer_ad(&self.stream_id, self.next_seq, self.start),
+            &plain.encode(),
         );
-        let record = TrailerRecord { sealed }.encode();
+        let record = encode_sealed(&sealed);
         let len = record.len();
         let frame = ReadyFrame::small(
             &Message::Trailer {
-                transfer_id: self.transfer_id,
+                stream_id: self.stream_id,
                 record,
             },
             len,
@@ -389,13 +452,10 @@ impl SendStream {
         Ok((frame, digest))
     }
 
-    /// Checks the receiver's receipt against our own length and hash.
-    pub fn check_receipt(&self, tag: &[u8]) -> Result<(), AuthError> {
+    /// Checks one receiver's receipt against our own length and hash.
+    pub fn check_receipt(&self, pair: &PairKeys, tag: &[u8]) -> Result<(), AuthError> {
         let digest = self.digest.ok_or(AuthError)?;
-        mac::verify(
-            &self.receipt,
-            &[&receipt_input(&self.transfer_id, self.total, &digest)],
-            tag,
-        )
+        let input = receipt_input(&pair.transfer_id, &self.stream_id, self.total, &digest);
+        mac::verify(&pair.receipt, &[&input], tag)
     }
 }

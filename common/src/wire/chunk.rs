@@ -1,4 +1,4 @@
-//! The chunk fast path (PROTOCOL.md §2.2, §5.1), writer and reader side by
+//! The chunk fast path (PROTOCOL.md §2.2, §5.3), writer and reader side by
 //! side: the postcard envelope of `Message::Chunk` written around a record
 //! sealed in place ([`ChunkFrame`], the sender), and recognised from its first
 //! bytes without copying the record out ([`peek_chunk`] for the broker's relay,
@@ -9,7 +9,7 @@ use super::frame::{FrameError, LEN_PREFIX, MAX_FRAME_LEN};
 use super::record::{CHUNK_HEADER_LEN, chunk_record_len};
 use crate::crypto::cipher::ciphertext_len;
 use crate::crypto::seal::TAG_LEN;
-use crate::ids::TransferId;
+use crate::ids::StreamId;
 
 /// The variant index of `Message::Chunk` (its first encoded byte).
 pub const CHUNK_INDEX: u8 = 5;
@@ -36,31 +36,31 @@ fn read_varint(bytes: &[u8]) -> Option<(u64, usize)> {
     None
 }
 
-/// How much of a payload [`peek_chunk`] needs: the variant, the transfer id
+/// How much of a payload [`peek_chunk`] needs: the variant, the stream id
 /// and the record's length (a varint of at most ten bytes).
 pub const CHUNK_HEAD_MAX: usize = 1 + 16 + 10;
 
 /// If a payload of `len` bytes that starts with `head` is a well-formed
-/// `Message::Chunk`, its transfer id; `None` for anything else (another
+/// `Message::Chunk`, its stream id; `None` for anything else (another
 /// variant, or a malformed chunk). `head` must hold the first
 /// `min(len, CHUNK_HEAD_MAX)` bytes of the payload.
 ///
 /// Gives the same answer as decoding the whole payload and matching on
 /// `Chunk`, without having the record: the broker's relay checks every chunk
 /// it forwards this way and streams the record through.
-pub fn peek_chunk(head: &[u8], len: usize) -> Option<TransferId> {
+pub fn peek_chunk(head: &[u8], len: usize) -> Option<StreamId> {
     chunk_head(head, len).map(|(tid, _)| tid)
 }
 
-/// If `payload` is exactly one well-formed `Message::Chunk`, its transfer
+/// If `payload` is exactly one well-formed `Message::Chunk`, its stream
 /// id and where its record starts (the record runs to the end). The same
 /// answer as decoding, without copying the record out: the receiver opens
 /// the record where it lies.
-pub fn chunk_record(payload: &[u8]) -> Option<(TransferId, usize)> {
+pub fn chunk_record(payload: &[u8]) -> Option<(StreamId, usize)> {
     chunk_head(payload, payload.len())
 }
 
-fn chunk_head(head: &[u8], len: usize) -> Option<(TransferId, usize)> {
+fn chunk_head(head: &[u8], len: usize) -> Option<(StreamId, usize)> {
     let (&index, rest) = head.split_first()?;
     if index != CHUNK_INDEX {
         return None;
@@ -69,7 +69,7 @@ fn chunk_head(head: &[u8], len: usize) -> Option<(TransferId, usize)> {
     // The record: its varint length, then exactly that many bytes.
     let (record_len, width) = read_varint(rest)?;
     let header = 1 + 16 + width;
-    (len.checked_sub(header)? as u64 == record_len).then_some((TransferId(*tid), header))
+    (len.checked_sub(header)? as u64 == record_len).then_some((StreamId(*tid), header))
 }
 
 /// A chunk frame laid out in one buffer, the sender's hot path: the plaintext
@@ -80,7 +80,7 @@ fn chunk_head(head: &[u8], len: usize) -> Option<(TransferId, usize)> {
 /// `Message::Chunk` with the same record, without a chunk-sized copy or
 /// allocation in between; the buffer can be reused for the next chunk.
 ///
-/// Layout: `len u32 ‖ CHUNK_INDEX ‖ transfer id[16] ‖ varint(record len) ‖
+/// Layout: `len u32 ‖ CHUNK_INDEX ‖ stream id[16] ‖ varint(record len) ‖
 /// record header ‖ plaintext, then padding ‖ tag`.
 pub struct ChunkFrame {
     buf: Vec<u8>,
@@ -101,14 +101,14 @@ impl ChunkFrame {
     /// discarded, its allocation reused). The plaintext area starts zeroed.
     pub(crate) fn new(
         mut buf: Vec<u8>,
-        transfer_id: &TransferId,
+        stream_id: &StreamId,
         plaintext_len: usize,
     ) -> Result<Self, FrameError> {
         let record_len = chunk_record_len(ciphertext_len(plaintext_len));
         buf.clear();
         buf.extend_from_slice(&[0; LEN_PREFIX]);
         buf.push(CHUNK_INDEX);
-        buf.extend_from_slice(&transfer_id.0);
+        buf.extend_from_slice(&stream_id.0);
         put_varint(&mut buf, record_len);
         let record_at = buf.len();
         let prefix = super::frame::prefix(record_at - LEN_PREFIX + record_len, MAX_FRAME_LEN)?;
@@ -152,11 +152,11 @@ impl ChunkFrame {
         self.buf.len() == self.end()
     }
 
-    /// The transfer this frame belongs to.
-    pub fn transfer_id(&self) -> TransferId {
+    /// The stream this frame belongs to.
+    pub fn stream_id(&self) -> StreamId {
         let mut id = [0u8; 16];
         id.copy_from_slice(&self.buf[LEN_PREFIX + 1..LEN_PREFIX + 17]);
-        TransferId(id)
+        StreamId(id)
     }
 
     /// Length of the plaintext.
@@ -221,10 +221,10 @@ mod tests {
     #[test]
     fn a_chunk_frame_built_in_place_equals_the_encoded_message() {
         use crate::wire::record::{ChunkRecord, chunk_header};
-        let tid = TransferId([5; 16]);
+        let tid = StreamId([5; 16]);
         for plain_len in [0usize, 15, 16, 64, 4096, 262_144, 1 << 20] {
             let mut f = ChunkFrame::new(vec![1; 7], &tid, plain_len).unwrap();
-            assert_eq!(f.transfer_id(), tid);
+            assert_eq!(f.stream_id(), tid);
             assert!(!f.is_filled());
             // Half the cases filled from a reader, half written in place.
             if plain_len % 2 == 0 {
@@ -246,7 +246,7 @@ mod tests {
             let mut record = bytes[record_at..].to_vec();
             ChunkRecord::parse(&mut record).unwrap();
             let msg = Message::Chunk {
-                transfer_id: tid,
+                stream_id: tid,
                 record,
             };
             assert_eq!(bytes, encode(&msg, MAX_FRAME_LEN).unwrap(), "{plain_len}");
@@ -259,24 +259,18 @@ mod tests {
         assert!(!f.is_filled());
     }
 
-    /// What decoding says about `payload`: the transfer id and record iff it
+    /// What decoding says about `payload`: the stream id and record iff it
     /// is a chunk.
-    fn decoded_chunk(payload: &[u8]) -> Option<(TransferId, Vec<u8>)> {
+    fn decoded_chunk(payload: &[u8]) -> Option<(StreamId, Vec<u8>)> {
         match postcard::take_from_bytes::<Message>(payload) {
-            Ok((
-                Message::Chunk {
-                    transfer_id,
-                    record,
-                },
-                [],
-            )) => Some((transfer_id, record)),
+            Ok((Message::Chunk { stream_id, record }, [])) => Some((stream_id, record)),
             _ => None,
         }
     }
 
     /// `peek_chunk` on the whole payload and on just the head it needs, and
     /// `chunk_record`: all must give the same answer.
-    fn peek(payload: &[u8]) -> Option<(TransferId, Vec<u8>)> {
+    fn peek(payload: &[u8]) -> Option<(StreamId, Vec<u8>)> {
         let whole = peek_chunk(payload, payload.len());
         let head = &payload[..payload.len().min(CHUNK_HEAD_MAX)];
         assert_eq!(whole, peek_chunk(head, payload.len()));
@@ -287,11 +281,11 @@ mod tests {
 
     #[test]
     fn peek_chunk_and_chunk_record_agree_with_decoding() {
-        let tid = TransferId([7; 16]);
+        let tid = StreamId([7; 16]);
         let mut cases: Vec<Vec<u8>> = Vec::new();
         for len in [0usize, 1, 127, 128, 300, 16_384, 262_176] {
             let chunk = Message::Chunk {
-                transfer_id: tid,
+                stream_id: tid,
                 record: vec![9; len],
             };
             let bytes = postcard::to_stdvec(&chunk).unwrap();

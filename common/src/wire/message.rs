@@ -10,7 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::frame::{self, FrameError, LEN_PREFIX};
-use crate::ids::TransferId;
+use crate::ids::{StreamId, TransferId};
 use crate::name::AgentName;
 
 /// An offer as it travels: the exact hand-encoded body (PROTOCOL.md §3.3) and
@@ -55,6 +55,9 @@ pub enum AbortReason {
     Interrupted,
     /// The other side disconnected.
     PeerGone,
+    /// The receiver's policy refused what the manifest describes (a file
+    /// name, the number or depth of entries, or their total size).
+    Policy,
 }
 
 /// What an authenticated connection is for.
@@ -62,10 +65,9 @@ pub enum AbortReason {
 pub enum Role {
     /// Sends one transfer (and may look up peers and list who is online).
     Sender,
-    /// The one long-lived control connection of a receiving agent.
+    /// The one long-lived control connection of a receiving agent: offers
+    /// arrive on it, and it answers them (refusals, accepts) on it.
     Receiver,
-    /// A receiver's data connection for one transfer: it carries the accept, then the stream.
-    Data,
 }
 
 impl Role {
@@ -74,7 +76,6 @@ impl Role {
         match self {
             Self::Sender => 1,
             Self::Receiver => 2,
-            Self::Data => 3,
         }
     }
 }
@@ -132,7 +133,7 @@ pub enum Message {
         /// The signed offer.
         offer: SignedOffer,
     },
-    /// The receiver's accept: nonce, X25519 share and MAC (96 bytes).
+    /// The receiver's accept (PROTOCOL.md §3.3), on its control connection.
     Accept {
         /// Transfer id.
         transfer_id: TransferId,
@@ -149,25 +150,25 @@ pub enum Message {
     },
     /// A key update record.
     KeyUpdate {
-        /// Transfer id.
-        transfer_id: TransferId,
+        /// The stream it belongs to.
+        stream_id: StreamId,
         /// The 108-byte record.
         #[serde(with = "serde_bytes")]
         record: Vec<u8>,
     },
     /// A chunk record.
     Chunk {
-        /// Transfer id.
-        transfer_id: TransferId,
+        /// The stream it belongs to.
+        stream_id: StreamId,
         /// The record.
         #[serde(with = "serde_bytes")]
         record: Vec<u8>,
     },
     /// The trailer record.
     Trailer {
-        /// Transfer id.
-        transfer_id: TransferId,
-        /// The 96-byte record.
+        /// The stream it belongs to.
+        stream_id: StreamId,
+        /// The record.
         #[serde(with = "serde_bytes")]
         record: Vec<u8>,
     },
@@ -249,6 +250,9 @@ pub enum Message {
         transfer_id: TransferId,
         /// 32 random bytes, valid once and only for a short time.
         ticket: [u8; 32],
+        /// Where to open the data connection: `HOST:PORT`, or empty for the
+        /// broker this connection goes to.
+        address: String,
     },
     /// Agent → broker: the first message of a plain data connection.
     Redeem {
@@ -256,6 +260,33 @@ pub enum Message {
         transfer_id: TransferId,
         /// The ticket the broker gave for it.
         ticket: [u8; 32],
+    },
+    /// The stream's first record: its manifest (PROTOCOL.md §5.2).
+    Manifest {
+        /// The stream it belongs to.
+        stream_id: StreamId,
+        /// The record.
+        #[serde(with = "serde_bytes")]
+        record: Vec<u8>,
+    },
+    /// Sender → one receiver, before the stream: the stream's root key,
+    /// sealed for that receiver (PROTOCOL.md §5.1).
+    Root {
+        /// The receiver's transfer.
+        transfer_id: TransferId,
+        /// The 96-byte record.
+        #[serde(with = "serde_bytes")]
+        record: Vec<u8>,
+    },
+    /// Either side of a control connection: are you still there?
+    Ping {
+        /// Echoed in the answer.
+        nonce: u64,
+    },
+    /// The answer to a `Ping`.
+    Pong {
+        /// The ping's nonce.
+        nonce: u64,
     },
 }
 
@@ -283,6 +314,10 @@ impl Message {
             Self::Online { .. } => "Online",
             Self::Ticket { .. } => "Ticket",
             Self::Redeem { .. } => "Redeem",
+            Self::Manifest { .. } => "Manifest",
+            Self::Root { .. } => "Root",
+            Self::Ping { .. } => "Ping",
+            Self::Pong { .. } => "Pong",
         }
     }
 }
@@ -320,7 +355,7 @@ mod tests {
     #[test]
     fn the_chunk_fast_path_knows_the_chunk_index() {
         let chunk = Message::Chunk {
-            transfer_id: TransferId([0; 16]),
+            stream_id: StreamId([0; 16]),
             record: vec![],
         };
         assert_eq!(
@@ -333,8 +368,9 @@ mod tests {
     fn exact_bytes() {
         // Changing any of these bytes changes the wire format: bump the version.
         let tid = TransferId([0xaa; 16]);
+        let sid = StreamId([0xaa; 16]);
         let cases: Vec<(Message, Vec<u8>)> = vec![
-            (Message::Hello { version: 1 }, vec![0, 1]),
+            (Message::Hello { version: 2 }, vec![0, 2]),
             (
                 Message::Offer {
                     to: AgentName::new("bob").unwrap(),
@@ -361,21 +397,21 @@ mod tests {
             ),
             (
                 Message::KeyUpdate {
-                    transfer_id: tid,
+                    stream_id: sid,
                     record: vec![7, 7],
                 },
                 [vec![4], vec![0xaa; 16], vec![2, 7, 7]].concat(),
             ),
             (
                 Message::Chunk {
-                    transfer_id: tid,
+                    stream_id: sid,
                     record: vec![],
                 },
                 [vec![5], vec![0xaa; 16], vec![0]].concat(),
             ),
             (
                 Message::Trailer {
-                    transfer_id: tid,
+                    stream_id: sid,
                     record: vec![1],
                 },
                 [vec![6], vec![0xaa; 16], vec![1, 1]].concat(),
@@ -404,11 +440,11 @@ mod tests {
             (
                 Message::Auth {
                     name: name(),
-                    role: Role::Data,
+                    role: Role::Receiver,
                     spki: vec![4],
                     signature: vec![5, 6],
                 },
-                vec![10, 1, b'b', 2, 1, 4, 2, 5, 6],
+                vec![10, 1, b'b', 1, 1, 4, 2, 5, 6],
             ),
             (Message::Welcome, vec![11]),
             (
@@ -453,8 +489,15 @@ mod tests {
                 Message::Ticket {
                     transfer_id: tid,
                     ticket: [3; 32],
+                    address: "h:1".into(),
                 },
-                [vec![18], vec![0xaa; 16], vec![3; 32]].concat(),
+                [
+                    vec![18],
+                    vec![0xaa; 16],
+                    vec![3; 32],
+                    vec![3, b'h', b':', b'1'],
+                ]
+                .concat(),
             ),
             (
                 Message::Redeem {
@@ -462,6 +505,29 @@ mod tests {
                     ticket: [4; 32],
                 },
                 [vec![19], vec![0xaa; 16], vec![4; 32]].concat(),
+            ),
+            (
+                Message::Manifest {
+                    stream_id: sid,
+                    record: vec![6],
+                },
+                [vec![20], vec![0xaa; 16], vec![1, 6]].concat(),
+            ),
+            (
+                Message::Root {
+                    transfer_id: tid,
+                    record: vec![7],
+                },
+                [vec![21], vec![0xaa; 16], vec![1, 7]].concat(),
+            ),
+            (Message::Ping { nonce: 300 }, vec![22, 0xac, 0x02]),
+            (Message::Pong { nonce: 1 }, vec![23, 1]),
+            (
+                Message::Abort {
+                    transfer_id: tid,
+                    reason: AbortReason::Policy,
+                },
+                [vec![8], vec![0xaa; 16], vec![6]].concat(),
             ),
         ];
         for (msg, bytes) in cases.into_iter().chain(more) {

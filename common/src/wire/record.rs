@@ -1,6 +1,6 @@
-//! The data-plane records of a transfer, byte by byte (PROTOCOL.md §5): chunks,
-//! key updates, the trailer and the receipt, and the associated data each tag
-//! covers.
+//! The data-plane records of a transfer, byte by byte (PROTOCOL.md §5): the
+//! stream root, the manifest, chunks, key updates, the trailer and the
+//! receipt, and exactly what each tag and signature covers.
 //!
 //! Parsing checks every length against its bound before anything else and
 //! refuses trailing bytes; it does not authenticate. Authentication is the job
@@ -10,7 +10,9 @@ use thiserror::Error;
 
 use crate::crypto::seal::{IV_LEN, Sealed, TAG_LEN};
 use crate::encode::{Decoder, Encoder};
-use crate::ids::TransferId;
+use crate::identity::Fingerprint;
+use crate::ids::{StreamId, TransferId};
+use crate::name::AgentName;
 
 /// Largest plaintext of one chunk.
 pub const MAX_CHUNK: usize = 1 << 20;
@@ -20,17 +22,35 @@ pub const MAX_CHUNK: usize = 1 << 20;
 pub const DEFAULT_CHUNK: usize = 512 << 10;
 /// Largest chunk ciphertext (a full chunk plus a block of padding).
 pub const MAX_CHUNK_CIPHERTEXT: usize = MAX_CHUNK + 16;
+/// Largest manifest plaintext.
+pub const MAX_MANIFEST: usize = 512 << 10;
+/// Largest sender signature in a trailer (a 4096-bit key's).
+pub const MAX_SIGNATURE: usize = 512;
+/// Most receivers a trailer may list.
+pub const MAX_TRAILER_RECEIVERS: usize = 64;
+/// Largest trailer plaintext: total, hash, the length-prefixed signature, and
+/// the receivers (name with its u32 length, fingerprint).
+pub const MAX_TRAILER_PLAIN: usize =
+    8 + 32 + 4 + MAX_SIGNATURE + 4 + MAX_TRAILER_RECEIVERS * (4 + 32 + 32);
 
-/// Tag labels of the records.
+/// Tag and signature labels of the records.
 pub mod label {
+    /// Stream-root tag.
+    pub const ROOT: &str = "keyferry/v2 root";
+    /// Manifest tag.
+    pub const MANIFEST: &str = "keyferry/v2 manifest";
+    /// Hash of a manifest body (what the journal and the resume proof name).
+    pub const MANIFEST_HASH: &str = "keyferry/v2 manifest-hash";
     /// Chunk tag.
-    pub const CHUNK: &str = "keyferry/v1 chunk";
+    pub const CHUNK: &str = "keyferry/v2 chunk";
     /// Key-update tag.
-    pub const KEY_UPDATE: &str = "keyferry/v1 key-update";
+    pub const KEY_UPDATE: &str = "keyferry/v2 key-update";
     /// Trailer tag.
-    pub const TRAILER: &str = "keyferry/v1 trailer";
+    pub const TRAILER: &str = "keyferry/v2 trailer";
+    /// The sender's signature over what a stream's trailer commits to.
+    pub const STREAM_SIGNATURE: &str = "keyferry/v2 stream";
     /// Receipt tag.
-    pub const RECEIPT: &str = "keyferry/v1 receipt";
+    pub const RECEIPT: &str = "keyferry/v2 receipt";
 }
 
 /// A record that does not have the shape its type requires.
@@ -48,7 +68,7 @@ pub const CHUNK_HEADER_LEN: usize = 4 + 8 + 1 + IV_LEN + 4;
 pub struct ChunkRecord<'a> {
     /// Key epoch the chunk is sealed under.
     pub epoch: u32,
-    /// Sequence number within the transfer.
+    /// Sequence number within the stream.
     pub seq: u64,
     /// Whether this is the final chunk.
     pub last: bool,
@@ -60,12 +80,15 @@ pub struct ChunkRecord<'a> {
     pub tag: &'a [u8; TAG_LEN],
 }
 
-/// Associated data of a chunk's tag.
-pub fn chunk_ad(transfer_id: &TransferId, epoch: u32, seq: u64, last: bool) -> Vec<u8> {
+/// Associated data of a chunk's tag: it binds the chunk to its stream, epoch,
+/// sequence number, place in the data (the absolute offset of its first
+/// plaintext byte) and the last-chunk flag.
+pub fn chunk_ad(stream_id: &StreamId, epoch: u32, seq: u64, offset: u64, last: bool) -> Vec<u8> {
     Encoder::new(label::CHUNK)
-        .fixed(&transfer_id.0)
+        .fixed(&stream_id.0)
         .u32(epoch)
         .u64(seq)
+        .u64(offset)
         .u8(u8::from(last))
         .finish()
 }
@@ -130,10 +153,13 @@ impl<'a> ChunkRecord<'a> {
     }
 }
 
-/// Ciphertext length of the 32 fresh bytes of a key update.
-pub const KEY_UPDATE_CT_LEN: usize = 48;
+/// Ciphertext length of 32 bytes of key material (a key update's fresh bytes,
+/// a stream root).
+pub const KEY_CT_LEN: usize = 48;
 /// Exact length of a key-update record.
-pub const KEY_UPDATE_LEN: usize = 4 + 8 + IV_LEN + KEY_UPDATE_CT_LEN + TAG_LEN;
+pub const KEY_UPDATE_LEN: usize = 4 + 8 + IV_LEN + KEY_CT_LEN + TAG_LEN;
+/// Exact length of a stream-root record.
+pub const ROOT_LEN: usize = IV_LEN + KEY_CT_LEN + TAG_LEN;
 
 /// A key update: `epoch u32 ‖ first_seq u64 ‖ IV[16] ‖ C[48] ‖ tag[32]`, 108 bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,9 +173,9 @@ pub struct KeyUpdateRecord {
 }
 
 /// Associated data of a key update's tag.
-pub fn key_update_ad(transfer_id: &TransferId, epoch: u32, first_seq: u64) -> Vec<u8> {
+pub fn key_update_ad(stream_id: &StreamId, epoch: u32, first_seq: u64) -> Vec<u8> {
     Encoder::new(label::KEY_UPDATE)
-        .fixed(&transfer_id.0)
+        .fixed(&stream_id.0)
         .u32(epoch)
         .u64(first_seq)
         .finish()
@@ -176,76 +202,224 @@ impl KeyUpdateRecord {
         let mut d = Decoder::new(bytes);
         let epoch = d.u32().map_err(|_| bad)?;
         let first_seq = d.u64().map_err(|_| bad)?;
-        let iv = d.array::<IV_LEN>().map_err(|_| bad)?;
-        let ct = d.array::<KEY_UPDATE_CT_LEN>().map_err(|_| bad)?;
-        let tag = d.array::<TAG_LEN>().map_err(|_| bad)?;
+        let sealed = fixed_sealed(&mut d, bad)?;
         d.finish().map_err(|_| bad)?;
         Ok(Self {
             epoch,
             first_seq,
-            sealed: Sealed {
-                iv,
-                ciphertext: ct.to_vec(),
-                tag,
-            },
+            sealed,
         })
     }
 }
 
-/// Ciphertext length of the trailer's 40-byte plaintext (total u64 ‖ SHA-256).
-pub const TRAILER_CT_LEN: usize = 48;
-/// Exact length of a trailer record.
-pub const TRAILER_LEN: usize = IV_LEN + TRAILER_CT_LEN + TAG_LEN;
+fn fixed_sealed(d: &mut Decoder<'_>, bad: MalformedRecord) -> Result<Sealed, MalformedRecord> {
+    let iv = d.array::<IV_LEN>().map_err(|_| bad)?;
+    let ct = d.array::<KEY_CT_LEN>().map_err(|_| bad)?;
+    let tag = d.array::<TAG_LEN>().map_err(|_| bad)?;
+    Ok(Sealed {
+        iv,
+        ciphertext: ct.to_vec(),
+        tag,
+    })
+}
 
-/// Associated data of the trailer's tag: it binds the number of chunks.
-pub fn trailer_ad(transfer_id: &TransferId, chunks: u64) -> Vec<u8> {
-    Encoder::new(label::TRAILER)
+/// Associated data of the stream root's tag, for one receiver.
+pub fn root_ad(transfer_id: &TransferId, stream_id: &StreamId) -> Vec<u8> {
+    Encoder::new(label::ROOT)
         .fixed(&transfer_id.0)
-        .u64(chunks)
+        .fixed(&stream_id.0)
         .finish()
 }
 
-/// The trailer: `IV[16] ‖ C[48] ‖ tag[32]`, sealing `total u64 ‖ SHA-256[32]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TrailerRecord {
-    /// IV, ciphertext and tag.
-    pub sealed: Sealed,
+/// Encodes a stream-root record: `IV[16] ‖ C[48] ‖ tag[32]`.
+pub fn encode_fixed(s: &Sealed) -> Vec<u8> {
+    Encoder::default()
+        .fixed(&s.iv)
+        .fixed(&s.ciphertext)
+        .fixed(&s.tag)
+        .finish()
 }
 
-impl TrailerRecord {
-    /// Encodes the record.
+/// Parses a stream-root record of exactly [`ROOT_LEN`] bytes.
+pub fn parse_root(bytes: &[u8]) -> Result<Sealed, MalformedRecord> {
+    let bad = MalformedRecord("root");
+    if bytes.len() != ROOT_LEN {
+        return Err(bad);
+    }
+    let mut d = Decoder::new(bytes);
+    let sealed = fixed_sealed(&mut d, bad)?;
+    d.finish().map_err(|_| bad)?;
+    Ok(sealed)
+}
+
+/// Encodes a variable sealed record (manifest, trailer):
+/// `IV[16] ‖ u32 len(C) ‖ C ‖ tag[32]`.
+pub fn encode_sealed(s: &Sealed) -> Vec<u8> {
+    Encoder::default()
+        .fixed(&s.iv)
+        .bytes(&s.ciphertext)
+        .fixed(&s.tag)
+        .finish()
+}
+
+/// Parses a variable sealed record whose ciphertext may be at most `max_ct`
+/// bytes (and a non-zero multiple of 16).
+pub fn parse_sealed(
+    bytes: &[u8],
+    max_ct: usize,
+    what: &'static str,
+) -> Result<Sealed, MalformedRecord> {
+    let bad = MalformedRecord(what);
+    let mut d = Decoder::new(bytes);
+    let iv = d.array::<IV_LEN>().map_err(|_| bad)?;
+    let ct = d.bytes(max_ct).map_err(|_| bad)?;
+    if ct.is_empty() || !ct.len().is_multiple_of(16) {
+        return Err(bad);
+    }
+    let ciphertext = ct.to_vec();
+    let tag = d.array::<TAG_LEN>().map_err(|_| bad)?;
+    d.finish().map_err(|_| bad)?;
+    Ok(Sealed {
+        iv,
+        ciphertext,
+        tag,
+    })
+}
+
+/// Associated data of the manifest's tag.
+pub fn manifest_ad(stream_id: &StreamId) -> Vec<u8> {
+    Encoder::new(label::MANIFEST).fixed(&stream_id.0).finish()
+}
+
+/// The hash of a manifest body: what the sender signs, and what a resume
+/// proof and a receiver's journal name.
+pub fn manifest_hash(body: &[u8]) -> [u8; 32] {
+    use sha2::{Digest as _, Sha256};
+    Sha256::digest(Encoder::new(label::MANIFEST_HASH).bytes(body).finish()).into()
+}
+
+/// Associated data of the trailer's tag: it binds the number of chunks of this
+/// stream and the offset its data started at.
+pub fn trailer_ad(stream_id: &StreamId, chunks: u64, resume_from: u64) -> Vec<u8> {
+    Encoder::new(label::TRAILER)
+        .fixed(&stream_id.0)
+        .u64(chunks)
+        .u64(resume_from)
+        .finish()
+}
+
+/// The trailer's plaintext: `u64 total ‖ SHA-256[32] ‖ u32 len ‖ signature ‖
+/// u32 n ‖ n × (u32 len ‖ receiver name ‖ receiver fingerprint[32])`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrailerPlain {
+    /// Total plaintext bytes of the data (all of it, also across a resume).
+    pub total: u64,
+    /// SHA-256 of the whole data.
+    pub sha256: [u8; 32],
+    /// The sender's RSA-PSS signature over [`stream_signed`].
+    pub signature: Vec<u8>,
+    /// Every receiver of the stream, as signed.
+    pub receivers: Vec<(AgentName, Fingerprint)>,
+}
+
+impl TrailerPlain {
+    /// Encodes the plaintext.
     pub fn encode(&self) -> Vec<u8> {
+        let count = u32::try_from(self.receivers.len()).expect("receivers are bounded");
         let mut e = Encoder::default();
-        e.fixed(&self.sealed.iv)
-            .fixed(&self.sealed.ciphertext)
-            .fixed(&self.sealed.tag);
+        e.u64(self.total)
+            .fixed(&self.sha256)
+            .bytes(&self.signature)
+            .u32(count);
+        for (name, fp) in &self.receivers {
+            e.bytes(name.as_str().as_bytes()).fixed(&fp.0);
+        }
         e.finish()
     }
 
-    /// Parses a record of exactly [`TRAILER_LEN`] bytes.
+    /// Parses an opened trailer.
     pub fn parse(bytes: &[u8]) -> Result<Self, MalformedRecord> {
         let bad = MalformedRecord("trailer");
-        if bytes.len() != TRAILER_LEN {
+        let mut d = Decoder::new(bytes);
+        let total = d.u64().map_err(|_| bad)?;
+        let sha256 = d.array().map_err(|_| bad)?;
+        let signature = d.bytes(MAX_SIGNATURE).map_err(|_| bad)?.to_vec();
+        let count = d.u32().map_err(|_| bad)? as usize;
+        if count == 0 || count > MAX_TRAILER_RECEIVERS {
             return Err(bad);
         }
-        let mut d = Decoder::new(bytes);
-        let iv = d.array::<IV_LEN>().map_err(|_| bad)?;
-        let ct = d.array::<TRAILER_CT_LEN>().map_err(|_| bad)?;
-        let tag = d.array::<TAG_LEN>().map_err(|_| bad)?;
+        let mut receivers = Vec::with_capacity(count);
+        for _ in 0..count {
+            let raw = d.bytes(crate::name::MAX_NAME_LEN).map_err(|_| bad)?;
+            let name = std::str::from_utf8(raw)
+                .ok()
+                .and_then(|s| AgentName::new(s).ok())
+                .ok_or(bad)?;
+            receivers.push((name, Fingerprint(d.array().map_err(|_| bad)?)));
+        }
+        d.finish().map_err(|_| bad)?;
         Ok(Self {
-            sealed: Sealed {
-                iv,
-                ciphertext: ct.to_vec(),
-                tag,
-            },
+            total,
+            sha256,
+            signature,
+            receivers,
         })
     }
 }
 
-/// The MAC input of a receipt: `label ‖ transfer id ‖ total u64 ‖ SHA-256`.
-pub fn receipt_input(transfer_id: &TransferId, total: u64, sha256: &[u8; 32]) -> Vec<u8> {
+/// What the sender's trailer signature covers (signed under the context
+/// [`label::STREAM_SIGNATURE`]): the stream, the sender's key, the data's
+/// length and hash, the chunk count, where this stream's data started, the
+/// manifest, and every receiver the stream was sent to, by name and key.
+/// Each receiver checks it is in the list before it places anything.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamCommitment<'a> {
+    /// The stream.
+    pub stream_id: &'a StreamId,
+    /// The sender's key fingerprint.
+    pub sender_fp: &'a Fingerprint,
+    /// Total plaintext bytes.
+    pub total: u64,
+    /// SHA-256 of the whole data.
+    pub sha256: &'a [u8; 32],
+    /// Chunks in this stream.
+    pub chunks: u64,
+    /// The offset the stream's data started at.
+    pub resume_from: u64,
+    /// Hash of the manifest body ([`manifest_hash`]).
+    pub manifest_hash: &'a [u8; 32],
+    /// Every receiver of the stream.
+    pub receivers: &'a [(AgentName, Fingerprint)],
+}
+
+/// The bytes a [`StreamCommitment`] signs.
+pub fn stream_signed(c: &StreamCommitment<'_>) -> Vec<u8> {
+    let count = u32::try_from(c.receivers.len()).expect("receivers are bounded");
+    let mut e = Encoder::default();
+    e.fixed(&c.stream_id.0)
+        .fixed(&c.sender_fp.0)
+        .u64(c.total)
+        .fixed(c.sha256)
+        .u64(c.chunks)
+        .u64(c.resume_from)
+        .fixed(c.manifest_hash)
+        .u32(count);
+    for (name, fp) in c.receivers {
+        e.bytes(name.as_str().as_bytes()).fixed(&fp.0);
+    }
+    e.finish()
+}
+
+/// The MAC input of a receipt: `label ‖ transfer id ‖ stream id ‖ total u64 ‖ SHA-256`.
+pub fn receipt_input(
+    transfer_id: &TransferId,
+    stream_id: &StreamId,
+    total: u64,
+    sha256: &[u8; 32],
+) -> Vec<u8> {
     Encoder::new(label::RECEIPT)
         .fixed(&transfer_id.0)
+        .fixed(&stream_id.0)
         .u64(total)
         .fixed(sha256)
         .finish()
@@ -304,7 +478,7 @@ mod tests {
     }
 
     #[test]
-    fn key_update_and_trailer_have_exact_lengths() {
+    fn fixed_records_have_exact_lengths_and_variable_ones_their_bounds() {
         let ku = KeyUpdateRecord {
             epoch: 1,
             first_seq: 5,
@@ -316,10 +490,33 @@ mod tests {
         assert!(KeyUpdateRecord::parse(&b[..107]).is_err());
         assert!(KeyUpdateRecord::parse(&[b.as_slice(), &[0]].concat()).is_err());
 
-        let t = TrailerRecord { sealed: sealed(48) };
-        let b = t.encode();
-        assert_eq!(b.len(), 96);
-        assert_eq!(TrailerRecord::parse(&b).unwrap(), t);
-        assert!(TrailerRecord::parse(&b[..95]).is_err());
+        let root = encode_fixed(&sealed(48));
+        assert_eq!(root.len(), ROOT_LEN);
+        assert_eq!(parse_root(&root).unwrap(), sealed(48));
+        assert!(parse_root(&root[..95]).is_err());
+
+        let t = encode_sealed(&sealed(64));
+        assert_eq!(t.len(), 16 + 4 + 64 + 32);
+        assert_eq!(parse_sealed(&t, 64, "trailer").unwrap(), sealed(64));
+        assert!(parse_sealed(&t, 48, "trailer").is_err(), "over the bound");
+        assert!(parse_sealed(&encode_sealed(&sealed(20)), 64, "trailer").is_err());
+        assert!(parse_sealed(&encode_sealed(&sealed(0)), 64, "trailer").is_err());
+        assert!(parse_sealed(&[t.as_slice(), &[0]].concat(), 64, "trailer").is_err());
+
+        let bob = (AgentName::new("bob").unwrap(), Fingerprint([6; 32]));
+        let plain = TrailerPlain {
+            total: 9,
+            sha256: [4; 32],
+            signature: vec![5; 384],
+            receivers: vec![bob.clone(); MAX_TRAILER_RECEIVERS],
+        };
+        assert_eq!(TrailerPlain::parse(&plain.encode()).unwrap(), plain);
+        assert!(plain.encode().len() <= MAX_TRAILER_PLAIN);
+        let mut none = plain.clone();
+        none.receivers.clear();
+        assert!(TrailerPlain::parse(&none.encode()).is_err());
+        let mut too_many = plain;
+        too_many.receivers.push(bob);
+        assert!(TrailerPlain::parse(&too_many.encode()).is_err());
     }
 }

@@ -1,0 +1,199 @@
+//! A transfer's journal (PROTOCOL.md §7.3): what a receiver holds verified of
+//! an interrupted transfer, so that the next attempt resumes from there.
+//!
+//! It names the transfer's origin (PROTOCOL.md §6.4), the
+//! sender and its key, the manifest's hash, the total size, how many bytes
+//! of the data verified and were synced to disk, and the SHA-256 state after
+//! exactly those bytes. It is MACed under a key that lives in the receiver's
+//! home, not in the out dir: whoever can write the out dir but not the home
+//! cannot make a journal that is believed. It is written to a temporary name,
+//! synced and renamed over the old one, so it is always whole; and only after
+//! the data it counts was synced, so it never counts bytes the disk lacks.
+
+use std::time::Duration;
+
+use keyferry_common::crypto::keys::MacKey;
+use keyferry_common::crypto::mac;
+use keyferry_common::encode::{Decoder, Encoder};
+use keyferry_common::identity::Fingerprint;
+use keyferry_common::ids::StreamId;
+use keyferry_common::name::{AgentName, MAX_NAME_LEN};
+use keyferry_common::transfer::{load_hasher, save_hasher};
+use sha2::Sha256;
+
+/// The journal's format number.
+const FORMAT: u16 = 1;
+/// The MAC's context label.
+const LABEL: &str = "keyferry/v2 journal";
+/// How long a journal may be resumed from.
+pub const MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// A serialized SHA-256 state is never longer than this.
+const MAX_STATE: usize = 256;
+
+/// One transfer's resumable state.
+#[derive(Debug, Clone)]
+pub struct Journal {
+    /// The transfer's origin (PROTOCOL.md §6.4).
+    pub origin: StreamId,
+    /// Who sends it.
+    pub sender: AgentName,
+    /// The sender's key.
+    pub sender_fp: Fingerprint,
+    /// Hash of the manifest (PROTOCOL.md §5.2).
+    pub manifest_hash: [u8; 32],
+    /// The data's total size.
+    pub total: u64,
+    /// Bytes of the data verified and synced.
+    pub verified: u64,
+    /// When the transfer first began, Unix seconds.
+    pub created: u64,
+    /// The SHA-256 state after `verified` bytes.
+    pub hasher: Sha256,
+}
+
+/// Why a journal is not believed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum JournalError {
+    /// Not a journal of this format, or its MAC fails.
+    #[error("the journal is damaged or was not written by this receiver")]
+    Invalid,
+    /// Older than [`MAX_AGE`].
+    #[error("the journal is older than 7 days")]
+    Expired,
+}
+
+impl Journal {
+    fn fields(&self) -> Vec<u8> {
+        Encoder::default()
+            .u16(FORMAT)
+            .fixed(&self.origin.0)
+            .bytes(self.sender.as_str().as_bytes())
+            .fixed(&self.sender_fp.0)
+            .fixed(&self.manifest_hash)
+            .u64(self.total)
+            .u64(self.verified)
+            .u64(self.created)
+            .bytes(&save_hasher(&self.hasher))
+            .finish()
+    }
+
+    /// The journal's bytes, MACed under `key`.
+    pub fn encode(&self, key: &MacKey) -> Vec<u8> {
+        let mut out = self.fields();
+        let tag = mac::tag(key, &[&Encoder::new(LABEL).finish(), &out]);
+        out.extend_from_slice(&tag);
+        out
+    }
+
+    /// A journal read back: its MAC checked first, then its fields, then its
+    /// age against `now` (Unix seconds).
+    pub fn decode(bytes: &[u8], key: &MacKey, now: u64) -> Result<Self, JournalError> {
+        fn bad<E>(_: E) -> JournalError {
+            JournalError::Invalid
+        }
+        let split = bytes
+            .len()
+            .checked_sub(mac::TAG_LEN)
+            .ok_or(JournalError::Invalid)?;
+        let (fields, tag) = bytes.split_at(split);
+        mac::verify(key, &[&Encoder::new(LABEL).finish(), fields], tag).map_err(bad)?;
+        let mut d = Decoder::new(fields);
+        if d.u16().map_err(bad)? != FORMAT {
+            return Err(JournalError::Invalid);
+        }
+        let origin = StreamId(d.array().map_err(bad)?);
+        let name = std::str::from_utf8(d.bytes(MAX_NAME_LEN).map_err(bad)?).map_err(bad)?;
+        let sender = AgentName::new(name).map_err(|_| JournalError::Invalid)?;
+        let sender_fp = Fingerprint(d.array().map_err(bad)?);
+        let manifest_hash = d.array().map_err(bad)?;
+        let total = d.u64().map_err(bad)?;
+        let verified = d.u64().map_err(bad)?;
+        let created = d.u64().map_err(bad)?;
+        let hasher = load_hasher(d.bytes(MAX_STATE).map_err(bad)?).ok_or(JournalError::Invalid)?;
+        d.finish().map_err(bad)?;
+        if verified > total {
+            return Err(JournalError::Invalid);
+        }
+        if now.saturating_sub(created) > MAX_AGE.as_secs() || created > now + 300 {
+            return Err(JournalError::Expired);
+        }
+        Ok(Self {
+            origin,
+            sender,
+            sender_fp,
+            manifest_hash,
+            total,
+            verified,
+            created,
+            hasher,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::Digest as _;
+
+    fn journal() -> Journal {
+        Journal {
+            origin: StreamId([7; 16]),
+            sender: AgentName::new("alice").unwrap(),
+            sender_fp: Fingerprint([1; 32]),
+            manifest_hash: [2; 32],
+            total: 1 << 30,
+            verified: 100,
+            created: 1_800_000_000,
+            hasher: Sha256::new().chain_update([5u8; 100]),
+        }
+    }
+
+    #[test]
+    fn a_journal_round_trips_with_its_hash_state() {
+        let key = MacKey::from_bytes([9; 32]);
+        let j = journal();
+        let back = Journal::decode(&j.encode(&key), &key, j.created + 60).unwrap();
+        assert_eq!(back.origin, j.origin);
+        assert_eq!(back.sender, j.sender);
+        assert_eq!((back.total, back.verified), (j.total, j.verified));
+        assert_eq!(
+            back.hasher.chain_update([6u8; 10]).finalize(),
+            Sha256::new()
+                .chain_update([5u8; 100])
+                .chain_update([6u8; 10])
+                .finalize()
+        );
+    }
+
+    #[test]
+    fn a_tampered_foreign_or_old_journal_is_not_believed() {
+        let key = MacKey::from_bytes([9; 32]);
+        let j = journal();
+        let bytes = j.encode(&key);
+        let now = j.created + 60;
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x10;
+            assert_eq!(
+                Journal::decode(&b, &key, now).unwrap_err(),
+                JournalError::Invalid,
+                "byte {i}"
+            );
+        }
+        let other = MacKey::from_bytes([8; 32]);
+        assert!(Journal::decode(&bytes, &other, now).is_err());
+        assert!(Journal::decode(&bytes[..10], &key, now).is_err());
+        let week = MAX_AGE.as_secs();
+        assert!(Journal::decode(&bytes, &key, j.created + week).is_ok());
+        assert_eq!(
+            Journal::decode(&bytes, &key, j.created + week + 1).unwrap_err(),
+            JournalError::Expired
+        );
+        // More verified than the total: refused even with a valid MAC.
+        let over = Journal {
+            verified: j.total + 1,
+            ..journal()
+        };
+        assert!(Journal::decode(&over.encode(&key), &key, now).is_err());
+    }
+}

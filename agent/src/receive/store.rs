@@ -1,0 +1,370 @@
+//! The blocking half of a transfer's stream: every frame through the
+//! stream's one door ([`RecvStream::open`]), in order; the manifest checked
+//! and its tree prepared (fresh, or cut back to the verified prefix of an
+//! earlier attempt) before any chunk is stored; the chunks written into the
+//! tree ([`super::tree`]) or, for a message, kept in memory; a journal
+//! checkpoint every 64 MiB ([`super::checkpoint`]); and once the trailer
+//! verified, the tree placed. A transfer that fails keeps its verified
+//! prefix journalled for the next attempt, or leaves nothing if it had none.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use keyferry_common::crypto::keys::MacKey;
+use keyferry_common::handshake::Kind;
+use keyferry_common::manifest::{EntryKind, Manifest};
+use keyferry_common::text::escape;
+use keyferry_common::transfer::{Opened, RecvError, RecvStream, TrailerVerified};
+use keyferry_common::wire::message::AbortReason;
+use sha2::{Digest as _, Sha256};
+use tokio::sync::mpsc;
+
+use super::Failure;
+use super::checkpoint::{self, Checkpoints};
+use super::filename::{self, TopLevel};
+use super::journal::Journal;
+use super::resume::Place;
+use super::tree::TreeWriter;
+
+/// A refused record, as the sender is told and the user reads it.
+pub(super) fn verification(e: RecvError) -> Failure {
+    let reason = match e {
+        RecvError::Aborted(reason) => reason,
+        _ => AbortReason::VerificationFailed,
+    };
+    Failure::Failed(reason, e.to_string())
+}
+
+fn policy(why: String) -> Failure {
+    Failure::Failed(AbortReason::Policy, why)
+}
+
+fn storage(e: std::io::Error) -> Failure {
+    Failure::Failed(AbortReason::Storage, format!("cannot store the data: {e}"))
+}
+
+/// The opening thread's ends of the channels: frame payloads in, empty
+/// buffers back, and the count of verified plaintext bytes out (the stream's
+/// progress).
+pub(super) struct Pipe {
+    pub payloads: mpsc::Receiver<Vec<u8>>,
+    pub free: std::sync::mpsc::Sender<Vec<u8>>,
+    pub progress: Arc<AtomicU64>,
+}
+
+/// Why the opening thread stopped without a verified stream.
+pub(super) enum Stopped {
+    /// It refused something, or could not store it: the real cause.
+    Failed(Failure),
+    /// Its input ended: the reading task knows why.
+    InputEnded,
+}
+
+/// What the opening thread is given: the stream, what the terms promised,
+/// and where files go.
+pub(super) struct Job {
+    pub stream: RecvStream,
+    pub want: Want,
+    pub place: Option<Place>,
+}
+
+/// What the verified terms promised.
+pub(super) struct Want {
+    pub kind: Kind,
+    pub declared: u64,
+    pub size_known: bool,
+    /// The journal key.
+    pub key: Arc<MacKey>,
+}
+
+/// A verified, stored transfer.
+pub(super) struct Received {
+    /// The line to print.
+    pub line: String,
+    /// The receipt to send.
+    pub receipt: [u8; 32],
+}
+
+/// Where chunks go.
+enum Sink {
+    /// Before the manifest.
+    Waiting(Option<Place>),
+    /// A message, in memory.
+    Text(Vec<u8>),
+    /// Files, in their tree.
+    Tree {
+        tree: TreeWriter,
+        checkpoints: Checkpoints,
+        journal: Journal,
+        tops: Vec<TopLevel>,
+        files: usize,
+        /// Whether the tree is one file (and no directory).
+        single_file: bool,
+        /// Bytes written into the tree (counted from the data's start).
+        written: u64,
+        next_checkpoint: u64,
+    },
+}
+
+/// Checks a manifest against the terms; returns its top-level items.
+fn check_manifest(job: &Want, m: &Manifest) -> Result<Vec<TopLevel>, Failure> {
+    let tops = filename::check_manifest(m).map_err(|e| policy(format!("the manifest has {e}")))?;
+    if m.entries.is_empty() {
+        return Err(policy("the manifest lists nothing".into()));
+    }
+    let total = m.total_size().unwrap_or(u64::MAX);
+    if job.size_known != m.size_known() || (job.size_known && total != job.declared) {
+        return Err(policy(format!(
+            "the manifest lists {total} bytes, the offer {}",
+            job.declared
+        )));
+    }
+    Ok(tops)
+}
+
+impl Sink {
+    /// The manifest arrived: prepares where the chunks go.
+    fn manifest(
+        &mut self,
+        job: &Want,
+        stream: &RecvStream,
+        from: u64,
+        body: &[u8],
+    ) -> Result<(), Failure> {
+        let Sink::Waiting(place) = self else {
+            return Err(policy("a second manifest".into()));
+        };
+        let m = Manifest::decode(body).map_err(|e| policy(e.to_string()))?;
+        if job.kind == Kind::Message {
+            if !m.entries.is_empty() {
+                return Err(policy("a message with a manifest of files".into()));
+            }
+            *self = Sink::Text(Vec::new());
+            return Ok(());
+        }
+        let tops = check_manifest(job, &m)?;
+        let place = place
+            .take()
+            .ok_or_else(|| policy("files where none were offered".into()))?;
+        let mut journal = place.journal;
+        let tree = if from == 0 {
+            journal.manifest_hash = stream.manifest_hash();
+            journal.verified = 0;
+            journal.hasher = Sha256::new();
+            let tree = TreeWriter::fresh(place.staging, &m).map_err(storage)?;
+            tree.staging().write_manifest(body).map_err(storage)?;
+            tree.staging()
+                .write_journal(&journal, &job.key)
+                .map_err(storage)?;
+            tree
+        } else {
+            TreeWriter::resume(place.staging, &m, from).map_err(storage)?
+        };
+        let checkpoints = Checkpoints::start(Arc::clone(tree.staging()), Arc::clone(&job.key));
+        let files = m
+            .entries
+            .iter()
+            .filter(|e| e.kind != EntryKind::Dir)
+            .count();
+        let single_file = m.entries.len() == 1 && files == 1;
+        *self = Sink::Tree {
+            tree,
+            checkpoints,
+            journal,
+            tops,
+            files,
+            single_file,
+            written: from,
+            next_checkpoint: from + checkpoint::EVERY,
+        };
+        Ok(())
+    }
+
+    fn write(&mut self, stream: &RecvStream, plaintext: &[u8]) -> Result<(), Failure> {
+        match self {
+            Sink::Waiting(_) => Err(policy("data before the manifest".into())),
+            Sink::Text(t) => {
+                t.extend_from_slice(plaintext);
+                Ok(())
+            }
+            Sink::Tree {
+                tree,
+                checkpoints,
+                journal,
+                written,
+                next_checkpoint,
+                ..
+            } => {
+                tree.write(plaintext).map_err(storage)?;
+                *written = stream.total();
+                if *written >= *next_checkpoint {
+                    *next_checkpoint = *written + checkpoint::EVERY;
+                    checkpoints.offer(snapshot(journal, stream));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The trailer verified: places what was received; the line to print.
+    fn finish(self, v: &TrailerVerified, resumed_from: u64) -> Result<String, Failure> {
+        let sha = hex::encode(v.sha256);
+        let resumed = if resumed_from > 0 {
+            format!(", resumed at byte {resumed_from}")
+        } else {
+            String::new()
+        };
+        match self {
+            Sink::Waiting(_) => Err(policy("a stream without a manifest".into())),
+            Sink::Text(t) => Ok(format!(
+                "message ({} bytes): {}",
+                v.total,
+                escape(&String::from_utf8_lossy(&t))
+            )),
+            Sink::Tree {
+                tree,
+                checkpoints,
+                tops,
+                files,
+                single_file,
+                ..
+            } => {
+                checkpoints.finish(None).map_err(storage)?;
+                let paths = tree.place(&tops).map_err(storage)?;
+                let shown: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+                let what = match &tops[..] {
+                    [one] if single_file => escape(&one.name),
+                    _ => format!("{} item(s), {files} file(s)", tops.len()),
+                };
+                Ok(format!(
+                    "received {what} ({} bytes, sha256 {sha}{resumed}) -> {}",
+                    v.total,
+                    shown.join(", ")
+                ))
+            }
+        }
+    }
+
+    /// The stream stopped: the journal the tree would be left with, which
+    /// must name what `stream` verified. A tree that holds less than that
+    /// (a write failed) cannot be journalled, and is left with nothing.
+    fn stopped(&mut self, stream: &RecvStream) {
+        if let Sink::Tree {
+            journal, written, ..
+        } = self
+        {
+            if *written == stream.total() {
+                *journal = snapshot(journal, stream);
+            } else {
+                *written = 0;
+            }
+        }
+    }
+
+    /// The transfer failed: journal what verified if `keep`, else (or if
+    /// nothing verified) leave nothing.
+    fn abandon(self, keep: bool) {
+        match self {
+            Sink::Waiting(place) => {
+                if let Some(p) = place {
+                    if keep {
+                        p.discard_if_empty();
+                    } else {
+                        p.discard();
+                    }
+                }
+            }
+            Sink::Text(_) => {}
+            Sink::Tree {
+                tree,
+                checkpoints,
+                journal,
+                written,
+                ..
+            } => {
+                let keep = keep && written > 0 && journal.verified == written;
+                let _ = checkpoints.finish(keep.then_some(&journal));
+                if !keep {
+                    drop(tree.into_staging().map(|s| s.remove()));
+                }
+            }
+        }
+    }
+}
+
+/// The journal after what `stream` verified so far.
+fn snapshot(journal: &Journal, stream: &RecvStream) -> Journal {
+    Journal {
+        verified: stream.total(),
+        hasher: stream.hasher().clone(),
+        manifest_hash: stream.manifest_hash(),
+        ..journal.clone()
+    }
+}
+
+/// What a failed transfer leaves: kept for a resume, or removed.
+pub(super) struct Leftover(Box<Sink>);
+
+impl Leftover {
+    /// Keeps the verified prefix journalled if the failure was `reason` and
+    /// a retry is to be expected (the sender, the broker or a connection
+    /// went away, or nothing came for too long); removes it otherwise (what
+    /// did not verify, or broke a rule, is not worth resuming).
+    pub(super) fn settle(self, reason: AbortReason) {
+        let keep = matches!(
+            reason,
+            AbortReason::PeerGone | AbortReason::Timeout | AbortReason::Interrupted
+        );
+        self.0.abandon(keep);
+    }
+}
+
+/// Runs the opening thread (see the module docs).
+pub(super) fn open_and_store(job: Job, mut pipe: Pipe) -> Result<Received, (Stopped, Leftover)> {
+    let Job {
+        mut stream,
+        want,
+        place,
+    } = job;
+    let mut sink = Sink::Waiting(place);
+    let result = (|| {
+        loop {
+            let Some(mut payload) = pipe.payloads.blocking_recv() else {
+                return Err(Stopped::InputEnded);
+            };
+            match stream.open(&mut payload) {
+                Ok(Opened::Root | Opened::KeyUpdate(_)) => {}
+                Ok(Opened::Manifest { resume_from, body }) => sink
+                    .manifest(&want, &stream, resume_from, &body)
+                    .map_err(Stopped::Failed)?,
+                Ok(Opened::Chunk { plaintext, .. }) => {
+                    sink.write(&stream, plaintext).map_err(Stopped::Failed)?;
+                    pipe.progress.store(stream.total(), Ordering::Relaxed);
+                }
+                Ok(Opened::Trailer(v)) => return Ok(v),
+                Err(e) => return Err(Stopped::Failed(verification(e))),
+            }
+            // The reader may have stopped; then the buffer is freed.
+            let _ = pipe.free.send(payload);
+        }
+    })();
+    match result {
+        Ok(v) => {
+            // A failed placement removes what it built.
+            let line = sink.finish(&v, stream.resumed_from()).map_err(|e| {
+                (
+                    Stopped::Failed(e),
+                    Leftover(Box::new(Sink::Text(Vec::new()))),
+                )
+            })?;
+            Ok(Received {
+                line,
+                receipt: v.receipt,
+            })
+        }
+        Err(e) => {
+            sink.stopped(&stream);
+            Err((e, Leftover(Box::new(sink))))
+        }
+    }
+}

@@ -1,0 +1,413 @@
+//! Building a manifest's tree in a staging directory (PROTOCOL.md §7.2):
+//! every directory and file made up front, mode 0700 and 0600, then the one
+//! chunk stream cut into the files at the boundaries the manifest gives. A
+//! resumed attempt first checks that the tree holds the verified prefix and
+//! cuts off anything past it; nothing beyond the journal's count is trusted.
+//!
+//! Once the trailer verified, [`TreeWriter::place`] moves each top-level
+//! item into the out dir under its own name (or the first free `name (n)`),
+//! never over anything: `renameat2(RENAME_NOREPLACE)` from the private
+//! directory's descriptor to the out dir's, and the placed name checked to be
+//! the very inode that was built. If one item cannot be placed, those already
+//! placed are moved back: nothing appears under a final name unless all do.
+
+use std::fs::File;
+use std::io::{self, Seek as _, SeekFrom, Write as _};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use keyferry_common::manifest::{EntryKind, Manifest};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags};
+use rustix::io::Errno;
+
+use super::filename::{self, TopLevel};
+use super::outdir::inode;
+use super::staging::Staging;
+
+/// One file's place in the data.
+#[derive(Debug, Clone)]
+struct Span {
+    path: String,
+    start: u64,
+    /// `u64::MAX` for a stream of unknown size.
+    size: u64,
+}
+
+fn spans(m: &Manifest) -> Vec<Span> {
+    let mut start = 0u64;
+    let mut out = Vec::new();
+    for e in &m.entries {
+        let size = match e.kind {
+            EntryKind::Dir => continue,
+            EntryKind::File { size } => size,
+            EntryKind::Stream => u64::MAX,
+        };
+        out.push(Span {
+            path: e.path.join("/"),
+            start,
+            size,
+        });
+        start = start.saturating_add(size);
+    }
+    out
+}
+
+fn open_file(tree: &Staging, path: &str, flags: OFlags) -> io::Result<File> {
+    let flags = flags | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = rustix::fs::openat(tree.tree(), path, flags, Mode::from_raw_mode(0o600))?;
+    Ok(File::from(fd))
+}
+
+/// Writes the data of one manifest into its staging tree.
+#[derive(Debug)]
+pub struct TreeWriter {
+    staging: Arc<Staging>,
+    spans: Vec<Span>,
+    /// The span being written.
+    next: usize,
+    /// Its file, once opened.
+    open: Option<File>,
+    /// Absolute offset of the next byte.
+    pos: u64,
+}
+
+impl TreeWriter {
+    /// Starts from nothing: empties the tree, makes every directory and file
+    /// of `m` (empty), and syncs.
+    pub fn fresh(mut staging: Staging, m: &Manifest) -> io::Result<Self> {
+        staging.reset_tree()?;
+        for e in &m.entries {
+            let path = e.path.join("/");
+            match e.kind {
+                EntryKind::Dir => {
+                    rustix::fs::mkdirat(staging.tree(), path.as_str(), Mode::from_raw_mode(0o700))?
+                }
+                EntryKind::File { .. } | EntryKind::Stream => {
+                    drop(open_file(
+                        &staging,
+                        &path,
+                        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
+                    )?);
+                }
+            }
+        }
+        staging.sync()?;
+        Ok(Self {
+            staging: Arc::new(staging),
+            spans: spans(m),
+            next: 0,
+            open: None,
+            pos: 0,
+        })
+    }
+
+    /// Continues at `offset`: the tree must hold every byte before it (see
+    /// [`Self::holds`]); the file that holds `offset` is cut there, and every
+    /// later file emptied.
+    pub fn resume(staging: Staging, m: &Manifest, offset: u64) -> io::Result<Self> {
+        Self::holds(&staging, m, offset)?;
+        let spans = spans(m);
+        let mut next = spans.len();
+        for (i, s) in spans.iter().enumerate() {
+            let keep = offset.saturating_sub(s.start).min(s.size);
+            if offset < s.start.saturating_add(s.size) || s.size == u64::MAX {
+                let f = open_file(&staging, &s.path, OFlags::WRONLY)?;
+                f.set_len(keep)?;
+                next = next.min(i);
+            }
+        }
+        staging.sync()?;
+        Ok(Self {
+            staging: Arc::new(staging),
+            spans,
+            next,
+            open: None,
+            pos: offset,
+        })
+    }
+
+    /// Whether the tree in `staging` holds the first `offset` bytes of `m`'s
+    /// data: every directory there, every file before `offset` whole, and the
+    /// file at `offset` at least that long. An error says what is missing.
+    pub fn holds(staging: &Staging, m: &Manifest, offset: u64) -> io::Result<()> {
+        let missing = |what: &str| io::Error::other(format!("the received tree lacks {what}"));
+        for e in &m.entries {
+            let path = e.path.join("/");
+            let st = rustix::fs::statat(staging.tree(), path.as_str(), AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(|_| missing("an entry"))?;
+            let kind = FileType::from_raw_mode(st.st_mode);
+            let want = match e.kind {
+                EntryKind::Dir => FileType::Directory,
+                _ => FileType::RegularFile,
+            };
+            if kind != want {
+                return Err(missing("an entry of the right kind"));
+            }
+        }
+        for s in spans(m) {
+            if s.start >= offset {
+                break;
+            }
+            let need = (offset - s.start).min(s.size);
+            let st =
+                rustix::fs::statat(staging.tree(), s.path.as_str(), AtFlags::SYMLINK_NOFOLLOW)?;
+            if u64::try_from(st.st_size).unwrap_or(0) < need {
+                return Err(missing("bytes its journal counts"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The staging directory (shared with the checkpoint thread).
+    pub fn staging(&self) -> &Arc<Staging> {
+        &self.staging
+    }
+
+    /// The staging directory back, once nothing else holds it.
+    pub fn into_staging(self) -> Option<Staging> {
+        Arc::try_unwrap(self.staging).ok()
+    }
+
+    /// Appends verified plaintext at the current offset, across as many
+    /// files as it spans.
+    pub fn write(&mut self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            let Some(span) = self.spans.get(self.next) else {
+                return Err(io::Error::other("more data than the manifest lists"));
+            };
+            let room = span.size - (self.pos - span.start);
+            if room == 0 {
+                self.open = None;
+                self.next += 1;
+                continue;
+            }
+            let file = match &mut self.open {
+                Some(f) => f,
+                None => {
+                    let mut f = open_file(&self.staging, &span.path, OFlags::WRONLY)?;
+                    f.seek(SeekFrom::Start(self.pos - span.start))?;
+                    self.open.insert(f)
+                }
+            };
+            let n = usize::try_from(room).unwrap_or(usize::MAX).min(data.len());
+            file.write_all(&data[..n])?;
+            self.pos += n as u64;
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    /// Syncs, then moves each top-level item into the out dir (see the
+    /// module docs) and removes the staging directory. Returns the paths
+    /// the items were placed at. The checkpoint thread must be finished.
+    pub fn place(self, tops: &[TopLevel]) -> io::Result<Vec<PathBuf>> {
+        let Self { staging, open, .. } = self;
+        drop(open);
+        let staging = Arc::try_unwrap(staging)
+            .map_err(|_| io::Error::other("the staging directory is still in use"))?;
+        staging.sync()?;
+        let out = Arc::clone(staging.out());
+        let mut placed: Vec<(&str, String)> = Vec::new();
+        let undo = |placed: &[(&str, String)]| {
+            for (name, at) in placed.iter().rev() {
+                let _ = rustix::fs::renameat_with(
+                    out.fd(),
+                    at.as_str(),
+                    staging.tree(),
+                    *name,
+                    RenameFlags::NOREPLACE,
+                );
+            }
+        };
+        for top in tops {
+            let ours = inode(&rustix::fs::statat(
+                staging.tree(),
+                top.name.as_str(),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )?);
+            let mut at = None;
+            for candidate in filename::candidates(&top.stored) {
+                match rustix::fs::renameat_with(
+                    staging.tree(),
+                    top.name.as_str(),
+                    out.fd(),
+                    candidate.as_str(),
+                    RenameFlags::NOREPLACE,
+                ) {
+                    Ok(()) => {
+                        at = Some(candidate);
+                        break;
+                    }
+                    Err(Errno::EXIST | Errno::NOTEMPTY) => continue,
+                    Err(e) => {
+                        undo(&placed);
+                        return Err(match e {
+                            Errno::INVAL | Errno::NOSYS => io::Error::other(format!(
+                                "the file system of {} cannot rename without replacing \
+                                 (RENAME_NOREPLACE)",
+                                out.path().display()
+                            )),
+                            e => e.into(),
+                        });
+                    }
+                }
+            }
+            let Some(at) = at else {
+                undo(&placed);
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!(
+                        "{0} and {0} (1) … (99) all exist in {1}",
+                        top.stored,
+                        out.path().display()
+                    ),
+                ));
+            };
+            // What now has the name must be exactly what was built.
+            let now = rustix::fs::statat(out.fd(), at.as_str(), AtFlags::SYMLINK_NOFOLLOW)?;
+            if inode(&now) != ours {
+                undo(&placed);
+                return Err(io::Error::other(format!(
+                    "{} is not the item that was verified; it was left alone",
+                    out.path().join(&at).display()
+                )));
+            }
+            placed.push((&top.name, at));
+        }
+        rustix::fs::fsync(out.fd())?;
+        let paths = placed.iter().map(|(_, at)| out.path().join(at)).collect();
+        drop(placed);
+        staging.remove()?;
+        Ok(paths)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt as _;
+    use std::path::Path;
+
+    use keyferry_common::ids::StreamId;
+    use keyferry_common::manifest::{Entry, EntryKind, Manifest};
+
+    use super::super::filename::check_manifest;
+    use super::super::outdir::OutDir;
+    use super::*;
+
+    fn temp(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("keyferry-tree-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn names(d: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn entry(path: &[&str], kind: EntryKind) -> Entry {
+        Entry {
+            path: path.iter().map(|s| (*s).to_owned()).collect(),
+            kind,
+        }
+    }
+
+    fn tree() -> Manifest {
+        Manifest {
+            entries: vec![
+                entry(&["a"], EntryKind::Dir),
+                entry(&["a", "x"], EntryKind::File { size: 3 }),
+                entry(&["a", "empty"], EntryKind::Dir),
+                entry(&["b.txt"], EntryKind::File { size: 2 }),
+            ],
+        }
+    }
+
+    #[test]
+    fn a_tree_is_placed_beside_what_exists_never_over_it() {
+        let d = temp("place");
+        fs::create_dir(d.join("a")).unwrap();
+        fs::write(d.join("a/mine"), b"keep").unwrap();
+        fs::write(d.join("b.txt"), b"old").unwrap();
+        let out = OutDir::open(&d).unwrap();
+        let m = tree();
+        let mut w = TreeWriter::fresh(out.fresh(&StreamId([1; 16])).unwrap(), &m).unwrap();
+        // Cut across the file boundary on purpose.
+        w.write(b"xy").unwrap();
+        w.write(b"zhi").unwrap();
+        let placed = w.place(&check_manifest(&m).unwrap()).unwrap();
+        assert_eq!(placed, [d.join("a (1)"), d.join("b (1).txt")]);
+        assert_eq!(fs::read(d.join("a (1)/x")).unwrap(), b"xyz");
+        assert_eq!(fs::read(d.join("b (1).txt")).unwrap(), b"hi");
+        assert!(d.join("a (1)/empty").is_dir());
+        assert_eq!(fs::read(d.join("a/mine")).unwrap(), b"keep");
+        assert_eq!(fs::read(d.join("b.txt")).unwrap(), b"old");
+        let mode = |p: &str| fs::metadata(d.join(p)).unwrap().permissions().mode() & 0o777;
+        assert_eq!((mode("a (1)"), mode("a (1)/x")), (0o700, 0o600));
+        // The staging directory is gone.
+        assert_eq!(names(&d), ["a", "a (1)", "b (1).txt", "b.txt"]);
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn if_one_item_cannot_be_placed_none_is() {
+        let d = temp("rollback");
+        fs::write(d.join("b.txt"), b"old").unwrap();
+        for n in 1..=99 {
+            fs::write(d.join(format!("b ({n}).txt")), b"old").unwrap();
+        }
+        let out = OutDir::open(&d).unwrap();
+        let m = tree();
+        let mut w = TreeWriter::fresh(out.fresh(&StreamId([2; 16])).unwrap(), &m).unwrap();
+        w.write(b"xyzhi").unwrap();
+        let err = w.place(&check_manifest(&m).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("all exist"), "{err}");
+        // `a` was placed first, and moved back when `b.txt` could not be.
+        assert!(!d.join("a").exists());
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn a_resumed_tree_is_cut_back_to_the_verified_prefix() {
+        let d = temp("resume");
+        let out = OutDir::open(&d).unwrap();
+        let m = tree();
+        let origin = StreamId([3; 16]);
+        let mut w = TreeWriter::fresh(out.fresh(&origin).unwrap(), &m).unwrap();
+        w.write(b"xyzh").unwrap();
+        drop(w);
+        let staging = out.existing(&origin).unwrap().unwrap();
+        TreeWriter::holds(&staging, &m, 4).unwrap();
+        // More than the tree holds is refused.
+        assert!(TreeWriter::holds(&staging, &m, 5).is_err());
+        // Resuming at 2 cuts `x` to two bytes and empties `b.txt`.
+        let mut w = TreeWriter::resume(staging, &m, 2).unwrap();
+        w.write(b"Zhi").unwrap();
+        w.place(&check_manifest(&m).unwrap()).unwrap();
+        assert_eq!(fs::read(d.join("a/x")).unwrap(), b"xyZ");
+        assert_eq!(fs::read(d.join("b.txt")).unwrap(), b"hi");
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn a_tree_missing_an_entry_does_not_hold_its_prefix() {
+        let d = temp("missing");
+        let out = OutDir::open(&d).unwrap();
+        let m = tree();
+        let origin = StreamId([4; 16]);
+        let mut w = TreeWriter::fresh(out.fresh(&origin).unwrap(), &m).unwrap();
+        w.write(b"xyz").unwrap();
+        drop(w);
+        let name = OutDir::staging_name(&origin);
+        fs::remove_dir(d.join(&name).join("t/a/empty")).unwrap();
+        let staging = out.existing(&origin).unwrap().unwrap();
+        assert!(TreeWriter::holds(&staging, &m, 3).is_err());
+        fs::remove_dir_all(d).unwrap();
+    }
+}

@@ -1,0 +1,410 @@
+//! What a sender sends (PROTOCOL.md §5.2): the `--file` paths walked into a
+//! manifest, and the one stream of bytes it describes, read back from any
+//! offset.
+//!
+//! A path given on the command line is taken as the user named it (a link
+//! there is followed); below a directory, symbolic links are never followed
+//! (skipped with a warning, or refused with `--no-skip-links`), devices,
+//! sockets and FIFOs are skipped with a warning, and `--exclude` globs drop
+//! entries by name or by path. Every name must be valid UTF-8 and pass the
+//! receiver's file-name rules, so that nothing is refused at the far end.
+//! Each file is remembered by device, inode, size and modification time:
+//! reading it again (a retry) refuses one that changed, so a resumed
+//! transfer never mixes two versions of a file.
+
+use std::fs::{self, File};
+use std::io::{self, Read as _, Seek as _, SeekFrom};
+use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use glob::{MatchOptions, Pattern};
+use keyferry_common::encode::Encoder;
+use keyferry_common::ids::StreamId;
+use keyferry_common::manifest::{Entry, EntryKind, MAX_DEPTH, MAX_ENTRIES, Manifest};
+use keyferry_common::name::AgentName;
+use keyferry_common::wire::chunk::ChunkFrame;
+use keyferry_common::wire::record::{MAX_MANIFEST, manifest_hash};
+use sha2::{Digest as _, Sha256};
+
+use crate::error::AgentError;
+use crate::receive::filename;
+
+/// Which version of a file was listed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Version {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+}
+
+impl Version {
+    fn of(m: &fs::Metadata) -> Self {
+        Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+        }
+    }
+}
+
+/// One file of the stream.
+#[derive(Debug, Clone)]
+struct SourceFile {
+    path: PathBuf,
+    version: Version,
+}
+
+/// How `--file` paths are walked.
+#[derive(Debug, Clone, Default)]
+pub struct Walk {
+    /// `--exclude` patterns.
+    pub exclude: Vec<Pattern>,
+    /// `--no-skip-links`: a symbolic link below a directory is an error.
+    pub refuse_links: bool,
+}
+
+/// The data of one upload: its manifest and where its bytes come from.
+#[derive(Debug)]
+pub struct Source {
+    /// The manifest.
+    pub manifest: Manifest,
+    files: Vec<SourceFile>,
+    text: Option<Vec<u8>>,
+    /// The total size.
+    pub total: u64,
+}
+
+fn unreadable(path: &Path, detail: impl Into<String>) -> AgentError {
+    AgentError::FileUnreadable {
+        path: path.to_owned(),
+        detail: detail.into(),
+    }
+}
+
+impl Source {
+    /// A text message: no manifest entries, the text as the data.
+    pub fn text(text: String) -> Self {
+        Self {
+            manifest: Manifest::default(),
+            files: Vec::new(),
+            total: text.len() as u64,
+            text: Some(text.into_bytes()),
+        }
+    }
+
+    /// Walks `paths` into a manifest (see the module docs).
+    pub fn files(paths: &[PathBuf], walk: &Walk) -> Result<Self, AgentError> {
+        let mut s = Self {
+            manifest: Manifest::default(),
+            files: Vec::new(),
+            text: None,
+            total: 0,
+        };
+        for path in paths {
+            s.top(path, walk)?;
+        }
+        if s.manifest.entries.is_empty() {
+            return Err(AgentError::Usage(
+                "nothing to send: --exclude leaves out every --file".into(),
+            ));
+        }
+        if s.manifest.entries.len() > MAX_ENTRIES {
+            return Err(AgentError::Usage(format!(
+                "{} files and directories: one transfer carries at most {MAX_ENTRIES}",
+                s.manifest.entries.len()
+            )));
+        }
+        s.manifest
+            .check()
+            .map_err(|e| AgentError::Usage(e.to_string()))?;
+        if s.manifest.encode().len() > MAX_MANIFEST {
+            return Err(AgentError::Usage(
+                "the list of names is too long for one transfer (512 KiB); send fewer files".into(),
+            ));
+        }
+        Ok(s)
+    }
+
+    /// The origin of a transfer of these files from `sender` to `to`
+    /// (PROTOCOL.md §6.4): the same for every attempt, also across runs of the
+    /// sender, as long as the files are the same versions, so that sending
+    /// them again resumes what the receiver kept; `None` for a message, which
+    /// is never resumed. It travels only sealed in the terms.
+    pub fn origin(&self, sender: &AgentName, to: &AgentName) -> Option<StreamId> {
+        if self.text.is_some() {
+            return None;
+        }
+        let mut e = Encoder::new("keyferry/v2 origin");
+        e.bytes(sender.as_str().as_bytes())
+            .bytes(to.as_str().as_bytes())
+            .fixed(&manifest_hash(&self.manifest.encode()))
+            .u32(u32::try_from(self.files.len()).unwrap_or(u32::MAX));
+        for f in &self.files {
+            let v = &f.version;
+            e.u64(v.dev)
+                .u64(v.ino)
+                .u64(v.size)
+                .u64(v.mtime.0 as u64)
+                .u64(v.mtime.1 as u64);
+        }
+        let digest = Sha256::digest(e.finish());
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&digest[..16]);
+        Some(StreamId(id))
+    }
+
+    /// How many files (not directories) it carries.
+    pub fn file_count(&self) -> usize {
+        self.files.len()
+    }
+
+    fn top(&mut self, path: &Path, walk: &Walk) -> Result<(), AgentError> {
+        let real = fs::canonicalize(path).map_err(|e| unreadable(path, e.to_string()))?;
+        // The name the user gave (a link keeps its own name); `.` and the
+        // like go by the directory's real name.
+        let name = path
+            .file_name()
+            .filter(|n| *n != "." && *n != "..")
+            .or_else(|| real.file_name())
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| unreadable(path, "its name is not valid UTF-8; rename it"))?
+            .to_owned();
+        filename::check(&name).map_err(|e| unreadable(path, format!("{e}; rename it")))?;
+        if self.manifest.entries.iter().any(|e| e.path[0] == name) {
+            return Err(AgentError::Usage(format!(
+                "two of the --file paths are named {name}; the receiver places each by its name"
+            )));
+        }
+        if excluded(walk, &name, &name) {
+            return Ok(());
+        }
+        let meta = fs::metadata(&real).map_err(|e| unreadable(path, e.to_string()))?;
+        self.add(real, vec![name], &meta, walk)
+    }
+
+    fn add(
+        &mut self,
+        path: PathBuf,
+        at: Vec<String>,
+        m: &fs::Metadata,
+        walk: &Walk,
+    ) -> Result<(), AgentError> {
+        if at.len() > MAX_DEPTH {
+            return Err(unreadable(
+                &path,
+                format!("deeper than {MAX_DEPTH} directories"),
+            ));
+        }
+        if self.manifest.entries.len() > MAX_ENTRIES {
+            return Ok(()); // reported once, by the caller
+        }
+        let ft = m.file_type();
+        if ft.is_file() {
+            self.manifest.entries.push(Entry {
+                path: at,
+                kind: EntryKind::File { size: m.len() },
+            });
+            self.total = self
+                .total
+                .checked_add(m.len())
+                .ok_or_else(|| unreadable(&path, "the sizes add up to more than 2^64 bytes"))?;
+            self.files.push(SourceFile {
+                path,
+                version: Version::of(m),
+            });
+            return Ok(());
+        }
+        if !ft.is_dir() {
+            return Err(unreadable(&path, "not a regular file or directory"));
+        }
+        self.manifest.entries.push(Entry {
+            path: at.clone(),
+            kind: EntryKind::Dir,
+        });
+        let mut children: Vec<fs::DirEntry> = fs::read_dir(&path)
+            .map_err(|e| unreadable(&path, e.to_string()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| unreadable(&path, e.to_string()))?;
+        children.sort_by_key(fs::DirEntry::file_name);
+        for child in children {
+            let p = child.path();
+            let Some(name) = child.file_name().to_str().map(str::to_owned) else {
+                return Err(unreadable(
+                    &p,
+                    "its name is not valid UTF-8; rename it or --exclude it",
+                ));
+            };
+            let mut sub = at.clone();
+            sub.push(name.clone());
+            if excluded(walk, &name, &sub.join("/")) {
+                continue;
+            }
+            filename::check_component(&name)
+                .map_err(|e| unreadable(&p, format!("{e}; rename it or --exclude it")))?;
+            let meta = fs::symlink_metadata(&p).map_err(|e| unreadable(&p, e.to_string()))?;
+            let ft = meta.file_type();
+            if ft.is_symlink() {
+                if walk.refuse_links {
+                    return Err(unreadable(
+                        &p,
+                        "a symbolic link (links are not followed; without --no-skip-links it is skipped)",
+                    ));
+                }
+                eprintln!("skipping {}: a symbolic link (not followed)", p.display());
+            } else if ft.is_file() || ft.is_dir() {
+                self.add(p, sub, &meta, walk)?;
+            } else {
+                eprintln!("skipping {}: not a regular file or directory", p.display());
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that every file is still the version that was listed.
+    pub fn unchanged(&self) -> Result<(), AgentError> {
+        for f in &self.files {
+            let now =
+                fs::symlink_metadata(&f.path).map_err(|e| unreadable(&f.path, e.to_string()))?;
+            if Version::of(&now) != f.version {
+                return Err(changed(&f.path));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn changed(path: &Path) -> AgentError {
+    unreadable(
+        path,
+        "it changed while it was being sent; nothing mixed was delivered, send it again",
+    )
+}
+
+fn excluded(walk: &Walk, name: &str, path: &str) -> bool {
+    let opts = MatchOptions {
+        require_literal_separator: true,
+        ..MatchOptions::new()
+    };
+    walk.exclude
+        .iter()
+        .any(|p| p.matches_with(name, opts) || p.matches_with(path, opts))
+}
+
+/// Reads the stream of a [`Source`] from an offset, file after file.
+#[derive(Debug)]
+pub struct Reader {
+    source: Arc<Source>,
+    /// Offset of the next byte.
+    pos: u64,
+    /// Index of the file holding it, and that file once opened.
+    index: usize,
+    file: Option<File>,
+    /// Where that file starts in the stream.
+    start: u64,
+}
+
+impl Reader {
+    /// A reader positioned at `offset`.
+    pub fn at(source: Arc<Source>, offset: u64) -> Self {
+        Self {
+            source,
+            pos: offset,
+            index: 0,
+            file: None,
+            start: 0,
+        }
+    }
+
+    /// Fills `frame`'s plaintext with the next bytes.
+    pub fn fill(&mut self, frame: &mut ChunkFrame) -> Result<(), AgentError> {
+        self.read(frame.plaintext_mut())
+    }
+
+    /// Reads exactly `buf.len()` next bytes.
+    pub fn read(&mut self, mut buf: &mut [u8]) -> Result<(), AgentError> {
+        if let Some(text) = &self.source.text {
+            let at = usize::try_from(self.pos).unwrap_or(usize::MAX);
+            let src = text
+                .get(at..at + buf.len())
+                .ok_or_else(|| AgentError::Internal("read past the message".into()))?;
+            buf.copy_from_slice(src);
+            self.pos += buf.len() as u64;
+            return Ok(());
+        }
+        while !buf.is_empty() {
+            let source = Arc::clone(&self.source);
+            let Some(f) = source.files.get(self.index) else {
+                return Err(AgentError::Internal("read past the last file".into()));
+            };
+            let end = self.start + f.version.size;
+            if self.pos >= end {
+                self.file = None;
+                self.start = end;
+                self.index += 1;
+                continue;
+            }
+            let file = match &mut self.file {
+                Some(file) => file,
+                None => self.file.insert(open_version(f, self.pos - self.start)?),
+            };
+            let n = usize::try_from(end - self.pos)
+                .unwrap_or(usize::MAX)
+                .min(buf.len());
+            let (now, rest) = buf.split_at_mut(n);
+            file.read_exact(now).map_err(|e| match e.kind() {
+                io::ErrorKind::UnexpectedEof => changed(&f.path),
+                _ => unreadable(&f.path, e.to_string()),
+            })?;
+            self.pos += n as u64;
+            buf = rest;
+            if self.pos == end {
+                // Read whole: it must still be the version listed.
+                let m = file
+                    .metadata()
+                    .map_err(|e| unreadable(&f.path, e.to_string()))?;
+                if Version::of(&m) != f.version {
+                    return Err(changed(&f.path));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The SHA-256 state after the first `offset` bytes (to check a
+    /// receiver's claim to hold them).
+    pub fn prefix_hash(source: Arc<Source>, offset: u64) -> Result<Sha256, AgentError> {
+        let mut r = Self::at(source, 0);
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut left = offset;
+        while left > 0 {
+            let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+            r.read(&mut buf[..n])?;
+            h.update(&buf[..n]);
+            left -= n as u64;
+        }
+        Ok(h)
+    }
+}
+
+/// Opens a listed file without following a link, checks it is the version
+/// listed, and seeks to `at`.
+fn open_version(f: &SourceFile, at: u64) -> Result<File, AgentError> {
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(&f.path)
+        .map_err(|e| unreadable(&f.path, e.to_string()))?;
+    let m = file
+        .metadata()
+        .map_err(|e| unreadable(&f.path, e.to_string()))?;
+    if Version::of(&m) != f.version {
+        return Err(changed(&f.path));
+    }
+    file.seek(SeekFrom::Start(at))
+        .map_err(|e| unreadable(&f.path, e.to_string()))?;
+    Ok(file)
+}
