@@ -55,12 +55,18 @@ pub fn broker_error(code: ErrorCode, detail: String) -> AgentError {
         ErrorCode::NameTaken | ErrorCode::AuthFailed | ErrorCode::Policy => {
             AgentError::NameRefused(detail)
         }
-        // A broker of this version explains itself fully; an older one in
-        // its own words.
+        // A broker of this version explains itself fully; a version 1 broker
+        // ends with "this broker speaks <v>"; anything else in its own words.
         ErrorCode::Version if detail.starts_with("this agent speaks") => {
             AgentError::BrokerRefused(detail)
         }
-        ErrorCode::Version => AgentError::VersionRefused(detail),
+        ErrorCode::Version => match detail
+            .rsplit_once("this broker speaks ")
+            .and_then(|(_, v)| v.trim().parse::<u16>().ok())
+        {
+            Some(broker) => AgentError::Version { broker },
+            None => AgentError::VersionRefused(detail),
+        },
         _ => AgentError::BrokerRefused(detail),
     }
 }
@@ -317,4 +323,29 @@ pub async fn open_data(ctx: &Ctx, tid: TransferId, ticket: Ticket) -> Result<Dat
         .await
         .map_err(|e| conn_error(ctx, e))?;
     Ok(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_version_refusal_names_both_versions_whichever_broker_sent_it() {
+        // A version 1 broker's words.
+        let e = broker_error(
+            ErrorCode::Version,
+            "protocol version 2 is not supported; this broker speaks 1".into(),
+        );
+        assert_eq!(
+            e.to_string(),
+            "this agent speaks keyferry protocol version 2 and the broker version 1: upgrade the broker"
+        );
+        assert_eq!(e.exit_code(), 1);
+        // A broker of this version: its line as it is.
+        let e = broker_error(ErrorCode::Version, keyferry_common::version_mismatch(3, 2));
+        assert!(e.to_string().ends_with("upgrade the broker"), "{e}");
+        // Anything else: still says what to do.
+        let e = broker_error(ErrorCode::Version, "no".into());
+        assert!(e.to_string().contains("upgrade the broker"), "{e}");
+    }
 }

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Protocol version 1 against version 2, in one run, alternating rounds
+# (v1, v2, v1, v2 …): the end-to-end time of a 1 KiB file (sender start to its
+# verified receipt, so it includes the process start, TLS, both RSA operations
+# and, in version 2, ML-KEM) and the throughput of a 1 GiB file, with the CPU
+# time per byte of sender, receiver and broker. Medians; ratios v2 / v1.
+#
+#   scripts/bench-versions.sh                     1 GiB, 5 rounds, 15 latency runs
+#   SIZE_MIB=256 RUNS=3 LATENCY_RUNS=9 scripts/bench-versions.sh
+#
+# Builds both in release (version 1 from V1_COMMIT in a temporary worktree,
+# into target/v1). Everything on 127.0.0.1; stopped by PID at the end.
+set -euo pipefail
+V1_COMMIT=${V1_COMMIT:-eea02f7}
+size_mib=${SIZE_MIB:-1024}
+runs=${RUNS:-5}
+latency_runs=${LATENCY_RUNS:-15}
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+work=$(mktemp -d -p "${BENCH_DIR:-${TMPDIR:-/tmp}}" keyferry-versions.XXXXXX)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    git -C "$root" worktree remove --force "$work/v1src" 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+[ -x /usr/bin/time ] || { apt-get update -qq >/dev/null; apt-get install -y -qq time >/dev/null; }
+
+echo "building version 1 ($V1_COMMIT) and version 2 (this tree), release" >&2
+git worktree add --quiet --detach "$work/v1src" "$V1_COMMIT"
+(cd "$work/v1src" && CARGO_TARGET_DIR="$root/target/v1" cargo build --release --quiet --bins)
+cargo build --release --quiet --bins
+declare -A bin=([1]="$root/target/v1/release" [2]="$root/target/release")
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+now() { date +%s.%N; }
+median() { sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }   # utime + stime of a running process
+hz=$(getconf CLK_TCK)
+home() { mkdir -p "$1"; chmod 700 "$1"; cp "common/tests/fixtures/$2.pem" "$1/identity.pem"; chmod 600 "$1/identity.pem"; }
+
+declare -A port broker_pid receiver_pid
+for v in 1 2; do
+    port[$v]=$(free_port)
+    "${bin[$v]}/broker" --listen "127.0.0.1:${port[$v]}" --data-dir "$work/b$v" >"$work/b$v.log" 2>&1 &
+    broker_pid[$v]=$!; pids+=($!)
+done
+sleep 1
+for v in 1 2; do
+    home "$work/alice$v" alice; home "$work/bob$v" bob; mkdir -p "$work/out$v"
+    "${bin[$v]}/agent" --broker "127.0.0.1:${port[$v]}" --home "$work/bob$v" --name bob \
+        --role receiver --out-dir "$work/out$v" >"$work/r$v.log" 2>&1 &
+    receiver_pid[$v]=$!; pids+=($!)
+done
+for _ in $(seq 100); do
+    grep -q "receiving as" "$work/r1.log" 2>/dev/null && grep -q "receiving as" "$work/r2.log" 2>/dev/null && break
+    sleep 0.1
+done
+
+head -c 1024 /dev/urandom >"$work/small.bin"
+echo "generating ${size_mib} MiB of random data" >&2
+head -c "$((size_mib << 20))" /dev/urandom >"$work/big.bin"
+bytes=$((size_mib << 20))
+
+send() { # send VERSION FILE: runs the sender; prints "seconds sender_cpu_s receiver_cpu_s broker_cpu_s"
+    local v=$1 f=$2 t0 t1 r0 r1 b0 b1 cpu
+    rm -f "$work/out$v"/*
+    r0=$(ticks "${receiver_pid[$v]}"); b0=$(ticks "${broker_pid[$v]}")
+    t0=$(now)
+    /usr/bin/time -f "%U %S" -o "$work/time" "${bin[$v]}/agent" --broker "127.0.0.1:${port[$v]}" \
+        --home "$work/alice$v" --name alice --role sender --to bob --file "$f" --json >"$work/s.json" 2>"$work/s.err" \
+        || { echo "version $v: send failed" >&2; cat "$work/s.err" >&2; exit 1; }
+    t1=$(now)
+    # The receiver prints its line once the file is in place; wait for it.
+    for _ in $(seq 200); do [ -e "$work/out$v/$(basename "$f")" ] && break; sleep 0.01; done
+    r1=$(ticks "${receiver_pid[$v]}"); b1=$(ticks "${broker_pid[$v]}")
+    cpu=$(awk '{ print $1 + $2 }' "$work/time")
+    awk -v t="$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')" -v s="$cpu" \
+        -v r="$(((r1 - r0)))" -v b="$(((b1 - b0)))" -v hz="$hz" \
+        'BEGIN { printf "%.4f %.3f %.3f %.3f\n", t, s, r / hz, b / hz }'
+}
+
+echo "1 KiB latency: $latency_runs alternating rounds" >&2
+for i in $(seq "$latency_runs"); do
+    for v in 1 2; do send "$v" "$work/small.bin" | awk '{ print $1 }' >>"$work/lat$v"; done
+done
+echo "${size_mib} MiB: $runs alternating rounds" >&2
+for i in $(seq "$runs"); do
+    for v in 1 2; do send "$v" "$work/big.bin" >>"$work/big$v"; done
+    cmp -s "$work/big.bin" "$work/out2/big.bin" || { echo "version 2 copy differs" >&2; exit 1; }
+done
+
+col() { awk -v c="$1" '{ print $c }' "$2" | median; }
+printf '\n| | version 1 | version 2 | v2 / v1 |\n|---|---|---|---|\n'
+l1=$(median <"$work/lat1"); l2=$(median <"$work/lat2")
+printf '| 1 KiB end to end, median of %s (ms) | %.1f | %.1f | %.2f |\n' "$latency_runs" \
+    "$(awk -v x="$l1" 'BEGIN{print x*1000}')" "$(awk -v x="$l2" 'BEGIN{print x*1000}')" "$(awk -v a="$l1" -v b="$l2" 'BEGIN{print b/a}')"
+t1=$(col 1 "$work/big1"); t2=$(col 1 "$work/big2")
+m1=$(awk -v b="$bytes" -v t="$t1" 'BEGIN { print b / t / 1e6 }'); m2=$(awk -v b="$bytes" -v t="$t2" 'BEGIN { print b / t / 1e6 }')
+printf '| %s MiB, median of %s (MB/s) | %.0f | %.0f | %.2f |\n' "$size_mib" "$runs" "$m1" "$m2" "$(awk -v a="$m1" -v b="$m2" 'BEGIN{print b/a}')"
+for c in 2:sender 3:receiver 4:broker; do
+    n=${c%%:*}; role=${c##*:}
+    a=$(col "$n" "$work/big1"); b=$(col "$n" "$work/big2")
+    printf '| %s CPU per byte (ns/B) | %.2f | %.2f | %.2f |\n' "$role" \
+        "$(awk -v s="$a" -v b="$bytes" 'BEGIN{print s*1e9/b}')" "$(awk -v s="$b" -v b="$bytes" 'BEGIN{print s*1e9/b}')" \
+        "$(awk -v a="$a" -v b="$b" 'BEGIN{ if (a > 0) print b/a; else print 0 }')"
+done
+echo
+echo "raw (seconds sender_cpu receiver_cpu broker_cpu), v1:"; cat "$work/big1"
+echo "v2:"; cat "$work/big2"
