@@ -48,8 +48,13 @@ for v in 1 2; do
     broker_pid[$v]=$!; pids+=($!)
 done
 sleep 1
+# bob has known alice for two days: a key pinned in the last day may make a
+# receiver decrypt only 6 offers a minute (PROTOCOL.md §9).
+alice_fp="SHA256:$(openssl pkey -in common/tests/fixtures/alice.pem -pubout -outform DER 2>/dev/null \
+    | openssl dgst -sha256 -binary | base64 | tr -d '=')"
 for v in 1 2; do
     home "$work/alice$v" alice; home "$work/bob$v" bob; mkdir -p "$work/out$v"
+    echo "alice $alice_fp $(($(date +%s) - 2 * 86400))" >"$work/bob$v/known_peers"; chmod 600 "$work/bob$v/known_peers"
     "${bin[$v]}/agent" --broker "127.0.0.1:${port[$v]}" --home "$work/bob$v" --name bob \
         --role receiver --out-dir "$work/out$v" >"$work/r$v.log" 2>&1 &
     receiver_pid[$v]=$!; pids+=($!)

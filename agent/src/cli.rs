@@ -16,7 +16,7 @@ use crate::error::AgentError;
 use crate::home::Home;
 use crate::receive::{RecvOptions, receive};
 use crate::send::source::Walk;
-use crate::send::{Payload, SendOptions, send};
+use crate::send::{MAX_RECEIVERS, Payload, Report, SendOptions, Sent, send};
 
 /// The address agents connect to by default (the broker's default listen address).
 pub const DEFAULT_BROKER: &str = "127.0.0.1:7447";
@@ -33,7 +33,7 @@ pub enum RoleArg {
 /// keyferry agent: send and receive files end-to-end encrypted through a broker.
 ///
 ///   agent --role receiver [--out-dir DIR] [--once]
-///   agent --role sender --to PEER --file PATH [--file PATH ...] [--exclude GLOB ...]
+///   agent --role sender --to PEER [--to PEER ...] --file PATH [--file PATH ...] [--exclude GLOB ...]
 ///   agent --role sender --to PEER --message TEXT
 ///   agent --list
 ///
@@ -46,7 +46,8 @@ pub enum RoleArg {
 /// Exit codes: 0 verified success, 1 other error, 2 usage, 3 broker unreachable,
 /// 4 broker key mismatch, 5 unknown or offline peer, 6 peer key mismatch,
 /// 7 file unreadable, 8 refused by the receiver, 9 verification failed,
-/// 10 name or key refused by the broker, 130 interrupted.
+/// 10 name or key refused by the broker, 11 some of several receivers
+/// failed (one line each), 130 interrupted.
 #[derive(Debug, Parser)]
 #[command(version, verbatim_doc_comment)]
 pub struct Args {
@@ -84,9 +85,10 @@ pub struct Args {
     #[arg(long, value_name = "DUR", default_value = "60s", value_parser = parse_duration, help_heading = "Receiver")]
     pub progress_timeout: Duration,
 
-    /// Sender: the receiving agent's name.
+    /// Sender: the receiving agent's name; may be given several times (up to
+    /// 16): the data is uploaded once and the broker copies it to each.
     #[arg(long, value_name = "PEER", help_heading = "Sender")]
-    pub to: Option<AgentName>,
+    pub to: Vec<AgentName>,
     /// Sender: a file or directory to send (a directory with everything
     /// below it); may be given several times. Each arrives under its own name.
     #[arg(
@@ -203,6 +205,31 @@ async fn list(ctx: &Ctx) -> Result<(), AgentError> {
     }
 }
 
+/// Prints one receiver's verified transfer: a JSON object, or a line.
+fn print_report(report: &Report, label: &str, json: bool) -> Result<(), AgentError> {
+    if json {
+        let line =
+            serde_json::to_string(report).map_err(|e| AgentError::Internal(e.to_string()))?;
+        println!("{line}");
+        return Ok(());
+    }
+    let resumed = if report.resumed_from > 0 {
+        format!(", resumed at byte {}", report.resumed_from)
+    } else {
+        String::new()
+    };
+    let files = match report.files {
+        0 => String::new(),
+        1 => "1 file, ".into(),
+        n => format!("{n} files, "),
+    };
+    println!(
+        "sent {label} to {} ({files}{} bytes in {:.2} s, {} session keys, sha256 {}{resumed}) — receipt verified",
+        report.peer, report.bytes, report.seconds, report.session_keys, report.sha256
+    );
+    Ok(())
+}
+
 /// Runs one invocation.
 pub async fn run(args: Args) -> Result<(), AgentError> {
     let ctx = context(&args)?;
@@ -211,7 +238,7 @@ pub async fn run(args: Args) -> Result<(), AgentError> {
     }
     match args.role {
         Some(RoleArg::Receiver) => {
-            if args.to.is_some()
+            if !args.to.is_empty()
                 || !args.file.is_empty()
                 || args.message.is_some()
                 || args.json
@@ -245,9 +272,21 @@ pub async fn run(args: Args) -> Result<(), AgentError> {
             if args.out_dir.is_some() || args.once {
                 return Err(usage("--out-dir and --once are for --role receiver"));
             }
-            let to = args
-                .to
-                .ok_or_else(|| usage("--role sender needs --to PEER"))?;
+            let to = args.to;
+            if to.is_empty() {
+                return Err(usage("--role sender needs --to PEER"));
+            }
+            if to.len() > MAX_RECEIVERS {
+                return Err(usage(&format!(
+                    "at most {MAX_RECEIVERS} receivers (--to) for one send"
+                )));
+            }
+            if to.iter().enumerate().any(|(i, t)| to[..i].contains(t)) {
+                return Err(usage("a receiver is named twice with --to"));
+            }
+            if to.len() > 1 && args.peer_fingerprint.is_some() {
+                return Err(usage("--peer-fingerprint goes with one --to"));
+            }
             let label = match (&args.file[..], &args.message) {
                 ([one], None) => one.display().to_string(),
                 ([], Some(_)) => "message".into(),
@@ -259,7 +298,8 @@ pub async fn run(args: Args) -> Result<(), AgentError> {
                 (files, Some(m)) if files.is_empty() => Payload::Message(m),
                 _ => return Err(usage("--role sender needs --file PATH or --message TEXT")),
             };
-            let report = send(
+            let of = to.len();
+            let sent = send(
                 &ctx,
                 SendOptions {
                     to,
@@ -275,27 +315,25 @@ pub async fn run(args: Args) -> Result<(), AgentError> {
                 },
             )
             .await?;
-            if args.json {
-                let line = serde_json::to_string(&report)
-                    .map_err(|e| AgentError::Internal(e.to_string()))?;
-                println!("{line}");
-            } else {
-                let resumed = if report.resumed_from > 0 {
-                    format!(", resumed at byte {}", report.resumed_from)
-                } else {
-                    String::new()
-                };
-                let files = match report.files {
-                    0 => String::new(),
-                    1 => "1 file, ".into(),
-                    n => format!("{n} files, "),
-                };
-                println!(
-                    "sent {label} to {} ({files}{} bytes in {:.2} s, {} session keys, sha256 {}{resumed}) — receipt verified",
-                    report.peer, report.bytes, report.seconds, report.session_keys, report.sha256
-                );
+            for report in &sent.reports {
+                print_report(report, &label, args.json)?;
             }
-            Ok(())
+            let Sent { failed, .. } = sent;
+            match (failed.len(), of) {
+                (0, _) => Ok(()),
+                // One receiver: its own error and exit code, as always.
+                (_, 1) => Err(failed
+                    .into_iter()
+                    .map(|(_, e)| e)
+                    .next()
+                    .unwrap_or(AgentError::Internal("a send without an outcome".into()))),
+                (n, of) => {
+                    for (peer, e) in &failed {
+                        eprintln!("agent: {peer}: {e} (exit code {} alone)", e.exit_code());
+                    }
+                    Err(AgentError::SomeReceiversFailed { failed: n, of })
+                }
+            }
         }
         None => Err(usage("choose --role receiver, --role sender or --list")),
     }

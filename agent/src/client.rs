@@ -295,10 +295,28 @@ const MAX_ADDRESS: usize = 255;
 /// ticket: to the broker itself, or to the address the ticket names (another
 /// broker of a cluster; the stream is sealed end to end either way).
 pub async fn open_data(ctx: &Ctx, tid: TransferId, ticket: Ticket) -> Result<DataConn, AgentError> {
-    let addr = if ticket.address.is_empty() {
+    open_upload(ctx, &[(tid, ticket)]).await
+}
+
+/// Opens one data connection and redeems every ticket on it (a sender's
+/// upload to several receivers: PROTOCOL.md §2.5). The tickets must name one
+/// address.
+pub async fn open_upload(
+    ctx: &Ctx,
+    tickets: &[(TransferId, Ticket)],
+) -> Result<DataConn, AgentError> {
+    let Some((_, first)) = tickets.first() else {
+        return Err(AgentError::Internal("an upload without tickets".into()));
+    };
+    if tickets.iter().any(|(_, t)| t.address != first.address) {
+        return Err(AgentError::Protocol(
+            "the broker's tickets for one upload name different addresses",
+        ));
+    }
+    let addr = if first.address.is_empty() {
         ctx.broker.clone()
-    } else if ticket.address.len() <= MAX_ADDRESS && !ticket.address.chars().any(char::is_control) {
-        ticket.address.clone()
+    } else if first.address.len() <= MAX_ADDRESS && !first.address.chars().any(char::is_control) {
+        first.address.clone()
     } else {
         return Err(AgentError::Protocol(
             "the broker's ticket names an invalid address",
@@ -308,20 +326,21 @@ pub async fn open_data(ctx: &Ctx, tid: TransferId, ticket: Ticket) -> Result<Dat
         addr: addr.clone(),
         detail: format!("data connection: {detail}"),
     };
-    let ticket = ticket.ticket;
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
         .await
         .map_err(|_| unreachable("timed out".into()))?
         .map_err(|e| unreachable(e.to_string()))?;
     let _ = tcp.set_nodelay(true);
     let mut conn = Connection::new(tcp);
-    conn.writer
-        .write(&Message::Redeem {
-            transfer_id: tid,
-            ticket,
-        })
-        .await
-        .map_err(|e| conn_error(ctx, e))?;
+    for (tid, t) in tickets {
+        conn.writer
+            .write(&Message::Redeem {
+                transfer_id: *tid,
+                ticket: t.ticket,
+            })
+            .await
+            .map_err(|e| conn_error(ctx, e))?;
+    }
     Ok(conn)
 }
 

@@ -35,6 +35,9 @@ pub mod exit {
     pub const VERIFICATION_FAILED: u8 = 9;
     /// The broker refused our name or key.
     pub const NAME_REFUSED: u8 = 10;
+    /// A send to several receivers: some of them did not confirm it (the
+    /// others did; each failure is on its own line).
+    pub const SOME_RECEIVERS_FAILED: u8 = 11;
     /// Interrupted (Ctrl-C).
     pub const INTERRUPTED: u8 = 130;
 }
@@ -135,6 +138,14 @@ pub enum AgentError {
     /// Ctrl-C.
     #[error("interrupted")]
     Interrupted,
+    /// A send to several receivers reached only some of them.
+    #[error("{failed} of {of} receivers did not confirm the transfer (see above)")]
+    SomeReceiversFailed {
+        /// How many failed.
+        failed: usize,
+        /// Of how many.
+        of: usize,
+    },
     /// A wrong combination of options.
     #[error("{0} (see agent --help)")]
     Usage(String),
@@ -235,6 +246,7 @@ impl AgentError {
             }
             Self::NameRefused(_) => exit::NAME_REFUSED,
             Self::Interrupted => exit::INTERRUPTED,
+            Self::SomeReceiversFailed { .. } => exit::SOME_RECEIVERS_FAILED,
             Self::ReceiverAborted(_)
             | Self::BrokerRefused(_)
             | Self::SessionEnded(_)

@@ -58,6 +58,15 @@ impl Progress {
         }
     }
 
+    /// `ok` of `of` receivers confirmed the transfer.
+    pub fn done(&self, ok: usize, of: usize) {
+        if let Some(bar) = &self.bar
+            && of > 1
+        {
+            bar.set_message(format!("{ok}/{of} receivers done"));
+        }
+    }
+
     /// Removes the bar.
     pub fn finish(&self) {
         if let Some(bar) = &self.bar {

@@ -9,10 +9,12 @@
 //!
 //! * leaves: [`config`] (limits, access policy), [`cert`] (the TLS identity),
 //!   [`conns`] (places under the connection limits), [`registry`] (names,
-//!   keys, who is online), [`transfers`] (one transfer's life and its
-//!   tickets), [`error`];
+//!   keys, who is online), [`transfers`] (one transfer's life), [`tickets`]
+//!   (the data connections' tickets, and uploads to several receivers),
+//!   [`error`];
 //! * [`relay`]: pumping one transfer's bytes between its two data
-//!   connections, never opening a record;
+//!   connections, never opening a record; [`fanout`]: one upload copied to
+//!   several receivers, each with a bounded queue;
 //! * [`shutdown`]: the phase every task watches;
 //! * [`state`]: what every connection shares — state only, no sockets;
 //! * [`data`] (admitting a data connection by its ticket) and [`session`]
@@ -26,12 +28,14 @@ pub mod config;
 pub mod conns;
 pub mod data;
 pub mod error;
+pub mod fanout;
 pub mod registry;
 pub mod relay;
 pub mod server;
 pub mod session;
 pub mod shutdown;
 pub mod state;
+pub mod tickets;
 pub mod transfers;
 
 pub use config::{AccessPolicy, Limits};

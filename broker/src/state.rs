@@ -1,4 +1,5 @@
-//! What every connection of the broker shares: the registry, the transfers,
+//! What every connection of the broker shares: the registry, the transfers
+//! and their tickets,
 //! the connection places, the limits and policy, the TLS acceptor, and the
 //! shutdown signal. State only — it holds no socket; the tasks that own the
 //! connections are reached through channels.
@@ -15,14 +16,17 @@ use crate::conns::Conns;
 use crate::registry::Registry;
 use crate::relay::DataConn;
 use crate::shutdown::{Phase, Shutdown};
+use crate::tickets::Tickets;
 use crate::transfers::Transfers;
 
 /// State shared by every connection.
 pub struct State {
     /// Bindings and presence.
     pub registry: Registry,
-    /// Every transfer from offer to end, and its tickets.
-    pub transfers: Transfers<DataConn>,
+    /// Every transfer from offer to end.
+    pub transfers: Transfers,
+    /// The tickets of transfers waiting for their data connections.
+    pub tickets: Tickets<DataConn>,
     /// Connection places per address.
     pub conns: Arc<Conns>,
     /// The broker's certificate fingerprint (part of what agents sign).
@@ -66,6 +70,7 @@ impl State {
         Self {
             registry,
             transfers: Transfers::new(),
+            tickets: Tickets::new(),
             conns,
             fingerprint,
             limits,

@@ -1,25 +1,21 @@
 //! One transfer's life at the broker: offered (counted against its sender's
 //! offer rate and concurrency), answered by the receiver it names, ticketed
-//! (PROTOCOL.md §2.5: two one-time tickets for the data connections),
-//! relaying (counted as incoming to its receiver, for the list), ended.
+//! ([`crate::tickets`]), relaying (counted as incoming to its receiver, for
+//! the list), ended.
 //!
-//! Plain state, no sockets: answers and tickets travel through channels to the
-//! tasks that own the connections (the receiver's ticket through its control
-//! connection's own queue), and a redeemed ticket hands over whatever
-//! data-connection value `C` the caller uses (the relay's connection in the
-//! broker, a number in the tests). Every place taken here is released by a
-//! guard's `Drop`, so no path can leak a slot.
+//! Plain state, no sockets: answers travel through channels to the tasks that
+//! own the connections (the receiver's ticket through its control
+//! connection's own queue). Every place taken here is released by a guard's
+//! `Drop`, so no path can leak a slot.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use keyferry_common::crypto::random_array;
-use keyferry_common::ids::TransferId;
+use keyferry_common::ids::{StreamId, TransferId};
 use keyferry_common::name::AgentName;
 use keyferry_common::sync::lock;
 use keyferry_common::wire::message::{Message, RefuseReason};
 use std::sync::Mutex;
-use subtle::ConstantTimeEq as _;
 use tokio::sync::{mpsc, oneshot};
 
 /// The window of the offer rate.
@@ -56,43 +52,36 @@ struct Pending {
     reply: oneshot::Sender<Answer>,
 }
 
-/// One side's ticket and where its connection goes.
-struct Slot<C> {
-    ticket: [u8; 32],
-    to: Option<oneshot::Sender<C>>,
-}
-
-struct Inner<C> {
+struct Inner {
     pending: HashMap<TransferId, Pending>,
     offers: HashMap<AgentName, VecDeque<Instant>>,
-    sending: HashMap<AgentName, usize>,
-    tickets: HashMap<TransferId, [Slot<C>; 2]>,
+    /// Per sender, the streams it is sending (a stream offered to several
+    /// receivers counts once), with how many offers hold each.
+    sending: HashMap<AgentName, HashMap<StreamId, usize>>,
     incoming: HashMap<AgentName, u32>,
 }
 
 /// Every transfer the broker knows of, from offer to end.
-pub struct Transfers<C> {
-    inner: Mutex<Inner<C>>,
+pub struct Transfers {
+    inner: Mutex<Inner>,
 }
 
-impl<C> std::fmt::Debug for Transfers<C> {
+impl std::fmt::Debug for Transfers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let i = lock(&self.inner);
         f.debug_struct("Transfers")
             .field("pending", &i.pending.len())
-            .field("ticketed", &i.tickets.len())
             .finish_non_exhaustive()
     }
 }
 
-impl<C> Default for Transfers<C> {
+impl Default for Transfers {
     fn default() -> Self {
         Self {
             inner: Mutex::new(Inner {
                 pending: HashMap::new(),
                 offers: HashMap::new(),
                 sending: HashMap::new(),
-                tickets: HashMap::new(),
                 incoming: HashMap::new(),
             }),
         }
@@ -100,19 +89,25 @@ impl<C> Default for Transfers<C> {
 }
 
 /// One of an agent's concurrent-transfer places, held from its offer to the
-/// end of its transfer.
+/// end of its transfer (shared by the offers of one stream).
 #[derive(Debug)]
-pub struct OfferSlot<'a, C> {
-    transfers: &'a Transfers<C>,
+pub struct OfferSlot<'a> {
+    transfers: &'a Transfers,
     name: AgentName,
+    stream: StreamId,
 }
 
-impl<C> Drop for OfferSlot<'_, C> {
+impl Drop for OfferSlot<'_> {
     fn drop(&mut self) {
         let mut i = lock(&self.transfers.inner);
-        if let Some(n) = i.sending.get_mut(&self.name) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
+        if let Some(streams) = i.sending.get_mut(&self.name) {
+            if let Some(n) = streams.get_mut(&self.stream) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    streams.remove(&self.stream);
+                }
+            }
+            if streams.is_empty() {
                 i.sending.remove(&self.name);
             }
         }
@@ -124,12 +119,12 @@ impl<C> Drop for OfferSlot<'_, C> {
 
 /// A transfer being relayed, counted as incoming to its receiver until dropped.
 #[derive(Debug)]
-pub struct Relaying<'a, C> {
-    transfers: &'a Transfers<C>,
+pub struct Relaying<'a> {
+    transfers: &'a Transfers,
     receiver: AgentName,
 }
 
-impl<C> Drop for Relaying<'_, C> {
+impl Drop for Relaying<'_> {
     fn drop(&mut self) {
         let mut i = lock(&self.transfers.inner);
         if let Some(n) = i.incoming.get_mut(&self.receiver) {
@@ -141,57 +136,24 @@ impl<C> Drop for Relaying<'_, C> {
     }
 }
 
-/// The broker's side of one transfer's tickets: the tickets to hand out and
-/// the two data connections to wait for. Dropping it withdraws both tickets.
-pub struct Issued<'a, C> {
-    transfers: &'a Transfers<C>,
-    tid: TransferId,
-    /// The sender's ticket.
-    pub sender_ticket: [u8; 32],
-    /// The receiver's ticket.
-    pub receiver_ticket: [u8; 32],
-    sender: oneshot::Receiver<C>,
-    receiver: oneshot::Receiver<C>,
-}
-
-impl<C> std::fmt::Debug for Issued<'_, C> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Issued")
-            .field("tid", &self.tid)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<C> Issued<'_, C> {
-    /// Both data connections, sender's first; `None` if a ticket was
-    /// withdrawn. The caller bounds the wait.
-    pub async fn arrivals(&mut self) -> Option<(C, C)> {
-        let (s, r) = tokio::join!(&mut self.sender, &mut self.receiver);
-        Some((s.ok()?, r.ok()?))
-    }
-}
-
-impl<C> Drop for Issued<'_, C> {
-    fn drop(&mut self) {
-        lock(&self.transfers.inner).tickets.remove(&self.tid);
-    }
-}
-
-impl<C> Transfers<C> {
+impl Transfers {
     /// No transfers yet.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Counts an offer by `name` made at `now` against its per-minute and
-    /// concurrent-transfer limits; the slot is held until dropped.
+    /// Counts an offer of `stream` by `name` made at `now` against its
+    /// per-minute and concurrent-transfer limits; the slot is held until
+    /// dropped. Every offer counts against the rate; a stream offered to
+    /// several receivers counts once against the concurrency.
     pub fn take_offer_slot(
         &self,
         name: &AgentName,
+        stream: StreamId,
         per_minute: usize,
         concurrent: usize,
         now: Instant,
-    ) -> Result<OfferSlot<'_, C>, OfferLimit> {
+    ) -> Result<OfferSlot<'_>, OfferLimit> {
         let mut i = lock(&self.inner);
         let window = i.offers.entry(name.clone()).or_default();
         while window
@@ -204,14 +166,15 @@ impl<C> Transfers<C> {
             return Err(OfferLimit::Rate);
         }
         window.push_back(now);
-        let sending = i.sending.entry(name.clone()).or_default();
-        if *sending >= concurrent {
+        let streams = i.sending.entry(name.clone()).or_default();
+        if !streams.contains_key(&stream) && streams.len() >= concurrent {
             return Err(OfferLimit::Concurrent);
         }
-        *sending += 1;
+        *streams.entry(stream).or_default() += 1;
         Ok(OfferSlot {
             transfers: self,
             name: name.clone(),
+            stream,
         })
     }
 
@@ -271,50 +234,8 @@ impl<C> Transfers<C> {
             .retain(|_, p| &p.receiver != receiver);
     }
 
-    /// Draws the two tickets of transfer `tid`; `None` if it already has some.
-    pub fn issue(&self, tid: TransferId) -> Option<Issued<'_, C>> {
-        let (sender_ticket, receiver_ticket) = (random_array(), random_array());
-        let (s_tx, s_rx) = oneshot::channel();
-        let (r_tx, r_rx) = oneshot::channel();
-        let mut i = lock(&self.inner);
-        if i.tickets.contains_key(&tid) {
-            return None;
-        }
-        i.tickets.insert(
-            tid,
-            [
-                Slot {
-                    ticket: sender_ticket,
-                    to: Some(s_tx),
-                },
-                Slot {
-                    ticket: receiver_ticket,
-                    to: Some(r_tx),
-                },
-            ],
-        );
-        Some(Issued {
-            transfers: self,
-            tid,
-            sender_ticket,
-            receiver_ticket,
-            sender: s_rx,
-            receiver: r_rx,
-        })
-    }
-
-    /// Takes the place of `ticket` for `tid`, once: where its data connection
-    /// goes. Both of the transfer's tickets are compared in constant time.
-    pub fn redeem(&self, tid: &TransferId, ticket: &[u8; 32]) -> Option<oneshot::Sender<C>> {
-        let mut i = lock(&self.inner);
-        let slots = i.tickets.get_mut(tid)?;
-        let matches = slots.each_ref().map(|s| bool::from(s.ticket.ct_eq(ticket)));
-        let slot = matches.iter().position(|m| *m)?;
-        slots[slot].to.take()
-    }
-
     /// Counts a relayed transfer as incoming to `receiver` until dropped.
-    pub fn relaying(&self, receiver: &AgentName) -> Relaying<'_, C> {
+    pub fn relaying(&self, receiver: &AgentName) -> Relaying<'_> {
         *lock(&self.inner)
             .incoming
             .entry(receiver.clone())
@@ -338,11 +259,6 @@ impl<C> Transfers<C> {
     pub fn relaying_total(&self) -> u32 {
         lock(&self.inner).incoming.values().sum()
     }
-
-    /// Transfers waiting for their data connections.
-    pub fn ticketed(&self) -> usize {
-        lock(&self.inner).tickets.len()
-    }
 }
 
 #[cfg(test)]
@@ -355,32 +271,52 @@ mod tests {
 
     #[test]
     fn offers_are_limited_per_minute_and_in_flight() {
-        let t: Transfers<u32> = Transfers::new();
+        let t = Transfers::new();
         let alice = name("alice");
+        let (s1, s2, s3) = (StreamId([1; 16]), StreamId([2; 16]), StreamId([3; 16]));
         let t0 = Instant::now();
-        let a = t.take_offer_slot(&alice, 3, 2, t0).unwrap();
-        let b = t.take_offer_slot(&alice, 3, 2, t0).unwrap();
+        let a = t.take_offer_slot(&alice, s1, 3, 2, t0).unwrap();
+        let b = t.take_offer_slot(&alice, s2, 3, 2, t0).unwrap();
         assert_eq!(
-            t.take_offer_slot(&alice, 3, 2, t0).unwrap_err(),
+            t.take_offer_slot(&alice, s3, 3, 2, t0).unwrap_err(),
             OfferLimit::Concurrent
         );
         drop(a);
         // The refused one still counted against the rate: 3 in this minute.
         assert_eq!(
-            t.take_offer_slot(&alice, 3, 2, t0).unwrap_err(),
+            t.take_offer_slot(&alice, s3, 3, 2, t0).unwrap_err(),
             OfferLimit::Rate
         );
         // A minute later the window has room again.
-        let c = t.take_offer_slot(&alice, 3, 2, t0 + RATE_WINDOW).unwrap();
+        let c = t
+            .take_offer_slot(&alice, s3, 3, 2, t0 + RATE_WINDOW)
+            .unwrap();
         drop((b, c));
         assert!(lock(&t.inner).sending.is_empty());
         // Another agent is independent.
-        t.take_offer_slot(&name("bob"), 3, 2, t0).unwrap();
+        t.take_offer_slot(&name("bob"), s1, 3, 2, t0).unwrap();
+    }
+
+    #[test]
+    fn the_offers_of_one_stream_to_several_receivers_count_as_one_transfer() {
+        let t = Transfers::new();
+        let alice = name("alice");
+        let (one, two) = (StreamId([1; 16]), StreamId([2; 16]));
+        let t0 = Instant::now();
+        let fanout: Vec<_> = (0..3)
+            .map(|_| t.take_offer_slot(&alice, one, 10, 1, t0).unwrap())
+            .collect();
+        assert_eq!(
+            t.take_offer_slot(&alice, two, 10, 1, t0).unwrap_err(),
+            OfferLimit::Concurrent
+        );
+        drop(fanout);
+        t.take_offer_slot(&alice, two, 10, 1, t0).unwrap();
     }
 
     #[tokio::test]
     async fn only_the_named_receiver_answers_and_only_once() {
-        let t: Transfers<u32> = Transfers::new();
+        let t = Transfers::new();
         let (bob, mallory) = (name("bob"), name("mallory"));
         let tid = TransferId([1; 16]);
         let answer = t.offer(tid, &bob).unwrap();
@@ -412,31 +348,9 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn tickets_admit_one_connection_each_and_are_withdrawn_with_the_wait() {
-        let t: Transfers<u32> = Transfers::new();
-        let tid = TransferId([4; 16]);
-        let mut issued = t.issue(tid).unwrap();
-        assert!(t.issue(tid).is_none(), "tickets are drawn once");
-        let (s, r) = (issued.sender_ticket, issued.receiver_ticket);
-        assert_ne!(s, r);
-        assert!(t.redeem(&tid, &[0; 32]).is_none());
-        assert!(t.redeem(&TransferId([5; 16]), &s).is_none());
-        t.redeem(&tid, &s).unwrap().send(1).unwrap();
-        assert!(
-            t.redeem(&tid, &s).is_none(),
-            "a ticket admits one connection"
-        );
-        t.redeem(&tid, &r).unwrap().send(2).unwrap();
-        assert_eq!(issued.arrivals().await, Some((1, 2)));
-        drop(issued);
-        assert_eq!(t.ticketed(), 0);
-        assert!(t.redeem(&tid, &r).is_none());
-    }
-
     #[test]
     fn relayed_transfers_count_as_incoming_until_they_end() {
-        let t: Transfers<u32> = Transfers::new();
+        let t = Transfers::new();
         let bob = name("bob");
         let a = t.relaying(&bob);
         let b = t.relaying(&bob);

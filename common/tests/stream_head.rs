@@ -252,3 +252,106 @@ fn chunks_of_a_resumed_stream_carry_their_offset() {
         RecvError::Auth
     );
 }
+
+/// A chunk sealed by hand under `k` (epoch 0), as anyone holding the stream
+/// keys can.
+fn forged_chunk(
+    k: &keyferry_common::schedule::StreamKeys,
+    seq: u64,
+    offset: u64,
+    last: bool,
+    plain: &[u8],
+) -> Vec<u8> {
+    use keyferry_common::crypto::seal;
+    use keyferry_common::wire::record::{chunk_ad, chunk_header};
+    let keys = k.epoch0.epoch_keys(&k.stream_id, 0);
+    let s = seal::seal(&keys, &chunk_ad(&k.stream_id, 0, seq, offset, last), plain);
+    let mut record = chunk_header(0, seq, last, &s.iv, s.ciphertext.len()).to_vec();
+    record.extend_from_slice(&s.ciphertext);
+    record.extend_from_slice(&s.tag);
+    record
+}
+
+#[test]
+fn a_receiver_holding_the_stream_keys_cannot_forge_a_file_for_another() {
+    use keyferry_common::crypto::seal;
+    use keyferry_common::wire::record::{
+        StreamCommitment, TrailerPlain, encode_sealed, label, stream_signed, trailer_ad,
+    };
+    // Alice's stream 9 goes to bob and carol: one root, sealed for each, so
+    // carol holds every stream key. She forges bob's data: chunks whose tags
+    // verify, and a trailer over them.
+    let carol = kit::fixture("carol");
+    let k = kit::stream_keys(9);
+    let forged = data(2000);
+    let forgeries = [
+        forged_chunk(&k, 0, 0, false, &forged[..1000]),
+        forged_chunk(&k, 1, 1000, true, &forged[1000..]),
+    ];
+    let sha: [u8; 32] = Sha256::digest(&forged).into();
+    let receivers = vec![
+        (kit::name("bob"), kit::bob().fingerprint()),
+        (kit::name("carol"), carol.fingerprint()),
+    ];
+    let trailer = |signature: Vec<u8>| {
+        let plain = TrailerPlain {
+            total: 2000,
+            sha256: sha,
+            signature,
+            receivers: receivers.clone(),
+        };
+        encode_sealed(&seal::seal(
+            &k.trailer,
+            &trailer_ad(&k.stream_id, 2, 0),
+            &plain.encode(),
+        ))
+    };
+    let commitment = |fp| {
+        stream_signed(&StreamCommitment {
+            stream_id: &k.stream_id,
+            sender_fp: fp,
+            total: 2000,
+            sha256: &sha,
+            chunks: 2,
+            resume_from: 0,
+            manifest_hash: &manifest_hash(&kit::manifest_body(2000)),
+            receivers: &receivers,
+        })
+    };
+    // Signed by carol (over alice's name or her own): not alice's signature.
+    for signature in [
+        carol.sign(
+            label::STREAM_SIGNATURE,
+            &commitment(&kit::alice().fingerprint()),
+        ),
+        carol.sign(label::STREAM_SIGNATURE, &commitment(&carol.fingerprint())),
+        // An alice signature of another purpose does not serve either.
+        kit::alice().sign(
+            "keyferry/v2 offer",
+            &commitment(&kit::alice().fingerprint()),
+        ),
+    ] {
+        let mut bob = kit::receiver(9, 2000);
+        for c in &forgeries {
+            bob.open_chunk(c).unwrap();
+        }
+        assert_eq!(
+            bob.open_trailer(&trailer(signature)).unwrap_err(),
+            RecvError::Signature
+        );
+        assert!(!bob.is_complete());
+    }
+    // Alice's real trailer with carol's data: its hash is not the data's.
+    let mut alice = kit::sender(9, 2000, RekeyPolicy::default(), Instant::now());
+    let other: Vec<u8> = data(2000).iter().map(|b| b ^ 1).collect();
+    let _ = chunks(&mut alice, &other);
+    let (real, _) = alice.trailer(kit::alice(), &receivers).unwrap();
+    let mut bob = kit::receiver(9, 2000);
+    for c in &forgeries {
+        bob.open_chunk(c).unwrap();
+    }
+    assert_eq!(
+        bob.open_trailer(real.record()).unwrap_err(),
+        RecvError::TrailerMismatch
+    );
+}

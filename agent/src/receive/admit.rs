@@ -18,6 +18,7 @@ use keyferry_common::ids::TransferId;
 use keyferry_common::name::AgentName;
 use keyferry_common::schedule::PairKeys;
 use keyferry_common::sync::lock;
+use keyferry_common::transfer::MAX_RECEIVERS;
 use keyferry_common::wire::message::RefuseReason;
 
 use super::resume::{Origin, Place, prepare};
@@ -243,13 +244,10 @@ impl Drop for Slot<'_> {
 /// Checks the kind and size against this receiver's limits.
 fn check_terms(shared: &Shared, t: &Terms, slot: &mut Slot<'_>) -> Result<(), Failure> {
     let refuse = |r, why: String| Failure::Refused(r, why);
-    if t.receivers != 1 {
+    if t.receivers == 0 || t.receivers as usize > MAX_RECEIVERS {
         return Err(refuse(
             RefuseReason::Policy,
-            format!(
-                "a stream to {} receivers (this receiver takes one-to-one transfers)",
-                t.receivers
-            ),
+            format!("a stream to {} receivers", t.receivers),
         ));
     }
     if t.kind == Kind::Message && (t.size > MAX_MESSAGE as u64 || t.resumes.is_some()) {

@@ -1,30 +1,36 @@
-//! One attempt at a transfer: connect, look up the peer and check its pin,
-//! offer (saying which earlier transfer this one continues, if any), check
-//! the accept, decide where the data starts (the receiver's claimed prefix
-//! is checked against our own bytes; any mismatch starts from byte 0), stream
-//! ([`super::pipeline`]), and check the receipt. Every attempt is a new
-//! transfer: new transfer and stream ids, new master key, new ephemeral
-//! shares, a new stream root.
+//! One attempt at a transfer, to one receiver or several at once: for each
+//! receiver, connect, look it up and check its pin, offer (saying which
+//! earlier transfer this one may continue), and check its accept; then one
+//! upload for all of them, whose stream starts where the receiver's verified
+//! prefix ends (one receiver: its claim is checked against our own bytes, any
+//! mismatch starts from byte 0; several: always byte 0), streamed through
+//! [`super::pipeline`]; then each receiver's receipt. Every attempt is a new
+//! transfer per receiver: new transfer and stream ids, new master keys, new
+//! ephemeral shares, a new stream root.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use keyferry_common::handshake::{Kind, OfferParams, Terms, make_offer};
+use keyferry_common::handshake::{Accepted, Kind, OfferParams, Terms, make_offer};
+use keyferry_common::identity::Fingerprint;
 use keyferry_common::ids::{StreamId, TransferId};
 use keyferry_common::io::connection::ConnError;
+use keyferry_common::name::AgentName;
 use keyferry_common::transfer::{RekeyPolicy, SendStream, StreamStart};
 use keyferry_common::wire::message::{AbortReason, ErrorCode, Message, Role};
 use keyferry_common::wire::record::manifest_hash;
 use sha2::Digest as _;
+use tokio::task::JoinSet;
 
 use super::source::{Reader, Source};
 use super::{ANSWER_TIMEOUT, RECEIPT_TIMEOUT, SendOptions, peer_key, pipeline};
-use crate::client::{Ctx, await_ticket, broker_error, conn_error, connect, open_data};
+use crate::client::{Ctx, Ticket, await_ticket, broker_error, conn_error, connect, open_upload};
 use crate::error::AgentError;
 use crate::home::now_unix;
 use crate::progress::Progress;
 
-/// A verified attempt.
+/// A verified transfer to one receiver.
 #[derive(Debug)]
 pub struct Done {
     /// Its transfer id.
@@ -35,12 +41,12 @@ pub struct Done {
     pub session_keys: u64,
     /// Bytes the receiver already held verified.
     pub resumed_from: u64,
-    /// Seconds from the accept to the verified receipt.
+    /// Seconds from the upload's start to the verified receipt.
     pub seconds: f64,
 }
 
-/// A failed attempt, and whether the receiver had accepted it (only then is
-/// there something to resume).
+/// A failed transfer to one receiver, and whether the receiver had accepted
+/// it (only then is there something to resume).
 #[derive(Debug)]
 pub struct Failed {
     /// Why.
@@ -63,21 +69,32 @@ fn after(error: AgentError) -> Failed {
     }
 }
 
-/// Runs one attempt. `origin` names the transfer this attempt may continue
-/// (PROTOCOL.md §6.4; none for a message).
-pub async fn run(
-    ctx: &Ctx,
-    opts: &SendOptions,
-    source: &Arc<Source>,
-    origin: Option<StreamId>,
-    progress: &Progress,
-) -> Result<Done, Failed> {
-    let mut conn = connect(ctx, Role::Sender).await.map_err(before)?;
-    let receiver_key = peer_key(ctx, &mut conn, opts).await.map_err(before)?;
-    let receiver_fp = receiver_key.fingerprint();
-    // Random for every attempt: the broker sees stream ids, and must not be
-    // able to link two attempts (or two runs) of one transfer.
-    let stream_id = StreamId::random();
+/// What one attempt gives each receiver.
+pub type Outcome = Vec<(AgentName, Result<Done, Failed>)>;
+
+/// One receiver's handshake, done.
+struct Handshake {
+    to: AgentName,
+    fp: Fingerprint,
+    accepted: Accepted,
+    ticket: Ticket,
+}
+
+/// Offers stream `stream_id` to `to` on a connection of its own and waits
+/// for its accept and ticket.
+async fn handshake(
+    ctx: Ctx,
+    opts: SendOptions,
+    source: Arc<Source>,
+    to: AgentName,
+    stream_id: StreamId,
+    receivers: u32,
+) -> Result<Handshake, Failed> {
+    let mut conn = connect(&ctx, Role::Sender).await.map_err(before)?;
+    let receiver_key = peer_key(&ctx, &mut conn, &to, opts.peer_fingerprint)
+        .await
+        .map_err(before)?;
+    let fp = receiver_key.fingerprint();
     let terms = Terms {
         kind: if opts.is_message() {
             Kind::Message
@@ -86,11 +103,11 @@ pub async fn run(
         },
         size: source.total,
         size_known: true,
-        resumes: origin,
-        receivers: 1,
+        resumes: source.origin(&ctx.name, &to),
+        receivers,
     };
     let identity = Arc::clone(&ctx.identity);
-    let (sender, receiver) = (ctx.name.clone(), opts.to.clone());
+    let (sender, receiver) = (ctx.name.clone(), to.clone());
     let (pending, offer) = tokio::task::spawn_blocking(move || {
         make_offer(OfferParams {
             identity: &identity,
@@ -108,14 +125,12 @@ pub async fn run(
     let tid = pending.transfer_id();
     conn.writer
         .write(&Message::Offer {
-            to: opts.to.clone(),
+            to: to.clone(),
             offer,
         })
         .await
-        .map_err(|e| before(conn_error(ctx, e)))?;
-
-    let answer = conn.reader.read_timeout(ANSWER_TIMEOUT).await;
-    let accept = match answer {
+        .map_err(|e| before(conn_error(&ctx, e)))?;
+    let accept = match conn.reader.read_timeout(ANSWER_TIMEOUT).await {
         Ok(Some(Message::Accept {
             transfer_id,
             accept,
@@ -125,14 +140,14 @@ pub async fn run(
             reason,
         })) if transfer_id == tid => {
             return Err(before(AgentError::Refused {
-                peer: opts.to.to_string(),
+                peer: to.to_string(),
                 reason,
             }));
         }
         Ok(Some(Message::Error {
             code: ErrorCode::PeerOffline,
             ..
-        })) => return Err(before(AgentError::PeerOffline(opts.to.to_string()))),
+        })) => return Err(before(AgentError::PeerOffline(to.to_string()))),
         Ok(Some(Message::Error { code, detail })) => {
             return Err(before(broker_error(code, detail)));
         }
@@ -141,58 +156,170 @@ pub async fn run(
                 "unexpected answer to the offer",
             )));
         }
-        Ok(None) => return Err(before(conn_error(ctx, ConnError::Truncated))),
-        Err(e) => return Err(before(conn_error(ctx, e))),
+        Ok(None) => return Err(before(conn_error(&ctx, ConnError::Truncated))),
+        Err(e) => return Err(before(conn_error(&ctx, e))),
     };
     let accepted = pending.handle_accept(&accept).map_err(|e| {
         before(AgentError::Verification(format!(
             "the receiver's accept did not verify ({e})"
         )))
     })?;
-    // The stream goes over a plain connection: it is sealed end to end.
-    let ticket = await_ticket(ctx, &mut conn, tid).await.map_err(after)?;
-    drop(conn);
-    let mut data = open_data(ctx, tid, ticket).await.map_err(after)?;
+    let ticket = await_ticket(&ctx, &mut conn, tid).await.map_err(after)?;
+    Ok(Handshake {
+        to,
+        fp,
+        accepted,
+        ticket,
+    })
+}
 
-    // Where the data starts: the receiver's prefix, if it is ours.
-    let body = source.manifest.encode();
-    let mut start = StreamStart::fresh();
+/// Where the one receiver's data starts: its prefix, if it is ours.
+async fn start_for(source: &Arc<Source>, accepted: &Accepted) -> Result<StreamStart, Failed> {
     let offset = accepted.resume_offset;
-    if offset > 0 && offset <= source.total {
-        let s = Arc::clone(source);
-        let prefix = tokio::task::spawn_blocking(move || Reader::prefix_hash(s, offset))
-            .await
-            .map_err(|e| after(e.into()))?
-            .map_err(after)?;
-        let hash: [u8; 32] = prefix.clone().finalize().into();
-        if accepted.resume_matches(&hash, &manifest_hash(&body)) {
-            start = StreamStart {
-                offset,
-                hasher: prefix,
-            };
-        } else {
-            eprintln!(
-                "the receiver holds {offset} bytes that are not these; starting again from byte 0"
-            );
-        }
-    } else if offset > 0 {
-        eprintln!("the receiver claims more than there is; starting again from byte 0");
+    if offset == 0 {
+        return Ok(StreamStart::fresh());
     }
-    let resumed_from = start.offset;
+    if offset > source.total {
+        eprintln!("the receiver claims more than there is; starting again from byte 0");
+        return Ok(StreamStart::fresh());
+    }
+    let s = Arc::clone(source);
+    let prefix = tokio::task::spawn_blocking(move || Reader::prefix_hash(s, offset))
+        .await
+        .map_err(|e| after(e.into()))?
+        .map_err(after)?;
+    let hash: [u8; 32] = prefix.clone().finalize().into();
+    if accepted.resume_matches(&hash, &manifest_hash(&source.manifest.encode())) {
+        Ok(StreamStart {
+            offset,
+            hasher: prefix,
+        })
+    } else {
+        eprintln!(
+            "the receiver holds {offset} bytes that are not these; starting again from byte 0"
+        );
+        Ok(StreamStart::fresh())
+    }
+}
 
+/// Runs one attempt to every receiver in `to` (see the module docs).
+pub async fn run(
+    ctx: &Ctx,
+    opts: &SendOptions,
+    source: &Arc<Source>,
+    to: &[AgentName],
+    progress: &Progress,
+) -> Outcome {
+    // Random for every attempt: the broker sees stream ids, and must not be
+    // able to link two attempts (or two runs) of one transfer.
+    let stream_id = StreamId::random();
+    let count = u32::try_from(to.len()).unwrap_or(u32::MAX);
+    let mut tasks = JoinSet::new();
+    for (i, name) in to.iter().enumerate() {
+        let job = handshake(
+            ctx.clone(),
+            opts.clone(),
+            Arc::clone(source),
+            name.clone(),
+            stream_id,
+            count,
+        );
+        tasks.spawn(async move { (i, job.await) });
+    }
+    let mut shakes: Vec<Option<Result<Handshake, Failed>>> = (0..to.len()).map(|_| None).collect();
+    while let Some(joined) = tasks.join_next().await {
+        if let Ok((i, r)) = joined {
+            shakes[i] = Some(r);
+        }
+    }
+    let mut outcome: Outcome = Vec::new();
+    let mut ready = Vec::new();
+    for (name, shake) in to.iter().zip(shakes) {
+        match shake {
+            Some(Ok(h)) => ready.push(h),
+            Some(Err(f)) => outcome.push((name.clone(), Err(f))),
+            None => outcome.push((
+                name.clone(),
+                Err(before(AgentError::Internal(
+                    "the offer's task failed".into(),
+                ))),
+            )),
+        }
+    }
+    if ready.is_empty() {
+        return outcome;
+    }
+    let results = upload(ctx, opts, source, stream_id, ready, progress).await;
+    outcome.extend(results);
+    // In the order the receivers were named.
+    outcome.sort_by_key(|(n, _)| to.iter().position(|t| t == n));
+    outcome
+}
+
+/// Streams once to every receiver in `ready` and collects their receipts.
+async fn upload(
+    ctx: &Ctx,
+    opts: &SendOptions,
+    source: &Arc<Source>,
+    stream_id: StreamId,
+    ready: Vec<Handshake>,
+    progress: &Progress,
+) -> Outcome {
+    let all_fail = |ready: &[Handshake], e: &dyn Fn() -> AgentError| -> Outcome {
+        ready
+            .iter()
+            .map(|h| (h.to.clone(), Err(after(e()))))
+            .collect()
+    };
+    let tickets: Vec<(TransferId, Ticket)> = ready
+        .iter()
+        .map(|h| (h.accepted.pair.transfer_id, h.ticket.clone()))
+        .collect();
+    let mut data = match open_upload(ctx, &tickets).await {
+        Ok(d) => d,
+        Err(e) => {
+            let text = e.to_string();
+            return all_fail(&ready, &|| AgentError::BrokerUnreachable {
+                addr: ctx.broker.clone(),
+                detail: text.clone(),
+            });
+        }
+    };
+    // One receiver resumes from its prefix; an upload to several starts at 0.
+    let start = match &ready[..] {
+        [one] => match start_for(source, &one.accepted).await {
+            Ok(s) => s,
+            Err(f) => return vec![(one.to.clone(), Err(f))],
+        },
+        _ => StreamStart::fresh(),
+    };
+    let resumed_from = start.offset;
     let began = Instant::now();
     let policy = RekeyPolicy::with_interval(opts.rekey_interval);
     let mut stream = SendStream::new(stream_id, source.total, true, start, policy, began);
-    let head = [
-        stream.root_for(&accepted.pair),
-        stream.manifest(&body).map_err(|e| after(e.into()))?,
-    ];
+    let mut head: Vec<_> = ready
+        .iter()
+        .map(|h| stream.root_for(&h.accepted.pair))
+        .collect();
+    match stream.manifest(&source.manifest.encode()) {
+        Ok(m) => head.push(m),
+        Err(e) => {
+            let text = e.to_string();
+            return all_fail(&ready, &|| AgentError::Internal(text.clone()));
+        }
+    }
     progress.start_at(resumed_from);
-    let receivers = vec![(opts.to.clone(), receiver_fp)];
+    let receivers: Vec<(AgentName, Fingerprint)> =
+        ready.iter().map(|h| (h.to.clone(), h.fp)).collect();
+    let tids: Vec<TransferId> = ready.iter().map(|h| h.accepted.pair.transfer_id).collect();
     let reader = Reader::at(Arc::clone(source), resumed_from);
-    let result =
-        pipeline::stream_out(ctx, &mut data, reader, stream, &head, receivers, progress).await;
-    let (stream, sha256) = match result {
+    let upload = pipeline::Upload {
+        head: &head,
+        receivers,
+        tids: &tids,
+    };
+    let streamed = pipeline::stream_out(ctx, &mut data, reader, stream, upload, progress).await;
+    let (stream, sha256, mut ended) = match streamed {
         Ok(done) => done,
         Err(e) => {
             let reason = match &e {
@@ -200,41 +327,96 @@ pub async fn run(
                 AgentError::Interrupted => AbortReason::Interrupted,
                 _ => AbortReason::VerificationFailed,
             };
-            let _ = data
-                .writer
-                .write(&Message::Abort {
-                    transfer_id: tid,
+            for tid in &tids {
+                let abort = Message::Abort {
+                    transfer_id: *tid,
                     reason,
-                })
-                .await;
-            return Err(after(e));
+                };
+                let _ = data.writer.write(&abort).await;
+            }
+            let text = e.to_string();
+            let code_of = move || match &e {
+                AgentError::ReceiverAborted(r) => AgentError::ReceiverAborted(*r),
+                AgentError::BrokerUnreachable { addr, detail } => AgentError::BrokerUnreachable {
+                    addr: addr.clone(),
+                    detail: detail.clone(),
+                },
+                AgentError::FileUnreadable { path, detail } => AgentError::FileUnreadable {
+                    path: path.clone(),
+                    detail: detail.clone(),
+                },
+                AgentError::Interrupted => AgentError::Interrupted,
+                _ => AgentError::Verification(text.clone()),
+            };
+            return all_fail(&ready, &code_of);
         }
     };
-
-    let receipt = data.reader.read_timeout(RECEIPT_TIMEOUT).await;
-    match receipt {
-        Ok(Some(Message::Receipt { transfer_id, tag })) if transfer_id == tid => {
-            stream.check_receipt(&accepted.pair, &tag).map_err(|_| {
-                after(AgentError::Verification(
-                    "the receipt does not confirm the length and SHA-256 we sent".into(),
-                ))
-            })?;
+    // Each receiver's answer: its receipt, or why not.
+    let deadline = tokio::time::Instant::now() + RECEIPT_TIMEOUT;
+    while ended.len() < tids.len() {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match data.reader.read_timeout(left).await {
+            Ok(Some(Message::Receipt { transfer_id, tag })) if tids.contains(&transfer_id) => {
+                let h = ready
+                    .iter()
+                    .find(|h| h.accepted.pair.transfer_id == transfer_id);
+                let ok = h.is_some_and(|h| stream.check_receipt(&h.accepted.pair, &tag).is_ok());
+                ended.entry(transfer_id).or_insert(if ok {
+                    Ok(())
+                } else {
+                    Err(AgentError::Verification(
+                        "the receipt does not confirm the length and SHA-256 we sent".into(),
+                    ))
+                });
+            }
+            Ok(Some(Message::Abort {
+                transfer_id,
+                reason,
+            })) if tids.contains(&transfer_id) => {
+                ended
+                    .entry(transfer_id)
+                    .or_insert(Err(AgentError::ReceiverAborted(reason)));
+            }
+            Ok(_) => break,
+            Err(e) => {
+                let text = e.to_string();
+                for tid in &tids {
+                    ended
+                        .entry(*tid)
+                        .or_insert(Err(AgentError::BrokerUnreachable {
+                            addr: ctx.broker.clone(),
+                            detail: text.clone(),
+                        }));
+                }
+            }
         }
-        Ok(Some(Message::Abort { reason, .. })) => {
-            return Err(after(AgentError::ReceiverAborted(reason)));
-        }
-        Ok(_) => {
-            return Err(after(AgentError::Verification(
-                "the receiver sent no receipt".into(),
-            )));
-        }
-        Err(e) => return Err(after(conn_error(ctx, e))),
     }
-    Ok(Done {
-        transfer_id: tid,
-        sha256,
-        session_keys: stream.session_keys(),
-        resumed_from,
-        seconds: began.elapsed().as_secs_f64(),
-    })
+    progress.done(
+        tids.len() - ended.values().filter(|r| r.is_err()).count(),
+        tids.len(),
+    );
+    let seconds = began.elapsed().as_secs_f64();
+    ready
+        .into_iter()
+        .map(|h| {
+            let tid = h.accepted.pair.transfer_id;
+            let r = match ended.remove(&tid) {
+                Some(Ok(())) => Ok(Done {
+                    transfer_id: tid,
+                    sha256,
+                    session_keys: stream.session_keys(),
+                    resumed_from,
+                    seconds,
+                }),
+                Some(Err(e)) => Err(after(e)),
+                None => Err(after(AgentError::Verification(
+                    "the receiver sent no receipt".into(),
+                ))),
+            };
+            (h.to, r)
+        })
+        .collect::<Vec<_>>()
 }
+
+/// The receivers' answers so far, by transfer.
+pub type Ended = HashMap<TransferId, Result<(), AgentError>>;

@@ -46,15 +46,15 @@ pub enum Payload {
 /// The sender's options.
 #[derive(Debug, Clone)]
 pub struct SendOptions {
-    /// Receiver's name.
-    pub to: AgentName,
+    /// The receivers' names (one upload to all of them).
+    pub to: Vec<AgentName>,
     /// What to send.
     pub payload: Payload,
     /// How directories are walked.
     pub walk: Walk,
     /// Session key lifetime.
     pub rekey_interval: Duration,
-    /// A key the receiver must have (`--peer-fingerprint`).
+    /// A key the receiver must have (`--peer-fingerprint`; one receiver only).
     pub peer_fingerprint: Option<Fingerprint>,
     /// How long to keep retrying a transfer that broke after it was accepted.
     pub retry_for: Duration,
@@ -128,40 +128,94 @@ fn transient(e: &AgentError) -> bool {
     )
 }
 
-/// Sends the files or message; returns the verified report.
-pub async fn send(ctx: &Ctx, opts: SendOptions) -> Result<Report, AgentError> {
+/// How a send ended: a verified report per receiver that confirmed, and
+/// why each other receiver did not.
+#[derive(Debug)]
+pub struct Sent {
+    /// One per receiver whose receipt verified, in the order they were named.
+    pub reports: Vec<Report>,
+    /// The receivers that did not confirm, and why.
+    pub failed: Vec<(AgentName, AgentError)>,
+}
+
+/// Most receivers of one upload.
+pub const MAX_RECEIVERS: usize = 16;
+
+/// Sends the files or message to every receiver in `opts.to` (one upload),
+/// then completes the receivers that dropped out by resumed one-to-one
+/// transfers, within `--retry-for`.
+pub async fn send(ctx: &Ctx, opts: SendOptions) -> Result<Sent, AgentError> {
     let source = Arc::new(collect(&opts)?);
-    let origin = source.origin(&ctx.name, &opts.to);
     let progress = Progress::new(source.total, opts.progress);
-    let (mut attempts, mut accepted) = (0u32, false);
-    let mut deadline = None;
-    let mut wait = Duration::from_secs(1);
-    let done = loop {
-        attempts += 1;
-        match attempt::run(ctx, &opts, &source, origin, &progress).await {
-            Ok(done) => break done,
-            Err(failed) => {
-                // Only a transfer that was accepted is waited for again.
-                accepted |= failed.accepted;
-                let until = *deadline.get_or_insert_with(|| Instant::now() + opts.retry_for);
-                if !accepted || !transient(&failed.error) || Instant::now() + wait > until {
-                    progress.finish();
-                    return Err(failed.error);
-                }
-                progress.suspend(&format!("interrupted ({}); retrying", failed.error));
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(MAX_BACKOFF);
-                // A file that changed since the first attempt must never
-                // be resumed into.
-                source.unchanged()?;
-            }
-        }
+    let first = attempt::run(ctx, &opts, &source, &opts.to, &progress).await;
+    let mut sent = Sent {
+        reports: Vec::new(),
+        failed: Vec::new(),
     };
+    let mut deadline = None;
+    for (name, result) in first {
+        let done = match result {
+            Ok(done) => Ok((done, 1)),
+            Err(failed) => {
+                retry(ctx, &opts, &source, &name, failed, &progress, &mut deadline).await
+            }
+        };
+        match done {
+            Ok((done, attempts)) => sent.reports.push(report(&source, &name, &done, attempts)),
+            Err(e) => sent.failed.push((name, e)),
+        }
+    }
     progress.finish();
+    Ok(sent)
+}
+
+/// Tries `to` again, one to one, after `failed`, while the failure is one a
+/// retry may overcome and `--retry-for` (counted from the first
+/// interruption, shared by all receivers) lasts. Returns the verified
+/// transfer and how many attempts it took in all.
+async fn retry(
+    ctx: &Ctx,
+    opts: &SendOptions,
+    source: &Arc<Source>,
+    to: &AgentName,
+    mut failed: attempt::Failed,
+    progress: &Progress,
+    deadline: &mut Option<Instant>,
+) -> Result<(attempt::Done, u32), AgentError> {
+    let (mut attempts, mut accepted) = (1u32, false);
+    let mut wait = Duration::from_secs(1);
+    loop {
+        // Only a transfer that was accepted is waited for again.
+        accepted |= failed.accepted;
+        let until = *deadline.get_or_insert_with(|| Instant::now() + opts.retry_for);
+        if !accepted || !transient(&failed.error) || Instant::now() + wait > until {
+            return Err(failed.error);
+        }
+        let who = if opts.to.len() > 1 {
+            format!(" for {to}")
+        } else {
+            String::new()
+        };
+        progress.suspend(&format!("interrupted{who} ({}); retrying", failed.error));
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(MAX_BACKOFF);
+        // A file that changed since the first attempt must never be resumed into.
+        source.unchanged()?;
+        attempts += 1;
+        let mut outcome = attempt::run(ctx, opts, source, std::slice::from_ref(to), progress).await;
+        match outcome.pop() {
+            Some((_, Ok(done))) => return Ok((done, attempts)),
+            Some((_, Err(f))) => failed = f,
+            None => return Err(AgentError::Internal("an attempt without an outcome".into())),
+        }
+    }
+}
+
+fn report(source: &Source, to: &AgentName, done: &attempt::Done, attempts: u32) -> Report {
     let file = source.manifest.top_level().first().map(|n| (*n).to_owned());
-    Ok(Report {
+    Report {
         transfer_id: done.transfer_id.to_string(),
-        peer: opts.to.to_string(),
+        peer: to.to_string(),
         file: file.unwrap_or_default(),
         files: source.file_count(),
         bytes: source.total,
@@ -170,15 +224,15 @@ pub async fn send(ctx: &Ctx, opts: SendOptions) -> Result<Report, AgentError> {
         session_keys: done.session_keys,
         resumed_from: done.resumed_from,
         attempts,
-    })
+    }
 }
 
 pub(super) async fn peer_key(
     ctx: &Ctx,
     conn: &mut AgentConn,
-    opts: &SendOptions,
+    to: &AgentName,
+    required: Option<Fingerprint>,
 ) -> Result<PublicKey, AgentError> {
-    let to = &opts.to;
     conn.writer
         .write(&Message::Lookup { name: to.clone() })
         .await
@@ -205,12 +259,12 @@ pub(super) async fn peer_key(
         AgentError::Verification(format!("the key the broker gave for {to} is refused: {e}"))
     })?;
     let pins = ctx.home.known_peers();
-    let check = match opts.peer_fingerprint {
+    let check = match required {
         Some(fp) => pins.require(to.as_str(), fp, key.fingerprint(), now_unix()),
         None => pins.check_or_pin(to.as_str(), key.fingerprint(), now_unix()),
     };
     match check {
-        Ok(PinCheck::NewlyPinned(_)) if opts.peer_fingerprint.is_none() => {
+        Ok(PinCheck::NewlyPinned(_)) if required.is_none() => {
             eprintln!(
                 "NEW KEY for {to} {} — first contact, verify out of band",
                 key.fingerprint()

@@ -9,12 +9,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keyferry_common::identity::{Fingerprint, Identity};
+use keyferry_common::ids::TransferId;
 use keyferry_common::io::connection::ConnError;
 use keyferry_common::name::AgentName;
 use keyferry_common::transfer::{ChunkJob, ReadyFrame, SendStream};
 use keyferry_common::wire::message::Message;
 use keyferry_common::wire::record::DEFAULT_CHUNK;
 
+use super::attempt::Ended;
 use super::source::Reader;
 use crate::client::{Ctx, DataConn, broker_error, conn_error};
 use crate::error::AgentError;
@@ -69,6 +71,16 @@ fn sealing_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
 }
 
+/// Who an upload goes to, and what opens its stream.
+pub(super) struct Upload<'a> {
+    /// The stream's first frames: a root for each receiver, the manifest.
+    pub head: &'a [ReadyFrame],
+    /// Every receiver, as the trailer is signed for.
+    pub receivers: Vec<(AgentName, Fingerprint)>,
+    /// Their transfers.
+    pub tids: &'a [TransferId],
+}
+
 /// Writes the stream's first frames (`head`: the root and the manifest),
 /// then reads, seals and writes the data from where `reader` stands to the
 /// end, and the trailer signed for `receivers`.
@@ -82,10 +94,17 @@ pub(super) async fn stream_out(
     conn: &mut DataConn,
     mut reader: Reader,
     mut stream: SendStream,
-    head: &[ReadyFrame],
-    receivers: Vec<(AgentName, Fingerprint)>,
+    upload: Upload<'_>,
     progress: &Progress,
-) -> Result<(SendStream, [u8; 32]), AgentError> {
+) -> Result<(SendStream, [u8; 32], Ended), AgentError> {
+    let Upload {
+        head,
+        receivers,
+        tids,
+    } = upload;
+    // Receivers that gave up while the stream went out (an upload to
+    // several goes on for the others).
+    let mut ended = Ended::new();
     for f in head {
         if let Err(e) = conn.writer.write_frame(f.frame()).await {
             return Err(why_write_failed(ctx, conn, e).await);
@@ -210,17 +229,25 @@ pub(super) async fn stream_out(
                 None => break,
             },
             msg = conn.reader.read() => {
-                return Err(match msg {
-                    Ok(Some(Message::Abort { reason, .. })) => AgentError::ReceiverAborted(reason),
+                let e = match msg {
+                    Ok(Some(Message::Abort { transfer_id, reason })) if tids.contains(&transfer_id) => {
+                        ended.entry(transfer_id).or_insert(Err(AgentError::ReceiverAborted(reason)));
+                        if ended.len() < tids.len() {
+                            continue;
+                        }
+                        AgentError::ReceiverAborted(reason)
+                    }
                     Ok(Some(Message::Error { code, detail })) => broker_error(code, detail),
                     Ok(Some(_)) => AgentError::Protocol("unexpected message during the transfer"),
                     Ok(None) => conn_error(ctx, ConnError::Truncated),
                     Err(e) => conn_error(ctx, e),
-                });
+                };
+                return Err(e);
             }
         }
     }
-    producer
+    let (stream, digest) = producer
         .await?
-        .ok_or_else(|| AgentError::Internal("the sealing thread stopped".into()))
+        .ok_or_else(|| AgentError::Internal("the sealing thread stopped".into()))?;
+    Ok((stream, digest, ended))
 }

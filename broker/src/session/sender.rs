@@ -9,15 +9,17 @@ use std::time::Instant;
 use keyferry_common::ids::{StreamId, TransferId};
 use keyferry_common::name::AgentName;
 use keyferry_common::wire::message::{AbortReason, ErrorCode, Message, OnlineAgent};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use super::{Agent, BrokerConn, next, refuse};
 use crate::error::SessionError;
+use crate::fanout;
 use crate::registry::Unreachable;
 use crate::relay::relay;
 use crate::shutdown::Shutdown;
 use crate::state::State;
+use crate::tickets::{Arrival, Joiner};
 use crate::transfers::{Answer, OfferLimit};
 
 /// Counts a sender connection in the registry while it lives.
@@ -110,6 +112,7 @@ pub(super) async fn session(
                 let limits = &state.limits;
                 let slot = match state.transfers.take_offer_slot(
                     &agent.name,
+                    fields.stream_id,
                     limits.offers_per_minute,
                     limits.max_transfers_per_agent,
                     Instant::now(),
@@ -197,8 +200,16 @@ pub(super) async fn session(
                             told: false,
                         };
                         let ids = (tid, fields.stream_id);
-                        let result =
-                            start_transfer(state, conn, receiver, ids, accept, shutdown).await;
+                        let result = start_transfer(
+                            state,
+                            conn,
+                            receiver,
+                            ids,
+                            accept,
+                            shutdown,
+                            &agent.name,
+                        )
+                        .await;
                         drop(slot);
                         return result;
                     }
@@ -256,8 +267,9 @@ async fn start_transfer(
     (tid, sid): (TransferId, StreamId),
     accept: Vec<u8>,
     shutdown: Shutdown,
+    from: &AgentName,
 ) -> Result<(), SessionError> {
-    let Some(mut issued) = state.transfers.issue(tid) else {
+    let Some(mut issued) = state.tickets.issue(tid, sid, from) else {
         let detail = format!("transfer {tid} is already under way");
         return Err(refuse(&mut conn, ErrorCode::Protocol, detail).await);
     };
@@ -283,22 +295,84 @@ async fn start_transfer(
             address: String::new(),
         })
         .await?;
-    let limit = state.limits.handshake_timeout;
-    let arrived = tokio::time::timeout(limit, issued.arrivals()).await;
+    let deadline = tokio::time::Instant::now() + state.limits.handshake_timeout;
+    let arrival = tokio::time::timeout_at(deadline, &mut issued.sender).await;
+    let mine = tokio::time::timeout_at(deadline, &mut issued.receiver).await;
     drop(issued);
-    let Ok(Some((sender, receiver))) = arrived else {
-        info!(transfer = %tid, "data connections did not arrive in time");
-        return Ok(());
+    let mine = mine.ok().and_then(Result::ok);
+    let (sender, others, mut joiners) = match arrival {
+        Ok(Ok(Arrival::Upload {
+            conn: sender,
+            others,
+            joiners,
+        })) => (sender, others, joiners),
+        Ok(Ok(Arrival::Joined { hub })) => {
+            // Another transfer's task relays this stream; this receiver's
+            // connection goes there, and this task waits for the relay.
+            let Some(mine) = mine else {
+                info!(transfer = %tid, "data connection did not arrive in time");
+                return Ok(());
+            };
+            let (done, relayed) = oneshot::channel();
+            let joiner = Joiner {
+                tid,
+                conn: mine,
+                done,
+            };
+            if hub.send(joiner).await.is_ok() {
+                let _ = relayed.await;
+            }
+            return Ok(());
+        }
+        _ => {
+            info!(transfer = %tid, "data connections did not arrive in time");
+            return Ok(());
+        }
     };
     // The TLS connection has done its part; the sender closes its own too.
     drop(conn);
-    info!(transfer = %tid, "transfer started");
     let ids = (tid, sid);
-    let report = relay(sender, receiver, ids, state.limits.idle_timeout, shutdown).await;
+    let idle = state.limits.idle_timeout;
+    if others.is_empty() {
+        let Some(receiver) = mine else {
+            info!(transfer = %tid, "data connections did not arrive in time");
+            return Ok(());
+        };
+        info!(transfer = %tid, "transfer started");
+        let report = relay(sender, receiver, ids, idle, shutdown).await;
+        log_report(tid, &report);
+        return Ok(());
+    }
+    // One upload to several receivers: those whose connections arrive in
+    // time take part; the others' transfers have failed.
+    let mut receivers: Vec<fanout::Receiver> = mine
+        .map(|conn| fanout::Receiver {
+            tid,
+            conn,
+            done: None,
+        })
+        .into_iter()
+        .collect();
+    for _ in 0..others.len() {
+        match tokio::time::timeout_at(deadline, joiners.recv()).await {
+            Ok(Some(j)) => receivers.push(fanout::Receiver {
+                tid: j.tid,
+                conn: j.conn,
+                done: Some(j.done),
+            }),
+            _ => break,
+        }
+    }
+    info!(transfer = %tid, receivers = receivers.len(), "upload to several receivers started");
+    let report = fanout::relay(sender, receivers, sid, idle, shutdown).await;
+    log_report(tid, &report);
+    Ok(())
+}
+
+fn log_report(tid: TransferId, report: &crate::relay::RelayReport) {
     let seconds = format!("{:.3}", report.elapsed.as_secs_f64());
-    match report.result {
+    match &report.result {
         Ok(()) => info!(transfer = %tid, bytes = report.bytes, seconds, "transfer finished"),
         Err(why) => info!(transfer = %tid, bytes = report.bytes, seconds, %why, "transfer failed"),
     }
-    Ok(())
 }

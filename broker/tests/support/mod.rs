@@ -282,10 +282,10 @@ impl Agent {
 
     /// Sends `file` to `to`.
     pub async fn send_file(&self, to: &str, file: &Path) -> Result<Report, AgentError> {
-        send(
+        let mut sent = send(
             &self.ctx,
             SendOptions {
-                to: AgentName::new(to).unwrap(),
+                to: vec![AgentName::new(to).unwrap()],
                 payload: Payload::Files(vec![file.to_owned()]),
                 walk: Default::default(),
                 rekey_interval: Duration::from_secs(5),
@@ -294,7 +294,12 @@ impl Agent {
                 progress: false,
             },
         )
-        .await
+        .await?;
+        match (sent.reports.pop(), sent.failed.pop()) {
+            (Some(report), None) => Ok(report),
+            (_, Some((_, e))) => Err(e),
+            (None, None) => panic!("a send without an outcome"),
+        }
     }
 }
 

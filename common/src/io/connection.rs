@@ -147,6 +147,42 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         Ok(true)
     }
 
+    /// The next frame's length (not checked against the maximum), reading
+    /// until its length prefix is buffered; `Ok(None)` on a clean EOF.
+    pub async fn peek_len(&mut self) -> Result<Option<usize>, ConnError> {
+        while self.buf.len() < LEN_PREFIX {
+            room_for(&mut self.buf, GROW_STEP);
+            if self.inner.read_buf(&mut self.buf).await? == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(ConnError::Truncated)
+                };
+            }
+        }
+        let mut len = [0u8; LEN_PREFIX];
+        len.copy_from_slice(&self.buf[..LEN_PREFIX]);
+        Ok(Some(u32::from_be_bytes(len) as usize))
+    }
+
+    /// The next message, decoded but left in the buffer: [`Self::consume_peeked`]
+    /// takes it, anything else reads it again. `Ok(None)` on a clean EOF.
+    pub async fn peek_message(&mut self) -> Result<Option<Message>, ConnError> {
+        let Some(end) = self.fill_frame().await? else {
+            return Ok(None);
+        };
+        Ok(Some(message::decode_payload(&self.buf[LEN_PREFIX..end])?))
+    }
+
+    /// Drops the frame [`Self::peek_message`] returned.
+    pub fn consume_peeked(&mut self) {
+        if let Ok(Some(len)) = frame::peek_len(&self.buf, self.max)
+            && self.buf.len() >= LEN_PREFIX + len
+        {
+            self.buf.drain(..LEN_PREFIX + len);
+        }
+    }
+
     /// [`Self::read`] with a deadline.
     pub async fn read_timeout(&mut self, limit: Duration) -> Result<Option<Message>, ConnError> {
         tokio::time::timeout(limit, self.read())

@@ -1,0 +1,247 @@
+//! Relaying one upload to several receivers (PROTOCOL.md §2.5): the sender
+//! writes its sealed stream once; the broker copies each record to every
+//! receiver still in the copy, and brings each receiver's receipt (or abort)
+//! back to the sender. Like the one-to-one relay it opens no record; it only
+//! checks each frame is allowed: forward, the `Root` of one of the upload's
+//! transfers (to that receiver only), `Manifest`, `KeyUpdate`, `Chunk`,
+//! `Trailer` of the stream (to everyone), an `Abort` of one of its transfers
+//! (to that receiver); back, each receiver's own `Receipt` or `Abort`.
+//!
+//! Memory is bounded: each receiver has a queue of at most [`QUEUE`] frames
+//! (at most 8 MiB, 4 MiB at the senders' chunk size). A receiver whose queue
+//! is full holds the upload for at most [`LAG`]; then it is dropped from the
+//! copy (its connection closed, the sender told `Abort{Timeout}` for it) and
+//! the others go on at their own speed. A dropped receiver keeps what it
+//! verified and is completed afterwards by a resume (PROTOCOL.md §6.4).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keyferry_common::ids::{StreamId, TransferId};
+use keyferry_common::io::connection::FrameReader;
+use keyferry_common::wire::chunk::chunk_record;
+use keyferry_common::wire::frame::{LEN_PREFIX, MAX_FRAME_LEN};
+use keyferry_common::wire::message::{self, AbortReason, Message};
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+
+use crate::relay::{DataConn, RelayEnd, RelayReport};
+use crate::shutdown::Shutdown;
+
+/// Frames one receiver may be behind the sender.
+pub const QUEUE: usize = 8;
+/// How long a full queue may hold the upload before its receiver is dropped.
+pub const LAG: Duration = Duration::from_secs(2);
+/// The largest frame a receiver sends back (a receipt or an abort).
+const BACK_MAX: usize = 1024;
+
+/// One receiver of the upload.
+#[derive(Debug)]
+pub struct Receiver {
+    /// Its transfer.
+    pub tid: TransferId,
+    /// Its data connection.
+    pub conn: DataConn,
+    /// Tells its transfer's task that the relay ended (when dropped).
+    pub done: Option<oneshot::Sender<()>>,
+}
+
+fn frame_of(msg: &Message) -> Vec<u8> {
+    // Messages the broker makes itself are small and always encode.
+    message::encode(msg, MAX_FRAME_LEN).unwrap_or_default()
+}
+
+/// Writes the frames of `rx` to a receiver until the queue closes, then
+/// half-closes; stops at the first failed or stalled write.
+async fn write_out(mut to: OwnedWriteHalf, mut rx: mpsc::Receiver<Arc<[u8]>>, idle: Duration) {
+    while let Some(f) = rx.recv().await {
+        if !matches!(
+            tokio::time::timeout(idle, to.write_all(&f)).await,
+            Ok(Ok(()))
+        ) {
+            return;
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+/// Brings one receiver's `Receipt` or `Abort` back to the sender; anything
+/// else, its end, or its silence becomes `Abort{PeerGone}`.
+async fn read_back(
+    from: tokio::net::tcp::OwnedReadHalf,
+    leftover: Vec<u8>,
+    tid: TransferId,
+    back: mpsc::Sender<Vec<u8>>,
+    idle: Duration,
+) {
+    let mut reader = FrameReader::with_buffer(from, leftover, BACK_MAX);
+    let msg = match reader.read_timeout(idle).await {
+        Ok(Some(m @ Message::Receipt { transfer_id, .. }))
+        | Ok(Some(m @ Message::Abort { transfer_id, .. }))
+            if transfer_id == tid =>
+        {
+            m
+        }
+        _ => Message::Abort {
+            transfer_id: tid,
+            reason: AbortReason::PeerGone,
+        },
+    };
+    let _ = back.send(frame_of(&msg)).await;
+}
+
+/// Where one frame of the sender's goes.
+enum Route {
+    One(TransferId),
+    All { ends: bool },
+}
+
+/// Decides about one frame payload of the sender's.
+fn route(
+    payload: &[u8],
+    sid: &StreamId,
+    tids: &HashMap<TransferId, mpsc::Sender<Arc<[u8]>>>,
+) -> Option<Route> {
+    if let Some((s, _)) = chunk_record(payload) {
+        return (s == *sid).then_some(Route::All { ends: false });
+    }
+    match message::decode_payload(payload).ok()? {
+        Message::Root { transfer_id, .. } | Message::Abort { transfer_id, .. }
+            if tids.contains_key(&transfer_id) =>
+        {
+            Some(Route::One(transfer_id))
+        }
+        Message::Manifest { stream_id, .. } | Message::KeyUpdate { stream_id, .. }
+            if stream_id == *sid =>
+        {
+            Some(Route::All { ends: false })
+        }
+        Message::Trailer { stream_id, .. } if stream_id == *sid => Some(Route::All { ends: true }),
+        _ => None,
+    }
+}
+
+/// Relays the upload on `sender` to `receivers` until the trailer went to
+/// every receiver still in the copy and each answered, or the upload fails.
+pub async fn relay(
+    sender: DataConn,
+    receivers: Vec<Receiver>,
+    sid: StreamId,
+    idle: Duration,
+    mut shutdown: Shutdown,
+) -> RelayReport {
+    let start = Instant::now();
+    let mut tasks = JoinSet::new();
+    let (back_tx, mut back_rx) = mpsc::channel::<Vec<u8>>(2 * receivers.len() + 2);
+    let mut outs = HashMap::new();
+    let mut done = Vec::new();
+    for r in receivers {
+        let (rd, wr) = r.conn.tcp.into_split();
+        let (tx, rx) = mpsc::channel::<Arc<[u8]>>(QUEUE);
+        tasks.spawn(write_out(wr, rx, idle));
+        tasks.spawn(read_back(rd, r.conn.leftover, r.tid, back_tx.clone(), idle));
+        outs.insert(r.tid, tx);
+        done.push((r.conn.guard, r.done));
+    }
+    let (s_read, mut s_write) = sender.tcp.into_split();
+    let notices = back_tx;
+    // Back: everything the receivers answer, to the sender, until they all did.
+    let back = tokio::spawn(async move {
+        while let Some(f) = back_rx.recv().await {
+            if !matches!(
+                tokio::time::timeout(idle, s_write.write_all(&f)).await,
+                Ok(Ok(()))
+            ) {
+                break;
+            }
+        }
+        let _ = s_write.shutdown().await;
+    });
+
+    let mut reader = FrameReader::with_buffer(s_read, sender.leftover, MAX_FRAME_LEN);
+    let mut bytes = 0u64;
+    let mut payload = Vec::new();
+    let result: Result<(), RelayEnd> = loop {
+        let read = tokio::select! {
+            r = tokio::time::timeout(idle, reader.read_payload_into(&mut payload)) => r,
+            () = shutdown.cut() => break Err(RelayEnd::Shutdown),
+        };
+        match read {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => break Err(RelayEnd::Disconnected("sender")),
+            Ok(Err(e)) => {
+                break Err(RelayEnd::Refused {
+                    side: "sender",
+                    what: format!("a bad frame: {e}"),
+                });
+            }
+            Err(_) => {
+                break Err(RelayEnd::Silent {
+                    side: "sender",
+                    secs: idle.as_secs(),
+                });
+            }
+        }
+        let Some(to) = route(&payload, &sid, &outs) else {
+            break Err(RelayEnd::Refused {
+                side: "sender",
+                what: "a message not allowed here".into(),
+            });
+        };
+        let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+        let mut frame = Vec::with_capacity(LEN_PREFIX + payload.len());
+        frame.extend_from_slice(&len.to_be_bytes());
+        frame.extend_from_slice(&payload);
+        let frame: Arc<[u8]> = frame.into();
+        bytes += frame.len() as u64;
+        let (targets, ends): (Vec<TransferId>, bool) = match to {
+            Route::One(tid) => (vec![tid], false),
+            Route::All { ends } => (outs.keys().copied().collect(), ends),
+        };
+        for tid in targets {
+            let Some(tx) = outs.get(&tid) else { continue };
+            let sent = match tx.try_send(Arc::clone(&frame)) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(f)) => {
+                    matches!(tokio::time::timeout(LAG, tx.send(f)).await, Ok(Ok(())))
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            };
+            if !sent {
+                // Too far behind, or gone: out of the copy; it resumes later.
+                outs.remove(&tid);
+                let gone = Message::Abort {
+                    transfer_id: tid,
+                    reason: AbortReason::Timeout,
+                };
+                let _ = notices.send(frame_of(&gone)).await;
+            }
+        }
+        if ends {
+            break Ok(());
+        }
+        if outs.is_empty() {
+            break Err(RelayEnd::Disconnected("every receiver"));
+        }
+    };
+    // The queues close: each writer sends what it holds and half-closes.
+    let failed = result.is_err();
+    drop(outs);
+    if failed {
+        // The receivers still in the copy get no trailer; their readers
+        // report them gone, and the sender is told.
+        tasks.abort_all();
+    }
+    drop(notices);
+    let _ = tokio::time::timeout(idle + Duration::from_secs(5), back).await;
+    tasks.abort_all();
+    drop(done);
+    RelayReport {
+        bytes,
+        elapsed: start.elapsed(),
+        result,
+    }
+}

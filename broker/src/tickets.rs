@@ -1,0 +1,389 @@
+//! The tickets of accepted transfers (PROTOCOL.md §2.5): two per transfer,
+//! one for the sender's data connection and one for the receiver's, each good
+//! for one connection and withdrawn when the transfer's wait for them ends.
+//!
+//! A sender that sends one stream to several receivers at once redeems the
+//! sender tickets of all of them on one data connection (its upload). That
+//! connection goes to the first of those transfers, with a channel on which
+//! the others hand over their receivers' connections ([`Arrival::Upload`]);
+//! each of the others is told where to hand its receiver's connection
+//! ([`Arrival::Joined`]).
+//!
+//! Plain state, no sockets: a redeemed ticket hands over whatever
+//! data-connection value `C` the caller uses (the relay's connection in the
+//! broker, a number in the tests). Tickets are compared in constant time.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use keyferry_common::crypto::random_array;
+use keyferry_common::ids::{StreamId, TransferId};
+use keyferry_common::name::AgentName;
+use keyferry_common::sync::lock;
+use subtle::ConstantTimeEq as _;
+use tokio::sync::{mpsc, oneshot};
+
+/// Most receivers one upload may have.
+pub const MAX_FANOUT: usize = 16;
+
+/// A receiver's data connection handed to the relay of its stream, and
+/// what tells its transfer's task that the relay ended.
+#[derive(Debug)]
+pub struct Joiner<C> {
+    /// The receiver's transfer.
+    pub tid: TransferId,
+    /// Its data connection.
+    pub conn: C,
+    /// Dropped (or sent) when the relay ends.
+    pub done: oneshot::Sender<()>,
+}
+
+/// What a transfer's sender side gets when its sender ticket is redeemed.
+#[derive(Debug)]
+pub enum Arrival<C> {
+    /// The upload connection. `others` are the other transfers of the
+    /// stream it was redeemed for (none for one receiver); their receivers'
+    /// connections arrive on `joiners`.
+    Upload {
+        /// The sender's data connection.
+        conn: C,
+        /// The other transfers of the upload.
+        others: Vec<TransferId>,
+        /// Where their receivers' connections arrive.
+        joiners: mpsc::Receiver<Joiner<C>>,
+    },
+    /// The stream is uploaded on another transfer's connection: this
+    /// transfer's receiver connection goes to `hub`.
+    Joined {
+        /// The relay's channel for receivers' connections.
+        hub: mpsc::Sender<Joiner<C>>,
+    },
+}
+
+struct Slot<T> {
+    ticket: [u8; 32],
+    to: Option<oneshot::Sender<T>>,
+}
+
+struct Entry<C> {
+    sender: Slot<Arrival<C>>,
+    receiver: Slot<C>,
+    stream: StreamId,
+    from: AgentName,
+}
+
+/// Every transfer waiting for its data connections.
+pub struct Tickets<C> {
+    inner: Mutex<HashMap<TransferId, Entry<C>>>,
+}
+
+impl<C> std::fmt::Debug for Tickets<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tickets")
+            .field("waiting", &lock(&self.inner).len())
+            .finish()
+    }
+}
+
+impl<C> Default for Tickets<C> {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// One transfer's tickets and the connections to wait for. Dropping it
+/// withdraws both tickets.
+pub struct Issued<'a, C> {
+    tickets: &'a Tickets<C>,
+    tid: TransferId,
+    /// The sender's ticket.
+    pub sender_ticket: [u8; 32],
+    /// The receiver's ticket.
+    pub receiver_ticket: [u8; 32],
+    /// The sender side's arrival.
+    pub sender: oneshot::Receiver<Arrival<C>>,
+    /// The receiver's data connection.
+    pub receiver: oneshot::Receiver<C>,
+}
+
+impl<C> std::fmt::Debug for Issued<'_, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issued")
+            .field("tid", &self.tid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C> Drop for Issued<'_, C> {
+    fn drop(&mut self) {
+        lock(&self.tickets.inner).remove(&self.tid);
+    }
+}
+
+/// A redeemed first ticket.
+#[derive(Debug)]
+pub enum Redeemed<C> {
+    /// A receiver's: its connection goes here.
+    Receiver(oneshot::Sender<C>),
+    /// A sender's, taken: more sender tickets of the same stream may follow
+    /// ([`Tickets::redeem_upload`]).
+    Sender(Reserved<C>),
+}
+
+/// A sender ticket taken by a data connection that may present more.
+#[derive(Debug)]
+pub struct Reserved<C> {
+    tid: TransferId,
+    to: oneshot::Sender<Arrival<C>>,
+    stream: StreamId,
+    from: AgentName,
+}
+
+fn matches(slot_ticket: &[u8; 32], ticket: &[u8; 32]) -> bool {
+    bool::from(slot_ticket.ct_eq(ticket))
+}
+
+impl<C> Tickets<C> {
+    /// No tickets yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Draws the two tickets of transfer `tid` of stream `stream` from
+    /// `from`; `None` if it already has some.
+    pub fn issue(
+        &self,
+        tid: TransferId,
+        stream: StreamId,
+        from: &AgentName,
+    ) -> Option<Issued<'_, C>> {
+        let (sender_ticket, receiver_ticket) = (random_array(), random_array());
+        let (s_tx, s_rx) = oneshot::channel();
+        let (r_tx, r_rx) = oneshot::channel();
+        let mut i = lock(&self.inner);
+        if i.contains_key(&tid) {
+            return None;
+        }
+        i.insert(
+            tid,
+            Entry {
+                sender: Slot {
+                    ticket: sender_ticket,
+                    to: Some(s_tx),
+                },
+                receiver: Slot {
+                    ticket: receiver_ticket,
+                    to: Some(r_tx),
+                },
+                stream,
+                from: from.clone(),
+            },
+        );
+        Some(Issued {
+            tickets: self,
+            tid,
+            sender_ticket,
+            receiver_ticket,
+            sender: s_rx,
+            receiver: r_rx,
+        })
+    }
+
+    /// Takes the first ticket a data connection presents, once: a
+    /// receiver's gives the place its connection goes, a sender's a
+    /// reservation that [`Self::redeem_upload`] completes. `None`: no such
+    /// ticket waits (unknown, used or withdrawn).
+    pub fn redeem(&self, tid: &TransferId, ticket: &[u8; 32]) -> Option<Redeemed<C>> {
+        let mut i = lock(&self.inner);
+        let e = i.get_mut(tid)?;
+        let (s, r) = (
+            matches(&e.sender.ticket, ticket),
+            matches(&e.receiver.ticket, ticket),
+        );
+        if r {
+            return e.receiver.to.take().map(Redeemed::Receiver);
+        }
+        if !s {
+            return None;
+        }
+        let to = e.sender.to.take()?;
+        Some(Redeemed::Sender(Reserved {
+            tid: *tid,
+            to,
+            stream: e.stream,
+            from: e.from.clone(),
+        }))
+    }
+
+    /// Completes an upload: `first` and the sender tickets in `more`, each
+    /// still waiting, all of one stream from one sender, at most
+    /// [`MAX_FANOUT`] in all and no transfer twice. The connection goes to
+    /// `first`'s transfer, the others are joined to it. Gives the connection
+    /// back if any check fails (then `more` is left as it was; `first` is
+    /// used up either way).
+    pub fn redeem_upload(
+        &self,
+        first: Reserved<C>,
+        more: &[(TransferId, [u8; 32])],
+        conn: C,
+    ) -> Result<(), C> {
+        let mut i = lock(&self.inner);
+        if more.len() >= MAX_FANOUT {
+            return Err(conn);
+        }
+        let mut seen = vec![first.tid];
+        for (tid, ticket) in more {
+            let ok = i.get(tid).is_some_and(|e| {
+                matches(&e.sender.ticket, ticket)
+                    && e.sender.to.is_some()
+                    && e.stream == first.stream
+                    && e.from == first.from
+            });
+            if !ok || seen.contains(tid) {
+                return Err(conn);
+            }
+            seen.push(*tid);
+        }
+        let (hub, joiners) = mpsc::channel(MAX_FANOUT);
+        for tid in &seen[1..] {
+            if let Some(to) = i.get_mut(tid).and_then(|e| e.sender.to.take()) {
+                let _ = to.send(Arrival::Joined { hub: hub.clone() });
+            }
+        }
+        drop(hub);
+        let upload = Arrival::Upload {
+            conn,
+            others: seen[1..].to_vec(),
+            joiners,
+        };
+        // If the wait just ended, the connection is dropped, which is its answer.
+        let _ = first.to.send(upload);
+        Ok(())
+    }
+
+    /// Transfers waiting for their data connections.
+    pub fn waiting(&self) -> usize {
+        lock(&self.inner).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(s: &str) -> AgentName {
+        AgentName::new(s).unwrap()
+    }
+
+    #[tokio::test]
+    async fn tickets_admit_one_connection_each_and_are_withdrawn_with_the_wait() {
+        let t: Tickets<u32> = Tickets::new();
+        let (tid, sid, alice) = (TransferId([4; 16]), StreamId([1; 16]), name("alice"));
+        let mut issued = t.issue(tid, sid, &alice).unwrap();
+        assert!(
+            t.issue(tid, sid, &alice).is_none(),
+            "tickets are drawn once"
+        );
+        let (s, r) = (issued.sender_ticket, issued.receiver_ticket);
+        assert_ne!(s, r);
+        assert!(t.redeem(&tid, &[0; 32]).is_none());
+        assert!(t.redeem(&TransferId([5; 16]), &s).is_none());
+        let Some(Redeemed::Sender(first)) = t.redeem(&tid, &s) else {
+            panic!("the sender's ticket")
+        };
+        assert!(
+            t.redeem(&tid, &s).is_none(),
+            "a ticket admits one connection"
+        );
+        t.redeem_upload(first, &[], 1).unwrap();
+        let Some(Redeemed::Receiver(to)) = t.redeem(&tid, &r) else {
+            panic!("the receiver's ticket")
+        };
+        to.send(2).unwrap();
+        let Ok(Arrival::Upload { conn, others, .. }) = (&mut issued.sender).await else {
+            panic!("the upload")
+        };
+        assert_eq!((conn, others), (1, vec![]));
+        assert_eq!((&mut issued.receiver).await, Ok(2));
+        drop(issued);
+        assert_eq!(t.waiting(), 0);
+        assert!(t.redeem(&tid, &r).is_none());
+    }
+
+    #[tokio::test]
+    async fn one_upload_serves_the_transfers_of_one_stream_from_one_sender() {
+        let t: Tickets<u32> = Tickets::new();
+        let (alice, mallory) = (name("alice"), name("mallory"));
+        let (sid, other) = (StreamId([1; 16]), StreamId([2; 16]));
+        let tids: Vec<TransferId> = (1..=3).map(|i| TransferId([i; 16])).collect();
+        let mut issued: Vec<_> = tids
+            .iter()
+            .map(|tid| t.issue(*tid, sid, &alice).unwrap())
+            .collect();
+        let foreign = t.issue(TransferId([8; 16]), other, &alice).unwrap();
+        let theirs = t.issue(TransferId([9; 16]), sid, &mallory).unwrap();
+        let all: Vec<_> = tids
+            .iter()
+            .zip(&issued)
+            .map(|(tid, i)| (*tid, i.sender_ticket))
+            .collect();
+        // Another stream's ticket, another sender's, a receiver's ticket, the
+        // first transfer again: refused whole, the others not taken.
+        let spare_tid = TransferId([50; 16]);
+        for case in 0..5 {
+            let mut spare = t.issue(spare_tid, sid, &alice).unwrap();
+            let bad = match case {
+                0 => vec![(TransferId([8; 16]), foreign.sender_ticket)],
+                1 => vec![(TransferId([9; 16]), theirs.sender_ticket)],
+                2 => vec![(tids[1], issued[1].receiver_ticket)],
+                3 => vec![all[1], all[1]],
+                _ => vec![(spare_tid, spare.sender_ticket)],
+            };
+            let Some(Redeemed::Sender(first)) = t.redeem(&spare_tid, &spare.sender_ticket) else {
+                panic!("a spare upload")
+            };
+            assert_eq!(t.redeem_upload(first, &bad, 7), Err(7), "case {case}");
+            assert!((&mut spare.sender).await.is_err(), "the first is used up");
+        }
+        let Some(Redeemed::Sender(first)) = t.redeem(&tids[0], &all[0].1) else {
+            panic!("the first sender ticket")
+        };
+        t.redeem_upload(first, &all[1..], 7).unwrap();
+        let Ok(Arrival::Upload {
+            conn,
+            others,
+            mut joiners,
+        }) = (&mut issued[0].sender).await
+        else {
+            panic!("the upload")
+        };
+        assert_eq!((conn, others), (7, tids[1..].to_vec()));
+        for (k, i) in issued.iter_mut().enumerate().skip(1) {
+            let Ok(Arrival::Joined { hub }) = (&mut i.sender).await else {
+                panic!("joined")
+            };
+            let (done, _) = oneshot::channel();
+            hub.send(Joiner {
+                tid: tids[k],
+                conn: 10 + k as u32,
+                done,
+            })
+            .await
+            .unwrap();
+        }
+        let (a, b) = (joiners.recv().await.unwrap(), joiners.recv().await.unwrap());
+        assert_eq!((a.tid, a.conn, b.tid, b.conn), (tids[1], 11, tids[2], 12));
+        // Too many receivers for one upload.
+        let spare = t.issue(TransferId([60; 16]), sid, &alice).unwrap();
+        let Some(Redeemed::Sender(first)) = t.redeem(&TransferId([60; 16]), &spare.sender_ticket)
+        else {
+            panic!("a spare upload")
+        };
+        let many: Vec<_> = (0..MAX_FANOUT)
+            .map(|i| (TransferId([100 + i as u8; 16]), [0; 32]))
+            .collect();
+        assert_eq!(t.redeem_upload(first, &many, 3), Err(3));
+    }
+}
