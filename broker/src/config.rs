@@ -32,6 +32,9 @@ pub struct Limits {
     pub max_transfers_per_agent: usize,
     /// On shutdown, how long running transfers may go on before they are cut.
     pub shutdown_grace: Duration,
+    /// How often the broker pings each receiver; one that has said nothing
+    /// for two intervals is dropped (and its name goes offline).
+    pub keepalive: Duration,
 }
 
 /// Smallest accepted control-frame limit: a maximal signed offer plus envelope.
@@ -50,6 +53,7 @@ impl Default for Limits {
             offers_per_minute: 30,
             max_transfers_per_agent: 4,
             shutdown_grace: Duration::from_secs(30),
+            keepalive: Duration::from_secs(20),
         }
     }
 }

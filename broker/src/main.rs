@@ -21,7 +21,7 @@ use keyferry_common::units::{parse_duration, parse_size};
 /// Listening on a non-loopback address needs an access policy: --allow-file,
 /// or an explicit --allow-any-agent.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(name = "broker", version)]
 struct Args {
     /// Address to listen on; port 0 picks a free port (the real one is printed).
     #[arg(long, default_value = DEFAULT_ADDR, value_name = "ADDR")]
@@ -73,6 +73,37 @@ struct Args {
     /// running transfers finish for this long before cutting them.
     #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_duration, help_heading = "Limits")]
     shutdown_grace: Duration,
+    /// Ping every receiver this often; one that has said nothing for two
+    /// intervals (frozen, or its network gone) is dropped and goes offline.
+    #[arg(long, value_name = "DUR", default_value = "20s", value_parser = parse_duration, help_heading = "Limits")]
+    keepalive: Duration,
+
+    /// Print a completion script for this shell (bash, zsh, fish, elvish,
+    /// powershell) and exit. See the README for where to install it.
+    #[arg(long, value_name = "SHELL", help_heading = "Documentation")]
+    completions: Option<clap_complete::Shell>,
+    /// Print the man page (roff) and exit: `broker --man > broker.1`.
+    #[arg(long, conflicts_with = "completions", help_heading = "Documentation")]
+    man: bool,
+}
+
+/// Writes `--completions` or `--man` output; `None` when neither was asked.
+fn documentation(args: &Args) -> Option<ExitCode> {
+    use clap::CommandFactory as _;
+    let mut out = Vec::new();
+    if let Some(shell) = args.completions {
+        clap_complete::generate(shell, &mut Args::command(), "broker", &mut out);
+    } else if args.man {
+        if let Err(e) = clap_mangen::Man::new(Args::command()).render(&mut out) {
+            return Some(fail(format!("cannot render the man page: {e}"), 1));
+        }
+    } else {
+        return None;
+    }
+    Some(match std::io::stdout().lock().write_all(&out) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(format!("cannot write to standard output: {e}"), 1),
+    })
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
@@ -106,6 +137,9 @@ fn fail(msg: impl std::fmt::Display, code: u8) -> ExitCode {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(code) = documentation(&args) {
+        return code;
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_target(false)
@@ -135,6 +169,7 @@ async fn main() -> ExitCode {
         offers_per_minute: args.offers_per_minute,
         max_transfers_per_agent: args.max_transfers_per_agent,
         shutdown_grace: args.shutdown_grace,
+        keepalive: args.keepalive,
         ..Limits::default()
     };
     let policy = match &args.allow_file {

@@ -107,6 +107,8 @@ impl Broker {
                 }
             };
             let _ = tcp.set_nodelay(true);
+            // The kernel notices a peer gone silent, also mid-transfer.
+            let _ = keyferry_common::io::tcp::keep_alive(&tcp);
             let (state, alive) = (Arc::clone(&self.state), Alive(alive.clone()));
             tokio::spawn(async move {
                 let _alive = alive;

@@ -156,7 +156,8 @@ pub(super) async fn authenticate(
             .await);
         }
     }
-    conn.writer.write(&Message::Welcome).await?;
+    // `Welcome` is the role session's to send: a receiver gets it only once
+    // its name is free.
     let agent = Agent {
         name,
         spki,

@@ -86,7 +86,11 @@ pub async fn handle(
     };
     guard.admit();
     match role {
-        Role::Sender => sender::session(&state, conn, agent, shutdown).await,
+        Role::Sender => {
+            let mut conn = conn;
+            conn.writer.write(&Message::Welcome).await?;
+            sender::session(&state, conn, agent, shutdown).await
+        }
         Role::Receiver => receiver::session(&state, conn, agent, shutdown).await,
     }
 }

@@ -1,10 +1,13 @@
 //! A receiver's session: its one long-lived control connection. The broker
 //! pushes offers on it; the receiver answers each there, with `Refuse` or
 //! `Accept`, and gets its ticket for an accepted transfer (or an `Abort` if
-//! the transfer cannot start) on the same connection.
+//! the transfer cannot start) on the same connection. The broker pings it
+//! every `--keepalive`; a receiver that has said nothing for two intervals
+//! is dropped, so a frozen one does not stay "online".
 
 use tokio::sync::mpsc;
-use tracing::info;
+use tokio::time::{Instant, MissedTickBehavior};
+use tracing::{info, warn};
 
 use keyferry_common::wire::message::{AbortReason, ErrorCode, Message};
 
@@ -31,17 +34,42 @@ pub(super) async fn session(
         return Err(refuse(
             &mut conn,
             ErrorCode::ReceiverConnected,
-            format!("a receiver named {} is already connected", agent.name),
+            format!(
+                "a receiver named {} is already connected to this broker; stop it, or receive \
+                 under another --name",
+                agent.name
+            ),
         )
         .await);
     }
+    if let Err(e) = conn.writer.write(&Message::Welcome).await {
+        registry.remove_receiver(&agent.name, conn_id);
+        return Err(e.into());
+    }
     info!(agent = %agent.name, "receiver online");
+    let every = state.limits.keepalive;
+    let mut ping = tokio::time::interval_at(Instant::now() + every, every);
+    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let (mut heard, mut nonce) = (Instant::now(), 0u64);
     let result = async {
         loop {
             tokio::select! {
                 Some(out) = rx.recv() => conn.writer.write(&out).await?,
-                msg = next(&mut conn, None, &mut shutdown) => match msg? {
+                _ = ping.tick() => {
+                    // Two intervals of silence: frozen, or its network is gone.
+                    if heard.elapsed() >= every * 2 {
+                        warn!(agent = %agent.name, silent_seconds = heard.elapsed().as_secs(), "receiver answers no keepalive: dropped");
+                        return Err(SessionError::Refused(format!(
+                            "no answer to keepalive pings for {} s",
+                            heard.elapsed().as_secs()
+                        )));
+                    }
+                    nonce = nonce.wrapping_add(1);
+                    conn.writer.write(&Message::Ping { nonce }).await?;
+                }
+                msg = next(&mut conn, None, &mut shutdown) => match msg.inspect(|_| heard = Instant::now())? {
                     None => return Ok(()),
+                    Some(Message::Pong { .. }) => {}
                     // Only the receiver the offer named may answer it.
                     Some(Message::Refuse { transfer_id, reason }) => {
                         let _ = state.transfers.answer(&transfer_id, &agent.name, Answer::Refused(reason));

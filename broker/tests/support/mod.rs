@@ -261,6 +261,9 @@ impl Agent {
             once,
             max_size: 4 << 30,
             progress_timeout: Duration::from_secs(60),
+            json: false,
+            stdout: false,
+            keepalive: Duration::from_secs(20),
         };
         let online_before = broker.logs.text().matches(&self.online_line()).count();
         let task = tokio::spawn(receive(ctx, opts));

@@ -1,6 +1,6 @@
 //! The edges: frames over async streams ([`connection`]), the TLS 1.3
-//! configurations and the agents' pinning verifier ([`tls`]), and durable
-//! private file writes ([`fs`]).
+//! configurations and the agents' pinning verifier ([`tls`]), durable
+//! private file writes ([`fs`]), and keepalive options for TCP ([`tcp`]).
 //!
 //! Behind the default-on `io` cargo feature: without it the crate is the
 //! protocol alone (no tokio, no rustls), which is what the fuzz targets and
@@ -8,4 +8,5 @@
 
 pub mod connection;
 pub mod fs;
+pub mod tcp;
 pub mod tls;

@@ -1,0 +1,60 @@
+//! Socket options for long-lived TCP connections, so that a peer whose
+//! machine froze or whose network vanished is noticed by the kernel, not only
+//! when an application timer runs out: TCP keepalive probes on an idle
+//! connection, and `TCP_USER_TIMEOUT` for data sent and never acknowledged.
+
+use std::io;
+use std::time::Duration;
+
+use socket2::{SockRef, TcpKeepalive};
+
+/// Idle time before the first keepalive probe.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(20);
+/// Time between unanswered probes.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Unanswered probes before the kernel drops the connection.
+pub const KEEPALIVE_PROBES: u32 = 3;
+/// How long sent data may stay unacknowledged before the kernel drops the
+/// connection (`TCP_USER_TIMEOUT`; Linux).
+pub const USER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Sets keepalive and, on Linux, `TCP_USER_TIMEOUT` on `stream`.
+pub fn keep_alive(stream: &tokio::net::TcpStream) -> io::Result<()> {
+    let sock = SockRef::from(stream);
+    let keepalive = TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    sock.set_tcp_keepalive(&keepalive)?;
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    sock.set_tcp_user_timeout(Some(USER_TIMEOUT))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[tokio::test]
+    async fn both_ends_of_a_connection_get_the_options() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) =
+            tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        let (client, (server, _)) = (client.unwrap(), accepted.unwrap());
+        for s in [&client, &server] {
+            let before = SockRef::from(s);
+            assert!(!before.keepalive().unwrap());
+            keep_alive(s).unwrap();
+            let sock = SockRef::from(s);
+            assert!(sock.keepalive().unwrap());
+            assert_eq!(sock.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
+            assert_eq!(sock.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+            assert_eq!(sock.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES);
+            #[cfg(target_os = "linux")]
+            assert_eq!(sock.tcp_user_timeout().unwrap(), Some(USER_TIMEOUT));
+        }
+    }
+}
