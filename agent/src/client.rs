@@ -52,9 +52,10 @@ pub struct Ctx {
 /// Maps a broker `Error` message to the agent's error.
 pub fn broker_error(code: ErrorCode, detail: String) -> AgentError {
     match code {
-        ErrorCode::NameTaken | ErrorCode::AuthFailed | ErrorCode::Policy => {
-            AgentError::NameRefused(detail)
-        }
+        ErrorCode::NameTaken
+        | ErrorCode::AuthFailed
+        | ErrorCode::Policy
+        | ErrorCode::ReceiverConnected => AgentError::NameRefused(detail),
         // A broker of this version explains itself fully; a version 1 broker
         // ends with "this broker speaks <v>"; anything else in its own words.
         ErrorCode::Version if detail.starts_with("this agent speaks") => {
@@ -110,6 +111,7 @@ async fn connect_within(ctx: &Ctx, role: Role) -> Result<AgentConn, AgentError> 
         .map_err(|_| unreachable("timed out".into()))?
         .map_err(|e| unreachable(e.to_string()))?;
     let _ = tcp.set_nodelay(true);
+    let _ = keyferry_common::io::tcp::keep_alive(&tcp);
     let verifier = PinningVerifier::new(expected);
     let config = tls::client_config(Arc::clone(&verifier))?;
     let server_name = ServerName::try_from(tls::SERVER_NAME)
@@ -331,6 +333,7 @@ pub async fn open_upload(
         .map_err(|_| unreachable("timed out".into()))?
         .map_err(|e| unreachable(e.to_string()))?;
     let _ = tcp.set_nodelay(true);
+    let _ = keyferry_common::io::tcp::keep_alive(&tcp);
     let mut conn = Connection::new(tcp);
     for (tid, t) in tickets {
         conn.writer

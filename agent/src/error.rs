@@ -17,7 +17,7 @@ use crate::trust::pins::PinError;
 pub mod exit {
     /// Anything not listed below (bad configuration, key files, protocol errors).
     pub const OTHER: u8 = 1;
-    /// Wrong command-line usage (clap's own code).
+    /// Wrong command-line usage: clap's own errors, and ours found after parsing.
     pub const USAGE: u8 = 2;
     /// The broker cannot be reached, or the connection to it was lost.
     pub const BROKER_UNREACHABLE: u8 = 3;
@@ -106,6 +106,14 @@ pub enum AgentError {
     /// The receiver gave up on the transfer and said why.
     #[error("{}", abort_text(*.0))]
     ReceiverAborted(AbortReason),
+    /// A `--once` receiver's one transfer did not complete.
+    #[error("the transfer did not complete: {why}")]
+    TransferFailed {
+        /// The exit code it maps to.
+        code: u8,
+        /// What happened.
+        why: String,
+    },
     /// The broker refused our name.
     #[error("the broker refused this agent: {0}")]
     NameRefused(String),
@@ -245,6 +253,8 @@ impl AgentError {
                 exit::VERIFICATION_FAILED
             }
             Self::NameRefused(_) => exit::NAME_REFUSED,
+            Self::Usage(_) => exit::USAGE,
+            Self::TransferFailed { code, .. } => *code,
             Self::Interrupted => exit::INTERRUPTED,
             Self::SomeReceiversFailed { .. } => exit::SOME_RECEIVERS_FAILED,
             Self::ReceiverAborted(_)
@@ -253,7 +263,6 @@ impl AgentError {
             | Self::Protocol(_)
             | Self::Version { .. }
             | Self::VersionRefused(_)
-            | Self::Usage(_)
             | Self::Home(_)
             | Self::KeyFile(_)
             | Self::Pins(_)

@@ -8,6 +8,7 @@
 //! regular file of this user that group and others cannot access (PROTOCOL.md
 //! §1.1).
 
+use crate::output::notice;
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
 use std::path::{Path, PathBuf};
@@ -277,7 +278,7 @@ impl Home {
         let path = self.dir.join("identity.pem");
         let (id, created) = load_or_create_identity(&path, DEFAULT_KEY_BITS)?;
         if created {
-            eprintln!(
+            notice!(
                 "created identity {} with fingerprint {}",
                 path.display(),
                 id.fingerprint()

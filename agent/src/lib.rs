@@ -21,6 +21,7 @@ pub mod cli;
 pub mod client;
 pub mod error;
 pub mod home;
+pub mod output;
 pub mod progress;
 pub mod receive;
 pub mod send;

@@ -1,8 +1,11 @@
-//! The sender's progress bar: the only module that knows indicatif. The
-//! transfer code reports `(done, epoch)`, where an attempt starts and why it
-//! waits; nothing is drawn unless stdout is a terminal.
+//! The progress bar of either role: the only module that knows indicatif.
+//! The transfer code reports `(done, epoch)`, where an attempt starts and why
+//! it waits. It is drawn on stderr, only when stderr is a terminal and
+//! `--quiet` is off ([`crate::output::bars`]), in colour unless `NO_COLOR`.
 
 use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::output::{self, notice};
 
 /// A progress display, or nothing.
 #[derive(Debug)]
@@ -11,20 +14,37 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// A bar for `total` bytes if `enabled`.
-    pub fn new(total: u64, enabled: bool) -> Self {
-        let bar = enabled.then(|| {
-            let bar = ProgressBar::new(total);
-            let style = ProgressStyle::with_template(
-                "{bar:30.cyan/blue} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> ");
+    /// A bar for `total` bytes (`None`: a size not known up front) if
+    /// `enabled` and bars are wanted at all ([`output::bars`]).
+    pub fn new(total: Option<u64>, enabled: bool) -> Self {
+        let bar = (enabled && output::bars()).then(|| {
+            let (bar, template) = match (total, output::colour()) {
+                (Some(t), true) => (
+                    ProgressBar::new(t),
+                    "{bar:30.cyan/blue} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
+                ),
+                (Some(t), false) => (
+                    ProgressBar::new(t),
+                    "[{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
+                ),
+                (None, _) => (
+                    ProgressBar::no_length(),
+                    "{spinner} {bytes} {binary_bytes_per_sec} {msg}",
+                ),
+            };
+            let style = ProgressStyle::with_template(template)
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> ");
             bar.set_style(style);
             bar.set_message("key #1");
             bar
         });
         Self { bar }
+    }
+
+    /// No bar.
+    pub fn none() -> Self {
+        Self { bar: None }
     }
 
     /// `done` bytes are sent; the current session key is number `epoch + 1`.
@@ -54,7 +74,7 @@ impl Progress {
     pub fn suspend(&self, why: &str) {
         match &self.bar {
             Some(bar) => bar.set_message(why.to_owned()),
-            None => eprintln!("{why}"),
+            None => notice!("{why}"),
         }
     }
 

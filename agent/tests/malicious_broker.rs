@@ -641,17 +641,32 @@ fn case_11_replay_offer() -> Vec<Row> {
         temp_removed: temp_files(w.out.path()).is_empty(),
     });
 
-    // b, c) A restarted receiver has forgotten the id and accepts the offer,
-    // but its fresh nonce makes keys the old stream was not sealed under.
-    for (tag, stream, says, what) in [
-        ("11b", Vec::new(), TRUNCATED, "Offered alone"),
+    // b, c) A restarted receiver (same home): the ids it saw are kept on
+    // disk, so the replay is refused before any RSA work, as in (a).
+    // d, e) A receiver whose record of seen ids was deleted has forgotten
+    // the id and accepts the offer, but its fresh nonce makes keys the old
+    // stream was not sealed under.
+    for (tag, stream, forgot, says, what) in [
+        ("11b", Vec::new(), false, "replayed offer", "Offered alone"),
         (
             "11c",
             original.forward.clone(),
+            false,
+            "replayed offer",
+            "Offered + recorded stream",
+        ),
+        ("11d", Vec::new(), true, TRUNCATED, "Offered alone"),
+        (
+            "11e",
+            original.forward.clone(),
+            true,
             AUTH,
             "Offered + recorded stream",
         ),
     ] {
+        if forgot {
+            std::fs::remove_file(w.bob.dir.join("seen_offers")).unwrap();
+        }
         let out = TempDir::new("evil-out-replay");
         let bob = w.bob_once(out.path());
         w.broker
@@ -659,21 +674,35 @@ fn case_11_replay_offer() -> Vec<Row> {
             .unwrap();
         let r = finish_within(bob, EXIT_WAIT);
         let ctx = format!("{tag}: {r:#?}");
-        assert!(matches!(r.code, Some(c) if c != 0), "{ctx}");
         assert!(r.stderr.contains(says), "{ctx}");
         let rec = w.broker.records().last().unwrap().clone();
-        assert!(
-            rec.accepted,
-            "the restarted receiver accepts the offer: {ctx}"
-        );
+        if forgot {
+            assert!(matches!(r.code, Some(c) if c != 0), "{ctx}");
+            assert!(
+                rec.accepted,
+                "the forgetful receiver accepts the offer: {ctx}"
+            );
+        } else {
+            assert_eq!(r.code, Some(8), "{ctx}");
+            assert!(!rec.accepted, "{ctx}");
+            assert_eq!(rec.refused, Some(RefuseReason::VerificationFailed), "{ctx}");
+        }
         assert!(visible_files(out.path()).is_empty(), "{ctx}");
         assert!(temp_files(out.path()).is_empty(), "{ctx}");
+        let (whom, why) = if forgot {
+            (
+                "a receiver whose seen_offers was deleted",
+                "offer accepted: the id is forgotten; the stream cannot verify",
+            )
+        } else {
+            (
+                "a restarted receiver",
+                "the seen id survived the restart: refused before RSA work",
+            )
+        };
         rows.push(Row {
-            case: format!("{tag} replay the {what} to a restarted receiver"),
-            receiver: format!(
-                "{} (offer accepted: the id is forgotten; the stream cannot verify)",
-                describe(&r, &receiver_why(&r))
-            ),
+            case: format!("{tag} replay the {what} to {whom}"),
+            receiver: format!("{} ({why})", describe(&r, &receiver_why(&r))),
             sender: "none (the replay needs no sender)".into(),
             final_present: yes(out.join("report.bin").exists()),
             temp_removed: temp_files(out.path()).is_empty(),

@@ -1,22 +1,28 @@
-//! The command line, and what each invocation does.
+//! The command line, and what each invocation does: the arguments (with
+//! their environment variables), the checks that pair options with roles,
+//! and the dispatch to a role, `--list` ([`list`]), or the generated
+//! completions and man page ([`docs`]).
 
-use std::io::IsTerminal as _;
+mod docs;
+mod list;
+mod report;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use clap_complete::Shell;
 use keyferry_common::identity::Fingerprint;
 use keyferry_common::name::AgentName;
 use keyferry_common::units::{parse_duration, parse_size};
-use keyferry_common::wire::message::{Message, Role};
 
-use crate::client::{Ctx, broker_error, conn_error, connect};
+use crate::client::Ctx;
 use crate::error::AgentError;
 use crate::home::Home;
 use crate::receive::{RecvOptions, receive};
 use crate::send::source::Walk;
-use crate::send::{MAX_RECEIVERS, Payload, Report, SendOptions, Sent, send};
+use crate::send::{MAX_RECEIVERS, Payload, SendOptions, Sent, send};
 
 /// The address agents connect to by default (the broker's default listen address).
 pub const DEFAULT_BROKER: &str = "127.0.0.1:7447";
@@ -35,6 +41,8 @@ pub enum RoleArg {
 ///   agent --role receiver [--out-dir DIR] [--once]
 ///   agent --role sender --to PEER [--to PEER ...] --file PATH [--file PATH ...] [--exclude GLOB ...]
 ///   agent --role sender --to PEER --message TEXT
+///   agent --role sender --to PEER --file - --name-as NAME   (standard input)
+///   agent --role receiver --once --stdout                   (to standard output)
 ///   agent --list
 ///
 /// The first run creates an RSA identity in --home. Keys of brokers and peers
@@ -46,44 +54,80 @@ pub enum RoleArg {
 /// Exit codes: 0 verified success, 1 other error, 2 usage, 3 broker unreachable,
 /// 4 broker key mismatch, 5 unknown or offline peer, 6 peer key mismatch,
 /// 7 file unreadable, 8 refused by the receiver, 9 verification failed,
-/// 10 name or key refused by the broker, 11 some of several receivers
-/// failed (one line each), 130 interrupted.
+/// 10 name or key refused by the broker (or its receiver already connected),
+/// 11 some of several receivers failed (one line each), 130 interrupted.
+///
+/// --broker, --name and --broker-fingerprint may also come from the
+/// environment (KEYFERRY_BROKER, KEYFERRY_NAME, KEYFERRY_BROKER_FINGERPRINT);
+/// an option given on the command line wins.
 #[derive(Debug, Parser)]
-#[command(version, verbatim_doc_comment)]
+#[command(name = "agent", version, verbatim_doc_comment)]
 pub struct Args {
     /// Broker address.
-    #[arg(long, value_name = "ADDR", default_value = DEFAULT_BROKER)]
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_BROKER, env = "KEYFERRY_BROKER")]
     pub broker: String,
     /// Require this broker certificate fingerprint (SHA256:...), instead of
     /// pinning whatever the broker presents on first contact.
-    #[arg(long, value_name = "FP")]
+    #[arg(long, value_name = "FP", env = "KEYFERRY_BROKER_FINGERPRINT")]
     pub broker_fingerprint: Option<Fingerprint>,
     /// Directory holding this agent's identity and pins
     /// [default: $XDG_CONFIG_HOME/keyferry or ~/.config/keyferry].
     #[arg(long, value_name = "DIR", env = "KEYFERRY_HOME")]
     pub home: Option<PathBuf>,
     /// This agent's name: 1-32 of a-z 0-9 . _ - [default: your user name, lowercased].
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", env = "KEYFERRY_NAME")]
     pub name: Option<AgentName>,
     /// What to do.
-    #[arg(long, value_enum, required_unless_present = "list")]
+    #[arg(long, value_enum, required_unless_present_any = ["list", "completions", "man"])]
     pub role: Option<RoleArg>,
     /// List the agents online at the broker (receivers, busy or free) and exit.
     #[arg(long, conflicts_with = "role")]
     pub list: bool,
+    /// Print JSON lines on stdout instead of text: the sender one object per
+    /// receiver that confirmed, the receiver one per event (received,
+    /// message, failed, refused), --list one per agent.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar and no notices on stderr (errors, warnings and NEW KEY
+    /// lines still show). Bars are drawn only when stderr is a terminal, in
+    /// colour unless NO_COLOR is set.
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Print a completion script for SHELL and exit, e.g.
+    /// `agent --completions bash > ~/.local/share/bash-completion/completions/agent`.
+    #[arg(long, value_name = "SHELL", conflicts_with_all = ["role", "list", "man"])]
+    pub completions: Option<Shell>,
+    /// Print the man page (roff) and exit, e.g. `agent --man > ~/.local/share/man/man1/agent.1`.
+    #[arg(long, conflicts_with_all = ["role", "list"])]
+    pub man: bool,
 
     /// Receiver: where received files go [default: the current directory].
     #[arg(long, value_name = "DIR", help_heading = "Receiver")]
     pub out_dir: Option<PathBuf>,
-    /// Receiver: exit after one transfer (0 if it verified, non-zero if not).
+    /// Receiver: exit after one transfer: 0 if it verified, 8 if the offer
+    /// was refused, 9 if the data did not verify, 1 if it was cut short.
     #[arg(long, help_heading = "Receiver")]
     pub once: bool,
-    /// Receiver: refuse files larger than this (e.g. 500MiB, 4GiB).
-    #[arg(long, value_name = "SIZE", default_value = "4GiB", value_parser = parse_size, help_heading = "Receiver")]
+    /// Receiver, with --once: write the one file received to standard output
+    /// instead of --out-dir (a directory or several items are refused). The
+    /// bytes are verified chunk by chunk before they are written, but what
+    /// was written cannot be taken back: if the transfer fails later, the
+    /// receiver exits non-zero after partial output. Nothing is resumed.
+    #[arg(long, requires = "once", conflicts_with_all = ["out_dir", "json"], help_heading = "Receiver")]
+    pub stdout: bool,
+    /// Receiver: refuse transfers larger than this (e.g. 500MiB, 4GiB).
+    /// Sender with --file -: the most it reads from standard input (the
+    /// offer declares this bound, so the receiver's --max-size must allow it).
+    #[arg(long, value_name = "SIZE", default_value = "4GiB", value_parser = parse_size)]
     pub max_size: u64,
     /// Receiver: fail a transfer that brings no new verified data for this long.
     #[arg(long, value_name = "DUR", default_value = "60s", value_parser = parse_duration, help_heading = "Receiver")]
     pub progress_timeout: Duration,
+    /// Receiver: ping the broker this often; when it has said nothing for
+    /// two intervals, reconnect (the broker, likewise, drops a receiver that
+    /// stops answering).
+    #[arg(long, value_name = "DUR", default_value = "20s", value_parser = parse_duration, help_heading = "Receiver")]
+    pub keepalive: Duration,
 
     /// Sender: the receiving agent's name; may be given several times (up to
     /// 16): the data is uploaded once and the broker copies it to each.
@@ -91,6 +135,8 @@ pub struct Args {
     pub to: Vec<AgentName>,
     /// Sender: a file or directory to send (a directory with everything
     /// below it); may be given several times. Each arrives under its own name.
+    /// `-` sends standard input as one file named by --name-as (not resumed:
+    /// a broken transfer is not retried).
     #[arg(
         long,
         value_name = "PATH",
@@ -98,6 +144,9 @@ pub struct Args {
         help_heading = "Sender"
     )]
     pub file: Vec<PathBuf>,
+    /// Sender, with --file -: the name standard input arrives under.
+    #[arg(long, value_name = "NAME", help_heading = "Sender")]
+    pub name_as: Option<String>,
     /// Sender: leave out files and directories whose name or path (from the
     /// --file item's own name, e.g. photos/raw) matches this glob; may be
     /// given several times.
@@ -117,9 +166,6 @@ pub struct Args {
     /// Sender: how long one session key lives (e.g. 200ms, 5s, 1m).
     #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration, help_heading = "Sender")]
     pub rekey_interval: Duration,
-    /// Sender: print one JSON object per finished transfer instead of a summary line.
-    #[arg(long, help_heading = "Sender")]
-    pub json: bool,
     /// Sender: require the receiver to have this key fingerprint (SHA256:...).
     #[arg(long, value_name = "FP", help_heading = "Sender")]
     pub peer_fingerprint: Option<Fingerprint>,
@@ -174,79 +220,30 @@ fn context(args: &Args) -> Result<Ctx, AgentError> {
     })
 }
 
-async fn list(ctx: &Ctx) -> Result<(), AgentError> {
-    let mut conn = connect(ctx, Role::Sender).await?;
-    conn.writer
-        .write(&Message::List)
-        .await
-        .map_err(|e| conn_error(ctx, e))?;
-    match conn
-        .reader
-        .read_timeout(Duration::from_secs(30))
-        .await
-        .map_err(|e| conn_error(ctx, e))?
-    {
-        Some(Message::Online { agents }) => {
-            println!("{:<32} {:<9} {:<6} senders", "name", "receiver", "state");
-            for a in agents {
-                let (receiver, state) = match (a.receiving, a.incoming) {
-                    (false, _) => ("no", "-"),
-                    (true, 0) => ("yes", "free"),
-                    (true, _) => ("yes", "busy"),
-                };
-                println!("{:<32} {receiver:<9} {state:<6} {}", a.name, a.senders);
-            }
-            Ok(())
-        }
-        Some(Message::Error { code, detail }) => Err(broker_error(code, detail)),
-        _ => Err(AgentError::Protocol(
-            "the broker did not answer the list request",
-        )),
-    }
-}
-
-/// Prints one receiver's verified transfer: a JSON object, or a line.
-fn print_report(report: &Report, label: &str, json: bool) -> Result<(), AgentError> {
-    if json {
-        let line =
-            serde_json::to_string(report).map_err(|e| AgentError::Internal(e.to_string()))?;
-        println!("{line}");
-        return Ok(());
-    }
-    let resumed = if report.resumed_from > 0 {
-        format!(", resumed at byte {}", report.resumed_from)
-    } else {
-        String::new()
-    };
-    let files = match report.files {
-        0 => String::new(),
-        1 => "1 file, ".into(),
-        n => format!("{n} files, "),
-    };
-    println!(
-        "sent {label} to {} ({files}{} bytes in {:.2} s, {} session keys, sha256 {}{resumed}) — receipt verified",
-        report.peer, report.bytes, report.seconds, report.session_keys, report.sha256
-    );
-    Ok(())
-}
-
 /// Runs one invocation.
 pub async fn run(args: Args) -> Result<(), AgentError> {
+    crate::output::set_quiet(args.quiet);
+    if let Some(shell) = args.completions {
+        return docs::completions(shell);
+    }
+    if args.man {
+        return docs::man();
+    }
     let ctx = context(&args)?;
     if args.list {
-        return list(&ctx).await;
+        return list::list(&ctx, args.json).await;
     }
     match args.role {
         Some(RoleArg::Receiver) => {
             if !args.to.is_empty()
                 || !args.file.is_empty()
                 || args.message.is_some()
-                || args.json
                 || !args.exclude.is_empty()
                 || args.no_skip_links
+                || args.name_as.is_some()
             {
                 return Err(usage(
-                    "--to, --file, --message, --exclude, --no-skip-links and --json are for \
+                    "--to, --file, --message, --exclude, --no-skip-links and --name-as are for \
                      --role sender",
                 ));
             }
@@ -264,6 +261,9 @@ pub async fn run(args: Args) -> Result<(), AgentError> {
                     once: args.once,
                     max_size: args.max_size,
                     progress_timeout: args.progress_timeout,
+                    json: args.json,
+                    stdout: args.stdout,
+                    keepalive: args.keepalive,
                 },
             )
             .await
@@ -271,6 +271,15 @@ pub async fn run(args: Args) -> Result<(), AgentError> {
         Some(RoleArg::Sender) => {
             if args.out_dir.is_some() || args.once {
                 return Err(usage("--out-dir and --once are for --role receiver"));
+            }
+            let stdin = args.file.iter().any(|f| f.as_os_str() == "-");
+            if stdin && args.file.len() > 1 {
+                return Err(usage("--file - (standard input) goes alone"));
+            }
+            if stdin != args.name_as.is_some() {
+                return Err(usage(
+                    "--file - (standard input) needs --name-as NAME, and --name-as needs --file -",
+                ));
             }
             let to = args.to;
             if to.is_empty() {
@@ -288,12 +297,17 @@ pub async fn run(args: Args) -> Result<(), AgentError> {
                 return Err(usage("--peer-fingerprint goes with one --to"));
             }
             let label = match (&args.file[..], &args.message) {
+                (_, None) if stdin => "standard input".into(),
                 ([one], None) => one.display().to_string(),
                 ([], Some(_)) => "message".into(),
                 (many, None) => format!("{} items", many.len()),
                 _ => String::new(),
             };
             let payload = match (args.file, args.message) {
+                (_, None) if stdin => Payload::Stdin {
+                    name: args.name_as.unwrap_or_default(),
+                    bound: args.max_size,
+                },
                 (files, None) if !files.is_empty() => Payload::Files(files),
                 (files, Some(m)) if files.is_empty() => Payload::Message(m),
                 _ => return Err(usage("--role sender needs --file PATH or --message TEXT")),
@@ -311,12 +325,12 @@ pub async fn run(args: Args) -> Result<(), AgentError> {
                     rekey_interval: args.rekey_interval,
                     peer_fingerprint: args.peer_fingerprint,
                     retry_for: args.retry_for,
-                    progress: !args.json && std::io::stdout().is_terminal(),
+                    progress: true,
                 },
             )
             .await?;
             for report in &sent.reports {
-                print_report(report, &label, args.json)?;
+                report::print_report(report, &label, args.json)?;
             }
             let Sent { failed, .. } = sent;
             match (failed.len(), of) {

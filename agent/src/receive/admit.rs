@@ -1,5 +1,6 @@
 //! The offer gate, in the order PROTOCOL.md §3.3 gives: who sent it, which
-//! key, the pin, capacity, the signature, addressee and time, replay, the RSA
+//! key, the pin, capacity, a transfer id already seen, the signature,
+//! addressee and time, the id recorded (on disk), the RSA
 //! budget, and only then the RSA decryption and the terms; a first-contact
 //! key is pinned once all of that verified. Then the place the data goes
 //! ([`super::resume`]: fresh, or what an earlier attempt left), the free
@@ -26,6 +27,7 @@ use super::{Failure, MAX_CONCURRENT, MAX_PER_SENDER, SPACE_MARGIN, Shared};
 use crate::home::now_unix;
 use crate::trust::budget::NEW_KEY_AGE_SECS;
 use crate::trust::pins::{PinCheck, PinError};
+use crate::trust::replay::Replayed;
 
 /// An offer that passed the gate: what the stream needs, and its place among
 /// the receiver's transfers (released when dropped).
@@ -116,9 +118,13 @@ pub(super) async fn admit<'a>(
     // Capacity, before any RSA operation.
     {
         let mut l = lock(&shared.limits);
-        if l.active >= MAX_CONCURRENT
-            || l.per_sender.get(from).copied().unwrap_or(0) >= MAX_PER_SENDER
-        {
+        // Standard output takes one stream at a time.
+        let most = if shared.opts.stdout {
+            1
+        } else {
+            MAX_CONCURRENT
+        };
+        if l.active >= most || l.per_sender.get(from).copied().unwrap_or(0) >= MAX_PER_SENDER {
             return Err(refuse(
                 RefuseReason::Busy,
                 "too many transfers in progress".into(),
@@ -133,6 +139,16 @@ pub(super) async fn admit<'a>(
         size: 0,
     };
 
+    // An id already seen is refused before any RSA work (a look-up costs
+    // nothing); it is recorded only once the signature verified, below.
+    let replayed = |e: Replayed| refuse(RefuseReason::VerificationFailed, e.to_string());
+    let guard = Arc::clone(&shared.replay);
+    let seen = tokio::task::spawn_blocking(move || lock(&guard).seen(&tid, now_unix()))
+        .await
+        .map_err(|e| refuse(RefuseReason::Policy, e.to_string()))?;
+    if seen.map_err(replayed)? {
+        return Err(replayed(Replayed::Seen));
+    }
     let verified = handshake::verify_offer(
         offer,
         &key,
@@ -142,9 +158,12 @@ pub(super) async fn admit<'a>(
         DEFAULT_TIME_WINDOW_SECS,
     )
     .map_err(|e| refuse(RefuseReason::VerificationFailed, e.to_string()))?;
-    lock(&shared.replay)
-        .check_and_insert(tid, verified.fields().time, now_unix())
-        .map_err(|e| refuse(RefuseReason::VerificationFailed, e.to_string()))?;
+    // Synced to disk before the offer is answered.
+    let (guard, time) = (Arc::clone(&shared.replay), verified.fields().time);
+    tokio::task::spawn_blocking(move || lock(&guard).check_and_insert(tid, time, now_unix()))
+        .await
+        .map_err(|e| refuse(RefuseReason::Policy, e.to_string()))?
+        .map_err(replayed)?;
     // A first contact is as new as a key can be.
     let age = pinned_at.map_or(0, |at| now_unix().saturating_sub(at));
     if !lock(&shared.budget).try_take(key.fingerprint(), age, Instant::now()) {
@@ -182,6 +201,8 @@ pub(super) async fn admit<'a>(
     let stream_id = opened.fields().stream_id;
     let place = match terms.kind {
         Kind::Message => None,
+        // Straight to standard output: nothing staged, nothing to resume.
+        Kind::Files if shared.opts.stdout => None,
         Kind::Files => {
             let origin = Origin {
                 origin: terms.resumes.unwrap_or(stream_id),
@@ -191,7 +212,13 @@ pub(super) async fn admit<'a>(
                 total: terms.size,
             };
             let place = prepare(&shared.out, &shared.journal_key, &origin, now_unix())?;
-            let needed = terms.size - place.point.offset.min(terms.size);
+            // A stream of unknown size declares only a bound: a disk that
+            // fills up fails it cleanly instead.
+            let needed = if terms.size_known {
+                terms.size - place.point.offset.min(terms.size)
+            } else {
+                0
+            };
             if let Err(e) = reserve_space(shared, needed, &mut slot) {
                 place.discard_if_empty();
                 return Err(e);
@@ -254,6 +281,13 @@ fn check_terms(shared: &Shared, t: &Terms, slot: &mut Slot<'_>) -> Result<(), Fa
         return Err(refuse(
             RefuseReason::TooLarge,
             format!("a message of {} bytes", t.size),
+        ));
+    }
+    // A stream of unknown size is never resumed (PROTOCOL.md §5.2).
+    if !t.size_known && t.resumes.is_some() {
+        return Err(refuse(
+            RefuseReason::Policy,
+            "a stream of unknown size that says it resumes".into(),
         ));
     }
     if t.size > shared.opts.max_size {

@@ -94,17 +94,43 @@ pub struct OutDir {
 }
 
 impl OutDir {
-    /// Opens `path`, which must be a directory.
-    pub fn open(path: &Path) -> io::Result<Arc<Self>> {
+    /// Opens `path`, which must be a directory. One that does not exist is
+    /// created (mode 0700) if its parent does; otherwise the error says which
+    /// `mkdir` to run. Returns whether it was created.
+    pub fn open_or_create(path: &Path) -> io::Result<(Arc<Self>, bool)> {
         let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
-        let fd = rustix::fs::open(path, flags, Mode::empty()).map_err(|e| match e {
+        let not_dir = |e| match e {
             Errno::NOTDIR => io::Error::other("not a directory"),
             e => e.into(),
-        })?;
-        Ok(Arc::new(Self {
-            fd,
-            path: path.to_owned(),
-        }))
+        };
+        let (fd, created) = match rustix::fs::open(path, flags, Mode::empty()) {
+            Ok(fd) => (fd, false),
+            Err(Errno::NOENT) => {
+                match rustix::fs::mkdir(path, Mode::RWXU) {
+                    Ok(()) | Err(Errno::EXIST) => {}
+                    Err(Errno::NOENT) => {
+                        return Err(io::Error::other(format!(
+                            "it does not exist, nor does its parent; create it with: mkdir -p {}",
+                            shell_quoted(path)
+                        )));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                // Opened without following a link: what was just made, or
+                // a directory someone else put there meanwhile.
+                let fd = rustix::fs::open(path, flags | OFlags::NOFOLLOW, Mode::empty())
+                    .map_err(not_dir)?;
+                (fd, true)
+            }
+            Err(e) => return Err(not_dir(e)),
+        };
+        Ok((
+            Arc::new(Self {
+                fd,
+                path: path.to_owned(),
+            }),
+            created,
+        ))
     }
 
     /// The directory's descriptor.
@@ -217,6 +243,18 @@ impl OutDir {
     }
 }
 
+/// `path` as a shell word: as it is if it holds only safe characters, else
+/// in single quotes.
+fn shell_quoted(path: &Path) -> String {
+    let s = path.to_string_lossy();
+    let safe = |c: char| c.is_ascii_alphanumeric() || "/._-+,:@%=".contains(c);
+    if !s.is_empty() && s.chars().all(safe) {
+        s.into_owned()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::fs;
@@ -252,7 +290,7 @@ mod tests {
     #[test]
     fn start_up_clean_up_keeps_what_can_resume_and_what_a_live_receiver_holds() {
         let d = temp("clean");
-        let out = OutDir::open(&d).unwrap();
+        let out = OutDir::open_or_create(&d).unwrap().0;
         let key = MacKey::from_bytes([7; 32]);
         let now = 1_800_000_000;
         let (kept, live, empty, old) = (
@@ -303,7 +341,7 @@ mod tests {
     #[test]
     fn a_staging_directory_moved_away_leaves_what_took_its_name_alone() {
         let d = temp("moved");
-        let out = OutDir::open(&d).unwrap();
+        let out = OutDir::open_or_create(&d).unwrap().0;
         let origin = StreamId([5; 16]);
         let staging = out.fresh(&origin).unwrap();
         let name = OutDir::staging_name(&origin);
@@ -320,7 +358,7 @@ mod tests {
     #[test]
     fn a_staging_directory_another_receiver_holds_is_not_taken() {
         let d = temp("busy");
-        let out = OutDir::open(&d).unwrap();
+        let out = OutDir::open_or_create(&d).unwrap().0;
         let origin = StreamId([6; 16]);
         let held = out.fresh(&origin).unwrap();
         let err = out.existing(&origin).unwrap_err();
@@ -328,5 +366,15 @@ mod tests {
         drop(held);
         assert!(out.existing(&origin).unwrap().is_some());
         fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn a_path_is_quoted_for_the_shell_only_when_it_needs_it() {
+        assert_eq!(
+            shell_quoted(Path::new("/srv/in-box/a.b")),
+            "/srv/in-box/a.b"
+        );
+        assert_eq!(shell_quoted(Path::new("/srv/my box")), "'/srv/my box'");
+        assert_eq!(shell_quoted(Path::new("it's")), r"'it'\''s'");
     }
 }

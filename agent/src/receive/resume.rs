@@ -7,6 +7,7 @@
 //! journal counts. Anything less, and the transfer starts again from byte 0
 //! (the old directory is removed): a prefix is never trusted on less.
 
+use crate::output::notice;
 use std::io;
 use std::sync::Arc;
 
@@ -91,7 +92,7 @@ pub fn prepare(out: &Arc<OutDir>, key: &MacKey, o: &Origin, now: u64) -> Result<
             Ok(Some(staging)) => match held(&staging, key, o, now) {
                 Ok((journal, m)) => {
                     let prefix: [u8; 32] = journal.hasher.clone().finalize().into();
-                    eprintln!(
+                    notice!(
                         "resuming the transfer from {} at {} of {} bytes ({} file(s), verified)",
                         o.sender,
                         journal.verified,
@@ -114,7 +115,7 @@ pub fn prepare(out: &Arc<OutDir>, key: &MacKey, o: &Origin, now: u64) -> Result<
                     });
                 }
                 Err(why) => {
-                    eprintln!(
+                    notice!(
                         "cannot resume the transfer from {}: {why}; starting again from byte 0",
                         o.sender
                     );

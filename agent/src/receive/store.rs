@@ -7,13 +7,13 @@
 //! verified, the tree placed. A transfer that fails keeps its verified
 //! prefix journalled for the next attempt, or leaves nothing if it had none.
 
+use std::io::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use keyferry_common::crypto::keys::MacKey;
 use keyferry_common::handshake::Kind;
 use keyferry_common::manifest::{EntryKind, Manifest};
-use keyferry_common::text::escape;
 use keyferry_common::transfer::{Opened, RecvError, RecvStream, TrailerVerified};
 use keyferry_common::wire::message::AbortReason;
 use sha2::{Digest as _, Sha256};
@@ -23,6 +23,7 @@ use super::Failure;
 use super::checkpoint::{self, Checkpoints};
 use super::filename::{self, TopLevel};
 use super::journal::Journal;
+use super::report::{Placed, What};
 use super::resume::Place;
 use super::tree::TreeWriter;
 
@@ -43,6 +44,13 @@ fn storage(e: std::io::Error) -> Failure {
     Failure::Failed(AbortReason::Storage, format!("cannot store the data: {e}"))
 }
 
+fn storage_stdout(e: &std::io::Error) -> Failure {
+    Failure::Failed(
+        AbortReason::Storage,
+        format!("cannot write to standard output: {e}"),
+    )
+}
+
 /// The opening thread's ends of the channels: frame payloads in, empty
 /// buffers back, and the count of verified plaintext bytes out (the stream's
 /// progress).
@@ -50,6 +58,8 @@ pub(super) struct Pipe {
     pub payloads: mpsc::Receiver<Vec<u8>>,
     pub free: std::sync::mpsc::Sender<Vec<u8>>,
     pub progress: Arc<AtomicU64>,
+    /// The session key in use (0 for the first), for the progress bar.
+    pub epoch: Arc<AtomicU32>,
 }
 
 /// Why the opening thread stopped without a verified stream.
@@ -75,12 +85,14 @@ pub(super) struct Want {
     pub size_known: bool,
     /// The journal key.
     pub key: Arc<MacKey>,
+    /// Files go to standard output (`--stdout`: one file, no tree).
+    pub stdout: bool,
 }
 
 /// A verified, stored transfer.
 pub(super) struct Received {
-    /// The line to print.
-    pub line: String,
+    /// What it left, to report.
+    pub placed: Placed,
     /// The receipt to send.
     pub receipt: [u8; 32],
 }
@@ -91,6 +103,8 @@ enum Sink {
     Waiting(Option<Place>),
     /// A message, in memory.
     Text(Vec<u8>),
+    /// One file, written to standard output as it verifies.
+    Stdout { name: String },
     /// Files, in their tree.
     Tree {
         tree: TreeWriter,
@@ -143,6 +157,19 @@ impl Sink {
             return Ok(());
         }
         let tops = check_manifest(job, &m)?;
+        if job.stdout {
+            return match (&m.entries[..], &tops[..]) {
+                ([e], [top]) if e.kind != EntryKind::Dir => {
+                    *self = Sink::Stdout {
+                        name: top.name.clone(),
+                    };
+                    Ok(())
+                }
+                _ => Err(policy(
+                    "--stdout takes one file, and this is a directory or several items".into(),
+                )),
+            };
+        }
         let place = place
             .take()
             .ok_or_else(|| policy("files where none were offered".into()))?;
@@ -187,6 +214,10 @@ impl Sink {
                 t.extend_from_slice(plaintext);
                 Ok(())
             }
+            Sink::Stdout { .. } => std::io::stdout()
+                .lock()
+                .write_all(plaintext)
+                .map_err(|e| storage_stdout(&e)),
             Sink::Tree {
                 tree,
                 checkpoints,
@@ -206,21 +237,18 @@ impl Sink {
         }
     }
 
-    /// The trailer verified: places what was received; the line to print.
-    fn finish(self, v: &TrailerVerified, resumed_from: u64) -> Result<String, Failure> {
-        let sha = hex::encode(v.sha256);
-        let resumed = if resumed_from > 0 {
-            format!(", resumed at byte {resumed_from}")
-        } else {
-            String::new()
-        };
-        match self {
-            Sink::Waiting(_) => Err(policy("a stream without a manifest".into())),
-            Sink::Text(t) => Ok(format!(
-                "message ({} bytes): {}",
-                v.total,
-                escape(&String::from_utf8_lossy(&t))
-            )),
+    /// The trailer verified: places what was received.
+    fn finish(self, v: &TrailerVerified, stream: &RecvStream) -> Result<Placed, Failure> {
+        let what = match self {
+            Sink::Waiting(_) => return Err(policy("a stream without a manifest".into())),
+            Sink::Text(t) => What::Message(String::from_utf8_lossy(&t).into_owned()),
+            Sink::Stdout { name } => {
+                std::io::stdout()
+                    .lock()
+                    .flush()
+                    .map_err(|e| storage_stdout(&e))?;
+                What::Stdout { name }
+            }
             Sink::Tree {
                 tree,
                 checkpoints,
@@ -231,18 +259,20 @@ impl Sink {
             } => {
                 checkpoints.finish(None).map_err(storage)?;
                 let paths = tree.place(&tops).map_err(storage)?;
-                let shown: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
-                let what = match &tops[..] {
-                    [one] if single_file => escape(&one.name),
-                    _ => format!("{} item(s), {files} file(s)", tops.len()),
-                };
-                Ok(format!(
-                    "received {what} ({} bytes, sha256 {sha}{resumed}) -> {}",
-                    v.total,
-                    shown.join(", ")
-                ))
+                What::Items {
+                    items: tops.into_iter().map(|t| t.name).zip(paths).collect(),
+                    files,
+                    single_file,
+                }
             }
-        }
+        };
+        Ok(Placed {
+            what,
+            bytes: v.total,
+            sha256: v.sha256,
+            resumed_from: stream.resumed_from(),
+            session_keys: u64::from(stream.epoch()) + 1,
+        })
     }
 
     /// The stream stopped: the journal the tree would be left with, which
@@ -274,7 +304,7 @@ impl Sink {
                     }
                 }
             }
-            Sink::Text(_) => {}
+            Sink::Text(_) | Sink::Stdout { .. } => {}
             Sink::Tree {
                 tree,
                 checkpoints,
@@ -302,8 +332,9 @@ fn snapshot(journal: &Journal, stream: &RecvStream) -> Journal {
     }
 }
 
-/// What a failed transfer leaves: kept for a resume, or removed.
-pub(super) struct Leftover(Box<Sink>);
+/// What a failed transfer leaves: kept for a resume (unless it was a
+/// stream of unknown size, which no sender can send again), or removed.
+pub(super) struct Leftover(Box<Sink>, bool);
 
 impl Leftover {
     /// Keeps the verified prefix journalled if the failure was `reason` and
@@ -311,10 +342,11 @@ impl Leftover {
     /// went away, or nothing came for too long); removes it otherwise (what
     /// did not verify, or broke a rule, is not worth resuming).
     pub(super) fn settle(self, reason: AbortReason) {
-        let keep = matches!(
-            reason,
-            AbortReason::PeerGone | AbortReason::Timeout | AbortReason::Interrupted
-        );
+        let keep = self.1
+            && matches!(
+                reason,
+                AbortReason::PeerGone | AbortReason::Timeout | AbortReason::Interrupted
+            );
         self.0.abandon(keep);
     }
 }
@@ -333,7 +365,8 @@ pub(super) fn open_and_store(job: Job, mut pipe: Pipe) -> Result<Received, (Stop
                 return Err(Stopped::InputEnded);
             };
             match stream.open(&mut payload) {
-                Ok(Opened::Root | Opened::KeyUpdate(_)) => {}
+                Ok(Opened::Root) => {}
+                Ok(Opened::KeyUpdate(epoch)) => pipe.epoch.store(epoch, Ordering::Relaxed),
                 Ok(Opened::Manifest { resume_from, body }) => sink
                     .manifest(&want, &stream, resume_from, &body)
                     .map_err(Stopped::Failed)?,
@@ -351,20 +384,20 @@ pub(super) fn open_and_store(job: Job, mut pipe: Pipe) -> Result<Received, (Stop
     match result {
         Ok(v) => {
             // A failed placement removes what it built.
-            let line = sink.finish(&v, stream.resumed_from()).map_err(|e| {
+            let placed = sink.finish(&v, &stream).map_err(|e| {
                 (
                     Stopped::Failed(e),
-                    Leftover(Box::new(Sink::Text(Vec::new()))),
+                    Leftover(Box::new(Sink::Text(Vec::new())), false),
                 )
             })?;
             Ok(Received {
-                line,
+                placed,
                 receipt: v.receipt,
             })
         }
         Err(e) => {
             sink.stopped(&stream);
-            Err((e, Leftover(Box::new(sink))))
+            Err((e, Leftover(Box::new(sink), want.size_known)))
         }
     }
 }

@@ -4,8 +4,9 @@
 //! disk work overlap; every queue between them is bounded.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
+use keyferry_common::handshake::Kind;
 use keyferry_common::io::connection::ConnError;
 use keyferry_common::transfer::RecvError;
 use keyferry_common::wire::message::AbortReason;
@@ -14,6 +15,7 @@ use tokio::sync::mpsc;
 use super::store::{Job, Pipe, Received, Stopped, open_and_store};
 use super::{Failure, Shared};
 use crate::client::DataConn;
+use crate::progress::Progress;
 
 /// Receives the stream into its staging tree (or memory, for a message),
 /// verifies it, and places it ([`super::store`]). Returns the line to print
@@ -40,10 +42,17 @@ pub(super) async fn receive_stream(
     // many payloads are in flight, and so how many buffers exist.
     let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
     let progress = Arc::new(AtomicU64::new(0));
+    let epoch = Arc::new(AtomicU32::new(0));
+    // A bar for files (on a terminal, without --quiet); a text needs none.
+    let bar = Progress::new(
+        job.want.size_known.then_some(job.want.declared),
+        job.want.kind != Kind::Message,
+    );
     let pipe = Pipe {
         payloads: rx,
         free: free_tx,
         progress: Arc::clone(&progress),
+        epoch: Arc::clone(&epoch),
     };
     let mut worker = tokio::task::spawn_blocking(move || open_and_store(job, pipe));
     let timeout = shared.opts.progress_timeout;
@@ -79,6 +88,7 @@ pub(super) async fn receive_stream(
         if now_verified > verified {
             verified = now_verified;
             deadline = tokio::time::Instant::now() + timeout;
+            bar.update(verified, epoch.load(Ordering::Relaxed));
         }
         if tx.send(payload).await.is_err() {
             // The worker stopped; it says why.
@@ -86,6 +96,7 @@ pub(super) async fn receive_stream(
         }
     };
     drop(tx);
+    bar.finish();
     let worked = match finished {
         Some(done) => done,
         None => worker.await,

@@ -335,7 +335,7 @@ mod tests {
         fs::create_dir(d.join("a")).unwrap();
         fs::write(d.join("a/mine"), b"keep").unwrap();
         fs::write(d.join("b.txt"), b"old").unwrap();
-        let out = OutDir::open(&d).unwrap();
+        let out = OutDir::open_or_create(&d).unwrap().0;
         let m = tree();
         let mut w = TreeWriter::fresh(out.fresh(&StreamId([1; 16])).unwrap(), &m).unwrap();
         // Cut across the file boundary on purpose.
@@ -362,7 +362,7 @@ mod tests {
         for n in 1..=99 {
             fs::write(d.join(format!("b ({n}).txt")), b"old").unwrap();
         }
-        let out = OutDir::open(&d).unwrap();
+        let out = OutDir::open_or_create(&d).unwrap().0;
         let m = tree();
         let mut w = TreeWriter::fresh(out.fresh(&StreamId([2; 16])).unwrap(), &m).unwrap();
         w.write(b"xyzhi").unwrap();
@@ -376,7 +376,7 @@ mod tests {
     #[test]
     fn a_resumed_tree_is_cut_back_to_the_verified_prefix() {
         let d = temp("resume");
-        let out = OutDir::open(&d).unwrap();
+        let out = OutDir::open_or_create(&d).unwrap().0;
         let m = tree();
         let origin = StreamId([3; 16]);
         let mut w = TreeWriter::fresh(out.fresh(&origin).unwrap(), &m).unwrap();
@@ -398,7 +398,7 @@ mod tests {
     #[test]
     fn a_tree_missing_an_entry_does_not_hold_its_prefix() {
         let d = temp("missing");
-        let out = OutDir::open(&d).unwrap();
+        let out = OutDir::open_or_create(&d).unwrap().0;
         let m = tree();
         let origin = StreamId([4; 16]);
         let mut w = TreeWriter::fresh(out.fresh(&origin).unwrap(), &m).unwrap();

@@ -8,6 +8,7 @@
 //! transfer per receiver: new transfer and stream ids, new master keys, new
 //! ephemeral shares, a new stream root.
 
+use crate::output::notice;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -41,6 +42,8 @@ pub struct Done {
     pub session_keys: u64,
     /// Bytes the receiver already held verified.
     pub resumed_from: u64,
+    /// Plaintext bytes in all (for standard input, only known at the end).
+    pub bytes: u64,
     /// Seconds from the upload's start to the verified receipt.
     pub seconds: f64,
 }
@@ -102,7 +105,7 @@ async fn handshake(
             Kind::Files
         },
         size: source.total,
-        size_known: true,
+        size_known: source.size_known,
         resumes: source.origin(&ctx.name, &to),
         receivers,
     };
@@ -180,7 +183,7 @@ async fn start_for(source: &Arc<Source>, accepted: &Accepted) -> Result<StreamSt
         return Ok(StreamStart::fresh());
     }
     if offset > source.total {
-        eprintln!("the receiver claims more than there is; starting again from byte 0");
+        notice!("the receiver claims more than there is; starting again from byte 0");
         return Ok(StreamStart::fresh());
     }
     let s = Arc::clone(source);
@@ -195,9 +198,7 @@ async fn start_for(source: &Arc<Source>, accepted: &Accepted) -> Result<StreamSt
             hasher: prefix,
         })
     } else {
-        eprintln!(
-            "the receiver holds {offset} bytes that are not these; starting again from byte 0"
-        );
+        notice!("the receiver holds {offset} bytes that are not these; starting again from byte 0");
         Ok(StreamStart::fresh())
     }
 }
@@ -296,7 +297,14 @@ async fn upload(
     let resumed_from = start.offset;
     let began = Instant::now();
     let policy = RekeyPolicy::with_interval(opts.rekey_interval);
-    let mut stream = SendStream::new(stream_id, source.total, true, start, policy, began);
+    let mut stream = SendStream::new(
+        stream_id,
+        source.total,
+        source.size_known,
+        start,
+        policy,
+        began,
+    );
     let mut head: Vec<_> = ready
         .iter()
         .map(|h| stream.root_for(&h.accepted.pair))
@@ -406,6 +414,7 @@ async fn upload(
                     sha256,
                     session_keys: stream.session_keys(),
                     resumed_from,
+                    bytes: stream.total(),
                     seconds,
                 }),
                 Some(Err(e)) => Err(after(e)),

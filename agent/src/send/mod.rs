@@ -41,6 +41,14 @@ pub enum Payload {
     Files(Vec<PathBuf>),
     /// A short text.
     Message(String),
+    /// Standard input, arriving as one file `name` of at most `bound`
+    /// bytes (its size is not known up front).
+    Stdin {
+        /// The name it arrives under.
+        name: String,
+        /// The most it may carry; the offer declares it as the bound.
+        bound: u64,
+    },
 }
 
 /// The sender's options.
@@ -106,6 +114,7 @@ fn collect(opts: &SendOptions) -> Result<Source, AgentError> {
             Ok(Source::text(text.clone()))
         }
         Payload::Files(paths) => Source::files(paths, &opts.walk),
+        Payload::Stdin { name, bound } => Source::stdin(name, *bound),
     }
 }
 
@@ -146,7 +155,8 @@ pub const MAX_RECEIVERS: usize = 16;
 /// transfers, within `--retry-for`.
 pub async fn send(ctx: &Ctx, opts: SendOptions) -> Result<Sent, AgentError> {
     let source = Arc::new(collect(&opts)?);
-    let progress = Progress::new(source.total, opts.progress);
+    let total = source.size_known.then_some(source.total);
+    let progress = Progress::new(total, opts.progress);
     let first = attempt::run(ctx, &opts, &source, &opts.to, &progress).await;
     let mut sent = Sent {
         reports: Vec::new(),
@@ -188,7 +198,12 @@ async fn retry(
         // Only a transfer that was accepted is waited for again.
         accepted |= failed.accepted;
         let until = *deadline.get_or_insert_with(|| Instant::now() + opts.retry_for);
-        if !accepted || !transient(&failed.error) || Instant::now() + wait > until {
+        // Standard input cannot be read again.
+        if !accepted
+            || !source.size_known
+            || !transient(&failed.error)
+            || Instant::now() + wait > until
+        {
             return Err(failed.error);
         }
         let who = if opts.to.len() > 1 {
@@ -218,7 +233,7 @@ fn report(source: &Source, to: &AgentName, done: &attempt::Done, attempts: u32) 
         peer: to.to_string(),
         file: file.unwrap_or_default(),
         files: source.file_count(),
-        bytes: source.total,
+        bytes: done.bytes,
         sha256: hex::encode(done.sha256),
         seconds: done.seconds,
         session_keys: done.session_keys,

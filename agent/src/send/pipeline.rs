@@ -31,6 +31,17 @@ async fn why_write_failed(ctx: &Ctx, conn: &mut DataConn, e: ConnError) -> Agent
     }
 }
 
+/// Standard input went on past the bound the offer declared.
+fn too_long(bound: u64) -> AgentError {
+    AgentError::FileUnreadable {
+        path: "-".into(),
+        detail: format!(
+            "standard input is longer than --max-size ({bound} bytes); nothing was delivered. \
+             Raise --max-size (the receiver's --max-size must allow it too)"
+        ),
+    }
+}
+
 /// A chunk's frames, sealed and ready to be written in order.
 struct Sealed {
     key_update: Option<ReadyFrame>,
@@ -148,20 +159,48 @@ pub(super) async fn stream_out(
             };
             let mut sent = stream.total();
             let mut index = 0u64;
+            // Standard input is read one piece ahead: a piece is the last
+            // one when nothing follows it.
+            let pipe = reader.is_pipe();
+            let mut ahead = Vec::new();
+            if pipe {
+                match Reader::stdin_piece(DEFAULT_CHUNK) {
+                    Ok(p) => ahead = p,
+                    Err(e) => return fail(e),
+                }
+            }
             loop {
-                let want = usize::try_from((size - sent).min(DEFAULT_CHUNK as u64))
-                    .unwrap_or(DEFAULT_CHUNK);
+                let (want, piece) = if pipe {
+                    let piece = std::mem::take(&mut ahead);
+                    match Reader::stdin_piece(DEFAULT_CHUNK) {
+                        Ok(p) => ahead = p,
+                        Err(e) => return fail(e),
+                    }
+                    if sent + piece.len() as u64 > size {
+                        return fail(too_long(size));
+                    }
+                    (piece.len(), Some(piece))
+                } else {
+                    let want = usize::try_from((size - sent).min(DEFAULT_CHUNK as u64))
+                        .unwrap_or(DEFAULT_CHUNK);
+                    (want, None)
+                };
                 // Reuse a buffer the writer is done with, if one came back.
                 let buf = free_rx.try_recv().unwrap_or_default();
                 let mut frame = match stream.chunk_frame(buf, want) {
                     Ok(f) => f,
                     Err(e) => return fail(e.into()),
                 };
-                if let Err(e) = reader.fill(&mut frame) {
-                    return fail(e);
+                match &piece {
+                    Some(p) => frame.plaintext_mut().copy_from_slice(p),
+                    None => {
+                        if let Err(e) = reader.fill(&mut frame) {
+                            return fail(e);
+                        }
+                    }
                 }
                 sent += want as u64;
-                let last = sent == size;
+                let last = if pipe { ahead.is_empty() } else { sent == size };
                 let out = match stream.push_frame(frame, last, Instant::now()) {
                     Ok(o) => o,
                     Err(e) => return fail(e.into()),

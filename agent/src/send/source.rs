@@ -73,8 +73,10 @@ pub struct Source {
     pub manifest: Manifest,
     files: Vec<SourceFile>,
     text: Option<Vec<u8>>,
-    /// The total size.
+    /// The total size (for standard input: the most it may carry).
     pub total: u64,
+    /// Whether `total` is exact: false for standard input.
+    pub size_known: bool,
 }
 
 fn unreadable(path: &Path, detail: impl Into<String>) -> AgentError {
@@ -92,7 +94,27 @@ impl Source {
             files: Vec::new(),
             total: text.len() as u64,
             text: Some(text.into_bytes()),
+            size_known: true,
         }
+    }
+
+    /// Standard input, as one file `name` of at most `bound` bytes: a
+    /// `Stream` manifest entry, never resumed.
+    pub fn stdin(name: &str, bound: u64) -> Result<Self, AgentError> {
+        let stdin = Path::new("-");
+        filename::check(name).map_err(|e| unreadable(stdin, format!("--name-as {name}: {e}")))?;
+        Ok(Self {
+            manifest: Manifest {
+                entries: vec![Entry {
+                    path: vec![name.to_owned()],
+                    kind: EntryKind::Stream,
+                }],
+            },
+            files: Vec::new(),
+            text: None,
+            total: bound,
+            size_known: false,
+        })
     }
 
     /// Walks `paths` into a manifest (see the module docs).
@@ -102,6 +124,7 @@ impl Source {
             files: Vec::new(),
             text: None,
             total: 0,
+            size_known: true,
         };
         for path in paths {
             s.top(path, walk)?;
@@ -134,7 +157,7 @@ impl Source {
     /// them again resumes what the receiver kept; `None` for a message, which
     /// is never resumed. It travels only sealed in the terms.
     pub fn origin(&self, sender: &AgentName, to: &AgentName) -> Option<StreamId> {
-        if self.text.is_some() {
+        if self.text.is_some() || !self.size_known {
             return None;
         }
         let mut e = Encoder::new("keyferry/v2 origin");
@@ -318,6 +341,11 @@ impl Reader {
         }
     }
 
+    /// Whether it reads standard input (of unknown size).
+    pub fn is_pipe(&self) -> bool {
+        !self.source.size_known
+    }
+
     /// Fills `frame`'s plaintext with the next bytes.
     pub fn fill(&mut self, frame: &mut ChunkFrame) -> Result<(), AgentError> {
         self.read(frame.plaintext_mut())
@@ -371,6 +399,18 @@ impl Reader {
             }
         }
         Ok(())
+    }
+
+    /// The next piece of standard input: `max` bytes, or fewer at its end
+    /// (none once it ended).
+    pub fn stdin_piece(max: usize) -> Result<Vec<u8>, AgentError> {
+        let mut piece = Vec::with_capacity(max);
+        io::stdin()
+            .lock()
+            .take(max as u64)
+            .read_to_end(&mut piece)
+            .map_err(|e| unreadable(Path::new("-"), format!("standard input: {e}")))?;
+        Ok(piece)
     }
 
     /// The SHA-256 state after the first `offset` bytes (to check a

@@ -1,59 +1,193 @@
-//! Refusing replayed offers: every transfer id seen inside the time window.
+//! Refusing replayed offers: every transfer id seen inside the time window,
+//! kept on disk so that a restarted receiver still knows them.
 //!
 //! An offer outside the window is refused as stale by
 //! [`keyferry_common::handshake::verify_offer`], so remembering ids for the
-//! window is enough. The memory is bounded: when full of live entries it refuses new
-//! offers rather than forget one (fail closed).
+//! window is enough. The memory is bounded: when full of live entries it
+//! refuses new offers rather than forget one (fail closed).
+//!
+//! On disk (`seen_offers` in the agent's home, mode 0600) the ids are a log
+//! of 24-byte records, `transfer_id[16] ‖ u64 LE forget_after`, appended and
+//! synced before the offer is answered; a receiver that cannot record an id
+//! refuses the offer. Every check re-reads the log (under an `flock` on
+//! `seen_offers.lock`, so receivers sharing a home see each other's ids),
+//! drops expired records, and rewrites it compacted once it holds more
+//! dead records than live ones. A torn last record (a crash mid-append) is
+//! ignored; the file is bounded by the live ids, at most
+//! [`MAX_REMEMBERED`] × 24 bytes plus as many dead records.
 
 use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read as _, Write as _};
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::PathBuf;
 
 use keyferry_common::ids::TransferId;
+use keyferry_common::io::fs::{Place, write_private};
+use rustix::fs::FlockOperation;
 use thiserror::Error;
 
-/// An offer whose transfer id was seen inside the window (or that cannot be
-/// remembered because the memory is full of live ids).
-#[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
-#[error("replayed offer: this transfer id was already seen")]
-pub struct Replayed;
+/// Why an offer's id is refused.
+#[derive(Debug, Error)]
+pub enum Replayed {
+    /// Seen inside the window (or the memory is full of live ids).
+    #[error("replayed offer: this transfer id was already seen")]
+    Seen,
+    /// The record of seen ids cannot be read or written: refused, since a
+    /// replay could not be told from a new offer.
+    #[error("cannot keep the record of seen transfer ids ({path}): {source}")]
+    Store {
+        /// The log.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+}
 
 /// Most transfer ids remembered at once.
 pub const MAX_REMEMBERED: usize = 100_000;
+
+/// One record's size on disk.
+const RECORD: usize = 24;
 
 /// The transfer ids seen recently, each with the time after which it may be forgotten.
 #[derive(Debug)]
 pub struct ReplayGuard {
     window_secs: u64,
     seen: HashMap<TransferId, u64>,
+    /// The log, if the ids outlive the process.
+    file: Option<PathBuf>,
 }
 
 impl ReplayGuard {
-    /// A guard for offers whose time must lie within `window_secs` of now.
+    /// A guard, in memory only, for offers whose time must lie within
+    /// `window_secs` of now.
     pub fn new(window_secs: u64) -> Self {
         Self {
             window_secs,
             seen: HashMap::new(),
+            file: None,
         }
     }
 
-    /// Records `id` (from an offer dated `offer_time`); refuses it if already seen.
+    /// A guard whose ids are kept in the log at `path` (see the module docs).
+    pub fn persistent(window_secs: u64, path: PathBuf) -> Self {
+        Self {
+            file: Some(path),
+            ..Self::new(window_secs)
+        }
+    }
+
+    /// Whether `id` was seen and is still remembered: a cheap look-up for
+    /// before the offer's signature is checked.
+    pub fn seen(&mut self, id: &TransferId, now_unix: u64) -> Result<bool, Replayed> {
+        let _lock = self.load(now_unix)?;
+        Ok(self.seen.contains_key(id))
+    }
+
+    /// Records `id` (from an offer dated `offer_time`, its signature
+    /// verified); refuses it if already seen.
     pub fn check_and_insert(
         &mut self,
         id: TransferId,
         offer_time: u64,
         now_unix: u64,
     ) -> Result<(), Replayed> {
+        let lock = self.load(now_unix)?;
         if self.seen.len() >= MAX_REMEMBERED {
             self.seen.retain(|_, &mut until| until >= now_unix);
         }
         if self.seen.contains_key(&id) || self.seen.len() >= MAX_REMEMBERED {
-            return Err(Replayed);
+            return Err(Replayed::Seen);
         }
         // Past offer_time + window the offer is stale anyway; keep it until
         // then, measured on the later of both clocks.
         let until = offer_time.max(now_unix).saturating_add(self.window_secs);
+        if let (Some(path), Some(_)) = (&self.file, &lock) {
+            append(path, &id, until).map_err(|source| Replayed::Store {
+                path: path.clone(),
+                source,
+            })?;
+        }
         self.seen.insert(id, until);
         Ok(())
     }
+
+    /// Re-reads the log (if any) into memory, under its lock, which the
+    /// caller holds until it is done.
+    fn load(&mut self, now_unix: u64) -> Result<Option<File>, Replayed> {
+        let Some(path) = &self.file else {
+            return Ok(None);
+        };
+        let store = |source| Replayed::Store {
+            path: path.clone(),
+            source,
+        };
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc_nofollow())
+            .open(path.with_extension("lock"))
+            .map_err(store)?;
+        rustix::fs::flock(&lock, FlockOperation::LockExclusive).map_err(|e| store(e.into()))?;
+        let bytes = match File::open(path) {
+            Ok(f) => {
+                let mut bytes = Vec::new();
+                // Bounded: live and dead records, with room for a full log.
+                f.take((4 * MAX_REMEMBERED * RECORD) as u64)
+                    .read_to_end(&mut bytes)
+                    .map_err(store)?;
+                bytes
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(store(e)),
+        };
+        let records = bytes.len() / RECORD;
+        for r in bytes.chunks_exact(RECORD) {
+            let (id, until) = r.split_at(16);
+            let mut tid = [0u8; 16];
+            tid.copy_from_slice(id);
+            let mut at = [0u8; 8];
+            at.copy_from_slice(until);
+            let until = u64::from_le_bytes(at);
+            if until >= now_unix {
+                let e = self.seen.entry(TransferId(tid)).or_insert(until);
+                *e = (*e).max(until);
+            }
+        }
+        self.seen.retain(|_, &mut until| until >= now_unix);
+        if records > 2 * self.seen.len() + 1024 {
+            let mut compact = Vec::with_capacity(self.seen.len() * RECORD);
+            for (id, until) in &self.seen {
+                compact.extend_from_slice(&id.0);
+                compact.extend_from_slice(&until.to_le_bytes());
+            }
+            write_private(path, &compact, Place::Replace).map_err(store)?;
+        }
+        Ok(Some(lock))
+    }
+}
+
+/// `O_NOFOLLOW`: the lock file is never a link someone planted.
+fn libc_nofollow() -> i32 {
+    rustix::fs::OFlags::NOFOLLOW.bits() as i32
+}
+
+/// Appends one record and syncs it.
+fn append(path: &std::path::Path, id: &TransferId, until: u64) -> io::Result<()> {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc_nofollow())
+        .open(path)?;
+    let mut record = [0u8; RECORD];
+    record[..16].copy_from_slice(&id.0);
+    record[16..].copy_from_slice(&until.to_le_bytes());
+    f.write_all(&record)?;
+    f.sync_data()
 }
 
 #[cfg(test)]
@@ -65,7 +199,10 @@ mod tests {
         let mut g = ReplayGuard::new(300);
         let id = TransferId([1; 16]);
         g.check_and_insert(id, 1000, 1000).unwrap();
-        assert_eq!(g.check_and_insert(id, 1000, 1200), Err(Replayed));
+        assert!(matches!(
+            g.check_and_insert(id, 1000, 1200),
+            Err(Replayed::Seen)
+        ));
         g.check_and_insert(TransferId([2; 16]), 1000, 1000).unwrap();
     }
 
@@ -117,9 +254,66 @@ mod tests {
         guard
             .check_and_insert(v.fields().transfer_id, v.fields().time, NOW)
             .unwrap();
-        assert_eq!(
+        assert!(matches!(
             guard.check_and_insert(v.fields().transfer_id, v.fields().time, NOW + 5),
-            Err(Replayed)
-        );
+            Err(Replayed::Seen)
+        ));
+    }
+
+    fn temp_log(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "kf-replay-{tag}-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("seen_offers")
+    }
+
+    fn rand_suffix() -> String {
+        hex::encode(keyferry_common::crypto::random_array::<6>())
+    }
+
+    #[test]
+    fn ids_outlive_the_guard_that_saw_them_until_they_expire() {
+        let path = temp_log("outlive");
+        let id = TransferId([7; 16]);
+        ReplayGuard::persistent(300, path.clone())
+            .check_and_insert(id, 1000, 1000)
+            .unwrap();
+        // A restarted receiver: a new guard over the same log.
+        let mut again = ReplayGuard::persistent(300, path.clone());
+        assert!(again.seen(&id, 1100).unwrap());
+        assert!(matches!(
+            again.check_and_insert(id, 1000, 1100),
+            Err(Replayed::Seen)
+        ));
+        // Past the window it is forgotten (and stale anyway).
+        let mut later = ReplayGuard::persistent(300, path.clone());
+        assert!(!later.seen(&id, 1301).unwrap());
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn a_torn_or_hostile_log_is_read_safely_and_compacted() {
+        let path = temp_log("torn");
+        // 3000 expired records, one live, and a torn tail.
+        let mut bytes = Vec::new();
+        for i in 0..3000u32 {
+            let mut id = [0u8; 16];
+            id[..4].copy_from_slice(&i.to_le_bytes());
+            bytes.extend_from_slice(&id);
+            bytes.extend_from_slice(&5u64.to_le_bytes());
+        }
+        bytes.extend_from_slice(&[9; 16]);
+        bytes.extend_from_slice(&u64::MAX.to_le_bytes());
+        bytes.extend_from_slice(&[1, 2, 3]);
+        std::fs::write(&path, &bytes).unwrap();
+        let mut g = ReplayGuard::persistent(300, path.clone());
+        assert!(g.seen(&TransferId([9; 16]), 1000).unwrap());
+        assert!(!g.seen(&TransferId([0; 16]), 1000).unwrap());
+        // Compacted to the one live record.
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), RECORD as u64);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 }

@@ -740,6 +740,11 @@ async fn receiver_session(
                             break Err(e);
                         }
                     }
+                    Ok(Some(Message::Ping { nonce })) => {
+                        if let Err(e) = write(&mut conn.writer, &Message::Pong { nonce }).await {
+                            break Err(e);
+                        }
+                    }
                     Ok(Some(other)) => break Err(format!("unexpected {other:?} from a receiver")),
                     Ok(None) => break Ok(()),
                     Err(e) => break Err(e.to_string()),

@@ -135,12 +135,22 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(mut cmd: Command) -> Self {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
+    pub fn spawn(cmd: Command) -> Self {
+        Self::spawn_io(cmd, Stdio::null(), None)
+    }
+
+    /// Spawns `cmd` with `stdin`, and stdout into `stdout` if given (its
+    /// lines are then not watched), else piped and watched.
+    pub fn spawn_io(mut cmd: Command, stdin: Stdio, stdout: Option<Stdio>) -> Self {
+        let watched = stdout.is_none();
+        cmd.stdin(stdin)
+            .stdout(stdout.unwrap_or_else(Stdio::piped))
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("binary starts");
-        let stdout = Lines::spawn(child.stdout.take().unwrap());
+        let stdout = match child.stdout.take() {
+            Some(out) if watched => Lines::spawn(out),
+            _ => Lines::spawn(std::io::empty()),
+        };
         let stderr = Lines::spawn(child.stderr.take().unwrap());
         Self {
             child,
@@ -307,7 +317,8 @@ impl Home {
         }
     }
 
-    fn command(&self, broker: &Broker) -> Command {
+    /// The agent command for this home at `broker` (`--broker`, `--name`, `--home`).
+    pub fn command(&self, broker: &Broker) -> Command {
         let mut cmd = Command::new(agent_bin());
         cmd.args(["--broker", &broker.addr, "--name", &self.name, "--home"])
             .arg(self.dir.path());

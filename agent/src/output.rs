@@ -1,0 +1,44 @@
+//! What the agent tells its user besides results: notices on stderr (resumes,
+//! reconnects, cleaned-up leftovers), which `--quiet` silences, and whether
+//! progress bars and colour are wanted (only on a terminal, never with
+//! `NO_COLOR` for colour). Errors, warnings about what was left out, and
+//! `NEW KEY` lines are never silenced: they are not for `--quiet` to hide.
+//!
+//! The setting is process-wide, as a log level is: it is set once from the
+//! command line, before anything is printed.
+
+use std::io::IsTerminal as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// Silences notices and progress bars from now on (`--quiet`).
+pub fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, Ordering::Relaxed);
+}
+
+/// Whether `--quiet` is on.
+pub fn quiet() -> bool {
+    QUIET.load(Ordering::Relaxed)
+}
+
+/// Whether a progress bar may be drawn on stderr: a terminal, and not `--quiet`.
+pub fn bars() -> bool {
+    !quiet() && std::io::stderr().is_terminal()
+}
+
+/// Whether colour may be used: a bar may be drawn, and `NO_COLOR` is unset
+/// or empty (<https://no-color.org>).
+pub fn colour() -> bool {
+    bars() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// Prints a notice on stderr unless `--quiet`.
+macro_rules! notice {
+    ($($arg:tt)*) => {
+        if !$crate::output::quiet() {
+            eprintln!($($arg)*);
+        }
+    };
+}
+pub(crate) use notice;

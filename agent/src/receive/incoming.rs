@@ -1,0 +1,203 @@
+//! One offer, end to end: the gate ([`super::admit`]), the accept on the
+//! control connection, the ticket, the data connection, the stream
+//! ([`super::stream`]), the receipt once the data is in place, and the
+//! report ([`super::report`]).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use keyferry_common::handshake::SignedOffer;
+use keyferry_common::ids::TransferId;
+use keyferry_common::name::AgentName;
+use keyferry_common::sync::lock;
+use keyferry_common::transfer::{Expect, RecvStream};
+use keyferry_common::wire::message::{AbortReason, Message, RefuseReason};
+use tokio::sync::{mpsc, oneshot};
+
+use super::report::{self, Placed};
+use super::store::{Job, Want};
+use super::{Failure, Shared, admit, stream};
+use crate::client::{CONNECT_TIMEOUT, open_data};
+use crate::error::AgentError;
+
+/// How one offer ended, for a `--once` receiver: `None` if it does not count
+/// as its one transfer (refused as busy while another runs), else the exit
+/// code (0 for a verified transfer) and what happened.
+pub(super) type Ended = Option<Result<(), (u8, String)>>;
+
+/// Handles one offer end to end and reports it.
+pub(super) async fn incoming(
+    shared: &Shared,
+    from: AgentName,
+    spki: Vec<u8>,
+    offer: SignedOffer,
+    out: &mpsc::Sender<Message>,
+) -> Ended {
+    let json = shared.opts.json;
+    let tid = match offer.parse() {
+        Ok(f) => f.transfer_id,
+        Err(e) => {
+            // Refused if its transfer id can be read (bytes 2..18 of the
+            // body), so the sender hears at once; otherwise only logged.
+            let Some(tid) = offer.body.get(2..18).and_then(|b| b.try_into().ok()) else {
+                eprintln!("ignored an unreadable offer from {from}: {e}");
+                return Some(Err((
+                    crate::error::exit::REFUSED,
+                    format!("an unreadable offer from {from}"),
+                )));
+            };
+            let tid = TransferId(tid);
+            let why = format!("unreadable offer: {e}");
+            report::refused(tid, &from, &why, json);
+            let _ = out
+                .send(Message::Refuse {
+                    transfer_id: tid,
+                    reason: RefuseReason::VerificationFailed,
+                })
+                .await;
+            return Some(Err((crate::error::exit::REFUSED, why)));
+        }
+    };
+    let started = Instant::now();
+    match accept_and_receive(shared, &from, &spki, &offer, tid, out).await {
+        Ok(placed) => {
+            report::received(tid, &from, &placed, started.elapsed().as_secs_f64(), json);
+            Some(Ok(()))
+        }
+        Err(failure) => {
+            let code = report::exit_code(&failure);
+            match &failure {
+                Failure::Refused(reason, why) => {
+                    report::refused(tid, &from, why, json);
+                    let _ = out
+                        .send(Message::Refuse {
+                            transfer_id: tid,
+                            reason: *reason,
+                        })
+                        .await;
+                    // Busy: this receiver is taken by another transfer,
+                    // which is the one a --once receiver waits for.
+                    (*reason != RefuseReason::Busy).then(|| Err((code, why.clone())))
+                }
+                Failure::Failed(_, why) => {
+                    let kept = if shared.opts.stdout {
+                        "what reached standard output before it verified chunk by chunk, \
+                         but is incomplete"
+                    } else {
+                        "nothing was placed"
+                    };
+                    report::failed(tid, &from, &failure, kept, json);
+                    Some(Err((code, why.clone())))
+                }
+            }
+        }
+    }
+}
+
+/// Removes a transfer's ticket waiter however its wait ends.
+struct Waiting<'a>(&'a Shared, TransferId);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.tickets).remove(&self.1);
+    }
+}
+
+async fn accept_and_receive(
+    shared: &Shared,
+    from: &AgentName,
+    spki: &[u8],
+    offer: &SignedOffer,
+    tid: TransferId,
+    out: &mpsc::Sender<Message>,
+) -> Result<Placed, Failure> {
+    let admitted = admit::admit(shared, from, spki, offer, tid).await?;
+    let ctx = &shared.ctx;
+    let gone = |e: AgentError| Failure::Failed(AbortReason::PeerGone, e.to_string());
+    // Waiting for the ticket before the accept goes out, so that even an
+    // immediate ticket finds its waiter.
+    let (ticket_tx, ticket_rx) = oneshot::channel();
+    lock(&shared.tickets).insert(tid, ticket_tx);
+    let waiting = Waiting(shared, tid);
+    let accept = Message::Accept {
+        transfer_id: tid,
+        accept: admitted.accept,
+    };
+    let ticket = async {
+        out.send(accept)
+            .await
+            .map_err(|_| "the control connection is gone".to_owned())?;
+        match tokio::time::timeout(CONNECT_TIMEOUT * 3, ticket_rx).await {
+            Ok(Ok(Ok(ticket))) => Ok(ticket),
+            Ok(Ok(Err(reason))) => Err(format!("the broker ended it before it began ({reason:?})")),
+            Ok(Err(_)) => Err("the broker connection was lost before it began".to_owned()),
+            Err(_) => Err("the broker sent no ticket".to_owned()),
+        }
+    }
+    .await;
+    drop(waiting);
+    let ticket = match ticket {
+        Ok(t) => t,
+        Err(why) => {
+            if let Some(place) = admitted.place {
+                place.discard_if_empty();
+            }
+            return Err(Failure::Failed(AbortReason::PeerGone, why));
+        }
+    };
+    // The stream comes over a plain connection: it is sealed end to end.
+    let mut data = match open_data(ctx, tid, ticket).await {
+        Ok(d) => d,
+        Err(e) => {
+            if let Some(place) = admitted.place {
+                place.discard_if_empty();
+            }
+            return Err(gone(e));
+        }
+    };
+    let terms = admitted.terms;
+    let expect = Expect {
+        declared: terms.size,
+        size_known: terms.size_known,
+        resume: admitted.place.as_ref().and_then(|p| p.resume.clone()),
+        sender: admitted.sender_key,
+        me: ctx.name.clone(),
+        my_fp: ctx.identity.fingerprint(),
+    };
+    let job = Job {
+        stream: RecvStream::new(admitted.pair, expect),
+        want: Want {
+            kind: terms.kind,
+            declared: terms.size,
+            size_known: terms.size_known,
+            key: Arc::clone(&shared.journal_key),
+            stdout: shared.opts.stdout,
+        },
+        place: admitted.place,
+    };
+    match stream::receive_stream(shared, &mut data, job).await {
+        Ok(done) => {
+            // The receipt goes out only once the data is in place and durable.
+            let _ = data
+                .writer
+                .write(&Message::Receipt {
+                    transfer_id: tid,
+                    tag: done.receipt,
+                })
+                .await;
+            let _ = data.writer.shutdown().await;
+            Ok(done.placed)
+        }
+        Err(Failure::Failed(reason, why)) => {
+            let _ = data
+                .writer
+                .write(&Message::Abort {
+                    transfer_id: tid,
+                    reason,
+                })
+                .await;
+            Err(Failure::Failed(reason, why))
+        }
+        Err(other) => Err(other),
+    }
+}
