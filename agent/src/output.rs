@@ -1,4 +1,4 @@
-//! What the agent tells its user besides results: notices on stderr (resumes,
+//! What the agent tells its user: results on stdout ([`say`]), notices on stderr (resumes,
 //! reconnects, cleaned-up leftovers), which `--quiet` silences, and whether
 //! progress bars and colour are wanted (only on a terminal, never with
 //! `NO_COLOR` for colour). Errors, warnings about what was left out, and
@@ -42,3 +42,16 @@ macro_rules! notice {
     };
 }
 pub(crate) use notice;
+
+/// Prints a line on stdout, as `println!` does, but a stdout that was closed
+/// (`agent --list | head -1`, a JSON reader that quit) is not worth a panic:
+/// the line is dropped and the agent goes on.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, $($arg)*);
+        let _ = out.flush();
+    }};
+}
+pub(crate) use say;

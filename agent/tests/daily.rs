@@ -364,9 +364,17 @@ fn the_receiver_reports_each_event_as_a_json_line() {
     let mut sender = Proc::spawn_io(cmd, Stdio::piped(), None);
     let mut input = sender.child.stdin.take().unwrap();
     std::io::Write::write_all(&mut input, &pseudo_random(3 << 20, 8)).unwrap();
-    wait_for_data(rx.child.id(), out.path(), 0);
+    wait_for_data(rx.child.id(), out.path(), 1 << 20);
     sender.kill();
     drop(input);
+    let ev: serde_json::Value =
+        serde_json::from_str(&rx.stdout.wait_for("\"failed\"", WAIT)).unwrap();
+    assert_eq!(
+        (&ev["from"], &ev["exit_code"]),
+        (&"alice".into(), &1.into())
+    );
+    assert!(ev["reason"].as_str().is_some_and(|r| !r.is_empty()), "{ev}");
+    assert!(ev["transfer_id"].is_string(), "{ev}");
     // Nothing but JSON on stdout.
     json_lines(&rx.stdout.drain().join("\n"));
 }

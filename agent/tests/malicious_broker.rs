@@ -708,6 +708,37 @@ fn case_11_replay_offer() -> Vec<Row> {
             temp_removed: temp_files(out.path()).is_empty(),
         });
     }
+    // f) The same id with a broken signature, to a restarted receiver that
+    // holds the id (11e recorded it again): refused as a replay, so the
+    // look-up came before the signature check (and any RSA work).
+    let Message::Offered {
+        from,
+        spki,
+        mut offer,
+    } = original.offered.clone()
+    else {
+        panic!("not an Offered")
+    };
+    offer.signature[10] ^= 1;
+    let out = TempDir::new("evil-out-replay");
+    let bob = w.bob_once(out.path());
+    w.broker
+        .inject("bob", Message::Offered { from, spki, offer }, Vec::new())
+        .unwrap();
+    let r = finish_within(bob, EXIT_WAIT);
+    assert_eq!(r.code, Some(8), "{r:#?}");
+    assert!(r.stderr.contains("replayed offer"), "{r:#?}");
+    assert!(!r.stderr.contains("signature"), "{r:#?}");
+    rows.push(Row {
+        case: "11f replay the Offered with a broken signature to a restarted receiver".into(),
+        receiver: format!(
+            "{} (refused by the seen id before the signature was checked)",
+            describe(&r, &receiver_why(&r))
+        ),
+        sender: "none (the replay needs no sender)".into(),
+        final_present: yes(out.join("report.bin").exists()),
+        temp_removed: temp_files(out.path()).is_empty(),
+    });
     rows
 }
 

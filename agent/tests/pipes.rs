@@ -148,7 +148,7 @@ fn a_stdout_receiver_refuses_a_directory_and_writes_nothing() {
     let r = Run::finish(rx);
     assert_ne!(s.code, Some(0), "{s:#?}");
     assert_eq!(r.code, Some(9), "{r:#?}");
-    assert!(r.stderr.contains("standard output"), "{r:#?}");
+    assert!(r.stderr.contains("--stdout takes one file"), "{r:#?}");
     assert_eq!(std::fs::read(&got).unwrap(), b"");
 }
 
@@ -177,4 +177,77 @@ async fn a_stream_of_unknown_size_that_claims_to_resume_is_refused() {
         "{answer:?}"
     );
     assert!(finals(out.path()).is_empty());
+}
+
+#[test]
+fn a_stdout_receiver_whose_sender_dies_exits_non_zero_after_a_genuine_prefix() {
+    let w = World::new();
+    let got = w.dir.join("got");
+    let rx = w.stdout_receiver(&got, &[]);
+    let mut cmd = w.alice.command(&w.broker);
+    cmd.args(["--role", "sender", "--to", "bob", "--retry-for", "0"])
+        .args(["--file", "-", "--name-as", "cut.bin", "--max-size", "64MiB"]);
+    let mut sender = Proc::spawn_io(cmd, Stdio::piped(), None);
+    let mut input = sender.child.stdin.take().unwrap();
+    let data = pseudo_random(3 << 20, 5);
+    std::io::Write::write_all(&mut input, &data).unwrap();
+    // Wait until some of it came out of the receiver, then kill the sender.
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::fs::metadata(&got).unwrap().len() < 1 << 20 {
+        assert!(std::time::Instant::now() < deadline, "nothing came out");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    sender.kill();
+    drop(input);
+    let r = Run::finish(rx);
+    assert_eq!(r.code, Some(1), "{r:#?}");
+    assert!(r.stderr.contains("incomplete"), "{r:#?}");
+    let out = std::fs::read(&got).unwrap();
+    assert!(out.len() >= 1 << 20 && out.len() <= data.len());
+    assert_eq!(
+        out[..],
+        data[..out.len()],
+        "what came out is a prefix of what went in"
+    );
+}
+
+#[test]
+fn a_stdout_receiver_refuses_a_text_message() {
+    let w = World::new();
+    let got = w.dir.join("got");
+    let rx = w.stdout_receiver(&got, &[]);
+    let s = w.alice.run(
+        &w.broker,
+        &["--role", "sender", "--to", "bob", "--message", "hi"],
+    );
+    assert_eq!(s.code, Some(8), "{s:#?}");
+    let r = Run::finish(rx);
+    assert_eq!(r.code, Some(8), "{r:#?}");
+    assert!(r.stderr.contains("--stdout takes one file"), "{r:#?}");
+    assert_eq!(std::fs::read(&got).unwrap(), b"");
+}
+
+#[test]
+fn a_slow_pipe_arrives_as_it_is_written() {
+    let w = World::new();
+    let out = TempDir::new("out");
+    let mut rx = w.bob.receiver(&w.broker, out.path(), &[]);
+    let mut cmd = w.alice.command(&w.broker);
+    cmd.args(["--role", "sender", "--to", "bob", "--json"])
+        .args(["--file", "-", "--name-as", "slow.txt", "--max-size", "1MiB"]);
+    let mut sender = Proc::spawn_io(cmd, Stdio::piped(), None);
+    let mut input = sender.child.stdin.take().unwrap();
+    // A few bytes, then a pause: they reach the receiver's disk before
+    // anything more is written (no piece waits to be filled).
+    std::io::Write::write_all(&mut input, b"first line\n").unwrap();
+    support::wait_for_data(rx.child.id(), out.path(), 10);
+    std::io::Write::write_all(&mut input, b"second line\n").unwrap();
+    drop(input);
+    let s = Run::finish(sender);
+    assert_eq!(s.code, Some(0), "{s:#?}");
+    rx.stdout.wait_for("received slow.txt", WAIT);
+    assert_eq!(
+        std::fs::read(out.join("slow.txt")).unwrap(),
+        b"first line\nsecond line\n"
+    );
 }

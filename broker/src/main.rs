@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 use keyferry_broker::config::MIN_CONTROL_FRAME;
 use keyferry_broker::{AccessPolicy, Broker, DEFAULT_ADDR, Limits};
-use keyferry_common::units::{parse_duration, parse_size};
+use keyferry_common::units::{parse_duration, parse_keepalive, parse_size};
 
 /// The keyferry broker: authenticates agents and relays their end-to-end
 /// encrypted transfers. It never sees a file, a file name or a key.
@@ -74,8 +74,9 @@ struct Args {
     #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_duration, help_heading = "Limits")]
     shutdown_grace: Duration,
     /// Ping every receiver this often; one that has said nothing for two
-    /// intervals (frozen, or its network gone) is dropped and goes offline.
-    #[arg(long, value_name = "DUR", default_value = "20s", value_parser = parse_duration, help_heading = "Limits")]
+    /// intervals (frozen, or its network gone) is dropped and goes offline
+    /// (1s to 60m).
+    #[arg(long, value_name = "DUR", default_value = "20s", value_parser = parse_keepalive, help_heading = "Limits")]
     keepalive: Duration,
 
     /// Print a completion script for this shell (bash, zsh, fish, elvish,

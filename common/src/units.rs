@@ -30,7 +30,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
-/// Parses `200ms`, `5s`, `1m`; at least 1 ms.
+/// The longest duration [`parse_duration`] takes: 30 days (longer ones
+/// would only overflow the clocks they are added to).
+pub const MAX_DURATION: Duration = Duration::from_secs(30 * 86_400);
+
+/// Parses `200ms`, `5s`, `1m`; at least 1 ms, at most [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -47,12 +51,37 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if d < Duration::from_millis(1) {
         return Err("the duration must be at least 1ms".into());
     }
+    if d > MAX_DURATION {
+        return Err("the duration must be at most 30 days (43200m)".into());
+    }
+    Ok(d)
+}
+
+/// Parses a keepalive interval: a duration from 1 s to 1 h (shorter ones
+/// would drop peers a slow network delays; longer ones notice nothing).
+pub fn parse_keepalive(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&d) {
+        return Err("a keepalive interval must be from 1s to 60m".into());
+    }
     Ok(d)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_are_bounded_both_ways() {
+        assert!(parse_duration("0ms").is_err());
+        assert!(parse_duration("43200m").is_ok());
+        assert!(parse_duration("43201m").is_err());
+        assert!(parse_duration("999999999999m").is_err());
+        assert!(parse_keepalive("999ms").is_err());
+        assert_eq!(parse_keepalive("1s"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_keepalive("60m"), Ok(Duration::from_secs(3600)));
+        assert!(parse_keepalive("61m").is_err());
+    }
 
     #[test]
     fn sizes_and_durations_parse() {

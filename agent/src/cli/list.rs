@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::client::{Ctx, broker_error, conn_error, connect};
 use crate::error::AgentError;
+use crate::output::say;
 
 /// One agent of the list, as `--json` prints it.
 #[derive(Debug, Serialize)]
@@ -101,11 +102,11 @@ pub async fn list(ctx: &Ctx, json: bool) -> Result<(), AgentError> {
         for a in &agents {
             let line = serde_json::to_string(&Entry::of(a))
                 .map_err(|e| AgentError::Internal(e.to_string()))?;
-            println!("{line}");
+            say!("{line}");
         }
     } else {
         for line in table(&agents) {
-            println!("{line}");
+            say!("{line}");
         }
     }
     Ok(())

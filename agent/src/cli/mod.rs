@@ -15,7 +15,7 @@ use clap::{Parser, ValueEnum};
 use clap_complete::Shell;
 use keyferry_common::identity::Fingerprint;
 use keyferry_common::name::AgentName;
-use keyferry_common::units::{parse_duration, parse_size};
+use keyferry_common::units::{parse_duration, parse_keepalive, parse_size};
 
 use crate::client::Ctx;
 use crate::error::AgentError;
@@ -125,8 +125,8 @@ pub struct Args {
     pub progress_timeout: Duration,
     /// Receiver: ping the broker this often; when it has said nothing for
     /// two intervals, reconnect (the broker, likewise, drops a receiver that
-    /// stops answering).
-    #[arg(long, value_name = "DUR", default_value = "20s", value_parser = parse_duration, help_heading = "Receiver")]
+    /// stops answering). From 1s to 60m.
+    #[arg(long, value_name = "DUR", default_value = "20s", value_parser = parse_keepalive, help_heading = "Receiver")]
     pub keepalive: Duration,
 
     /// Sender: the receiving agent's name; may be given several times (up to

@@ -2,6 +2,7 @@
 //! line, or one JSON object with `--json`.
 
 use crate::error::AgentError;
+use crate::output::say;
 use crate::send::Report;
 
 /// Prints one receiver's verified transfer: a JSON object, or a line.
@@ -9,7 +10,7 @@ pub fn print_report(report: &Report, label: &str, json: bool) -> Result<(), Agen
     if json {
         let line =
             serde_json::to_string(report).map_err(|e| AgentError::Internal(e.to_string()))?;
-        println!("{line}");
+        say!("{line}");
         return Ok(());
     }
     let resumed = if report.resumed_from > 0 {
@@ -22,9 +23,13 @@ pub fn print_report(report: &Report, label: &str, json: bool) -> Result<(), Agen
         1 => "1 file, ".into(),
         n => format!("{n} files, "),
     };
-    println!(
+    say!(
         "sent {label} to {} ({files}{} bytes in {:.2} s, {} session keys, sha256 {}{resumed}) — receipt verified",
-        report.peer, report.bytes, report.seconds, report.session_keys, report.sha256
+        report.peer,
+        report.bytes,
+        report.seconds,
+        report.session_keys,
+        report.sha256
     );
     Ok(())
 }

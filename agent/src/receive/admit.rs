@@ -283,6 +283,13 @@ fn check_terms(shared: &Shared, t: &Terms, slot: &mut Slot<'_>) -> Result<(), Fa
             format!("a message of {} bytes", t.size),
         ));
     }
+    // Standard output carries one file's bytes and nothing else.
+    if shared.opts.stdout && t.kind == Kind::Message {
+        return Err(refuse(
+            RefuseReason::Policy,
+            "a text message, but --stdout takes one file".into(),
+        ));
+    }
     // A stream of unknown size is never resumed (PROTOCOL.md §5.2).
     if !t.size_known && t.resumes.is_some() {
         return Err(refuse(

@@ -17,7 +17,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use super::incoming::{Ended, incoming};
 use super::{Shared, once};
 use crate::client::{AgentConn, Ticket, conn_error};
-use crate::error::AgentError;
+use crate::error::{AgentError, exit};
 
 /// The channels between the control connection and the transfer tasks:
 /// answers to send (on whichever connection is current) and, for `--once`,
@@ -74,7 +74,14 @@ pub(super) async fn control_loop(
                         let (shared, out_tx, done_tx) =
                             (Arc::clone(shared), ch.out_tx.clone(), ch.done_tx.clone());
                         tokio::spawn(async move {
-                            let ended = incoming(&shared, from, spki, offer, &out_tx).await;
+                            // A task that failed (a bug) still ends a --once
+                            // receiver, which would otherwise wait for ever.
+                            let task = tokio::spawn(async move {
+                                incoming(&shared, from, spki, offer, &out_tx).await
+                            });
+                            let ended = task.await.unwrap_or_else(|e| {
+                                Some(Err((exit::OTHER, format!("the transfer's task failed: {e}"))))
+                            });
                             let _ = done_tx.send(ended).await;
                         });
                     }

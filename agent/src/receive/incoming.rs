@@ -40,7 +40,7 @@ pub(super) async fn incoming(
             // Refused if its transfer id can be read (bytes 2..18 of the
             // body), so the sender hears at once; otherwise only logged.
             let Some(tid) = offer.body.get(2..18).and_then(|b| b.try_into().ok()) else {
-                eprintln!("ignored an unreadable offer from {from}: {e}");
+                report::refused(None, &from, &format!("unreadable offer: {e}"), json);
                 return Some(Err((
                     crate::error::exit::REFUSED,
                     format!("an unreadable offer from {from}"),
@@ -48,13 +48,13 @@ pub(super) async fn incoming(
             };
             let tid = TransferId(tid);
             let why = format!("unreadable offer: {e}");
-            report::refused(tid, &from, &why, json);
             let _ = out
                 .send(Message::Refuse {
                     transfer_id: tid,
                     reason: RefuseReason::VerificationFailed,
                 })
                 .await;
+            report::refused(Some(tid), &from, &why, json);
             return Some(Err((crate::error::exit::REFUSED, why)));
         }
     };
@@ -68,13 +68,15 @@ pub(super) async fn incoming(
             let code = report::exit_code(&failure);
             match &failure {
                 Failure::Refused(reason, why) => {
-                    report::refused(tid, &from, why, json);
+                    // The sender hears first; the report may block (a
+                    // stdout nobody reads).
                     let _ = out
                         .send(Message::Refuse {
                             transfer_id: tid,
                             reason: *reason,
                         })
                         .await;
+                    report::refused(Some(tid), &from, why, json);
                     // Busy: this receiver is taken by another transfer,
                     // which is the one a --once receiver waits for.
                     (*reason != RefuseReason::Busy).then(|| Err((code, why.clone())))

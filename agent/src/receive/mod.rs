@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::client::{AgentConn, Ctx, Ticket, connect};
 use crate::error::AgentError;
 use crate::home::now_unix;
-use crate::output::notice;
+use crate::output::{notice, say};
 use crate::trust::budget::RsaBudget;
 use crate::trust::replay::ReplayGuard;
 use control::{Channels, control_loop};
@@ -143,7 +143,7 @@ pub async fn receive(ctx: Ctx, opts: RecvOptions) -> Result<(), AgentError> {
         // Standard output is for JSON lines only.
         eprintln!("receiving as {name} ({fp}) into {}", opts.out_dir.display());
     } else {
-        println!("receiving as {name} ({fp}) into {}", opts.out_dir.display());
+        say!("receiving as {name} ({fp}) into {}", opts.out_dir.display());
     }
     let shared_home = ctx.home.dir().to_owned();
     let shared = Arc::new(Shared {

@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use super::Failure;
 use crate::error::exit;
+use crate::output::say;
 
 /// What a verified transfer left, as the store built it.
 #[derive(Debug)]
@@ -87,7 +88,8 @@ enum Event<'a> {
         exit_code: u8,
     },
     Refused {
-        transfer_id: String,
+        /// `null` for an offer too short to name its transfer.
+        transfer_id: Option<String>,
         from: &'a str,
         reason: &'a str,
         exit_code: u8,
@@ -98,7 +100,7 @@ fn print_json(event: &Event<'_>) {
     // Serialising these plain structs cannot fail; if it ever did, the
     // event would be missing, never a half line.
     if let Ok(line) = serde_json::to_string(event) {
-        println!("{line}");
+        say!("{line}");
     }
 }
 
@@ -136,7 +138,7 @@ pub(super) fn received(tid: TransferId, from: &AgentName, p: &Placed, seconds: f
             session_keys: p.session_keys,
         }),
         What::Message(text) => {
-            println!("message ({} bytes): {} from {from}", p.bytes, escape(text))
+            say!("message ({} bytes): {} from {from}", p.bytes, escape(text))
         }
         What::Items {
             items,
@@ -171,7 +173,7 @@ pub(super) fn received(tid: TransferId, from: &AgentName, p: &Placed, seconds: f
                 _ => format!("{} item(s), {files} file(s)", items.len()),
             };
             let shown: Vec<String> = items.iter().map(|(_, p)| p.display().to_string()).collect();
-            println!(
+            say!(
                 "received {what} ({} bytes, sha256 {sha}{resumed}) -> {} from {from}",
                 p.bytes,
                 shown.join(", ")
@@ -186,12 +188,16 @@ pub(super) fn received(tid: TransferId, from: &AgentName, p: &Placed, seconds: f
     }
 }
 
-/// Reports an offer refused before anything was accepted.
-pub(super) fn refused(tid: TransferId, from: &AgentName, why: &str, json: bool) {
-    eprintln!("refused transfer {tid} from {from}: {why}");
+/// Reports an offer refused before anything was accepted (`tid` is `None`
+/// for an offer too short to name its transfer; it is not answered).
+pub(super) fn refused(tid: Option<TransferId>, from: &AgentName, why: &str, json: bool) {
+    match tid {
+        Some(tid) => eprintln!("refused transfer {tid} from {from}: {why}"),
+        None => eprintln!("ignored an offer from {from}: {why}"),
+    }
     if json {
         print_json(&Event::Refused {
-            transfer_id: tid.to_string(),
+            transfer_id: tid.map(|t| t.to_string()),
             from: from.as_str(),
             reason: why,
             exit_code: exit::REFUSED,

@@ -182,7 +182,9 @@ async fn start_for(source: &Arc<Source>, accepted: &Accepted) -> Result<StreamSt
     if offset == 0 {
         return Ok(StreamStart::fresh());
     }
-    if offset > source.total {
+    // A pipe is never resumed (it cannot be read twice), and no prefix can
+    // be more than there is.
+    if !source.size_known || offset > source.total {
         notice!("the receiver claims more than there is; starting again from byte 0");
         return Ok(StreamStart::fresh());
     }

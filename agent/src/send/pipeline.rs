@@ -36,8 +36,9 @@ fn too_long(bound: u64) -> AgentError {
     AgentError::FileUnreadable {
         path: "-".into(),
         detail: format!(
-            "standard input is longer than --max-size ({bound} bytes); nothing was delivered. \
-             Raise --max-size (the receiver's --max-size must allow it too)"
+            "standard input is longer than --max-size ({bound} bytes); the receiver placed \
+             nothing (one with --stdout has written a part, and fails). Raise --max-size (the \
+             receiver's --max-size must allow it too)"
         ),
     }
 }
@@ -159,23 +160,16 @@ pub(super) async fn stream_out(
             };
             let mut sent = stream.total();
             let mut index = 0u64;
-            // Standard input is read one piece ahead: a piece is the last
-            // one when nothing follows it.
+            // Standard input goes on as it comes, a piece per read, so a
+            // slow producer's bytes do not wait; its end is an empty last
+            // chunk.
             let pipe = reader.is_pipe();
-            let mut ahead = Vec::new();
-            if pipe {
-                match Reader::stdin_piece(DEFAULT_CHUNK) {
-                    Ok(p) => ahead = p,
-                    Err(e) => return fail(e),
-                }
-            }
             loop {
                 let (want, piece) = if pipe {
-                    let piece = std::mem::take(&mut ahead);
-                    match Reader::stdin_piece(DEFAULT_CHUNK) {
-                        Ok(p) => ahead = p,
+                    let piece = match Reader::stdin_piece(DEFAULT_CHUNK) {
+                        Ok(p) => p,
                         Err(e) => return fail(e),
-                    }
+                    };
                     if sent + piece.len() as u64 > size {
                         return fail(too_long(size));
                     }
@@ -200,7 +194,7 @@ pub(super) async fn stream_out(
                     }
                 }
                 sent += want as u64;
-                let last = if pipe { ahead.is_empty() } else { sent == size };
+                let last = if pipe { want == 0 } else { sent == size };
                 let out = match stream.push_frame(frame, last, Instant::now()) {
                     Ok(o) => o,
                     Err(e) => return fail(e.into()),

@@ -401,15 +401,18 @@ impl Reader {
         Ok(())
     }
 
-    /// The next piece of standard input: `max` bytes, or fewer at its end
-    /// (none once it ended).
+    /// The next piece of standard input: what one read brings, at most
+    /// `max` bytes; empty once it ended.
     pub fn stdin_piece(max: usize) -> Result<Vec<u8>, AgentError> {
-        let mut piece = Vec::with_capacity(max);
-        io::stdin()
-            .lock()
-            .take(max as u64)
-            .read_to_end(&mut piece)
-            .map_err(|e| unreadable(Path::new("-"), format!("standard input: {e}")))?;
+        let mut piece = vec![0u8; max];
+        let n = loop {
+            match io::stdin().lock().read(&mut piece) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(unreadable(Path::new("-"), format!("standard input: {e}"))),
+            }
+        };
+        piece.truncate(n);
         Ok(piece)
     }
 

@@ -11,10 +11,11 @@
 //! synced before the offer is answered; a receiver that cannot record an id
 //! refuses the offer. Every check re-reads the log (under an `flock` on
 //! `seen_offers.lock`, so receivers sharing a home see each other's ids),
-//! drops expired records, and rewrites it compacted once it holds more
-//! dead records than live ones. A torn last record (a crash mid-append) is
-//! ignored; the file is bounded by the live ids, at most
-//! [`MAX_REMEMBERED`] × 24 bytes plus as many dead records.
+//! drops expired records, and rewrites it compacted once it holds more than
+//! twice as many records as live ones (plus 1024), or when it is damaged: a
+//! torn last record (a crash mid-append) or a record that claims to outlive
+//! the window. A log over [`MAX_LOG`] bytes, or one another receiver keeps
+//! locked for [`LOCK_WAIT`], refuses the offer (fail closed).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -131,19 +132,30 @@ impl ReplayGuard {
             .custom_flags(libc_nofollow())
             .open(path.with_extension("lock"))
             .map_err(store)?;
-        rustix::fs::flock(&lock, FlockOperation::LockExclusive).map_err(|e| store(e.into()))?;
-        let bytes = match File::open(path) {
+        lock_within(&lock, LOCK_WAIT).map_err(store)?;
+        let bytes = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc_nofollow())
+            .open(path)
+        {
             Ok(f) => {
                 let mut bytes = Vec::new();
-                // Bounded: live and dead records, with room for a full log.
-                f.take((4 * MAX_REMEMBERED * RECORD) as u64)
-                    .read_to_end(&mut bytes)
-                    .map_err(store)?;
+                f.take(MAX_LOG + 1).read_to_end(&mut bytes).map_err(store)?;
+                if bytes.len() as u64 > MAX_LOG {
+                    // Reading part of it would forget ids: refuse instead.
+                    return Err(store(io::Error::other(format!(
+                        "larger than {MAX_LOG} bytes; remove it to start afresh"
+                    ))));
+                }
                 bytes
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(store(e)),
         };
+        // No offer is remembered past its window: a record that says it
+        // is, is not ours (nor is a torn tail); rewriting drops them.
+        let latest = now_unix.saturating_add(2 * self.window_secs);
+        let mut damaged = bytes.len() % RECORD != 0;
         let records = bytes.len() / RECORD;
         for r in bytes.chunks_exact(RECORD) {
             let (id, until) = r.split_at(16);
@@ -152,13 +164,15 @@ impl ReplayGuard {
             let mut at = [0u8; 8];
             at.copy_from_slice(until);
             let until = u64::from_le_bytes(at);
-            if until >= now_unix {
+            if until > latest {
+                damaged = true;
+            } else if until >= now_unix {
                 let e = self.seen.entry(TransferId(tid)).or_insert(until);
                 *e = (*e).max(until);
             }
         }
         self.seen.retain(|_, &mut until| until >= now_unix);
-        if records > 2 * self.seen.len() + 1024 {
+        if damaged || records > 2 * self.seen.len() + 1024 {
             let mut compact = Vec::with_capacity(self.seen.len() * RECORD);
             for (id, until) in &self.seen {
                 compact.extend_from_slice(&id.0);
@@ -167,6 +181,34 @@ impl ReplayGuard {
             write_private(path, &compact, Place::Replace).map_err(store)?;
         }
         Ok(Some(lock))
+    }
+}
+
+/// The log is never read past this (live and dead records, with room for
+/// a full memory): 9.6 MB.
+const MAX_LOG: u64 = (4 * MAX_REMEMBERED * RECORD) as u64;
+
+/// How long an offer waits for another receiver sharing the home to release
+/// the log before it is refused.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Takes the exclusive lock on `lock`, waiting at most `wait`.
+fn lock_within(lock: &File, wait: std::time::Duration) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match rustix::fs::flock(lock, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(()),
+            Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(io::Error::other(format!(
+                        "another receiver sharing this home held it for {} s",
+                        wait.as_secs()
+                    )));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 
@@ -186,8 +228,14 @@ fn append(path: &std::path::Path, id: &TransferId, until: u64) -> io::Result<()>
     let mut record = [0u8; RECORD];
     record[..16].copy_from_slice(&id.0);
     record[16..].copy_from_slice(&until.to_le_bytes());
-    f.write_all(&record)?;
-    f.sync_data()
+    let before = f.metadata()?.len();
+    let written = f.write_all(&record).and_then(|()| f.sync_data());
+    if written.is_err() {
+        // A torn record would shift every later one: take it back (a
+        // failure here is caught by the next read's length check).
+        let _ = f.set_len(before);
+    }
+    written
 }
 
 #[cfg(test)]
@@ -294,26 +342,98 @@ mod tests {
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 
+    fn record(id: [u8; 16], until: u64) -> Vec<u8> {
+        let mut r = id.to_vec();
+        r.extend_from_slice(&until.to_le_bytes());
+        r
+    }
+
     #[test]
     fn a_torn_or_hostile_log_is_read_safely_and_compacted() {
         let path = temp_log("torn");
-        // 3000 expired records, one live, and a torn tail.
+        // 3000 expired records, one live, one that claims to live for ever,
+        // and a torn tail.
         let mut bytes = Vec::new();
         for i in 0..3000u32 {
             let mut id = [0u8; 16];
             id[..4].copy_from_slice(&i.to_le_bytes());
-            bytes.extend_from_slice(&id);
-            bytes.extend_from_slice(&5u64.to_le_bytes());
+            bytes.extend(record(id, 5));
         }
-        bytes.extend_from_slice(&[9; 16]);
-        bytes.extend_from_slice(&u64::MAX.to_le_bytes());
+        bytes.extend(record([9; 16], 1200));
+        bytes.extend(record([8; 16], u64::MAX));
         bytes.extend_from_slice(&[1, 2, 3]);
         std::fs::write(&path, &bytes).unwrap();
         let mut g = ReplayGuard::persistent(300, path.clone());
         assert!(g.seen(&TransferId([9; 16]), 1000).unwrap());
         assert!(!g.seen(&TransferId([0; 16]), 1000).unwrap());
+        assert!(!g.seen(&TransferId([8; 16]), 1000).unwrap());
         // Compacted to the one live record.
         assert_eq!(std::fs::metadata(&path).unwrap().len(), RECORD as u64);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn a_torn_tail_does_not_shift_the_records_appended_after_it() {
+        let path = temp_log("shift");
+        let mut bytes = record([1; 16], 1200);
+        bytes.extend_from_slice(&[7; 5]);
+        std::fs::write(&path, &bytes).unwrap();
+        let (a, b) = (TransferId([2; 16]), TransferId([3; 16]));
+        let mut g = ReplayGuard::persistent(300, path.clone());
+        g.check_and_insert(a, 1000, 1000).unwrap();
+        g.check_and_insert(b, 1000, 1000).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 3 * RECORD as u64);
+        // A restarted receiver knows all three.
+        let mut again = ReplayGuard::persistent(300, path.clone());
+        for id in [TransferId([1; 16]), a, b] {
+            assert!(again.seen(&id, 1100).unwrap());
+        }
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn receivers_sharing_a_home_see_each_others_ids() {
+        let path = temp_log("shared");
+        let id = TransferId([4; 16]);
+        let mut one = ReplayGuard::persistent(300, path.clone());
+        let mut two = ReplayGuard::persistent(300, path.clone());
+        assert!(!two.seen(&id, 1000).unwrap());
+        one.check_and_insert(id, 1000, 1000).unwrap();
+        assert!(two.seen(&id, 1001).unwrap());
+        assert!(matches!(
+            two.check_and_insert(id, 1000, 1001),
+            Err(Replayed::Seen)
+        ));
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn a_log_too_large_to_read_whole_refuses_rather_than_forgets() {
+        let path = temp_log("huge");
+        File::create(&path)
+            .unwrap()
+            .set_len(MAX_LOG + RECORD as u64)
+            .unwrap();
+        let mut g = ReplayGuard::persistent(300, path.clone());
+        assert!(matches!(
+            g.seen(&TransferId([5; 16]), 1000),
+            Err(Replayed::Store { .. })
+        ));
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn a_lock_held_elsewhere_is_waited_for_only_so_long() {
+        let path = temp_log("lock");
+        let open = || File::create(path.with_extension("lock")).unwrap();
+        let held = open();
+        rustix::fs::flock(&held, FlockOperation::LockExclusive).unwrap();
+        let t = std::time::Instant::now();
+        let wait = std::time::Duration::from_millis(200);
+        assert!(lock_within(&open(), wait).is_err());
+        assert!(t.elapsed() >= wait);
+        drop(held);
+        lock_within(&open(), wait).unwrap();
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 }

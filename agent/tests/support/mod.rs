@@ -417,7 +417,9 @@ pub fn wait_for_data(pid: u32, dir: &Path, bytes: u64) {
         {
             let Ok(e) = e else { continue };
             let in_dir = std::fs::read_link(e.path()).is_ok_and(|t| t.starts_with(&dir));
-            if in_dir && std::fs::metadata(e.path()).is_ok_and(|m| m.len() > bytes) {
+            // Regular files only: the out dir's own descriptor is open too.
+            let grown = std::fs::metadata(e.path()).is_ok_and(|m| m.is_file() && m.len() > bytes);
+            if in_dir && grown {
                 return;
             }
         }
