@@ -182,3 +182,35 @@ fn after_the_grace_period_the_broker_cuts_and_says_how_many() {
     assert_eq!(r.code, Some(1), "{r:#?}");
     assert!(!out.join("live.bin").exists());
 }
+
+#[test]
+fn a_receiver_that_stops_reading_mid_transfer_is_cut_after_the_idle_limit() {
+    let mut broker = Broker::start_with(TempDir::new("broker"), &["--idle-timeout", "2s"]);
+    let out = TempDir::new("out");
+    let InFlight {
+        sender,
+        mut input,
+        rx,
+        _homes,
+        ..
+    } = transfer_in_flight(&broker, &out);
+    signal(&rx, Signal::STOP);
+    // Keep the sender writing: the broker's writes to the frozen receiver
+    // fill its socket, and the relay waits for it to take more.
+    let writer = std::thread::spawn(move || {
+        for i in 0..64 {
+            if input.write_all(&pseudo_random(1 << 20, 100 + i)).is_err() {
+                break;
+            }
+        }
+    });
+    let cut = broker.proc.stderr.wait_for("transfer failed", WAIT);
+    assert!(cut.contains("stopped reading"), "{cut}");
+    let s = Run::finish(sender);
+    assert_ne!(s.code, Some(0), "{s:#?}");
+    signal(&rx, Signal::CONT);
+    let r = Run::finish(rx);
+    assert_eq!(r.code, Some(1), "{r:#?}");
+    writer.join().unwrap();
+    assert!(!out.join("live.bin").exists());
+}

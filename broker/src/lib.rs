@@ -15,7 +15,8 @@
 //! * [`relay`]: pumping one transfer's bytes between its two data
 //!   connections, never opening a record; [`fanout`]: one upload copied to
 //!   several receivers, each with a bounded queue;
-//! * [`shutdown`]: the phase every task watches;
+//! * [`shutdown`]: the phase every task watches; [`splice`]: record bodies
+//!   moved socket to socket in the kernel;
 //! * [`state`]: what every connection shares — state only, no sockets;
 //! * [`data`] (admitting a data connection by its ticket) and [`session`]
 //!   (authentication, then the sender's or receiver's session);
@@ -34,6 +35,7 @@ pub mod relay;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+pub mod splice;
 pub mod state;
 pub mod tickets;
 pub mod transfers;

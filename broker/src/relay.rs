@@ -9,10 +9,12 @@
 //! other side `Abort(PeerGone)`, which ends the other direction in turn.
 //!
 //! Bytes are forwarded as they arrive, unchanged and without copying frames
-//! out: a chunk is checked from its first 27 bytes ([`peek_chunk`]) and its
-//! record streamed through; other (small) messages are decoded whole before
-//! they go on. Each direction holds at most one read buffer, and reads again
-//! only after it wrote what it read: backpressure is end to end.
+//! out: a chunk is checked from its first 27 bytes ([`peek_chunk`]) and the
+//! rest of its record moved socket to socket by `splice(2)` ([`crate::splice`];
+//! copied through the read buffer if no pipe can be had); other (small)
+//! messages are decoded whole before they go on. Each direction holds at most
+//! one read buffer, and reads again only after it wrote what it read:
+//! backpressure is end to end.
 
 use std::time::{Duration, Instant};
 
@@ -27,6 +29,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::conns::ConnGuard;
 use crate::shutdown::Shutdown;
+use crate::splice::{self, Pipe, Stop};
 
 /// An admitted data connection: the socket, what was read past its `Redeem`,
 /// and its place under the connection limits.
@@ -81,6 +84,9 @@ pub enum RelayEnd {
 
 /// How much one read may bring in.
 const READ_SIZE: usize = 128 << 10;
+/// How much one read may bring in when record bodies are spliced: the next
+/// frame's head, and little of its body.
+const HEAD_READ: usize = 4 << 10;
 
 /// How a relay ended.
 #[derive(Debug)]
@@ -204,7 +210,9 @@ impl Checker {
     }
 }
 
-/// Relays one direction until it ends; returns the bytes forwarded.
+/// Relays one direction until it ends; returns the bytes forwarded. With a
+/// `pipe`, the bodies of chunk records are spliced.
+#[allow(clippy::too_many_arguments)]
 async fn pump(
     dir: Dir,
     ids: (TransferId, StreamId),
@@ -213,6 +221,7 @@ async fn pump(
     mut buf: Vec<u8>,
     to: &mut OwnedWriteHalf,
     mut shutdown: Shutdown,
+    pipe: Option<Pipe>,
 ) -> (u64, Result<(), RelayEnd>) {
     let mut checker = Checker {
         dir,
@@ -253,10 +262,27 @@ async fn pump(
         if ends {
             return (bytes, Ok(()));
         }
+        // The rest of an approved chunk record goes socket to socket.
+        if let Some(pipe) = &pipe
+            && checker.passing > 0
+            && buf.is_empty()
+        {
+            let n = checker.passing;
+            let spliced =
+                splice::exactly(from.as_ref(), to.as_ref(), pipe, n, idle, &mut shutdown).await;
+            if let Err(stop) = spliced {
+                break 'relay Err(stopped(dir, idle, stop));
+            }
+            checker.passing = 0;
+            bytes += n as u64;
+            continue;
+        }
         // A small message is decoded whole, so it must fit; chunks stream.
-        buf.reserve(READ_SIZE);
+        let most = if pipe.is_some() { HEAD_READ } else { READ_SIZE };
+        buf.reserve(most);
+        let mut limited = (&mut *from).take(most as u64);
         let read = tokio::select! {
-            r = tokio::time::timeout(idle, from.read_buf(&mut buf)) => r,
+            r = tokio::time::timeout(idle, limited.read_buf(&mut buf)) => r,
             () = shutdown.cut() => break Err(RelayEnd::Shutdown),
         };
         let side = dir.source();
@@ -284,6 +310,21 @@ async fn pump(
     }
     let _ = to.shutdown().await;
     (bytes, result)
+}
+
+/// What a splice that stopped means for this direction.
+fn stopped(dir: Dir, idle: Duration, stop: Stop) -> RelayEnd {
+    let side = dir.source();
+    match stop {
+        Stop::Closed => RelayEnd::Disconnected(side),
+        Stop::From(source) | Stop::To(source) => RelayEnd::Io { side, source },
+        Stop::Silent => RelayEnd::Silent {
+            side,
+            secs: idle.as_secs(),
+        },
+        Stop::Stalled => RelayEnd::Stalled(side),
+        Stop::Shutdown => RelayEnd::Shutdown,
+    }
 }
 
 /// Reads and discards what a peer still sends, until it closes or `grace`
@@ -325,6 +366,7 @@ pub async fn relay(
             sender.leftover,
             &mut r_write,
             shutdown.clone(),
+            Pipe::new().ok(),
         ),
         pump(
             Dir::Back,
@@ -334,6 +376,7 @@ pub async fn relay(
             receiver.leftover,
             &mut s_write,
             shutdown,
+            None,
         ),
     );
     if forward.1.is_err() || back.1.is_err() {
