@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # keyferry throughput, memory and latency against scp, measured in one run.
 #
-#   scripts/bench.sh                 1 GiB, 3 alternating runs each
+#   scripts/bench.sh                 1 GiB, 5 alternating rounds
 #   SIZE_MIB=4096 scripts/bench.sh   a larger file (memory must not grow)
 #   RUNS=5 LATENCY_RUNS=20 scripts/bench.sh
 #
@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 size_mib=${SIZE_MIB:-1024}
-runs=${RUNS:-3}
+runs=${RUNS:-5}
 latency_runs=${LATENCY_RUNS:-10}
 # BENCH_DIR=/dev/shm measures without the disk (keyferry fsyncs what it receives, scp does not).
 work=$(mktemp -d -p "${BENCH_DIR:-${TMPDIR:-/tmp}}" keyferry-bench.XXXXXX)
@@ -41,6 +41,9 @@ cargo build --release --locked -q -p keyferry-common --example seal_speed
 bin=$PWD/target/release
 
 now() { date +%s.%N; }
+# CPU seconds (user + system) of process $1, and of its children it reaped.
+cpu_of() { awk -v t="$(getconf CLK_TCK)" '{ print ($14 + $15) / t }' "/proc/$1/stat"; }
+children_cpu_of() { awk -v t="$(getconf CLK_TCK)" '{ print ($16 + $17) / t }' "/proc/$1/stat"; }
 mbps() { awk -v b="$1" -v s="$2" 'BEGIN { printf "%.1f", b / s / 1e6 }'; }
 median() { sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 
@@ -69,16 +72,24 @@ PidFile $work/sshd.pid
 CONF
 /usr/sbin/sshd -f "$work/sshd_config" -E "$work/sshd.log"
 for _ in $(seq 50); do [ -f "$work/sshd.pid" ] && break; sleep 0.1; done
+# One scp. Prints: seconds(wall) client_cpu sshd_cpu (the server side's CPU is
+# that of the session process sshd forks and reaps when it ends).
 scp_once() {
     rm -f "$work/scp-out/data.bin"
-    local t0 t1
+    local t0 t1 sshd0 sshd1
+    sshd0=$(children_cpu_of "$(cat "$work/sshd.pid")")
     t0=$(now)
-    scp -q -c aes256-gcm@openssh.com -P "$port" -i "$work/client_key" \
+    /usr/bin/time -f '%U %S' -o "$work/scp.cpu" scp -q -c aes256-gcm@openssh.com -P "$port" -i "$work/client_key" \
         -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR \
         "$work/data.bin" "$(id -un)@127.0.0.1:$work/scp-out/data.bin"
     t1=$(now)
+    sleep 0.2 # the session process is reaped just after the client exits
+    sshd1=$(children_cpu_of "$(cat "$work/sshd.pid")")
     cmp -s "$work/data.bin" "$work/scp-out/data.bin" || { echo "scp copy differs" >&2; exit 1; }
-    awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }'
+    local c
+    read -r -a c <"$work/scp.cpu"
+    awk -v a="$t0" -v b="$t1" -v u="${c[0]}" -v s="${c[1]}" -v d0="$sshd0" -v d1="$sshd1" \
+        'BEGIN { print b - a, u + s, d1 - d0 }'
 }
 
 # --- keyferry ------------------------------------------------------------
@@ -94,7 +105,8 @@ agent --home "$work/bob" --name bob --list >/dev/null 2>&1
 
 # One transfer: receiver --once and sender, each under /usr/bin/time for peak RSS
 # and CPU time. Prints: seconds(wall, sender process) session_keys sender_rss_kib
-# receiver_rss_kib cpu_seconds(user + system, both agents)
+# receiver_rss_kib cpu_seconds(user + system, both agents) sender_cpu
+# receiver_cpu broker_cpu
 keyferry_once() {
     local rekey=$1 file=$2
     rm -rf "$work/inbox"; mkdir -p "$work/inbox"
@@ -102,12 +114,14 @@ keyferry_once() {
         --role receiver --once --out-dir "$work/inbox" >"$work/recv.out" 2>"$work/recv.err" &
     local rpid=$!
     for _ in $(seq 200); do grep -q "receiving as" "$work/recv.out" 2>/dev/null && break; sleep 0.05; done
-    local t0 t1
+    local t0 t1 b0 b1
+    b0=$(cpu_of "$broker_pid")
     t0=$(now)
     /usr/bin/time -f '%M %U %S' -o "$work/send.rss" "$bin/agent" --broker "$addr" --home "$work/alice" --name alice \
         --role sender --to bob --file "$file" --json --rekey-interval "$rekey" >"$work/send.json" 2>"$work/send.err"
     t1=$(now)
     wait "$rpid"
+    b1=$(cpu_of "$broker_pid")
     cmp -s "$file" "$work/inbox/$(basename "$file")" || { echo "keyferry copy differs" >&2; exit 1; }
     local keys
     keys=$(sed -n 's/.*"session_keys":\([0-9]*\).*/\1/p' "$work/send.json")
@@ -115,7 +129,8 @@ keyferry_once() {
     read -r -a send <"$work/send.rss"
     read -r -a recv <"$work/recv.rss"
     echo "$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }') $keys ${send[0]} ${recv[0]}" \
-        "$(awk -v a="${send[1]}" -v b="${send[2]}" -v c="${recv[1]}" -v d="${recv[2]}" 'BEGIN { print a + b + c + d }')"
+        "$(awk -v a="${send[1]}" -v b="${send[2]}" -v c="${recv[1]}" -v d="${recv[2]}" -v b0="$b0" -v b1="$b1" \
+            'BEGIN { print a + b + c + d, a + b, c + d, b1 - b0 }')"
 }
 
 : >"$work/kf5.txt"; : >"$work/kf100.txt"; : >"$work/scp.txt"
@@ -137,7 +152,18 @@ kill "$broker_pid"; wait "$broker_pid" 2>/dev/null || true
 
 kf5=$(awk '{ print $1 }' "$work/kf5.txt" | median)
 kf100=$(awk '{ print $1 }' "$work/kf100.txt" | median)
-scp=$(median <"$work/scp.txt")
+scp=$(awk '{ print $1 }' "$work/scp.txt" | median)
+# Ratios paired within a round (keyferry 5 s / scp of the same round), then
+# their median, beside the ratio of the medians.
+paired=$(paste "$work/kf5.txt" "$work/scp.txt" | awk '{ print $9 / $1 }' | median | awk '{ printf "%.2f", $1 }')
+gib=$(awk -v b="$bytes" 'BEGIN { print b / 1073741824 }')
+per_gib() { awk -v g="$gib" '{ printf "%.2f\n", $1 / g }'; }
+col() { awk -v c="$2" '{ print $c }' "$1" | median | per_gib; }
+kf_send=$(col "$work/kf5.txt" 6); kf_recv=$(col "$work/kf5.txt" 7); kf_broker=$(col "$work/kf5.txt" 8)
+kf_machine=$(awk '{ print $5 + $8 }' "$work/kf5.txt" | median | per_gib)
+scp_client=$(col "$work/scp.txt" 2); scp_sshd=$(col "$work/scp.txt" 3)
+scp_machine=$(awk '{ print $2 + $3 }' "$work/scp.txt" | median | per_gib)
+kf100_machine=$(awk '{ print $5 + $8 }' "$work/kf100.txt" | median | per_gib)
 kf5_mbps=$(mbps "$bytes" "$kf5"); kf100_mbps=$(mbps "$bytes" "$kf100"); scp_mbps=$(mbps "$bytes" "$scp")
 ratio=$(awk -v a="$kf5_mbps" -v b="$scp_mbps" 'BEGIN { printf "%.2f", a / b }')
 ratio100=$(awk -v a="$kf100_mbps" -v b="$kf5_mbps" 'BEGIN { printf "%.3f", a / b }')
@@ -164,7 +190,10 @@ cat <<TABLE
 | keyferry, 5 s rekey | ${kf5_mbps} MB/s (${keys5} session keys) |
 | keyferry, 100 ms rekey | ${kf100_mbps} MB/s (${keys100} session keys) |
 | scp -c aes256-gcm@openssh.com | ${scp_mbps} MB/s |
-| ratio keyferry / scp | ${ratio} |
+| ratio keyferry / scp (of the medians; median of the ratios paired in each round) | ${ratio} (${paired}) |
+| CPU-s per GiB, keyferry 5 s: sender / receiver / broker / all three | ${kf_send} / ${kf_recv} / ${kf_broker} / ${kf_machine} |
+| CPU-s per GiB, keyferry 100 ms: all three | ${kf100_machine} |
+| CPU-s per GiB, scp: client / sshd / both | ${scp_client} / ${scp_sshd} / ${scp_machine} |
 | ratio 100 ms / 5 s rekey, throughput | ${ratio100} |
 | agent CPU time (user + system, sender + receiver), 5 s / 100 ms rekey | ${cpu5} s / ${cpu100} s (ratio ${cpu_ratio}) |
 | peak RSS sender / receiver | $((send_rss / 1024)) MiB / $((recv_rss / 1024)) MiB |
