@@ -3,6 +3,7 @@
 # at once (20 senders to 20 receivers), all on 127.0.0.1.
 #
 #   scripts/scale.sh                         1000 idle, 20 transfers of 64 MiB
+#   IDLE=10000 scripts/scale.sh              10,000 idle agents (raises ulimit -n)
 #   IDLE=2000 TRANSFERS=10 SIZE_MIB=256 scripts/scale.sh
 #   BENCH_DIR=/dev/shm scripts/scale.sh      files on tmpfs instead of the disk
 #
@@ -34,8 +35,12 @@ bin=$PWD/target/release
 rss() { awk -v f="$2" '$1 == f ":" { print int($2 / 1024) }' "/proc/$1/status"; }
 median() { sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 
+# Every idle agent is a descriptor in the broker and in idle_agents.
+conns=$((idle + 4 * transfers + 100))
+ulimit -n "$((conns + 1024))" 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+[ "$(ulimit -n)" -gt "$conns" ] || { echo "need $conns open files; ulimit -n is $(ulimit -n)" >&2; exit 1; }
 "$bin/broker" --listen 127.0.0.1:0 --data-dir "$work/broker" \
-    --max-connections 8192 --max-connections-per-ip 8192 --max-transfers-per-agent 4 \
+    --max-connections "$conns" --max-connections-per-ip "$conns" --max-transfers-per-agent 4 \
     >"$work/broker.out" 2>"$work/broker.log" &
 broker_pid=$!
 pids+=("$broker_pid")

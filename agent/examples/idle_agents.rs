@@ -4,17 +4,18 @@
 //!
 //!     idle_agents BROKER HOME COUNT
 //!
-//! Prints `connected N` once all are up, then holds them until killed or until
-//! stdin closes; exits non-zero if any connection fails.
+//! Prints `connected N` once all are up, then holds them (answering the
+//! broker's keepalive pings) until killed or until stdin closes; exits
+//! non-zero if any connection fails.
 
 use std::io::Read as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use keyferry_agent::client::{Ctx, connect};
+use keyferry_agent::client::{AgentConn, Ctx, connect};
 use keyferry_agent::home::Home;
 use keyferry_common::name::AgentName;
-use keyferry_common::wire::message::Role;
+use keyferry_common::wire::message::{Message, Role};
 
 /// How many connections are opened at once (each costs one RSA signature).
 const AT_ONCE: usize = 16;
@@ -45,7 +46,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .collect();
         started += batch.len();
         for task in batch {
-            held.push(task.await??);
+            held.push(tokio::spawn(answer_pings(task.await??)));
         }
     }
     println!("connected {}", held.len());
@@ -55,6 +56,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         while matches!(std::io::stdin().read(&mut sink), Ok(n) if n > 0) {}
     })
     .await?;
-    drop(held);
+    for task in held {
+        task.abort();
+    }
     Ok(())
+}
+
+/// Keeps one connection alive as a receiver does: answers the broker's
+/// keepalive pings (and nothing else comes to an idle receiver).
+async fn answer_pings(mut conn: AgentConn) {
+    while let Ok(Some(msg)) = conn.reader.read().await {
+        if let Message::Ping { nonce } = msg
+            && conn.writer.write(&Message::Pong { nonce }).await.is_err()
+        {
+            return;
+        }
+    }
 }

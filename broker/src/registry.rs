@@ -54,7 +54,7 @@ pub enum Unreachable {
 #[derive(Debug)]
 struct Receiver {
     conn_id: u64,
-    tx: mpsc::Sender<Message>,
+    tx: mpsc::Sender<Box<Message>>,
 }
 
 #[derive(Debug, Default)]
@@ -143,7 +143,12 @@ impl Registry {
 
     /// Registers the receiver connection `conn_id` of `name`, reached through
     /// `tx`; fails if one is connected.
-    pub fn add_receiver(&self, name: &AgentName, conn_id: u64, tx: mpsc::Sender<Message>) -> bool {
+    pub fn add_receiver(
+        &self,
+        name: &AgentName,
+        conn_id: u64,
+        tx: mpsc::Sender<Box<Message>>,
+    ) -> bool {
         let mut o = lock(&self.online);
         if o.receivers.contains_key(name) {
             return false;
@@ -183,7 +188,7 @@ impl Registry {
     pub fn push(&self, name: &AgentName, msg: Message) -> Result<(), Unreachable> {
         let o = lock(&self.online);
         let r = o.receivers.get(name).ok_or(Unreachable::Offline)?;
-        r.tx.try_send(msg).map_err(|_| Unreachable::Full)
+        r.tx.try_send(Box::new(msg)).map_err(|_| Unreachable::Full)
     }
 
     /// Everyone connected, sorted by name.
@@ -262,7 +267,7 @@ mod tests {
         // Pushes reach the receiver's task; a full queue is refused at once.
         reg.push(&bob, Message::List).unwrap();
         assert_eq!(reg.push(&bob, Message::List), Err(Unreachable::Full));
-        assert_eq!(rx.try_recv().unwrap(), Message::List);
+        assert_eq!(*rx.try_recv().unwrap(), Message::List);
         assert_eq!(reg.push(&carol, Message::List), Err(Unreachable::Offline));
         // Only the connection that registered may remove itself.
         reg.remove_receiver(&bob, 2);

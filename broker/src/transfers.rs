@@ -33,7 +33,7 @@ pub enum Answer {
         /// The accept bytes.
         accept: Vec<u8>,
         /// The receiver's control connection's queue.
-        receiver: mpsc::Sender<Message>,
+        receiver: mpsc::Sender<Box<Message>>,
     },
 }
 

@@ -74,10 +74,12 @@ pub async fn handle(
         return Ok(());
     };
     if !tls {
-        return data::admit(state, tcp, guard, deadline).await;
+        return Box::pin(data::admit(state, tcp, guard, deadline)).await;
     }
+    // Each phase is boxed: a task is as large as its largest state, and an
+    // idle receiver should not carry the handshake's or a sender's.
     let authenticated = tokio::select! {
-        r = auth::authenticate(&state, tcp, deadline) => r?,
+        r = Box::pin(auth::authenticate(&state, tcp, deadline)) => r?,
         () = guard.evicted() => return Err(evicted()),
         () = shutdown.draining() => return Ok(()),
     };
@@ -89,9 +91,9 @@ pub async fn handle(
         Role::Sender => {
             let mut conn = conn;
             conn.writer.write(&Message::Welcome).await?;
-            sender::session(&state, conn, agent, shutdown).await
+            Box::pin(sender::session(&state, conn, agent, shutdown)).await
         }
-        Role::Receiver => receiver::session(&state, conn, agent, shutdown).await,
+        Role::Receiver => Box::pin(receiver::session(&state, conn, agent, shutdown)).await,
     }
 }
 

@@ -227,7 +227,7 @@ pub(super) async fn session(
 /// before the ticket went there, the receiver is told `Abort(PeerGone)`
 /// instead of being left waiting.
 struct ReceiverLink {
-    queue: mpsc::Sender<Message>,
+    queue: mpsc::Sender<Box<Message>>,
     tid: TransferId,
     told: bool,
 }
@@ -238,11 +238,11 @@ impl ReceiverLink {
     fn ticket(&mut self, ticket: [u8; 32]) -> bool {
         self.told = self
             .queue
-            .try_send(Message::Ticket {
+            .try_send(Box::new(Message::Ticket {
                 transfer_id: self.tid,
                 ticket,
                 address: String::new(),
-            })
+            }))
             .is_ok();
         self.told
     }
@@ -251,10 +251,10 @@ impl ReceiverLink {
 impl Drop for ReceiverLink {
     fn drop(&mut self) {
         if !self.told {
-            let _ = self.queue.try_send(Message::Abort {
+            let _ = self.queue.try_send(Box::new(Message::Abort {
                 transfer_id: self.tid,
                 reason: AbortReason::PeerGone,
-            });
+            }));
         }
     }
 }

@@ -6,6 +6,10 @@
 //! [`GROW_STEP`] ahead of them), never to the announced length at once: a peer
 //! that announces a large frame and sends nothing costs nothing. EOF between
 //! frames is a clean end (`Ok(None)`), EOF inside one is an error.
+//!
+//! An idle connection costs little: before a frame's length is known a read
+//! asks for [`HEAD_STEP`] bytes, and a buffer left empty and large after a
+//! message is given back, so ten thousand idle receivers hold a few KiB each.
 
 use std::time::Duration;
 
@@ -17,6 +21,13 @@ use crate::wire::message::{self, Message};
 
 /// How far a read buffer may grow ahead of the bytes that arrived.
 pub const GROW_STEP: usize = 64 << 10;
+
+/// What a read asks for while no frame length is known yet (most control
+/// messages fit).
+pub const HEAD_STEP: usize = 1 << 10;
+
+/// An empty buffer larger than this is freed after a message.
+const IDLE_KEEP: usize = 16 << 10;
 
 /// Makes room in `buf` for the next read of at most `need` bytes: uses spare
 /// capacity where there is some, else grows by at most [`GROW_STEP`].
@@ -57,7 +68,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(inner: R, max: usize) -> Self {
         Self {
             inner,
-            buf: Vec::with_capacity(8 << 10),
+            buf: Vec::new(),
             max,
         }
     }
@@ -87,7 +98,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     return Ok(Some(LEN_PREFIX + len));
                 }
                 Some(len) => LEN_PREFIX + len - self.buf.len(),
-                None => GROW_STEP,
+                None => HEAD_STEP,
             };
             room_for(&mut self.buf, need);
             if self.inner.read_buf(&mut self.buf).await? == 0 {
@@ -108,6 +119,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         };
         let msg = message::decode_payload(&self.buf[LEN_PREFIX..end])?;
         self.buf.drain(..end);
+        if self.buf.is_empty() && self.buf.capacity() > IDLE_KEEP {
+            self.buf = Vec::new();
+        }
         Ok(Some(msg))
     }
 
