@@ -113,6 +113,13 @@ impl Dir {
         }
     }
 
+    fn destination(self) -> &'static str {
+        match self {
+            Self::Forward => "receiver",
+            Self::Back => "sender",
+        }
+    }
+
     /// `Some(ends)` if `msg` may travel this way for transfer `tid` of
     /// stream `sid`; `ends` if it is the last message of this direction.
     fn allows(self, msg: &Message, (tid, sid): &(TransferId, StreamId)) -> Option<bool> {
@@ -251,7 +258,7 @@ async fn pump(
             match written {
                 Ok(Ok(())) => {}
                 Ok(Err(source)) => {
-                    let side = dir.source();
+                    let side = dir.destination();
                     return (bytes, Err(RelayEnd::Io { side, source }));
                 }
                 Err(_) => return (bytes, Err(RelayEnd::Stalled(dir.source()))),
@@ -317,7 +324,11 @@ fn stopped(dir: Dir, idle: Duration, stop: Stop) -> RelayEnd {
     let side = dir.source();
     match stop {
         Stop::Closed => RelayEnd::Disconnected(side),
-        Stop::From(source) | Stop::To(source) => RelayEnd::Io { side, source },
+        Stop::From(source) => RelayEnd::Io { side, source },
+        Stop::To(source) => RelayEnd::Io {
+            side: dir.destination(),
+            source,
+        },
         Stop::Silent => RelayEnd::Silent {
             side,
             secs: idle.as_secs(),

@@ -18,9 +18,14 @@ use tokio::net::TcpStream;
 
 use crate::shutdown::Shutdown;
 
-/// The pipe size asked for: one default chunk fits (the kernel may give
-/// less, or more, rounded to pages).
-const PIPE_SIZE: usize = 1 << 20;
+/// The pipe size asked for: half a default chunk. The kernel bounds the
+/// pipe pages one user may hold (`pipe-user-pages-soft`, 64 MiB by default),
+/// so this allows 256 transfers before pipes shrink.
+const PIPE_SIZE: usize = 256 << 10;
+
+/// A smaller pipe (the kernel refused to enlarge it) costs more splices per
+/// record than copying: below this, the relay copies instead.
+const MIN_PIPE: usize = 64 << 10;
 
 /// A pipe between two sockets.
 #[derive(Debug)]
@@ -32,11 +37,15 @@ pub struct Pipe {
 }
 
 impl Pipe {
-    /// A non-blocking pipe, enlarged if the kernel allows (else its default).
+    /// A non-blocking pipe of at least [`MIN_PIPE`] bytes, or an error
+    /// (then the relay copies).
     pub fn new() -> io::Result<Self> {
         let (read, write) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
         let cap = fcntl_setpipe_size(&write, PIPE_SIZE)
             .or_else(|_| rustix::pipe::fcntl_getpipe_size(&write))?;
+        if cap < MIN_PIPE {
+            return Err(io::Error::other("the kernel gives only a small pipe"));
+        }
         Ok(Self { read, write, cap })
     }
 }
@@ -99,16 +108,18 @@ pub async fn exactly(
                     .map_err(io::Error::from)
             };
             match to.try_io(Interest::WRITABLE, drain) {
+                // A pipe with bytes in it never drains nothing.
+                Ok(0) => return Err(Stop::To(io::ErrorKind::WriteZero.into())),
                 Ok(k) => held -= k,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    wait(to.writable(), idle, shutdown)
+                    wait(to.writable(), idle, shutdown, Stop::To)
                         .await
                         .map_err(|e| e.unwrap_or(Stop::Stalled))?;
                 }
                 Err(e) => return Err(Stop::To(e)),
             }
         } else if n > 0 {
-            wait(from.readable(), idle, shutdown)
+            wait(from.readable(), idle, shutdown, Stop::From)
                 .await
                 .map_err(|e| e.unwrap_or(Stop::Silent))?;
         }
@@ -122,11 +133,12 @@ async fn wait(
     ready: impl Future<Output = io::Result<()>>,
     idle: Duration,
     shutdown: &mut Shutdown,
+    failed: fn(io::Error) -> Stop,
 ) -> Result<(), Option<Stop>> {
     tokio::select! {
         r = tokio::time::timeout(idle, ready) => match r {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Some(Stop::From(e))),
+            Ok(Err(e)) => Err(Some(failed(e))),
             Err(_) => Err(None),
         },
         () = shutdown.cut() => Err(Some(Stop::Shutdown)),
