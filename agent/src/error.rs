@@ -81,6 +81,15 @@ pub enum AgentError {
         "peer {0} is offline: it must run `agent --role receiver` (`agent --list` shows who is online)"
     )]
     PeerOffline(String),
+    /// The broker could not get an answer to an offer from the peer: it
+    /// went away, froze (dropped by the keepalive) or did not answer.
+    #[error("peer {peer} did not take the offer: {why} (`agent --list` shows who is online)")]
+    PeerUnavailable {
+        /// The peer.
+        peer: String,
+        /// What the broker said.
+        why: String,
+    },
     /// A pinned peer key changed.
     #[error(transparent)]
     PeerKeyMismatch(PinError),
@@ -244,7 +253,9 @@ impl AgentError {
         match self {
             Self::BrokerUnreachable { .. } => exit::BROKER_UNREACHABLE,
             Self::BrokerMismatch { .. } => exit::BROKER_MISMATCH,
-            Self::UnknownPeer(_) | Self::PeerOffline(_) => exit::PEER_UNAVAILABLE,
+            Self::UnknownPeer(_) | Self::PeerOffline(_) | Self::PeerUnavailable { .. } => {
+                exit::PEER_UNAVAILABLE
+            }
             Self::PeerKeyMismatch(_) => exit::PEER_KEY_MISMATCH,
             Self::FileUnreadable { .. } => exit::FILE_UNREADABLE,
             Self::Refused { .. } => exit::REFUSED,

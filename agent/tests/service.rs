@@ -55,7 +55,10 @@ fn a_frozen_receiver_is_dropped_and_its_sender_hears_why() {
     let s = alice.send_file(&broker, "bob", &file, &["--retry-for", "0"]);
     assert!(started.elapsed() < Duration::from_secs(20), "{s:#?}");
     assert_eq!(s.code, Some(5), "{s:#?}");
-    assert!(s.stderr.contains("peer bob is offline"), "{s:#?}");
+    assert!(
+        s.stderr.contains("peer bob did not take the offer"),
+        "{s:#?}"
+    );
     until(Duration::from_secs(10), || !listed(&alice, &broker, "bob"));
     // Thawed, it finds its connection gone and comes back.
     signal(&rx, Signal::CONT);

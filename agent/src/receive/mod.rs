@@ -200,11 +200,20 @@ fn once(result: Result<(), (u8, String)>) -> Result<(), AgentError> {
 /// Connects again, waiting longer after each failure (up to [`MAX_BACKOFF`]).
 async fn reconnect(ctx: &Ctx) -> AgentConn {
     let mut wait = Duration::from_secs(1);
+    let mut said = false;
     loop {
         tokio::time::sleep(wait).await;
         match connect(ctx, Role::Receiver).await {
             Ok(conn) => return conn,
-            Err(_) => wait = (wait * 2).min(MAX_BACKOFF),
+            Err(e) => {
+                // The broker may not have noticed our old connection yet; or
+                // someone else took the name meanwhile: say so, once.
+                if matches!(e, AgentError::NameRefused(_)) && !said {
+                    eprintln!("agent: {e}; still trying");
+                    said = true;
+                }
+                wait = (wait * 2).min(MAX_BACKOFF);
+            }
         }
     }
 }

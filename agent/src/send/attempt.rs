@@ -149,8 +149,13 @@ async fn handshake(
         }
         Ok(Some(Message::Error {
             code: ErrorCode::PeerOffline,
-            ..
-        })) => return Err(before(AgentError::PeerOffline(to.to_string()))),
+            detail,
+        })) => {
+            return Err(before(AgentError::PeerUnavailable {
+                peer: to.to_string(),
+                why: keyferry_common::text::escape(&detail),
+            }));
+        }
         Ok(Some(Message::Error { code, detail })) => {
             return Err(before(broker_error(code, detail)));
         }

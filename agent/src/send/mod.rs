@@ -126,6 +126,7 @@ fn transient(e: &AgentError) -> bool {
         e,
         AgentError::BrokerUnreachable { .. }
             | AgentError::PeerOffline(_)
+            | AgentError::PeerUnavailable { .. }
             | AgentError::SessionEnded(_)
             | AgentError::ReceiverAborted(
                 AbortReason::PeerGone | AbortReason::Timeout | AbortReason::Interrupted
