@@ -8,7 +8,10 @@
 //! command line, before anything is printed.
 
 use std::io::IsTerminal as _;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
+
+use indicatif::MultiProgress;
 
 static QUIET: AtomicBool = AtomicBool::new(false);
 
@@ -33,11 +36,27 @@ pub fn colour() -> bool {
     bars() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
+static BARS: OnceLock<MultiProgress> = OnceLock::new();
+
+/// Every progress bar of the process, drawn together: a receiver with
+/// several transfers at once draws one line each.
+pub fn all_bars() -> &'static MultiProgress {
+    BARS.get_or_init(MultiProgress::new)
+}
+
+/// Runs `f` (which prints) with the bars, if any, lifted out of the way.
+pub fn above_bars<T>(f: impl FnOnce() -> T) -> T {
+    match BARS.get() {
+        Some(bars) => bars.suspend(f),
+        None => f(),
+    }
+}
+
 /// Prints a notice on stderr unless `--quiet`.
 macro_rules! notice {
     ($($arg:tt)*) => {
         if !$crate::output::quiet() {
-            eprintln!($($arg)*);
+            $crate::output::above_bars(|| eprintln!($($arg)*));
         }
     };
 }
@@ -49,9 +68,11 @@ pub(crate) use notice;
 macro_rules! say {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, $($arg)*);
-        let _ = out.flush();
+        $crate::output::above_bars(|| {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, $($arg)*);
+            let _ = out.flush();
+        });
     }};
 }
 pub(crate) use say;

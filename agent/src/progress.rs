@@ -37,7 +37,7 @@ impl Progress {
                 .progress_chars("=> ");
             bar.set_style(style);
             bar.set_message("key #1");
-            bar
+            output::all_bars().add(bar)
         });
         Self { bar }
     }
@@ -91,6 +91,7 @@ impl Progress {
     pub fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
+            output::all_bars().remove(bar);
         }
     }
 }

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use super::Failure;
 use crate::error::exit;
-use crate::output::say;
+use crate::output::{above_bars, say};
 
 /// What a verified transfer left, as the store built it.
 #[derive(Debug)]
@@ -191,10 +191,10 @@ pub(super) fn received(tid: TransferId, from: &AgentName, p: &Placed, seconds: f
 /// Reports an offer refused before anything was accepted (`tid` is `None`
 /// for an offer too short to name its transfer; it is not answered).
 pub(super) fn refused(tid: Option<TransferId>, from: &AgentName, why: &str, json: bool) {
-    match tid {
+    above_bars(|| match tid {
         Some(tid) => eprintln!("refused transfer {tid} from {from}: {why}"),
         None => eprintln!("ignored an offer from {from}: {why}"),
-    }
+    });
     if json {
         print_json(&Event::Refused {
             transfer_id: tid.map(|t| t.to_string()),
@@ -210,7 +210,7 @@ pub(super) fn failed(tid: TransferId, from: &AgentName, failure: &Failure, kept:
     let why = match failure {
         Failure::Refused(_, why) | Failure::Failed(_, why) => why,
     };
-    eprintln!("transfer {tid} from {from} failed: {why}; {kept}");
+    above_bars(|| eprintln!("transfer {tid} from {from} failed: {why}; {kept}"));
     if json {
         print_json(&Event::Failed {
             transfer_id: tid.to_string(),
