@@ -351,18 +351,12 @@ fn the_receiver_reports_each_event_as_a_json_line() {
 
     // A sender killed mid-stream (it sends a pipe we keep open): the
     // transfer fails (exit code 1 for a --once receiver).
-    let mut cmd = alice.command(&broker);
-    cmd.args(["--role", "sender", "--to", "bob", "--retry-for", "0"])
-        .args([
-            "--file",
-            "-",
-            "--name-as",
-            "slow.bin",
-            "--max-size",
-            "64MiB",
-        ]);
-    let mut sender = Proc::spawn_io(cmd, Stdio::piped(), None);
-    let mut input = sender.child.stdin.take().unwrap();
+    let (mut sender, mut input) = alice.pipe_sender(
+        &broker,
+        "bob",
+        "slow.bin",
+        &["--retry-for", "0", "--max-size", "64MiB"],
+    );
     std::io::Write::write_all(&mut input, &pseudo_random(3 << 20, 8)).unwrap();
     wait_for_data(rx.child.id(), out.path(), 1 << 20);
     sender.kill();

@@ -184,11 +184,12 @@ fn a_stdout_receiver_whose_sender_dies_exits_non_zero_after_a_genuine_prefix() {
     let w = World::new();
     let got = w.dir.join("got");
     let rx = w.stdout_receiver(&got, &[]);
-    let mut cmd = w.alice.command(&w.broker);
-    cmd.args(["--role", "sender", "--to", "bob", "--retry-for", "0"])
-        .args(["--file", "-", "--name-as", "cut.bin", "--max-size", "64MiB"]);
-    let mut sender = Proc::spawn_io(cmd, Stdio::piped(), None);
-    let mut input = sender.child.stdin.take().unwrap();
+    let (mut sender, mut input) = w.alice.pipe_sender(
+        &w.broker,
+        "bob",
+        "cut.bin",
+        &["--retry-for", "0", "--max-size", "64MiB"],
+    );
     let data = pseudo_random(3 << 20, 5);
     std::io::Write::write_all(&mut input, &data).unwrap();
     // Wait until some of it came out of the receiver, then kill the sender.
@@ -232,11 +233,12 @@ fn a_slow_pipe_arrives_as_it_is_written() {
     let w = World::new();
     let out = TempDir::new("out");
     let mut rx = w.bob.receiver(&w.broker, out.path(), &[]);
-    let mut cmd = w.alice.command(&w.broker);
-    cmd.args(["--role", "sender", "--to", "bob", "--json"])
-        .args(["--file", "-", "--name-as", "slow.txt", "--max-size", "1MiB"]);
-    let mut sender = Proc::spawn_io(cmd, Stdio::piped(), None);
-    let mut input = sender.child.stdin.take().unwrap();
+    let (sender, mut input) = w.alice.pipe_sender(
+        &w.broker,
+        "bob",
+        "slow.txt",
+        &["--json", "--max-size", "1MiB"],
+    );
     // A few bytes, then a pause: they reach the receiver's disk before
     // anything more is written (no piece waits to be filled).
     std::io::Write::write_all(&mut input, b"first line\n").unwrap();

@@ -10,7 +10,7 @@
 mod support;
 
 use std::io::Write as _;
-use std::process::{ChildStdin, Stdio};
+use std::process::ChildStdin;
 use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal, kill_process};
@@ -111,18 +111,12 @@ struct InFlight {
 fn transfer_in_flight(broker: &Broker, out: &TempDir) -> InFlight {
     let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
     let rx = bob.receiver(broker, out.path(), &["--once"]);
-    let mut cmd = alice.command(broker);
-    cmd.args(["--role", "sender", "--to", "bob", "--retry-for", "0"])
-        .args([
-            "--file",
-            "-",
-            "--name-as",
-            "live.bin",
-            "--max-size",
-            "64MiB",
-        ]);
-    let mut sender = Proc::spawn_io(cmd, Stdio::piped(), None);
-    let mut input = sender.child.stdin.take().unwrap();
+    let (sender, mut input) = alice.pipe_sender(
+        broker,
+        "bob",
+        "live.bin",
+        &["--retry-for", "0", "--max-size", "64MiB"],
+    );
     let data = pseudo_random(3 << 20, 9);
     input.write_all(&data).unwrap();
     wait_for_data(rx.child.id(), out.path(), 1 << 20);

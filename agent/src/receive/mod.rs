@@ -136,14 +136,16 @@ pub async fn receive(ctx: Ctx, opts: RecvOptions) -> Result<(), AgentError> {
     // Printed only once the broker took this receiver.
     let mut conn = connect(&ctx, Role::Receiver).await?;
     let (name, fp) = (&ctx.name, ctx.identity.fingerprint());
-    if opts.stdout {
-        // Standard output is for the data.
-        eprintln!("receiving as {name} ({fp}) to standard output");
-    } else if opts.json {
-        // Standard output is for JSON lines only.
-        eprintln!("receiving as {name} ({fp}) into {}", opts.out_dir.display());
+    let into = if opts.stdout {
+        "to standard output".to_owned()
     } else {
-        say!("receiving as {name} ({fp}) into {}", opts.out_dir.display());
+        format!("into {}", opts.out_dir.display())
+    };
+    // Standard output is for the data (--stdout) or for JSON lines only.
+    if opts.stdout || opts.json {
+        eprintln!("receiving as {name} ({fp}) {into}");
+    } else {
+        say!("receiving as {name} ({fp}) {into}");
     }
     let shared_home = ctx.home.dir().to_owned();
     let shared = Arc::new(Shared {

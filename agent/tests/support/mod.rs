@@ -186,6 +186,11 @@ impl Drop for Proc {
     }
 }
 
+/// The last word of a line the broker printed (its address, its fingerprint).
+fn last_word(line: &str) -> String {
+    line.rsplit(' ').next().unwrap().to_owned()
+}
+
 /// A broker on 127.0.0.1 with its own data dir.
 pub struct Broker {
     pub proc: Proc,
@@ -210,20 +215,8 @@ impl Broker {
             .arg(data.path())
             .args(extra);
         let mut proc = Proc::spawn(cmd);
-        let addr = proc
-            .stdout
-            .wait_for("listening on", WAIT)
-            .rsplit(' ')
-            .next()
-            .unwrap()
-            .to_owned();
-        let fingerprint = proc
-            .stdout
-            .wait_for("fingerprint", WAIT)
-            .rsplit(' ')
-            .next()
-            .unwrap()
-            .to_owned();
+        let addr = last_word(&proc.stdout.wait_for("listening on", WAIT));
+        let fingerprint = last_word(&proc.stdout.wait_for("fingerprint", WAIT));
         Self {
             proc,
             addr,
@@ -261,14 +254,8 @@ impl Broker {
                 std::thread::sleep(Duration::from_millis(20));
             }
             if let Some(line) = started {
-                let addr = line.rsplit(' ').next().unwrap().to_owned();
-                let fingerprint = proc
-                    .stdout
-                    .wait_for("fingerprint", WAIT)
-                    .rsplit(' ')
-                    .next()
-                    .unwrap()
-                    .to_owned();
+                let addr = last_word(&line);
+                let fingerprint = last_word(&proc.stdout.wait_for("fingerprint", WAIT));
                 return Self {
                     proc,
                     addr,
@@ -355,6 +342,25 @@ impl Home {
     /// Runs the agent with `args` to completion (with a deadline).
     pub fn run(&self, broker: &Broker, args: &[&str]) -> Run {
         Run::finish(self.start(broker, args))
+    }
+
+    /// Starts a sender of standard input (`--file - --name-as NAME`) to `to`
+    /// with `extra`; returns it and the pipe to its standard input, which the
+    /// test writes (and drops to end the input).
+    pub fn pipe_sender(
+        &self,
+        broker: &Broker,
+        to: &str,
+        name: &str,
+        extra: &[&str],
+    ) -> (Proc, std::process::ChildStdin) {
+        let mut cmd = self.command(broker);
+        cmd.args(["--role", "sender", "--to", to])
+            .args(["--file", "-", "--name-as", name])
+            .args(extra);
+        let mut p = Proc::spawn_io(cmd, Stdio::piped(), None);
+        let input = p.child.stdin.take().unwrap();
+        (p, input)
     }
 
     /// Sends `file` to `to` with `--json`; returns the output.
