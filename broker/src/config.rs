@@ -96,6 +96,25 @@ impl AccessPolicy {
         Ok(Self::Allowlist(set))
     }
 
+    /// A name for this policy that every broker with the same policy gives:
+    /// `open`, or `sha256:` and the hex SHA-256 of its sorted `name SP
+    /// fingerprint LF` lines (brokers of a cluster compare it).
+    pub fn digest(&self) -> String {
+        use sha2::Digest as _;
+        match self {
+            Self::Open => "open".into(),
+            Self::Allowlist(set) => {
+                let mut lines: Vec<String> =
+                    set.iter().map(|(n, f)| format!("{n} {f}\n")).collect();
+                lines.sort();
+                format!(
+                    "sha256:{}",
+                    hex::encode(sha2::Sha256::digest(lines.concat()))
+                )
+            }
+        }
+    }
+
     /// Whether `name` with key `fp` may authenticate.
     pub fn allows(&self, name: &AgentName, fp: &Fingerprint) -> bool {
         match self {
@@ -121,6 +140,15 @@ mod tests {
         assert!(policy.allows(&alice, &fp));
         assert!(!policy.allows(&alice, &Fingerprint([8; 32])));
         assert!(!policy.allows(&AgentName::new("bob").unwrap(), &fp));
+        // The digest ignores order and comments, and tells policies apart.
+        let (a, b) = (Fingerprint([7; 32]), Fingerprint([9; 32]));
+        std::fs::write(&path, format!("alice {a}\nbob {b}\n")).unwrap();
+        let one = AccessPolicy::from_file(&path).unwrap().digest();
+        std::fs::write(&path, format!("# reordered\nbob {b}\nalice {a}\n")).unwrap();
+        assert_eq!(AccessPolicy::from_file(&path).unwrap().digest(), one);
+        assert!(one.starts_with("sha256:"));
+        assert_ne!(policy.digest(), one);
+        assert_eq!(AccessPolicy::Open.digest(), "open");
         std::fs::write(&path, "alice not-a-fingerprint\n").unwrap();
         assert!(
             AccessPolicy::from_file(&path)

@@ -25,6 +25,9 @@ pub enum BrokerError {
     /// The registry database cannot be opened.
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// The cluster cannot be joined.
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
     /// TLS configuration failed.
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),

@@ -20,16 +20,21 @@
 //! * [`state`]: what every connection shares — state only, no sockets;
 //! * [`data`] (admitting a data connection by its ticket) and [`session`]
 //!   (authentication, then the sender's or receiver's session);
+//! * [`cluster`] (a leaf beside the registry): NATS, the names, presence and
+//!   brokers buckets, and what brokers say to each other;
+//! * [`member`]: this broker's subjects and heartbeat in a cluster;
 //! * [`server`]: the accept loop, the caps, the graceful shutdown.
 
 #![forbid(unsafe_code)]
 
 pub mod cert;
+pub mod cluster;
 pub mod config;
 pub mod conns;
 pub mod data;
 pub mod error;
 pub mod fanout;
+pub mod member;
 pub mod registry;
 pub mod relay;
 pub mod server;

@@ -1,4 +1,5 @@
-//! `broker [--listen ADDR] [--data-dir DIR] [limits] [access policy]`
+//! `broker [--listen ADDR] [--data-dir DIR] [--cluster nats://HOST:PORT
+//! [--advertise ADDR] [--broker-id ID]] [limits] [access policy]`
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -7,6 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use keyferry_broker::cluster::{self, Member};
 use keyferry_broker::config::MIN_CONTROL_FRAME;
 use keyferry_broker::{AccessPolicy, Broker, DEFAULT_ADDR, Limits};
 use keyferry_common::units::{parse_duration, parse_keepalive, parse_size};
@@ -30,6 +32,34 @@ struct Args {
     /// [default: $XDG_DATA_HOME/keyferry/broker or ~/.local/share/keyferry/broker].
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+
+    /// Join a cluster of brokers through this NATS server (with JetStream):
+    /// names, presence and offers are shared, so an agent on any broker can
+    /// send to an agent on any other. Without it the broker stands alone.
+    #[arg(long, value_name = "URL", help_heading = "Cluster")]
+    cluster: Option<String>,
+    /// The address agents and other brokers' senders use to reach this
+    /// broker [default: the address it listens on].
+    #[arg(
+        long,
+        value_name = "ADDR",
+        requires = "cluster",
+        help_heading = "Cluster"
+    )]
+    advertise: Option<String>,
+    /// This broker's id in the cluster: letters, digits, '-', '_' [default:
+    /// one made on first start and kept in the data dir].
+    #[arg(
+        long,
+        value_name = "ID",
+        requires = "cluster",
+        help_heading = "Cluster"
+    )]
+    broker_id: Option<String>,
+    /// Print every broker of the cluster (address and certificate
+    /// fingerprint) as lines for an agent's known_brokers file, and exit.
+    #[arg(long, requires = "cluster", help_heading = "Cluster")]
+    list_brokers: bool,
 
     /// Only these agents may connect: a file of `<name> <SHA256:fingerprint>` lines.
     #[arg(long, value_name = "FILE", help_heading = "Access policy")]
@@ -135,6 +165,65 @@ fn fail(msg: impl std::fmt::Display, code: u8) -> ExitCode {
     ExitCode::from(code)
 }
 
+/// Who this broker is in its cluster, from the flags and the data dir.
+fn member(
+    args: &Args,
+    url: &str,
+    data_dir: &std::path::Path,
+    addr: Option<SocketAddr>,
+    (fingerprint, policy): (keyferry_common::identity::Fingerprint, String),
+) -> Result<Member, String> {
+    let id = match &args.broker_id {
+        Some(id) => id.clone(),
+        None => cluster::stored_id(data_dir).map_err(|e| format!("broker id: {e}"))?,
+    };
+    cluster::check_id(&id).map_err(|e| e.to_string())?;
+    let advertise = match (&args.advertise, addr) {
+        (Some(a), _) => a.clone(),
+        (None, Some(a)) if !a.ip().is_unspecified() => a.to_string(),
+        _ => {
+            return Err(format!(
+                "--advertise ADDR is needed: agents cannot reach this broker at {}",
+                args.listen
+            ));
+        }
+    };
+    if advertise.is_empty() || advertise.len() > 255 || advertise.chars().any(char::is_control) {
+        return Err("--advertise must be a HOST:PORT of at most 255 characters".into());
+    }
+    Ok(Member {
+        url: url.to_owned(),
+        id,
+        advertise,
+        fingerprint,
+        policy,
+    })
+}
+
+/// `--list-brokers`: the cluster's brokers as agents pin them, in the
+/// format of an agent's `known_brokers` file (a `#` line per broker with
+/// its id and access policy, then `ADDRESS SHA256:… UNIX-TIME`).
+async fn list_brokers(url: &str) -> ExitCode {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    match cluster::list_brokers(url).await {
+        Ok(brokers) => {
+            let mut out = std::io::stdout().lock();
+            for (id, line) in brokers {
+                let mut words = line.split_whitespace();
+                let (Some(addr), Some(fp)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                let policy = words.next().unwrap_or("policy=?");
+                let _ = writeln!(out, "# broker {id} {policy}\n{addr} {fp} {now}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e, 1),
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
@@ -145,6 +234,9 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
+    if args.list_brokers {
+        return list_brokers(args.cluster.as_deref().unwrap_or_default()).await;
+    }
     let Some(data_dir) = args.data_dir.clone().or_else(default_data_dir) else {
         return fail(
             "no --data-dir given and neither XDG_DATA_HOME nor HOME is set",
@@ -202,11 +294,27 @@ async fn main() -> ExitCode {
         Err(e) => return fail(format!("cannot listen on {}: {e}", args.listen), 1),
     };
     let addr: Option<SocketAddr> = listener.local_addr().ok();
-    let broker = match Broker::open(data_dir, limits, policy) {
+    let policy_digest = policy.digest();
+    let mut broker = match Broker::open(data_dir.clone(), limits, policy) {
         Ok(b) => b,
         Err(e) => return fail(e, 1),
     };
     let shown = addr.map_or_else(|| args.listen.clone(), |a| a.to_string());
+    if let Some(url) = &args.cluster {
+        let me = (broker.fingerprint(), policy_digest);
+        let member = match member(&args, url, &data_dir, addr, me) {
+            Ok(m) => m,
+            Err(e) => return fail(e, 2),
+        };
+        let joined = format!(
+            "joined the cluster at {url} as broker {} ({})",
+            member.id, member.advertise
+        );
+        if let Err(e) = broker.join_cluster(member).await {
+            return fail(e, 1);
+        }
+        tracing::info!("{joined}");
+    }
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "keyferry broker listening on {shown}");
     let _ = writeln!(out, "broker fingerprint {}", broker.fingerprint());

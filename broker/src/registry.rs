@@ -141,6 +141,26 @@ impl Registry {
         Ok(binding)
     }
 
+    /// Records `name` → `spki` as the cluster confirmed it, replacing what
+    /// the cache held (cluster mode: this database is a cache, see
+    /// [`crate::cluster::names`]).
+    pub fn remember(&self, name: &AgentName, spki: &[u8]) -> Result<(), RegistryError> {
+        if self.key_of(name)?.as_deref() == Some(spki) {
+            return Ok(());
+        }
+        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut table = tx.open_table(BINDINGS).map_err(|e| self.err(e))?;
+            table.insert(name.as_str(), spki).map_err(|e| self.err(e))?;
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// Names with a receiver connected here.
+    pub fn receivers(&self) -> Vec<AgentName> {
+        lock(&self.online).receivers.keys().cloned().collect()
+    }
+
     /// Registers the receiver connection `conn_id` of `name`, reached through
     /// `tx`; fails if one is connected.
     pub fn add_receiver(
@@ -157,12 +177,15 @@ impl Registry {
         true
     }
 
-    /// Removes the receiver connection `conn_id` of `name` (not a newer one).
-    pub fn remove_receiver(&self, name: &AgentName, conn_id: u64) {
+    /// Removes the receiver connection `conn_id` of `name` (not a newer
+    /// one); whether it was there.
+    pub fn remove_receiver(&self, name: &AgentName, conn_id: u64) -> bool {
         let mut o = lock(&self.online);
         if o.receivers.get(name).is_some_and(|r| r.conn_id == conn_id) {
             o.receivers.remove(name);
+            return true;
         }
+        false
     }
 
     /// Counts a sender connection of `name` in or out.

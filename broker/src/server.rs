@@ -19,9 +19,11 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::cert::BrokerCert;
+use crate::cluster::{Cluster, Member};
 use crate::config::{AccessPolicy, Limits};
 use crate::conns::NoPlace;
 use crate::error::{BrokerError, SessionError};
+use crate::member;
 use crate::registry::Registry;
 use crate::session;
 use crate::shutdown::{Alive, Phase};
@@ -71,6 +73,16 @@ impl Broker {
         })
     }
 
+    /// Joins the cluster `member` describes (`--cluster`): names, presence
+    /// and offers for receivers elsewhere go through it from now on.
+    pub async fn join_cluster(&mut self, member: Member) -> Result<(), BrokerError> {
+        let cluster = Cluster::join(member).await?;
+        let state = Arc::get_mut(&mut self.state)
+            .ok_or_else(|| BrokerError::Cert("the broker is already serving".into()))?;
+        state.cluster = Some(Arc::new(cluster));
+        Ok(())
+    }
+
     /// The fingerprint agents pin.
     pub fn fingerprint(&self) -> Fingerprint {
         self.state.fingerprint
@@ -82,6 +94,13 @@ impl Broker {
     pub async fn run(self, listener: TcpListener, shutdown: impl Future) {
         let (alive, mut all_ended) = mpsc::channel::<()>(1);
         tokio::pin!(shutdown);
+        if let Some(cluster) = self.state.cluster.clone() {
+            let (state, alive) = (Arc::clone(&self.state), Alive(alive.clone()));
+            tokio::spawn(async move {
+                let _alive = alive;
+                member::run(state, cluster).await;
+            });
+        }
         loop {
             let accepted = tokio::select! {
                 _ = &mut shutdown => break,

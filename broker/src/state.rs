@@ -1,8 +1,9 @@
 //! What every connection of the broker shares: the registry, the transfers
 //! and their tickets,
 //! the connection places, the limits and policy, the TLS acceptor, and the
-//! shutdown signal. State only — it holds no socket; the tasks that own the
-//! connections are reached through channels.
+//! shutdown signal, and in cluster mode the membership ([`Cluster`]). State
+//! only — it holds no socket; the tasks that own the connections are reached
+//! through channels, the cluster through the NATS client's handle.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,6 +12,7 @@ use keyferry_common::identity::Fingerprint;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
+use crate::cluster::Cluster;
 use crate::config::{AccessPolicy, Limits};
 use crate::conns::Conns;
 use crate::registry::Registry;
@@ -37,6 +39,8 @@ pub struct State {
     pub policy: AccessPolicy,
     /// TLS acceptor.
     pub acceptor: TlsAcceptor,
+    /// The cluster this broker is a member of (`--cluster`), if any.
+    pub cluster: Option<Arc<Cluster>>,
     /// Ids of receiver connections.
     next_receiver_id: AtomicU64,
     /// The current phase (the server holds the sending end).
@@ -76,6 +80,7 @@ impl State {
             limits,
             policy,
             acceptor,
+            cluster: None,
             next_receiver_id: AtomicU64::new(0),
             phase,
         }

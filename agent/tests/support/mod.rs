@@ -9,6 +9,7 @@
 
 pub mod evil;
 pub mod hand;
+pub mod nats;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -187,7 +188,7 @@ impl Drop for Proc {
 }
 
 /// The last word of a line the broker printed (its address, its fingerprint).
-fn last_word(line: &str) -> String {
+pub fn last_word(line: &str) -> String {
     line.rsplit(' ').next().unwrap().to_owned()
 }
 

@@ -124,12 +124,22 @@ pub(super) async fn authenticate(
         )
         .await);
     }
-    // A durable write: off the reactor.
-    let (bind_state, bind_name, bind_spki) = (Arc::clone(state), name.clone(), spki.clone());
-    let binding =
-        tokio::task::spawn_blocking(move || bind_state.registry.bind(&bind_name, &bind_spki))
-            .await
-            .map_err(|e| SessionError::Refused(e.to_string()))?;
+    let binding = match &state.cluster {
+        // The cluster decides names; this broker's database is its cache.
+        Some(cluster) => crate::cluster::names::bind(cluster, &state.registry, &name, &spki).await,
+        None => {
+            // A durable write: off the reactor.
+            let (bind_state, bind_name, bind_spki) =
+                (Arc::clone(state), name.clone(), spki.clone());
+            tokio::task::spawn_blocking(move || bind_state.registry.bind(&bind_name, &bind_spki))
+                .await
+                .map_err(|e| SessionError::Refused(e.to_string()))?
+                .map_err(|e| {
+                    warn!(error = %e, "registry database error");
+                    "broker database error".to_owned()
+                })
+        }
+    };
     match binding {
         Ok(Binding::New) => {
             info!(agent = %name, fingerprint = %key.fingerprint(), "agent registered")
@@ -146,14 +156,9 @@ pub(super) async fn authenticate(
             )
             .await);
         }
-        Err(e) => {
-            warn!(error = %e, "registry database error");
-            return Err(refuse(
-                &mut conn,
-                ErrorCode::Protocol,
-                "broker database error".into(),
-            )
-            .await);
+        Err(detail) => {
+            warn!(agent = %name, %detail, "name binding could not be checked");
+            return Err(refuse(&mut conn, ErrorCode::Protocol, detail).await);
         }
     }
     // `Welcome` is the role session's to send: a receiver gets it only once

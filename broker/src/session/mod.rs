@@ -10,7 +10,9 @@
 
 mod auth;
 mod receiver;
+pub(crate) mod routed;
 mod sender;
+pub(crate) mod start;
 
 use std::sync::Arc;
 use std::time::Duration;

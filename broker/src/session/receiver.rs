@@ -12,6 +12,7 @@ use tracing::{info, warn};
 use keyferry_common::wire::message::{AbortReason, ErrorCode, Message};
 
 use super::{Agent, BrokerConn, next, refuse, sender::online};
+use crate::cluster::presence::Claim;
 use crate::error::SessionError;
 use crate::shutdown::Shutdown;
 use crate::state::State;
@@ -44,8 +45,18 @@ pub(super) async fn session(
         )
         .await);
     }
+    if let Some(held_by) = claim(state, &agent).await {
+        registry.remove_receiver(&agent.name, conn_id);
+        let detail = format!(
+            "a receiver named {} is already connected to broker {held_by} of this cluster; stop \
+             it, or receive under another --name",
+            agent.name
+        );
+        return Err(refuse(&mut conn, ErrorCode::ReceiverConnected, detail).await);
+    }
     if let Err(e) = conn.writer.write(&Message::Welcome).await {
         registry.remove_receiver(&agent.name, conn_id);
+        release(state, &agent).await;
         return Err(e.into());
     }
     info!(agent = %agent.name, "receiver online");
@@ -56,7 +67,14 @@ pub(super) async fn session(
     let result = async {
         loop {
             tokio::select! {
-                Some(out) = rx.recv() => conn.writer.write(&out).await?,
+                Some(out) = rx.recv() => {
+                    conn.writer.write(&out).await?;
+                    // An error pushed here ends the session (the cluster
+                    // gave the name to a receiver on another broker).
+                    if let Message::Error { detail, .. } = *out {
+                        return Err(SessionError::Refused(detail));
+                    }
+                }
                 _ = ping.tick() => {
                     // Two intervals of silence: frozen, or its network is gone.
                     if heard.elapsed() >= every * 2 {
@@ -86,7 +104,7 @@ pub(super) async fn session(
                                 .await?;
                         }
                     }
-                    Some(Message::List) => conn.writer.write(&online(state)).await?,
+                    Some(Message::List) => conn.writer.write(&online(state).await).await?,
                     Some(Message::Ping { nonce }) => conn.writer.write(&Message::Pong { nonce }).await?,
                     Some(other) => {
                         let what = format!("unexpected {} from a receiver", other.kind());
@@ -97,9 +115,34 @@ pub(super) async fn session(
         }
     }
     .await;
-    registry.remove_receiver(&agent.name, conn_id);
+    if registry.remove_receiver(&agent.name, conn_id) {
+        release(state, &agent).await;
+    }
     // Offers still waiting for this receiver's answer fail now.
     state.transfers.receiver_gone(&agent.name);
     info!(agent = %agent.name, "receiver offline");
     result
+}
+
+/// In cluster mode, claims the receiver's presence for this broker; the id
+/// of the broker that holds a receiver of that name, if another does. A
+/// cluster out of reach does not keep a receiver out: the heartbeat claims
+/// its presence once the cluster is back.
+async fn claim(state: &State, agent: &Agent) -> Option<String> {
+    let cluster = state.cluster.as_ref()?;
+    match cluster.claim(&agent.name, 0).await {
+        Ok(Claim::Claimed) => None,
+        Ok(Claim::HeldBy(id)) => Some(id),
+        Err(e) => {
+            warn!(agent = %agent.name, error = %e, "receiver online here only: its presence will be claimed when the cluster is back");
+            None
+        }
+    }
+}
+
+/// In cluster mode, gives the receiver's presence up.
+async fn release(state: &State, agent: &Agent) {
+    if let Some(cluster) = &state.cluster {
+        cluster.release(&agent.name).await;
+    }
 }

@@ -1,26 +1,26 @@
 //! A sender's session: lookups and lists, then one offer — checked against
 //! the connection's own name and key, its rate and concurrency — routed to
-//! the receiver's control connection; its answer relayed back; on accept, the
-//! tickets (the receiver's on its own control connection), the two data
-//! connections, and the relay of the transfer.
-
-use std::time::Instant;
+//! the receiver's control connection (or, for a receiver on another broker
+//! of the cluster, to that broker: [`super::routed`]); its answer relayed
+//! back; on accept, the tickets (the receiver's on its own control
+//! connection), the two data connections, and the relay of the transfer
+//! ([`super::start`]).
 
 use keyferry_common::ids::{StreamId, TransferId};
 use keyferry_common::name::AgentName;
-use keyferry_common::wire::message::{AbortReason, ErrorCode, Message, OnlineAgent};
-use tokio::sync::{mpsc, oneshot};
+use keyferry_common::wire::message::{ErrorCode, Message, OnlineAgent};
 use tracing::{info, warn};
 
+use super::routed;
+use super::start::{self, ReceiverLink};
 use super::{Agent, BrokerConn, next, refuse};
+use crate::cluster::names;
+use crate::cluster::wire::RoutedAnswer;
 use crate::error::SessionError;
-use crate::fanout;
 use crate::registry::Unreachable;
-use crate::relay::relay;
 use crate::shutdown::Shutdown;
 use crate::state::State;
-use crate::tickets::{Arrival, Joiner};
-use crate::transfers::{Answer, OfferLimit};
+use crate::transfers::Answer;
 
 /// Counts a sender connection in the registry while it lives.
 struct SenderCount<'a>(&'a State, AgentName);
@@ -31,20 +31,144 @@ impl Drop for SenderCount<'_> {
     }
 }
 
-/// Everyone online, as the `Online` message lists them.
-pub(super) fn online(state: &State) -> Message {
-    Message::Online {
-        agents: state
-            .registry
-            .present()
-            .into_iter()
-            .map(|p| OnlineAgent {
-                incoming: state.transfers.incoming(&p.name),
-                name: p.name,
-                receiving: p.receiving,
-                senders: p.senders,
-            })
-            .collect(),
+/// Everyone online, as the `Online` message lists them: this broker's
+/// agents and, in cluster mode, every receiver of the cluster (with how busy
+/// it was at its broker's last heartbeat).
+pub(super) async fn online(state: &State) -> Message {
+    let mut agents: Vec<OnlineAgent> = state
+        .registry
+        .present()
+        .into_iter()
+        .map(|p| OnlineAgent {
+            incoming: state.transfers.incoming(&p.name),
+            name: p.name,
+            receiving: p.receiving,
+            senders: p.senders,
+        })
+        .collect();
+    if let Some(cluster) = &state.cluster {
+        match cluster.receivers().await {
+            Ok(remote) => {
+                for (name, presence) in remote {
+                    if presence.broker == cluster.member().id {
+                        continue;
+                    }
+                    match agents.iter_mut().find(|a| a.name == name) {
+                        Some(a) if !a.receiving => {
+                            a.receiving = true;
+                            a.incoming = presence.incoming;
+                        }
+                        Some(_) => {}
+                        None => agents.push(OnlineAgent {
+                            name,
+                            receiving: true,
+                            incoming: presence.incoming,
+                            senders: 0,
+                        }),
+                    }
+                }
+                agents.sort_by(|a, b| a.name.cmp(&b.name));
+            }
+            Err(e) => {
+                warn!(error = %e, "cluster unreachable: the list shows this broker's agents only")
+            }
+        }
+    }
+    Message::Online { agents }
+}
+
+/// The answer to `Lookup{name}`: its key if a receiver of that name is
+/// connected here or (cluster mode) anywhere in the cluster.
+async fn lookup(state: &State, name: AgentName) -> Message {
+    let registry = &state.registry;
+    let key = match &state.cluster {
+        Some(cluster) => names::key_of(cluster, registry, &name).await,
+        None => registry.key_of(&name).map_err(|e| {
+            warn!(error = %e, "registry database error");
+            "broker database error".to_owned()
+        }),
+    };
+    let receiving = registry.is_receiving(&name)
+        || match &state.cluster {
+            Some(cluster) if matches!(key, Ok(Some(_))) => {
+                matches!(cluster.locate(&name).await, Ok(Some(_)))
+            }
+            _ => false,
+        };
+    match key {
+        Ok(Some(spki)) if receiving => Message::PeerKey { name, spki },
+        Ok(Some(_)) => Message::Error {
+            code: ErrorCode::PeerOffline,
+            detail: format!("{name} is not connected as a receiver"),
+        },
+        Ok(None) => Message::Error {
+            code: ErrorCode::UnknownPeer,
+            detail: format!("no agent named {name} has ever registered with this broker"),
+        },
+        Err(detail) => Message::Error {
+            code: ErrorCode::Protocol,
+            detail,
+        },
+    }
+}
+
+/// Tells the sender its offer was accepted, and gives it its ticket for
+/// the data connection at `address` (empty: this broker).
+async fn accepted(
+    conn: &mut BrokerConn,
+    tid: TransferId,
+    accept: Vec<u8>,
+    ticket: [u8; 32],
+    address: String,
+) -> Result<(), SessionError> {
+    conn.writer
+        .write(&Message::Accept {
+            transfer_id: tid,
+            accept,
+        })
+        .await?;
+    conn.writer
+        .write(&Message::Ticket {
+            transfer_id: tid,
+            ticket,
+            address,
+        })
+        .await?;
+    Ok(())
+}
+
+/// Relays a routed offer's answer to the sender; `true` when the transfer
+/// goes ahead at the other broker (this session's part is done).
+async fn answer_routed(
+    conn: &mut BrokerConn,
+    tid: TransferId,
+    answer: RoutedAnswer,
+    wait: std::time::Duration,
+) -> Result<bool, SessionError> {
+    match answer {
+        RoutedAnswer::Accepted {
+            accept,
+            ticket,
+            address,
+        } => {
+            accepted(conn, tid, accept, ticket, address).await?;
+            // Until the sender closes (it has what it needs), or a while.
+            let _ = tokio::time::timeout(wait, conn.reader.read()).await;
+            Ok(true)
+        }
+        RoutedAnswer::Refused(reason) => {
+            conn.writer
+                .write(&Message::Refuse {
+                    transfer_id: tid,
+                    reason,
+                })
+                .await?;
+            Ok(false)
+        }
+        RoutedAnswer::Failed { code, detail } => {
+            conn.writer.write(&Message::Error { code, detail }).await?;
+            Ok(false)
+        }
     }
 }
 
@@ -63,31 +187,10 @@ pub(super) async fn session(
             return Ok(());
         };
         match msg {
-            Message::List => conn.writer.write(&online(state)).await?,
+            Message::List => conn.writer.write(&online(state).await).await?,
             Message::Ping { nonce } => conn.writer.write(&Message::Pong { nonce }).await?,
             Message::Lookup { name } => {
-                let reply = match registry.key_of(&name) {
-                    Ok(Some(spki)) if registry.is_receiving(&name) => {
-                        Message::PeerKey { name, spki }
-                    }
-                    Ok(Some(_)) => Message::Error {
-                        code: ErrorCode::PeerOffline,
-                        detail: format!("{name} is not connected as a receiver"),
-                    },
-                    Ok(None) => Message::Error {
-                        code: ErrorCode::UnknownPeer,
-                        detail: format!(
-                            "no agent named {name} has ever registered with this broker"
-                        ),
-                    },
-                    Err(e) => {
-                        warn!(error = %e, "registry database error");
-                        Message::Error {
-                            code: ErrorCode::Protocol,
-                            detail: "broker database error".into(),
-                        }
-                    }
-                };
+                let reply = lookup(state, name).await;
                 conn.writer.write(&reply).await?;
             }
             Message::Offer { to, offer } => {
@@ -109,29 +212,25 @@ pub(super) async fn session(
                     .await);
                 }
                 let tid = fields.transfer_id;
-                let limits = &state.limits;
-                let slot = match state.transfers.take_offer_slot(
-                    &agent.name,
-                    fields.stream_id,
-                    limits.offers_per_minute,
-                    limits.max_transfers_per_agent,
-                    Instant::now(),
-                ) {
+                let slot = match start::offer_slot(state, &agent.name, fields.stream_id, "") {
                     Ok(slot) => slot,
-                    Err(limit) => {
-                        let detail = match limit {
-                            OfferLimit::Rate => {
-                                format!("more than {} offers in a minute", limits.offers_per_minute)
-                            }
-                            OfferLimit::Concurrent => format!(
-                                "more than {} transfers at once",
-                                limits.max_transfers_per_agent
-                            ),
-                        };
+                    Err(detail) => {
                         warn!(agent = %agent.name, %detail, "offer refused by rate limit");
                         return Err(refuse(&mut conn, ErrorCode::RateLimited, detail).await);
                     }
                 };
+                if let Some(cluster) = &state.cluster
+                    && !registry.is_receiving(&to)
+                {
+                    info!(transfer = %tid, from = %agent.name, to = %to, "offer routed through the cluster");
+                    let answer = routed::offer(state, cluster, &agent, &to, offer).await;
+                    let wait = state.limits.handshake_timeout;
+                    if answer_routed(&mut conn, tid, answer, wait).await? {
+                        return Ok(());
+                    }
+                    drop(slot);
+                    continue;
+                }
                 let offered = Message::Offered {
                     from: agent.name.clone(),
                     spki: agent.spki.clone(),
@@ -194,11 +293,7 @@ pub(super) async fn session(
                     }
                     Ok(Ok(Answer::Accepted { accept, receiver })) => {
                         let _incoming = state.transfers.relaying(&to);
-                        let receiver = ReceiverLink {
-                            queue: receiver,
-                            tid,
-                            told: false,
-                        };
+                        let receiver = ReceiverLink::new(receiver, tid);
                         let ids = (tid, fields.stream_id);
                         let result = start_transfer(
                             state,
@@ -223,156 +318,22 @@ pub(super) async fn session(
     }
 }
 
-/// The receiver's control connection, for its ticket. If the transfer ends
-/// before the ticket went there, the receiver is told `Abort(PeerGone)`
-/// instead of being left waiting.
-struct ReceiverLink {
-    queue: mpsc::Sender<Box<Message>>,
-    tid: TransferId,
-    told: bool,
-}
-
-impl ReceiverLink {
-    /// Queues the receiver's ticket; `false` if its connection is gone or
-    /// not reading.
-    fn ticket(&mut self, ticket: [u8; 32]) -> bool {
-        self.told = self
-            .queue
-            .try_send(Box::new(Message::Ticket {
-                transfer_id: self.tid,
-                ticket,
-                address: String::new(),
-            }))
-            .is_ok();
-        self.told
-    }
-}
-
-impl Drop for ReceiverLink {
-    fn drop(&mut self) {
-        if !self.told {
-            let _ = self.queue.try_send(Box::new(Message::Abort {
-                transfer_id: self.tid,
-                reason: AbortReason::PeerGone,
-            }));
-        }
-    }
-}
-
 /// Sends the accept and the tickets, waits for both data connections, relays.
 async fn start_transfer(
     state: &State,
     mut conn: BrokerConn,
     mut receiver: ReceiverLink,
-    (tid, sid): (TransferId, StreamId),
+    ids: (TransferId, StreamId),
     accept: Vec<u8>,
     shutdown: Shutdown,
     from: &AgentName,
 ) -> Result<(), SessionError> {
-    let Some(mut issued) = state.tickets.issue(tid, sid, from) else {
-        let detail = format!("transfer {tid} is already under way");
-        return Err(refuse(&mut conn, ErrorCode::Protocol, detail).await);
+    let tid = ids.0;
+    let issued = match start::issue(state, &mut receiver, ids, from) {
+        Ok(issued) => issued,
+        Err((code, detail)) => return Err(refuse(&mut conn, code, detail).await),
     };
-    if !receiver.ticket(issued.receiver_ticket) {
-        info!(transfer = %tid, "receiver left before its ticket");
-        return Err(refuse(
-            &mut conn,
-            ErrorCode::PeerOffline,
-            "the receiver disconnected after accepting".into(),
-        )
-        .await);
-    }
-    conn.writer
-        .write(&Message::Accept {
-            transfer_id: tid,
-            accept,
-        })
-        .await?;
-    conn.writer
-        .write(&Message::Ticket {
-            transfer_id: tid,
-            ticket: issued.sender_ticket,
-            address: String::new(),
-        })
-        .await?;
-    let deadline = tokio::time::Instant::now() + state.limits.handshake_timeout;
-    let arrival = tokio::time::timeout_at(deadline, &mut issued.sender).await;
-    let mine = tokio::time::timeout_at(deadline, &mut issued.receiver).await;
-    drop(issued);
-    let mine = mine.ok().and_then(Result::ok);
-    let (sender, others, mut joiners) = match arrival {
-        Ok(Ok(Arrival::Upload {
-            conn: sender,
-            others,
-            joiners,
-        })) => (sender, others, joiners),
-        Ok(Ok(Arrival::Joined { hub })) => {
-            // Another transfer's task relays this stream; this receiver's
-            // connection goes there, and this task waits for the relay.
-            let Some(mine) = mine else {
-                info!(transfer = %tid, "data connection did not arrive in time");
-                return Ok(());
-            };
-            let (done, relayed) = oneshot::channel();
-            let joiner = Joiner {
-                tid,
-                conn: mine,
-                done,
-            };
-            if hub.send(joiner).await.is_ok() {
-                let _ = relayed.await;
-            }
-            return Ok(());
-        }
-        _ => {
-            info!(transfer = %tid, "data connections did not arrive in time");
-            return Ok(());
-        }
-    };
-    // The TLS connection has done its part; the sender closes its own too.
-    drop(conn);
-    let ids = (tid, sid);
-    let idle = state.limits.idle_timeout;
-    if others.is_empty() {
-        let Some(receiver) = mine else {
-            info!(transfer = %tid, "data connections did not arrive in time");
-            return Ok(());
-        };
-        info!(transfer = %tid, "transfer started");
-        let report = relay(sender, receiver, ids, idle, shutdown).await;
-        log_report(tid, &report);
-        return Ok(());
-    }
-    // One upload to several receivers: those whose connections arrive in
-    // time take part; the others' transfers have failed.
-    let mut receivers: Vec<fanout::Receiver> = mine
-        .map(|conn| fanout::Receiver {
-            tid,
-            conn,
-            done: None,
-        })
-        .into_iter()
-        .collect();
-    for _ in 0..others.len() {
-        match tokio::time::timeout_at(deadline, joiners.recv()).await {
-            Ok(Some(j)) => receivers.push(fanout::Receiver {
-                tid: j.tid,
-                conn: j.conn,
-                done: Some(j.done),
-            }),
-            _ => break,
-        }
-    }
-    info!(transfer = %tid, receivers = receivers.len(), "upload to several receivers started");
-    let report = fanout::relay(sender, receivers, sid, idle, shutdown).await;
-    log_report(tid, &report);
+    accepted(&mut conn, tid, accept, issued.sender_ticket, String::new()).await?;
+    start::relay_when_connected(state, issued, ids, shutdown, (conn, receiver)).await;
     Ok(())
-}
-
-fn log_report(tid: TransferId, report: &crate::relay::RelayReport) {
-    let seconds = format!("{:.3}", report.elapsed.as_secs_f64());
-    match &report.result {
-        Ok(()) => info!(transfer = %tid, bytes = report.bytes, seconds, "transfer finished"),
-        Err(why) => info!(transfer = %tid, bytes = report.bytes, seconds, %why, "transfer failed"),
-    }
 }

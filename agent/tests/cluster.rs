@@ -1,0 +1,230 @@
+//! Brokers that act as one on NATS (`broker --cluster`), driven with the
+//! real binaries, a real `nats-server -js` on a free loopback port, and real
+//! files: across brokers, racing for names, NATS restarted, a broker killed.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use support::nats::{Nats, list_brokers};
+use support::{Broker, Home, Run, TempDir, WAIT, hash_file, pseudo_random};
+
+/// A receiver named `home.name` at `broker`, writing into `out`.
+fn receive(home: &Home, broker: &Broker, out: &TempDir) -> support::Proc {
+    home.receiver(broker, out.path(), &[])
+}
+
+fn send_message(from: &Home, broker: &Broker, to: &str, text: &str) -> Run {
+    from.run(broker, &["--role", "sender", "--to", to, "--message", text])
+}
+
+/// Waits until `broker` logged its second connection to NATS (the first
+/// was at start).
+fn reconnected(broker: &mut Broker) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    let count = |b: &mut Broker| {
+        b.proc.stderr.drain();
+        let seen = &b.proc.stderr.seen;
+        seen.iter()
+            .filter(|l| l.contains("cluster connection (re)established"))
+            .count()
+    };
+    while count(broker) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the broker did not reconnect to NATS"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_receiver_on_one_broker_gets_a_file_from_a_sender_on_another() {
+    let Some(nats) = Nats::start() else { return };
+    let (mut b1, b2) = (
+        Broker::in_cluster(&nats, "one"),
+        Broker::in_cluster(&nats, "two"),
+    );
+    let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
+    let out = TempDir::new("cluster-out");
+    let _rx = receive(&bob, &b1, &out);
+
+    // The list on broker 2 shows the receiver on broker 1.
+    let list = alice.run(&b2, &["--list", "--json"]);
+    assert_eq!(list.code, Some(0), "{list:#?}");
+    let bob_line = list
+        .stdout
+        .lines()
+        .find(|l| l.contains("\"bob\""))
+        .unwrap_or_else(|| panic!("bob is not listed on broker 2: {list:#?}"));
+    assert!(bob_line.contains("\"receiver\":true"), "{bob_line}");
+
+    // 64 MiB from a sender on broker 2; the data goes to broker 1 directly.
+    let src = TempDir::new("cluster-src");
+    let file = src.join("big.bin");
+    std::fs::write(&file, pseudo_random(64 << 20, 15)).unwrap();
+    let sent = alice.send_file(&b2, "bob", &file, &[]);
+    assert_eq!(sent.code, Some(0), "{sent:#?}");
+    assert_eq!(hash_file(&out.join("big.bin")), hash_file(&file));
+    b1.proc
+        .stderr
+        .wait_for("transfer offered through the cluster", WAIT);
+    b1.proc.stderr.wait_for("transfer finished", WAIT);
+
+    // One receiver per name in the whole cluster.
+    let twin = bob.start(
+        &b2,
+        &[
+            "--role",
+            "receiver",
+            "--out-dir",
+            out.path().to_str().unwrap(),
+        ],
+    );
+    let twin = Run::finish(twin);
+    assert_eq!(twin.code, Some(10), "{twin:#?}");
+    assert!(
+        twin.stderr
+            .contains("already connected to broker one of this cluster"),
+        "{twin:#?}"
+    );
+
+    // Operators publish the brokers' fingerprints from the cluster itself.
+    let brokers = list_brokers(&nats);
+    for b in [&b1, &b2] {
+        assert!(
+            brokers.contains(&format!("{} {}", b.addr, b.fingerprint)),
+            "{brokers}"
+        );
+    }
+}
+
+#[test]
+fn two_agents_racing_for_one_name_through_two_brokers_one_wins() {
+    let Some(nats) = Nats::start() else { return };
+    let (b1, b2) = (
+        Broker::in_cluster(&nats, "one"),
+        Broker::in_cluster(&nats, "two"),
+    );
+    for round in 0..5 {
+        let name = format!("race{round}");
+        let (a, m) = (Home::new(&name, "alice"), Home::new(&name, "mallory"));
+        // Both at once, each through its own broker.
+        let pa = a.start(&b1, &["--list"]);
+        let pm = m.start(&b2, &["--list"]);
+        let (ra, rm) = (Run::finish(pa), Run::finish(pm));
+        let mut codes = [ra.code, rm.code];
+        codes.sort();
+        assert_eq!(codes, [Some(0), Some(10)], "{ra:#?} {rm:#?}");
+        let (winner, loser) = if ra.code == Some(0) {
+            (&a, &m)
+        } else {
+            (&m, &a)
+        };
+        // The binding holds on both brokers, for the winner's key only.
+        for b in [&b1, &b2] {
+            assert_eq!(winner.run(b, &["--list"]).code, Some(0));
+            let refused = loser.run(b, &["--list"]);
+            assert_eq!(refused.code, Some(10), "{refused:#?}");
+            assert!(
+                refused.stderr.contains("registered to another key"),
+                "{refused:#?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn brokers_recover_when_nats_restarts_and_no_binding_is_lost() {
+    let Some(nats) = Nats::start() else { return };
+    let (mut b1, mut b2) = (
+        Broker::in_cluster(&nats, "one"),
+        Broker::in_cluster(&nats, "two"),
+    );
+    let (alice, bob, mallory) = (
+        Home::new("alice", "alice"),
+        Home::new("bob", "bob"),
+        Home::new("bob", "mallory"),
+    );
+    let out = TempDir::new("cluster-out");
+    let mut rx = receive(&bob, &b1, &out);
+    assert_eq!(send_message(&alice, &b1, "bob", "before").code, Some(0));
+
+    // NATS goes away: agents this broker knows still exchange files through it.
+    let (mut proc, port, store) = (nats.proc, nats.port, nats.store);
+    proc.kill();
+    let during = send_message(&alice, &b1, "bob", "while NATS is down");
+    assert_eq!(during.code, Some(0), "{during:#?}");
+    rx.stdout.wait_for("while NATS is down", WAIT);
+    // A new name cannot be registered meanwhile, and says why.
+    let carol = Home::new("carol", "carol");
+    let refused = carol.run(&b2, &["--list"]);
+    assert_ne!(refused.code, Some(0));
+    assert!(
+        refused.stderr.contains("cannot reach its cluster"),
+        "{refused:#?}"
+    );
+
+    // NATS back on its port and store: the brokers reconnect by themselves.
+    let nats = Nats::restart_parts(proc, port, store);
+    for b in [&mut b1, &mut b2] {
+        reconnected(b);
+    }
+    let after = send_message(&alice, &b2, "bob", "across after the restart");
+    assert_eq!(after.code, Some(0), "{after:#?}");
+    rx.stdout.wait_for("across after the restart", WAIT);
+    // The binding survived: another key still cannot take the name.
+    let stolen = mallory.run(&b2, &["--list"]);
+    assert_eq!(stolen.code, Some(10), "{stolen:#?}");
+    drop(nats);
+}
+
+#[test]
+fn when_a_broker_is_killed_the_others_go_on_and_its_receiver_can_move() {
+    let Some(nats) = Nats::start() else { return };
+    let (mut b1, b2) = (
+        Broker::in_cluster(&nats, "one"),
+        Broker::in_cluster(&nats, "two"),
+    );
+    let (alice, bob, carol) = (
+        Home::new("alice", "alice"),
+        Home::new("bob", "bob"),
+        Home::new("carol", "carol"),
+    );
+    let (out_b, out_c) = (TempDir::new("cluster-bob"), TempDir::new("cluster-carol"));
+    let mut bob_rx = receive(&bob, &b1, &out_b);
+    let mut carol_rx = receive(&carol, &b2, &out_c);
+    assert_eq!(
+        send_message(&alice, &b2, "bob", "to bob on one").code,
+        Some(0)
+    );
+
+    b1.proc.kill();
+    bob_rx.kill();
+    // Broker 2's agents still exchange files.
+    let local = send_message(&alice, &b2, "carol", "still here");
+    assert_eq!(local.code, Some(0), "{local:#?}");
+    carol_rx.stdout.wait_for("still here", WAIT);
+    // bob's broker is gone: a clear error, not a hang.
+    let gone = alice.run(
+        &b2,
+        &[
+            "--role",
+            "sender",
+            "--to",
+            "bob",
+            "--message",
+            "x",
+            "--retry-for",
+            "0",
+        ],
+    );
+    assert_eq!(gone.code, Some(5), "{gone:#?}");
+    // bob reconnects to broker 2 and is reachable again at once.
+    let mut moved = receive(&bob, &b2, &out_b);
+    let again = send_message(&alice, &b2, "bob", "bob moved");
+    assert_eq!(again.code, Some(0), "{again:#?}");
+    moved.stdout.wait_for("bob moved", WAIT);
+}

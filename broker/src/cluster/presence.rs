@@ -1,0 +1,233 @@
+//! Presence in the cluster (`keyferry-presence`): which broker holds which
+//! receiver, and how busy it is. Each entry is refreshed by its broker's
+//! heartbeat and expires [`PRESENCE_TTL`] after the last one, so a killed
+//! broker's receivers vanish by themselves.
+//!
+//! Every write is fenced by revision: a broker updates an entry only at the
+//! revision it last wrote. A receiver that moves to another broker is taken
+//! over by a revision-checked update, after its old broker said it no longer
+//! holds it (or did not answer at all); the old broker's next refresh then
+//! fails, and it drops its stale connection.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{DeliverPolicy, ReplayPolicy, push};
+use async_nats::jetstream::kv::{CreateErrorKind, Operation, UpdateErrorKind};
+use futures_util::StreamExt as _;
+use keyferry_common::name::AgentName;
+use keyferry_common::sync::lock;
+
+use super::names::key;
+use super::wire::{Presence, decode, encode};
+use super::{Cluster, ClusterError, PRESENCE_TTL, bounded};
+
+/// How long a broker waits for another to say whether it holds a receiver.
+const HOLDS_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The answer of a broker asked whether it holds a receiver.
+pub const HOLDS_YES: &[u8] = b"yes";
+
+/// The outcome of claiming a receiver's presence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// This broker holds it now.
+    Claimed,
+    /// Another broker, which says so, holds a receiver of that name.
+    HeldBy(String),
+}
+
+impl Cluster {
+    fn presence_value(&self, incoming: u32) -> bytes::Bytes {
+        encode(&Presence {
+            broker: self.member.id.clone(),
+            address: self.member.advertise.clone(),
+            incoming,
+        })
+        .into()
+    }
+
+    /// The live presence entry of `name`, with its revision.
+    async fn presence_entry(
+        &self,
+        name: &AgentName,
+    ) -> Result<Option<(Presence, u64)>, ClusterError> {
+        let entry = bounded("reading presence", self.presence.entry(key(name))).await?;
+        Ok(entry
+            .filter(|e| e.operation == Operation::Put)
+            .and_then(|e| decode::<Presence>(&e.value).map(|p| (p, e.revision))))
+    }
+
+    /// Where the receiver `name` is connected, if anywhere in the cluster.
+    pub async fn locate(&self, name: &AgentName) -> Result<Option<Presence>, ClusterError> {
+        Ok(self.presence_entry(name).await?.map(|(p, _)| p))
+    }
+
+    /// Asks broker `id` whether it still holds a receiver of `name`; a
+    /// broker that does not answer holds nothing.
+    async fn holds(&self, id: &str, name: &AgentName) -> bool {
+        let request = async_nats::Request::new()
+            .payload(name.as_str().to_owned().into_bytes().into())
+            .timeout(Some(HOLDS_TIMEOUT));
+        match self
+            .client
+            .send_request(Self::subject(id, "holds"), request)
+            .await
+        {
+            Ok(reply) => reply.payload.as_ref() == HOLDS_YES,
+            Err(_) => false,
+        }
+    }
+
+    /// Claims the presence of the receiver `name` for this broker, unless a
+    /// live broker holds one of that name.
+    pub async fn claim(&self, name: &AgentName, incoming: u32) -> Result<Claim, ClusterError> {
+        let k = key(name);
+        for _ in 0..3 {
+            let value = self.presence_value(incoming);
+            let written = match self.presence_entry(name).await? {
+                None => {
+                    match bounded("claiming presence", async {
+                        match self.presence.create(&k, value).await {
+                            Ok(rev) => Ok(Some(rev)),
+                            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(None),
+                            Err(e) => Err(e),
+                        }
+                    })
+                    .await?
+                    {
+                        Some(rev) => rev,
+                        None => continue,
+                    }
+                }
+                Some((p, rev)) => {
+                    if p.broker != self.member.id && self.holds(&p.broker, name).await {
+                        return Ok(Claim::HeldBy(p.broker));
+                    }
+                    match bounded("taking over presence", async {
+                        match self.presence.update(&k, value, rev).await {
+                            Ok(rev) => Ok(Some(rev)),
+                            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(None),
+                            Err(e) => Err(e),
+                        }
+                    })
+                    .await?
+                    {
+                        Some(rev) => rev,
+                        None => continue,
+                    }
+                }
+            };
+            lock(&self.held).insert(name.clone(), written);
+            return Ok(Claim::Claimed);
+        }
+        Err(ClusterError::Unreachable(format!(
+            "the presence of {name} keeps changing under this broker"
+        )))
+    }
+
+    /// Gives up the presence of `name` (its receiver left this broker), if
+    /// this broker still holds it at the revision it wrote.
+    pub async fn release(&self, name: &AgentName) {
+        let Some(rev) = lock(&self.held).remove(name) else {
+            return;
+        };
+        let _ = bounded(
+            "releasing presence",
+            self.presence.delete_expect_revision(key(name), Some(rev)),
+        )
+        .await;
+    }
+
+    /// Whether this broker holds the presence of `name`.
+    pub fn holds_locally(&self, name: &AgentName) -> bool {
+        lock(&self.held).contains_key(name)
+    }
+
+    /// Refreshes every entry this broker holds (`incoming` tells how busy
+    /// each receiver is). Returns the names another broker took over, which
+    /// this broker must let go; stops at the first failure to reach the
+    /// cluster (the next heartbeat tries again).
+    pub async fn refresh(
+        &self,
+        incoming: impl Fn(&AgentName) -> u32,
+    ) -> Result<Vec<AgentName>, ClusterError> {
+        let held: Vec<(AgentName, u64)> = lock(&self.held)
+            .iter()
+            .map(|(n, r)| (n.clone(), *r))
+            .collect();
+        let mut lost = Vec::new();
+        for (name, rev) in held {
+            let value = self.presence_value(incoming(&name));
+            let updated = bounded("refreshing presence", async {
+                match self.presence.update(key(&name), value, rev).await {
+                    Ok(rev) => Ok(Some(rev)),
+                    Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(None),
+                    Err(e) => Err(e),
+                }
+            })
+            .await?;
+            let now = match updated {
+                Some(rev) => Some(rev),
+                // Expired while the cluster was away, or taken over.
+                None => match self.claim(&name, incoming(&name)).await? {
+                    Claim::Claimed => None,
+                    Claim::HeldBy(_) => {
+                        lost.push(name.clone());
+                        lock(&self.held).remove(&name);
+                        continue;
+                    }
+                },
+            };
+            if let Some(rev) = now {
+                let mut held = lock(&self.held);
+                if let Some(r) = held.get_mut(&name) {
+                    *r = rev;
+                }
+            }
+        }
+        Ok(lost)
+    }
+
+    /// Every receiver connected anywhere in the cluster, by name.
+    pub async fn receivers(&self) -> Result<Vec<(AgentName, Presence)>, ClusterError> {
+        let config = push::OrderedConfig {
+            deliver_subject: self.client.new_inbox(),
+            filter_subject: format!("{}>", self.presence.prefix),
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            replay_policy: ReplayPolicy::Instant,
+            ..Default::default()
+        };
+        let consumer = bounded(
+            "listing presence",
+            self.presence.stream.create_consumer(config),
+        )
+        .await?;
+        let mut out = Vec::new();
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(out);
+        }
+        let mut messages = bounded("listing presence", consumer.messages()).await?;
+        let read = async {
+            while let Some(Ok(m)) = messages.next().await {
+                let pending = m.info().map(|i| i.pending).unwrap_or(0);
+                let name = m
+                    .subject
+                    .strip_prefix(self.presence.prefix.as_str())
+                    .and_then(|k| hex::decode(k).ok())
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .and_then(|s| AgentName::new(&s).ok());
+                if let (Some(name), Some(p)) = (name, decode::<Presence>(&m.payload)) {
+                    out.push((name, p));
+                }
+                if pending == 0 {
+                    break;
+                }
+            }
+        };
+        tokio::time::timeout(PRESENCE_TTL.min(Duration::from_secs(5)), read)
+            .await
+            .map_err(|_| ClusterError::Unreachable("listing presence: timed out".into()))?;
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+}

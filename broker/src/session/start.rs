@@ -1,0 +1,202 @@
+//! Starting an accepted transfer, wherever its offer came from (a sender on
+//! this broker, or another broker of the cluster): the two tickets (the
+//! receiver's queued on its control connection), then the wait for both data
+//! connections, then the relay — one to one, or one upload to several
+//! receivers.
+
+use std::time::Instant;
+
+use keyferry_common::ids::{StreamId, TransferId};
+use keyferry_common::name::AgentName;
+use keyferry_common::wire::message::{AbortReason, ErrorCode, Message};
+use tokio::sync::{mpsc, oneshot};
+use tracing::info;
+
+use crate::fanout;
+use crate::relay::{DataConn, relay};
+use crate::shutdown::Shutdown;
+use crate::state::State;
+use crate::tickets::{Arrival, Issued, Joiner};
+use crate::transfers::{OfferLimit, OfferSlot};
+
+/// The receiver's control connection, for its ticket. If the transfer ends
+/// before the ticket went there, the receiver is told `Abort(PeerGone)`
+/// instead of being left waiting.
+pub(crate) struct ReceiverLink {
+    queue: mpsc::Sender<Box<Message>>,
+    tid: TransferId,
+    told: bool,
+}
+
+impl ReceiverLink {
+    /// The link to the receiver's control connection `queue`, for `tid`.
+    pub(crate) fn new(queue: mpsc::Sender<Box<Message>>, tid: TransferId) -> Self {
+        Self {
+            queue,
+            tid,
+            told: false,
+        }
+    }
+}
+
+impl ReceiverLink {
+    /// Queues the receiver's ticket; `false` if its connection is gone or
+    /// not reading.
+    fn ticket(&mut self, ticket: [u8; 32]) -> bool {
+        self.told = self
+            .queue
+            .try_send(Box::new(Message::Ticket {
+                transfer_id: self.tid,
+                ticket,
+                address: String::new(),
+            }))
+            .is_ok();
+        self.told
+    }
+}
+
+impl Drop for ReceiverLink {
+    fn drop(&mut self) {
+        if !self.told {
+            let _ = self.queue.try_send(Box::new(Message::Abort {
+                transfer_id: self.tid,
+                reason: AbortReason::PeerGone,
+            }));
+        }
+    }
+}
+
+/// Counts an offer of stream `sid` by `from` against the offer rate and
+/// the concurrent transfers; the detail for the sender when refused
+/// (`at` says where, in a cluster).
+pub(crate) fn offer_slot<'a>(
+    state: &'a State,
+    from: &AgentName,
+    sid: StreamId,
+    at: &str,
+) -> Result<OfferSlot<'a>, String> {
+    let limits = &state.limits;
+    let (rate, concurrent) = (limits.offers_per_minute, limits.max_transfers_per_agent);
+    state
+        .transfers
+        .take_offer_slot(from, sid, rate, concurrent, Instant::now())
+        .map_err(|limit| match limit {
+            OfferLimit::Rate => format!("more than {rate} offers in a minute{at}"),
+            OfferLimit::Concurrent => format!("more than {concurrent} transfers at once{at}"),
+        })
+}
+
+/// Draws the transfer's tickets and queues the receiver's; the sender's
+/// ticket is in the result. On failure, what to tell the sender.
+pub(crate) fn issue<'a>(
+    state: &'a State,
+    receiver: &mut ReceiverLink,
+    (tid, sid): (TransferId, StreamId),
+    from: &AgentName,
+) -> Result<Issued<'a, DataConn>, (ErrorCode, String)> {
+    let Some(issued) = state.tickets.issue(tid, sid, from) else {
+        return Err((
+            ErrorCode::Protocol,
+            format!("transfer {tid} is already under way"),
+        ));
+    };
+    if !receiver.ticket(issued.receiver_ticket) {
+        info!(transfer = %tid, "receiver left before its ticket");
+        return Err((
+            ErrorCode::PeerOffline,
+            "the receiver disconnected after accepting".into(),
+        ));
+    }
+    Ok(issued)
+}
+
+/// Waits for the transfer's data connections, then relays it. `hold` (the
+/// sender's control connection, if on this broker) is dropped once the data
+/// connections arrived.
+pub(crate) async fn relay_when_connected<T>(
+    state: &State,
+    mut issued: Issued<'_, DataConn>,
+    (tid, sid): (TransferId, StreamId),
+    shutdown: Shutdown,
+    hold: T,
+) {
+    let deadline = tokio::time::Instant::now() + state.limits.handshake_timeout;
+    let arrival = tokio::time::timeout_at(deadline, &mut issued.sender).await;
+    let mine = tokio::time::timeout_at(deadline, &mut issued.receiver).await;
+    drop(issued);
+    let mine = mine.ok().and_then(Result::ok);
+    let (sender, others, mut joiners) = match arrival {
+        Ok(Ok(Arrival::Upload {
+            conn: sender,
+            others,
+            joiners,
+        })) => (sender, others, joiners),
+        Ok(Ok(Arrival::Joined { hub })) => {
+            // Another transfer's task relays this stream; this receiver's
+            // connection goes there, and this task waits for the relay.
+            let Some(mine) = mine else {
+                info!(transfer = %tid, "data connection did not arrive in time");
+                return;
+            };
+            let (done, relayed) = oneshot::channel();
+            let joiner = Joiner {
+                tid,
+                conn: mine,
+                done,
+            };
+            if hub.send(joiner).await.is_ok() {
+                let _ = relayed.await;
+            }
+            return;
+        }
+        _ => {
+            info!(transfer = %tid, "data connections did not arrive in time");
+            return;
+        }
+    };
+    // The TLS connection has done its part; the sender closes its own too.
+    drop(hold);
+    let ids = (tid, sid);
+    let idle = state.limits.idle_timeout;
+    if others.is_empty() {
+        let Some(receiver) = mine else {
+            info!(transfer = %tid, "data connections did not arrive in time");
+            return;
+        };
+        info!(transfer = %tid, "transfer started");
+        let report = relay(sender, receiver, ids, idle, shutdown).await;
+        log_report(tid, &report);
+        return;
+    }
+    // One upload to several receivers: those whose connections arrive in
+    // time take part; the others' transfers have failed.
+    let mut receivers: Vec<fanout::Receiver> = mine
+        .map(|conn| fanout::Receiver {
+            tid,
+            conn,
+            done: None,
+        })
+        .into_iter()
+        .collect();
+    for _ in 0..others.len() {
+        match tokio::time::timeout_at(deadline, joiners.recv()).await {
+            Ok(Some(j)) => receivers.push(fanout::Receiver {
+                tid: j.tid,
+                conn: j.conn,
+                done: Some(j.done),
+            }),
+            _ => break,
+        }
+    }
+    info!(transfer = %tid, receivers = receivers.len(), "upload to several receivers started");
+    let report = fanout::relay(sender, receivers, sid, idle, shutdown).await;
+    log_report(tid, &report);
+}
+
+fn log_report(tid: TransferId, report: &crate::relay::RelayReport) {
+    let seconds = format!("{:.3}", report.elapsed.as_secs_f64());
+    match &report.result {
+        Ok(()) => info!(transfer = %tid, bytes = report.bytes, seconds, "transfer finished"),
+        Err(why) => info!(transfer = %tid, bytes = report.bytes, seconds, %why, "transfer failed"),
+    }
+}
