@@ -45,13 +45,14 @@ bin=$PWD/target/release
 
 rss() { awk -v f="$2" '$1 == f ":" { print int($2 / 1024) }' "/proc/$1/status"; }
 median() { sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
-now_ms() { date +%s%3N; }
+now_us() { date +%s%6N; }
 
 conns=$((idle + 4 * transfers + 100))
 ulimit -n "$((conns + 1024))" 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 [ "$(ulimit -n)" -gt "$conns" ] || { echo "need $conns open files; ulimit -n is $(ulimit -n)" >&2; exit 1; }
 
 "$nats" -js -a 127.0.0.1 -p -1 -sd "$work/nats" 2>"$work/nats.log" &
+nats_pid=$!
 pids+=($!)
 for _ in $(seq 100); do grep -q "Listening for client connections" "$work/nats.log" && break; sleep 0.1; done
 url="nats://$(awk '/Listening for client connections/ { print $NF }' "$work/nats.log")"
@@ -69,7 +70,18 @@ for b in 0 1 2; do
     addr+=("$(awk '/listening on/ {print $NF}' "$work/broker$b.out")")
 done
 agent() { local b=$1; shift; "$bin/agent" --broker "${addr[$b]}" "$@"; }
-for who in idle senders receivers; do agent 0 --home "$work/$who" --name "$who" --list >/dev/null 2>&1; done
+home() { mkdir -p "$1"; chmod 700 "$1"; cp "common/tests/fixtures/$2.pem" "$1/identity.pem"; chmod 600 "$1/identity.pem"; }
+# Fixture identities (key generation is not what we measure). The latency
+# receiver has known the senders for two days: a key pinned in the last day
+# may make a receiver decrypt only 6 offers a minute (PROTOCOL.md §9).
+home "$work/senders" alice
+home "$work/lathome" bob
+alice_fp="SHA256:$(openssl pkey -in common/tests/fixtures/alice.pem -pubout -outform DER 2>/dev/null |
+    openssl dgst -sha256 -binary | base64 | tr -d '=')"
+old=$(($(date +%s) - 2 * 86400))
+printf 'lat-one %s %s\nlat-across %s %s\n' "$alice_fp" "$old" "$alice_fp" "$old" >"$work/lathome/known_peers"
+chmod 600 "$work/lathome/known_peers"
+for who in idle receivers; do agent 0 --home "$work/$who" --name "$who" --list >/dev/null 2>&1; done
 rss_start=() rss_idle=() rss_peak=()
 for b in 0 1 2; do rss_start+=("$(rss "${bpid[$b]}" VmRSS)"); done
 
@@ -88,14 +100,14 @@ for b in 0 1 2; do
     for _ in $(seq 3000); do grep -q connected "$work/idle$b.out" 2>/dev/null && break; sleep 0.1; done
     grep -q connected "$work/idle$b.out" || { echo "idle agents on broker $b failed: $(cat "$work/idle$b.err")" >&2; exit 1; }
 done
-t=$(now_ms)
+t=$(now_us)
 online=$(agent 1 --home "$work/senders" --name senders --list 2>/dev/null | grep -c '^idle-' || true)
-list_ms=$(($(now_ms) - t))
+list_ms=$((($(now_us) - t) / 1000))
 for b in 0 1 2; do rss_idle+=("$(rss "${bpid[$b]}" VmRSS)"); done
 
 echo "latency: $rounds alternating pairs, one broker vs across brokers" >&2
 mkdir -p "$work/lat"
-agent 0 --home "$work/receivers" --name lat --role receiver --out-dir "$work/lat" >"$work/lat.out" 2>&1 &
+agent 0 --home "$work/lathome" --name lat --role receiver --out-dir "$work/lat" >"$work/lat.out" 2>&1 &
 pids+=($!)
 for _ in $(seq 200); do grep -q "receiving as" "$work/lat.out" 2>/dev/null && break; sleep 0.05; done
 msg=$(head -c 768 /dev/urandom | base64 -w0 | head -c 1024)
@@ -105,9 +117,10 @@ for _ in $(seq "$rounds"); do
     for where in one across; do
         b=0
         [ "$where" = across ] && b=1
-        t=$(now_ms)
-        agent "$b" --home "$work/senders" --name "lat-$where" --role sender --to lat --message "$msg" >/dev/null 2>&1
-        echo $(($(now_ms) - t)) >>"$work/lat-$where.txt"
+        t=$(now_us)
+        agent "$b" --home "$work/senders" --name "lat-$where" --role sender --to lat --message "$msg" \
+            >/dev/null 2>>"$work/lat.err" || { echo "latency round failed: $(tail -n 2 "$work/lat.err")" >&2; exit 1; }
+        awk -v a="$t" -v b="$(now_us)" 'BEGIN { printf "%.1f\n", (b - a) / 1000 }' >>"$work/lat-$where.txt"
     done
 done
 lat_one=$(median <"$work/lat-one.txt")
@@ -141,6 +154,7 @@ for i in $(seq -w 1 "$transfers"); do
     cmp -s "$work/src/data.bin" "$work/in-$i/data.bin" || { echo "transfer $i differs" >&2; exit 1; }
 done
 for b in 0 1 2; do rss_peak+=("$(rss "${bpid[$b]}" VmHWM)"); done
+nats_peak=$(rss "$nats_pid" VmHWM)
 routed=$(cat "$work"/broker*.log | grep -c "transfer offered through the cluster" || true)
 
 sed -n 's/.*"bytes":\([0-9]*\).*"seconds":\([0-9.]*\).*/\1 \2/p' "$work"/send-*.json |
@@ -156,6 +170,7 @@ cat <<TABLE
 | broker RSS at start (b0 / b1 / b2) | ${rss_start[0]} / ${rss_start[1]} / ${rss_start[2]} MiB |
 | broker RSS with the idle agents | ${rss_idle[0]} / ${rss_idle[1]} / ${rss_idle[2]} MiB |
 | broker peak RSS (VmHWM) after the transfers | ${rss_peak[0]} / ${rss_peak[1]} / ${rss_peak[2]} MiB |
+| nats-server peak RSS | ${nats_peak} MiB |
 | offers routed through the cluster (30 transfers + ${rounds} latency rounds expected) | ${routed} |
 | per-transfer throughput, min / median / max | $(head -1 "$work/rates.txt") / $(median <"$work/rates.txt") / $(tail -1 "$work/rates.txt") MB/s |
 | all transfers together (first start to last receipt) | ${total} MB/s |

@@ -228,3 +228,47 @@ fn when_a_broker_is_killed_the_others_go_on_and_its_receiver_can_move() {
     assert_eq!(again.code, Some(0), "{again:#?}");
     moved.stdout.wait_for("bob moved", WAIT);
 }
+
+#[test]
+fn a_frozen_broker_loses_its_receiver_to_the_one_it_moved_to_and_lets_go() {
+    let Some(nats) = Nats::start() else { return };
+    let (mut b1, mut b2) = (
+        Broker::in_cluster(&nats, "one"),
+        Broker::in_cluster(&nats, "two"),
+    );
+    let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
+    let (old_out, new_out) = (TempDir::new("cluster-old"), TempDir::new("cluster-new"));
+    let mut old = receive(&bob, &b1, &old_out);
+
+    // Broker 1 freezes: it cannot answer whether it still holds bob, so
+    // bob, reconnecting to broker 2, takes the name over (by revision).
+    let pid = b1.proc.child.id().to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    };
+    signal("-STOP");
+    let mut moved = receive(&bob, &b2, &new_out);
+    let sent = send_message(&alice, &b2, "bob", "to the new bob");
+    assert_eq!(sent.code, Some(0), "{sent:#?}");
+    moved.stdout.wait_for("to the new bob", WAIT);
+
+    // Thawed, broker 1's next refresh fails on the revision: it finds bob
+    // on broker 2 and cuts its stale connection, which is told why.
+    signal("-CONT");
+    b1.proc.stderr.wait_for(
+        "receiver's name taken over in the cluster",
+        Duration::from_secs(30),
+    );
+    old.stderr.wait_for("now connected to broker two", WAIT);
+    // bob stays reachable where it moved.
+    let again = send_message(&alice, &b1, "bob", "still the new bob");
+    assert_eq!(again.code, Some(0), "{again:#?}");
+    moved.stdout.wait_for("still the new bob", WAIT);
+    b2.proc
+        .stderr
+        .wait_for("transfer offered through the cluster", WAIT);
+}

@@ -81,8 +81,8 @@ async fn heartbeat(state: &State, cluster: &Cluster) -> bool {
             return false;
         }
     };
-    for name in &lost {
-        cut(state, name, "another broker of the cluster");
+    for (name, holder) in &lost {
+        cut(state, name, &format!("broker {holder}"));
     }
     // Receivers that came while the cluster was away.
     for name in state.registry.receivers() {

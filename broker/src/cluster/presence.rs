@@ -144,13 +144,13 @@ impl Cluster {
     }
 
     /// Refreshes every entry this broker holds (`incoming` tells how busy
-    /// each receiver is). Returns the names another broker took over, which
-    /// this broker must let go; stops at the first failure to reach the
+    /// each receiver is). Returns the names another broker took over, with
+    /// that broker's id: this broker must let them go. Stops at the first failure to reach the
     /// cluster (the next heartbeat tries again).
     pub async fn refresh(
         &self,
         incoming: impl Fn(&AgentName) -> u32,
-    ) -> Result<Vec<AgentName>, ClusterError> {
+    ) -> Result<Vec<(AgentName, String)>, ClusterError> {
         let held: Vec<(AgentName, u64)> = lock(&self.held)
             .iter()
             .map(|(n, r)| (n.clone(), *r))
@@ -171,8 +171,8 @@ impl Cluster {
                 // Expired while the cluster was away, or taken over.
                 None => match self.claim(&name, incoming(&name)).await? {
                     Claim::Claimed => None,
-                    Claim::HeldBy(_) => {
-                        lost.push(name.clone());
+                    Claim::HeldBy(holder) => {
+                        lost.push((name.clone(), holder));
                         lock(&self.held).remove(&name);
                         continue;
                     }
