@@ -40,6 +40,25 @@ fn reconnected(broker: &mut Broker) {
     }
 }
 
+/// Waits until `--list` on `broker` shows `name` as a receiver.
+fn listed_as_receiver(asker: &Home, broker: &Broker, name: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let list = asker.run(broker, &["--list", "--json"]);
+        let listed = list.stdout.lines().any(|l| {
+            l.contains(&format!("\"name\":\"{name}\"")) && l.contains("\"receiver\":true")
+        });
+        if listed {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} never listed: {list:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 #[test]
 fn a_receiver_on_one_broker_gets_a_file_from_a_sender_on_another() {
     let Some(nats) = Nats::start() else { return };
@@ -172,6 +191,9 @@ fn brokers_recover_when_nats_restarts_and_no_binding_is_lost() {
     for b in [&mut b1, &mut b2] {
         reconnected(b);
     }
+    // bob's presence is there again (refreshed by broker 1's heartbeat, or
+    // still unexpired) before the offer across brokers is made.
+    listed_as_receiver(&alice, &b2, "bob");
     let after = send_message(&alice, &b2, "bob", "across after the restart");
     assert_eq!(after.code, Some(0), "{after:#?}");
     rx.stdout.wait_for("across after the restart", WAIT);
@@ -222,6 +244,11 @@ fn when_a_broker_is_killed_the_others_go_on_and_its_receiver_can_move() {
         ],
     );
     assert_eq!(gone.code, Some(5), "{gone:#?}");
+    assert!(
+        gone.stderr
+            .contains("broker one of this cluster, which does not answer"),
+        "{gone:#?}"
+    );
     // bob reconnects to broker 2 and is reachable again at once.
     let mut moved = receive(&bob, &b2, &out_b);
     let again = send_message(&alice, &b2, "bob", "bob moved");
@@ -271,4 +298,78 @@ fn a_frozen_broker_loses_its_receiver_to_the_one_it_moved_to_and_lets_go() {
     b2.proc
         .stderr
         .wait_for("transfer offered through the cluster", WAIT);
+}
+
+#[test]
+fn a_brokers_allowlist_holds_for_offers_routed_to_its_receivers() {
+    let Some(nats) = Nats::start() else { return };
+    let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
+    let fp = |h: &Home| {
+        keyferry_agent::home::load_identity(&h.dir.join("identity.pem"))
+            .unwrap()
+            .fingerprint()
+    };
+    let lists = TempDir::new("cluster-allow");
+    let (only_bob, both) = (lists.join("one"), lists.join("two"));
+    std::fs::write(&only_bob, format!("bob {}\n", fp(&bob))).unwrap();
+    std::fs::write(&both, format!("alice {}\nbob {}\n", fp(&alice), fp(&bob))).unwrap();
+    let start = |id: &str, list: &std::path::Path| {
+        let url = nats.url();
+        let args = [
+            "--cluster",
+            &url,
+            "--broker-id",
+            id,
+            "--allow-file",
+            list.to_str().unwrap(),
+        ];
+        Broker::start_with(TempDir::new("cluster-broker"), &args)
+    };
+    let b1 = start("one", &only_bob);
+    let mut b2 = start("two", &both);
+    b2.proc
+        .stderr
+        .wait_for("another broker of the cluster has another allowlist", WAIT);
+    let out = TempDir::new("cluster-out");
+    let _rx = receive(&bob, &b1, &out);
+
+    // alice may use broker 2, but broker 1, which holds bob, does not admit her.
+    let refused = send_message(&alice, &b2, "bob", "not allowed there");
+    assert_eq!(refused.code, Some(10), "{refused:#?}");
+    assert!(
+        refused
+            .stderr
+            .contains("alice is not on the allowlist of broker one"),
+        "{refused:#?}"
+    );
+    let mut b1 = b1;
+    b1.proc.stderr.wait_for(
+        "routed offer from an agent not on this broker's allowlist",
+        WAIT,
+    );
+
+    // A broker that admits anyone cannot join brokers with allowlists: it
+    // could bind any name for all of them.
+    let url = nats.url();
+    let open = support::Proc::spawn({
+        let mut cmd = std::process::Command::new(support::broker_bin());
+        cmd.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--cluster",
+            &url,
+            "--broker-id",
+            "three",
+        ])
+        .arg("--data-dir")
+        .arg(lists.join("open-broker"));
+        cmd
+    });
+    let open = Run::finish(open);
+    assert_eq!(open.code, Some(1), "{open:#?}");
+    assert!(
+        open.stderr
+            .contains("an open broker beside one with an allowlist"),
+        "{open:#?}"
+    );
 }

@@ -188,8 +188,19 @@ fn member(
             ));
         }
     };
-    if advertise.is_empty() || advertise.len() > 255 || advertise.chars().any(char::is_control) {
-        return Err("--advertise must be a HOST:PORT of at most 255 characters".into());
+    let port_ok = advertise
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+    if !port_ok
+        || advertise.len() > 255
+        || advertise
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace())
+    {
+        return Err(format!(
+            "--advertise {:?} must be HOST:PORT, at most 255 characters, without spaces",
+            keyferry_common::text::escape(&advertise)
+        ));
     }
     Ok(Member {
         url: url.to_owned(),

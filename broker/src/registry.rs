@@ -156,6 +156,21 @@ impl Registry {
         tx.commit().map_err(|e| self.err(e))
     }
 
+    /// Every binding in the database.
+    pub fn bindings(&self) -> Result<Vec<(AgentName, Vec<u8>)>, RegistryError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = tx.open_table(BINDINGS).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(|e| self.err(e))? {
+            let (k, v) = row.map_err(|e| self.err(e))?;
+            // A row that is not a valid name was not written by us: skipped.
+            if let Ok(name) = AgentName::new(k.value()) {
+                out.push((name, v.value().to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
     /// Names with a receiver connected here.
     pub fn receivers(&self) -> Vec<AgentName> {
         lock(&self.online).receivers.keys().cloned().collect()

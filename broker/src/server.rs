@@ -37,6 +37,7 @@ const CUT_WAIT: Duration = Duration::from_secs(10);
 pub struct Broker {
     state: Arc<State>,
     phase: watch::Sender<Phase>,
+    subjects: Option<member::Subjects>,
 }
 
 impl Broker {
@@ -70,6 +71,7 @@ impl Broker {
         Ok(Self {
             state: Arc::new(state),
             phase,
+            subjects: None,
         })
     }
 
@@ -77,6 +79,22 @@ impl Broker {
     /// and offers for receivers elsewhere go through it from now on.
     pub async fn join_cluster(&mut self, member: Member) -> Result<(), BrokerError> {
         let cluster = Cluster::join(member).await?;
+        // Names this broker bound while it stood alone join the cluster's.
+        match crate::cluster::names::upload(&cluster, &self.state.registry).await {
+            Ok((0, 0)) => {}
+            Ok((created, overruled)) => {
+                info!(
+                    created,
+                    overruled, "this broker's earlier bindings brought into the cluster"
+                )
+            }
+            Err(e) => {
+                return Err(BrokerError::Cluster(
+                    crate::cluster::ClusterError::Unreachable(e),
+                ));
+            }
+        }
+        self.subjects = Some(cluster.subscribe().await?);
         let state = Arc::get_mut(&mut self.state)
             .ok_or_else(|| BrokerError::Cert("the broker is already serving".into()))?;
         state.cluster = Some(Arc::new(cluster));
@@ -91,15 +109,13 @@ impl Broker {
     /// Serves `listener` until `shutdown` completes, then shuts down
     /// gracefully (see the module docs) and returns when every connection
     /// task ended.
-    pub async fn run(self, listener: TcpListener, shutdown: impl Future) {
+    pub async fn run(mut self, listener: TcpListener, shutdown: impl Future) {
         let (alive, mut all_ended) = mpsc::channel::<()>(1);
         tokio::pin!(shutdown);
-        if let Some(cluster) = self.state.cluster.clone() {
+        if let (Some(cluster), Some(subjects)) = (self.state.cluster.clone(), self.subjects.take())
+        {
             let (state, alive) = (Arc::clone(&self.state), Alive(alive.clone()));
-            tokio::spawn(async move {
-                let _alive = alive;
-                member::run(state, cluster).await;
-            });
+            tokio::spawn(member::run(state, cluster, subjects, alive));
         }
         loop {
             let accepted = tokio::select! {

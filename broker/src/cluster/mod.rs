@@ -35,6 +35,8 @@ pub const OP_TIMEOUT: Duration = Duration::from_secs(2);
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
 /// How long a presence entry lives without a refresh.
 pub const PRESENCE_TTL: Duration = Duration::from_secs(30);
+/// A broker whose entry was written this recently counts as running.
+const LIVE: Duration = Duration::from_secs(60);
 
 const NAMES: &str = "keyferry-names";
 const PRESENCE: &str = "keyferry-presence";
@@ -51,6 +53,9 @@ pub enum ClusterError {
     /// A configuration error (bad id, bad URL, bucket mismatch).
     #[error("{0}")]
     Config(String),
+    /// A presence entry kept changing while this broker tried to write it.
+    #[error("{0}")]
+    Contended(String),
 }
 
 /// Who this broker is in the cluster.
@@ -125,10 +130,11 @@ async fn connect(
                 other => info!(event = %other, "cluster event"),
             }
         });
+    let shown = redact(url);
     let client = tokio::time::timeout(Duration::from_secs(10), options.connect(url))
         .await
-        .map_err(|_| ClusterError::Unreachable(format!("{url}: no answer within 10 s")))?
-        .map_err(|e| ClusterError::Unreachable(format!("{url}: {e}")))?;
+        .map_err(|_| ClusterError::Unreachable(format!("{shown}: no answer within 10 s")))?
+        .map_err(|e| ClusterError::Unreachable(format!("{shown}: {e}")))?;
     let mut js = jetstream::new(client.clone());
     js.set_timeout(OP_TIMEOUT);
     Ok((client, js))
@@ -152,10 +158,15 @@ async fn brokers_bucket(js: &jetstream::Context) -> Result<kv::Store, ClusterErr
 /// `(id, "ADDRESS SHA256:… policy=…")`, sorted by id.
 pub async fn list_brokers(url: &str) -> Result<Vec<(String, String)>, ClusterError> {
     let (_client, js) = connect(url, "list").await?;
-    read_brokers(&brokers_bucket(&js).await?).await
+    let all = read_brokers(&brokers_bucket(&js).await?).await?;
+    Ok(all.into_iter().map(|(id, line, _)| (id, line)).collect())
 }
 
-async fn read_brokers(brokers: &kv::Store) -> Result<Vec<(String, String)>, ClusterError> {
+/// Longest entry of the brokers bucket that is believed.
+const MAX_BROKER_ENTRY: usize = 1024;
+
+/// The brokers bucket: `(id, line, seconds since the broker last wrote it)`.
+async fn read_brokers(brokers: &kv::Store) -> Result<Vec<(String, String, i64)>, ClusterError> {
     use futures_util::StreamExt as _;
     let keys = bounded("listing brokers", brokers.keys()).await?;
     let ids: Vec<String> = tokio::time::timeout(
@@ -164,15 +175,32 @@ async fn read_brokers(brokers: &kv::Store) -> Result<Vec<(String, String)>, Clus
     )
     .await
     .map_err(|_| ClusterError::Unreachable("listing brokers: timed out".into()))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
     let mut out = Vec::new();
     for id in ids {
-        if let Some(v) = bounded("reading a broker", brokers.get(&id)).await? {
-            let line = String::from_utf8_lossy(&v);
-            out.push((id, keyferry_common::text::escape(&line)));
+        let entry = bounded("reading a broker", brokers.entry(&id)).await?;
+        let Some(e) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+            continue;
+        };
+        if check_id(&id).is_err() || e.value.len() > MAX_BROKER_ENTRY {
+            continue;
         }
+        let line = keyferry_common::text::escape(&String::from_utf8_lossy(&e.value));
+        out.push((id, line, now.saturating_sub(e.created.unix_timestamp())));
     }
     out.sort();
     Ok(out)
+}
+
+/// `nats://user:secret@host:port` without what comes before the `@`, for
+/// logs and errors.
+pub fn redact(url: &str) -> String {
+    match (url.split_once("://"), url.rsplit_once('@')) {
+        (Some((scheme, _)), Some((_, host))) => format!("{scheme}://…@{host}"),
+        _ => url.to_owned(),
+    }
 }
 
 /// This broker's membership: the NATS client, the buckets, and the
@@ -185,7 +213,13 @@ pub struct Cluster {
     brokers: kv::Store,
     member: Member,
     held: Mutex<HashMap<AgentName, u64>>,
+    /// Serialises this broker's presence writes ([`presence`]).
+    writes: tokio::sync::Mutex<()>,
+    /// The last read of every receiver, and when ([`Cluster::receivers`]).
+    listed: Mutex<Option<ListedReceivers>>,
 }
+
+type ListedReceivers = (std::time::Instant, Vec<(AgentName, wire::Presence)>);
 
 /// Runs `fut` for at most [`OP_TIMEOUT`], naming `what` in the error.
 async fn bounded<T, E: std::fmt::Display>(
@@ -250,6 +284,33 @@ impl Cluster {
         )
         .await?;
         let brokers = brokers_bucket(&js).await?;
+        // A presence bucket made by someone else must still let entries expire.
+        match bounded("reading the presence bucket", presence.status()).await {
+            Ok(status) if status.max_age().is_zero() => {
+                return Err(ClusterError::Config(format!(
+                    "the bucket {PRESENCE} has no max age: its entries would never expire; \
+                     recreate it with a max age of {} s",
+                    PRESENCE_TTL.as_secs()
+                )));
+            }
+            Ok(_) => {}
+            Err(e) => return Err(e),
+        }
+        // Two live brokers with one id would overwrite each other's presence.
+        let probe = async_nats::Request::new()
+            .payload(bytes::Bytes::new())
+            .timeout(Some(Duration::from_millis(500)));
+        if client
+            .send_request(Self::subject(&member.id, "holds"), probe)
+            .await
+            .is_ok()
+        {
+            return Err(ClusterError::Config(format!(
+                "another broker with the id {} is running in this cluster: give each broker its \
+                 own --broker-id (or data dir)",
+                member.id
+            )));
+        }
         let cluster = Self {
             client,
             names,
@@ -257,9 +318,11 @@ impl Cluster {
             brokers,
             member,
             held: Mutex::new(HashMap::new()),
+            writes: tokio::sync::Mutex::new(()),
+            listed: Mutex::new(None),
         };
+        cluster.compare_policies().await?;
         cluster.announce().await?;
-        cluster.compare_policies().await;
         Ok(cluster)
     }
 
@@ -271,6 +334,25 @@ impl Cluster {
     /// The NATS client (for the subscriptions of [`crate::member`]).
     pub fn client(&self) -> &async_nats::Client {
         &self.client
+    }
+
+    /// Subscribes to this broker's subjects: routed offers, then "do you
+    /// hold this receiver?".
+    pub async fn subscribe(
+        &self,
+    ) -> Result<(async_nats::Subscriber, async_nats::Subscriber), ClusterError> {
+        let id = &self.member.id;
+        let offers = bounded(
+            "subscribing",
+            self.client.subscribe(Self::subject(id, "offer")),
+        )
+        .await?;
+        let holds = bounded(
+            "subscribing",
+            self.client.subscribe(Self::subject(id, "holds")),
+        )
+        .await?;
+        Ok((offers, holds))
     }
 
     /// Whether the connection to NATS is up right now.
@@ -291,24 +373,63 @@ impl Cluster {
         .map(|_| ())
     }
 
-    /// Warns about every other broker whose access policy differs from
-    /// this one's: an allowlist should be the same everywhere.
-    async fn compare_policies(&self) {
-        let mine = format!("policy={}", self.member.policy);
-        match read_brokers(&self.brokers).await {
-            Ok(all) => {
-                for (id, line) in all {
-                    if id != self.member.id && !line.ends_with(&mine) {
-                        warn!(broker = %id, theirs = %line, ours = %mine, "another broker of the cluster has another access policy: give every broker the same --allow-file");
-                    }
-                }
+    /// Compares this broker's access policy with those of the brokers
+    /// that wrote their entry in the last [`LIVE`]: one that admits anyone
+    /// beside one with an allowlist is refused (an open broker could bind
+    /// any name for the whole cluster); two different allowlists are warned
+    /// about (an allowlist should be the same everywhere, but changes reach
+    /// brokers one at a time).
+    async fn compare_policies(&self) -> Result<(), ClusterError> {
+        let mine = &self.member.policy;
+        let open = |p: &str| p == "open";
+        let all = match read_brokers(&self.brokers).await {
+            Ok(all) => all,
+            Err(e) => {
+                warn!(error = %e, "the other brokers' access policies could not be compared");
+                return Ok(());
             }
-            Err(e) => warn!(error = %e, "the other brokers' access policies could not be compared"),
+        };
+        for (id, line, age) in all {
+            let theirs = line.rsplit_once("policy=").map_or("", |(_, p)| p);
+            if id == self.member.id
+                || age > LIVE.as_secs().try_into().unwrap_or(i64::MAX)
+                || theirs == mine
+            {
+                continue;
+            }
+            if open(theirs) != open(mine) {
+                return Err(ClusterError::Config(format!(
+                    "broker {id} of this cluster has the access policy {theirs} and this one {mine}: \
+                     an open broker beside one with an allowlist would let anyone bind names for \
+                     the whole cluster; give every broker the same --allow-file (or all \
+                     --allow-any-agent)"
+                )));
+            }
+            warn!(broker = %id, theirs = %theirs, ours = %mine, "another broker of the cluster has another allowlist: give every broker the same --allow-file");
         }
+        Ok(())
     }
 
     /// The subject on which broker `id` takes routed requests.
     pub fn subject(id: &str, what: &str) -> String {
         format!("keyferry.broker.{id}.{what}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_subject_tokens_and_urls_lose_their_credentials() {
+        check_id("b-1_x").unwrap();
+        for bad in ["", "a.b", "a b", "a*", ">", &"x".repeat(65)] {
+            assert!(check_id(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            redact("nats://u:secret@10.0.0.1:4222"),
+            "nats://…@10.0.0.1:4222"
+        );
+        assert_eq!(redact("nats://10.0.0.1:4222"), "nats://10.0.0.1:4222");
     }
 }

@@ -15,6 +15,10 @@ use tracing::warn;
 use super::{Cluster, ClusterError, bounded};
 use crate::registry::{Binding, Registry};
 
+/// Largest key a binding may hold (an RSA-4096 SubjectPublicKeyInfo is 550
+/// bytes): anything longer in the bucket is refused as malformed.
+const MAX_SPKI: usize = 4096;
+
 /// The bucket key of a name: hex, since names may hold characters (`.` at
 /// the end, `..`) that keys may not.
 pub fn key(name: &AgentName) -> String {
@@ -25,24 +29,32 @@ impl Cluster {
     /// The key bound to `name` in the cluster (`Ok(None)`: unbound).
     pub async fn key_of(&self, name: &AgentName) -> Result<Option<Vec<u8>>, ClusterError> {
         let entry = bounded("reading a name", self.names.entry(key(name))).await?;
-        Ok(entry
-            .filter(|e| e.operation == Operation::Put)
-            .map(|e| e.value.to_vec()))
+        match entry.filter(|e| e.operation == Operation::Put) {
+            Some(e) if e.value.len() > MAX_SPKI => Err(ClusterError::Config(format!(
+                "the cluster's binding of {name} is malformed ({} bytes)",
+                e.value.len()
+            ))),
+            Some(e) => Ok(Some(e.value.to_vec())),
+            None => Ok(None),
+        }
     }
 
     /// Binds `name` to `spki` in the cluster unless it is bound to another
-    /// key.
-    pub async fn bind(&self, name: &AgentName, spki: &[u8]) -> Result<Binding, ClusterError> {
-        let compare = |bound: &[u8]| {
-            if bound == spki {
+    /// key; with the key the name is bound to.
+    pub async fn bind(
+        &self,
+        name: &AgentName,
+        spki: &[u8],
+    ) -> Result<(Binding, Vec<u8>), ClusterError> {
+        let compare = |bound: Vec<u8>| {
+            let binding = if bound == spki {
                 Binding::Known
             } else {
                 Binding::Taken
-            }
+            };
+            (binding, bound)
         };
-        if let Some(bound) = self.key_of(name).await? {
-            return Ok(compare(&bound));
-        }
+        // Create first: the bucket's atomic create alone decides a race.
         let created = bounded("registering a name", async {
             match self.names.create(key(name), spki.to_vec().into()).await {
                 Ok(_) => Ok(true),
@@ -52,41 +64,41 @@ impl Cluster {
         })
         .await?;
         if created {
-            return Ok(Binding::New);
+            return Ok((Binding::New, spki.to_vec()));
         }
-        // Another broker created it a moment ago: its key decides.
+        // Bound already (by this key or another): its key decides.
         match self.key_of(name).await? {
-            Some(bound) => Ok(compare(&bound)),
-            None => Err(ClusterError::Unreachable(
-                "a name was created and removed at once; try again".into(),
-            )),
+            Some(bound) => Ok(compare(bound)),
+            None => Err(ClusterError::Contended(format!(
+                "the binding of {name} was removed while it was read; try again"
+            ))),
         }
     }
 }
 
 /// Binds through the cluster, falling back to the cache for names it
-/// confirmed before; the cache follows what the cluster says.
+/// confirmed before. Returns the binding and, when the cache must learn
+/// it, the key the cluster has for the name (the caller writes it, off the
+/// reactor: [`Registry::remember`] is a durable write).
 pub async fn bind(
     cluster: &Cluster,
     cache: &Registry,
     name: &AgentName,
     spki: &[u8],
-) -> Result<Binding, String> {
+) -> Result<(Binding, Option<Vec<u8>>), String> {
     match cluster.bind(name, spki).await {
-        Ok(binding) => {
-            if binding != Binding::Taken
-                && let Err(e) = cache.remember(name, spki)
-            {
-                warn!(error = %e, "registry cache could not be written");
-            }
-            Ok(binding)
+        Ok((binding, bound)) => {
+            let stale = cache
+                .key_of(name)
+                .map_or(true, |k| k.as_deref() != Some(&bound[..]));
+            Ok((binding, stale.then_some(bound)))
         }
         Err(e) => match cache.key_of(name) {
             Ok(Some(k)) if k == spki => {
                 warn!(agent = %name, error = %e, "cluster unreachable: name admitted from this broker's cache of confirmed bindings");
-                Ok(Binding::Known)
+                Ok((Binding::Known, None))
             }
-            Ok(Some(_)) => Ok(Binding::Taken),
+            Ok(Some(_)) => Ok((Binding::Taken, None)),
             Ok(None) => Err(format!(
                 "this broker cannot reach its cluster to register the new name {name} ({e}); \
                  try again shortly"
@@ -94,6 +106,31 @@ pub async fn bind(
             Err(db) => Err(format!("{e}; and the cache: {db}")),
         },
     }
+}
+
+/// Brings the bindings of this broker's registry into the cluster when it
+/// joins (it may have stood alone before): each is created there unless the
+/// name is bound already; where the cluster has another key, the cluster
+/// wins and the registry learns it. Returns how many were created and how
+/// many the cluster overruled.
+pub async fn upload(cluster: &Cluster, cache: &Registry) -> Result<(usize, usize), String> {
+    let (mut created, mut overruled) = (0, 0);
+    for (name, spki) in cache.bindings().map_err(|e| e.to_string())? {
+        match cluster
+            .bind(&name, &spki)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            (Binding::New, _) => created += 1,
+            (Binding::Known, _) => {}
+            (Binding::Taken, bound) => {
+                warn!(agent = %name, "this broker's binding is overruled by the cluster's (another key registered the name first)");
+                cache.remember(&name, &bound).map_err(|e| e.to_string())?;
+                overruled += 1;
+            }
+        }
+    }
+    Ok((created, overruled))
 }
 
 /// The key of `name`, from the cluster or, when it is away, the cache.

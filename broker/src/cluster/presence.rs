@@ -7,7 +7,12 @@
 //! revision it last wrote. A receiver that moves to another broker is taken
 //! over by a revision-checked update, after its old broker said it no longer
 //! holds it (or did not answer at all); the old broker's next refresh then
-//! fails, and it drops its stale connection.
+//! fails on the revision, it claims the entry again, and if the new broker
+//! says it holds the receiver, it drops its own stale connection.
+//!
+//! A broker's writes are serialised (claim, release and a whole heartbeat
+//! pass), so a receiver that leaves during a heartbeat is released after it,
+//! at the revision the heartbeat wrote: no entry outlives its receiver.
 
 use std::time::Duration;
 
@@ -19,10 +24,13 @@ use keyferry_common::sync::lock;
 
 use super::names::key;
 use super::wire::{Presence, decode, encode};
-use super::{Cluster, ClusterError, PRESENCE_TTL, bounded};
+use super::{Cluster, ClusterError, PRESENCE_TTL, bounded, check_id};
 
 /// How long a broker waits for another to say whether it holds a receiver.
 const HOLDS_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long a read of every receiver serves the lists that follow.
+const LIST_CACHE: Duration = Duration::from_secs(1);
 
 /// The answer of a broker asked whether it holds a receiver.
 pub const HOLDS_YES: &[u8] = b"yes";
@@ -81,6 +89,11 @@ impl Cluster {
     /// Claims the presence of the receiver `name` for this broker, unless a
     /// live broker holds one of that name.
     pub async fn claim(&self, name: &AgentName, incoming: u32) -> Result<Claim, ClusterError> {
+        let _writing = self.writes.lock().await;
+        self.claim_locked(name, incoming).await
+    }
+
+    async fn claim_locked(&self, name: &AgentName, incoming: u32) -> Result<Claim, ClusterError> {
         let k = key(name);
         for _ in 0..3 {
             let value = self.presence_value(incoming);
@@ -100,7 +113,9 @@ impl Cluster {
                     }
                 }
                 Some((p, rev)) => {
-                    if p.broker != self.member.id && self.holds(&p.broker, name).await {
+                    // An entry naming no valid broker is taken over like a stale one.
+                    let other = p.broker != self.member.id && check_id(&p.broker).is_ok();
+                    if other && self.holds(&p.broker, name).await {
                         return Ok(Claim::HeldBy(p.broker));
                     }
                     match bounded("taking over presence", async {
@@ -120,14 +135,15 @@ impl Cluster {
             lock(&self.held).insert(name.clone(), written);
             return Ok(Claim::Claimed);
         }
-        Err(ClusterError::Unreachable(format!(
+        Err(ClusterError::Contended(format!(
             "the presence of {name} keeps changing under this broker"
         )))
     }
 
     /// Gives up the presence of `name` (its receiver left this broker), if
-    /// this broker still holds it at the revision it wrote.
+    /// this broker still holds it.
     pub async fn release(&self, name: &AgentName) {
+        let _writing = self.writes.lock().await;
         let Some(rev) = lock(&self.held).remove(name) else {
             return;
         };
@@ -138,58 +154,65 @@ impl Cluster {
         .await;
     }
 
-    /// Whether this broker holds the presence of `name`.
-    pub fn holds_locally(&self, name: &AgentName) -> bool {
-        lock(&self.held).contains_key(name)
-    }
-
-    /// Refreshes every entry this broker holds (`incoming` tells how busy
-    /// each receiver is). Returns the names another broker took over, with
-    /// that broker's id: this broker must let them go. Stops at the first failure to reach the
-    /// cluster (the next heartbeat tries again).
+    /// One heartbeat pass over the receivers connected here (`local`, read
+    /// once the pass may write): refreshes the entries this broker holds,
+    /// claims the others (receivers that came while the cluster was away,
+    /// or whose entry expired or was taken over), and drops from `held` the
+    /// names whose receiver left. Returns the names another live broker
+    /// holds, with its id: this broker must let them go. Stops at the first
+    /// failure to reach the cluster (the next heartbeat tries again).
     pub async fn refresh(
         &self,
+        local: impl FnOnce() -> Vec<AgentName>,
         incoming: impl Fn(&AgentName) -> u32,
     ) -> Result<Vec<(AgentName, String)>, ClusterError> {
-        let held: Vec<(AgentName, u64)> = lock(&self.held)
-            .iter()
-            .map(|(n, r)| (n.clone(), *r))
-            .collect();
+        let _writing = self.writes.lock().await;
+        let local = local();
         let mut lost = Vec::new();
-        for (name, rev) in held {
-            let value = self.presence_value(incoming(&name));
-            let updated = bounded("refreshing presence", async {
-                match self.presence.update(key(&name), value, rev).await {
-                    Ok(rev) => Ok(Some(rev)),
-                    Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(None),
-                    Err(e) => Err(e),
-                }
-            })
-            .await?;
-            let now = match updated {
-                Some(rev) => Some(rev),
-                // Expired while the cluster was away, or taken over.
-                None => match self.claim(&name, incoming(&name)).await? {
-                    Claim::Claimed => None,
-                    Claim::HeldBy(holder) => {
-                        lost.push((name.clone(), holder));
-                        lock(&self.held).remove(&name);
-                        continue;
+        for name in local {
+            let held = lock(&self.held).get(&name).copied();
+            if let Some(rev) = held {
+                let value = self.presence_value(incoming(&name));
+                let updated = bounded("refreshing presence", async {
+                    match self.presence.update(key(&name), value, rev).await {
+                        Ok(rev) => Ok(Some(rev)),
+                        Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(None),
+                        Err(e) => Err(e),
                     }
-                },
-            };
-            if let Some(rev) = now {
-                let mut held = lock(&self.held);
-                if let Some(r) = held.get_mut(&name) {
-                    *r = rev;
+                })
+                .await?;
+                if let Some(rev) = updated {
+                    lock(&self.held).insert(name, rev);
+                    continue;
                 }
+                // Expired while the cluster was away, or taken over.
+                lock(&self.held).remove(&name);
+            }
+            match self.claim_locked(&name, incoming(&name)).await {
+                Ok(Claim::Claimed) => {}
+                Ok(Claim::HeldBy(holder)) => lost.push((name, holder)),
+                Err(ClusterError::Contended(_)) => {}
+                Err(e) => return Err(e),
             }
         }
         Ok(lost)
     }
 
-    /// Every receiver connected anywhere in the cluster, by name.
+    /// Every receiver connected anywhere in the cluster, by name; read at
+    /// most once a second (each read is a JetStream consumer), else the
+    /// last read.
     pub async fn receivers(&self) -> Result<Vec<(AgentName, Presence)>, ClusterError> {
+        if let Some((at, list)) = &*lock(&self.listed)
+            && at.elapsed() < LIST_CACHE
+        {
+            return Ok(list.clone());
+        }
+        let list = self.read_receivers().await?;
+        *lock(&self.listed) = Some((std::time::Instant::now(), list.clone()));
+        Ok(list)
+    }
+
+    async fn read_receivers(&self) -> Result<Vec<(AgentName, Presence)>, ClusterError> {
         let config = push::OrderedConfig {
             deliver_subject: self.client.new_inbox(),
             filter_subject: format!("{}>", self.presence.prefix),

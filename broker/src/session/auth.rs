@@ -126,7 +126,20 @@ pub(super) async fn authenticate(
     }
     let binding = match &state.cluster {
         // The cluster decides names; this broker's database is its cache.
-        Some(cluster) => crate::cluster::names::bind(cluster, &state.registry, &name, &spki).await,
+        Some(cluster) => {
+            let bound = crate::cluster::names::bind(cluster, &state.registry, &name, &spki).await;
+            if let Ok((_, Some(key))) = &bound {
+                let (cache_state, cache_name, key) = (Arc::clone(state), name.clone(), key.clone());
+                let remembered = tokio::task::spawn_blocking(move || {
+                    cache_state.registry.remember(&cache_name, &key)
+                })
+                .await;
+                if !matches!(remembered, Ok(Ok(()))) {
+                    warn!(agent = %name, "the registry cache could not be written");
+                }
+            }
+            bound.map(|(binding, _)| binding)
+        }
         None => {
             // A durable write: off the reactor.
             let (bind_state, bind_name, bind_spki) =

@@ -126,8 +126,9 @@ pub(super) async fn session(
 
 /// In cluster mode, claims the receiver's presence for this broker; the id
 /// of the broker that holds a receiver of that name, if another does. A
-/// cluster out of reach does not keep a receiver out: the heartbeat claims
-/// its presence once the cluster is back.
+/// claim that fails (the cluster out of reach) does not keep a receiver
+/// out: the next heartbeat claims its presence, and cuts it then if another
+/// broker turns out to hold one.
 async fn claim(state: &State, agent: &Agent) -> Option<String> {
     let cluster = state.cluster.as_ref()?;
     match cluster.claim(&agent.name, 0).await {

@@ -17,8 +17,8 @@ use tracing::{info, warn};
 
 use super::Agent;
 use super::start::{self, ReceiverLink};
-use crate::cluster::Cluster;
 use crate::cluster::wire::{RoutedAnswer, RoutedOffer, decode, encode};
+use crate::cluster::{Cluster, check_id};
 use crate::registry::Unreachable;
 use crate::shutdown::Shutdown;
 use crate::state::State;
@@ -44,7 +44,7 @@ pub(super) async fn offer(
 ) -> RoutedAnswer {
     let offline = |detail: String| failed(ErrorCode::PeerOffline, detail);
     let holder = match cluster.locate(to).await {
-        Ok(Some(p)) if p.broker != cluster.member().id => p.broker,
+        Ok(Some(p)) if p.broker != cluster.member().id && check_id(&p.broker).is_ok() => p.broker,
         Ok(_) => {
             return offline(format!(
                 "{to} is not connected as a receiver to any broker of this cluster"
@@ -129,6 +129,19 @@ pub async fn serve(
         return send(failed(
             ErrorCode::Protocol,
             "the offer must name its sender's agent and key".into(),
+        ))
+        .await;
+    }
+    // This broker's access policy holds for whoever reaches its receivers.
+    if !state.policy.allows(&routed.from, &fields.sender_fp) {
+        warn!(from = %routed.from, "routed offer from an agent not on this broker's allowlist");
+        return send(failed(
+            ErrorCode::Policy,
+            format!(
+                "{} is not on the allowlist of broker {}, which holds the receiver",
+                routed.from,
+                cluster.member().id
+            ),
         ))
         .await;
     }

@@ -1,0 +1,210 @@
+//! The cluster's shared state against a real `nats-server -js` on a free
+//! loopback port: two members of one cluster, in this process, racing for
+//! a name and fencing a receiver that moved. (The brokers' whole behaviour
+//! in a cluster, with the real binaries, is in `agent/tests/cluster.rs`.)
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt as _;
+use keyferry_broker::cluster::presence::{Claim, HOLDS_YES};
+use keyferry_broker::cluster::{Cluster, Member};
+use keyferry_broker::registry::Binding;
+use keyferry_common::identity::Fingerprint;
+use keyferry_common::name::AgentName;
+
+/// A nats-server with JetStream in a temporary store, killed (by PID) on drop.
+struct Nats {
+    child: Child,
+    store: PathBuf,
+    url: String,
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.store);
+    }
+}
+
+fn nats() -> Option<Nats> {
+    let bin = match std::env::var_os("KEYFERRY_NATS_SERVER") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/nats-venv/bin/nats-server");
+            if venv.is_file() {
+                venv
+            } else if std::env::var_os("KEYFERRY_NO_NATS").is_some() {
+                eprintln!("SKIPPED: no nats-server and KEYFERRY_NO_NATS is set");
+                return None;
+            } else {
+                panic!(
+                    "nats-server not found: set KEYFERRY_NATS_SERVER (see agent/tests/support/nats.rs)"
+                );
+            }
+        }
+    };
+    let store = std::env::temp_dir().join(format!(
+        "keyferry-cluster-state-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let _ = std::fs::remove_dir_all(&store);
+    let mut child = Command::new(bin)
+        .args(["-js", "-a", "127.0.0.1", "-p", "-1", "-sd"])
+        .arg(&store)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some((_, addr)) = line.split_once("Listening for client connections on ") {
+                let _ = tx.send(addr.trim().to_owned());
+            }
+        }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    Some(Nats {
+        child,
+        store,
+        url: format!("nats://{addr}"),
+    })
+}
+
+async fn member(nats: &Nats, id: &str) -> Cluster {
+    Cluster::join(Member {
+        url: nats.url.clone(),
+        id: id.into(),
+        advertise: format!("127.0.0.1:{}", 7000 + id.len()),
+        fingerprint: Fingerprint([id.len() as u8; 32]),
+        policy: "open".into(),
+    })
+    .await
+    .unwrap()
+}
+
+/// Answers `holds` for `member` as a running broker that holds every
+/// receiver asked about.
+async fn answer_holds(member: &Cluster) {
+    let (_offers, mut holds) = member.subscribe().await.unwrap();
+    let client = member.client().clone();
+    tokio::spawn(async move {
+        let _offers = _offers;
+        while let Some(m) = holds.next().await {
+            if let Some(reply) = m.reply {
+                let _ = client.publish(reply, HOLDS_YES.into()).await;
+            }
+        }
+    });
+}
+
+fn name(s: &str) -> AgentName {
+    AgentName::new(s).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_binding_one_name_at_the_same_moment_have_one_winner() {
+    let Some(nats) = nats() else { return };
+    let members = std::sync::Arc::new([
+        member(&nats, "one").await,
+        member(&nats, "two").await,
+        member(&nats, "three").await,
+    ]);
+    for round in 0..20 {
+        let n = name(&format!("race{round}"));
+        // Eight agents with eight keys, through three brokers, at once.
+        let tasks: Vec<_> = (0..8u8)
+            .map(|k| {
+                let (members, n) = (std::sync::Arc::clone(&members), n.clone());
+                tokio::spawn(async move {
+                    let key = vec![k; 8];
+                    let (binding, bound) =
+                        members[usize::from(k) % 3].bind(&n, &key).await.unwrap();
+                    (binding, bound, key)
+                })
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for t in tasks {
+            outcomes.push(t.await.unwrap());
+        }
+        let winners: Vec<_> = outcomes.iter().filter(|o| o.0 == Binding::New).collect();
+        assert_eq!(winners.len(), 1, "round {round}: {outcomes:?}");
+        let winner = winners[0].2.clone();
+        for (binding, bound, key) in &outcomes {
+            // Every broker reports the winner's key; every other key is refused.
+            assert_eq!(bound, &winner, "round {round}");
+            if key != &winner {
+                assert_eq!(*binding, Binding::Taken, "round {round}");
+            }
+        }
+        for m in members.iter() {
+            assert_eq!(m.bind(&n, &winner).await.unwrap().0, Binding::Known);
+            assert_eq!(m.bind(&n, b"someone else").await.unwrap().0, Binding::Taken);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_moved_is_fenced_by_revision() {
+    let Some(nats) = nats() else { return };
+    let (one, two) = (member(&nats, "one").await, member(&nats, "two").await);
+    let bob = name("bob");
+    assert_eq!(one.claim(&bob, 0).await.unwrap(), Claim::Claimed);
+    assert_eq!(one.locate(&bob).await.unwrap().unwrap().broker, "one");
+
+    // "one" does not answer whether it holds bob (it serves no subjects
+    // here, as a frozen or dead broker): "two" takes bob over.
+    assert_eq!(two.claim(&bob, 0).await.unwrap(), Claim::Claimed);
+    assert_eq!(two.locate(&bob).await.unwrap().unwrap().broker, "two");
+
+    // "two" says it holds bob; "one"'s refresh fails on the revision, and
+    // it learns that it must let bob go.
+    answer_holds(&two).await;
+    let lost = one.refresh(|| vec![bob.clone()], |_| 0).await.unwrap();
+    assert_eq!(lost, [(bob.clone(), "two".to_owned())]);
+    assert_eq!(two.locate(&bob).await.unwrap().unwrap().broker, "two");
+    // A second receiver of bob on "one" is refused while "two" holds it.
+    assert_eq!(
+        one.claim(&bob, 0).await.unwrap(),
+        Claim::HeldBy("two".into())
+    );
+
+    // "two"'s receiver leaves: the entry goes, and "one" may claim bob.
+    two.release(&bob).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while one.locate(&bob).await.unwrap().is_some() {
+        assert!(Instant::now() < deadline, "the released entry stayed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(one.claim(&bob, 0).await.unwrap(), Claim::Claimed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_broker_with_the_same_id_is_refused() {
+    let Some(nats) = nats() else { return };
+    let one = member(&nats, "one").await;
+    answer_holds(&one).await;
+    let twin = Cluster::join(Member {
+        url: nats.url.clone(),
+        id: "one".into(),
+        advertise: "127.0.0.1:9".into(),
+        fingerprint: Fingerprint([9; 32]),
+        policy: "open".into(),
+    })
+    .await;
+    let err = twin.unwrap_err().to_string();
+    assert!(err.contains("another broker with the id one"), "{err}");
+}
