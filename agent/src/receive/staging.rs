@@ -96,9 +96,18 @@ impl Staging {
         Ok(())
     }
 
-    /// Flushes everything written on the file system of the tree to disk.
+    /// Flushes everything written on the file system of the tree to disk
+    /// (`syncfs`: one call for a tree of many entries, but it also waits for
+    /// whatever else is dirty on that file system).
     pub fn sync(&self) -> io::Result<()> {
         Ok(rustix::fs::syncfs(&self.tree)?)
+    }
+
+    /// Makes the tree directory's entries, and its own entry in the staging
+    /// directory, durable.
+    pub fn sync_dirs(&self) -> io::Result<()> {
+        rustix::fs::fsync(&self.tree)?;
+        Ok(rustix::fs::fsync(&self.dir)?)
     }
 
     /// The journal, checked with `key` at `now`.

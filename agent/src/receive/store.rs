@@ -230,7 +230,10 @@ impl Sink {
                 *written = stream.total();
                 if *written >= *next_checkpoint {
                     *next_checkpoint = *written + checkpoint::EVERY;
-                    checkpoints.offer(snapshot(journal, stream));
+                    let files = tree.touched_files().map_err(storage)?;
+                    if checkpoints.offer(snapshot(journal, stream), files) {
+                        tree.handed_over();
+                    }
                 }
                 Ok(())
             }
@@ -313,7 +316,11 @@ impl Sink {
                 ..
             } => {
                 let keep = keep && written > 0 && journal.verified == written;
-                let _ = checkpoints.finish(keep.then_some(&journal));
+                let last = match tree.touched_files() {
+                    Ok(files) if keep => Some((&journal, files)),
+                    _ => None,
+                };
+                let _ = checkpoints.finish(last);
                 if !keep {
                     drop(tree.into_staging().map(|s| s.remove()));
                 }

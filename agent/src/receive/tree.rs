@@ -69,13 +69,26 @@ pub struct TreeWriter {
     open: Option<File>,
     /// Absolute offset of the next byte.
     pos: u64,
+    /// Spans written since their data was last handed over to be synced.
+    touched: Vec<bool>,
+    /// Spans written at all by this writer (synced again before placing).
+    written: Vec<bool>,
+}
+
+/// Whether a manifest is one file and nothing else: then the tree is synced
+/// file by file, never with `syncfs` (which would also wait for every other
+/// program's dirty data on that file system).
+fn one_file(m: &Manifest) -> bool {
+    matches!(&m.entries[..], [e] if e.kind != EntryKind::Dir)
 }
 
 impl TreeWriter {
     /// Starts from nothing: empties the tree, makes every directory and file
-    /// of `m` (empty), and syncs.
+    /// of `m` (empty), and syncs: a single file and its directories by
+    /// `fsync`, a tree of many entries by `syncfs`.
     pub fn fresh(mut staging: Staging, m: &Manifest) -> io::Result<Self> {
         staging.reset_tree()?;
+        let mut made = None;
         for e in &m.entries {
             let path = e.path.join("/");
             match e.kind {
@@ -83,7 +96,7 @@ impl TreeWriter {
                     rustix::fs::mkdirat(staging.tree(), path.as_str(), Mode::from_raw_mode(0o700))?
                 }
                 EntryKind::File { .. } | EntryKind::Stream => {
-                    drop(open_file(
+                    made = Some(open_file(
                         &staging,
                         &path,
                         OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
@@ -91,10 +104,19 @@ impl TreeWriter {
                 }
             }
         }
-        staging.sync()?;
+        match made {
+            Some(f) if one_file(m) => {
+                f.sync_all()?;
+                staging.sync_dirs()?;
+            }
+            _ => staging.sync()?,
+        }
+        let spans = spans(m);
         Ok(Self {
+            touched: vec![false; spans.len()],
+            written: vec![false; spans.len()],
             staging: Arc::new(staging),
-            spans: spans(m),
+            spans,
             next: 0,
             open: None,
             pos: 0,
@@ -113,11 +135,18 @@ impl TreeWriter {
             if offset < s.start.saturating_add(s.size) || s.size == u64::MAX {
                 let f = open_file(&staging, &s.path, OFlags::WRONLY)?;
                 f.set_len(keep)?;
+                if one_file(m) {
+                    f.sync_data()?;
+                }
                 next = next.min(i);
             }
         }
-        staging.sync()?;
+        if !one_file(m) {
+            staging.sync()?;
+        }
         Ok(Self {
+            touched: vec![false; spans.len()],
+            written: vec![false; spans.len()],
             staging: Arc::new(staging),
             spans,
             next,
@@ -191,21 +220,49 @@ impl TreeWriter {
             };
             let n = usize::try_from(room).unwrap_or(usize::MAX).min(data.len());
             file.write_all(&data[..n])?;
+            for flags in [&mut self.touched, &mut self.written] {
+                if let Some(f) = flags.get_mut(self.next) {
+                    *f = true;
+                }
+            }
             self.pos += n as u64;
             data = &data[n..];
         }
         Ok(())
     }
 
-    /// Syncs, then moves each top-level item into the out dir (see the
-    /// module docs) and removes the staging directory. Returns the paths
-    /// the items were placed at. The checkpoint thread must be finished.
+    /// Descriptors of the files written since the last call whose files
+    /// were [`Self::handed_over`]: what a checkpoint must sync.
+    pub fn touched_files(&self) -> io::Result<Vec<File>> {
+        self.files_of(&self.touched)
+    }
+
+    fn files_of(&self, flags: &[bool]) -> io::Result<Vec<File>> {
+        let mut out = Vec::new();
+        for (span, _) in self.spans.iter().zip(flags).filter(|(_, f)| **f) {
+            out.push(open_file(&self.staging, &span.path, OFlags::RDONLY)?);
+        }
+        Ok(out)
+    }
+
+    /// The files of [`Self::touched_files`] were handed over to be synced.
+    pub fn handed_over(&mut self) {
+        self.touched.fill(false);
+    }
+
+    /// Syncs every file this writer wrote (those a checkpoint synced
+    /// already cost little), then moves each top-level item into the out dir
+    /// (see the module docs) and removes the staging directory. Returns the
+    /// paths the items were placed at. The checkpoint thread must be
+    /// finished. Directories and empty files were synced when they were made.
     pub fn place(self, tops: &[TopLevel]) -> io::Result<Vec<PathBuf>> {
+        for f in self.files_of(&self.written)? {
+            f.sync_data()?;
+        }
         let Self { staging, open, .. } = self;
         drop(open);
         let staging = Arc::try_unwrap(staging)
             .map_err(|_| io::Error::other("the staging directory is still in use"))?;
-        staging.sync()?;
         let out = Arc::clone(staging.out());
         let mut placed: Vec<(&str, String)> = Vec::new();
         let undo = |placed: &[(&str, String)]| {
