@@ -444,7 +444,17 @@ fn five_thousand_small_files_in_twenty_directories_arrive() {
             std::fs::write(many.join(format!("d{d}/f{f}.txt")), body).unwrap();
         }
     }
-    let mut receiver = bob.receiver(&broker, out.path(), &["--once"]);
+    // The receiver may hold only 256 open files: a tree of 5,000 must never
+    // need one descriptor per file at once (to sync them, say).
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args(["-c", "ulimit -n 256 && exec \"$0\" \"$@\""])
+        .arg(support::agent_bin())
+        .args(["--broker", &broker.addr, "--name", "bob", "--home"])
+        .arg(bob.dir.path())
+        .args(["--role", "receiver", "--once", "--out-dir"])
+        .arg(out.path());
+    let mut receiver = support::Proc::spawn(cmd);
+    receiver.stdout.wait_for("receiving as", WAIT);
     let sent = send(&alice, &broker, &[&many], &[]);
     assert_eq!(sent.code, Some(0), "{sent:#?}");
     assert_eq!(json(&sent)["files"], 5000);

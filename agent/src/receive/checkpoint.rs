@@ -10,7 +10,6 @@
 //! still being written is refused, and its files stay with the writer for the
 //! next one.
 
-use std::fs::File;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
@@ -29,16 +28,21 @@ pub const EVERY: u64 = 64 << 20;
 pub struct Checkpoints {
     staging: Arc<Staging>,
     key: Arc<MacKey>,
-    tx: Option<SyncSender<(Journal, Vec<File>)>>,
+    tx: Option<SyncSender<(Journal, Vec<String>)>>,
     thread: Option<JoinHandle<()>>,
     /// Set when a checkpoint could not sync its files: the data may not be
     /// on disk, whatever a later sync says, so the transfer must fail.
     failed: Arc<AtomicBool>,
 }
 
-fn checkpoint(staging: &Staging, key: &MacKey, j: &Journal, files: &[File]) -> std::io::Result<()> {
-    for f in files {
-        f.sync_data()?;
+fn checkpoint(
+    staging: &Staging,
+    key: &MacKey,
+    j: &Journal,
+    files: &[String],
+) -> std::io::Result<()> {
+    for path in files {
+        staging.sync_file(path)?;
     }
     staging.write_journal(j, key)
 }
@@ -46,7 +50,7 @@ fn checkpoint(staging: &Staging, key: &MacKey, j: &Journal, files: &[File]) -> s
 impl Checkpoints {
     /// Starts the thread for the transfer in `staging`.
     pub fn start(staging: Arc<Staging>, key: Arc<MacKey>) -> Self {
-        let (tx, rx) = sync_channel::<(Journal, Vec<File>)>(1);
+        let (tx, rx) = sync_channel::<(Journal, Vec<String>)>(1);
         let (s, k) = (Arc::clone(&staging), Arc::clone(&key));
         let failed = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&failed);
@@ -73,7 +77,7 @@ impl Checkpoints {
 
     /// Offers a snapshot and the files written since the last one taken;
     /// whether it was taken (not if the thread is still busy).
-    pub fn offer(&self, j: Journal, files: Vec<File>) -> bool {
+    pub fn offer(&self, j: Journal, files: Vec<String>) -> bool {
         match &self.tx {
             Some(tx) => tx.try_send((j, files)).is_ok(),
             None => false,
@@ -83,7 +87,7 @@ impl Checkpoints {
     /// Stops the thread (after the checkpoints it was handed), then writes
     /// `last` if given, in this thread, after syncing its files. An error if
     /// any checkpoint could not sync its files.
-    pub fn finish(mut self, last: Option<(&Journal, Vec<File>)>) -> std::io::Result<()> {
+    pub fn finish(mut self, last: Option<(&Journal, Vec<String>)>) -> std::io::Result<()> {
         self.stop();
         if self.failed.load(Ordering::Relaxed) {
             return Err(std::io::Error::other(

@@ -103,6 +103,14 @@ impl Staging {
         Ok(rustix::fs::syncfs(&self.tree)?)
     }
 
+    /// Syncs the data of the file at `path` in the tree (opened, synced
+    /// and closed: a tree may hold more files than a process may keep open).
+    pub fn sync_file(&self, path: &str) -> io::Result<()> {
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fd = rustix::fs::openat(&self.tree, path, flags, Mode::empty())?;
+        Ok(rustix::fs::fdatasync(&fd)?)
+    }
+
     /// Makes the tree directory's entries, and its own entry in the staging
     /// directory, durable.
     pub fn sync_dirs(&self) -> io::Result<()> {

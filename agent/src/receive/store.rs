@@ -230,7 +230,7 @@ impl Sink {
                 *written = stream.total();
                 if *written >= *next_checkpoint {
                     *next_checkpoint = *written + checkpoint::EVERY;
-                    let files = tree.touched_files().map_err(storage)?;
+                    let files = tree.touched_files();
                     if checkpoints.offer(snapshot(journal, stream), files) {
                         tree.handed_over();
                     }
@@ -316,10 +316,7 @@ impl Sink {
                 ..
             } => {
                 let keep = keep && written > 0 && journal.verified == written;
-                let last = match tree.touched_files() {
-                    Ok(files) if keep => Some((&journal, files)),
-                    _ => None,
-                };
+                let last = keep.then(|| (&journal, tree.touched_files()));
                 let _ = checkpoints.finish(last);
                 if !keep {
                     drop(tree.into_staging().map(|s| s.remove()));

@@ -231,18 +231,19 @@ impl TreeWriter {
         Ok(())
     }
 
-    /// Descriptors of the files written since the last call whose files
-    /// were [`Self::handed_over`]: what a checkpoint must sync.
-    pub fn touched_files(&self) -> io::Result<Vec<File>> {
-        self.files_of(&self.touched)
+    /// The paths (in the tree) of the files written since the last call
+    /// whose files were [`Self::handed_over`]: what a checkpoint must sync.
+    pub fn touched_files(&self) -> Vec<String> {
+        self.paths_of(&self.touched)
     }
 
-    fn files_of(&self, flags: &[bool]) -> io::Result<Vec<File>> {
-        let mut out = Vec::new();
-        for (span, _) in self.spans.iter().zip(flags).filter(|(_, f)| **f) {
-            out.push(open_file(&self.staging, &span.path, OFlags::RDONLY)?);
-        }
-        Ok(out)
+    fn paths_of(&self, flags: &[bool]) -> Vec<String> {
+        self.spans
+            .iter()
+            .zip(flags)
+            .filter(|(_, f)| **f)
+            .map(|(s, _)| s.path.clone())
+            .collect()
     }
 
     /// The files of [`Self::touched_files`] were handed over to be synced.
@@ -256,8 +257,8 @@ impl TreeWriter {
     /// paths the items were placed at. The checkpoint thread must be
     /// finished. Directories and empty files were synced when they were made.
     pub fn place(self, tops: &[TopLevel]) -> io::Result<Vec<PathBuf>> {
-        for f in self.files_of(&self.written)? {
-            f.sync_data()?;
+        for path in self.paths_of(&self.written) {
+            self.staging.sync_file(&path)?;
         }
         let Self { staging, open, .. } = self;
         drop(open);
