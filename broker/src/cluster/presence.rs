@@ -155,12 +155,13 @@ impl Cluster {
     }
 
     /// One heartbeat pass over the receivers connected here (`local`, read
-    /// once the pass may write): refreshes the entries this broker holds,
-    /// claims the others (receivers that came while the cluster was away,
-    /// or whose entry expired or was taken over), and drops from `held` the
-    /// names whose receiver left. Returns the names another live broker
-    /// holds, with its id: this broker must let them go. Stops at the first
-    /// failure to reach the cluster (the next heartbeat tries again).
+    /// once the pass may write): refreshes the entries this broker holds and
+    /// claims the others (receivers that came while the cluster was away, or
+    /// whose entry expired or was taken over). A receiver that left is not
+    /// in `local`; its [`Self::release`] waits for the pass and deletes the
+    /// entry at the revision the pass wrote. Returns the names another live
+    /// broker holds, with its id: this broker must let them go. Stops at the
+    /// first failure to reach the cluster (the next heartbeat tries again).
     pub async fn refresh(
         &self,
         local: impl FnOnce() -> Vec<AgentName>,
