@@ -318,8 +318,10 @@ async fn main() -> ExitCode {
             Err(e) => return fail(e, 2),
         };
         let joined = format!(
-            "joined the cluster at {url} as broker {} ({})",
-            member.id, member.advertise
+            "joined the cluster at {} as broker {} ({})",
+            cluster::redact(url),
+            member.id,
+            member.advertise
         );
         if let Err(e) = broker.join_cluster(member).await {
             return fail(e, 1);

@@ -285,16 +285,13 @@ impl Cluster {
         .await?;
         let brokers = brokers_bucket(&js).await?;
         // A presence bucket made by someone else must still let entries expire.
-        match bounded("reading the presence bucket", presence.status()).await {
-            Ok(status) if status.max_age().is_zero() => {
-                return Err(ClusterError::Config(format!(
-                    "the bucket {PRESENCE} has no max age: its entries would never expire; \
-                     recreate it with a max age of {} s",
-                    PRESENCE_TTL.as_secs()
-                )));
-            }
-            Ok(_) => {}
-            Err(e) => return Err(e),
+        let status = bounded("reading the presence bucket", presence.status()).await?;
+        if status.max_age().is_zero() {
+            return Err(ClusterError::Config(format!(
+                "the bucket {PRESENCE} has no max age: its entries would never expire; \
+                 recreate it with a max age of {} s",
+                PRESENCE_TTL.as_secs()
+            )));
         }
         // Two live brokers with one id would overwrite each other's presence.
         let probe = async_nats::Request::new()
@@ -353,11 +350,6 @@ impl Cluster {
         )
         .await?;
         Ok((offers, holds))
-    }
-
-    /// Whether the connection to NATS is up right now.
-    pub fn connected(&self) -> bool {
-        self.client.connection_state() == async_nats::connection::State::Connected
     }
 
     /// Writes this broker's advertised address and fingerprint to the

@@ -46,14 +46,6 @@ impl Cluster {
         name: &AgentName,
         spki: &[u8],
     ) -> Result<(Binding, Vec<u8>), ClusterError> {
-        let compare = |bound: Vec<u8>| {
-            let binding = if bound == spki {
-                Binding::Known
-            } else {
-                Binding::Taken
-            };
-            (binding, bound)
-        };
         // Create first: the bucket's atomic create alone decides a race.
         let created = bounded("registering a name", async {
             match self.names.create(key(name), spki.to_vec().into()).await {
@@ -68,7 +60,8 @@ impl Cluster {
         }
         // Bound already (by this key or another): its key decides.
         match self.key_of(name).await? {
-            Some(bound) => Ok(compare(bound)),
+            Some(bound) if bound == spki => Ok((Binding::Known, bound)),
+            Some(bound) => Ok((Binding::Taken, bound)),
             None => Err(ClusterError::Contended(format!(
                 "the binding of {name} was removed while it was read; try again"
             ))),
