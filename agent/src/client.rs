@@ -358,11 +358,11 @@ mod tests {
         // A version 1 broker's words.
         let e = broker_error(
             ErrorCode::Version,
-            "protocol version 2 is not supported; this broker speaks 1".into(),
+            "protocol version 3 is not supported; this broker speaks 1".into(),
         );
         assert_eq!(
             e.to_string(),
-            "this agent speaks keyferry protocol version 2 and the broker version 1: upgrade the broker"
+            "this agent speaks keyferry protocol version 3 and the broker version 1: upgrade the broker"
         );
         assert_eq!(e.exit_code(), 1);
         // A broker of this version: its line as it is.

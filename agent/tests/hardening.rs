@@ -24,7 +24,7 @@ use keyferry_common::ids::StreamId;
 use keyferry_common::manifest::Manifest;
 use keyferry_common::name::AgentName;
 use keyferry_common::wire::message::{AbortReason, Message, RefuseReason};
-use keyferry_common::wire::record::{KeyUpdateRecord, chunk_ad, chunk_header, key_update_ad};
+use keyferry_common::wire::record::{KeyUpdateRecord, key_update_ad, seal_chunk};
 use support::evil::{Action, EvilBroker, Hooks, finish_within, flip};
 use support::hand::{self, HandSender};
 use support::{
@@ -491,11 +491,8 @@ async fn key_updates_alone_do_not_keep_a_stream_alive() {
     let (keys, sid) = (&hs.keys, hs.stream.stream_id());
 
     // One chunk of ten bytes (not the last), then two key updates.
-    let epoch0 = keys.epoch0.epoch_keys(&sid, 0);
-    let sealed = seal::seal(&epoch0, &chunk_ad(&sid, 0, 0, 0, false), &[7; 10]);
-    let mut record = chunk_header(0, 0, false, &sealed.iv, sealed.ciphertext.len()).to_vec();
-    record.extend_from_slice(&sealed.ciphertext);
-    record.extend_from_slice(&sealed.tag);
+    let epoch0 = keys.epoch0.epoch_key(&sid, 0);
+    let record = seal_chunk(&epoch0, &sid, 0, 0, 0, false, &[7; 10]);
     let key_update = |epoch: u32| Message::KeyUpdate {
         stream_id: sid,
         record: KeyUpdateRecord {

@@ -112,7 +112,7 @@ fn chunk_path(c: &mut Criterion) {
     // As the agent does it: the plaintext copied into a reused frame buffer
     // (the agent reads it there from the file), sealed in place.
     let mut buf = Vec::new();
-    g.bench_function("seal (push + AES-256-CBC + HMAC + SHA-256)", |b| {
+    g.bench_function("seal (push + AES-256-GCM + SHA-256)", |b| {
         b.iter(|| {
             let mut frame = sender
                 .chunk_frame(std::mem::take(&mut buf), plain.len())
@@ -137,7 +137,7 @@ fn chunk_path(c: &mut Criterion) {
                 .to_vec()
         })
         .collect();
-    g.bench_function("open (HMAC check + AES-256-CBC decrypt + SHA-256)", |b| {
+    g.bench_function("open (AES-256-GCM + SHA-256)", |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             let mut done = 0;

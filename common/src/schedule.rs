@@ -14,8 +14,11 @@
 //!   shared by every receiver of it), salt = stream id. Session keys: epoch 0
 //!   from the stream keys; each next one = HKDF(salt = fresh random bytes,
 //!   IKM = previous session key), so a leaked session key reveals no earlier
-//!   epoch. Each epoch's AES and HMAC keys are derived from its session key.
+//!   epoch. Each epoch's AES-256-GCM chunk key is derived from its session key.
 
+use zeroize::Zeroizing;
+
+use crate::crypto::aead::ChunkKey;
 use crate::crypto::kdf::derive;
 use crate::crypto::keys::{
     AesKey, MacKey, MasterKey, SealKeys, SessionKey, SharedSecret, StreamRoot,
@@ -54,10 +57,8 @@ pub mod label {
     pub const EPOCH_ZERO: &str = "keyferry/v2 session-0";
     /// Next session key from the previous one and fresh bytes.
     pub const SESSION_NEXT: &str = "keyferry/v2 session-next";
-    /// An epoch's chunk encryption key.
-    pub const EPOCH_AES: &str = "keyferry/v2 epoch-aes";
-    /// An epoch's chunk MAC key.
-    pub const EPOCH_MAC: &str = "keyferry/v2 epoch-mac";
+    /// An epoch's chunk key (AES-256-GCM; version 3).
+    pub const EPOCH_GCM: &str = "keyferry/v3 epoch-gcm";
 }
 
 /// Keys that seal the offer's terms.
@@ -187,14 +188,19 @@ pub fn derive_stream_keys(root: &StreamRoot, stream_id: &StreamId) -> StreamKeys
 }
 
 impl SessionKey {
-    /// The chunk keys of `epoch`, derived from this session key.
-    pub fn epoch_keys(&self, stream_id: &StreamId, epoch: u32) -> SealKeys {
-        let ctx = epoch.to_be_bytes();
-        let d = |l| derive(None, &[self.expose()], l, &stream_id.0, &ctx);
-        SealKeys {
-            aes: AesKey::from_bytes(d(label::EPOCH_AES)),
-            mac: MacKey::from_bytes(d(label::EPOCH_MAC)),
-        }
+    /// The chunk key of `epoch`, derived from this session key.
+    pub fn epoch_key(&self, stream_id: &StreamId, epoch: u32) -> ChunkKey {
+        ChunkKey::from_bytes(self.epoch_key_bytes(stream_id, epoch))
+    }
+
+    fn epoch_key_bytes(&self, stream_id: &StreamId, epoch: u32) -> Zeroizing<[u8; 32]> {
+        Zeroizing::new(derive(
+            None,
+            &[self.expose()],
+            label::EPOCH_GCM,
+            &stream_id.0,
+            &epoch.to_be_bytes(),
+        ))
     }
 
     /// The session key of `next_epoch`: HKDF(salt = fresh, IKM = this key).
@@ -239,9 +245,9 @@ mod tests {
             &[6; 32],
         );
         let k = derive_stream_keys(&StreamRoot::from_bytes([2; 32]), &sid);
-        let e0 = k.epoch0.epoch_keys(&sid, 0);
+        let e0 = k.epoch0.epoch_key_bytes(&sid, 0);
         let s1 = k.epoch0.ratchet(&[7; 32], &sid, 1);
-        let e1 = s1.epoch_keys(&sid, 1);
+        let e1 = s1.epoch_key_bytes(&sid, 1);
         let all: Vec<[u8; 32]> = vec![
             *accept.accept.expose(),
             *accept.resume.expose(),
@@ -257,11 +263,9 @@ mod tests {
             *k.manifest.mac.expose(),
             *k.trailer.aes.expose(),
             *k.trailer.mac.expose(),
-            *e0.aes.expose(),
-            *e0.mac.expose(),
+            *e0,
             *s1.expose(),
-            *e1.aes.expose(),
-            *e1.mac.expose(),
+            *e1,
         ];
         for i in 0..all.len() {
             for j in i + 1..all.len() {

@@ -1,4 +1,5 @@
-//! The version-2 handshake against a broker that edits it: the ML-KEM-768
+//! The handshake (the same in versions 2 and 3) against a broker that edits
+//! it: the ML-KEM-768
 //! encapsulation key stripped or swapped in the offer, the ciphertext
 //! stripped or swapped in the accept, shares of the wrong length, keys that
 //! are not valid points or vectors, and terms beyond their bound. Offers are
@@ -80,7 +81,7 @@ fn hand_made(p: &Parts) -> SignedOffer {
     let (afp, bfp) = (alice().fingerprint(), bob().fingerprint());
     let label: [u8; 32] = Sha256::digest(
         Encoder::new("keyferry/v2 master-key")
-            .u16(2)
+            .u16(3)
             .fixed(&tid.0)
             .fixed(&afp.0)
             .fixed(&bfp.0)
@@ -90,7 +91,7 @@ fn hand_made(p: &Parts) -> SignedOffer {
     .into();
     let wrapped = wrap::wrap_master_key(bob().public().rsa(), &label, &master);
     let mut body = Encoder::default()
-        .u16(2)
+        .u16(3)
         .fixed(&tid.0)
         .fixed(&sid.0)
         .bytes(b"alice")

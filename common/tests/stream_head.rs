@@ -262,14 +262,9 @@ fn forged_chunk(
     last: bool,
     plain: &[u8],
 ) -> Vec<u8> {
-    use keyferry_common::crypto::seal;
-    use keyferry_common::wire::record::{chunk_ad, chunk_header};
-    let keys = k.epoch0.epoch_keys(&k.stream_id, 0);
-    let s = seal::seal(&keys, &chunk_ad(&k.stream_id, 0, seq, offset, last), plain);
-    let mut record = chunk_header(0, seq, last, &s.iv, s.ciphertext.len()).to_vec();
-    record.extend_from_slice(&s.ciphertext);
-    record.extend_from_slice(&s.tag);
-    record
+    use keyferry_common::wire::record::seal_chunk;
+    let key = k.epoch0.epoch_key(&k.stream_id, 0);
+    seal_chunk(&key, &k.stream_id, 0, seq, offset, last, plain)
 }
 
 #[test]

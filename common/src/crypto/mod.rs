@@ -5,6 +5,7 @@
 //! drop, and print as `[redacted]`. Every authentication failure leaves this
 //! module as the one opaque [`AuthError`]: callers cannot learn which check failed.
 
+pub mod aead;
 pub mod cipher;
 pub mod ecdh;
 pub mod kdf;

@@ -3,8 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::crypto::keys::SealKeys;
-use crate::crypto::{random_array, seal};
+use crate::crypto::aead::{self, ChunkKey};
 use crate::wire::chunk::ChunkFrame;
 use crate::wire::frame::MAX_FRAME_LEN;
 use crate::wire::message::{self, Message};
@@ -47,7 +46,7 @@ impl ReadyFrame {
 
 /// A chunk ready to be sealed, possibly on another thread.
 pub struct ChunkJob {
-    pub(crate) keys: Arc<SealKeys>,
+    pub(crate) key: Arc<ChunkKey>,
     pub(crate) ad: Vec<u8>,
     pub(crate) epoch: u32,
     pub(crate) seq: u64,
@@ -67,14 +66,13 @@ impl std::fmt::Debug for ChunkJob {
 }
 
 impl ChunkJob {
-    /// Seals the chunk where it lies (AES-256-CBC, random IV, HMAC-SHA256) and
-    /// completes its frame.
+    /// Seals the chunk where it lies (AES-256-GCM, the nonce made of its epoch
+    /// and sequence number) and completes its frame.
     pub fn seal(mut self) -> ReadyFrame {
-        let iv = random_array();
-        let plaintext_len = self.frame.plaintext_len();
+        let nonce = aead::chunk_nonce(self.epoch, self.seq);
         let (header, ciphertext, tag) = self.frame.record_parts_mut();
-        *tag = seal::seal_in_place(&self.keys, &self.ad, &iv, ciphertext, plaintext_len);
-        *header = chunk_header(self.epoch, self.seq, self.last, &iv, ciphertext.len());
+        *tag = aead::seal_in_place(&self.key, &nonce, &self.ad, ciphertext);
+        *header = chunk_header(self.epoch, self.seq, self.last, ciphertext.len());
         ReadyFrame {
             record_at: self.frame.record_at(),
             frame: self.frame.into_bytes(),

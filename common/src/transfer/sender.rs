@@ -17,7 +17,8 @@ use zeroize::Zeroize;
 
 use super::frames::{ChunkJob, ReadyFrame};
 use super::{MAX_RECEIVERS, RekeyPolicy};
-use crate::crypto::keys::{SealKeys, SessionKey, StreamRoot};
+use crate::crypto::aead::ChunkKey;
+use crate::crypto::keys::{SessionKey, StreamRoot};
 use crate::crypto::{AuthError, mac, random_array, seal};
 use crate::encode::Encoder;
 use crate::identity::{Fingerprint, Identity};
@@ -111,7 +112,7 @@ pub struct SendStream {
     keys: StreamKeys,
     session: SessionKey,
     epoch: u32,
-    epoch_keys: Arc<SealKeys>,
+    epoch_key: Arc<ChunkKey>,
     epoch_started: Instant,
     epoch_bytes: u64,
     next_seq: u64,
@@ -166,7 +167,7 @@ impl SendStream {
     ) -> Self {
         let keys = derive_stream_keys(&root, &stream_id);
         let session = SessionKey::from_bytes(*keys.epoch0.expose());
-        let epoch_keys = Arc::new(session.epoch_keys(&stream_id, 0));
+        let epoch_key = Arc::new(session.epoch_key(&stream_id, 0));
         Self {
             stream_id,
             policy,
@@ -174,7 +175,7 @@ impl SendStream {
             keys,
             session,
             epoch: 0,
-            epoch_keys,
+            epoch_key,
             epoch_started: now,
             epoch_bytes: 0,
             next_seq: 0,
@@ -283,7 +284,7 @@ impl SendStream {
         self.session = self.session.ratchet(&fresh, &self.stream_id, epoch);
         fresh.zeroize();
         // The previous epoch's keys are erased when the last job holding them is done.
-        self.epoch_keys = Arc::new(self.session.epoch_keys(&self.stream_id, epoch));
+        self.epoch_key = Arc::new(self.session.epoch_key(&self.stream_id, epoch));
         self.epoch = epoch;
         self.epoch_started = now;
         self.epoch_bytes = 0;
@@ -389,7 +390,7 @@ impl SendStream {
         Ok(Sent {
             key_update,
             chunk: ChunkJob {
-                keys: Arc::clone(&self.epoch_keys),
+                key: Arc::clone(&self.epoch_key),
                 ad: chunk_ad(&self.stream_id, self.epoch, seq, offset, last),
                 epoch: self.epoch,
                 seq,

@@ -6,9 +6,7 @@
 //! postcard makes of `Message::Chunk`; the tests hold them to it.
 
 use super::frame::{FrameError, LEN_PREFIX, MAX_FRAME_LEN};
-use super::record::{CHUNK_HEADER_LEN, chunk_record_len};
-use crate::crypto::cipher::ciphertext_len;
-use crate::crypto::seal::TAG_LEN;
+use super::record::{CHUNK_HEADER_LEN, CHUNK_TAG_LEN, chunk_record_len};
 use crate::ids::StreamId;
 
 /// The variant index of `Message::Chunk` (its first encoded byte).
@@ -81,7 +79,7 @@ fn chunk_head(head: &[u8], len: usize) -> Option<(StreamId, usize)> {
 /// allocation in between; the buffer can be reused for the next chunk.
 ///
 /// Layout: `len u32 ‖ CHUNK_INDEX ‖ stream id[16] ‖ varint(record len) ‖
-/// record header ‖ plaintext, then padding ‖ tag`.
+/// record header ‖ plaintext (sealed in place: GCM keeps its length) ‖ tag`.
 pub struct ChunkFrame {
     buf: Vec<u8>,
     record_at: usize,
@@ -104,7 +102,7 @@ impl ChunkFrame {
         stream_id: &StreamId,
         plaintext_len: usize,
     ) -> Result<Self, FrameError> {
-        let record_len = chunk_record_len(ciphertext_len(plaintext_len));
+        let record_len = chunk_record_len(plaintext_len);
         buf.clear();
         buf.extend_from_slice(&[0; LEN_PREFIX]);
         buf.push(CHUNK_INDEX);
@@ -124,7 +122,7 @@ impl ChunkFrame {
     }
 
     fn end(&self) -> usize {
-        self.record_at + chunk_record_len(ciphertext_len(self.plaintext_len))
+        self.record_at + chunk_record_len(self.plaintext_len)
     }
 
     /// Reads the plaintext from `r` into its place, straight into the
@@ -186,15 +184,19 @@ impl ChunkFrame {
         &mut self.buf[at..at + self.plaintext_len]
     }
 
-    /// The record header slot, the ciphertext area (plaintext then room for
-    /// the padding) and the tag slot.
+    /// The record header slot, the plaintext (to become the ciphertext) and
+    /// the tag slot.
     pub(crate) fn record_parts_mut(
         &mut self,
-    ) -> (&mut [u8; CHUNK_HEADER_LEN], &mut [u8], &mut [u8; TAG_LEN]) {
+    ) -> (
+        &mut [u8; CHUNK_HEADER_LEN],
+        &mut [u8],
+        &mut [u8; CHUNK_TAG_LEN],
+    ) {
         let end = self.end();
         self.buf.resize(end, 0);
         let (header, rest) = self.buf[self.record_at..].split_at_mut(CHUNK_HEADER_LEN);
-        let (ciphertext, tag) = rest.split_at_mut(rest.len() - TAG_LEN);
+        let (ciphertext, tag) = rest.split_at_mut(rest.len() - CHUNK_TAG_LEN);
         (
             header.try_into().expect("split at the header length"),
             ciphertext,
@@ -237,10 +239,9 @@ mod tests {
             assert!(f.is_filled());
             assert_eq!(f.plaintext(), vec![9; plain_len]);
             let (header, ct, tag) = f.record_parts_mut();
-            assert_eq!(ct.len(), ciphertext_len(plain_len));
-            *header = chunk_header(7, 1 << 40, plain_len == 15, &[3; 16], ct.len());
-            ct[plain_len..].fill(6);
-            *tag = [4; 32];
+            assert_eq!(ct.len(), plain_len);
+            *header = chunk_header(7, 1 << 40, plain_len == 15, ct.len());
+            *tag = [4; 16];
             let record_at = f.record_at();
             let bytes = f.into_bytes();
             let mut record = bytes[record_at..].to_vec();

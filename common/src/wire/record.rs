@@ -8,6 +8,7 @@
 
 use thiserror::Error;
 
+use crate::crypto::aead::{self, ChunkKey};
 use crate::crypto::seal::{IV_LEN, Sealed, TAG_LEN};
 use crate::encode::{Decoder, Encoder};
 use crate::identity::Fingerprint;
@@ -20,8 +21,8 @@ pub const MAX_CHUNK: usize = 1 << 20;
 /// 256 KiB, 6 % less CPU and 4 % more throughput for 5 MiB more RSS per agent;
 /// 1 MiB gained nothing more (docs/BENCHMARKS.md).
 pub const DEFAULT_CHUNK: usize = 512 << 10;
-/// Largest chunk ciphertext (a full chunk plus a block of padding).
-pub const MAX_CHUNK_CIPHERTEXT: usize = MAX_CHUNK + 16;
+/// Largest chunk ciphertext (GCM adds no padding: a full chunk).
+pub const MAX_CHUNK_CIPHERTEXT: usize = MAX_CHUNK;
 /// Largest manifest plaintext.
 pub const MAX_MANIFEST: usize = 512 << 10;
 /// Largest sender signature in a trailer (a 4096-bit key's).
@@ -41,8 +42,8 @@ pub mod label {
     pub const MANIFEST: &str = "keyferry/v2 manifest";
     /// Hash of a manifest body (what the journal and the resume proof name).
     pub const MANIFEST_HASH: &str = "keyferry/v2 manifest-hash";
-    /// Chunk tag.
-    pub const CHUNK: &str = "keyferry/v2 chunk";
+    /// Chunk associated data (AES-256-GCM; version 3).
+    pub const CHUNK: &str = "keyferry/v3 chunk";
     /// Key-update tag.
     pub const KEY_UPDATE: &str = "keyferry/v2 key-update";
     /// Trailer tag.
@@ -59,11 +60,14 @@ pub mod label {
 pub struct MalformedRecord(pub &'static str);
 
 /// Fixed part of a chunk record before the ciphertext.
-pub const CHUNK_HEADER_LEN: usize = 4 + 8 + 1 + IV_LEN + 4;
+pub const CHUNK_HEADER_LEN: usize = 4 + 8 + 1 + 4;
+/// A chunk's GCM tag, after the ciphertext.
+pub use crate::crypto::aead::TAG_LEN as CHUNK_TAG_LEN;
 
-/// One sealed chunk: `epoch u32 ‖ seq u64 ‖ last u8 ‖ IV[16] ‖ len u32 ‖ C ‖ tag[32]`,
-/// borrowed from the bytes it was parsed from. The ciphertext is writable so
-/// the receiver can decrypt it where it lies, after the tag checked out.
+/// One sealed chunk: `epoch u32 ‖ seq u64 ‖ last u8 ‖ len u32 ‖ C ‖ tag[16]`
+/// (AES-256-GCM: `C` is as long as the plaintext), borrowed from the bytes it
+/// was parsed from. The ciphertext is writable so the receiver can decrypt it
+/// where it lies, once the tag checked out.
 #[derive(Debug, PartialEq, Eq)]
 pub struct ChunkRecord<'a> {
     /// Key epoch the chunk is sealed under.
@@ -72,12 +76,10 @@ pub struct ChunkRecord<'a> {
     pub seq: u64,
     /// Whether this is the final chunk.
     pub last: bool,
-    /// Random CBC IV.
-    pub iv: [u8; IV_LEN],
-    /// AES-256-CBC ciphertext, PKCS#7-padded.
+    /// AES-256-GCM ciphertext, as long as the plaintext.
     pub ciphertext: &'a mut [u8],
-    /// HMAC-SHA256 tag.
-    pub tag: &'a [u8; TAG_LEN],
+    /// GCM tag.
+    pub tag: &'a [u8; CHUNK_TAG_LEN],
 }
 
 /// Associated data of a chunk's tag: it binds the chunk to its stream, epoch,
@@ -98,7 +100,6 @@ pub fn chunk_header(
     epoch: u32,
     seq: u64,
     last: bool,
-    iv: &[u8; IV_LEN],
     ciphertext_len: usize,
 ) -> [u8; CHUNK_HEADER_LEN] {
     let len = u32::try_from(ciphertext_len).expect("chunks are at most 1 MiB");
@@ -106,22 +107,45 @@ pub fn chunk_header(
     h[..4].copy_from_slice(&epoch.to_be_bytes());
     h[4..12].copy_from_slice(&seq.to_be_bytes());
     h[12] = u8::from(last);
-    h[13..29].copy_from_slice(iv);
-    h[29..].copy_from_slice(&len.to_be_bytes());
+    h[13..].copy_from_slice(&len.to_be_bytes());
     h
 }
 
 /// Length of a chunk record whose ciphertext is `ciphertext_len` bytes.
 pub const fn chunk_record_len(ciphertext_len: usize) -> usize {
-    CHUNK_HEADER_LEN + ciphertext_len + TAG_LEN
+    CHUNK_HEADER_LEN + ciphertext_len + CHUNK_TAG_LEN
+}
+
+/// A whole chunk record sealed under `key`, copying `plain`: what the
+/// sender's in-place path makes, for tests and tools that forge streams.
+pub fn seal_chunk(
+    key: &ChunkKey,
+    stream_id: &StreamId,
+    epoch: u32,
+    seq: u64,
+    offset: u64,
+    last: bool,
+    plain: &[u8],
+) -> Vec<u8> {
+    let mut record = chunk_header(epoch, seq, last, plain.len()).to_vec();
+    record.extend_from_slice(plain);
+    let ad = chunk_ad(stream_id, epoch, seq, offset, last);
+    let tag = aead::seal_in_place(
+        key,
+        &aead::chunk_nonce(epoch, seq),
+        &ad,
+        &mut record[CHUNK_HEADER_LEN..],
+    );
+    record.extend_from_slice(&tag);
+    record
 }
 
 impl<'a> ChunkRecord<'a> {
-    /// Parses a record; the ciphertext must be a non-zero multiple of 16 bytes,
-    /// at most [`MAX_CHUNK_CIPHERTEXT`], and fill the record exactly.
+    /// Parses a record; the ciphertext must be at most [`MAX_CHUNK_CIPHERTEXT`]
+    /// bytes and fill the record exactly.
     pub fn parse(bytes: &'a mut [u8]) -> Result<Self, MalformedRecord> {
         let bad = MalformedRecord("chunk");
-        let (epoch, seq, last, iv, len) = {
+        let (epoch, seq, last, len) = {
             let mut d = Decoder::new(bytes);
             let epoch = d.u32().map_err(|_| bad)?;
             let seq = d.u64().map_err(|_| bad)?;
@@ -130,23 +154,18 @@ impl<'a> ChunkRecord<'a> {
                 1 => true,
                 _ => return Err(bad),
             };
-            let iv = d.array::<IV_LEN>().map_err(|_| bad)?;
             let len = d.u32().map_err(|_| bad)? as usize;
-            (epoch, seq, last, iv, len)
+            (epoch, seq, last, len)
         };
-        if len == 0 || !len.is_multiple_of(16) || len > MAX_CHUNK_CIPHERTEXT {
-            return Err(bad);
-        }
-        if bytes.len() != chunk_record_len(len) {
+        if len > MAX_CHUNK_CIPHERTEXT || bytes.len() != chunk_record_len(len) {
             return Err(bad);
         }
         let (ciphertext, tag) = bytes[CHUNK_HEADER_LEN..].split_at_mut(len);
-        let tag: &[u8; TAG_LEN] = (&*tag).try_into().map_err(|_| bad)?;
+        let tag: &[u8; CHUNK_TAG_LEN] = (&*tag).try_into().map_err(|_| bad)?;
         Ok(Self {
             epoch,
             seq,
             last,
-            iv,
             ciphertext,
             tag,
         })
@@ -438,23 +457,24 @@ mod tests {
     }
 
     fn chunk_bytes(epoch: u32, seq: u64, last: bool, ct_len: usize) -> Vec<u8> {
-        let mut b = chunk_header(epoch, seq, last, &[1; 16], ct_len).to_vec();
+        let mut b = chunk_header(epoch, seq, last, ct_len).to_vec();
         b.extend(std::iter::repeat_n(2, ct_len));
-        b.extend([3; TAG_LEN]);
+        b.extend([3; CHUNK_TAG_LEN]);
         b
     }
 
     #[test]
     fn chunk_round_trip_and_exact_layout() {
-        let mut b = chunk_bytes(7, 9, true, 16);
-        assert_eq!(b.len(), chunk_record_len(16));
-        assert_eq!(b.len(), CHUNK_HEADER_LEN + 16 + 32);
+        let mut b = chunk_bytes(7, 9, true, 5);
+        assert_eq!(b.len(), chunk_record_len(5));
+        assert_eq!(b.len(), 17 + 5 + 16);
         assert_eq!(&b[..13], &[0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 9, 1]);
-        assert_eq!(&b[13..29], &[1; 16]);
-        assert_eq!(&b[29..33], &[0, 0, 0, 16]);
+        assert_eq!(&b[13..17], &[0, 0, 0, 5]);
         let r = ChunkRecord::parse(&mut b).unwrap();
-        assert_eq!((r.epoch, r.seq, r.last, r.iv), (7, 9, true, [1; 16]));
-        assert_eq!((&*r.ciphertext, r.tag), (&[2u8; 16][..], &[3u8; 32]));
+        assert_eq!((r.epoch, r.seq, r.last), (7, 9, true));
+        assert_eq!((&*r.ciphertext, r.tag), (&[2u8; 5][..], &[3u8; 16]));
+        let mut empty = chunk_bytes(0, 0, true, 0);
+        assert_eq!(ChunkRecord::parse(&mut empty).unwrap().ciphertext.len(), 0);
     }
 
     #[test]
@@ -468,13 +488,17 @@ mod tests {
         trailing.push(0);
         assert!(ChunkRecord::parse(&mut trailing).is_err());
         assert!(ChunkRecord::parse(&mut b[..b.len() - 1].to_vec()).is_err());
-        let mut odd = b.clone();
-        odd[32] = 31; // declared ciphertext length not a multiple of 16
-        assert!(ChunkRecord::parse(&mut odd).is_err());
+        let mut longer = b.clone();
+        longer[16] = 33; // declared ciphertext longer than what follows
+        assert!(ChunkRecord::parse(&mut longer).is_err());
         let mut huge = b;
-        huge[29..33].copy_from_slice(&u32::MAX.to_be_bytes());
+        huge[13..17].copy_from_slice(&u32::MAX.to_be_bytes());
         assert!(ChunkRecord::parse(&mut huge).is_err());
         assert!(ChunkRecord::parse(&mut []).is_err());
+        let mut full = chunk_bytes(0, 0, false, MAX_CHUNK_CIPHERTEXT);
+        assert!(ChunkRecord::parse(&mut full).is_ok());
+        let mut over = chunk_bytes(0, 0, false, MAX_CHUNK_CIPHERTEXT + 1);
+        assert!(ChunkRecord::parse(&mut over).is_err());
     }
 
     #[test]

@@ -37,11 +37,11 @@ impl RecvStream {
             let root = StreamRoot::from_bytes(root);
             let keys = derive_stream_keys(&root, &s.pair.stream_id);
             let session = SessionKey::from_bytes(*keys.epoch0.expose());
-            let epoch_keys = session.epoch_keys(&s.pair.stream_id, 0);
+            let epoch_key = session.epoch_key(&s.pair.stream_id, 0);
             s.live = Some(Live {
                 keys,
                 session,
-                epoch_keys,
+                epoch_key,
             });
             s.state = State::AwaitManifest;
             Ok(())

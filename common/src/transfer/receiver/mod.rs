@@ -4,8 +4,8 @@
 //! (sealed for this receiver under its pair keys) gives the stream keys; the
 //! manifest says where the data starts (0, or the offset this receiver said it
 //! holds) and what it is. A chunk must carry the current epoch, the next
-//! sequence number and its absolute offset, and its tag is checked (in
-//! constant time, before decryption) under the current epoch's keys. A key
+//! sequence number and its absolute offset; its GCM tag is checked (in
+//! constant time, before any plaintext is used) under the current epoch's key. A key
 //! update is accepted only for exactly the next epoch at exactly the next
 //! sequence number, after a chunk of the current epoch; the retired keys are
 //! erased at once. The bytes may never exceed the declared size, and with a
@@ -20,15 +20,15 @@ mod head;
 use super::expect::Seen;
 pub use super::expect::{Expect, Resume};
 pub use super::outcome::{Opened, RecvError, TrailerVerified};
-use crate::crypto::keys::{SealKeys, SessionKey};
+use crate::crypto::aead::{self, ChunkKey};
+use crate::crypto::keys::SessionKey;
 use crate::crypto::{mac, seal};
 use crate::schedule::{PairKeys, StreamKeys};
 use crate::wire::chunk::chunk_record;
 use crate::wire::message::{Message, decode_payload};
 use crate::wire::record::{
-    CHUNK_HEADER_LEN, ChunkRecord, KEY_CT_LEN, KeyUpdateRecord, MAX_CHUNK, MAX_CHUNK_CIPHERTEXT,
-    MAX_TRAILER_PLAIN, TrailerPlain, chunk_ad, key_update_ad, parse_sealed, receipt_input,
-    trailer_ad,
+    CHUNK_HEADER_LEN, ChunkRecord, KEY_CT_LEN, KeyUpdateRecord, MAX_CHUNK, MAX_TRAILER_PLAIN,
+    TrailerPlain, chunk_ad, key_update_ad, parse_sealed, receipt_input, trailer_ad,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,7 +45,7 @@ enum State {
 struct Live {
     keys: StreamKeys,
     session: SessionKey,
-    epoch_keys: SealKeys,
+    epoch_key: ChunkKey,
 }
 
 /// The receiver's side of one transfer's stream.
@@ -259,7 +259,7 @@ impl RecvStream {
             let fresh: &[u8; 32] = fresh.as_slice().try_into().map_err(|_| RecvError::Auth)?;
             // Assigning drops (and so erases) the retired session and epoch keys.
             live.session = live.session.ratchet(fresh, &sid, expected);
-            live.epoch_keys = live.session.epoch_keys(&sid, expected);
+            live.epoch_key = live.session.epoch_key(&sid, expected);
             s.epoch = expected;
             s.epoch_first_seq = s.next_seq;
             Ok(expected)
@@ -305,27 +305,24 @@ impl RecvStream {
                 });
             }
             let declared = s.expect.declared;
-            // A chunk can never hold more than what is left of the declared size.
+            // A chunk can never hold more than what is left of the declared
+            // size (GCM keeps the length, so this needs no decryption).
             let left = declared - s.total;
-            if (rec.ciphertext.len() as u64) > left + 16 {
+            let len = rec.ciphertext.len() as u64;
+            if len > left {
                 return Err(RecvError::Length { declared });
             }
             let live = s.live.as_ref().ok_or(RecvError::Early("chunk"))?;
             let ad = chunk_ad(&s.pair.stream_id, s.epoch, s.next_seq, s.total, rec.last);
-            let plain = seal::open_in_place(
-                &live.epoch_keys,
-                &ad,
-                &rec.iv,
-                rec.ciphertext,
-                rec.tag,
-                MAX_CHUNK_CIPHERTEXT,
-            )
-            .map_err(|_| RecvError::Auth)?;
-            let len = plain.len() as u64;
+            let nonce = aead::chunk_nonce(s.epoch, s.next_seq);
+            let plain = aead::open_in_place(&live.epoch_key, &nonce, &ad, rec.ciphertext, rec.tag)
+                .map_err(|_| RecvError::Auth)?;
             // With a known size, the chunk that reaches it is the last one,
             // and only a last one may: a file of k full chunks is k chunks.
+            // Checked on the verified flag, so a flipped flag is an
+            // authentication failure, not a length error.
             let ends_right = !s.expect.size_known || rec.last == (len == left);
-            if plain.len() > MAX_CHUNK || len > left || !ends_right {
+            if plain.len() > MAX_CHUNK || !ends_right {
                 return Err(RecvError::Length { declared });
             }
             if plain.is_empty() && !rec.last {

@@ -1,0 +1,155 @@
+//! AES-256-GCM for chunks (PROTOCOL.md §3.2, §5.3): one pass that encrypts and
+//! authenticates, from ring (its VAES/CLMUL code where the CPU has it).
+//!
+//! The nonce is never random: it is the chunk's epoch and sequence number, and
+//! each epoch has its own key (§4), so a key never sees a nonce twice. Opening
+//! checks the tag (ring compares in constant time) before any plaintext is
+//! released; every failure is the same [`AuthError`].
+//!
+//! ring does not erase its expanded key schedule when a key is dropped; the
+//! 32 key bytes it was built from are erased here (docs/SECURITY.md).
+
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, Tag, UnboundKey};
+use zeroize::Zeroizing;
+
+use super::AuthError;
+
+/// GCM nonce length: `u32 epoch ‖ u64 seq`.
+pub const NONCE_LEN: usize = 12;
+/// GCM tag length; shorter tags are never made or accepted.
+pub const TAG_LEN: usize = 16;
+
+/// One epoch's chunk key, ready to seal and open.
+pub struct ChunkKey(LessSafeKey);
+
+impl std::fmt::Debug for ChunkKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChunkKey([redacted])")
+    }
+}
+
+impl ChunkKey {
+    /// Builds the key from its 32 bytes, which are erased afterwards.
+    pub fn from_bytes(bytes: Zeroizing<[u8; 32]>) -> Self {
+        let key = UnboundKey::new(&AES_256_GCM, bytes.as_slice())
+            .expect("AES-256-GCM takes exactly 32-byte keys");
+        Self(LessSafeKey::new(key))
+    }
+}
+
+/// The nonce of a chunk: `u32 epoch ‖ u64 seq`, big-endian.
+pub fn chunk_nonce(epoch: u32, seq: u64) -> [u8; NONCE_LEN] {
+    let mut n = [0u8; NONCE_LEN];
+    n[..4].copy_from_slice(&epoch.to_be_bytes());
+    n[4..].copy_from_slice(&seq.to_be_bytes());
+    n
+}
+
+/// Encrypts `buf` in place and returns the tag over `ad` and the ciphertext.
+pub fn seal_in_place(
+    key: &ChunkKey,
+    nonce: &[u8; NONCE_LEN],
+    ad: &[u8],
+    buf: &mut [u8],
+) -> [u8; TAG_LEN] {
+    let tag = key
+        .0
+        .seal_in_place_separate_tag(Nonce::assume_unique_for_key(*nonce), Aad::from(ad), buf)
+        .expect("chunks are far below GCM's 64 GiB message limit");
+    let mut out = [0u8; TAG_LEN];
+    out.copy_from_slice(tag.as_ref());
+    out
+}
+
+/// Checks `tag` over `ad` and the ciphertext in `buf`, and only if it holds
+/// decrypts `buf` in place. On failure the buffer's contents are unspecified.
+pub fn open_in_place<'a>(
+    key: &ChunkKey,
+    nonce: &[u8; NONCE_LEN],
+    ad: &[u8],
+    buf: &'a mut [u8],
+    tag: &[u8; TAG_LEN],
+) -> Result<&'a [u8], AuthError> {
+    key.0
+        .open_in_place_separate_tag(
+            Nonce::assume_unique_for_key(*nonce),
+            Aad::from(ad),
+            Tag::from(*tag),
+            buf,
+            0..,
+        )
+        .map(|plain| &*plain)
+        .map_err(|_| AuthError)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unhex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// The AES-256 test cases 13 and 14 of McGrew and Viega, "The Galois/Counter
+    /// Mode of Operation (GCM)": zero key, zero 96-bit IV.
+    #[test]
+    fn known_answers() {
+        let key = ChunkKey::from_bytes(Zeroizing::new([0; 32]));
+        let mut empty = [];
+        assert_eq!(
+            seal_in_place(&key, &[0; 12], b"", &mut empty).to_vec(),
+            unhex("530f8afbc74536b9a963b4f1c4cb738b")
+        );
+        let mut block = [0u8; 16];
+        let tag = seal_in_place(&key, &[0; 12], b"", &mut block);
+        assert_eq!(block.to_vec(), unhex("cea7403d4d606b6e074ec5d3baf39d18"));
+        assert_eq!(tag.to_vec(), unhex("d0d1c8a799996bf0265b98b5d48ab919"));
+        assert_eq!(
+            open_in_place(&key, &[0; 12], b"", &mut block, &tag).unwrap(),
+            [0; 16]
+        );
+    }
+
+    #[test]
+    fn every_single_bit_flip_is_refused() {
+        let key = ChunkKey::from_bytes(Zeroizing::new([3; 32]));
+        let nonce = chunk_nonce(7, 1 << 40);
+        assert_eq!(&nonce[..4], &[0, 0, 0, 7]);
+        let mut ct = b"hello world, sealed".to_vec();
+        let tag = seal_in_place(&key, &nonce, b"ad", &mut ct);
+        let opens = |nonce: &[u8; 12], ad: &[u8], ct: &[u8], tag: &[u8; 16]| {
+            let mut buf = ct.to_vec();
+            open_in_place(&key, nonce, ad, &mut buf, tag).map(<[u8]>::to_vec)
+        };
+        assert_eq!(
+            opens(&nonce, b"ad", &ct, &tag).unwrap(),
+            b"hello world, sealed"
+        );
+        for i in 0..ct.len() * 8 {
+            let mut bad = ct.clone();
+            bad[i / 8] ^= 1 << (i % 8);
+            assert_eq!(opens(&nonce, b"ad", &bad, &tag), Err(AuthError));
+        }
+        for i in 0..TAG_LEN * 8 {
+            let mut bad = tag;
+            bad[i / 8] ^= 1 << (i % 8);
+            assert_eq!(opens(&nonce, b"ad", &ct, &bad), Err(AuthError));
+        }
+        for i in 0..NONCE_LEN * 8 {
+            let mut bad = nonce;
+            bad[i / 8] ^= 1 << (i % 8);
+            assert_eq!(opens(&bad, b"ad", &ct, &tag), Err(AuthError));
+        }
+        assert_eq!(opens(&nonce, b"ae", &ct, &tag), Err(AuthError));
+        assert_eq!(opens(&nonce, b"ad", &ct[1..], &tag), Err(AuthError));
+        let other = ChunkKey::from_bytes(Zeroizing::new([4; 32]));
+        let mut buf = ct.clone();
+        assert_eq!(
+            open_in_place(&other, &nonce, b"ad", &mut buf, &tag),
+            Err(AuthError)
+        );
+    }
+}
