@@ -199,6 +199,6 @@ cat <<TABLE
 | peak RSS sender / receiver | $((send_rss / 1024)) MiB / $((recv_rss / 1024)) MiB |
 | peak RSS broker | $((broker_rss / 1024)) MiB |
 | 1 KiB file end to end (connect, auth, offer, transfer, receipt), median of ${latency_runs} | $(awk -v s="$lat" 'BEGIN { printf "%.0f ms", s * 1000 }') |
-| one core through the protocol's code (SHA-256 of the stream, AES-256-CBC, HMAC, frames) | ${seal_speed} |
+| one core through the protocol's code (SHA-256 of the stream, AES-256-GCM, frames) | ${seal_speed} |
 | CPU instructions for AES and SHA-256 present | ${cpu_paths:-none (the crypto runs on portable code: expect about 35 MB/s)} |
 TABLE

@@ -1,6 +1,6 @@
 //! One core's speed at sealing and opening a stream through the protocol's own
-//! code (sequence numbers, SHA-256 of the whole stream, AES-256-CBC, HMAC-SHA256,
-//! the chunk frame). `scripts/bench.sh` prints it to show that the hardware
+//! code (sequence numbers, SHA-256 of the whole stream, AES-256-GCM, the chunk
+//! frame). `scripts/bench.sh` prints it to show that the hardware
 //! AES and SHA paths are in use: without them sealing falls to about 35 MB/s.
 //!
 //! `cargo run --release --example seal_speed [MiB]` (default 256).

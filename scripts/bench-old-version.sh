@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# Protocol version 1 against version 2, in one run, alternating rounds
-# (v1, v2, v1, v2 …): the end-to-end time of a 1 KiB file (sender start to its
-# verified receipt, so it includes the process start, TLS, both RSA operations
-# and, in version 2, ML-KEM) and the throughput of a 1 GiB file, with the CPU
-# time per byte of sender, receiver and broker. Medians; ratios v2 / v1.
+# An older protocol version against this tree, in one run, alternating rounds
+# (old, new, old, new …): the end-to-end time of a 1 KiB file (sender start to
+# its verified receipt, so it includes the process start, TLS, both RSA
+# operations and ML-KEM) and the throughput of a 1 GiB file, with the CPU time
+# per byte of sender, receiver and broker. Medians; ratios new / old.
 #
-#   scripts/bench-versions.sh                     1 GiB, 5 rounds, 15 latency runs
-#   SIZE_MIB=256 RUNS=3 LATENCY_RUNS=9 scripts/bench-versions.sh
+#   scripts/bench-old-version.sh          version 2 (565ad4b) against this tree (3)
+#   SIZE_MIB=256 RUNS=3 LATENCY_RUNS=9 scripts/bench-old-version.sh
+#   OLD_COMMIT=eea02f7 OLD_VERSION=1 scripts/bench-old-version.sh
 #
-# Builds both in release (version 1 from V1_COMMIT in a temporary worktree,
-# into target/v1). Everything on 127.0.0.1; stopped by PID at the end.
+# Builds both in release (the old one from OLD_COMMIT in a temporary worktree,
+# into target/vN). Everything on 127.0.0.1; stopped by PID at the end.
 set -euo pipefail
-V1_COMMIT=${V1_COMMIT:-eea02f7}
+OLD_COMMIT=${OLD_COMMIT:-565ad4b}
+OLD_VERSION=${OLD_VERSION:-2}
 size_mib=${SIZE_MIB:-1024}
 runs=${RUNS:-5}
 latency_runs=${LATENCY_RUNS:-15}
@@ -22,17 +24,17 @@ pids=()
 cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    git -C "$root" worktree remove --force "$work/v1src" 2>/dev/null || true
+    git -C "$root" worktree remove --force "$work/oldsrc" 2>/dev/null || true
     rm -rf "$work"
 }
 trap cleanup EXIT
 [ -x /usr/bin/time ] || { apt-get update -qq >/dev/null; apt-get install -y -qq time >/dev/null; }
 
-echo "building version 1 ($V1_COMMIT) and version 2 (this tree), release" >&2
-git worktree add --quiet --detach "$work/v1src" "$V1_COMMIT"
-(cd "$work/v1src" && CARGO_TARGET_DIR="$root/target/v1" cargo build --release --quiet --bins)
+echo "building version $OLD_VERSION ($OLD_COMMIT) and this tree, release" >&2
+git worktree add --quiet --detach "$work/oldsrc" "$OLD_COMMIT"
+(cd "$work/oldsrc" && CARGO_TARGET_DIR="$root/target/v$OLD_VERSION" cargo build --release --quiet --bins)
 cargo build --release --quiet --bins
-declare -A bin=([1]="$root/target/v1/release" [2]="$root/target/release")
+declare -A bin=([old]="$root/target/v$OLD_VERSION/release" [new]="$root/target/release")
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 now() { date +%s.%N; }
@@ -42,7 +44,7 @@ hz=$(getconf CLK_TCK)
 home() { mkdir -p "$1"; chmod 700 "$1"; cp "common/tests/fixtures/$2.pem" "$1/identity.pem"; chmod 600 "$1/identity.pem"; }
 
 declare -A port broker_pid receiver_pid
-for v in 1 2; do
+for v in old new; do
     port[$v]=$(free_port)
     "${bin[$v]}/broker" --listen "127.0.0.1:${port[$v]}" --data-dir "$work/b$v" >"$work/b$v.log" 2>&1 &
     broker_pid[$v]=$!; pids+=($!)
@@ -52,7 +54,7 @@ sleep 1
 # receiver decrypt only 6 offers a minute (PROTOCOL.md §9).
 alice_fp="SHA256:$(openssl pkey -in common/tests/fixtures/alice.pem -pubout -outform DER 2>/dev/null \
     | openssl dgst -sha256 -binary | base64 | tr -d '=')"
-for v in 1 2; do
+for v in old new; do
     home "$work/alice$v" alice; home "$work/bob$v" bob; mkdir -p "$work/out$v"
     echo "alice $alice_fp $(($(date +%s) - 2 * 86400))" >"$work/bob$v/known_peers"; chmod 600 "$work/bob$v/known_peers"
     "${bin[$v]}/agent" --broker "127.0.0.1:${port[$v]}" --home "$work/bob$v" --name bob \
@@ -60,7 +62,7 @@ for v in 1 2; do
     receiver_pid[$v]=$!; pids+=($!)
 done
 for _ in $(seq 100); do
-    grep -q "receiving as" "$work/r1.log" 2>/dev/null && grep -q "receiving as" "$work/r2.log" 2>/dev/null && break
+    grep -q "receiving as" "$work/rold.log" 2>/dev/null && grep -q "receiving as" "$work/rnew.log" 2>/dev/null && break
     sleep 0.1
 done
 
@@ -89,29 +91,31 @@ send() { # send VERSION FILE: runs the sender; prints "seconds sender_cpu_s rece
 
 echo "1 KiB latency: $latency_runs alternating rounds" >&2
 for i in $(seq "$latency_runs"); do
-    for v in 1 2; do send "$v" "$work/small.bin" | awk '{ print $1 }' >>"$work/lat$v"; done
+    for v in old new; do send "$v" "$work/small.bin" | awk '{ print $1 }' >>"$work/lat$v"; done
 done
 echo "${size_mib} MiB: $runs alternating rounds" >&2
 for i in $(seq "$runs"); do
-    for v in 1 2; do send "$v" "$work/big.bin" >>"$work/big$v"; done
-    cmp -s "$work/big.bin" "$work/out2/big.bin" || { echo "version 2 copy differs" >&2; exit 1; }
+    for v in old new; do send "$v" "$work/big.bin" >>"$work/big$v"; done
+    for v in old new; do
+        cmp -s "$work/big.bin" "$work/out$v/big.bin" || { echo "the $v copy differs" >&2; exit 1; }
+    done
 done
 
 col() { awk -v c="$1" '{ print $c }' "$2" | median; }
-printf '\n| | version 1 | version 2 | v2 / v1 |\n|---|---|---|---|\n'
-l1=$(median <"$work/lat1"); l2=$(median <"$work/lat2")
+printf '\n| | version %s (%s) | this tree | new / old |\n|---|---|---|---|\n' "$OLD_VERSION" "$OLD_COMMIT"
+l1=$(median <"$work/latold"); l2=$(median <"$work/latnew")
 printf '| 1 KiB end to end, median of %s (ms) | %.1f | %.1f | %.2f |\n' "$latency_runs" \
     "$(awk -v x="$l1" 'BEGIN{print x*1000}')" "$(awk -v x="$l2" 'BEGIN{print x*1000}')" "$(awk -v a="$l1" -v b="$l2" 'BEGIN{print b/a}')"
-t1=$(col 1 "$work/big1"); t2=$(col 1 "$work/big2")
+t1=$(col 1 "$work/bigold"); t2=$(col 1 "$work/bignew")
 m1=$(awk -v b="$bytes" -v t="$t1" 'BEGIN { print b / t / 1e6 }'); m2=$(awk -v b="$bytes" -v t="$t2" 'BEGIN { print b / t / 1e6 }')
 printf '| %s MiB, median of %s (MB/s) | %.0f | %.0f | %.2f |\n' "$size_mib" "$runs" "$m1" "$m2" "$(awk -v a="$m1" -v b="$m2" 'BEGIN{print b/a}')"
 for c in 2:sender 3:receiver 4:broker; do
     n=${c%%:*}; role=${c##*:}
-    a=$(col "$n" "$work/big1"); b=$(col "$n" "$work/big2")
+    a=$(col "$n" "$work/bigold"); b=$(col "$n" "$work/bignew")
     printf '| %s CPU per byte (ns/B) | %.2f | %.2f | %.2f |\n' "$role" \
         "$(awk -v s="$a" -v b="$bytes" 'BEGIN{print s*1e9/b}')" "$(awk -v s="$b" -v b="$bytes" 'BEGIN{print s*1e9/b}')" \
         "$(awk -v a="$a" -v b="$b" 'BEGIN{ if (a > 0) print b/a; else print 0 }')"
 done
 echo
-echo "raw (seconds sender_cpu receiver_cpu broker_cpu), v1:"; cat "$work/big1"
-echo "v2:"; cat "$work/big2"
+echo "raw (seconds sender_cpu receiver_cpu broker_cpu), old:"; cat "$work/bigold"
+echo "new:"; cat "$work/bignew"
