@@ -296,3 +296,48 @@ mod tests {
         assert_ne!(base, derive_with(other_k, 5));
     }
 }
+
+#[cfg(test)]
+mod chunk_vector {
+    use super::*;
+    use crate::wire::record::{chunk_ad, seal_chunk};
+
+    /// The version 3 chunk example of PROTOCOL.md §5.3, from the stream root
+    /// to the record: a second implementation can check its HKDF, AD and GCM
+    /// against these bytes.
+    #[test]
+    fn the_protocol_md_chunk_example() {
+        let sid = StreamId([0x22; 16]);
+        let keys = derive_stream_keys(&StreamRoot::from_bytes([0x11; 32]), &sid);
+        let g0 = keys.epoch0.epoch_key_bytes(&sid, 0);
+        let ad = chunk_ad(&sid, 0, 0, 0, true);
+        let record = seal_chunk(
+            &keys.epoch0.epoch_key(&sid, 0),
+            &sid,
+            0,
+            0,
+            0,
+            true,
+            b"hello",
+        );
+        // Checked against an implementation from the text alone
+        // (scripts/chunk-vector.py, Python's `cryptography`).
+        assert_eq!(
+            hex::encode(keys.epoch0.expose()),
+            "77ed786f2765095c67517a270c75927d13b3462b9dd89972e824d84915f19d7b"
+        );
+        assert_eq!(
+            hex::encode(*g0),
+            "7c0173b637a240cf879f471523b61cce3f624808a3cf1e8d364488b4341df76f"
+        );
+        assert_eq!(
+            hex::encode(&ad),
+            "116b657966657272792f7633206368756e6b2222222222222222222222222222\
+             2222000000000000000000000000000000000000000001"
+        );
+        assert_eq!(
+            hex::encode(&record),
+            "000000000000000000000000010000000566dbc8c8e4dbfb289c7b3411ffe5c6e787658e8887"
+        );
+    }
+}

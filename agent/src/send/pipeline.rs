@@ -1,6 +1,6 @@
 //! The sender's pipeline: one blocking thread reads the file and feeds the
 //! [`SendStream`] in order (sequence numbers, rekeying, SHA-256), a pool of
-//! sealing threads encrypts and MACs the chunks in parallel, and the writer
+//! sealing threads seals the chunks (AES-256-GCM) in parallel, and the writer
 //! task puts the frames on the data connection in order. Every queue is
 //! bounded, so a slow receiver slows the reader instead of growing a buffer;
 //! frame buffers go back to the reader once written.
@@ -98,8 +98,8 @@ pub(super) struct Upload<'a> {
 /// end, and the trailer signed for `receivers`.
 ///
 /// One blocking thread reads the files and feeds the [`SendStream`] in order
-/// (sequence numbers, rekeying, SHA-256); sealing threads encrypt and MAC the
-/// chunks in parallel; this task writes them back in order. Every queue is
+/// (sequence numbers, rekeying, SHA-256); sealing threads seal the chunks
+/// (AES-256-GCM) in parallel; this task writes them back in order. Every queue is
 /// bounded, so a slow receiver slows the reader.
 pub(super) async fn stream_out(
     ctx: &Ctx,

@@ -1,15 +1,15 @@
-//! AES-256-GCM for chunks (PROTOCOL.md §3.2, §5.3): one pass that encrypts and
-//! authenticates, from ring (its VAES/CLMUL code where the CPU has it).
+//! AES-256-GCM for chunks (PROTOCOL.md §3.1, §5.3): RustCrypto's `aes-gcm`
+//! over the `aes` crate that also serves CBC (AES-NI/VAES detected at run
+//! time), with its `zeroize` feature: the key schedule and the GHASH key are
+//! erased when a [`ChunkKey`] is dropped, like every other key here.
 //!
 //! The nonce is never random: it is the chunk's epoch and sequence number, and
 //! each epoch has its own key (§4), so a key never sees a nonce twice. Opening
-//! checks the tag (ring compares in constant time) before any plaintext is
-//! released; every failure is the same [`AuthError`].
-//!
-//! ring does not erase its expanded key schedule when a key is dropped; the
-//! 32 key bytes it was built from are erased here (docs/SECURITY.md).
+//! computes the tag over the ciphertext, compares it in constant time, and only
+//! then decrypts; every failure is the same [`AuthError`].
 
-use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, Tag, UnboundKey};
+use aes_gcm::aead::{AeadInOut, KeyInit};
+use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use zeroize::Zeroizing;
 
 use super::AuthError;
@@ -19,8 +19,8 @@ pub const NONCE_LEN: usize = 12;
 /// GCM tag length; shorter tags are never made or accepted.
 pub const TAG_LEN: usize = 16;
 
-/// One epoch's chunk key, ready to seal and open.
-pub struct ChunkKey(LessSafeKey);
+/// One epoch's chunk key, ready to seal and open; erased on drop.
+pub struct ChunkKey(Aes256Gcm);
 
 impl std::fmt::Debug for ChunkKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -31,9 +31,7 @@ impl std::fmt::Debug for ChunkKey {
 impl ChunkKey {
     /// Builds the key from its 32 bytes, which are erased afterwards.
     pub fn from_bytes(bytes: Zeroizing<[u8; 32]>) -> Self {
-        let key = UnboundKey::new(&AES_256_GCM, bytes.as_slice())
-            .expect("AES-256-GCM takes exactly 32-byte keys");
-        Self(LessSafeKey::new(key))
+        Self(Aes256Gcm::new_from_slice(bytes.as_slice()).expect("AES-256 keys are 32 bytes"))
     }
 }
 
@@ -52,17 +50,14 @@ pub fn seal_in_place(
     ad: &[u8],
     buf: &mut [u8],
 ) -> [u8; TAG_LEN] {
-    let tag = key
-        .0
-        .seal_in_place_separate_tag(Nonce::assume_unique_for_key(*nonce), Aad::from(ad), buf)
-        .expect("chunks are far below GCM's 64 GiB message limit");
-    let mut out = [0u8; TAG_LEN];
-    out.copy_from_slice(tag.as_ref());
-    out
+    key.0
+        .encrypt_inout_detached(&Nonce::from(*nonce), ad, buf.into())
+        .expect("chunks are far below GCM's 64 GiB message limit")
+        .into()
 }
 
 /// Checks `tag` over `ad` and the ciphertext in `buf`, and only if it holds
-/// decrypts `buf` in place. On failure the buffer's contents are unspecified.
+/// decrypts `buf` in place. On failure the buffer is left as it was.
 pub fn open_in_place<'a>(
     key: &ChunkKey,
     nonce: &[u8; NONCE_LEN],
@@ -71,15 +66,14 @@ pub fn open_in_place<'a>(
     tag: &[u8; TAG_LEN],
 ) -> Result<&'a [u8], AuthError> {
     key.0
-        .open_in_place_separate_tag(
-            Nonce::assume_unique_for_key(*nonce),
-            Aad::from(ad),
-            Tag::from(*tag),
-            buf,
-            0..,
+        .decrypt_inout_detached(
+            &Nonce::from(*nonce),
+            ad,
+            (&mut *buf).into(),
+            &Tag::from(*tag),
         )
-        .map(|plain| &*plain)
-        .map_err(|_| AuthError)
+        .map_err(|_| AuthError)?;
+    Ok(buf)
 }
 
 #[cfg(test)]

@@ -48,7 +48,7 @@ secret!(
     32
 );
 secret!(
-    /// A session key: the root of one epoch's AES and HMAC keys.
+    /// A session key: the root of one epoch's chunk key (AES-256-GCM).
     SessionKey,
     32
 );

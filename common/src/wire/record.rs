@@ -117,7 +117,9 @@ pub const fn chunk_record_len(ciphertext_len: usize) -> usize {
 }
 
 /// A whole chunk record sealed under `key`, copying `plain`: what the
-/// sender's in-place path makes, for tests and tools that forge streams.
+/// sender's in-place path makes, for tests that forge streams. A sender
+/// never calls it: nothing here stops a caller from reusing a nonce.
+#[doc(hidden)]
 pub fn seal_chunk(
     key: &ChunkKey,
     stream_id: &StreamId,
