@@ -1,16 +1,21 @@
-//! AES-256-GCM for chunks (PROTOCOL.md §3.1, §5.3): RustCrypto's `aes-gcm`
-//! over the `aes` crate that also serves CBC (AES-NI/VAES detected at run
-//! time), with its `zeroize` feature: the key schedule and the GHASH key are
-//! erased when a [`ChunkKey`] is dropped, like every other key here.
+//! AES-256-GCM for chunks (PROTOCOL.md §3.1, §5.3), from ring (its VAES and
+//! carry-less-multiply code where the CPU has them).
+//!
+//! A [`ChunkKey`] owns only the epoch's 32 key bytes, erased on drop like every
+//! key here. ring does not erase its expanded keys (AES round keys, GHASH
+//! table), so none is kept: each seal or open builds ring's key on the stack
+//! of the calling thread for that one chunk (a fraction of a microsecond
+//! against about 100 µs of work) and drops it on return, where the next
+//! chunk's overwrites it (docs/SECURITY.md).
 //!
 //! The nonce is never random: it is the chunk's epoch and sequence number, and
-//! each epoch has its own key (§4), so a key never sees a nonce twice. Opening
-//! computes the tag over the ciphertext, compares it in constant time, and only
-//! then decrypts; every failure is the same [`AuthError`].
+//! each epoch has its own key (§4), so a key never sees a nonce twice. ring
+//! decrypts and authenticates in one pass, compares the tag in constant time,
+//! and wipes the output if it fails: no plaintext leaves [`open_in_place`]
+//! unless the tag verified. Every failure is the same [`AuthError`].
 
-use aes_gcm::aead::{AeadInOut, KeyInit};
-use aes_gcm::{Aes256Gcm, Nonce, Tag};
-use zeroize::Zeroizing;
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, Tag, UnboundKey};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use super::AuthError;
 
@@ -19,8 +24,9 @@ pub const NONCE_LEN: usize = 12;
 /// GCM tag length; shorter tags are never made or accepted.
 pub const TAG_LEN: usize = 16;
 
-/// One epoch's chunk key, ready to seal and open; erased on drop.
-pub struct ChunkKey(Aes256Gcm);
+/// One epoch's chunk key: its 32 bytes, erased on drop.
+#[derive(Zeroize, ZeroizeOnDrop)]
+pub struct ChunkKey([u8; 32]);
 
 impl std::fmt::Debug for ChunkKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -29,9 +35,16 @@ impl std::fmt::Debug for ChunkKey {
 }
 
 impl ChunkKey {
-    /// Builds the key from its 32 bytes, which are erased afterwards.
+    /// Takes the key's 32 bytes (the caller's copy is erased as it drops).
     pub fn from_bytes(bytes: Zeroizing<[u8; 32]>) -> Self {
-        Self(Aes256Gcm::new_from_slice(bytes.as_slice()).expect("AES-256 keys are 32 bytes"))
+        Self(*bytes)
+    }
+
+    /// ring's key for one call, on the caller's stack.
+    fn ring(&self) -> LessSafeKey {
+        LessSafeKey::new(
+            UnboundKey::new(&AES_256_GCM, &self.0).expect("AES-256-GCM takes 32-byte keys"),
+        )
     }
 }
 
@@ -50,14 +63,18 @@ pub fn seal_in_place(
     ad: &[u8],
     buf: &mut [u8],
 ) -> [u8; TAG_LEN] {
-    key.0
-        .encrypt_inout_detached(&Nonce::from(*nonce), ad, buf.into())
-        .expect("chunks are far below GCM's 64 GiB message limit")
-        .into()
+    let tag = key
+        .ring()
+        .seal_in_place_separate_tag(Nonce::assume_unique_for_key(*nonce), Aad::from(ad), buf)
+        .expect("chunks are far below GCM's 64 GiB message limit");
+    let mut out = [0u8; TAG_LEN];
+    out.copy_from_slice(tag.as_ref());
+    out
 }
 
-/// Checks `tag` over `ad` and the ciphertext in `buf`, and only if it holds
-/// decrypts `buf` in place. On failure the buffer is left as it was.
+/// Opens `buf` in place: returns the plaintext only if `tag` verifies over
+/// `ad` and the ciphertext. On failure the buffer's contents are unspecified
+/// (ring wipes them) and must be discarded.
 pub fn open_in_place<'a>(
     key: &ChunkKey,
     nonce: &[u8; NONCE_LEN],
@@ -65,15 +82,16 @@ pub fn open_in_place<'a>(
     buf: &'a mut [u8],
     tag: &[u8; TAG_LEN],
 ) -> Result<&'a [u8], AuthError> {
-    key.0
-        .decrypt_inout_detached(
-            &Nonce::from(*nonce),
-            ad,
-            (&mut *buf).into(),
-            &Tag::from(*tag),
+    key.ring()
+        .open_in_place_separate_tag(
+            Nonce::assume_unique_for_key(*nonce),
+            Aad::from(ad),
+            Tag::from(*tag),
+            buf,
+            0..,
         )
-        .map_err(|_| AuthError)?;
-    Ok(buf)
+        .map(|plain| &*plain)
+        .map_err(|_| AuthError)
 }
 
 #[cfg(test)]
