@@ -13,7 +13,7 @@ use keyferry_common::io::connection::{ConnError, Connection, FrameReader, FrameW
 use keyferry_common::io::tls::{self, PinOutcome, PinningVerifier};
 use keyferry_common::name::AgentName;
 use keyferry_common::wire::frame::MAX_FRAME_LEN;
-use keyferry_common::wire::message::{ErrorCode, Message, Role};
+use keyferry_common::wire::message::{ErrorCode, Message, Role, ticket_address_ok};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -290,9 +290,6 @@ pub async fn await_ticket(
     }
 }
 
-/// Longest data-connection address a ticket may name.
-const MAX_ADDRESS: usize = 255;
-
 /// Opens the plain data connection of transfer `tid` with the broker's
 /// ticket: to the broker itself, or to the address the ticket names (another
 /// broker of a cluster; the stream is sealed end to end either way).
@@ -319,7 +316,7 @@ pub async fn open_upload(
     }
     let addr = if first.address.is_empty() {
         ctx.broker.clone()
-    } else if first.address.len() <= MAX_ADDRESS && !first.address.chars().any(char::is_control) {
+    } else if ticket_address_ok(&first.address) {
         first.address.clone()
     } else {
         return Err(AgentError::Protocol(

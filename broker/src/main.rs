@@ -188,15 +188,7 @@ fn member(
             ));
         }
     };
-    let port_ok = advertise
-        .rsplit_once(':')
-        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
-    if !port_ok
-        || advertise.len() > 255
-        || advertise
-            .chars()
-            .any(|c| c.is_control() || c.is_whitespace())
-    {
+    if !keyferry_common::wire::message::advertised_address_ok(&advertise) {
         return Err(format!(
             "--advertise {:?} must be HOST:PORT, at most 255 characters, without spaces",
             keyferry_common::text::escape(&advertise)
@@ -222,12 +214,8 @@ async fn list_brokers(url: &str) -> ExitCode {
         Ok(brokers) => {
             let mut out = std::io::stdout().lock();
             for (id, line) in brokers {
-                let mut words = line.split_whitespace();
-                let (Some(addr), Some(fp)) = (words.next(), words.next()) else {
-                    continue;
-                };
-                let policy = words.next().unwrap_or("policy=?");
-                let _ = writeln!(out, "# broker {id} {policy}\n{addr} {fp} {now}");
+                let (addr, fp, policy) = (line.address, line.fingerprint, line.policy);
+                let _ = writeln!(out, "# broker {id} policy={policy}\n{addr} {fp} {now}");
             }
             ExitCode::SUCCESS
         }

@@ -29,6 +29,8 @@ use keyferry_common::identity::Fingerprint;
 use keyferry_common::name::AgentName;
 use tracing::{info, warn};
 
+use self::wire::BrokerLine;
+
 /// How long one call to the cluster may take before it counts as failed.
 pub const OP_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often a broker refreshes the presence of its receivers.
@@ -154,19 +156,17 @@ async fn brokers_bucket(js: &jetstream::Context) -> Result<kv::Store, ClusterErr
     .await
 }
 
-/// Every broker that announced itself in the cluster at `url`, as
-/// `(id, "ADDRESS SHA256:… policy=…")`, sorted by id.
-pub async fn list_brokers(url: &str) -> Result<Vec<(String, String)>, ClusterError> {
+/// Every broker that announced itself in the cluster at `url` with a valid
+/// entry, sorted by id.
+pub async fn list_brokers(url: &str) -> Result<Vec<(String, BrokerLine)>, ClusterError> {
     let (_client, js) = connect(url, "list").await?;
     let all = read_brokers(&brokers_bucket(&js).await?).await?;
     Ok(all.into_iter().map(|(id, line, _)| (id, line)).collect())
 }
 
-/// Longest entry of the brokers bucket that is believed.
-const MAX_BROKER_ENTRY: usize = 1024;
-
-/// The brokers bucket: `(id, line, seconds since the broker last wrote it)`.
-async fn read_brokers(brokers: &kv::Store) -> Result<Vec<(String, String, i64)>, ClusterError> {
+/// The brokers bucket's valid entries: `(id, line, seconds since the broker
+/// last wrote it)`. An entry that does not parse is skipped.
+async fn read_brokers(brokers: &kv::Store) -> Result<Vec<(String, BrokerLine, i64)>, ClusterError> {
     use futures_util::StreamExt as _;
     let keys = bounded("listing brokers", brokers.keys()).await?;
     let ids: Vec<String> = tokio::time::timeout(
@@ -184,13 +184,14 @@ async fn read_brokers(brokers: &kv::Store) -> Result<Vec<(String, String, i64)>,
         let Some(e) = entry.filter(|e| e.operation == kv::Operation::Put) else {
             continue;
         };
-        if check_id(&id).is_err() || e.value.len() > MAX_BROKER_ENTRY {
+        let line = BrokerLine::parse(&e.value);
+        let Some(line) = line.filter(|_| check_id(&id).is_ok()) else {
+            warn!(broker = %keyferry_common::text::escape(&id), "a malformed entry in the brokers bucket is ignored");
             continue;
-        }
-        let line = keyferry_common::text::escape(&String::from_utf8_lossy(&e.value));
+        };
         out.push((id, line, now.saturating_sub(e.created.unix_timestamp())));
     }
-    out.sort();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
 }
 
@@ -356,10 +357,14 @@ impl Cluster {
     /// brokers bucket (at start and with every heartbeat).
     pub async fn announce(&self) -> Result<(), ClusterError> {
         let m = &self.member;
-        let line = format!("{} {} policy={}", m.advertise, m.fingerprint, m.policy);
+        let line = BrokerLine {
+            address: m.advertise.clone(),
+            fingerprint: m.fingerprint,
+            policy: m.policy.clone(),
+        };
         bounded(
             "announcing this broker",
-            self.brokers.put(&self.member.id, line.into_bytes().into()),
+            self.brokers.put(&self.member.id, line.encode().into()),
         )
         .await
         .map(|_| ())
@@ -382,7 +387,7 @@ impl Cluster {
             }
         };
         for (id, line, age) in all {
-            let theirs = line.rsplit_once("policy=").map_or("", |(_, p)| p);
+            let theirs = line.policy.as_str();
             if id == self.member.id
                 || age > LIVE.as_secs().try_into().unwrap_or(i64::MAX)
                 || theirs == mine

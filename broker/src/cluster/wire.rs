@@ -1,11 +1,12 @@
 //! What brokers of a cluster say to each other over NATS, in postcard (the
 //! encoding of the agent protocol): presence values, routed offers and their
-//! answers. Everything end-to-end stays opaque: a routed offer carries the
+//! answers; and the one text value, a broker's line in the brokers bucket. Everything end-to-end stays opaque: a routed offer carries the
 //! signed offer bytes as the sender sent them, its answer the receiver's
 //! accept bytes. Every payload is bounded and parsed as hostile.
 
+use keyferry_common::identity::Fingerprint;
 use keyferry_common::name::AgentName;
-use keyferry_common::wire::message::{ErrorCode, RefuseReason, SignedOffer};
+use keyferry_common::wire::message::{ErrorCode, RefuseReason, SignedOffer, advertised_address_ok};
 use serde::{Deserialize, Serialize};
 
 /// Largest payload a broker accepts from the cluster.
@@ -59,6 +60,56 @@ pub enum RoutedAnswer {
         /// Why.
         detail: String,
     },
+}
+
+/// A broker's entry in the brokers bucket (PROTOCOL.md §2.6), the text
+/// `ADDRESS SHA256:… policy=POLICY`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerLine {
+    /// Where agents reach it (`--advertise`).
+    pub address: String,
+    /// Its certificate's fingerprint.
+    pub fingerprint: Fingerprint,
+    /// Its access policy: `open`, or `sha256:` and 64 hex digits.
+    pub policy: String,
+}
+
+/// Longest brokers-bucket entry that is believed.
+const MAX_BROKER_LINE: usize = 1024;
+
+impl BrokerLine {
+    /// The entry's bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        format!(
+            "{} {} policy={}",
+            self.address, self.fingerprint, self.policy
+        )
+        .into_bytes()
+    }
+
+    /// Parses an entry written by another broker; `None` for anything that
+    /// is not exactly a valid address, fingerprint and policy.
+    pub fn parse(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() > MAX_BROKER_LINE {
+            return None;
+        }
+        let text = std::str::from_utf8(bytes).ok()?;
+        let mut words = text.split(' ');
+        let (address, fingerprint, policy) = (words.next()?, words.next()?, words.next()?);
+        let policy = policy.strip_prefix("policy=")?;
+        let policy_ok = policy == "open"
+            || policy.strip_prefix("sha256:").is_some_and(|h| {
+                h.len() == 64
+                    && h.bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            });
+        (words.next().is_none() && advertised_address_ok(address) && policy_ok).then_some(())?;
+        Some(Self {
+            address: address.to_owned(),
+            fingerprint: fingerprint.parse().ok()?,
+            policy: policy.to_owned(),
+        })
+    }
 }
 
 /// Encodes a value for the cluster.
@@ -116,5 +167,41 @@ mod tests {
         let mut raw = encode(&bad);
         raw[1] = b'B';
         assert_eq!(decode::<RoutedOffer>(&raw), None);
+    }
+
+    #[test]
+    fn broker_lines_round_trip_and_anything_else_is_refused() {
+        let line = BrokerLine {
+            address: "10.0.0.2:7700".into(),
+            fingerprint: Fingerprint([7; 32]),
+            policy: format!("sha256:{}", "ab".repeat(32)),
+        };
+        let bytes = line.encode();
+        assert_eq!(BrokerLine::parse(&bytes), Some(line.clone()));
+        let open = BrokerLine {
+            policy: "open".into(),
+            ..line.clone()
+        };
+        assert_eq!(BrokerLine::parse(&open.encode()), Some(open));
+        let text = String::from_utf8(bytes).unwrap();
+        let (addr, rest) = text.split_once(' ').unwrap();
+        let (fp, _) = rest.split_once(' ').unwrap();
+        for bad in [
+            String::new(),
+            format!("{addr} {fp}"),
+            format!("{text} extra"),
+            format!("{addr}  {fp} policy=open"),
+            format!("{addr} {fp} open"),
+            format!("{addr} {fp} policy=sha256:ab"),
+            format!("{addr} {fp} policy=sha256:{}", "AB".repeat(32)),
+            format!("{addr} SHA256:nope policy=open"),
+            format!("10.0.0.2 {fp} policy=open"),
+            format!("{addr}\n {fp} policy=open"),
+            format!("{addr} {fp} policy=open\n# broker evil"),
+        ] {
+            assert_eq!(BrokerLine::parse(bad.as_bytes()), None, "{bad:?}");
+        }
+        assert_eq!(BrokerLine::parse(&[0xff, b' ', b'x']), None);
+        assert_eq!(BrokerLine::parse(&vec![b'a'; MAX_BROKER_LINE + 1]), None);
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_nats::RequestErrorKind;
 use keyferry_common::identity::PublicKey;
 use keyferry_common::name::AgentName;
-use keyferry_common::wire::message::{ErrorCode, Message, SignedOffer};
+use keyferry_common::wire::message::{ErrorCode, Message, SignedOffer, ticket_address_ok};
 use tracing::{info, warn};
 
 use super::Agent;
@@ -24,8 +24,6 @@ use crate::shutdown::Shutdown;
 use crate::state::State;
 use crate::transfers::Answer;
 
-/// Longest address a broker may advertise (what agents accept in a ticket).
-pub const MAX_ADDRESS: usize = 255;
 /// Time on top of the answer timeout for the request to cross the cluster.
 const ROUTE_SLACK: Duration = Duration::from_secs(5);
 
@@ -68,11 +66,7 @@ pub(super) async fn offer(
     let subject = Cluster::subject(&holder, "offer");
     match cluster.client().send_request(subject, request).await {
         Ok(reply) => match decode::<RoutedAnswer>(&reply.payload) {
-            Some(RoutedAnswer::Accepted { address, .. })
-                if address.is_empty()
-                    || address.len() > MAX_ADDRESS
-                    || address.chars().any(char::is_control) =>
-            {
+            Some(RoutedAnswer::Accepted { address, .. }) if !ticket_address_ok(&address) => {
                 warn!(broker = %holder, "routed accept with an invalid address");
                 failed(
                     ErrorCode::Protocol,

@@ -348,8 +348,60 @@ pub fn decode(buf: &[u8], max: usize) -> Result<Option<(Message, usize)>, FrameE
     }
 }
 
+/// Longest address a [`Message::Ticket`] may name (PROTOCOL.md §2.5).
+pub const MAX_TICKET_ADDRESS: usize = 255;
+
+/// Whether a ticket may send a data connection to `address`: non-empty, at
+/// most [`MAX_TICKET_ADDRESS`] bytes, no control characters (PROTOCOL.md
+/// §2.5). (An empty address means the broker the ticket came from.)
+pub fn ticket_address_ok(address: &str) -> bool {
+    !address.is_empty()
+        && address.len() <= MAX_TICKET_ADDRESS
+        && !address.chars().any(char::is_control)
+}
+
+/// Whether a broker may advertise `address` to a cluster (PROTOCOL.md §2.6):
+/// a ticket address of the form `HOST:PORT`, port 1–65535, without spaces.
+pub fn advertised_address_ok(address: &str) -> bool {
+    ticket_address_ok(address)
+        && !address.chars().any(char::is_whitespace)
+        && address.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        })
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ticket_and_advertised_addresses() {
+        use super::{advertised_address_ok, ticket_address_ok};
+        for ok in [
+            "h:1",
+            "broker-2.example:7700",
+            "[::1]:7700",
+            "10.0.0.2:65535",
+        ] {
+            assert!(ticket_address_ok(ok) && advertised_address_ok(ok), "{ok}");
+        }
+        let long = format!("{}:1", "h".repeat(253));
+        assert!(ticket_address_ok(&long) && advertised_address_ok(&long));
+        let longer = format!("{}:1", "h".repeat(254));
+        assert!(!ticket_address_ok(&longer) && !advertised_address_ok(&longer));
+        for bad in ["", "h:1\n", "h\u{7}:1"] {
+            assert!(
+                !ticket_address_ok(bad) && !advertised_address_ok(bad),
+                "{bad:?}"
+            );
+        }
+        // A ticket may carry what a broker must not advertise.
+        for loose in ["h", "h:0", ":1", "h:99999", "h :1", "h:x"] {
+            assert!(
+                ticket_address_ok(loose) && !advertised_address_ok(loose),
+                "{loose}"
+            );
+        }
+    }
+
     use super::*;
 
     #[test]
