@@ -31,24 +31,11 @@ impl Drop for Nats {
     }
 }
 
+#[path = "../../agent/tests/support/nats_bin.rs"]
+mod nats_bin;
+
 fn nats() -> Option<Nats> {
-    let bin = match std::env::var_os("KEYFERRY_NATS_SERVER") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/nats-venv/bin/nats-server");
-            if venv.is_file() {
-                venv
-            } else if std::env::var_os("KEYFERRY_NO_NATS").is_some() {
-                eprintln!("SKIPPED: no nats-server and KEYFERRY_NO_NATS is set");
-                return None;
-            } else {
-                panic!(
-                    "nats-server not found: set KEYFERRY_NATS_SERVER (see agent/tests/support/nats.rs)"
-                );
-            }
-        }
-    };
+    let bin = nats_bin::server_bin()?;
     let store = std::env::temp_dir().join(format!(
         "keyferry-cluster-state-{}-{:?}",
         std::process::id(),

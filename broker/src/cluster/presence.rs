@@ -54,6 +54,41 @@ impl Cluster {
         .into()
     }
 
+    /// Writes `value` under `k` only if the entry is as this broker last saw
+    /// it: absent (`expect` none: a create) or at revision `expect` (an
+    /// update). `None` when another write came first; an error when the
+    /// cluster did not answer.
+    async fn write_if(
+        &self,
+        what: &str,
+        k: &str,
+        value: bytes::Bytes,
+        expect: Option<u64>,
+    ) -> Result<Option<u64>, ClusterError> {
+        match expect {
+            None => {
+                bounded(what, async {
+                    match self.presence.create(k, value).await {
+                        Ok(rev) => Ok(Some(rev)),
+                        Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(None),
+                        Err(e) => Err(e),
+                    }
+                })
+                .await
+            }
+            Some(rev) => {
+                bounded(what, async {
+                    match self.presence.update(k, value, rev).await {
+                        Ok(rev) => Ok(Some(rev)),
+                        Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(None),
+                        Err(e) => Err(e),
+                    }
+                })
+                .await
+            }
+        }
+    }
+
     /// The live presence entry of `name`, with its revision.
     async fn presence_entry(
         &self,
@@ -98,39 +133,19 @@ impl Cluster {
         for _ in 0..3 {
             let value = self.presence_value(incoming);
             let written = match self.presence_entry(name).await? {
-                None => {
-                    match bounded("claiming presence", async {
-                        match self.presence.create(&k, value).await {
-                            Ok(rev) => Ok(Some(rev)),
-                            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(None),
-                            Err(e) => Err(e),
-                        }
-                    })
-                    .await?
-                    {
-                        Some(rev) => rev,
-                        None => continue,
-                    }
-                }
+                None => self.write_if("claiming presence", &k, value, None).await?,
                 Some((p, rev)) => {
                     // An entry naming no valid broker is taken over like a stale one.
                     let other = p.broker != self.member.id && check_id(&p.broker).is_ok();
                     if other && self.holds(&p.broker, name).await {
                         return Ok(Claim::HeldBy(p.broker));
                     }
-                    match bounded("taking over presence", async {
-                        match self.presence.update(&k, value, rev).await {
-                            Ok(rev) => Ok(Some(rev)),
-                            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(None),
-                            Err(e) => Err(e),
-                        }
-                    })
-                    .await?
-                    {
-                        Some(rev) => rev,
-                        None => continue,
-                    }
+                    self.write_if("taking over presence", &k, value, Some(rev))
+                        .await?
                 }
+            };
+            let Some(written) = written else {
+                continue;
             };
             lock(&self.held).insert(name.clone(), written);
             return Ok(Claim::Claimed);
@@ -174,14 +189,9 @@ impl Cluster {
             let held = lock(&self.held).get(&name).copied();
             if let Some(rev) = held {
                 let value = self.presence_value(incoming(&name));
-                let updated = bounded("refreshing presence", async {
-                    match self.presence.update(key(&name), value, rev).await {
-                        Ok(rev) => Ok(Some(rev)),
-                        Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(None),
-                        Err(e) => Err(e),
-                    }
-                })
-                .await?;
+                let updated = self
+                    .write_if("refreshing presence", &key(&name), value, Some(rev))
+                    .await?;
                 if let Some(rev) = updated {
                     lock(&self.held).insert(name, rev);
                     continue;
