@@ -1,8 +1,9 @@
 //! What brokers of a cluster say to each other over NATS, in postcard (the
 //! encoding of the agent protocol): presence values, routed offers and their
-//! answers; and the one text value, a broker's line in the brokers bucket. Everything end-to-end stays opaque: a routed offer carries the
-//! signed offer bytes as the sender sent them, its answer the receiver's
-//! accept bytes. Every payload is bounded and parsed as hostile.
+//! answers; and the one text value, a broker's line in the brokers bucket.
+//! Everything end-to-end stays opaque: a routed offer carries the signed
+//! offer bytes as the sender sent them, its answer the receiver's accept
+//! bytes. Every payload is bounded and parsed as hostile.
 
 use keyferry_common::identity::Fingerprint;
 use keyferry_common::name::AgentName;

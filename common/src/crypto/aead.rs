@@ -98,13 +98,6 @@ pub fn open_in_place<'a>(
 mod tests {
     use super::*;
 
-    fn unhex(s: &str) -> Vec<u8> {
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
-    }
-
     /// The AES-256 test cases 13 and 14 of McGrew and Viega, "The Galois/Counter
     /// Mode of Operation (GCM)": zero key, zero 96-bit IV.
     #[test]
@@ -113,12 +106,18 @@ mod tests {
         let mut empty = [];
         assert_eq!(
             seal_in_place(&key, &[0; 12], b"", &mut empty).to_vec(),
-            unhex("530f8afbc74536b9a963b4f1c4cb738b")
+            hex::decode("530f8afbc74536b9a963b4f1c4cb738b").unwrap()
         );
         let mut block = [0u8; 16];
         let tag = seal_in_place(&key, &[0; 12], b"", &mut block);
-        assert_eq!(block.to_vec(), unhex("cea7403d4d606b6e074ec5d3baf39d18"));
-        assert_eq!(tag.to_vec(), unhex("d0d1c8a799996bf0265b98b5d48ab919"));
+        assert_eq!(
+            block.to_vec(),
+            hex::decode("cea7403d4d606b6e074ec5d3baf39d18").unwrap()
+        );
+        assert_eq!(
+            tag.to_vec(),
+            hex::decode("d0d1c8a799996bf0265b98b5d48ab919").unwrap()
+        );
         assert_eq!(
             open_in_place(&key, &[0; 12], b"", &mut block, &tag).unwrap(),
             [0; 16]
