@@ -4,6 +4,7 @@
 #   scripts/bench.sh                 1 GiB, 5 alternating rounds
 #   SIZE_MIB=4096 scripts/bench.sh   a larger file (memory must not grow)
 #   RUNS=5 LATENCY_RUNS=20 scripts/bench.sh
+#   RECV_FLAGS=--trust-sender-hash scripts/bench.sh   the receiver without its own hash
 #
 # Installs openssh-server (Debian package) if missing and starts a private sshd
 # on a loopback port with its own config and keys, stopped by PID at the end.
@@ -111,7 +112,7 @@ keyferry_once() {
     local rekey=$1 file=$2
     rm -rf "$work/inbox"; mkdir -p "$work/inbox"
     /usr/bin/time -f '%M %U %S' -o "$work/recv.rss" "$bin/agent" --broker "$addr" --home "$work/bob" --name bob \
-        --role receiver --once --out-dir "$work/inbox" >"$work/recv.out" 2>"$work/recv.err" &
+        --role receiver --once --out-dir "$work/inbox" ${RECV_FLAGS:-} >"$work/recv.out" 2>"$work/recv.err" &
     local rpid=$!
     for _ in $(seq 200); do grep -q "receiving as" "$work/recv.out" 2>/dev/null && break; sleep 0.05; done
     local t0 t1 b0 b1

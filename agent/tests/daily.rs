@@ -310,6 +310,7 @@ fn the_receiver_reports_each_event_as_a_json_line() {
     assert_eq!(ev["file"], "a.bin");
     assert_eq!(ev["bytes"], 100_000);
     assert_eq!(ev["sha256"], sha);
+    assert_eq!(ev["sha256_by"], "receiver");
     assert_eq!(ev["path"], out.join("a.bin").to_str().unwrap());
     assert!(ev["transfer_id"].is_string() && ev["seconds"].is_number());
     assert!(ev["session_keys"].as_u64().unwrap() >= 1);
@@ -371,4 +372,75 @@ fn the_receiver_reports_each_event_as_a_json_line() {
     assert!(ev["transfer_id"].is_string(), "{ev}");
     // Nothing but JSON on stdout.
     json_lines(&rx.stdout.drain().join("\n"));
+}
+
+#[test]
+fn trust_sender_hash_reports_the_signed_hash_as_the_senders_and_only_for_a_sole_receiver() {
+    let broker = Broker::start();
+    let (alice, bob, carol, dave) = (
+        Home::new("alice", "alice"),
+        Home::new("bob", "bob"),
+        Home::new("carol", "carol"),
+        Home::new("dave", "dave"),
+    );
+    let (src, out) = (TempDir::new("src"), TempDir::new("out"));
+    let (out_c, out_d) = (TempDir::new("outc"), TempDir::new("outd"));
+    let file = src.join("a.bin");
+    std::fs::write(&file, pseudo_random(3 << 20, 11)).unwrap();
+    let (_, sha) = support::hash_file(&file);
+
+    // Text mode: the line says whose hash it is.
+    let mut rd = dave.receiver(&broker, out_d.path(), &["--trust-sender-hash"]);
+    assert_eq!(alice.send_file(&broker, "dave", &file, &[]).code, Some(0));
+    let line = rd.stdout.wait_for("received a.bin", WAIT);
+    assert!(
+        line.contains(&format!("sha256 {sha} (the sender's)")),
+        "{line}"
+    );
+    assert_eq!(
+        std::fs::read(out_d.join("a.bin")).unwrap(),
+        std::fs::read(&file).unwrap()
+    );
+
+    // JSON: "sender" for a stream to bob alone; to bob and carol at once,
+    // bob hashes all the same. (With --json, "receiving as" is on stderr.)
+    let json_receiver = |who: &Home, out: &TempDir, extra: &[&str]| {
+        let mut cmd = who.command(&broker);
+        cmd.args(["--role", "receiver", "--json", "--out-dir"])
+            .arg(out.path())
+            .args(extra);
+        let mut p = Proc::spawn(cmd);
+        p.stderr.wait_for("receiving as", WAIT);
+        p
+    };
+    let mut rx = json_receiver(&bob, &out, &["--trust-sender-hash"]);
+    let mut rc = json_receiver(&carol, &out_c, &[]);
+    // Each transfer under its own name: the lines seen are searched first.
+    let event = |p: &mut Proc, name: &str| -> serde_json::Value {
+        let line = p.stdout.wait_for(&format!("\"file\":\"{name}\""), WAIT);
+        serde_json::from_str(&line).unwrap()
+    };
+    assert_eq!(alice.send_file(&broker, "bob", &file, &[]).code, Some(0));
+    let ev = event(&mut rx, "a.bin");
+    assert_eq!(
+        (&ev["sha256"], &ev["sha256_by"]),
+        (&sha.clone().into(), &"sender".into())
+    );
+    let copy = src.join("b.bin");
+    std::fs::copy(&file, &copy).unwrap();
+    let both = alice.send_file(&broker, "bob", &copy, &["--to", "carol"]);
+    assert_eq!(both.code, Some(0), "{both:#?}");
+    for (who, p) in [("bob", &mut rx), ("carol", &mut rc)] {
+        let ev = event(p, "b.bin");
+        assert_eq!(
+            (&ev["sha256"], &ev["sha256_by"]),
+            (&sha.clone().into(), &"receiver".into()),
+            "{who}: {ev}"
+        );
+    }
+
+    // A receiver's option, refused for a sender.
+    let wrong = alice.send_file(&broker, "bob", &file, &["--trust-sender-hash"]);
+    assert_eq!(wrong.code, Some(2), "{wrong:#?}");
+    assert!(wrong.stderr.contains("--trust-sender-hash"), "{wrong:#?}");
 }

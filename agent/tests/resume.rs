@@ -356,6 +356,40 @@ fn a_tampered_journal_is_not_believed_and_the_transfer_starts_again_from_byte_0(
     assert_nothing_mixed(t.out.path(), &t.sha);
 }
 
+#[test]
+fn a_prefix_damaged_on_disk_is_caught_and_the_transfer_starts_again_from_byte_0() {
+    // The journal is intact and counts the prefix, but a byte of the prefix
+    // changed on disk while the receiver was down. The receiver hashes the
+    // prefix as it reads it back, the sender's check of that hash fails, and
+    // the transfer starts again: the damage never reaches the placed file.
+    let t = interrupted(4);
+    let part = assert_staged(t.out.path()).join("t/big.bin");
+    let mut bytes = std::fs::read(&part).unwrap();
+    assert!(bytes.len() as u64 >= CHECKPOINT, "{}", bytes.len());
+    bytes[1000] ^= 0x01;
+    std::fs::write(&part, &bytes).unwrap();
+
+    let mut again = t.bob.receiver(&t.broker, t.out.path(), &[]);
+    again
+        .stderr
+        .wait_for("kept 1 interrupted transfer(s)", WAIT);
+    let sent = Run::finish_within(t.sender, SEND_LIMIT);
+    assert_eq!(sent.code, Some(0), "{sent:#?}");
+    let report = json(&sent);
+    assert_eq!(report["resumed_from"], 0, "{report}");
+    assert_eq!(report["sha256"], t.sha.as_str(), "{report}");
+    assert!(
+        sent.stderr
+            .contains("that are not these; starting again from byte 0"),
+        "{}",
+        sent.stderr
+    );
+    let line = again.stdout.wait_for("received big.bin", WAIT);
+    assert!(!line.contains("resumed"), "{line}");
+    assert_eq!(hash_file(&t.out.join("big.bin")), (HALF, t.sha.clone()));
+    assert_eq!(std::fs::read_dir(t.out.path()).unwrap().count(), 1);
+}
+
 /// Interrupts a transfer, changes its source with `change` while the
 /// receiver is down, and starts the receiver again: the sender sees the file
 /// is not the version it began with and fails with a clear error (exit 7)

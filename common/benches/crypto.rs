@@ -90,6 +90,8 @@ fn receiver(alice: &Identity, bob: &Identity) -> RecvStream {
             sender: alice.public().clone(),
             me: AgentName::new("bob").unwrap(),
             my_fp: bob.fingerprint(),
+            receivers: 1,
+            trust_sender_hash: false,
         },
     );
     r.open_root(twin.root_for(&pair()).record()).unwrap();

@@ -71,6 +71,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             sender: alice.public().clone(),
             me: AgentName::new("bob")?,
             my_fp: bob.fingerprint(),
+            receivers: 1,
+            trust_sender_hash: false,
         },
     );
     let body = Manifest::single_file("speed", size).encode();

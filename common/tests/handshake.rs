@@ -105,6 +105,8 @@ fn a_full_handshake_then_a_stream() {
             sender: alice.public().clone(),
             me: name("bob"),
             my_fp: bob.fingerprint(),
+            receivers: 1,
+            trust_sender_hash: false,
         },
     );
     let mut frames = vec![

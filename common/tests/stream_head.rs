@@ -130,7 +130,8 @@ fn the_trailer_must_be_signed_by_the_sender_and_name_this_receiver() {
         let mut s = kit::sender(5, n, RekeyPolicy::default(), Instant::now());
         let recs = chunks(&mut s, &d);
         let (trailer, _) = s.trailer(who, &receivers).unwrap();
-        let mut r = kit::receiver(5, n);
+        // As many receivers as the trailer lists, as Alice's offer said.
+        let mut r = kit::receiver_of(5, n, receivers.len() as u32, false);
         for c in &recs {
             r.open_chunk(c).unwrap();
         }
@@ -326,7 +327,7 @@ fn a_receiver_holding_the_stream_keys_cannot_forge_a_file_for_another() {
             &commitment(&kit::alice().fingerprint()),
         ),
     ] {
-        let mut bob = kit::receiver(9, 2000);
+        let mut bob = kit::receiver_of(9, 2000, 2, true);
         for c in &forgeries {
             bob.open_chunk(c).unwrap();
         }
@@ -341,7 +342,9 @@ fn a_receiver_holding_the_stream_keys_cannot_forge_a_file_for_another() {
     let other: Vec<u8> = data(2000).iter().map(|b| b ^ 1).collect();
     let _ = chunks(&mut alice, &other);
     let (real, _) = alice.trailer(kit::alice(), &receivers).unwrap();
-    let mut bob = kit::receiver(9, 2000);
+    // (Bob hashes, whether or not he was asked to trust the sender's hash:
+    // the stream has other receivers.)
+    let mut bob = kit::receiver_of(9, 2000, 2, true);
     for c in &forgeries {
         bob.open_chunk(c).unwrap();
     }
@@ -349,4 +352,34 @@ fn a_receiver_holding_the_stream_keys_cannot_forge_a_file_for_another() {
         bob.open_trailer(real.record()).unwrap_err(),
         RecvError::TrailerMismatch
     );
+    // Had Alice's offer told Bob he was her only receiver, so that a Bob who
+    // trusts her hash does not hash, her trailer still lists carol: refused
+    // all the same.
+    let mut bob = kit::receiver_of(9, 2000, 1, true);
+    for c in &forgeries {
+        bob.open_chunk(c).unwrap();
+    }
+    assert_eq!(
+        bob.open_trailer(real.record()).unwrap_err(),
+        RecvError::TrailerMismatch
+    );
+}
+
+#[test]
+fn only_a_sole_receiver_asked_to_trust_the_senders_hash_goes_without_its_own() {
+    let d = data(3000);
+    let sha: [u8; 32] = Sha256::digest(&d).into();
+    for (receivers, trust, own) in [(1, false, true), (1, true, false), (2, true, true)] {
+        let mut alice = kit::sender(10, 3000, RekeyPolicy::default(), Instant::now());
+        let mut bob = kit::receiver_of(10, 3000, receivers, trust);
+        for c in chunks(&mut alice, &d) {
+            bob.open_chunk(&c).unwrap();
+        }
+        let (trailer, signed) = kit::trailer(&mut alice);
+        assert_eq!(signed, sha);
+        let done = bob.open_trailer(trailer.record()).unwrap();
+        let case = format!("{receivers} receiver(s), trust {trust}");
+        assert_eq!((done.sha256, done.own_hash), (sha, own), "{case}");
+        alice.check_receipt(&kit::pair(10), &done.receipt).unwrap();
+    }
 }

@@ -128,6 +128,14 @@ pub struct Args {
     /// stops answering). From 1s to 60m.
     #[arg(long, value_name = "DUR", default_value = "20s", value_parser = parse_keepalive, help_heading = "Receiver")]
     pub keepalive: Duration,
+    /// Receiver: do not hash what arrives; report the SHA-256 the sender
+    /// signed instead (hashing is about half of a receiver's CPU). Every
+    /// chunk is still authenticated, so the data is what the sender sealed;
+    /// but the hash is then only as honest as the sender, so do not compare
+    /// it with a published one. A stream to several receivers is hashed
+    /// anyway.
+    #[arg(long, help_heading = "Receiver")]
+    pub trust_sender_hash: bool,
 
     /// Sender: the receiving agent's name; may be given several times (up to
     /// 16): the data is uploaded once and the broker copies it to each.
@@ -264,13 +272,16 @@ pub async fn run(args: Args) -> Result<(), AgentError> {
                     json: args.json,
                     stdout: args.stdout,
                     keepalive: args.keepalive,
+                    trust_sender_hash: args.trust_sender_hash,
                 },
             )
             .await
         }
         Some(RoleArg::Sender) => {
-            if args.out_dir.is_some() || args.once {
-                return Err(usage("--out-dir and --once are for --role receiver"));
+            if args.out_dir.is_some() || args.once || args.trust_sender_hash {
+                return Err(usage(
+                    "--out-dir, --once and --trust-sender-hash are for --role receiver",
+                ));
             }
             let stdin = args.file.iter().any(|f| f.as_os_str() == "-");
             if stdin && args.file.len() > 1 {

@@ -211,7 +211,12 @@ pub(super) async fn admit<'a>(
                 sender_fp: key.fingerprint(),
                 total: terms.size,
             };
-            let place = prepare(&shared.out, &shared.journal_key, &origin, now_unix())?;
+            // A resume reads its whole prefix back: not on this task's thread.
+            let (out, key) = (Arc::clone(&shared.out), Arc::clone(&shared.journal_key));
+            let place =
+                tokio::task::spawn_blocking(move || prepare(&out, &key, &origin, now_unix()))
+                    .await
+                    .map_err(|e| refuse(RefuseReason::Policy, e.to_string()))??;
             // A stream of unknown size declares only a bound: a disk that
             // fills up fails it cleanly instead.
             let needed = if terms.size_known {

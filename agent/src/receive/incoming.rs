@@ -165,6 +165,8 @@ async fn accept_and_receive(
         sender: admitted.sender_key,
         me: ctx.name.clone(),
         my_fp: ctx.identity.fingerprint(),
+        receivers: terms.receivers,
+        trust_sender_hash: shared.opts.trust_sender_hash,
     };
     let job = Job {
         stream: RecvStream::new(admitted.pair, expect),

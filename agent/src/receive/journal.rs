@@ -2,9 +2,9 @@
 //! an interrupted transfer, so that the next attempt resumes from there.
 //!
 //! It names the transfer's origin (PROTOCOL.md §6.4), the
-//! sender and its key, the manifest's hash, the total size, how many bytes
-//! of the data verified and were synced to disk, and the SHA-256 state after
-//! exactly those bytes. It is MACed under a key that lives in the receiver's
+//! sender and its key, the manifest's hash, the total size, and how many
+//! bytes of the data verified and were synced to disk (the prefix's hash is
+//! taken from the disk when the transfer resumes). It is MACed under a key that lives in the receiver's
 //! home, not in the out dir: whoever can write the out dir but not the home
 //! cannot make a journal that is believed. It is written to a temporary name,
 //! synced and renamed over the old one, so it is always whole; and only after
@@ -18,16 +18,16 @@ use keyferry_common::encode::{Decoder, Encoder};
 use keyferry_common::identity::Fingerprint;
 use keyferry_common::ids::StreamId;
 use keyferry_common::name::{AgentName, MAX_NAME_LEN};
-use keyferry_common::transfer::{load_hasher, save_hasher};
-use sha2::Sha256;
 
 /// The journal's format number.
-const FORMAT: u16 = 1;
+const FORMAT: u16 = 2;
+/// The format before it, still read: it ends in a SHA-256 state, skipped.
+const FORMAT_WITH_STATE: u16 = 1;
 /// The MAC's context label.
 const LABEL: &str = "keyferry/v2 journal";
 /// How long a journal may be resumed from.
 pub const MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
-/// A serialized SHA-256 state is never longer than this.
+/// A format 1 journal's SHA-256 state is never longer than this.
 const MAX_STATE: usize = 256;
 
 /// One transfer's resumable state.
@@ -47,8 +47,6 @@ pub struct Journal {
     pub verified: u64,
     /// When the transfer first began, Unix seconds.
     pub created: u64,
-    /// The SHA-256 state after `verified` bytes.
-    pub hasher: Sha256,
 }
 
 /// Why a journal is not believed.
@@ -73,7 +71,6 @@ impl Journal {
             .u64(self.total)
             .u64(self.verified)
             .u64(self.created)
-            .bytes(&save_hasher(&self.hasher))
             .finish()
     }
 
@@ -98,7 +95,8 @@ impl Journal {
         let (fields, tag) = bytes.split_at(split);
         mac::verify(key, &[&Encoder::new(LABEL).finish(), fields], tag).map_err(bad)?;
         let mut d = Decoder::new(fields);
-        if d.u16().map_err(bad)? != FORMAT {
+        let format = d.u16().map_err(bad)?;
+        if format != FORMAT && format != FORMAT_WITH_STATE {
             return Err(JournalError::Invalid);
         }
         let origin = StreamId(d.array().map_err(bad)?);
@@ -109,7 +107,9 @@ impl Journal {
         let total = d.u64().map_err(bad)?;
         let verified = d.u64().map_err(bad)?;
         let created = d.u64().map_err(bad)?;
-        let hasher = load_hasher(d.bytes(MAX_STATE).map_err(bad)?).ok_or(JournalError::Invalid)?;
+        if format == FORMAT_WITH_STATE {
+            d.bytes(MAX_STATE).map_err(bad)?;
+        }
         d.finish().map_err(bad)?;
         if verified > total {
             return Err(JournalError::Invalid);
@@ -125,7 +125,6 @@ impl Journal {
             total,
             verified,
             created,
-            hasher,
         })
     }
 }
@@ -133,7 +132,6 @@ impl Journal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sha2::Digest as _;
 
     fn journal() -> Journal {
         Journal {
@@ -144,25 +142,50 @@ mod tests {
             total: 1 << 30,
             verified: 100,
             created: 1_800_000_000,
-            hasher: Sha256::new().chain_update([5u8; 100]),
         }
     }
 
+    fn same(a: &Journal, b: &Journal) {
+        assert_eq!(
+            (a.origin, &a.sender, a.sender_fp),
+            (b.origin, &b.sender, b.sender_fp)
+        );
+        assert_eq!(a.manifest_hash, b.manifest_hash);
+        assert_eq!(
+            (a.total, a.verified, a.created),
+            (b.total, b.verified, b.created)
+        );
+    }
+
     #[test]
-    fn a_journal_round_trips_with_its_hash_state() {
+    fn a_journal_round_trips() {
         let key = MacKey::from_bytes([9; 32]);
         let j = journal();
-        let back = Journal::decode(&j.encode(&key), &key, j.created + 60).unwrap();
-        assert_eq!(back.origin, j.origin);
-        assert_eq!(back.sender, j.sender);
-        assert_eq!((back.total, back.verified), (j.total, j.verified));
-        assert_eq!(
-            back.hasher.chain_update([6u8; 10]).finalize(),
-            Sha256::new()
-                .chain_update([5u8; 100])
-                .chain_update([6u8; 10])
-                .finalize()
-        );
+        let bytes = j.encode(&key);
+        assert_eq!(bytes[..2], [0, 2]);
+        same(&Journal::decode(&bytes, &key, j.created + 60).unwrap(), &j);
+    }
+
+    #[test]
+    fn a_format_1_journal_is_still_read_and_its_hash_state_skipped() {
+        // Format 1 as earlier receivers wrote it: the same fields, then a
+        // length-prefixed SHA-256 state (104 bytes), then the MAC.
+        let key = MacKey::from_bytes([9; 32]);
+        let j = journal();
+        let mut fields = j.fields();
+        fields[..2].copy_from_slice(&FORMAT_WITH_STATE.to_be_bytes());
+        fields.extend_from_slice(&104u32.to_be_bytes());
+        fields.extend_from_slice(&[5; 104]);
+        let tag = mac::tag(&key, &[&Encoder::new(LABEL).finish(), &fields]);
+        let old = [fields.as_slice(), &tag].concat();
+        same(&Journal::decode(&old, &key, j.created + 60).unwrap(), &j);
+        // A format 2 journal with a state behind it is not one.
+        let mut fields = j.fields();
+        fields.extend_from_slice(&104u32.to_be_bytes());
+        fields.extend_from_slice(&[5; 104]);
+        let tag = mac::tag(&key, &[&Encoder::new(LABEL).finish(), &fields]);
+        let bad = [fields.as_slice(), &tag].concat();
+        assert!(Journal::decode(&bad, &key, j.created + 60).is_err());
     }
 
     #[test]

@@ -69,6 +69,9 @@ pub struct RecvOptions {
     /// Ping the broker this often; two intervals without a word from it
     /// and the receiver reconnects.
     pub keepalive: Duration,
+    /// Take the sender's signed SHA-256 instead of hashing what arrives
+    /// (for a stream to this receiver alone).
+    pub trust_sender_hash: bool,
 }
 
 /// Transfers in progress: the receiver's capacity.

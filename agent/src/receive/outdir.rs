@@ -262,7 +262,6 @@ mod tests {
 
     use keyferry_common::identity::Fingerprint;
     use keyferry_common::name::AgentName;
-    use sha2::{Digest as _, Sha256};
 
     use super::super::journal::Journal;
     use super::*;
@@ -283,7 +282,6 @@ mod tests {
             total: 10,
             verified: 5,
             created,
-            hasher: Sha256::new(),
         }
     }
 

@@ -24,6 +24,9 @@ pub(super) struct Placed {
     pub bytes: u64,
     /// SHA-256 of the plaintext.
     pub sha256: [u8; 32],
+    /// Whether the receiver computed `sha256` (else the sender signed it:
+    /// `--trust-sender-hash`).
+    pub own_hash: bool,
     /// Bytes an earlier attempt had left verified (0 if none).
     pub resumed_from: u64,
     /// Session keys the stream used (1 + key updates).
@@ -68,6 +71,8 @@ enum Event<'a> {
         files: usize,
         bytes: u64,
         sha256: String,
+        /// `receiver` (computed here) or `sender` (as it signed it).
+        sha256_by: &'static str,
         seconds: f64,
         session_keys: u64,
         resumed_from: u64,
@@ -78,6 +83,7 @@ enum Event<'a> {
         text: &'a str,
         bytes: u64,
         sha256: String,
+        sha256_by: &'static str,
         seconds: f64,
         session_keys: u64,
     },
@@ -121,6 +127,13 @@ pub(super) fn exit_code(failure: &Failure) -> u8 {
 /// Reports a verified transfer.
 pub(super) fn received(tid: TransferId, from: &AgentName, p: &Placed, seconds: f64, json: bool) {
     let sha = hex::encode(p.sha256);
+    let sha256_by = if p.own_hash { "receiver" } else { "sender" };
+    // A hash taken from the sender says so.
+    let shown_sha = if p.own_hash {
+        sha.clone()
+    } else {
+        format!("{sha} (the sender's)")
+    };
     let resumed = if p.resumed_from > 0 {
         format!(", resumed at byte {}", p.resumed_from)
     } else {
@@ -134,6 +147,7 @@ pub(super) fn received(tid: TransferId, from: &AgentName, p: &Placed, seconds: f
             text,
             bytes: p.bytes,
             sha256: sha,
+            sha256_by,
             seconds,
             session_keys: p.session_keys,
         }),
@@ -162,6 +176,7 @@ pub(super) fn received(tid: TransferId, from: &AgentName, p: &Placed, seconds: f
                     files: *files,
                     bytes: p.bytes,
                     sha256: sha,
+                    sha256_by,
                     seconds,
                     session_keys: p.session_keys,
                     resumed_from: p.resumed_from,
@@ -174,14 +189,14 @@ pub(super) fn received(tid: TransferId, from: &AgentName, p: &Placed, seconds: f
             };
             let shown: Vec<String> = items.iter().map(|(_, p)| p.display().to_string()).collect();
             say!(
-                "received {what} ({} bytes, sha256 {sha}{resumed}) -> {} from {from}",
+                "received {what} ({} bytes, sha256 {shown_sha}{resumed}) -> {} from {from}",
                 p.bytes,
                 shown.join(", ")
             );
         }
         // Standard output carries the data: the report goes to stderr.
         What::Stdout { name } => eprintln!(
-            "received {} ({} bytes, sha256 {sha}) -> standard output from {from}",
+            "received {} ({} bytes, sha256 {shown_sha}) -> standard output from {from}",
             escape(name),
             p.bytes
         ),

@@ -5,7 +5,9 @@
 //! the same origin, sender, sender key and total size, the manifest kept
 //! beside it hashes to the journal's, and the tree holds every byte the
 //! journal counts. Anything less, and the transfer starts again from byte 0
-//! (the old directory is removed): a prefix is never trusted on less.
+//! (the old directory is removed): a prefix is never trusted on less. The
+//! prefix is then hashed as the disk holds it, for the sender to check
+//! against its own data (PROTOCOL.md §6.4).
 
 use crate::output::notice;
 use std::io;
@@ -90,8 +92,8 @@ pub fn prepare(out: &Arc<OutDir>, key: &MacKey, o: &Origin, now: u64) -> Result<
             Err(e) => return Err(storage(e)),
             Ok(None) => {}
             Ok(Some(staging)) => match held(&staging, key, o, now) {
-                Ok((journal, m)) => {
-                    let prefix: [u8; 32] = journal.hasher.clone().finalize().into();
+                Ok((journal, m, hasher)) => {
+                    let prefix: [u8; 32] = hasher.clone().finalize().into();
                     notice!(
                         "resuming the transfer from {} at {} of {} bytes ({} file(s), verified)",
                         o.sender,
@@ -102,7 +104,7 @@ pub fn prepare(out: &Arc<OutDir>, key: &MacKey, o: &Origin, now: u64) -> Result<
                     return Ok(Place {
                         resume: Some(Resume {
                             offset: journal.verified,
-                            hasher: journal.hasher.clone(),
+                            hasher,
                             manifest_hash: journal.manifest_hash,
                         }),
                         point: ResumePoint {
@@ -135,20 +137,20 @@ pub fn prepare(out: &Arc<OutDir>, key: &MacKey, o: &Origin, now: u64) -> Result<
             total: o.total,
             verified: 0,
             created: now,
-            hasher: Sha256::new(),
         },
         resume: None,
         point: ResumePoint::none(),
     })
 }
 
-/// The journal and manifest of `staging`, if they can be trusted for `o`.
+/// The journal and manifest of `staging`, if they can be trusted for `o`,
+/// and the SHA-256 state after the prefix its tree holds.
 fn held(
     staging: &Staging,
     key: &MacKey,
     o: &Origin,
     now: u64,
-) -> Result<(Journal, Manifest), String> {
+) -> Result<(Journal, Manifest, Sha256), String> {
     let j = staging.read_journal(key, now).map_err(|e| e.to_string())?;
     if j.origin != o.origin || j.sender != o.sender || j.sender_fp != o.sender_fp {
         return Err("its journal belongs to another transfer or sender".into());
@@ -170,5 +172,7 @@ fn held(
     }
     let m = Manifest::decode(&body).map_err(|e| e.to_string())?;
     TreeWriter::holds(staging, &m, j.verified).map_err(|e| e.to_string())?;
-    Ok((j, m))
+    let prefix = TreeWriter::prefix_hash(staging, &m, j.verified)
+        .map_err(|e| format!("its tree cannot be read back ({e})"))?;
+    Ok((j, m, prefix))
 }

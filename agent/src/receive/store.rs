@@ -16,7 +16,6 @@ use keyferry_common::handshake::Kind;
 use keyferry_common::manifest::{EntryKind, Manifest};
 use keyferry_common::transfer::{Opened, RecvError, RecvStream, TrailerVerified};
 use keyferry_common::wire::message::AbortReason;
-use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 
 use super::Failure;
@@ -177,7 +176,6 @@ impl Sink {
         let tree = if from == 0 {
             journal.manifest_hash = stream.manifest_hash();
             journal.verified = 0;
-            journal.hasher = Sha256::new();
             let tree = TreeWriter::fresh(place.staging, &m).map_err(storage)?;
             tree.staging().write_manifest(body).map_err(storage)?;
             tree.staging()
@@ -273,6 +271,7 @@ impl Sink {
             what,
             bytes: v.total,
             sha256: v.sha256,
+            own_hash: v.own_hash,
             resumed_from: stream.resumed_from(),
             session_keys: u64::from(stream.epoch()) + 1,
         })
@@ -330,7 +329,6 @@ impl Sink {
 fn snapshot(journal: &Journal, stream: &RecvStream) -> Journal {
     Journal {
         verified: stream.total(),
-        hasher: stream.hasher().clone(),
         manifest_hash: stream.manifest_hash(),
         ..journal.clone()
     }

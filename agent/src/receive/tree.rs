@@ -1,8 +1,9 @@
 //! Building a manifest's tree in a staging directory (PROTOCOL.md §7.2):
 //! every directory and file made up front, mode 0700 and 0600, then the one
 //! chunk stream cut into the files at the boundaries the manifest gives. A
-//! resumed attempt first checks that the tree holds the verified prefix and
-//! cuts off anything past it; nothing beyond the journal's count is trusted.
+//! resumed attempt first checks that the tree holds the verified prefix (and
+//! hashes it, read back, for the sender to check) and cuts off anything past
+//! it; nothing beyond the journal's count is trusted.
 //!
 //! Once the trailer verified, [`TreeWriter::place`] moves each top-level
 //! item into the out dir under its own name (or the first free `name (n)`),
@@ -12,13 +13,14 @@
 //! placed are moved back: nothing appears under a final name unless all do.
 
 use std::fs::File;
-use std::io::{self, Seek as _, SeekFrom, Write as _};
+use std::io::{self, Read as _, Seek as _, SeekFrom, Write as _};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use keyferry_common::manifest::{EntryKind, Manifest};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
+use sha2::{Digest as _, Sha256};
 
 use super::filename::{self, TopLevel};
 use super::outdir::inode;
@@ -185,6 +187,36 @@ impl TreeWriter {
             }
         }
         Ok(())
+    }
+
+    /// The SHA-256 state after the first `offset` bytes of `m`'s data as the
+    /// tree in `staging` holds them now, read back from the files (after
+    /// [`Self::holds`]): what a resumed transfer's accept proves to the
+    /// sender and the receiver's hash runs on from (PROTOCOL.md §7.4), so a
+    /// prefix damaged on disk since it verified is caught before anything is
+    /// added to it.
+    pub fn prefix_hash(staging: &Staging, m: &Manifest, offset: u64) -> io::Result<Sha256> {
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        for s in spans(m) {
+            if s.start >= offset {
+                break;
+            }
+            let mut left = (offset - s.start).min(s.size);
+            let mut f = open_file(staging, &s.path, OFlags::RDONLY)?;
+            while left > 0 {
+                let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+                f.read_exact(&mut buf[..n]).map_err(|e| match e.kind() {
+                    io::ErrorKind::UnexpectedEof => {
+                        io::Error::other("the received tree lacks bytes its journal counts")
+                    }
+                    _ => e,
+                })?;
+                hasher.update(&buf[..n]);
+                left -= n as u64;
+            }
+        }
+        Ok(hasher)
     }
 
     /// The staging directory (shared with the checkpoint thread).

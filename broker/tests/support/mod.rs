@@ -264,6 +264,7 @@ impl Agent {
             json: false,
             stdout: false,
             keepalive: Duration::from_secs(20),
+            trust_sender_hash: false,
         };
         let online_before = broker.logs.text().matches(&self.online_line()).count();
         let task = tokio::spawn(receive(ctx, opts));

@@ -17,7 +17,7 @@ use crate::wire::record::{StreamCommitment, TrailerPlain, label, stream_signed};
 pub struct Resume {
     /// Plaintext bytes held verified.
     pub offset: u64,
-    /// The SHA-256 state after them.
+    /// The SHA-256 state after them, as they were read back.
     pub hasher: Sha256,
     /// Hash of the manifest they belong to.
     pub manifest_hash: [u8; 32],
@@ -39,6 +39,12 @@ pub struct Expect {
     pub me: AgentName,
     /// This receiver's key fingerprint.
     pub my_fp: Fingerprint,
+    /// How many receivers the stream goes to, as the verified offer's terms
+    /// say (PROTOCOL.md §3.3).
+    pub receivers: u32,
+    /// Take the sender's signed hash instead of hashing the data, for a
+    /// stream to this receiver alone (see [`Self::hashes`]).
+    pub trust_sender_hash: bool,
 }
 
 /// What the receiver itself counted of a stream, to hold its trailer to.
@@ -46,22 +52,41 @@ pub struct Expect {
 pub(super) struct Seen<'a> {
     pub stream_id: &'a StreamId,
     pub total: u64,
-    pub sha256: &'a [u8; 32],
+    /// The receiver's own hash of the data, if it hashed it.
+    pub sha256: Option<&'a [u8; 32]>,
     pub chunks: u64,
     pub resume_from: u64,
     pub manifest_hash: &'a [u8; 32],
 }
 
 impl Expect {
-    /// Checks an opened trailer: its total and hash are what this receiver
-    /// counted (and the declared size, if it was exact), it lists this
+    /// Whether the receiver hashes the data itself and holds the trailer's
+    /// hash to it (PROTOCOL.md §5.5): always, unless it was asked to trust
+    /// the sender's hash and it is the stream's only receiver. Alone, it
+    /// shares the stream keys with the sender only, so every chunk tag that
+    /// verified says the sender sealed that chunk there, and the sender's
+    /// signed hash is the hash of what the sender sealed (and says what the
+    /// data is only as far as the sender is honest). With other receivers,
+    /// any of them can seal chunks under the same keys: only its own hash,
+    /// held to the signed one, tells the sender's data from a forgery.
+    pub fn hashes(&self) -> bool {
+        !(self.receivers == 1 && self.trust_sender_hash)
+    }
+
+    /// Checks an opened trailer: its total is what this receiver counted (and
+    /// the declared size, if it was exact), its hash is the receiver's own
+    /// (if it hashed) or it lists this receiver alone (if not), it lists this
     /// receiver, and the sender's signature over the stream's commitment
     /// verifies.
     pub(super) fn check_trailer(&self, t: &TrailerPlain, seen: &Seen<'_>) -> Result<(), RecvError> {
         // The trailer is already authenticated and a hash is no secret: a plain
         // comparison is fine here.
         let exact = !self.size_known || t.total == self.declared;
-        if t.total != seen.total || !exact || t.sha256 != *seen.sha256 {
+        let hash_holds = match seen.sha256 {
+            Some(ours) => t.sha256 == *ours,
+            None => t.receivers.len() == 1,
+        };
+        if t.total != seen.total || !exact || !hash_holds {
             return Err(RecvError::TrailerMismatch);
         }
         let listed = t

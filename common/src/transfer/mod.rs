@@ -17,28 +17,12 @@ pub mod sender;
 
 use std::time::Duration;
 
-use sha2::Sha256;
-use sha2::digest::common::hazmat::SerializableState;
-
 pub use frames::{ChunkJob, ReadyFrame};
 pub use receiver::{Expect, Opened, RecvError, RecvStream, Resume, TrailerVerified};
 pub use sender::{SendError, SendStream, Sent, StreamStart};
 
 /// Most receivers one stream may have (PROTOCOL.md §5.5).
 pub const MAX_RECEIVERS: usize = crate::wire::record::MAX_TRAILER_RECEIVERS;
-
-/// The SHA-256 state after some prefix of the data, as bytes: what a
-/// receiver's journal keeps so that a resumed transfer never hashes the
-/// prefix again.
-pub fn save_hasher(hasher: &Sha256) -> Vec<u8> {
-    hasher.serialize().to_vec()
-}
-
-/// A state saved by [`save_hasher`]; `None` if the bytes are not one.
-pub fn load_hasher(bytes: &[u8]) -> Option<Sha256> {
-    let state = bytes.try_into().ok()?;
-    Sha256::deserialize(state).ok()
-}
 
 /// Default session-key lifetime.
 pub const DEFAULT_REKEY_INTERVAL: Duration = Duration::from_secs(5);
@@ -72,34 +56,5 @@ impl RekeyPolicy {
 impl Default for RekeyPolicy {
     fn default() -> Self {
         Self::with_interval(DEFAULT_REKEY_INTERVAL)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use sha2::Digest as _;
-
-    #[test]
-    fn a_saved_hash_state_has_the_layout_protocol_md_gives_and_runs_on() {
-        let h = Sha256::new().chain_update(b"abc");
-        let saved = save_hasher(&h);
-        assert_eq!(saved.len(), 104);
-        // SHA-256's initial chaining words, little-endian; no block done yet.
-        assert_eq!(saved[..4], 0x6a09_e667u32.to_le_bytes());
-        assert_eq!(saved[28..32], 0x5be0_cd19u32.to_le_bytes());
-        assert_eq!(saved[32..40], [0; 8]);
-        assert_eq!(saved[40], 3);
-        assert_eq!(&saved[41..44], b"abc");
-        assert!(saved[44..].iter().all(|&b| b == 0));
-        let back = load_hasher(&saved).unwrap();
-        assert_eq!(
-            back.chain_update(b"def").finalize(),
-            Sha256::digest(b"abcdef")
-        );
-        assert!(load_hasher(&saved[..103]).is_none());
-        let mut bad = saved.clone();
-        bad[40] = 64;
-        assert!(load_hasher(&bad).is_none());
     }
 }

@@ -128,8 +128,11 @@ pub enum Opened<'a> {
 pub struct TrailerVerified {
     /// Total plaintext bytes.
     pub total: u64,
-    /// SHA-256 of the whole plaintext.
+    /// SHA-256 of the whole plaintext: the receiver's own, or (if
+    /// `own_hash` is false) the sender's signed one.
     pub sha256: [u8; 32],
+    /// Whether `sha256` is the receiver's own hash of what it received.
+    pub own_hash: bool,
     /// The receipt tag to send once the data is safely in place.
     pub receipt: [u8; 32],
 }

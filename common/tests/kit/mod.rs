@@ -131,6 +131,8 @@ pub fn expect(declared: u64) -> Expect {
         sender: alice().public().clone(),
         me: name("bob"),
         my_fp: bob().fingerprint(),
+        receivers: 1,
+        trust_sender_hash: false,
     }
 }
 
@@ -142,7 +144,20 @@ pub fn bare_receiver(t: u8, declared: u64) -> RecvStream {
 /// Bob's receiver of transfer `t` with the root and manifest opened: ready
 /// for the first chunk.
 pub fn receiver(t: u8, declared: u64) -> RecvStream {
-    let mut r = bare_receiver(t, declared);
+    receiver_of(t, declared, 1, false)
+}
+
+/// [`receiver`] for a stream that the offer says goes to `receivers`
+/// receivers, taking the sender's hash if `trust_sender_hash`.
+pub fn receiver_of(t: u8, declared: u64, receivers: u32, trust_sender_hash: bool) -> RecvStream {
+    let mut r = RecvStream::new(
+        pair(t),
+        Expect {
+            receivers,
+            trust_sender_hash,
+            ..expect(declared)
+        },
+    );
     let (root, manifest) = head_frames(t, declared);
     r.open_root(root.record()).unwrap();
     let (from, body) = r.open_manifest(manifest.record()).unwrap();

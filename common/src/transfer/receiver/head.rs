@@ -2,8 +2,6 @@
 //! stream keys, and the manifest, which says where the data starts (0, or
 //! exactly the offset this receiver offered to resume from) and what it is.
 
-use sha2::{Digest, Sha256};
-
 use super::{Live, RecvError, RecvStream, State};
 use crate::crypto::keys::{SessionKey, StreamRoot};
 use crate::crypto::seal;
@@ -76,10 +74,14 @@ impl RecvStream {
             }
             let resume_from = u64::from_be_bytes(*head);
             let hash = manifest_hash(body);
+            // A resumed stream's hash (if the receiver takes one) runs on
+            // from the prefix's, as it was read back.
             match &s.expect.resume {
-                _ if resume_from == 0 => s.hasher = Sha256::new(),
+                _ if resume_from == 0 => {}
                 Some(r) if r.offset == resume_from && r.manifest_hash == hash => {
-                    s.hasher = r.hasher.clone();
+                    if let Some(h) = &mut s.hasher {
+                        *h = r.hasher.clone();
+                    }
                 }
                 _ => {
                     return Err(RecvError::BadResume {

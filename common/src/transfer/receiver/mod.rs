@@ -11,7 +11,9 @@
 //! erased at once. The bytes may never exceed the declared size, and with a
 //! known size the last chunk must reach it exactly. The trailer must carry the
 //! sender's valid signature over what the stream commits to, listing this
-//! receiver, before it counts.
+//! receiver, before it counts. The data is hashed here and held to the
+//! trailer's hash, unless the receiver takes the sender's signed hash for a
+//! stream to it alone ([`Expect::hashes`]).
 
 use sha2::{Digest, Sha256};
 
@@ -60,7 +62,9 @@ pub struct RecvStream {
     start: u64,
     total: u64,
     manifest_hash: [u8; 32],
-    hasher: Sha256,
+    /// The receiver's own hash of the data, unless it takes the sender's
+    /// ([`Expect::hashes`]).
+    hasher: Option<Sha256>,
     state: State,
 }
 
@@ -79,6 +83,7 @@ impl std::fmt::Debug for RecvStream {
 impl RecvStream {
     /// Starts receiving the stream of `pair`'s transfer.
     pub fn new(pair: PairKeys, expect: Expect) -> Self {
+        let hasher = expect.hashes().then(Sha256::new);
         Self {
             pair,
             expect,
@@ -89,7 +94,7 @@ impl RecvStream {
             start: 0,
             total: 0,
             manifest_hash: [0; 32],
-            hasher: Sha256::new(),
+            hasher,
             state: State::AwaitRoot,
         }
     }
@@ -113,12 +118,6 @@ impl RecvStream {
     /// The hash of the manifest (zero before it arrived).
     pub fn manifest_hash(&self) -> [u8; 32] {
         self.manifest_hash
-    }
-
-    /// The SHA-256 state after the bytes verified so far: with [`Self::total`]
-    /// and [`Self::manifest_hash`], what a journal keeps to resume from here.
-    pub fn hasher(&self) -> &Sha256 {
-        &self.hasher
     }
 
     /// Whether a verified trailer ended the stream.
@@ -333,7 +332,9 @@ impl RecvStream {
                 got: rec.seq,
             })?;
             s.total += len;
-            s.hasher.update(plain);
+            if let Some(hasher) = &mut s.hasher {
+                hasher.update(plain);
+            }
             if rec.last {
                 s.state = State::LastChunkSeen;
             }
@@ -365,21 +366,24 @@ impl RecvStream {
             )
             .map_err(|_| RecvError::Auth)?;
             let t = TrailerPlain::parse(&plain)?;
-            let ours: [u8; 32] = std::mem::take(&mut s.hasher).finalize().into();
+            let ours: Option<[u8; 32]> = s.hasher.take().map(|h| h.finalize().into());
             let seen = Seen {
                 stream_id: &s.pair.stream_id,
                 total: s.total,
-                sha256: &ours,
+                sha256: ours.as_ref(),
                 chunks: s.next_seq,
                 resume_from: s.start,
                 manifest_hash: &s.manifest_hash,
             };
             s.expect.check_trailer(&t, &seen)?;
             s.state = State::Done;
-            let input = receipt_input(&s.pair.transfer_id, &s.pair.stream_id, t.total, &ours);
+            let own_hash = ours.is_some();
+            let sha256 = ours.unwrap_or(t.sha256);
+            let input = receipt_input(&s.pair.transfer_id, &s.pair.stream_id, t.total, &sha256);
             Ok(TrailerVerified {
                 total: t.total,
-                sha256: ours,
+                sha256,
+                own_hash,
                 receipt: mac::tag(&s.pair.receipt, &[&input]),
             })
         })
