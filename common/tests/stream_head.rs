@@ -184,24 +184,35 @@ fn resuming_receiver(t: u8, d: &[u8], resume: Option<Resume>) -> RecvStream {
 
 #[test]
 fn a_resumed_stream_carries_only_the_rest_and_verifies_the_whole() {
-    let d = data(5000);
-    let body = kit::manifest_body(d.len() as u64);
-    let (mut s, root, manifest) = resuming(6, &d, 3000, &body);
-    let mut r = resuming_receiver(6, &d, Some(held(&d, 3000)));
-    r.open_root(root.record()).unwrap();
-    assert_eq!(r.open_manifest(manifest.record()).unwrap(), (3000, body));
-    assert_eq!((r.resumed_from(), r.total()), (3000, 3000));
-    let mut got = Vec::new();
-    for c in chunks(&mut s, &d[3000..]) {
-        got.extend(r.open_chunk(&c).unwrap().0);
+    // Whether Bob hashes (running on from the prefix's state) or takes
+    // Alice's hash, the whole data's hash is what comes out.
+    for trust_sender_hash in [false, true] {
+        let d = data(5000);
+        let body = kit::manifest_body(d.len() as u64);
+        let (mut s, root, manifest) = resuming(6, &d, 3000, &body);
+        let mut r = RecvStream::new(
+            kit::pair(6),
+            Expect {
+                resume: Some(held(&d, 3000)),
+                trust_sender_hash,
+                ..kit::expect(d.len() as u64)
+            },
+        );
+        r.open_root(root.record()).unwrap();
+        assert_eq!(r.open_manifest(manifest.record()).unwrap(), (3000, body));
+        assert_eq!((r.resumed_from(), r.total()), (3000, 3000));
+        let mut got = Vec::new();
+        for c in chunks(&mut s, &d[3000..]) {
+            got.extend(r.open_chunk(&c).unwrap().0);
+        }
+        assert_eq!(got, d[3000..]);
+        let (trailer, sha) = kit::trailer(&mut s);
+        let done = r.open_trailer(trailer.record()).unwrap();
+        assert_eq!(done.total, 5000);
+        assert_eq!(sha, <[u8; 32]>::from(Sha256::digest(&d)));
+        assert_eq!((done.sha256, done.own_hash), (sha, !trust_sender_hash));
+        s.check_receipt(&kit::pair(6), &done.receipt).unwrap();
     }
-    assert_eq!(got, d[3000..]);
-    let (trailer, sha) = kit::trailer(&mut s);
-    let done = r.open_trailer(trailer.record()).unwrap();
-    assert_eq!(done.total, 5000);
-    assert_eq!(sha, <[u8; 32]>::from(Sha256::digest(&d)));
-    assert_eq!(done.sha256, sha);
-    s.check_receipt(&kit::pair(6), &done.receipt).unwrap();
 }
 
 #[test]

@@ -12,6 +12,7 @@
 use crate::output::notice;
 use std::io;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use keyferry_common::crypto::keys::MacKey;
 use keyferry_common::handshake::ResumePoint;
@@ -29,6 +30,12 @@ use super::journal::Journal;
 use super::outdir::OutDir;
 use super::staging::Staging;
 use super::tree::TreeWriter;
+
+/// How long reading a kept prefix back may take: the accept must reach the
+/// sender within the broker's answer window (60 s by default). A prefix that
+/// takes longer is not resumed (the transfer starts again from byte 0)
+/// rather than missing that window on every attempt.
+const READ_BACK_LIMIT: Duration = Duration::from_secs(30);
 
 /// A transfer's staging directory, and what it holds.
 #[derive(Debug)]
@@ -172,7 +179,13 @@ fn held(
     }
     let m = Manifest::decode(&body).map_err(|e| e.to_string())?;
     TreeWriter::holds(staging, &m, j.verified).map_err(|e| e.to_string())?;
-    let prefix = TreeWriter::prefix_hash(staging, &m, j.verified)
-        .map_err(|e| format!("its tree cannot be read back ({e})"))?;
+    let deadline = Instant::now() + READ_BACK_LIMIT;
+    let prefix = TreeWriter::prefix_hash(staging, &m, j.verified, deadline).map_err(|e| {
+        format!(
+            "its {} bytes cannot be read back within {} s ({e})",
+            j.verified,
+            READ_BACK_LIMIT.as_secs()
+        )
+    })?;
     Ok((j, m, prefix))
 }

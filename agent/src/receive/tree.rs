@@ -16,6 +16,7 @@ use std::fs::File;
 use std::io::{self, Read as _, Seek as _, SeekFrom, Write as _};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Instant;
 
 use keyferry_common::manifest::{EntryKind, Manifest};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags};
@@ -194,8 +195,13 @@ impl TreeWriter {
     /// [`Self::holds`]): what a resumed transfer's accept proves to the
     /// sender and the receiver's hash runs on from (PROTOCOL.md §7.4), so a
     /// prefix damaged on disk since it verified is caught before anything is
-    /// added to it.
-    pub fn prefix_hash(staging: &Staging, m: &Manifest, offset: u64) -> io::Result<Sha256> {
+    /// added to it. Fails (`TimedOut`) if it is not done by `deadline`.
+    pub fn prefix_hash(
+        staging: &Staging,
+        m: &Manifest,
+        offset: u64,
+        deadline: Instant,
+    ) -> io::Result<Sha256> {
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
         for s in spans(m) {
@@ -203,8 +209,19 @@ impl TreeWriter {
                 break;
             }
             let mut left = (offset - s.start).min(s.size);
-            let mut f = open_file(staging, &s.path, OFlags::RDONLY)?;
+            // Non-blocking, and a regular file only: nothing put in its
+            // place (a FIFO, say) can hold the receiver here.
+            let mut f = open_file(staging, &s.path, OFlags::RDONLY | OFlags::NONBLOCK)?;
+            if !f.metadata()?.is_file() {
+                return Err(io::Error::other("the received tree holds a non-file"));
+            }
             while left > 0 {
+                if Instant::now() > deadline {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "reading it back takes too long",
+                    ));
+                }
                 let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
                 f.read_exact(&mut buf[..n]).map_err(|e| match e.kind() {
                     io::ErrorKind::UnexpectedEof => {
@@ -476,6 +493,16 @@ mod tests {
         TreeWriter::holds(&staging, &m, 4).unwrap();
         // More than the tree holds is refused.
         assert!(TreeWriter::holds(&staging, &m, 5).is_err());
+        // The prefix read back and hashed, across the file boundary (`x`
+        // holds 3 bytes, `b.txt` the fourth) and within a file.
+        let later = Instant::now() + std::time::Duration::from_secs(60);
+        for (at, bytes) in [(0, &b""[..]), (2, b"xy"), (3, b"xyz"), (4, b"xyzh")] {
+            let got = TreeWriter::prefix_hash(&staging, &m, at, later).unwrap();
+            assert_eq!(got.finalize(), Sha256::digest(bytes), "at {at}");
+        }
+        let past = Instant::now() - std::time::Duration::from_secs(1);
+        let late = TreeWriter::prefix_hash(&staging, &m, 4, past).unwrap_err();
+        assert_eq!(late.kind(), io::ErrorKind::TimedOut);
         // Resuming at 2 cuts `x` to two bytes and empties `b.txt`.
         let mut w = TreeWriter::resume(staging, &m, 2).unwrap();
         w.write(b"Zhi").unwrap();
