@@ -12,6 +12,7 @@ use keyferry_common::ids::TransferId;
 use keyferry_common::io::connection::{ConnError, Connection, FrameReader, FrameWriter};
 use keyferry_common::io::tls::{self, PinOutcome, PinningVerifier};
 use keyferry_common::name::AgentName;
+use keyferry_common::text::escape;
 use keyferry_common::wire::frame::MAX_FRAME_LEN;
 use keyferry_common::wire::message::{ErrorCode, Message, Role, ticket_address_ok};
 use rustls::pki_types::ServerName;
@@ -49,8 +50,11 @@ pub struct Ctx {
     pub identity: Arc<Identity>,
 }
 
-/// Maps a broker `Error` message to the agent's error.
+/// Maps a broker `Error` message to the agent's error. The detail is the
+/// broker's text, printed later: escaped here (PROTOCOL.md §8), so a broker
+/// cannot put control sequences on the user's terminal.
 pub fn broker_error(code: ErrorCode, detail: String) -> AgentError {
+    let detail = escape(&detail);
     match code {
         ErrorCode::NameTaken
         | ErrorCode::AuthFailed
@@ -368,5 +372,23 @@ mod tests {
         // Anything else: still says what to do.
         let e = broker_error(ErrorCode::Version, "no".into());
         assert!(e.to_string().contains("upgrade the broker"), "{e}");
+    }
+
+    #[test]
+    fn a_brokers_words_reach_the_terminal_escaped() {
+        // Clear the screen, move the cursor, ring the bell: none of it is
+        // printed as such, whatever the code.
+        let hostile = "bad\x1b[2J\x1b[H\x07 name\u{202e}";
+        for code in [
+            ErrorCode::NameTaken,
+            ErrorCode::Version,
+            ErrorCode::Policy,
+            ErrorCode::Protocol,
+        ] {
+            let shown = broker_error(code, hostile.into()).to_string();
+            assert!(!shown.chars().any(char::is_control), "{code:?}: {shown:?}");
+            assert!(!shown.contains('\u{202e}'), "{code:?}: {shown:?}");
+            assert!(shown.contains("bad\\u{1b}[2J"), "{code:?}: {shown:?}");
+        }
     }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use keyferry_common::io::connection::ConnError;
 use keyferry_common::sync::lock;
+use keyferry_common::text::escape;
 use keyferry_common::wire::message::Message;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -102,7 +103,7 @@ pub(super) async fn control_loop(
                     }
                     Ok(Some(Message::Pong { .. })) => {}
                     Ok(Some(Message::Error { detail, .. })) => {
-                        return Ok(Err(AgentError::SessionEnded(detail)));
+                        return Ok(Err(AgentError::SessionEnded(escape(&detail))));
                     }
                     Ok(Some(_)) => {
                         return Ok(Err(AgentError::Protocol("unexpected message from the broker")));
