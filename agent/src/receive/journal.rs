@@ -1,14 +1,15 @@
 //! A transfer's journal (PROTOCOL.md §7.3): what a receiver holds verified of
 //! an interrupted transfer, so that the next attempt resumes from there.
 //!
-//! It names the transfer's origin (PROTOCOL.md §6.4), the
-//! sender and its key, the manifest's hash, the total size, and how many
-//! bytes of the data verified and were synced to disk (the prefix's hash is
-//! taken from the disk when the transfer resumes). It is MACed under a key that lives in the receiver's
-//! home, not in the out dir: whoever can write the out dir but not the home
-//! cannot make a journal that is believed. It is written to a temporary name,
-//! synced and renamed over the old one, so it is always whole; and only after
-//! the data it counts was synced, so it never counts bytes the disk lacks.
+//! It names the transfer's origin (PROTOCOL.md §6.4), the sender and its
+//! key, the manifest's hash, the total size, and how many bytes of the data
+//! verified and were synced to disk (the prefix's hash is taken from the
+//! disk when the transfer resumes). It is MACed under a key that lives in
+//! the receiver's home, not in the out dir: whoever can write the out dir
+//! but not the home cannot make a journal that is believed. It is written to
+//! a temporary name, synced and renamed over the old one, so it is always
+//! whole; and only after the data it counts was synced, so it never counts
+//! bytes the disk lacks.
 
 use std::time::Duration;
 

@@ -180,12 +180,14 @@ fn held(
     let m = Manifest::decode(&body).map_err(|e| e.to_string())?;
     TreeWriter::holds(staging, &m, j.verified).map_err(|e| e.to_string())?;
     let deadline = Instant::now() + READ_BACK_LIMIT;
-    let prefix = TreeWriter::prefix_hash(staging, &m, j.verified, deadline).map_err(|e| {
-        format!(
-            "its {} bytes cannot be read back within {} s ({e})",
-            j.verified,
-            READ_BACK_LIMIT.as_secs()
-        )
-    })?;
+    let prefix =
+        TreeWriter::prefix_hash(staging, &m, j.verified, deadline).map_err(|e| match e.kind() {
+            io::ErrorKind::TimedOut => format!(
+                "its {} bytes cannot be read back within {} s",
+                j.verified,
+                READ_BACK_LIMIT.as_secs()
+            ),
+            _ => format!("its tree cannot be read back ({e})"),
+        })?;
     Ok((j, m, prefix))
 }
