@@ -32,9 +32,9 @@ use super::staging::Staging;
 use super::tree::TreeWriter;
 
 /// How long reading a kept prefix back may take: the accept must reach the
-/// sender within the broker's answer window (60 s by default). A prefix that
-/// takes longer is not resumed (the transfer starts again from byte 0)
-/// rather than missing that window on every attempt.
+/// sender within the broker's answer window (60 s). A prefix that takes
+/// longer is not resumed (the transfer starts again from byte 0) rather than
+/// missing that window on every attempt.
 const READ_BACK_LIMIT: Duration = Duration::from_secs(30);
 
 /// A transfer's staging directory, and what it holds.
