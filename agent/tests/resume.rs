@@ -467,3 +467,53 @@ fn a_source_rewritten_with_its_old_mtime_starts_again_from_byte_0() {
     assert_eq!(hash_file(&t.out.join("big.bin")), (HALF, new_sha.clone()));
     assert_nothing_mixed(t.out.path(), &new_sha);
 }
+
+#[test]
+fn a_folder_cut_inside_a_later_file_resumes_there_and_arrives_whole() {
+    // The prefix the receiver reads back and hashes spans a whole file, an
+    // empty one and part of a third: had it read the tree wrong, the
+    // sender's check would fail and the transfer start again from 0.
+    let broker = Broker::start();
+    let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
+    let (src, out) = (TempDir::new("src"), TempDir::new("out"));
+    let set = src.join("set");
+    std::fs::create_dir_all(set.join("sub")).unwrap();
+    let files = [
+        ("a.bin", 40 * MIB),
+        ("b.empty", 0),
+        ("sub/c.bin", 400 * MIB),
+    ];
+    let shas: Vec<String> = files
+        .iter()
+        .zip(10..)
+        .map(|((name, len), seed)| write_random(&set.join(name), *len, seed))
+        .collect();
+    let total: u64 = files.iter().map(|(_, len)| len).sum();
+
+    let mut receiver = bob.receiver(&broker, out.path(), &[]);
+    let s = sender(&alice, &broker, &set, &[]);
+    wait_for_checkpoint(receiver.child.id(), out.path());
+    receiver.kill();
+    assert_staged(out.path());
+    let mut again = bob.receiver(&broker, out.path(), &[]);
+    let sent = Run::finish_within(s, SEND_LIMIT);
+    assert_eq!(sent.code, Some(0), "{sent:#?}");
+    let report = json(&sent);
+    println!("{report}");
+    assert_eq!(
+        (&report["bytes"], &report["files"]),
+        (&total.into(), &3.into())
+    );
+    let from = report["resumed_from"].as_u64().unwrap();
+    assert!(from > 40 * MIB && from < total, "{report}");
+    assert_eq!(from % CHECKPOINT, 0, "{report}");
+    again.stdout.wait_for("received ", WAIT);
+    for ((name, len), sha) in files.iter().zip(&shas) {
+        assert_eq!(
+            hash_file(&out.join("set").join(name)),
+            (*len, sha.clone()),
+            "{name}"
+        );
+    }
+    assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 1);
+}
