@@ -403,18 +403,9 @@ fn trust_sender_hash_reports_the_signed_hash_as_the_senders_and_only_for_a_sole_
     );
 
     // JSON: "sender" for a stream to bob alone; to bob and carol at once,
-    // bob hashes all the same. (With --json, "receiving as" is on stderr.)
-    let json_receiver = |who: &Home, out: &TempDir, extra: &[&str]| {
-        let mut cmd = who.command(&broker);
-        cmd.args(["--role", "receiver", "--json", "--out-dir"])
-            .arg(out.path())
-            .args(extra);
-        let mut p = Proc::spawn(cmd);
-        p.stderr.wait_for("receiving as", WAIT);
-        p
-    };
-    let mut rx = json_receiver(&bob, &out, &["--trust-sender-hash"]);
-    let mut rc = json_receiver(&carol, &out_c, &[]);
+    // bob hashes all the same.
+    let mut rx = bob.receiver(&broker, out.path(), &["--json", "--trust-sender-hash"]);
+    let mut rc = carol.receiver(&broker, out_c.path(), &["--json"]);
     // Each transfer under its own name: the lines seen are searched first.
     let event = |p: &mut Proc, name: &str| -> serde_json::Value {
         let line = p.stdout.wait_for(&format!("\"file\":\"{name}\""), WAIT);

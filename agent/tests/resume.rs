@@ -310,6 +310,22 @@ fn a_receiver_killed_twice_resumes_twice() {
     assert_eq!(std::fs::read_dir(t.out.path()).unwrap().count(), 1);
 }
 
+/// Flips the lowest bit of the byte at `at` in `path`, in place.
+fn flip_bit(path: &Path, at: u64) {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8];
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.read_exact(&mut b).unwrap();
+    b[0] ^= 0x01;
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.write_all(&b).unwrap();
+}
+
 /// Whatever is in the out dir under a final name is exactly `sha`.
 fn assert_nothing_mixed(out: &Path, sha: &str) {
     for name in finals(out) {
@@ -325,10 +341,8 @@ fn assert_nothing_mixed(out: &Path, sha: &str) {
 fn a_tampered_journal_is_not_believed_and_the_transfer_starts_again_from_byte_0() {
     let t = interrupted(3);
     let journal = assert_staged(t.out.path()).join("journal");
-    let mut bytes = std::fs::read(&journal).unwrap();
-    let at = bytes.len() / 2;
-    bytes[at] ^= 0x01;
-    std::fs::write(&journal, &bytes).unwrap();
+    let len = std::fs::metadata(&journal).unwrap().len();
+    flip_bit(&journal, len / 2);
 
     let mut again = t.bob.receiver(&t.broker, t.out.path(), &[]);
     // The damaged staging directory goes at start-up.
@@ -364,10 +378,9 @@ fn a_prefix_damaged_on_disk_is_caught_and_the_transfer_starts_again_from_byte_0(
     // the transfer starts again: the damage never reaches the placed file.
     let t = interrupted(4);
     let part = assert_staged(t.out.path()).join("t/big.bin");
-    let mut bytes = std::fs::read(&part).unwrap();
-    assert!(bytes.len() as u64 >= CHECKPOINT, "{}", bytes.len());
-    bytes[1000] ^= 0x01;
-    std::fs::write(&part, &bytes).unwrap();
+    let len = std::fs::metadata(&part).unwrap().len();
+    assert!(len >= CHECKPOINT, "{len}");
+    flip_bit(&part, 1000);
 
     let mut again = t.bob.receiver(&t.broker, t.out.path(), &[]);
     again

@@ -314,14 +314,20 @@ impl Home {
         cmd
     }
 
-    /// Starts a receiver and waits until it is ready.
+    /// Starts a receiver and waits until it is ready (its "receiving as"
+    /// line is on stdout, or with `--json` on stderr).
     pub fn receiver(&self, broker: &Broker, out: &Path, extra: &[&str]) -> Proc {
         let mut cmd = self.command(broker);
         cmd.args(["--role", "receiver", "--out-dir"])
             .arg(out)
             .args(extra);
         let mut p = Proc::spawn(cmd);
-        p.stdout.wait_for("receiving as", WAIT);
+        let ready = if extra.contains(&"--json") {
+            &mut p.stderr
+        } else {
+            &mut p.stdout
+        };
+        ready.wait_for("receiving as", WAIT);
         p
     }
 
