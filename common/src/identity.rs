@@ -50,6 +50,9 @@ pub enum KeyError {
     /// PKCS#8 encoding of the private key failed.
     #[error("PKCS#8 encoding of the private key failed")]
     Encode,
+    /// The private key could not be prepared for signing.
+    #[error(transparent)]
+    Signer(#[from] sign::SignerError),
 }
 
 /// SHA-256 of a SubjectPublicKeyInfo DER.
@@ -196,7 +199,7 @@ impl Identity {
         check_policy(&public)?;
         Ok(Self {
             public: PublicKey::from_rsa(public)?,
-            signer: Signer::new(key),
+            signer: Signer::new(key)?,
         })
     }
 
