@@ -6,13 +6,16 @@
 #   IDLE=10000 scripts/scale.sh              10,000 idle agents (raises ulimit -n)
 #   IDLE=2000 TRANSFERS=10 SIZE_MIB=256 scripts/scale.sh
 #   BENCH_DIR=/dev/shm scripts/scale.sh      files on tmpfs instead of the disk
+#   BIN=/path/to/binaries scripts/scale.sh   another build's broker, agent and
+#                                            examples/idle_agents (none is built)
 #
 # The idle agents are held by one process (agent/examples/idle_agents.rs), each
 # connection authenticated exactly as `agent --role receiver` does it; the
 # broker runs with --max-connections-per-ip raised, since they all come from
 # 127.0.0.1. Prints a Markdown table: broker RSS before and with the idle
 # agents, its peak during the transfers, and the throughput of each transfer
-# (min / median / max, from the senders' --json) and in total.
+# (min / median / max, from the senders' --json) and in total, and the CPU time
+# the whole machine spent while they ran (/proc/stat, all processes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,11 +31,15 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cargo build --release --locked --bins -q
-cargo build --release --locked -q -p keyferry-agent --example idle_agents
-bin=$PWD/target/release
+if [ -z "${BIN:-}" ]; then
+    cargo build --release --locked --bins -q
+    cargo build --release --locked -q -p keyferry-agent --example idle_agents
+fi
+bin=${BIN:-$PWD/target/release}
 
 rss() { awk -v f="$2" '$1 == f ":" { print int($2 / 1024) }' "/proc/$1/status"; }
+# CPU time of the whole machine so far (user + nice + system + irq + softirq), in ticks.
+cpu_ticks() { awk '$1 == "cpu" { print $2 + $3 + $4 + $7 + $8 }' /proc/stat; }
 median() { sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 
 # Every idle agent is a descriptor in the broker and in idle_agents.
@@ -64,7 +71,11 @@ rss_idle=$(rss "$broker_pid" VmRSS)
 
 echo "starting $transfers transfers of $size_mib MiB" >&2
 mkdir -p "$work/src"
-head -c "$((size_mib << 20))" /dev/urandom >"$work/src/data.bin"
+# A file of its own for each transfer: 20 senders reading one file would find
+# much of it in the CPU's cache, which one sender of a 20-times larger file does not.
+for i in $(seq -w 1 "$transfers"); do
+    head -c "$((size_mib << 20))" /dev/urandom >"$work/src/data-$i.bin"
+done
 recv_pids=()
 for i in $(seq -w 1 "$transfers"); do
     mkdir -p "$work/in-$i"
@@ -76,24 +87,28 @@ for i in $(seq -w 1 "$transfers"); do
     for _ in $(seq 200); do grep -q "receiving as" "$work/recv-$i.out" 2>/dev/null && break; sleep 0.05; done
 done
 t0=$(date +%s.%N)
+c0=$(cpu_ticks)
 send_pids=()
 for i in $(seq -w 1 "$transfers"); do
-    agent --home "$work/senders" --name "s$i" --role sender --to "r$i" --file "$work/src/data.bin" --json \
+    agent --home "$work/senders" --name "s$i" --role sender --to "r$i" --file "$work/src/data-$i.bin" --json \
         >"$work/send-$i.json" 2>"$work/send-$i.err" &
     send_pids+=($!)
 done
 failed=0
 for pid in "${send_pids[@]}" "${recv_pids[@]}"; do wait "$pid" || failed=$((failed + 1)); done
 t1=$(date +%s.%N)
+c1=$(cpu_ticks)
 [ "$failed" -eq 0 ] || { echo "$failed agents failed" >&2; tail -n 3 "$work"/send-*.err >&2; exit 1; }
 for i in $(seq -w 1 "$transfers"); do
-    cmp -s "$work/src/data.bin" "$work/in-$i/data.bin" || { echo "transfer $i differs" >&2; exit 1; }
+    cmp -s "$work/src/data-$i.bin" "$work/in-$i/data-$i.bin" || { echo "transfer $i differs" >&2; exit 1; }
 done
 rss_peak=$(rss "$broker_pid" VmHWM)
 rss_end=$(rss "$broker_pid" VmRSS)
 
 sed -n 's/.*"bytes":\([0-9]*\).*"seconds":\([0-9.]*\).*/\1 \2/p' "$work"/send-*.json |
     awk '{ printf "%.1f\n", $1 / $2 / 1e6 }' | sort -g >"$work/rates.txt"
+cpu_per_gib=$(awk -v t="$((c1 - c0))" -v hz="$(getconf CLK_TCK)" -v b="$((transfers * (size_mib << 20)))" \
+    'BEGIN { printf "%.2f", t / hz / (b / 2^30) }')
 total=$(awk -v n="$transfers" -v b="$((size_mib << 20))" -v a="$t0" -v c="$t1" 'BEGIN { printf "%.1f", n * b / (c - a) / 1e6 }')
 
 cat <<TABLE
@@ -105,4 +120,5 @@ cat <<TABLE
 | broker peak RSS (VmHWM) | ${rss_peak} MiB |
 | per-transfer throughput, min / median / max | $(head -1 "$work/rates.txt") / $(median <"$work/rates.txt") / $(tail -1 "$work/rates.txt") MB/s |
 | all transfers together (first start to last receipt) | ${total} MB/s |
+| machine CPU while they ran, per GiB moved | ${cpu_per_gib} CPU-s |
 TABLE
