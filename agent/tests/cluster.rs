@@ -170,6 +170,8 @@ fn brokers_recover_when_nats_restarts_and_no_binding_is_lost() {
     let out = TempDir::new("cluster-out");
     let mut rx = receive(&bob, &b1, &out);
     assert_eq!(send_message(&alice, &b1, "bob", "before").code, Some(0));
+    // alice is known to broker 2 too (it keeps the bindings it saw).
+    assert_eq!(alice.run(&b2, &["--list"]).code, Some(0));
 
     // NATS goes away: agents this broker knows still exchange files through it.
     let (mut proc, port, store) = (nats.proc, nats.port, nats.store);
@@ -177,6 +179,17 @@ fn brokers_recover_when_nats_restarts_and_no_binding_is_lost() {
     let during = send_message(&alice, &b1, "bob", "while NATS is down");
     assert_eq!(during.code, Some(0), "{during:#?}");
     rx.stdout.wait_for("while NATS is down", WAIT);
+    // Across brokers it cannot work; the sender hears that the cluster is the
+    // reason, not that bob is unknown or offline.
+    let across = send_message(&alice, &b2, "bob", "across while NATS is down");
+    assert_ne!(across.code, Some(0), "{across:#?}");
+    assert!(
+        across
+            .stderr
+            .contains("this broker cannot reach its cluster to find bob"),
+        "{across:#?}"
+    );
+    assert!(!across.stderr.contains("unknown peer"), "{across:#?}");
     // A new name cannot be registered meanwhile, and says why.
     let carol = Home::new("carol", "carol");
     let refused = carol.run(&b2, &["--list"]);

@@ -126,17 +126,29 @@ pub async fn upload(cluster: &Cluster, cache: &Registry) -> Result<(usize, usize
     Ok((created, overruled))
 }
 
+/// A name's key as a lookup found it.
+#[derive(Debug)]
+pub struct Found {
+    /// The key (`None`: not bound), or a database error.
+    pub key: Result<Option<Vec<u8>>, String>,
+    /// Why the cluster could not be asked, when `key` came from the cache: a
+    /// name the cache does not hold may then be bound all the same.
+    pub unreached: Option<String>,
+}
+
 /// The key of `name`, from the cluster or, when it is away, the cache.
-pub async fn key_of(
-    cluster: &Cluster,
-    cache: &Registry,
-    name: &AgentName,
-) -> Result<Option<Vec<u8>>, String> {
+pub async fn key_of(cluster: &Cluster, cache: &Registry, name: &AgentName) -> Found {
     match cluster.key_of(name).await {
-        Ok(k) => Ok(k),
+        Ok(k) => Found {
+            key: Ok(k),
+            unreached: None,
+        },
         Err(e) => {
             warn!(error = %e, "cluster unreachable: key looked up in this broker's cache");
-            cache.key_of(name).map_err(|db| db.to_string())
+            Found {
+                key: cache.key_of(name).map_err(|db| db.to_string()),
+                unreached: Some(e.to_string()),
+            }
         }
     }
 }

@@ -78,25 +78,42 @@ pub(super) async fn online(state: &State) -> Message {
 }
 
 /// The answer to `Lookup{name}`: its key if a receiver of that name is
-/// connected here or (cluster mode) anywhere in the cluster.
+/// connected here or (cluster mode) anywhere in the cluster. When the cluster
+/// cannot be asked and no receiver of that name is here, the answer says so
+/// rather than calling the name unknown or its receiver offline.
 async fn lookup(state: &State, name: AgentName) -> Message {
     let registry = &state.registry;
-    let key = match &state.cluster {
+    let names::Found { key, mut unreached } = match &state.cluster {
         Some(cluster) => names::key_of(cluster, registry, &name).await,
-        None => registry.key_of(&name).map_err(|e| {
-            warn!(error = %e, "registry database error");
-            "broker database error".to_owned()
-        }),
+        None => names::Found {
+            key: registry.key_of(&name).map_err(|e| {
+                warn!(error = %e, "registry database error");
+                "broker database error".to_owned()
+            }),
+            unreached: None,
+        },
     };
     let receiving = registry.is_receiving(&name)
         || match &state.cluster {
-            Some(cluster) if matches!(key, Ok(Some(_))) => {
-                matches!(cluster.locate(&name).await, Ok(Some(_)))
-            }
+            Some(cluster) if matches!(key, Ok(Some(_))) => match cluster.locate(&name).await {
+                Ok(found) => found.is_some(),
+                Err(e) => {
+                    warn!(error = %e, "cluster unreachable: receiver looked up here only");
+                    unreached.get_or_insert(e.to_string());
+                    false
+                }
+            },
             _ => false,
         };
     match key {
         Ok(Some(spki)) if receiving => Message::PeerKey { name, spki },
+        Ok(_) if let Some(why) = unreached => Message::Error {
+            code: ErrorCode::Protocol,
+            detail: format!(
+                "this broker cannot reach its cluster to find {name} ({why}), and no receiver \
+                 of that name is connected here; try again once the cluster is back"
+            ),
+        },
         Ok(Some(_)) => Message::Error {
             code: ErrorCode::PeerOffline,
             detail: format!("{name} is not connected as a receiver"),
