@@ -2,8 +2,9 @@
 # An older protocol version against this tree, in one run, alternating rounds
 # (old, new, old, new …): the end-to-end time of a 1 KiB file (sender start to
 # its verified receipt, so it includes the process start, TLS, the RSA
-# operations and ML-KEM, and the sender's and receiver's CPU time for it) and the throughput of a 1 GiB file, with the CPU time
-# per byte of sender, receiver and broker. Medians; ratios new / old.
+# operations and ML-KEM; and the sender's and receiver's CPU time for it) and
+# the throughput of a 1 GiB file, with the CPU time per byte of sender,
+# receiver and broker. Medians; ratios new / old.
 #
 #   scripts/bench-old-version.sh          version 2 (565ad4b) against this tree (3)
 #   SIZE_MIB=256 RUNS=3 LATENCY_RUNS=9 scripts/bench-old-version.sh
@@ -115,7 +116,8 @@ printf '\n| | version %s (%s) | this tree | new / old |\n|---|---|---|---|\n' "$
 l1=$(col 1 "$work/latold"); l2=$(col 1 "$work/latnew")
 printf '| 1 KiB end to end, median of %s (ms) | %.1f | %.1f | %.2f |\n' "$latency_runs" \
     "$(awk -v x="$l1" 'BEGIN{print x*1000}')" "$(awk -v x="$l2" 'BEGIN{print x*1000}')" "$(awk -v a="$l1" -v b="$l2" 'BEGIN{print b/a}')"
-# CPU times are counted in ticks (10 ms): a mean over the rounds says more than a median.
+# The receiver's and broker's CPU times are counted in ticks (10 ms; the sender's to
+# the microsecond): a mean over the rounds says more than a median.
 mean() { awk -v c="$1" '{ s += $c } END { print s / NR * 1000 }' "$2"; }
 for c in 2:sender 3:receiver; do
     n=${c%%:*}; role=${c##*:}

@@ -128,7 +128,12 @@ lat_across=$(median <"$work/lat-across.txt")
 
 echo "starting $transfers transfers of $size_mib MiB, each across brokers" >&2
 mkdir -p "$work/src"
-head -c "$((size_mib << 20))" /dev/urandom >"$work/src/data.bin"
+# A file of its own for each transfer (as scripts/scale.sh: senders sharing one
+# file would find much of it in the CPU's cache).
+for i in $(seq -w 1 "$transfers"); do
+    head -c "$((size_mib << 20))" /dev/urandom >"$work/src/data-$i.bin"
+done
+sync
 recv_pids=()
 for i in $(seq -w 1 "$transfers"); do
     mkdir -p "$work/in-$i"
@@ -143,7 +148,7 @@ t0=$(date +%s.%N)
 send_pids=()
 for i in $(seq -w 1 "$transfers"); do
     agent $(((10#$i + 1) % 3)) --home "$work/senders" --name "s$i" --role sender --to "r$i" \
-        --file "$work/src/data.bin" --json >"$work/send-$i.json" 2>"$work/send-$i.err" &
+        --file "$work/src/data-$i.bin" --json >"$work/send-$i.json" 2>"$work/send-$i.err" &
     send_pids+=($!)
 done
 failed=0
@@ -151,7 +156,7 @@ for pid in "${send_pids[@]}" "${recv_pids[@]}"; do wait "$pid" || failed=$((fail
 t1=$(date +%s.%N)
 [ "$failed" -eq 0 ] || { echo "$failed agents failed" >&2; tail -n 3 "$work"/send-*.err >&2; exit 1; }
 for i in $(seq -w 1 "$transfers"); do
-    cmp -s "$work/src/data.bin" "$work/in-$i/data.bin" || { echo "transfer $i differs" >&2; exit 1; }
+    cmp -s "$work/src/data-$i.bin" "$work/in-$i/data-$i.bin" || { echo "transfer $i differs" >&2; exit 1; }
 done
 for b in 0 1 2; do rss_peak+=("$(rss "${bpid[$b]}" VmHWM)"); done
 nats_peak=$(rss "$nats_pid" VmHWM)

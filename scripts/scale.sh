@@ -6,8 +6,8 @@
 #   IDLE=10000 scripts/scale.sh              10,000 idle agents (raises ulimit -n)
 #   IDLE=2000 TRANSFERS=10 SIZE_MIB=256 scripts/scale.sh
 #   BENCH_DIR=/dev/shm scripts/scale.sh      files on tmpfs instead of the disk
-#   BIN=/path/to/binaries scripts/scale.sh   another build's broker, agent and
-#                                            examples/idle_agents (none is built)
+#   BIN=/abs/path/to/binaries scripts/scale.sh   another build's broker, agent
+#                                            and examples/idle_agents (none is built)
 #
 # The idle agents are held by one process (agent/examples/idle_agents.rs), each
 # connection authenticated exactly as `agent --role receiver` does it; the
@@ -76,6 +76,7 @@ mkdir -p "$work/src"
 for i in $(seq -w 1 "$transfers"); do
     head -c "$((size_mib << 20))" /dev/urandom >"$work/src/data-$i.bin"
 done
+sync # the sources' writeback is not the transfers' cost
 recv_pids=()
 for i in $(seq -w 1 "$transfers"); do
     mkdir -p "$work/in-$i"

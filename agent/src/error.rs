@@ -90,6 +90,15 @@ pub enum AgentError {
         /// What the broker said.
         why: String,
     },
+    /// The broker could not answer a lookup now (its cluster or database is
+    /// away): worth trying again.
+    #[error("the broker cannot look up {peer} now: {why}")]
+    LookupFailed {
+        /// The peer.
+        peer: String,
+        /// What the broker said (escaped).
+        why: String,
+    },
     /// A pinned peer key changed.
     #[error(transparent)]
     PeerKeyMismatch(PinError),
@@ -253,9 +262,10 @@ impl AgentError {
         match self {
             Self::BrokerUnreachable { .. } => exit::BROKER_UNREACHABLE,
             Self::BrokerMismatch { .. } => exit::BROKER_MISMATCH,
-            Self::UnknownPeer(_) | Self::PeerOffline(_) | Self::PeerUnavailable { .. } => {
-                exit::PEER_UNAVAILABLE
-            }
+            Self::UnknownPeer(_)
+            | Self::PeerOffline(_)
+            | Self::PeerUnavailable { .. }
+            | Self::LookupFailed { .. } => exit::PEER_UNAVAILABLE,
             Self::PeerKeyMismatch(_) => exit::PEER_KEY_MISMATCH,
             Self::FileUnreadable { .. } => exit::FILE_UNREADABLE,
             Self::Refused { .. } => exit::REFUSED,

@@ -220,7 +220,7 @@ impl Identity {
         self.public.fingerprint
     }
 
-    /// Signs `message` under `context` (blinded RSA-PSS-SHA256).
+    /// Signs `message` under `context` (RSA-PSS-SHA256, by ring).
     pub fn sign(&self, context: &str, message: &[u8]) -> Vec<u8> {
         self.signer.sign(context, message)
     }

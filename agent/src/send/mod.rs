@@ -15,6 +15,7 @@ pub mod source;
 
 use keyferry_common::identity::{Fingerprint, PublicKey};
 use keyferry_common::name::AgentName;
+use keyferry_common::text::escape;
 use keyferry_common::wire::message::{AbortReason, ErrorCode, Message, RefuseReason};
 use serde::Serialize;
 
@@ -127,6 +128,7 @@ fn transient(e: &AgentError) -> bool {
         AgentError::BrokerUnreachable { .. }
             | AgentError::PeerOffline(_)
             | AgentError::PeerUnavailable { .. }
+            | AgentError::LookupFailed { .. }
             | AgentError::SessionEnded(_)
             | AgentError::ReceiverAborted(
                 AbortReason::PeerGone | AbortReason::Timeout | AbortReason::Interrupted
@@ -268,6 +270,16 @@ pub(super) async fn peer_key(
             code: ErrorCode::PeerOffline,
             ..
         }) => return Err(AgentError::PeerOffline(to.to_string())),
+        // The broker's own trouble (its cluster or its database), not the peer's.
+        Some(Message::Error {
+            code: ErrorCode::Protocol,
+            detail,
+        }) => {
+            return Err(AgentError::LookupFailed {
+                peer: to.to_string(),
+                why: escape(&detail),
+            });
+        }
         Some(Message::Error { code, detail }) => return Err(broker_error(code, detail)),
         _ => return Err(AgentError::Protocol("the broker did not answer the lookup")),
     };

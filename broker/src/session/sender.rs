@@ -95,14 +95,17 @@ async fn lookup(state: &State, name: AgentName) -> Message {
     };
     let receiving = registry.is_receiving(&name)
         || match &state.cluster {
-            Some(cluster) if matches!(key, Ok(Some(_))) => match cluster.locate(&name).await {
-                Ok(found) => found.is_some(),
-                Err(e) => {
-                    warn!(error = %e, "cluster unreachable: receiver looked up here only");
-                    unreached.get_or_insert(e.to_string());
-                    false
+            // Not asked again when it just failed to give the key.
+            Some(cluster) if matches!(key, Ok(Some(_))) && unreached.is_none() => {
+                match cluster.locate(&name).await {
+                    Ok(found) => found.is_some(),
+                    Err(e) => {
+                        warn!(error = %e, "cluster unreachable: receiver looked up here only");
+                        unreached = Some(e.to_string());
+                        false
+                    }
                 }
-            },
+            }
             _ => false,
         };
     match key {

@@ -29,10 +29,11 @@ use crate::encode::Encoder;
 pub const PSS_SALT_LEN: usize = 32;
 
 /// ring did not take a private key `rsa` accepted (it is built from the same
-/// PKCS#8 encoding).
+/// PKCS#8 encoding): ring is stricter, e.g. about primes of unequal length,
+/// which keys keyferry generates never have.
 #[derive(Debug, thiserror::Error)]
-#[error("the private key could not be prepared for signing")]
-pub struct SignerError;
+#[error("the private key could not be prepared for signing (ring: {0})")]
+pub struct SignerError(String);
 
 /// A PSS signer for one private key.
 pub struct Signer {
@@ -54,8 +55,11 @@ impl Signer {
     /// signer drops).
     pub fn new(key: RsaPrivateKey) -> Result<Self, SignerError> {
         // The DER is erased when it drops.
-        let der = key.to_pkcs8_der().map_err(|_| SignerError)?;
-        let ring = RsaKeyPair::from_pkcs8(der.as_bytes()).map_err(|_| SignerError)?;
+        let der = key
+            .to_pkcs8_der()
+            .map_err(|_| SignerError("the key cannot be encoded".into()))?;
+        let ring = RsaKeyPair::from_pkcs8(der.as_bytes())
+            .map_err(|rejected| SignerError(rejected.to_string()))?;
         Ok(Self { ring, key })
     }
 
@@ -68,7 +72,9 @@ impl Signer {
     pub fn sign_raw(&self, message: &[u8]) -> Vec<u8> {
         let mut sig = vec![0; self.ring.public().modulus_len()];
         // ring fails only if the system RNG does (as `rand::rng()` would
-        // panic), or if the buffer is not the modulus' length, which it is.
+        // panic), if the buffer is not the modulus' length (it is), or if
+        // its check of the signature it made fails (a fault in this machine,
+        // and a faulty signature must not go out).
         self.ring
             .sign(
                 &RSA_PSS_SHA256,
