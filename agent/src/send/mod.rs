@@ -304,3 +304,20 @@ pub(super) async fn peer_key(
     }
     Ok(key)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lookup_the_broker_cannot_answer_now_is_tried_again_but_a_refusal_is_not() {
+        let away = AgentError::LookupFailed {
+            peer: "bob".into(),
+            why: "this broker cannot reach its cluster to find bob".into(),
+        };
+        assert!(transient(&away));
+        assert_eq!(away.exit_code(), crate::error::exit::PEER_UNAVAILABLE);
+        assert!(!transient(&AgentError::BrokerRefused("no".into())));
+        assert!(!transient(&AgentError::UnknownPeer("bob".into())));
+    }
+}
