@@ -171,6 +171,24 @@ fn mount_tmpfs(dir: &Path, size: &str) -> bool {
     matches!(status, Ok(s) if s.success())
 }
 
+/// Fills the file system under `dir` to within 32 MiB. tmpfs undoes a
+/// `fallocate` that does not fit whole, so it takes 32 MiB pieces until one
+/// does not fit.
+fn fill_up(dir: &Path) {
+    for i in 0..64 {
+        let piece = std::process::Command::new("fallocate")
+            .args(["-l", "32M"])
+            .arg(dir.join(format!("filler-{i}")))
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        if !piece.success() {
+            return;
+        }
+    }
+    panic!("64 pieces of 32 MiB did not fill a 1300 MiB file system");
+}
+
 struct Unmount<'a>(&'a Path);
 
 impl Drop for Unmount<'_> {
@@ -218,12 +236,12 @@ fn a_disk_too_small_is_refused_before_any_data_and_a_disk_that_fills_up_fails_cl
         ],
     );
     wait_for_data(receiver.child.id(), &out, 4 << 20);
-    let filled = std::process::Command::new("fallocate")
-        .args(["-l", "1300M"])
-        .arg(out.join("filler"))
-        .status()
-        .unwrap();
-    let _ = filled; // it fails part-way once the disk is full, which is the point
+    // The receiver is frozen while the disk fills, so the transfer cannot
+    // win the race, then thawed to meet the full disk.
+    let pid = rustix::process::Pid::from_raw(receiver.child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::STOP).unwrap();
+    fill_up(&out);
+    rustix::process::kill_process(pid, rustix::process::Signal::CONT).unwrap();
     let sent = Run::finish(sender);
     assert!(matches!(sent.code, Some(c) if c != 0), "{sent:#?}");
     assert!(sent.stderr.contains("could not store"), "{}", sent.stderr);
