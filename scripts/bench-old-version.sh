@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # An older protocol version against this tree, in one run, alternating rounds
-# (old, new, old, new …): the end-to-end time of a 1 KiB file (sender start to
+# (old, new, new, old …: each first in every other round): the end-to-end time of a 1 KiB file (sender start to
 # its verified receipt, so it includes the process start, TLS, the RSA
 # operations and ML-KEM; and the sender's and receiver's CPU time for it) and
 # the throughput of a 1 GiB file, with the CPU time per byte of sender,
@@ -100,12 +100,14 @@ send() { # send VERSION FILE: runs the sender; prints "seconds sender_cpu_s rece
 }
 
 echo "1 KiB latency: $latency_runs alternating rounds" >&2
+# Each version goes first in every other round: the machine favours one place.
+order() { if [ $(($1 % 2)) -eq 1 ]; then echo old new; else echo new old; fi; }
 for i in $(seq "$latency_runs"); do
-    for v in old new; do send "$v" "$work/small.bin" >>"$work/lat$v"; done
+    for v in $(order "$i"); do send "$v" "$work/small.bin" >>"$work/lat$v"; done
 done
 echo "${size_mib} MiB: $runs alternating rounds" >&2
 for i in $(seq "$runs"); do
-    for v in old new; do send "$v" "$work/big.bin" >>"$work/big$v"; done
+    for v in $(order "$i"); do send "$v" "$work/big.bin" >>"$work/big$v"; done
     for v in old new; do
         cmp -s "$work/big.bin" "$work/out$v/big.bin" || { echo "the $v copy differs" >&2; exit 1; }
     done

@@ -67,8 +67,14 @@ once() {
 : >"$work/this.txt"; : >"$work/other.txt"
 for i in $(seq "$rounds"); do
     echo "round $i/$rounds" >&2
-    once "$bin/broker" >>"$work/this.txt"
-    once "$other" >>"$work/other.txt"
+    # Each goes first in every other round (the machine favours one place).
+    if [ $((i % 2)) -eq 1 ]; then
+        once "$bin/broker" >>"$work/this.txt"
+        once "$other" >>"$work/other.txt"
+    else
+        once "$other" >>"$work/other.txt"
+        once "$bin/broker" >>"$work/this.txt"
+    fi
 done
 
 col() { awk -v c="$2" '{ print $c }' "$1" | median; }
