@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # An older protocol version against this tree, in one run, alternating rounds
-# (old, new, new, old …: each first in every other round): the end-to-end time of a 1 KiB file (sender start to
-# its verified receipt, so it includes the process start, TLS, the RSA
-# operations and ML-KEM; and the sender's and receiver's CPU time for it) and
-# the throughput of a 1 GiB file, with the CPU time per byte of sender,
-# receiver and broker. Medians; ratios new / old.
+# (old, new, new, old …: each first in every other round): the end-to-end time
+# of a 1 KiB file (sender start to its verified receipt, so it includes the
+# process start, TLS, the RSA operations and ML-KEM; and the sender's and
+# receiver's CPU time for it) and the throughput of a 1 GiB file, with the CPU
+# time per byte of sender, receiver and broker. Medians; ratios new / old.
 #
 #   scripts/bench-old-version.sh          version 2 (565ad4b) against this tree (3)
 #   SIZE_MIB=256 RUNS=3 LATENCY_RUNS=9 scripts/bench-old-version.sh
