@@ -211,3 +211,12 @@ cat <<TABLE
 | one core through the protocol's code (SHA-256 of the stream, AES-256-GCM, frames) | ${seal_speed} |
 | CPU instructions for AES and SHA-256 present | ${cpu_paths:-none (the crypto runs on portable code: expect about 35 MB/s)} |
 TABLE
+
+# Each round as it went, so a place in the round that was favoured shows.
+echo
+echo "rounds: seconds, and CPU-s of all the processes, of each (the first in its round marked *)"
+paste "$work/kf5.txt" "$work/scp.txt" "$work/kf100.txt" | awk '
+    { f = (NR - 1) % 3 + 1
+      printf "%d: kf5 %.2f s %.2f%s | scp %.2f s %.2f%s | kf100 %.2f s %.2f%s\n", NR,
+          $1, $5 + $8, (f == 1 ? " *" : ""), $9, $10 + $11, (f == 2 ? " *" : ""),
+          $12, $16 + $19, (f == 3 ? " *" : "") }'
