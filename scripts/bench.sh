@@ -5,6 +5,8 @@
 #   SIZE_MIB=4096 scripts/bench.sh   a larger file (memory must not grow)
 #   RUNS=5 LATENCY_RUNS=20 scripts/bench.sh
 #   RECV_FLAGS=--trust-sender-hash scripts/bench.sh   the receiver without its own hash
+#   WARMUP=0 scripts/bench.sh        count the first round too (by default a round
+#                                    of the three goes before and is not counted)
 #
 # Installs openssh-server (Debian package) if missing and starts a private sshd
 # on a loopback port with its own config and keys, stopped by PID at the end.
@@ -145,6 +147,13 @@ measure() {
         2) keyferry_once 100ms "$work/data.bin" >>"$work/kf100.txt" ;;
     esac
 }
+# A first round is slow for all three here (fresh pages, cold caches): one
+# of each goes first and is not counted (WARMUP=0 counts from the start).
+if [ "${WARMUP:-1}" != 0 ]; then
+    echo "warm-up round (not counted)" >&2
+    for k in 0 1 2; do measure "$k"; done
+    : >"$work/kf5.txt"; : >"$work/kf100.txt"; : >"$work/scp.txt"
+fi
 for i in $(seq "$runs"); do
     echo "run $i/$runs" >&2
     for k in 0 1 2; do measure $(((i - 1 + k) % 3)); done
