@@ -7,7 +7,7 @@
 # time per byte of sender, receiver and broker. Medians; ratios new / old.
 #
 #   scripts/bench-old-version.sh          version 2 (565ad4b) against this tree (3)
-#   SIZE_MIB=256 RUNS=3 LATENCY_RUNS=9 scripts/bench-old-version.sh
+#   SIZE_MIB=256 RUNS=4 LATENCY_RUNS=10 scripts/bench-old-version.sh
 #   OLD_COMMIT=eea02f7 OLD_VERSION=1 scripts/bench-old-version.sh
 #
 # Builds both in release (the old one from OLD_COMMIT in a temporary worktree,
@@ -16,8 +16,8 @@ set -euo pipefail
 OLD_COMMIT=${OLD_COMMIT:-565ad4b}
 OLD_VERSION=${OLD_VERSION:-2}
 size_mib=${SIZE_MIB:-1024}
-runs=${RUNS:-5}
-latency_runs=${LATENCY_RUNS:-15}
+runs=${RUNS:-6}
+latency_runs=${LATENCY_RUNS:-16}
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 work=$(mktemp -d -p "${BENCH_DIR:-${TMPDIR:-/tmp}}" keyferry-versions.XXXXXX)

@@ -4,7 +4,7 @@
 # (and of the agents) per GiB. For a change to the broker's relay.
 #
 #   scripts/bench-relay.sh OTHER_BROKER            this build's broker vs OTHER_BROKER
-#   ROUNDS=7 SIZE_MIB=2048 scripts/bench-relay.sh OTHER_BROKER
+#   ROUNDS=8 SIZE_MIB=2048 scripts/bench-relay.sh OTHER_BROKER
 #
 # Files live in /dev/shm (no disk: the relay is what is measured).
 set -euo pipefail
@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 
 other=${1:?usage: scripts/bench-relay.sh OTHER_BROKER_BINARY}
 size_mib=${SIZE_MIB:-1024}
-rounds=${ROUNDS:-5}
+rounds=${ROUNDS:-6}
 work=$(mktemp -d -p /dev/shm keyferry-relay.XXXXXX)
 pids=()
 cleanup() {

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # keyferry throughput, memory and latency against scp, measured in one run.
 #
-#   scripts/bench.sh                 1 GiB, 5 alternating rounds
+#   scripts/bench.sh                 1 GiB, a warm-up round and 6 rounds, the order turning
 #   SIZE_MIB=4096 scripts/bench.sh   a larger file (memory must not grow)
-#   RUNS=5 LATENCY_RUNS=20 scripts/bench.sh
+#   RUNS=9 LATENCY_RUNS=20 scripts/bench.sh
 #   RECV_FLAGS=--trust-sender-hash scripts/bench.sh   the receiver without its own hash
 #   WARMUP=0 scripts/bench.sh        count the first round too (by default a round
 #                                    of the three goes before and is not counted)
@@ -19,7 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 size_mib=${SIZE_MIB:-1024}
-runs=${RUNS:-5}
+runs=${RUNS:-6}
 latency_runs=${LATENCY_RUNS:-10}
 # BENCH_DIR=/dev/shm measures without the disk (keyferry fsyncs what it receives, scp does not).
 work=$(mktemp -d -p "${BENCH_DIR:-${TMPDIR:-/tmp}}" keyferry-bench.XXXXXX)
@@ -137,9 +137,11 @@ keyferry_once() {
 }
 
 : >"$work/kf5.txt"; : >"$work/kf100.txt"; : >"$work/scp.txt"
-# Which of the three goes first turns with each round: the machine favours
-# one place in a round (a transfer that follows another writes into pages
-# just freed), and a fixed order would hand that to one of them.
+# Which of the three goes first turns with each round: on this VM a
+# transfer's place in a round changes its time (why is not known; writing
+# into pages just freed is a suspect), and a fixed order would hand the
+# favoured place to one of them. Each goes first equally often when RUNS is
+# a multiple of 3 (the default, 6).
 measure() {
     case $1 in
         0) keyferry_once 5s "$work/data.bin" >>"$work/kf5.txt" ;;
@@ -147,11 +149,17 @@ measure() {
         2) keyferry_once 100ms "$work/data.bin" >>"$work/kf100.txt" ;;
     esac
 }
-# A first round is slow for all three here (fresh pages, cold caches): one
-# of each goes first and is not counted (WARMUP=0 counts from the start).
+if [ $((runs % 3)) -ne 0 ]; then
+    echo "note: RUNS=$runs is not a multiple of 3, so the three do not go first equally often" >&2
+fi
+# The first transfers of a run are often its slowest (cold caches, fresh
+# pages): a round of the three goes first and is not counted, only printed
+# (WARMUP=0 counts from the start).
+warm=
 if [ "${WARMUP:-1}" != 0 ]; then
     echo "warm-up round (not counted)" >&2
     for k in 0 1 2; do measure "$k"; done
+    warm=$(paste "$work/kf5.txt" "$work/scp.txt" "$work/kf100.txt")
     : >"$work/kf5.txt"; : >"$work/kf100.txt"; : >"$work/scp.txt"
 fi
 for i in $(seq "$runs"); do
@@ -223,9 +231,10 @@ TABLE
 
 # Each round as it went, so a place in the round that was favoured shows.
 echo
-echo "rounds: seconds, and CPU-s of all the processes, of each (the first in its round marked *)"
-paste "$work/kf5.txt" "$work/scp.txt" "$work/kf100.txt" | awk '
-    { f = (NR - 1) % 3 + 1
-      printf "%d: kf5 %.2f s %.2f%s | scp %.2f s %.2f%s | kf100 %.2f s %.2f%s\n", NR,
+echo "rounds: seconds, and CPU-s of all the processes, of each (the first in its round marked *;"
+echo "w is the warm-up round, not counted)"
+{ [ -n "$warm" ] && echo "w $warm"; paste "$work/kf5.txt" "$work/scp.txt" "$work/kf100.txt" | awk '{ print NR, $0 }'; } | awk '
+    { r = $1; $1 = ""; $0 = $0; f = (r == "w") ? 1 : (r - 1) % 3 + 1
+      printf "%s: kf5 %.2f s %.2f%s | scp %.2f s %.2f%s | kf100 %.2f s %.2f%s\n", r,
           $1, $5 + $8, (f == 1 ? " *" : ""), $9, $10 + $11, (f == 2 ? " *" : ""),
           $12, $16 + $19, (f == 3 ? " *" : "") }'
