@@ -183,6 +183,7 @@ fn fill_up(dir: &Path) {
             .status()
             .unwrap();
         if !piece.success() {
+            assert!(i > 0, "fallocate could not take even one 32 MiB piece");
             return;
         }
     }
