@@ -285,15 +285,7 @@ fn a_frozen_broker_loses_its_receiver_to_the_one_it_moved_to_and_lets_go() {
 
     // Broker 1 freezes: it cannot answer whether it still holds bob, so
     // bob, reconnecting to broker 2, takes the name over (by revision).
-    let pid = b1.proc.child.id().to_string();
-    let signal = |sig: &str| {
-        let ok = std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-    };
-    signal("-STOP");
+    b1.proc.signal(rustix::process::Signal::STOP);
     let mut moved = receive(&bob, &b2, &new_out);
     let sent = send_message(&alice, &b2, "bob", "to the new bob");
     assert_eq!(sent.code, Some(0), "{sent:#?}");
@@ -301,7 +293,7 @@ fn a_frozen_broker_loses_its_receiver_to_the_one_it_moved_to_and_lets_go() {
 
     // Thawed, broker 1's next refresh fails on the revision: it finds bob
     // on broker 2 and cuts its stale connection, which is told why.
-    signal("-CONT");
+    b1.proc.signal(rustix::process::Signal::CONT);
     b1.proc.stderr.wait_for(
         "receiver's name taken over in the cluster",
         Duration::from_secs(30),

@@ -148,11 +148,7 @@ fn every_documented_exit_code_has_its_line() {
     );
     // 130: interrupted (Ctrl-C).
     let mut waiting = Home::new("erin", "carol").receiver(&broker, out.path(), &[]);
-    let status = std::process::Command::new("kill")
-        .args(["-INT", &waiting.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    waiting.signal(rustix::process::Signal::INT);
     assert_eq!(waiting.wait(WAIT), Some(130));
     waiting.stderr.wait_for("agent: interrupted", WAIT);
 }

@@ -239,10 +239,9 @@ fn a_disk_too_small_is_refused_before_any_data_and_a_disk_that_fills_up_fails_cl
     wait_for_data(receiver.child.id(), &out, 4 << 20);
     // The receiver is frozen while the disk fills, so the transfer cannot
     // win the race, then thawed to meet the full disk.
-    let pid = rustix::process::Pid::from_raw(receiver.child.id() as i32).unwrap();
-    rustix::process::kill_process(pid, rustix::process::Signal::STOP).unwrap();
+    receiver.signal(rustix::process::Signal::STOP);
     fill_up(&out);
-    rustix::process::kill_process(pid, rustix::process::Signal::CONT).unwrap();
+    receiver.signal(rustix::process::Signal::CONT);
     let sent = Run::finish(sender);
     assert!(matches!(sent.code, Some(c) if c != 0), "{sent:#?}");
     assert!(sent.stderr.contains("could not store"), "{}", sent.stderr);

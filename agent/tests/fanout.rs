@@ -218,21 +218,12 @@ fn a_frozen_receiver_costs_the_others_a_moment_and_the_broker_little_memory() {
     // carol freezes (SIGSTOP) once her transfer has begun.
     let sender = w.send(&file, &["--retry-for", "0"]);
     wait_for_data(rx[1].child.id(), w.receivers[1].1.path(), 1 << 20);
-    let carol = rx[1].child.id();
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(carol as i32).unwrap(),
-        rustix::process::Signal::STOP,
-    )
-    .unwrap();
+    rx[1].signal(rustix::process::Signal::STOP);
     let start = Instant::now();
     rx[0].stdout.wait_for("received big.bin", WAIT);
     let took = start.elapsed();
     let sent = Run::finish(sender);
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(carol as i32).unwrap(),
-        rustix::process::Signal::CONT,
-    )
-    .unwrap();
+    rx[1].signal(rustix::process::Signal::CONT);
     assert_eq!(sent.code, Some(11), "{sent:#?}");
     assert!(sent.stderr.contains("agent: carol: "), "{}", sent.stderr);
     assert_eq!(hash_file(&w.receivers[0].1.join("big.bin")).1, sha);

@@ -13,12 +13,8 @@ use std::io::Write as _;
 use std::process::ChildStdin;
 use std::time::{Duration, Instant};
 
-use rustix::process::{Pid, Signal, kill_process};
+use rustix::process::Signal;
 use support::{Broker, Home, Proc, Run, TempDir, WAIT, pseudo_random, wait_for_data};
-
-fn signal(p: &Proc, sig: Signal) {
-    kill_process(Pid::from_raw(p.child.id() as i32).unwrap(), sig).unwrap();
-}
 
 /// Whether `--list` at `broker` shows `name` as a receiver.
 fn listed(home: &Home, broker: &Broker, name: &str) -> bool {
@@ -47,7 +43,7 @@ fn a_frozen_receiver_is_dropped_and_its_sender_hears_why() {
     let (src, out) = (TempDir::new("src"), TempDir::new("out"));
     let mut rx = bob.receiver(&broker, out.path(), &[]);
     assert!(listed(&alice, &broker, "bob"));
-    signal(&rx, Signal::STOP);
+    rx.signal(Signal::STOP);
     // An offer to the frozen receiver ends in a clear error, not a hang.
     let file = src.join("f.bin");
     std::fs::write(&file, b"data").unwrap();
@@ -61,7 +57,7 @@ fn a_frozen_receiver_is_dropped_and_its_sender_hears_why() {
     );
     until(Duration::from_secs(10), || !listed(&alice, &broker, "bob"));
     // Thawed, it finds its connection gone and comes back.
-    signal(&rx, Signal::CONT);
+    rx.signal(Signal::CONT);
     rx.stderr.wait_for("reconnected to the broker", WAIT);
     assert!(listed(&alice, &broker, "bob"));
 }
@@ -72,13 +68,13 @@ fn with_the_default_keepalive_a_frozen_receiver_is_gone_within_90_s() {
     let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
     let out = TempDir::new("out");
     let rx = bob.receiver(&broker, out.path(), &[]);
-    signal(&rx, Signal::STOP);
+    rx.signal(Signal::STOP);
     // Dropped at the first ping after two silent intervals of 20 s: within
     // 60 s (and the 90 s), not before 40 s of silence, less the
     // time since the receiver was last heard.
     let took = until(Duration::from_secs(62), || !listed(&alice, &broker, "bob"));
     assert!(took >= Duration::from_secs(19), "dropped after {took:?}");
-    signal(&rx, Signal::CONT);
+    rx.signal(Signal::CONT);
 }
 
 #[test]
@@ -87,12 +83,12 @@ fn a_receiver_notices_a_frozen_broker_and_comes_back_when_it_thaws() {
     let bob = Home::new("bob", "bob");
     let out = TempDir::new("out");
     let mut rx = bob.receiver(&broker, out.path(), &["--keepalive", "1s"]);
-    signal(&broker.proc, Signal::STOP);
+    broker.proc.signal(Signal::STOP);
     let lost = rx
         .stderr
         .wait_for("lost the broker", Duration::from_secs(15));
     assert!(lost.contains("keepalive"), "{lost}");
-    signal(&broker.proc, Signal::CONT);
+    broker.proc.signal(Signal::CONT);
     rx.stderr.wait_for("reconnected to the broker", WAIT);
     assert!(listed(&bob, &broker, "bob"));
 }
@@ -140,7 +136,7 @@ fn on_sigterm_the_broker_lets_a_running_transfer_finish() {
         mut data,
         _homes,
     } = transfer_in_flight(&broker, &out);
-    signal(&broker.proc, Signal::TERM);
+    broker.proc.signal(Signal::TERM);
     broker.proc.stderr.wait_for("shutting down", WAIT);
     // No new connections meanwhile: a list fails to reach it.
     let lister = Home::new("carol", "carol");
@@ -168,7 +164,7 @@ fn after_the_grace_period_the_broker_cuts_and_says_how_many() {
         ..
     } = transfer_in_flight(&broker, &out);
     let start = Instant::now();
-    signal(&broker.proc, Signal::TERM);
+    broker.proc.signal(Signal::TERM);
     let cut = broker.proc.stderr.wait_for("grace period over", WAIT);
     assert!(cut.contains("cut=1"), "{cut}");
     assert_eq!(broker.proc.wait(WAIT), Some(0));
@@ -191,7 +187,7 @@ fn a_receiver_that_stops_reading_mid_transfer_is_cut_after_the_idle_limit() {
         _homes,
         ..
     } = transfer_in_flight(&broker, &out);
-    signal(&rx, Signal::STOP);
+    rx.signal(Signal::STOP);
     // Keep the sender writing: the broker's writes to the frozen receiver
     // fill its socket, and the relay waits for it to take more.
     let writer = std::thread::spawn(move || {
@@ -205,7 +201,7 @@ fn a_receiver_that_stops_reading_mid_transfer_is_cut_after_the_idle_limit() {
     assert!(cut.contains("stopped reading"), "{cut}");
     let s = Run::finish(sender);
     assert_ne!(s.code, Some(0), "{s:#?}");
-    signal(&rx, Signal::CONT);
+    rx.signal(Signal::CONT);
     let r = Run::finish(rx);
     assert_eq!(r.code, Some(1), "{r:#?}");
     writer.join().unwrap();

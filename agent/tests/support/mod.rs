@@ -161,6 +161,13 @@ impl Proc {
         }
     }
 
+    /// Sends `sig` to the process (`STOP` freezes it, `CONT` thaws it,
+    /// `INT` and `TERM` ask it to stop).
+    pub fn signal(&self, sig: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, sig).unwrap();
+    }
+
     /// Waits for the process to exit; returns its exit code (None if killed by a signal).
     pub fn wait(&mut self, limit: Duration) -> Option<i32> {
         let deadline = Instant::now() + limit;
