@@ -4,14 +4,14 @@
 # TOTAL_MIB and of TRANSFERS transfers of TOTAL_MIB / TRANSFERS each, the same
 # bytes in all, each round a fresh run of scripts/scale.sh (10 idle agents).
 # Prints every round, the medians, their ratio, and the machine's CPU per GiB.
-# The two shapes take turns going first.
+# The two shapes take turns going first (an even ROUNDS gives each as many).
 #
-#   scripts/bench-concurrent.sh                        5 rounds, 1 x 1280 vs 20 x 64 MiB, disk
-#   BENCH_DIR=/dev/shm ROUNDS=3 scripts/bench-concurrent.sh
+#   scripts/bench-concurrent.sh                        6 rounds, 1 x 1280 vs 20 x 64 MiB, disk
+#   BENCH_DIR=/dev/shm ROUNDS=4 scripts/bench-concurrent.sh
 #   BIN=/abs/path/to/binaries scripts/bench-concurrent.sh  another build (see scale.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rounds=${ROUNDS:-5}
+rounds=${ROUNDS:-6}
 many=${TRANSFERS:-20}
 total=${TOTAL_MIB:-1280}
 [ $((total % many)) -eq 0 ] || { echo "TOTAL_MIB ($total) must be a multiple of TRANSFERS ($many)" >&2; exit 2; }
