@@ -60,20 +60,27 @@ pub fn broker_error(code: ErrorCode, detail: String) -> AgentError {
         | ErrorCode::AuthFailed
         | ErrorCode::Policy
         | ErrorCode::ReceiverConnected => AgentError::NameRefused(detail),
-        // A broker of this version explains itself fully; a version 1 broker
-        // ends with "this broker speaks <v>"; anything else in its own words.
-        ErrorCode::Version if detail.starts_with("this agent speaks") => {
-            AgentError::BrokerRefused(detail)
-        }
-        ErrorCode::Version => match detail
-            .rsplit_once("this broker speaks ")
-            .and_then(|(_, v)| v.trim().parse::<u16>().ok())
-        {
+        // One rule, whatever the broker's version: its own version read from
+        // its words where they name it ("… the broker version <v>: …" since
+        // version 2, "… this broker speaks <v>" in version 1), and the line
+        // shown as this agent words it, with no prefix; any other wording in
+        // the generic line.
+        ErrorCode::Version => match broker_version(&detail) {
             Some(broker) => AgentError::Version { broker },
             None => AgentError::VersionRefused(detail),
         },
         _ => AgentError::BrokerRefused(detail),
     }
+}
+
+/// The broker's protocol version, as its `Error{Version}` detail names it.
+fn broker_version(detail: &str) -> Option<u16> {
+    let after = detail
+        .split_once("and the broker version ")
+        .map(|(_, rest)| rest)
+        .or_else(|| detail.rsplit_once("this broker speaks ").map(|(_, v)| v))?;
+    let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
 }
 
 /// A lost or failed broker connection.
@@ -356,19 +363,27 @@ mod tests {
 
     #[test]
     fn a_version_refusal_names_both_versions_whichever_broker_sent_it() {
+        let v = PROTOCOL_VERSION;
         // A version 1 broker's words.
         let e = broker_error(
             ErrorCode::Version,
-            "protocol version 3 is not supported; this broker speaks 1".into(),
+            format!("protocol version {v} is not supported; this broker speaks 1"),
         );
         assert_eq!(
             e.to_string(),
-            "this agent speaks keyferry protocol version 3 and the broker version 1: upgrade the broker"
+            format!(
+                "this agent speaks keyferry protocol version {v} and the broker version 1: \
+                 upgrade the broker"
+            )
         );
         assert_eq!(e.exit_code(), 1);
-        // A broker of this version: its line as it is.
-        let e = broker_error(ErrorCode::Version, keyferry_common::version_mismatch(3, 2));
-        assert!(e.to_string().ends_with("upgrade the broker"), "{e}");
+        // A broker of version 2 or later: the same line, no prefix.
+        for (broker, upgrade) in [(v - 1, "the broker"), (v + 1, "the agent")] {
+            let words = keyferry_common::version_mismatch(v, broker);
+            let e = broker_error(ErrorCode::Version, words.clone());
+            assert_eq!(e.to_string(), words);
+            assert!(e.to_string().ends_with(upgrade), "{e}");
+        }
         // Anything else: still says what to do.
         let e = broker_error(ErrorCode::Version, "no".into());
         assert!(e.to_string().contains("upgrade the broker"), "{e}");

@@ -19,7 +19,8 @@ pub mod exit {
     pub const OTHER: u8 = 1;
     /// Wrong command-line usage: clap's own errors, and ours found after parsing.
     pub const USAGE: u8 = 2;
-    /// The broker cannot be reached, or the connection to it was lost.
+    /// The broker cannot be reached, or a connection was lost: the
+    /// broker's, or the receiver's before it confirmed the transfer.
     pub const BROKER_UNREACHABLE: u8 = 3;
     /// The broker presented another certificate than the pinned one.
     pub const BROKER_MISMATCH: u8 = 4;
@@ -29,7 +30,8 @@ pub mod exit {
     pub const PEER_KEY_MISMATCH: u8 = 6;
     /// The file to send cannot be read.
     pub const FILE_UNREADABLE: u8 = 7;
-    /// The receiver refused the transfer.
+    /// The receiver refused the transfer (its limits or rules, or after the
+    /// data: no free name for it).
     pub const REFUSED: u8 = 8;
     /// Verification failed: data altered, truncated, or not what was sent.
     pub const VERIFICATION_FAILED: u8 = 9;
@@ -124,6 +126,13 @@ pub enum AgentError {
     /// The receiver gave up on the transfer and said why.
     #[error("{}", abort_text(*.0))]
     ReceiverAborted(AbortReason),
+    /// The stream went out whole, but no receipt came back: whether it
+    /// arrived is not known.
+    #[error(
+        "{0}: the transfer is not confirmed — it may or may not have arrived; ask the \
+         receiver, or send it again"
+    )]
+    Unconfirmed(String),
     /// A `--once` receiver's one transfer did not complete.
     #[error("the transfer did not complete: {why}")]
     TransferFailed {
@@ -229,13 +238,17 @@ impl From<tokio::task::JoinError> for AgentError {
     }
 }
 
-fn refuse_text(r: RefuseReason) -> &'static str {
+fn refuse_text(r: RefuseReason) -> String {
     match r {
-        RefuseReason::TooLarge => "too large for its --max-size or its free disk space",
-        RefuseReason::Busy => "it is busy with other transfers; try again shortly",
-        RefuseReason::KeyMismatch => "your key does not match the one it pinned for you",
-        RefuseReason::VerificationFailed => "the offer did not verify",
-        RefuseReason::Policy => "refused by its policy (file name, rate limit)",
+        RefuseReason::TooLarge => "too large for its --max-size or its free disk space".into(),
+        RefuseReason::Busy => "it is busy with other transfers; try again shortly".into(),
+        RefuseReason::KeyMismatch => "your key does not match the one it pinned for you".into(),
+        RefuseReason::VerificationFailed => "the offer did not verify".into(),
+        RefuseReason::Policy => "refused by its policy (file name, rate limit)".into(),
+        RefuseReason::TryLater { seconds } => format!(
+            "its budget of RSA decryptions for your key is spent for now (a key it met \
+             recently gets a few offers a minute); offer again in {seconds} s"
+        ),
     }
 }
 
@@ -244,7 +257,10 @@ fn abort_text(r: AbortReason) -> &'static str {
         AbortReason::Storage => {
             "the receiver could not store the file (disk full or out dir not writable)"
         }
-        AbortReason::PeerGone => "the receiver disconnected before the transfer completed",
+        AbortReason::PeerGone => {
+            "the receiver's side went away before it confirmed the transfer (the receiver \
+             disconnected, or the broker ended the relay)"
+        }
         AbortReason::Timeout => "the receiver gave up waiting",
         AbortReason::Interrupted => "the receiver was interrupted",
         AbortReason::VerificationFailed | AbortReason::Source => {
@@ -253,6 +269,10 @@ fn abort_text(r: AbortReason) -> &'static str {
         AbortReason::Policy => {
             "the receiver refused what was sent (a name or size its rules do not allow)"
         }
+        AbortReason::NoFreeName => {
+            "the receiver has no free name left for it: the name and its numbered variants \
+             (1) … (99) all exist in its out dir; nothing was placed"
+        }
     }
 }
 
@@ -260,7 +280,9 @@ impl AgentError {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::BrokerUnreachable { .. } => exit::BROKER_UNREACHABLE,
+            Self::BrokerUnreachable { .. }
+            | Self::Unconfirmed(_)
+            | Self::ReceiverAborted(AbortReason::PeerGone) => exit::BROKER_UNREACHABLE,
             Self::BrokerMismatch { .. } => exit::BROKER_MISMATCH,
             Self::UnknownPeer(_)
             | Self::PeerOffline(_)
@@ -268,7 +290,7 @@ impl AgentError {
             | Self::LookupFailed { .. } => exit::PEER_UNAVAILABLE,
             Self::PeerKeyMismatch(_) => exit::PEER_KEY_MISMATCH,
             Self::FileUnreadable { .. } => exit::FILE_UNREADABLE,
-            Self::Refused { .. } => exit::REFUSED,
+            Self::Refused { .. } | Self::ReceiverAborted(AbortReason::NoFreeName) => exit::REFUSED,
             Self::Verification(_) => exit::VERIFICATION_FAILED,
             Self::ReceiverAborted(AbortReason::VerificationFailed | AbortReason::Source) => {
                 exit::VERIFICATION_FAILED

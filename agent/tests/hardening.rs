@@ -263,41 +263,16 @@ fn a_254_byte_name_that_already_exists_arrives_beside_it() {
 /// agent waited without end; now one deadline covers the whole connect.
 #[test]
 fn a_broker_that_keeps_saying_hello_is_cut_off_at_one_deadline() {
-    use keyferry_common::io::connection::Connection;
-    use keyferry_common::io::tls;
-    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let made = rcgen::generate_simple_self_signed(vec![tls::SERVER_NAME.to_owned()]).unwrap();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(made.signing_key.serialize_der()));
-    let config = tls::server_config(made.cert.der().clone(), key).unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    rt.spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let mut conn = Connection::new(tls);
-                let _ = conn.reader.read().await;
-                let hello = Message::Hello {
-                    version: keyferry_common::PROTOCOL_VERSION,
-                };
-                while conn.writer.write(&hello).await.is_ok() {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            });
+    let fake = support::fake::Fake::start(|mut conn| async move {
+        let _ = conn.reader.read().await;
+        let hello = Message::Hello {
+            version: keyferry_common::PROTOCOL_VERSION,
+        };
+        while conn.writer.write(&hello).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
     });
+    let addr = fake.addr.clone();
     let alice = Home::new("alice", "alice");
     let start = Instant::now();
     let run = finish_within(alice.at(&addr, &["--list"]), Duration::from_secs(40));
@@ -309,7 +284,6 @@ fn a_broker_that_keeps_saying_hello_is_cut_off_at_one_deadline() {
         "{}",
         run.stderr
     );
-    rt.shutdown_timeout(Duration::from_secs(1));
 }
 
 // ---------------------------------------------------------------------------

@@ -554,7 +554,7 @@ fn case_9_cut() -> Vec<Row> {
         SIZE,
         &[],
         TRUNCATED,
-        &[(9, "the receiver sent no receipt"), (3, "connection lost")],
+        &[(3, "before the receiver's receipt"), (3, "connection lost")],
     )]
 }
 
@@ -883,6 +883,8 @@ fn case_13_sender_key() -> Vec<Row> {
             .unwrap();
         let row = if pinned {
             assert_eq!(bob_pin.map(|p| p.fingerprint), Some(fp("alice")));
+            // A refused offer is exit 8 for a --once receiver, as the README says.
+            assert_eq!(r.code, Some(8), "{r:#?}");
             refused(
                 "13a Offered carries mallory's key as alice's; bob had pinned alice",
                 &r,

@@ -1,4 +1,4 @@
-//! The handshake (the same in versions 2 and 3) against a broker that edits
+//! The handshake (the same in versions 2 to 4) against a broker that edits
 //! it: the ML-KEM-768
 //! encapsulation key stripped or swapped in the offer, the ciphertext
 //! stripped or swapped in the accept, shares of the wrong length, keys that
@@ -69,6 +69,9 @@ impl Parts {
     }
 }
 
+/// The protocol version PROTOCOL.md describes.
+const VERSION: u16 = 4;
+
 /// An offer from Alice to Bob built from PROTOCOL.md §3.3 alone, signed by
 /// Alice whatever its parts.
 fn hand_made(p: &Parts) -> SignedOffer {
@@ -81,7 +84,7 @@ fn hand_made(p: &Parts) -> SignedOffer {
     let (afp, bfp) = (alice().fingerprint(), bob().fingerprint());
     let label: [u8; 32] = Sha256::digest(
         Encoder::new("keyferry/v2 master-key")
-            .u16(3)
+            .u16(VERSION)
             .fixed(&tid.0)
             .fixed(&afp.0)
             .fixed(&bfp.0)
@@ -91,7 +94,7 @@ fn hand_made(p: &Parts) -> SignedOffer {
     .into();
     let wrapped = wrap::wrap_master_key(bob().public().rsa(), &label, &master);
     let mut body = Encoder::default()
-        .u16(3)
+        .u16(VERSION)
         .fixed(&tid.0)
         .fixed(&sid.0)
         .bytes(b"alice")

@@ -42,8 +42,8 @@ pub(super) struct Admitted<'a> {
     pub sender_key: PublicKey,
     /// Where files go (none for a message).
     pub place: Option<Place>,
-    /// Held until the transfer ends.
-    pub _slot: Slot<'a>,
+    /// Held until the transfer's stream ends.
+    pub slot: Slot<'a>,
 }
 
 /// Runs the gate on one offer for transfer `tid` (its id already read).
@@ -166,15 +166,21 @@ pub(super) async fn admit<'a>(
         .map_err(replayed)?;
     // A first contact is as new as a key can be.
     let age = pinned_at.map_or(0, |at| now_unix().saturating_sub(at));
-    if !lock(&shared.budget).try_take(key.fingerprint(), age, Instant::now()) {
+    if let Err(wait) = lock(&shared.budget).try_take(key.fingerprint(), age, Instant::now()) {
         let which = if age < NEW_KEY_AGE_SECS {
-            "recently pinned key"
+            "a recently pinned key"
         } else {
-            "key"
+            "a key"
         };
+        // Whole seconds, rounded up: the sender must not come back too early.
+        let seconds = u32::try_from(wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
+            .unwrap_or(u32::MAX)
+            .max(1);
         return Err(refuse(
-            RefuseReason::Policy,
-            format!("RSA decryption budget for this {which} exhausted; try later"),
+            RefuseReason::TryLater { seconds },
+            format!(
+                "the RSA decryption budget for {which} is spent; {from} was told to come back in {seconds} s"
+            ),
         ));
     }
     let identity = Arc::clone(&ctx.identity);
@@ -210,6 +216,7 @@ pub(super) async fn admit<'a>(
                 sender: from.clone(),
                 sender_fp: key.fingerprint(),
                 total: terms.size,
+                attempt: stream_id,
             };
             // A resume reads its whole prefix back: not on this task's thread.
             let (out, key) = (Arc::clone(&shared.out), Arc::clone(&shared.journal_key));
@@ -248,7 +255,7 @@ pub(super) async fn admit<'a>(
         terms,
         sender_key: key,
         place,
-        _slot: slot,
+        slot,
     })
 }
 

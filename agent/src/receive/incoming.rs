@@ -78,8 +78,11 @@ pub(super) async fn incoming(
                         .await;
                     report::refused(Some(tid), &from, why, json);
                     // Busy: this receiver is taken by another transfer,
-                    // which is the one a --once receiver waits for.
-                    (*reason != RefuseReason::Busy).then(|| Err((code, why.clone())))
+                    // which is the one a --once receiver waits for; and a
+                    // sender told to come back later is still to come.
+                    let later =
+                        matches!(reason, RefuseReason::Busy | RefuseReason::TryLater { .. });
+                    (!later).then(|| Err((code, why.clone())))
                 }
                 Failure::Failed(_, why) => {
                     let kept = if shared.opts.stdout {
@@ -179,7 +182,7 @@ async fn accept_and_receive(
         },
         place: admitted.place,
     };
-    match stream::receive_stream(shared, &mut data, job).await {
+    match stream::receive_stream(shared, &mut data, job, admitted.slot).await {
         Ok(done) => {
             // The receipt goes out only once the data is in place and durable.
             let _ = data

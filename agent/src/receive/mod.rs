@@ -8,6 +8,7 @@
 
 mod admit;
 mod checkpoint;
+mod claim;
 mod control;
 pub mod filename;
 mod incoming;
@@ -50,6 +51,9 @@ pub const MAX_PER_SENDER: usize = 1;
 pub const SPACE_MARGIN: u64 = 1 << 30;
 /// Longest wait between two attempts to reach a broker that went away.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A connection that stayed up this long starts the backoff afresh; one
+/// lost sooner (a broker that closes right after `Welcome`) does not.
+const STABLE: Duration = Duration::from_secs(60);
 
 /// The receiver's options.
 #[derive(Debug, Clone)]
@@ -174,18 +178,23 @@ pub async fn receive(ctx: Ctx, opts: RecvOptions) -> Result<(), AgentError> {
         done_tx,
         done_rx,
     };
+    let mut wait = Duration::from_secs(1);
     loop {
+        let up = std::time::Instant::now();
         let why = match control_loop(&shared, conn, &mut ch).await {
             Ok(done) => return done,
             Err(why) => why,
         };
+        if up.elapsed() >= STABLE {
+            wait = Duration::from_secs(1);
+        }
         // Accepted transfers still waiting for a ticket will not get one.
         lock(&shared.tickets).clear();
         notice!("lost the broker ({why}); reconnecting");
         // A --once receiver whose transfer ends meanwhile is done.
         conn = loop {
             tokio::select! {
-                c = reconnect(&shared.ctx) => break c,
+                c = reconnect(&shared.ctx, &mut wait) => break c,
                 Some(ended) = ch.done_rx.recv() => {
                     if shared.opts.once && let Some(result) = ended {
                         return once(result);
@@ -202,12 +211,14 @@ fn once(result: Result<(), (u8, String)>) -> Result<(), AgentError> {
     result.map_err(|(code, why)| AgentError::TransferFailed { code, why })
 }
 
-/// Connects again, waiting longer after each failure (up to [`MAX_BACKOFF`]).
-async fn reconnect(ctx: &Ctx) -> AgentConn {
-    let mut wait = Duration::from_secs(1);
+/// Connects again after `wait`, which doubles (up to [`MAX_BACKOFF`]) with
+/// every attempt, a successful one included: only a connection that then
+/// stays up for [`STABLE`] brings it back to 1 s (the caller's business).
+async fn reconnect(ctx: &Ctx, wait: &mut Duration) -> AgentConn {
     let mut said = false;
     loop {
-        tokio::time::sleep(wait).await;
+        tokio::time::sleep(*wait).await;
+        *wait = (*wait * 2).min(MAX_BACKOFF);
         match connect(ctx, Role::Receiver).await {
             Ok(conn) => return conn,
             Err(e) => {
@@ -217,7 +228,6 @@ async fn reconnect(ctx: &Ctx) -> AgentConn {
                     eprintln!("agent: {e}; still trying");
                     said = true;
                 }
-                wait = (wait * 2).min(MAX_BACKOFF);
             }
         }
     }

@@ -2,15 +2,19 @@
 //! descriptor: the private staging directory each transfer is received into
 //! ([`Staging`]), and the clean-up at start-up.
 //!
-//! A transfer's staging directory is `.keyferry-<origin>.d`, where `origin`
-//! is the transfer's origin (PROTOCOL.md §6.4): the next attempt finds
-//! it by that name. It is created mode 0700, opened without following a
-//! link, and must belong to this user with no access for others, so nobody
-//! else can swap anything inside it; and it is held under an exclusive
-//! `flock` while a receiver works in it. At start-up, staging directories
-//! that no live receiver holds are removed unless their journal is valid
-//! and not expired (those are kept to be resumed), and the `.part`
-//! temporaries of version 1 receivers are removed the same way.
+//! A transfer's staging directory is `.keyferry-<id>.d`, where `id` binds
+//! the transfer's origin (PROTOCOL.md §6.4) to its sender's key
+//! ([`StagingId`]): the next attempt of that sender finds it by that name,
+//! and no other sender can name it. It is created mode 0700, opened without
+//! following a link, and must belong to this user with no access for
+//! others, so nobody else can swap anything inside it; and it is held under
+//! an exclusive `flock` while a receiver works in it. What holds its name
+//! instead is dealt with by [`super::claim`]: removed if it is ours or no
+//! directory at all, left alone (the transfer then goes to
+//! `.keyferry-<id>-<stream id>.d`) if another user owns it. At start-up,
+//! staging directories that no live receiver holds are removed unless their
+//! journal is valid and not expired (those are kept to be resumed), and the
+//! `.part` temporaries of version 1 receivers are removed the same way.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -18,15 +22,44 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use keyferry_common::crypto::keys::MacKey;
+use keyferry_common::identity::Fingerprint;
 use keyferry_common::ids::StreamId;
 use rustix::fs::{AtFlags, FileType, FlockOperation, Mode, OFlags, Stat};
 use rustix::io::Errno;
+use sha2::{Digest as _, Sha256};
 
+use super::claim::{Claim, LOCK_WAIT, claim};
 use super::staging::Staging;
 
 const PREFIX: &str = ".keyferry-";
 const STAGING_SUFFIX: &str = ".d";
 const V1_SUFFIX: &str = ".part";
+
+/// What names a transfer's staging directory: the first 16 bytes of
+/// `H("keyferry staging" ‖ origin ‖ sender_fp)`, so that one sender's
+/// attempts find it and no other sender can use or remove it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StagingId(pub [u8; 16]);
+
+impl StagingId {
+    /// The staging id of a transfer of `origin` from the key `sender_fp`.
+    pub fn of(origin: &StreamId, sender_fp: &Fingerprint) -> Self {
+        let mut h = Sha256::new();
+        h.update(b"keyferry staging");
+        h.update(origin.0);
+        h.update(sender_fp.0);
+        let digest: [u8; 32] = h.finalize().into();
+        let mut id = [0; 16];
+        id.copy_from_slice(&digest[..16]);
+        Self(id)
+    }
+}
+
+impl std::fmt::Display for StagingId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
 
 /// Which file a name or descriptor refers to.
 pub fn inode(st: &Stat) -> (u64, u64) {
@@ -59,8 +92,14 @@ pub fn remove_all_at(dir: BorrowedFd<'_>, name: &str) -> io::Result<()> {
     }
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let sub = rustix::fs::openat(dir, name, flags, Mode::empty())?;
+    empty_dir(sub.as_fd())?;
+    Ok(rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)?)
+}
+
+/// Removes everything inside the directory `dir`, never following a link.
+pub fn empty_dir(dir: BorrowedFd<'_>) -> io::Result<()> {
     let mut names = Vec::new();
-    for entry in rustix::fs::Dir::read_from(&sub)? {
+    for entry in rustix::fs::Dir::read_from(dir)? {
         let entry = entry?;
         let n = entry.file_name().to_bytes();
         if n != b"." && n != b".." {
@@ -69,12 +108,12 @@ pub fn remove_all_at(dir: BorrowedFd<'_>, name: &str) -> io::Result<()> {
     }
     for n in names {
         match n.to_str() {
-            Ok(s) => remove_all_at(sub.as_fd(), s)?,
+            Ok(s) => remove_all_at(dir, s)?,
             // Not a name we ever make; removed all the same.
-            Err(_) => rustix::fs::unlinkat(&sub, n.as_c_str(), AtFlags::empty())?,
+            Err(_) => rustix::fs::unlinkat(dir, n.as_c_str(), AtFlags::empty())?,
         }
     }
-    Ok(rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)?)
+    Ok(())
 }
 
 /// What the start-up clean-up did.
@@ -149,41 +188,78 @@ impl OutDir {
         Some(s.f_bavail.saturating_mul(s.f_frsize))
     }
 
-    /// The staging directory's name for a transfer of origin `origin`.
-    pub fn staging_name(origin: &StreamId) -> String {
-        format!("{PREFIX}{origin}{STAGING_SUFFIX}")
+    /// The staging directory's name for the transfer `id`.
+    pub fn staging_name(id: &StagingId) -> String {
+        format!("{PREFIX}{id}{STAGING_SUFFIX}")
     }
 
-    /// A new, empty staging directory for `origin`, locked. One that is
-    /// already there and that no live receiver holds is removed first.
-    pub fn fresh(self: &Arc<Self>, origin: &StreamId) -> io::Result<Staging> {
-        let name = Self::staging_name(origin);
-        match self.existing(origin) {
-            Ok(Some(old)) => old.remove()?,
-            Ok(None) => {}
-            Err(e) => return Err(e),
-        }
-        rustix::fs::mkdirat(&self.fd, name.as_str(), Mode::from_raw_mode(0o700))?;
-        let dir = open_private_dir(self.fd(), &name)?;
-        Staging::create(Arc::clone(self), name, dir)
+    /// The name a transfer `id` uses for its attempt `attempt` when another
+    /// user's entry holds [`Self::staging_name`].
+    fn alternate_name(id: &StagingId, attempt: &StreamId) -> String {
+        format!("{PREFIX}{id}-{attempt}{STAGING_SUFFIX}")
     }
 
-    /// The staging directory of `origin` if there is one, locked; an error
-    /// if another live receiver holds it.
-    pub fn existing(self: &Arc<Self>, origin: &StreamId) -> io::Result<Option<Staging>> {
-        let name = Self::staging_name(origin);
-        let dir = match open_private_dir(self.fd(), &name) {
-            Ok(dir) => dir,
-            Err(e) if e.raw_os_error() == Some(Errno::NOENT.raw_os_error()) => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        if rustix::fs::flock(&dir, FlockOperation::NonBlockingLockExclusive).is_err() {
-            return Err(io::Error::new(
-                io::ErrorKind::WouldBlock,
-                "another receiver is working on this transfer",
-            ));
+    /// A new, empty staging directory for attempt `attempt` of transfer
+    /// `id`, locked. Whatever of ours held its name is removed first (the
+    /// caller decided not to resume it); if another user's entry holds the
+    /// name, the directory is made under the attempt's own name beside it.
+    pub fn fresh(self: &Arc<Self>, id: &StagingId, attempt: &StreamId) -> io::Result<Staging> {
+        let name = Self::staging_name(id);
+        for _ in 0..3 {
+            match claim(self.fd(), &name, LOCK_WAIT)? {
+                Claim::Ours(dir) => Staging::open(Arc::clone(self), name.clone(), dir)?.remove()?,
+                Claim::Absent => {}
+                Claim::Foreign => break,
+            }
+            match self.make(&name) {
+                Err(e) if e.raw_os_error() == Some(Errno::EXIST.raw_os_error()) => continue,
+                made => return made,
+            }
         }
-        Staging::open(Arc::clone(self), name, dir).map(Some)
+        self.make(&Self::alternate_name(id, attempt))
+    }
+
+    /// Makes the staging directory `name`, private, and locks it.
+    fn make(self: &Arc<Self>, name: &str) -> io::Result<Staging> {
+        rustix::fs::mkdirat(&self.fd, name, Mode::from_raw_mode(0o700))?;
+        let dir = open_private_dir(self.fd(), name)?;
+        Staging::create(Arc::clone(self), name.to_owned(), dir)
+    }
+
+    /// The staging directory an earlier attempt of transfer `id` left, if
+    /// there is one we can trust, locked (see [`super::claim`]: what cannot
+    /// be trusted is removed, or left alone if it is another user's); an
+    /// error of kind `WouldBlock` if another live transfer still holds it
+    /// after [`LOCK_WAIT`].
+    pub fn existing(self: &Arc<Self>, id: &StagingId) -> io::Result<Option<Staging>> {
+        let name = Self::staging_name(id);
+        match claim(self.fd(), &name, LOCK_WAIT)? {
+            Claim::Ours(dir) => return Staging::open(Arc::clone(self), name, dir).map(Some),
+            Claim::Absent => return Ok(None),
+            Claim::Foreign => {}
+        }
+        // Its name is taken by another user: an earlier attempt went beside it.
+        let beside = format!("{PREFIX}{id}-");
+        for other in self.names(|n| n.starts_with(&beside) && n.ends_with(STAGING_SUFFIX))? {
+            if let Claim::Ours(dir) = claim(self.fd(), &other, LOCK_WAIT)? {
+                return Staging::open(Arc::clone(self), other, dir).map(Some);
+            }
+        }
+        Ok(None)
+    }
+
+    /// The names in the out dir that pass `keep`.
+    fn names(&self, keep: impl Fn(&str) -> bool) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in rustix::fs::Dir::read_from(&self.fd)? {
+            let entry = entry?;
+            if let Ok(name) = entry.file_name().to_str()
+                && keep(name)
+            {
+                names.push(name.to_owned());
+            }
+        }
+        Ok(names)
     }
 
     /// Removes what killed receivers left behind, keeping staging
@@ -191,31 +267,26 @@ impl OutDir {
     /// Anything a live receiver holds is left alone.
     pub fn clean_stale(self: &Arc<Self>, key: &MacKey, now: u64) -> io::Result<Cleaned> {
         let mut done = Cleaned::default();
-        let mut names = Vec::new();
-        for entry in rustix::fs::Dir::read_from(&self.fd)? {
-            let entry = entry?;
-            if let Ok(name) = entry.file_name().to_str()
-                && name.starts_with(PREFIX)
-            {
-                names.push(name.to_owned());
-            }
-        }
-        for name in names {
+        for name in self.names(|n| n.starts_with(PREFIX))? {
             if name.ends_with(V1_SUFFIX) {
                 done.removed += usize::from(self.remove_unlocked_file(&name));
             } else if name.ends_with(STAGING_SUFFIX) {
-                let Ok(dir) = open_private_dir(self.fd(), &name) else {
-                    continue;
-                };
-                if rustix::fs::flock(&dir, FlockOperation::NonBlockingLockExclusive).is_err() {
-                    continue; // a live receiver holds it
-                }
-                let staging = Staging::open(Arc::clone(self), name, dir)?;
-                if staging.read_journal(key, now).is_ok() {
-                    done.kept += 1;
-                } else {
-                    staging.remove()?;
-                    done.removed += 1;
+                match claim(self.fd(), &name, std::time::Duration::ZERO) {
+                    Ok(Claim::Ours(dir)) => {
+                        let staging = Staging::open(Arc::clone(self), name, dir)?;
+                        if staging.read_journal(key, now).is_ok() {
+                            done.kept += 1;
+                        } else {
+                            staging.remove()?;
+                            done.removed += 1;
+                        }
+                    }
+                    // Untrusted, and removed.
+                    Ok(Claim::Absent) => done.removed += 1,
+                    // Another user's, or a live receiver's: left alone.
+                    Ok(Claim::Foreign) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
                 }
             }
         }
@@ -273,6 +344,10 @@ mod tests {
         d
     }
 
+    fn id(origin: StreamId) -> StagingId {
+        StagingId::of(&origin, &Fingerprint([1; 32]))
+    }
+
     fn journal(origin: StreamId, created: u64) -> Journal {
         Journal {
             origin,
@@ -297,13 +372,13 @@ mod tests {
             StreamId([3; 16]),
             StreamId([4; 16]),
         );
-        out.fresh(&kept)
+        out.fresh(&id(kept), &kept)
             .unwrap()
             .write_journal(&journal(kept, now), &key)
             .unwrap();
-        let held = out.fresh(&live).unwrap();
-        drop(out.fresh(&empty).unwrap());
-        out.fresh(&old)
+        let held = out.fresh(&id(live), &live).unwrap();
+        drop(out.fresh(&id(empty), &empty).unwrap());
+        out.fresh(&id(old), &old)
             .unwrap()
             .write_journal(&journal(old, now - 8 * 24 * 3600), &key)
             .unwrap();
@@ -323,8 +398,8 @@ mod tests {
             .collect();
         names.sort();
         let mut want = vec![
-            OutDir::staging_name(&kept),
-            OutDir::staging_name(&live),
+            OutDir::staging_name(&id(kept)),
+            OutDir::staging_name(&id(live)),
             "keep.txt".to_owned(),
         ];
         want.sort();
@@ -341,8 +416,8 @@ mod tests {
         let d = temp("moved");
         let out = OutDir::open_or_create(&d).unwrap().0;
         let origin = StreamId([5; 16]);
-        let staging = out.fresh(&origin).unwrap();
-        let name = OutDir::staging_name(&origin);
+        let staging = out.fresh(&id(origin), &origin).unwrap();
+        let name = OutDir::staging_name(&id(origin));
         fs::rename(d.join(&name), d.join("moved")).unwrap();
         fs::create_dir(d.join(&name)).unwrap();
         fs::write(d.join(&name).join("theirs"), b"x").unwrap();
@@ -358,11 +433,42 @@ mod tests {
         let d = temp("busy");
         let out = OutDir::open_or_create(&d).unwrap().0;
         let origin = StreamId([6; 16]);
-        let held = out.fresh(&origin).unwrap();
-        let err = out.existing(&origin).unwrap_err();
+        let held = out.fresh(&id(origin), &origin).unwrap();
+        let asked = std::time::Instant::now();
+        let err = out.existing(&id(origin)).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+        // It waited for the other transfer to wind down first.
+        assert!(asked.elapsed() >= LOCK_WAIT, "{:?}", asked.elapsed());
         drop(held);
-        assert!(out.existing(&origin).unwrap().is_some());
+        assert!(out.existing(&id(origin)).unwrap().is_some());
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn a_name_another_user_holds_sends_the_transfer_beside_it_and_a_retry_finds_it_there() {
+        // Only root can give a directory away.
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: giving a directory to another user needs root");
+            return;
+        }
+        let d = temp("foreign");
+        let out = OutDir::open_or_create(&d).unwrap().0;
+        let (origin, attempt) = (StreamId([7; 16]), StreamId([8; 16]));
+        let name = OutDir::staging_name(&id(origin));
+        fs::create_dir(d.join(&name)).unwrap();
+        std::os::unix::fs::chown(d.join(&name), Some(65534), Some(65534)).unwrap();
+        let key = MacKey::from_bytes([7; 32]);
+        let now = 1_800_000_000;
+        let staging = out.fresh(&id(origin), &attempt).unwrap();
+        staging.write_journal(&journal(origin, now), &key).unwrap();
+        drop(staging);
+        let beside = OutDir::alternate_name(&id(origin), &attempt);
+        assert!(d.join(&beside).is_dir());
+        let found = out.existing(&id(origin)).unwrap().unwrap();
+        assert!(found.read_journal(&key, now).is_ok());
+        drop(found);
+        // The other user's directory was never touched.
+        assert!(d.join(&name).is_dir());
         fs::remove_dir_all(d).unwrap();
     }
 

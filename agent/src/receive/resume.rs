@@ -27,7 +27,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::Failure;
 use super::journal::Journal;
-use super::outdir::OutDir;
+use super::outdir::{OutDir, StagingId};
 use super::staging::Staging;
 use super::tree::TreeWriter;
 
@@ -78,62 +78,64 @@ pub struct Origin {
     pub sender_fp: Fingerprint,
     /// The data's total size.
     pub total: u64,
+    /// This attempt's stream id (names its staging directory when another
+    /// user's entry holds the usual name).
+    pub attempt: StreamId,
 }
 
 /// Prepares the staging directory for `o` (see the module docs).
 pub fn prepare(out: &Arc<OutDir>, key: &MacKey, o: &Origin, now: u64) -> Result<Place, Failure> {
     let storage = |e: io::Error| {
+        if e.kind() == io::ErrorKind::WouldBlock {
+            return Failure::Refused(
+                RefuseReason::Busy,
+                "this transfer is already being received".into(),
+            );
+        }
         Failure::Refused(
             RefuseReason::Policy,
             format!("cannot write in {}: {e}", out.path().display()),
         )
     };
-    if o.resumes {
-        match out.existing(&o.origin) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                return Err(Failure::Refused(
-                    RefuseReason::Busy,
-                    "this transfer is already being received".into(),
-                ));
+    let id = StagingId::of(&o.origin, &o.sender_fp);
+    if o.resumes
+        && let Some(staging) = out.existing(&id).map_err(storage)?
+    {
+        match held(&staging, key, o, now) {
+            Ok((journal, m, hasher)) => {
+                let prefix: [u8; 32] = hasher.clone().finalize().into();
+                notice!(
+                    "resuming the transfer from {} at {} of {} bytes ({} file(s), verified)",
+                    o.sender,
+                    journal.verified,
+                    journal.total,
+                    m.entries.len()
+                );
+                return Ok(Place {
+                    resume: Some(Resume {
+                        offset: journal.verified,
+                        hasher,
+                        manifest_hash: journal.manifest_hash,
+                    }),
+                    point: ResumePoint {
+                        offset: journal.verified,
+                        prefix_hash: prefix,
+                        manifest_hash: journal.manifest_hash,
+                    },
+                    staging,
+                    journal,
+                });
             }
-            Err(e) => return Err(storage(e)),
-            Ok(None) => {}
-            Ok(Some(staging)) => match held(&staging, key, o, now) {
-                Ok((journal, m, hasher)) => {
-                    let prefix: [u8; 32] = hasher.clone().finalize().into();
-                    notice!(
-                        "resuming the transfer from {} at {} of {} bytes ({} file(s), verified)",
-                        o.sender,
-                        journal.verified,
-                        journal.total,
-                        m.entries.len()
-                    );
-                    return Ok(Place {
-                        resume: Some(Resume {
-                            offset: journal.verified,
-                            hasher,
-                            manifest_hash: journal.manifest_hash,
-                        }),
-                        point: ResumePoint {
-                            offset: journal.verified,
-                            prefix_hash: prefix,
-                            manifest_hash: journal.manifest_hash,
-                        },
-                        staging,
-                        journal,
-                    });
-                }
-                Err(why) => {
-                    notice!(
-                        "cannot resume the transfer from {}: {why}; starting again from byte 0",
-                        o.sender
-                    );
-                    staging.remove().map_err(storage)?;
-                }
-            },
+            Err(why) => {
+                notice!(
+                    "cannot resume the transfer from {}: {why}; starting again from byte 0",
+                    o.sender
+                );
+                staging.remove().map_err(storage)?;
+            }
         }
     }
-    let staging = out.fresh(&o.origin).map_err(storage)?;
+    let staging = out.fresh(&id, &o.attempt).map_err(storage)?;
     Ok(Place {
         staging,
         journal: Journal {

@@ -24,7 +24,7 @@ use super::filename::{self, TopLevel};
 use super::journal::Journal;
 use super::report::{Placed, What};
 use super::resume::Place;
-use super::tree::TreeWriter;
+use super::tree::{PlaceError, TreeWriter};
 
 /// A refused record, as the sender is told and the user reads it.
 pub(super) fn verification(e: RecvError) -> Failure {
@@ -258,8 +258,20 @@ impl Sink {
                 single_file,
                 ..
             } => {
-                checkpoints.finish(None).map_err(storage)?;
-                let paths = tree.place(&tops).map_err(storage)?;
+                if let Err(e) = checkpoints.finish(None) {
+                    // A storage failure leaves nothing behind.
+                    if let Some(s) = tree.into_staging() {
+                        let _ = s.remove();
+                    }
+                    return Err(storage(e));
+                }
+                let paths = tree.place(&tops).map_err(|e| match e {
+                    PlaceError::NoFreeName(why) => Failure::Failed(
+                        AbortReason::NoFreeName,
+                        format!("nothing was placed: {why}"),
+                    ),
+                    PlaceError::Io(e) => storage(e),
+                })?;
                 What::Items {
                     items: tops.into_iter().map(|t| t.name).zip(paths).collect(),
                     files,

@@ -12,6 +12,7 @@ use keyferry_common::transfer::RecvError;
 use keyferry_common::wire::message::AbortReason;
 use tokio::sync::mpsc;
 
+use super::admit::Slot;
 use super::store::{Job, Pipe, Received, Stopped, open_and_store};
 use super::{Failure, Shared};
 use crate::client::DataConn;
@@ -36,6 +37,7 @@ pub(super) async fn receive_stream(
     shared: &Shared,
     conn: &mut DataConn,
     job: Job,
+    slot: Slot<'_>,
 ) -> Result<Received, Failure> {
     let (tx, rx) = mpsc::channel::<Vec<u8>>(8);
     // Buffers the opening thread is done with. The channel above bounds how
@@ -117,6 +119,11 @@ pub(super) async fn receive_stream(
         Failure::Failed(reason, _) => *reason,
         Failure::Refused(..) => AbortReason::VerificationFailed,
     };
+    // The stream is over: its place among this receiver's transfers is
+    // free at once, so that the sender's next attempt is not refused as
+    // busy while this one winds down (that attempt waits for the staging
+    // directory's lock instead, PROTOCOL.md §7.4).
+    drop(slot);
     // Journalling the prefix syncs the disk: not on this task's thread.
     let _ = tokio::task::spawn_blocking(move || leftover.settle(reason)).await;
     Err(failure)

@@ -305,88 +305,122 @@ impl TreeWriter {
     /// (see the module docs) and removes the staging directory. Returns the
     /// paths the items were placed at. The checkpoint thread must be
     /// finished. Directories and empty files were synced when they were made.
-    pub fn place(self, tops: &[TopLevel]) -> io::Result<Vec<PathBuf>> {
-        for path in self.paths_of(&self.written) {
-            self.staging.sync_file(&path)?;
-        }
+    /// If anything fails, nothing is placed and the staging directory is
+    /// removed all the same: what verified cannot be resumed into a place
+    /// (the next attempt would meet the same wall), and is not kept hidden.
+    pub fn place(self, tops: &[TopLevel]) -> Result<Vec<PathBuf>, PlaceError> {
+        let synced = self
+            .paths_of(&self.written)
+            .iter()
+            .try_for_each(|path| self.staging.sync_file(path));
         let Self { staging, open, .. } = self;
         drop(open);
-        let staging = Arc::try_unwrap(staging)
-            .map_err(|_| io::Error::other("the staging directory is still in use"))?;
-        let out = Arc::clone(staging.out());
-        let mut placed: Vec<(&str, String)> = Vec::new();
-        let undo = |placed: &[(&str, String)]| {
-            for (name, at) in placed.iter().rev() {
-                let _ = rustix::fs::renameat_with(
-                    out.fd(),
-                    at.as_str(),
-                    staging.tree(),
-                    *name,
-                    RenameFlags::NOREPLACE,
-                );
+        let staging = Arc::try_unwrap(staging).map_err(|_| {
+            PlaceError::Io(io::Error::other("the staging directory is still in use"))
+        })?;
+        let moved = synced
+            .map_err(PlaceError::Io)
+            .and_then(|()| move_items(&staging, tops));
+        match moved {
+            Ok(paths) => {
+                staging.remove().map_err(PlaceError::Io)?;
+                Ok(paths)
             }
-        };
-        for top in tops {
-            let ours = inode(&rustix::fs::statat(
+            Err(e) => {
+                let _ = staging.remove();
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Why a verified tree was not placed.
+#[derive(Debug, thiserror::Error)]
+pub enum PlaceError {
+    /// A top-level item's name and all its numbered variants exist.
+    #[error("no free name is left for {0}")]
+    NoFreeName(String),
+    /// Storage failed.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+impl From<Errno> for PlaceError {
+    fn from(e: Errno) -> Self {
+        Self::Io(e.into())
+    }
+}
+
+/// Moves each top-level item from the staging tree into the out dir (all
+/// or none), and syncs the out dir; returns where they went.
+fn move_items(staging: &Staging, tops: &[TopLevel]) -> Result<Vec<PathBuf>, PlaceError> {
+    let out = Arc::clone(staging.out());
+    let mut placed: Vec<(&str, String)> = Vec::new();
+    let undo = |placed: &[(&str, String)]| {
+        for (name, at) in placed.iter().rev() {
+            let _ = rustix::fs::renameat_with(
+                out.fd(),
+                at.as_str(),
+                staging.tree(),
+                *name,
+                RenameFlags::NOREPLACE,
+            );
+        }
+    };
+    for top in tops {
+        let ours = inode(&rustix::fs::statat(
+            staging.tree(),
+            top.name.as_str(),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )?);
+        let mut at = None;
+        for candidate in filename::candidates(&top.stored) {
+            match rustix::fs::renameat_with(
                 staging.tree(),
                 top.name.as_str(),
-                AtFlags::SYMLINK_NOFOLLOW,
-            )?);
-            let mut at = None;
-            for candidate in filename::candidates(&top.stored) {
-                match rustix::fs::renameat_with(
-                    staging.tree(),
-                    top.name.as_str(),
-                    out.fd(),
-                    candidate.as_str(),
-                    RenameFlags::NOREPLACE,
-                ) {
-                    Ok(()) => {
-                        at = Some(candidate);
-                        break;
-                    }
-                    Err(Errno::EXIST | Errno::NOTEMPTY) => continue,
-                    Err(e) => {
-                        undo(&placed);
-                        return Err(match e {
-                            Errno::INVAL | Errno::NOSYS => io::Error::other(format!(
-                                "the file system of {} cannot rename without replacing \
-                                 (RENAME_NOREPLACE)",
-                                out.path().display()
-                            )),
-                            e => e.into(),
-                        });
-                    }
+                out.fd(),
+                candidate.as_str(),
+                RenameFlags::NOREPLACE,
+            ) {
+                Ok(()) => {
+                    at = Some(candidate);
+                    break;
+                }
+                Err(Errno::EXIST | Errno::NOTEMPTY) => continue,
+                Err(e) => {
+                    undo(&placed);
+                    return Err(PlaceError::Io(match e {
+                        Errno::INVAL | Errno::NOSYS => io::Error::other(format!(
+                            "the file system of {} cannot rename without replacing \
+                             (RENAME_NOREPLACE)",
+                            out.path().display()
+                        )),
+                        e => e.into(),
+                    }));
                 }
             }
-            let Some(at) = at else {
-                undo(&placed);
-                return Err(io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    format!(
-                        "{0} and {0} (1) … (99) all exist in {1}",
-                        top.stored,
-                        out.path().display()
-                    ),
-                ));
-            };
-            // What now has the name must be exactly what was built.
-            let now = rustix::fs::statat(out.fd(), at.as_str(), AtFlags::SYMLINK_NOFOLLOW)?;
-            if inode(&now) != ours {
-                undo(&placed);
-                return Err(io::Error::other(format!(
-                    "{} is not the item that was verified; it was left alone",
-                    out.path().join(&at).display()
-                )));
-            }
-            placed.push((&top.name, at));
         }
-        rustix::fs::fsync(out.fd())?;
-        let paths = placed.iter().map(|(_, at)| out.path().join(at)).collect();
-        drop(placed);
-        staging.remove()?;
-        Ok(paths)
+        let Some(at) = at else {
+            undo(&placed);
+            return Err(PlaceError::NoFreeName(format!(
+                "{0}: {0} and {0} (1) … (99) all exist in {1}",
+                top.stored,
+                out.path().display()
+            )));
+        };
+        // What now has the name must be exactly what was built.
+        let now = rustix::fs::statat(out.fd(), at.as_str(), AtFlags::SYMLINK_NOFOLLOW)?;
+        if inode(&now) != ours {
+            undo(&placed);
+            return Err(PlaceError::Io(io::Error::other(format!(
+                "{} is not the item that was verified; it was left alone",
+                out.path().join(&at).display()
+            ))));
+        }
+        placed.push((&top.name, at));
     }
+    rustix::fs::fsync(out.fd())?;
+    Ok(placed.iter().map(|(_, at)| out.path().join(at)).collect())
 }
 
 #[cfg(test)]
@@ -399,8 +433,12 @@ mod tests {
     use keyferry_common::manifest::{Entry, EntryKind, Manifest};
 
     use super::super::filename::check_manifest;
-    use super::super::outdir::OutDir;
+    use super::super::outdir::{OutDir, StagingId};
     use super::*;
+
+    fn id(origin: StreamId) -> StagingId {
+        StagingId::of(&origin, &keyferry_common::identity::Fingerprint([1; 32]))
+    }
 
     fn temp(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("keyferry-tree-{tag}-{}", std::process::id()));
@@ -444,7 +482,12 @@ mod tests {
         fs::write(d.join("b.txt"), b"old").unwrap();
         let out = OutDir::open_or_create(&d).unwrap().0;
         let m = tree();
-        let mut w = TreeWriter::fresh(out.fresh(&StreamId([1; 16])).unwrap(), &m).unwrap();
+        let mut w = TreeWriter::fresh(
+            out.fresh(&id(StreamId([1; 16])), &StreamId([1; 16]))
+                .unwrap(),
+            &m,
+        )
+        .unwrap();
         // Cut across the file boundary on purpose.
         w.write(b"xy").unwrap();
         w.write(b"zhi").unwrap();
@@ -471,12 +514,24 @@ mod tests {
         }
         let out = OutDir::open_or_create(&d).unwrap().0;
         let m = tree();
-        let mut w = TreeWriter::fresh(out.fresh(&StreamId([2; 16])).unwrap(), &m).unwrap();
+        let mut w = TreeWriter::fresh(
+            out.fresh(&id(StreamId([2; 16])), &StreamId([2; 16]))
+                .unwrap(),
+            &m,
+        )
+        .unwrap();
         w.write(b"xyzhi").unwrap();
         let err = w.place(&check_manifest(&m).unwrap()).unwrap_err();
+        assert!(matches!(err, PlaceError::NoFreeName(_)), "{err}");
         assert!(err.to_string().contains("all exist"), "{err}");
         // `a` was placed first, and moved back when `b.txt` could not be.
         assert!(!d.join("a").exists());
+        // And nothing of it is kept hidden: no staging directory is left.
+        let left: Vec<String> = names(&d)
+            .into_iter()
+            .filter(|n| n.starts_with(".keyferry-"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
         fs::remove_dir_all(d).unwrap();
     }
 
@@ -486,10 +541,10 @@ mod tests {
         let out = OutDir::open_or_create(&d).unwrap().0;
         let m = tree();
         let origin = StreamId([3; 16]);
-        let mut w = TreeWriter::fresh(out.fresh(&origin).unwrap(), &m).unwrap();
+        let mut w = TreeWriter::fresh(out.fresh(&id(origin), &origin).unwrap(), &m).unwrap();
         w.write(b"xyzh").unwrap();
         drop(w);
-        let staging = out.existing(&origin).unwrap().unwrap();
+        let staging = out.existing(&id(origin)).unwrap().unwrap();
         TreeWriter::holds(&staging, &m, 4).unwrap();
         // More than the tree holds is refused.
         assert!(TreeWriter::holds(&staging, &m, 5).is_err());
@@ -518,12 +573,12 @@ mod tests {
         let out = OutDir::open_or_create(&d).unwrap().0;
         let m = tree();
         let origin = StreamId([4; 16]);
-        let mut w = TreeWriter::fresh(out.fresh(&origin).unwrap(), &m).unwrap();
+        let mut w = TreeWriter::fresh(out.fresh(&id(origin), &origin).unwrap(), &m).unwrap();
         w.write(b"xyz").unwrap();
         drop(w);
-        let name = OutDir::staging_name(&origin);
+        let name = OutDir::staging_name(&id(origin));
         fs::remove_dir(d.join(&name).join("t/a/empty")).unwrap();
-        let staging = out.existing(&origin).unwrap().unwrap();
+        let staging = out.existing(&id(origin)).unwrap().unwrap();
         assert!(TreeWriter::holds(&staging, &m, 3).is_err());
         fs::remove_dir_all(d).unwrap();
     }

@@ -425,8 +425,8 @@ async fn upload(
                     seconds,
                 }),
                 Some(Err(e)) => Err(after(e)),
-                None => Err(after(AgentError::Verification(
-                    "the receiver sent no receipt".into(),
+                None => Err(after(AgentError::Unconfirmed(
+                    "the connection ended before the receiver's receipt".into(),
                 ))),
             };
             (h.to, r)

@@ -34,6 +34,9 @@ pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(75);
 pub const RECEIPT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Longest wait between two attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(15);
+/// Longest wait a receiver's "try later" can ask for (the budgets it
+/// guards count over 60 s).
+const MAX_ASKED_WAIT: Duration = Duration::from_secs(65);
 
 /// What to send.
 #[derive(Debug, Clone)]
@@ -123,21 +126,36 @@ fn collect(opts: &SendOptions) -> Result<Source, AgentError> {
 /// tried again: the broker, the receiver or a connection went away, or the
 /// receiver is busy. Nothing that did not verify is ever retried.
 fn transient(e: &AgentError) -> bool {
-    matches!(
-        e,
-        AgentError::BrokerUnreachable { .. }
-            | AgentError::PeerOffline(_)
-            | AgentError::PeerUnavailable { .. }
-            | AgentError::LookupFailed { .. }
-            | AgentError::SessionEnded(_)
-            | AgentError::ReceiverAborted(
-                AbortReason::PeerGone | AbortReason::Timeout | AbortReason::Interrupted
-            )
-            | AgentError::Refused {
-                reason: RefuseReason::Busy,
-                ..
-            }
-    )
+    temporary_refusal(e).is_some()
+        || matches!(
+            e,
+            AgentError::BrokerUnreachable { .. }
+                | AgentError::PeerOffline(_)
+                | AgentError::PeerUnavailable { .. }
+                | AgentError::LookupFailed { .. }
+                | AgentError::SessionEnded(_)
+                | AgentError::ReceiverAborted(
+                    AbortReason::PeerGone | AbortReason::Timeout | AbortReason::Interrupted
+                )
+        )
+}
+
+/// If the receiver refused only for now (it is busy, or its RSA budget for
+/// us is spent), how long it asked us to wait (zero: as long as we like).
+/// Such a refusal is waited out within `--retry-for` even before anything
+/// was accepted: the offer is simply made again.
+fn temporary_refusal(e: &AgentError) -> Option<Duration> {
+    match e {
+        AgentError::Refused {
+            reason: RefuseReason::Busy,
+            ..
+        } => Some(Duration::ZERO),
+        AgentError::Refused {
+            reason: RefuseReason::TryLater { seconds },
+            ..
+        } => Some(Duration::from_secs(u64::from(*seconds))),
+        _ => None,
+    }
 }
 
 /// How a send ended: a verified report per receiver that confirmed, and
@@ -198,15 +216,21 @@ async fn retry(
     let (mut attempts, mut accepted) = (1u32, false);
     let mut wait = Duration::from_secs(1);
     loop {
-        // Only a transfer that was accepted is waited for again.
+        // Only a transfer that was accepted is waited for again, or one the
+        // receiver asked us to offer again later.
         accepted |= failed.accepted;
+        let asked = temporary_refusal(&failed.error);
         let until = *deadline.get_or_insert_with(|| Instant::now() + opts.retry_for);
-        // Standard input cannot be read again.
-        if !accepted
-            || !source.size_known
-            || !transient(&failed.error)
-            || Instant::now() + wait > until
-        {
+        // The receiver's own word on when to come back wins over our backoff
+        // (bounded: an unauthenticated refusal cannot park us for long).
+        let pause = asked.map_or(wait, |w| w.min(MAX_ASKED_WAIT).max(wait));
+        // Standard input cannot be read again once the stream began.
+        let again = if accepted {
+            source.size_known
+        } else {
+            asked.is_some()
+        };
+        if !again || !transient(&failed.error) || Instant::now() + pause > until {
             return Err(failed.error);
         }
         let who = if opts.to.len() > 1 {
@@ -214,8 +238,17 @@ async fn retry(
         } else {
             String::new()
         };
-        progress.suspend(&format!("interrupted{who} ({}); retrying", failed.error));
-        tokio::time::sleep(wait).await;
+        let what = if asked.is_some() {
+            format!(
+                "{}; offering again in {} s",
+                failed.error,
+                pause.as_secs_f64().ceil()
+            )
+        } else {
+            format!("interrupted{who} ({}); retrying", failed.error)
+        };
+        progress.suspend(&what);
+        tokio::time::sleep(pause).await;
         wait = (wait * 2).min(MAX_BACKOFF);
         // A file that changed since the first attempt must never be resumed into.
         source.unchanged()?;

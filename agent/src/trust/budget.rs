@@ -52,8 +52,14 @@ impl RsaBudget {
     }
 
     /// Takes one decryption for `key` (first pinned `key_age_secs` ago) if the
-    /// budgets allow it; returns whether it may go ahead.
-    pub fn try_take(&mut self, key: Fingerprint, key_age_secs: u64, now: Instant) -> bool {
+    /// budgets allow it; otherwise says how long until they will (the oldest
+    /// decryption that fills a budget leaves the window then).
+    pub fn try_take(
+        &mut self,
+        key: Fingerprint,
+        key_age_secs: u64,
+        now: Instant,
+    ) -> Result<(), Duration> {
         prune(&mut self.total, now);
         prune(&mut self.new_keys, now);
         self.per_key.retain(|_, q| {
@@ -66,19 +72,36 @@ impl RsaBudget {
         } else {
             PER_KEY_PER_WINDOW
         };
-        let used = self.per_key.get(&key).map_or(0, VecDeque::len);
-        if self.total.len() >= TOTAL_PER_WINDOW
-            || used >= limit
-            || (new && self.new_keys.len() >= NEW_KEYS_PER_WINDOW)
-        {
-            return false;
+        // Each budget that is full, with when its oldest entry leaves it.
+        let full = |q: &VecDeque<Instant>, most: usize| {
+            (q.len() >= most).then(|| {
+                q.front()
+                    .map_or(Duration::ZERO, |&t| WINDOW.saturating_sub(now - t))
+            })
+        };
+        let empty = VecDeque::new();
+        let own = self.per_key.get(&key).unwrap_or(&empty);
+        let wait = [
+            full(&self.total, TOTAL_PER_WINDOW),
+            full(own, limit),
+            if new {
+                full(&self.new_keys, NEW_KEYS_PER_WINDOW)
+            } else {
+                None
+            },
+        ]
+        .into_iter()
+        .flatten()
+        .max();
+        if let Some(wait) = wait {
+            return Err(wait);
         }
         self.total.push_back(now);
         if new {
             self.new_keys.push_back(now);
         }
         self.per_key.entry(key).or_default().push_back(now);
-        true
+        Ok(())
     }
 }
 
@@ -92,15 +115,32 @@ mod tests {
         let t = Instant::now();
         let new = Fingerprint([1; 32]);
         for _ in 0..NEW_KEY_PER_WINDOW {
-            assert!(b.try_take(new, 10, t));
+            assert!(b.try_take(new, 10, t).is_ok());
         }
-        assert!(!b.try_take(new, 10, t));
+        assert_eq!(b.try_take(new, 10, t), Err(WINDOW));
         let old = Fingerprint([2; 32]);
         for _ in 0..PER_KEY_PER_WINDOW {
-            assert!(b.try_take(old, NEW_KEY_AGE_SECS, t));
+            assert!(b.try_take(old, NEW_KEY_AGE_SECS, t).is_ok());
         }
-        assert!(!b.try_take(old, NEW_KEY_AGE_SECS, t));
-        assert!(b.try_take(new, 10, t + WINDOW));
+        assert!(b.try_take(old, NEW_KEY_AGE_SECS, t).is_err());
+        assert!(b.try_take(new, 10, t + WINDOW).is_ok());
+    }
+
+    #[test]
+    fn a_refusal_says_when_the_oldest_decryption_leaves_the_window() {
+        let mut b = RsaBudget::new();
+        let t = Instant::now();
+        let new = Fingerprint([3; 32]);
+        for i in 0..NEW_KEY_PER_WINDOW as u64 {
+            assert!(b.try_take(new, 10, t + Duration::from_secs(i)).is_ok());
+        }
+        // The first went at t: at t + 20 s it leaves the window 40 s later.
+        let later = t + Duration::from_secs(20);
+        assert_eq!(b.try_take(new, 10, later), Err(Duration::from_secs(40)));
+        // And then there is room for exactly one.
+        let then = t + WINDOW;
+        assert!(b.try_take(new, 10, then).is_ok());
+        assert_eq!(b.try_take(new, 10, then), Err(Duration::from_secs(1)));
     }
 
     #[test]
@@ -111,16 +151,16 @@ mod tests {
         let mut granted = 0;
         for i in 0..20u8 {
             for _ in 0..NEW_KEY_PER_WINDOW {
-                granted += usize::from(b.try_take(Fingerprint([i; 32]), 60, t));
+                granted += usize::from(b.try_take(Fingerprint([i; 32]), 60, t).is_ok());
             }
         }
         assert_eq!(granted, NEW_KEYS_PER_WINDOW);
         // A sender pinned for two days still gets its whole per-key budget.
         let old = Fingerprint([0xee; 32]);
         for _ in 0..PER_KEY_PER_WINDOW {
-            assert!(b.try_take(old, 2 * NEW_KEY_AGE_SECS, t));
+            assert!(b.try_take(old, 2 * NEW_KEY_AGE_SECS, t).is_ok());
         }
-        assert!(!b.try_take(old, 2 * NEW_KEY_AGE_SECS, t));
+        assert!(b.try_take(old, 2 * NEW_KEY_AGE_SECS, t).is_err());
     }
 
     #[test]
@@ -129,7 +169,9 @@ mod tests {
         let t = Instant::now();
         let mut granted = 0;
         for i in 0..=255u8 {
-            if b.try_take(Fingerprint([i; 32]), NEW_KEY_AGE_SECS, t) {
+            if b.try_take(Fingerprint([i; 32]), NEW_KEY_AGE_SECS, t)
+                .is_ok()
+            {
                 granted += 1;
             }
         }

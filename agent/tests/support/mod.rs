@@ -8,6 +8,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod evil;
+pub mod fake;
 pub mod hand;
 pub mod nats;
 pub mod nats_bin;

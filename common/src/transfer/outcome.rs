@@ -90,10 +90,26 @@ pub enum RecvError {
     /// A message that has no place in a stream.
     #[error("unexpected {0} message in the stream")]
     Unexpected(&'static str),
-    /// The sender gave up and said why (unauthenticated: it ends the stream,
-    /// it proves nothing).
-    #[error("the sender aborted the transfer ({0:?})")]
+    /// The sender gave up and said why, or the broker said the sender is
+    /// gone (unauthenticated: it ends the stream, it proves nothing).
+    #[error("{}", aborted_text(*.0))]
     Aborted(AbortReason),
+}
+
+/// What an `Abort` that arrived in the stream tells the receiver's user.
+fn aborted_text(r: AbortReason) -> String {
+    match r {
+        // The broker sends this one when the sender's connection ended.
+        AbortReason::PeerGone => {
+            "the sender's connection was lost (the broker reports it gone)".into()
+        }
+        AbortReason::Interrupted => "the sender was interrupted".into(),
+        AbortReason::Source => {
+            "the sender could not read what it was sending, or it changed meanwhile".into()
+        }
+        AbortReason::Timeout => "the sender or the broker gave up waiting".into(),
+        other => format!("the sender aborted the transfer ({other:?})"),
+    }
 }
 
 /// What one frame of the stream was, once [`RecvStream::open`] accepted it.

@@ -38,6 +38,12 @@ pub enum RefuseReason {
     VerificationFailed,
     /// The receiver's policy refused it (rate limit, bad name).
     Policy,
+    /// Not now, but the same offer will be taken after `seconds` (the
+    /// receiver's RSA decryption budget for this sender is spent until then).
+    TryLater {
+        /// How long the sender should wait before it offers again.
+        seconds: u32,
+    },
 }
 
 /// Why a transfer was abandoned mid-way.
@@ -58,6 +64,9 @@ pub enum AbortReason {
     /// The receiver's policy refused what the manifest describes (a file
     /// name, the number or depth of entries, or their total size).
     Policy,
+    /// Everything verified, but no free name was left in the out dir for a
+    /// top-level item (it and its numbered variants all exist).
+    NoFreeName,
 }
 
 /// What an authenticated connection is for.
@@ -574,6 +583,20 @@ mod tests {
             ),
             (Message::Ping { nonce: 300 }, vec![22, 0xac, 0x02]),
             (Message::Pong { nonce: 1 }, vec![23, 1]),
+            (
+                Message::Refuse {
+                    transfer_id: tid,
+                    reason: RefuseReason::TryLater { seconds: 300 },
+                },
+                [vec![3], vec![0xaa; 16], vec![5, 0xac, 0x02]].concat(),
+            ),
+            (
+                Message::Abort {
+                    transfer_id: tid,
+                    reason: AbortReason::NoFreeName,
+                },
+                [vec![8], vec![0xaa; 16], vec![7]].concat(),
+            ),
             (
                 Message::Abort {
                     transfer_id: tid,

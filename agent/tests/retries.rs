@@ -1,0 +1,133 @@
+//! Waiting instead of failing, driven as a user would (real binaries on
+//! 127.0.0.1): a sender the receiver asks to come back later (its RSA
+//! budget for a newly met key is spent) waits and succeeds; the same
+//! command run again right after a sender was killed mid-transfer resumes
+//! instead of being refused as busy; and a receiver whose broker closes
+//! every connection right after `Welcome` backs off instead of reconnecting
+//! every second for ever.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is a test failure
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use keyferry_common::wire::message::Message;
+use support::fake::Fake;
+use support::{Broker, Home, TempDir, WAIT, hash_file, json, pseudo_random, wait_for_data};
+
+#[test]
+fn a_new_sender_past_its_budget_is_told_when_to_come_back_and_waits() {
+    let broker = Broker::start();
+    let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
+    let out = TempDir::new("out");
+    // Bob meets alice for the first time: 6 decryptions a minute for her key.
+    let mut receiver = bob.receiver(&broker, out.path(), &["--json"]);
+    let started = Instant::now();
+    let mut waited = Vec::new();
+    for i in 0..8 {
+        let text = format!("note {i}");
+        let run = alice.run(
+            &broker,
+            &[
+                "--role",
+                "sender",
+                "--to",
+                "bob",
+                "--message",
+                &text,
+                "--json",
+            ],
+        );
+        assert_eq!(run.code, Some(0), "send {i}: {run:#?}");
+        if run.stderr.contains("offering again in") {
+            waited.push(i);
+        }
+    }
+    // The seventh was asked to wait for the window to slide, and did.
+    assert!(waited.contains(&6), "waited: {waited:?}");
+    assert!(!waited.contains(&0), "waited: {waited:?}");
+    assert!(started.elapsed() >= Duration::from_secs(50));
+    for i in 0..8 {
+        receiver
+            .stdout
+            .wait_for(&format!("\"text\":\"note {i}\""), WAIT);
+    }
+    let refused = receiver.stdout.drain().join("\n");
+    assert!(refused.contains("\"event\":\"refused\""), "{refused}");
+}
+
+#[test]
+fn the_same_command_right_after_the_sender_was_killed_resumes() {
+    let broker = Broker::start();
+    let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
+    support::known_for_two_days(&alice, &bob);
+    let (src, out) = (TempDir::new("src"), TempDir::new("out"));
+    let file = src.join("big.bin");
+    std::fs::write(&file, pseudo_random(384 << 20, 31)).unwrap();
+    let receiver = bob.receiver(&broker, out.path(), &[]);
+    let args = [
+        "--role",
+        "sender",
+        "--to",
+        "bob",
+        "--file",
+        file.to_str().unwrap(),
+        "--json",
+    ];
+    let first = alice.start(&broker, &args);
+    wait_for_data(receiver.child.id(), out.path(), 64 << 20);
+    first.signal(rustix::process::Signal::KILL);
+    let again = alice.run(&broker, &args);
+    assert_eq!(again.code, Some(0), "{again:#?}");
+    let report = json(&again);
+    assert!(report["resumed_from"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(hash_file(&out.join("big.bin")), hash_file(&file));
+}
+
+#[test]
+fn a_receiver_whose_broker_closes_after_welcome_backs_off() {
+    let welcomed: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let seen = Arc::clone(&welcomed);
+    let fake = Fake::start(move |mut conn| {
+        let seen = Arc::clone(&seen);
+        async move {
+            let _ = conn.reader.read().await;
+            let version = keyferry_common::PROTOCOL_VERSION;
+            let _ = conn.writer.write(&Message::Hello { version }).await;
+            let nonce = [7; 32];
+            let _ = conn.writer.write(&Message::Challenge { nonce }).await;
+            if let Ok(Some(Message::Auth { .. })) = conn.reader.read().await {
+                let _ = conn.writer.write(&Message::Welcome).await;
+                seen.lock().unwrap().push(Instant::now());
+            }
+            // And gone.
+            let _ = conn.writer.shutdown().await;
+        }
+    });
+    let bob = Home::new("bob", "bob");
+    let out = TempDir::new("out");
+    let receiver = bob.at(
+        &fake.addr,
+        &[
+            "--role",
+            "receiver",
+            "--out-dir",
+            out.path().to_str().unwrap(),
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(12));
+    drop(receiver);
+    let times = welcomed.lock().unwrap().clone();
+    // Connected at about 0, 1, 3, 7 s (then 15): not every second.
+    assert!(
+        (3..=5).contains(&times.len()),
+        "{} connections in 12 s",
+        times.len()
+    );
+    let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    for pair in gaps.windows(2) {
+        assert!(pair[1] >= pair[0] + pair[0] / 2, "gaps {gaps:?}");
+    }
+}
