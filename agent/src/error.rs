@@ -92,6 +92,15 @@ pub enum AgentError {
         /// What the broker said.
         why: String,
     },
+    /// Nobody is receiving at the broker (the picker has no one to offer).
+    #[error(
+        "nobody is receiving at {0} right now (`agent --list` shows who is online; the \
+         receiver must run `agent --role receiver`)"
+    )]
+    NobodyReceiving(String),
+    /// The user cancelled a question or the picker.
+    #[error("cancelled; nothing was sent")]
+    Cancelled,
     /// The broker could not answer a lookup now (its cluster or database is
     /// away): worth trying again.
     #[error("the broker cannot look up {peer} now: {why}")]
@@ -245,6 +254,14 @@ fn refuse_text(r: RefuseReason) -> String {
         RefuseReason::KeyMismatch => "your key does not match the one it pinned for you".into(),
         RefuseReason::VerificationFailed => "the offer did not verify".into(),
         RefuseReason::Policy => "refused by its policy (file name, rate limit)".into(),
+        RefuseReason::NotListed => {
+            "it takes transfers only from the senders it names (--accept-from), and not from you"
+                .into()
+        }
+        RefuseReason::NotKnown => "it takes transfers only from senders whose key it already \
+             pinned (--accept-from known), and you are a first contact: send it something \
+             while it accepts you, or ask its user to"
+            .into(),
         RefuseReason::TryLater { seconds } => format!(
             "its budget of RSA decryptions for your key is spent for now (a key it met \
              recently gets a few offers a minute); offer again in {seconds} s"
@@ -269,6 +286,10 @@ fn abort_text(r: AbortReason) -> &'static str {
         AbortReason::Policy => {
             "the receiver refused what was sent (a name or size its rules do not allow)"
         }
+        AbortReason::Declined => "the receiver's user declined it; nothing was written",
+        AbortReason::NoAnswer => {
+            "the receiver's user did not answer in time, so it was refused; nothing was written"
+        }
         AbortReason::NoFreeName => {
             "the receiver has no free name left for it: the name and its numbered variants \
              (1) … (99) all exist in its out dir; nothing was placed"
@@ -287,10 +308,14 @@ impl AgentError {
             Self::UnknownPeer(_)
             | Self::PeerOffline(_)
             | Self::PeerUnavailable { .. }
-            | Self::LookupFailed { .. } => exit::PEER_UNAVAILABLE,
+            | Self::LookupFailed { .. }
+            | Self::NobodyReceiving(_) => exit::PEER_UNAVAILABLE,
             Self::PeerKeyMismatch(_) => exit::PEER_KEY_MISMATCH,
             Self::FileUnreadable { .. } => exit::FILE_UNREADABLE,
-            Self::Refused { .. } | Self::ReceiverAborted(AbortReason::NoFreeName) => exit::REFUSED,
+            Self::Refused { .. }
+            | Self::ReceiverAborted(
+                AbortReason::NoFreeName | AbortReason::Declined | AbortReason::NoAnswer,
+            ) => exit::REFUSED,
             Self::Verification(_) => exit::VERIFICATION_FAILED,
             Self::ReceiverAborted(AbortReason::VerificationFailed | AbortReason::Source) => {
                 exit::VERIFICATION_FAILED
@@ -298,7 +323,7 @@ impl AgentError {
             Self::NameRefused(_) => exit::NAME_REFUSED,
             Self::Usage(_) => exit::USAGE,
             Self::TransferFailed { code, .. } => *code,
-            Self::Interrupted => exit::INTERRUPTED,
+            Self::Interrupted | Self::Cancelled => exit::INTERRUPTED,
             Self::SomeReceiversFailed { .. } => exit::SOME_RECEIVERS_FAILED,
             Self::ReceiverAborted(_)
             | Self::BrokerRefused(_)

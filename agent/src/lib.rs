@@ -23,6 +23,7 @@ pub mod error;
 pub mod home;
 pub mod output;
 pub mod progress;
+pub mod prompt;
 pub mod receive;
 pub mod send;
 pub mod trust;

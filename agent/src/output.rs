@@ -11,7 +11,7 @@ use std::io::IsTerminal as _;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use indicatif::MultiProgress;
+use indicatif::{MultiProgress, ProgressDrawTarget};
 
 static QUIET: AtomicBool = AtomicBool::new(false);
 
@@ -49,6 +49,22 @@ pub fn above_bars<T>(f: impl FnOnce() -> T) -> T {
     match BARS.get() {
         Some(bars) => bars.suspend(f),
         None => f(),
+    }
+}
+
+/// Takes the bars off the terminal (they go on counting, undrawn) while a
+/// question is asked; [`show_bars`] puts them back.
+pub fn hide_bars() {
+    if let Some(bars) = BARS.get() {
+        let _ = bars.clear();
+        bars.set_draw_target(ProgressDrawTarget::hidden());
+    }
+}
+
+/// Draws the bars again after [`hide_bars`].
+pub fn show_bars() {
+    if let Some(bars) = BARS.get() {
+        bars.set_draw_target(ProgressDrawTarget::stderr());
     }
 }
 

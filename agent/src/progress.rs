@@ -3,9 +3,14 @@
 //! it waits. It is drawn on stderr, only when stderr is a terminal and
 //! `--quiet` is off ([`crate::output::bars`]), in colour unless `NO_COLOR`.
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 
 use crate::output::{self, notice};
+
+/// `n` bytes as people read them: `47.70 MiB`.
+pub fn human_bytes(n: u64) -> String {
+    HumanBytes(n).to_string()
+}
 
 /// A progress display, or nothing.
 #[derive(Debug)]

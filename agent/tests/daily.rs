@@ -223,7 +223,7 @@ fn receiver_screen(extra: &[&str], env: &[(&str, &str)]) -> String {
     let file = src.join("big.bin");
     std::fs::write(&file, pseudo_random(24 << 20, 5)).unwrap();
     let mut cmd = bob.command(&broker);
-    cmd.args(["--role", "receiver", "--once", "--out-dir"])
+    cmd.args(["--role", "receiver", "--once", "--yes", "--out-dir"])
         .arg(out.path())
         .args(extra);
     let screen = src.join("screen");

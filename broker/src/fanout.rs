@@ -5,7 +5,8 @@
 //! checks each frame is allowed: forward, the `Root` of one of the upload's
 //! transfers (to that receiver only), `Manifest`, `KeyUpdate`, `Chunk`,
 //! `Trailer` of the stream (to everyone), an `Abort` of one of its transfers
-//! (to that receiver); back, each receiver's own `Receipt` or `Abort`.
+//! (to that receiver); back, each receiver's own `Proceed` (if it asked
+//! its user), then its `Receipt` or `Abort`.
 //!
 //! Memory is bounded: each receiver has a queue of at most [`QUEUE`] frames
 //! (at most 8 MiB, 4 MiB at the senders' chunk size). A receiver whose queue
@@ -68,8 +69,9 @@ async fn write_out(mut to: OwnedWriteHalf, mut rx: mpsc::Receiver<Arc<[u8]>>, id
     let _ = to.shutdown().await;
 }
 
-/// Brings one receiver's `Receipt` or `Abort` back to the sender; anything
-/// else, its end, or its silence becomes `Abort{PeerGone}`.
+/// Brings one receiver's `Proceed` (at most one, if it asked its user) and
+/// then its `Receipt` or `Abort` back to the sender; anything else, its end,
+/// or its silence becomes `Abort{PeerGone}`.
 async fn read_back(
     from: tokio::net::tcp::OwnedReadHalf,
     leftover: Vec<u8>,
@@ -78,17 +80,28 @@ async fn read_back(
     idle: Duration,
 ) {
     let mut reader = FrameReader::with_buffer(from, leftover, BACK_MAX);
-    let msg = match reader.read_timeout(idle).await {
-        Ok(Some(m @ Message::Receipt { transfer_id, .. }))
-        | Ok(Some(m @ Message::Abort { transfer_id, .. }))
-            if transfer_id == tid =>
-        {
-            m
+    let mut proceeded = false;
+    let msg = loop {
+        match reader.read_timeout(idle).await {
+            Ok(Some(m @ Message::Proceed { transfer_id })) if transfer_id == tid && !proceeded => {
+                proceeded = true;
+                if back.send(frame_of(&m)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Some(m @ Message::Receipt { transfer_id, .. }))
+            | Ok(Some(m @ Message::Abort { transfer_id, .. }))
+                if transfer_id == tid =>
+            {
+                break m;
+            }
+            _ => {
+                break Message::Abort {
+                    transfer_id: tid,
+                    reason: AbortReason::PeerGone,
+                };
+            }
         }
-        _ => Message::Abort {
-            transfer_id: tid,
-            reason: AbortReason::PeerGone,
-        },
     };
     let _ = back.send(frame_of(&msg)).await;
 }

@@ -129,6 +129,7 @@ impl Dir {
             | (Self::Forward, Message::KeyUpdate { stream_id, .. })
             | (Self::Forward, Message::Chunk { stream_id, .. }) => (stream_id == sid, false),
             (Self::Forward, Message::Trailer { stream_id, .. }) => (stream_id == sid, true),
+            (Self::Back, Message::Proceed { transfer_id }) => (transfer_id == tid, false),
             (Self::Back, Message::Receipt { transfer_id, .. })
             | (_, Message::Abort { transfer_id, .. }) => (transfer_id == tid, true),
             _ => return None,

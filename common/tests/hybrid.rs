@@ -134,7 +134,7 @@ fn an_offer_made_from_protocol_md_opens_and_accepts() {
     assert_eq!(opened.terms(), &terms());
     let (accept, _) = opened.accept(ResumePoint::none()).unwrap();
     assert_eq!(accept.len(), ACCEPT_LEN);
-    assert_eq!(ACCEPT_LEN, 32 + 32 + 1088 + 8 + 32 + 32);
+    assert_eq!(ACCEPT_LEN, 32 + 32 + 1088 + 8 + 4 + 32 + 32);
 }
 
 #[test]

@@ -1,12 +1,15 @@
 //! `agent --list`: who is online at the broker, as aligned columns or, with
-//! `--json`, one JSON object per agent per line.
+//! `--json`, one JSON object per agent per line. The same list feeds the
+//! sender's picker ([`online`]).
 
 use std::time::Duration;
 
 use keyferry_common::wire::message::{Message, OnlineAgent, Role};
 use serde::Serialize;
 
-use crate::client::{Ctx, broker_error, conn_error, connect};
+use keyferry_common::text::escape;
+
+use crate::client::{AgentConn, Ctx, broker_error, conn_error, connect};
 use crate::error::AgentError;
 use crate::output::say;
 
@@ -20,6 +23,8 @@ struct Entry<'a> {
     state: Option<&'static str>,
     /// Sender connections it has open.
     senders: u32,
+    /// In a cluster, the broker its receiver is connected to (escaped).
+    broker: Option<String>,
 }
 
 impl<'a> Entry<'a> {
@@ -34,6 +39,7 @@ impl<'a> Entry<'a> {
             receiver: a.receiving,
             state,
             senders: a.senders,
+            broker: (!a.broker.is_empty()).then(|| escape(&a.broker)),
         }
     }
 }
@@ -41,20 +47,31 @@ impl<'a> Entry<'a> {
 /// The list as lines of text: one header, one line per agent, columns as
 /// wide as their widest cell.
 fn table(agents: &[OnlineAgent]) -> Vec<String> {
-    let rows: Vec<[String; 4]> = agents
+    // The broker column only in a cluster, where it says something.
+    let cluster = agents.iter().any(|a| !a.broker.is_empty());
+    let rows: Vec<Vec<String>> = agents
         .iter()
         .map(|a| {
             let e = Entry::of(a);
-            [
+            let mut row = vec![
                 e.name.to_owned(),
                 if e.receiver { "yes" } else { "no" }.to_owned(),
                 e.state.unwrap_or("-").to_owned(),
                 e.senders.to_string(),
-            ]
+            ];
+            if cluster {
+                row.push(e.broker.unwrap_or_else(|| "-".into()));
+            }
+            row
         })
         .collect();
-    let header = ["name", "receiver", "state", "senders"].map(str::to_owned);
-    let mut width = [0usize; 4];
+    let mut header: Vec<String> = ["name", "receiver", "state", "senders"]
+        .map(str::to_owned)
+        .into();
+    if cluster {
+        header.push("broker".into());
+    }
+    let mut width = vec![0usize; header.len()];
     for row in std::iter::once(&header).chain(&rows) {
         for (w, cell) in width.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
@@ -63,23 +80,23 @@ fn table(agents: &[OnlineAgent]) -> Vec<String> {
     std::iter::once(&header)
         .chain(&rows)
         .map(|r| {
-            format!(
-                "{:<w0$}  {:<w1$}  {:<w2$}  {}",
-                r[0],
-                r[1],
-                r[2],
-                r[3],
-                w0 = width[0],
-                w1 = width[1],
-                w2 = width[2]
-            )
+            let last = r.len() - 1;
+            r.iter()
+                .enumerate()
+                .map(|(i, cell)| {
+                    if i == last {
+                        cell.clone()
+                    } else {
+                        format!("{cell:<w$}  ", w = width[i])
+                    }
+                })
+                .collect()
         })
         .collect()
 }
 
-/// Asks the broker who is online and prints it.
-pub async fn list(ctx: &Ctx, json: bool) -> Result<(), AgentError> {
-    let mut conn = connect(ctx, Role::Sender).await?;
+/// Asks the broker on `conn` who is online.
+pub async fn online(ctx: &Ctx, conn: &mut AgentConn) -> Result<Vec<OnlineAgent>, AgentError> {
     conn.writer
         .write(&Message::List)
         .await
@@ -89,15 +106,19 @@ pub async fn list(ctx: &Ctx, json: bool) -> Result<(), AgentError> {
         .read_timeout(Duration::from_secs(30))
         .await
         .map_err(|e| conn_error(ctx, e))?;
-    let agents = match answer {
-        Some(Message::Online { agents }) => agents,
-        Some(Message::Error { code, detail }) => return Err(broker_error(code, detail)),
-        _ => {
-            return Err(AgentError::Protocol(
-                "the broker did not answer the list request",
-            ));
-        }
-    };
+    match answer {
+        Some(Message::Online { agents }) => Ok(agents),
+        Some(Message::Error { code, detail }) => Err(broker_error(code, detail)),
+        _ => Err(AgentError::Protocol(
+            "the broker did not answer the list request",
+        )),
+    }
+}
+
+/// Asks the broker who is online and prints it.
+pub async fn list(ctx: &Ctx, json: bool) -> Result<(), AgentError> {
+    let mut conn = connect(ctx, Role::Sender).await?;
+    let agents = online(ctx, &mut conn).await?;
     if json {
         for a in &agents {
             let line = serde_json::to_string(&Entry::of(a))
@@ -124,6 +145,7 @@ mod tests {
             receiving,
             incoming,
             senders,
+            broker: String::new(),
         }
     }
 
@@ -141,6 +163,18 @@ mod tests {
                 "carol                     yes       free   1",
                 "a-rather-long-agent-name  no        -      12",
                 "bob                       yes       busy   0",
+            ]
+        );
+        // In a cluster, a broker column.
+        let mut far = agent("dave", true, 0, 0);
+        far.broker = "b2".into();
+        let lines = table(&[agent("bob", false, 0, 1), far]);
+        assert_eq!(
+            lines,
+            [
+                "name  receiver  state  senders  broker",
+                "bob   no        -      1        -",
+                "dave  yes       free   0        b2",
             ]
         );
     }

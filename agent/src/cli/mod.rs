@@ -5,7 +5,9 @@
 
 mod docs;
 mod list;
+mod pick;
 mod report;
+mod roles;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,9 +22,6 @@ use keyferry_common::units::{parse_duration, parse_keepalive, parse_size};
 use crate::client::Ctx;
 use crate::error::AgentError;
 use crate::home::Home;
-use crate::receive::{RecvOptions, receive};
-use crate::send::source::Walk;
-use crate::send::{MAX_RECEIVERS, Payload, SendOptions, Sent, send};
 
 /// The address agents connect to by default (the broker's default listen address).
 pub const DEFAULT_BROKER: &str = "127.0.0.1:7447";
@@ -38,12 +37,17 @@ pub enum RoleArg {
 
 /// keyferry agent: send and receive files end-to-end encrypted through a broker.
 ///
-///   agent --role receiver [--out-dir DIR] [--once]
+///   agent --role receiver [--out-dir DIR] [--once] [--accept-from NAME[,NAME...]|known | --yes]
 ///   agent --role sender --to PEER [--to PEER ...] --file PATH [--file PATH ...] [--exclude GLOB ...]
+///   agent --role sender --file PATH                        (on a terminal: pick receivers online)
 ///   agent --role sender --to PEER --message TEXT
 ///   agent --role sender --to PEER --file - --name-as NAME   (standard input)
 ///   agent --role receiver --once --stdout                   (to standard output)
 ///   agent --list
+///
+/// On a terminal a receiver asks before each transfer ("Accept? [y/N]"); off
+/// a terminal it takes what any agent the broker admits sends, and says so,
+/// unless --accept-from or --yes says otherwise.
 ///
 /// The first run creates an RSA identity in --home. Keys of brokers and peers
 /// are pinned on first contact (printed as NEW KEY ... — verify them out of
@@ -52,10 +56,11 @@ pub enum RoleArg {
 /// the receiver holds verified.
 ///
 /// Exit codes: 0 verified success, 1 other error, 2 usage, 3 broker unreachable,
-/// 4 broker key mismatch, 5 unknown or offline peer, 6 peer key mismatch,
-/// 7 file unreadable, 8 refused by the receiver, 9 verification failed,
-/// 10 name or key refused by the broker (or its receiver already connected),
-/// 11 some of several receivers failed (one line each), 130 interrupted.
+/// 4 broker key mismatch, 5 unknown or offline peer (or nobody receiving),
+/// 6 peer key mismatch, 7 file unreadable, 8 refused by the receiver (or its
+/// user declined), 9 verification failed, 10 name or key refused by the broker
+/// (or its receiver already connected), 11 some of several receivers failed
+/// (one line each), 130 interrupted or cancelled.
 ///
 /// --broker, --name and --broker-fingerprint may also come from the
 /// environment (KEYFERRY_BROKER, KEYFERRY_NAME, KEYFERRY_BROKER_FINGERPRINT);
@@ -128,6 +133,20 @@ pub struct Args {
     /// stops answering). From 1s to 60m.
     #[arg(long, value_name = "DUR", default_value = "20s", value_parser = parse_keepalive, help_heading = "Receiver")]
     pub keepalive: Duration,
+    /// Receiver: take transfers only from these senders (NAME[,NAME...]),
+    /// without asking; or `known`: only from senders whose key is already
+    /// pinned. Others are refused before anything is decrypted. [default on a
+    /// terminal: ask about each transfer; otherwise: anyone the broker admits]
+    #[arg(long, value_name = "NAMES|known", value_parser = crate::receive::consent::parse_accept_from, help_heading = "Receiver")]
+    pub accept_from: Option<crate::receive::consent::Policy>,
+    /// Receiver: take every transfer the out dir's limits allow, without
+    /// asking (what a receiver does off a terminal, said explicitly).
+    #[arg(long, help_heading = "Receiver")]
+    pub yes: bool,
+    /// Receiver, on a terminal: how long the question "Accept? [y/N]" waits
+    /// for an answer before the transfer is refused (1s to 100s).
+    #[arg(long, value_name = "DUR", default_value = "60s", value_parser = parse_duration, help_heading = "Receiver")]
+    pub ask_timeout: Duration,
     /// Receiver: do not hash what arrives; report the SHA-256 the sender
     /// signed instead (hashing is about half of a receiver's CPU). Every
     /// chunk is still authenticated, so the data is what the sender sealed;
@@ -139,6 +158,7 @@ pub struct Args {
 
     /// Sender: the receiving agent's name; may be given several times (up to
     /// 16): the data is uploaded once and the broker copies it to each.
+    /// Without --to on a terminal, pick from the receivers online.
     #[arg(long, value_name = "PEER", help_heading = "Sender")]
     pub to: Vec<AgentName>,
     /// Sender: a file or directory to send (a directory with everything
@@ -242,124 +262,8 @@ pub async fn run(args: Args) -> Result<(), AgentError> {
         return list::list(&ctx, args.json).await;
     }
     match args.role {
-        Some(RoleArg::Receiver) => {
-            if !args.to.is_empty()
-                || !args.file.is_empty()
-                || args.message.is_some()
-                || !args.exclude.is_empty()
-                || args.no_skip_links
-                || args.name_as.is_some()
-            {
-                return Err(usage(
-                    "--to, --file, --message, --exclude, --no-skip-links and --name-as are for \
-                     --role sender",
-                ));
-            }
-            let out_dir = match args.out_dir {
-                Some(d) => d,
-                None => std::env::current_dir().map_err(|source| AgentError::OutDir {
-                    path: PathBuf::from("."),
-                    source,
-                })?,
-            };
-            receive(
-                ctx,
-                RecvOptions {
-                    out_dir,
-                    once: args.once,
-                    max_size: args.max_size,
-                    progress_timeout: args.progress_timeout,
-                    json: args.json,
-                    stdout: args.stdout,
-                    keepalive: args.keepalive,
-                    trust_sender_hash: args.trust_sender_hash,
-                },
-            )
-            .await
-        }
-        Some(RoleArg::Sender) => {
-            if args.out_dir.is_some() || args.once || args.trust_sender_hash {
-                return Err(usage(
-                    "--out-dir, --once and --trust-sender-hash are for --role receiver",
-                ));
-            }
-            let stdin = args.file.iter().any(|f| f.as_os_str() == "-");
-            if stdin && args.file.len() > 1 {
-                return Err(usage("--file - (standard input) goes alone"));
-            }
-            if stdin != args.name_as.is_some() {
-                return Err(usage(
-                    "--file - (standard input) needs --name-as NAME, and --name-as needs --file -",
-                ));
-            }
-            let to = args.to;
-            if to.is_empty() {
-                return Err(usage("--role sender needs --to PEER"));
-            }
-            if to.len() > MAX_RECEIVERS {
-                return Err(usage(&format!(
-                    "at most {MAX_RECEIVERS} receivers (--to) for one send"
-                )));
-            }
-            if to.iter().enumerate().any(|(i, t)| to[..i].contains(t)) {
-                return Err(usage("a receiver is named twice with --to"));
-            }
-            if to.len() > 1 && args.peer_fingerprint.is_some() {
-                return Err(usage("--peer-fingerprint goes with one --to"));
-            }
-            let label = match (&args.file[..], &args.message) {
-                (_, None) if stdin => "standard input".into(),
-                ([one], None) => one.display().to_string(),
-                ([], Some(_)) => "message".into(),
-                (many, None) => format!("{} items", many.len()),
-                _ => String::new(),
-            };
-            let payload = match (args.file, args.message) {
-                (_, None) if stdin => Payload::Stdin {
-                    name: args.name_as.unwrap_or_default(),
-                    bound: args.max_size,
-                },
-                (files, None) if !files.is_empty() => Payload::Files(files),
-                (files, Some(m)) if files.is_empty() => Payload::Message(m),
-                _ => return Err(usage("--role sender needs --file PATH or --message TEXT")),
-            };
-            let of = to.len();
-            let sent = send(
-                &ctx,
-                SendOptions {
-                    to,
-                    payload,
-                    walk: Walk {
-                        exclude: args.exclude,
-                        refuse_links: args.no_skip_links,
-                    },
-                    rekey_interval: args.rekey_interval,
-                    peer_fingerprint: args.peer_fingerprint,
-                    retry_for: args.retry_for,
-                    progress: true,
-                },
-            )
-            .await?;
-            for report in &sent.reports {
-                report::print_report(report, &label, args.json)?;
-            }
-            let Sent { failed, .. } = sent;
-            match (failed.len(), of) {
-                (0, _) => Ok(()),
-                // One receiver: its own error and exit code, as always.
-                (_, 1) => Err(failed
-                    .into_iter()
-                    .map(|(_, e)| e)
-                    .next()
-                    .unwrap_or(AgentError::Internal("a send without an outcome".into()))),
-                (n, of) => {
-                    for (peer, e) in &failed {
-                        eprintln!("agent: {peer}: {e} (exit code {} alone)", e.exit_code());
-                    }
-                    Err(AgentError::SomeReceiversFailed { failed: n, of })
-                }
-            }
-        }
+        Some(RoleArg::Receiver) => roles::receiver(args, ctx).await,
+        Some(RoleArg::Sender) => roles::sender(args, ctx).await,
         None => Err(usage("choose --role receiver, --role sender or --list")),
     }
 }

@@ -40,6 +40,11 @@ pub(super) struct Admitted<'a> {
     pub terms: Terms,
     /// The sender's verified key.
     pub sender_key: PublicKey,
+    /// Whether that key was not pinned before this offer.
+    pub first_contact: bool,
+    /// How long the user has to answer, if the user is asked (the accept
+    /// told the sender to wait for the go-ahead).
+    pub ask: Option<std::time::Duration>,
     /// Where files go (none for a message).
     pub place: Option<Place>,
     /// Held until the transfer's stream ends.
@@ -114,6 +119,9 @@ pub(super) async fn admit<'a>(
         Ok(None) => None,
         Err(e) => return Err(refuse(RefuseReason::Policy, e.to_string())),
     };
+    // Whom this receiver takes at all (--accept-from), before any RSA work.
+    let policy = &shared.opts.policy;
+    policy.admits(from, pinned_at.is_some())?;
 
     // Capacity, before any RSA operation.
     {
@@ -164,8 +172,13 @@ pub(super) async fn admit<'a>(
         .await
         .map_err(|e| refuse(RefuseReason::Policy, e.to_string()))?
         .map_err(replayed)?;
-    // A first contact is as new as a key can be.
-    let age = pinned_at.map_or(0, |at| now_unix().saturating_sub(at));
+    // A first contact is as new as a key can be; a sender this receiver's
+    // user named (--accept-from) counts as established (docs/SECURITY.md).
+    let age = if policy.names(from) {
+        NEW_KEY_AGE_SECS
+    } else {
+        pinned_at.map_or(0, |at| now_unix().saturating_sub(at))
+    };
     if let Err(wait) = lock(&shared.budget).try_take(key.fingerprint(), age, Instant::now()) {
         let which = if age < NEW_KEY_AGE_SECS {
             "a recently pinned key"
@@ -190,7 +203,9 @@ pub(super) async fn admit<'a>(
         .map_err(|e| refuse(RefuseReason::VerificationFailed, e.to_string()))?;
     let terms = opened.terms().clone();
     check_terms(shared, &terms, &mut slot)?;
-    if pinned_at.is_none() {
+    // Asked users pin a first contact only once they said yes.
+    let ask = policy.asks();
+    if pinned_at.is_none() && ask.is_none() {
         // Signature and terms verified: only now is the key worth a pin.
         match pins.check_or_pin(from.as_str(), key.fingerprint(), now_unix()) {
             Ok(PinCheck::NewlyPinned(_)) => eprintln!(
@@ -239,7 +254,11 @@ pub(super) async fn admit<'a>(
         }
     };
     let point = place.as_ref().map_or(ResumePoint::none(), |p| p.point);
-    let (accept, pair) = match opened.accept(point) {
+    // A resumed transfer was asked about (and taken) when it began: its
+    // journal is written only after the user's yes.
+    let ask = ask.filter(|_| point.offset == 0);
+    let ask_secs = ask.map_or(0, |t| u32::try_from(t.as_secs()).unwrap_or(u32::MAX));
+    let (accept, pair) = match opened.accept_asking(point, ask_secs) {
         Ok(done) => done,
         Err(e) => {
             // An offer whose key exchange fails leaves nothing behind.
@@ -253,6 +272,8 @@ pub(super) async fn admit<'a>(
         accept,
         pair,
         terms,
+        first_contact: pinned_at.is_none(),
+        ask,
         sender_key: key,
         place,
         slot,

@@ -14,6 +14,7 @@ use keyferry_common::transfer::{Expect, RecvStream};
 use keyferry_common::wire::message::{AbortReason, Message, RefuseReason};
 use tokio::sync::{mpsc, oneshot};
 
+use super::consent::Consent;
 use super::report::{self, Placed};
 use super::store::{Job, Want};
 use super::{Failure, Shared, admit, stream};
@@ -80,9 +81,21 @@ pub(super) async fn incoming(
                     // Busy: this receiver is taken by another transfer,
                     // which is the one a --once receiver waits for; and a
                     // sender told to come back later is still to come.
-                    let later =
-                        matches!(reason, RefuseReason::Busy | RefuseReason::TryLater { .. });
+                    // Nor does a sender this receiver does not take from.
+                    let later = matches!(
+                        reason,
+                        RefuseReason::Busy
+                            | RefuseReason::TryLater { .. }
+                            | RefuseReason::NotListed
+                            | RefuseReason::NotKnown
+                    );
                     (!later).then(|| Err((code, why.clone())))
+                }
+                // The user said no (or nothing): a refusal, and a --once
+                // receiver goes on waiting for the transfer it wants.
+                Failure::Failed(AbortReason::Declined | AbortReason::NoAnswer, why) => {
+                    report::refused(Some(tid), &from, why, json);
+                    None
                 }
                 Failure::Failed(_, why) => {
                     let kept = if shared.opts.stdout {
@@ -161,6 +174,22 @@ async fn accept_and_receive(
         }
     };
     let terms = admitted.terms;
+    // Asked users answer through the stream's task, which tells the sender.
+    let (asks, asked) = match admitted.ask {
+        Some(within) => {
+            let (tx, rx) = mpsc::channel(1);
+            let consent = Consent {
+                from: from.clone(),
+                fp: admitted.sender_key.fingerprint(),
+                first_contact: admitted.first_contact,
+                pins: ctx.home.known_peers(),
+                within,
+                asks: tx,
+            };
+            (Some(consent), Some(rx))
+        }
+        None => (None, None),
+    };
     let expect = Expect {
         declared: terms.size,
         size_known: terms.size_known,
@@ -179,10 +208,11 @@ async fn accept_and_receive(
             size_known: terms.size_known,
             key: Arc::clone(&shared.journal_key),
             stdout: shared.opts.stdout,
+            consent: asks,
         },
         place: admitted.place,
     };
-    match stream::receive_stream(shared, &mut data, job, admitted.slot).await {
+    match stream::receive_stream(shared, &mut data, job, admitted.slot, asked).await {
         Ok(done) => {
             // The receipt goes out only once the data is in place and durable.
             let _ = data

@@ -9,6 +9,7 @@
 mod admit;
 mod checkpoint;
 mod claim;
+pub mod consent;
 mod control;
 pub mod filename;
 mod incoming;
@@ -76,6 +77,8 @@ pub struct RecvOptions {
     /// Take the sender's signed SHA-256 instead of hashing what arrives
     /// (for a stream to this receiver alone).
     pub trust_sender_hash: bool,
+    /// Whom it takes transfers from, and whether it asks.
+    pub policy: consent::Policy,
 }
 
 /// Transfers in progress: the receiver's capacity.
@@ -100,6 +103,8 @@ struct Shared {
     budget: Mutex<RsaBudget>,
     /// Accepted transfers waiting for their ticket on the control connection.
     tickets: Mutex<HashMap<TransferId, TicketWaiter>>,
+    /// Puts questions to the user, one at a time.
+    prompter: crate::prompt::Prompter,
 }
 
 /// Why one incoming transfer did not complete.
@@ -167,6 +172,7 @@ pub async fn receive(ctx: Ctx, opts: RecvOptions) -> Result<(), AgentError> {
         ))),
         budget: Mutex::new(RsaBudget::new()),
         tickets: Mutex::new(HashMap::new()),
+        prompter: crate::prompt::Prompter::new(),
     });
     // Answers go out on whichever control connection is current; results
     // come back for --once.

@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 
 use super::Failure;
 use super::checkpoint::{self, Checkpoints};
+use super::consent::Consent;
 use super::filename::{self, TopLevel};
 use super::journal::Journal;
 use super::report::{Placed, What};
@@ -86,6 +87,8 @@ pub(super) struct Want {
     pub key: Arc<MacKey>,
     /// Files go to standard output (`--stdout`: one file, no tree).
     pub stdout: bool,
+    /// The user is asked once the manifest verified, before any data.
+    pub consent: Option<Consent>,
 }
 
 /// A verified, stored transfer.
@@ -148,14 +151,22 @@ impl Sink {
             return Err(policy("a second manifest".into()));
         };
         let m = Manifest::decode(body).map_err(|e| policy(e.to_string()))?;
-        if job.kind == Kind::Message {
+        let tops = if job.kind == Kind::Message {
             if !m.entries.is_empty() {
                 return Err(policy("a message with a manifest of files".into()));
             }
+            Vec::new()
+        } else {
+            check_manifest(job, &m)?
+        };
+        // What was checked is put to the user; nothing is written before a yes.
+        if let Some(consent) = &job.consent {
+            consent.ask(job.kind, job.declared, &m, &tops)?;
+        }
+        if job.kind == Kind::Message {
             *self = Sink::Text(Vec::new());
             return Ok(());
         }
-        let tops = check_manifest(job, &m)?;
         if job.stdout {
             return match (&m.entries[..], &tops[..]) {
                 ([e], [top]) if e.kind != EntryKind::Dir => {

@@ -9,14 +9,16 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use keyferry_common::handshake::Kind;
 use keyferry_common::io::connection::ConnError;
 use keyferry_common::transfer::RecvError;
-use keyferry_common::wire::message::AbortReason;
+use keyferry_common::wire::message::{AbortReason, Message};
 use tokio::sync::mpsc;
 
 use super::admit::Slot;
+use super::consent::Asked;
 use super::store::{Job, Pipe, Received, Stopped, open_and_store};
 use super::{Failure, Shared};
 use crate::client::DataConn;
 use crate::progress::Progress;
+use crate::prompt::Answer;
 
 /// Receives the stream into its staging tree (or memory, for a message),
 /// verifies it, and places it ([`super::store`]). Returns the line to print
@@ -38,7 +40,9 @@ pub(super) async fn receive_stream(
     conn: &mut DataConn,
     job: Job,
     slot: Slot<'_>,
+    mut asks: Option<mpsc::Receiver<Asked>>,
 ) -> Result<Received, Failure> {
+    let tid = job.stream.transfer_id();
     let (tx, rx) = mpsc::channel::<Vec<u8>>(8);
     // Buffers the opening thread is done with. The channel above bounds how
     // many payloads are in flight, and so how many buffers exist.
@@ -62,14 +66,36 @@ pub(super) async fn receive_stream(
     let mut finished = None;
     let read_result = loop {
         let mut payload = free_rx.try_recv().unwrap_or_default();
-        let read = tokio::select! {
-            // The opening thread stopped (a verified trailer, or a refused
-            // record): stop now, not at the next frame the peer may never send.
-            done = &mut worker => {
-                finished = Some(done);
-                break Ok(());
+        // One read per frame, kept across the questions put to the user
+        // meanwhile (a read is not cancel-safe mid-frame).
+        let read = {
+            let reading = conn.reader.read_payload_into(&mut payload);
+            tokio::pin!(reading);
+            loop {
+                tokio::select! {
+                    // The opening thread stopped (a verified trailer, or a refused
+                    // record): stop now, not at the next frame the peer may never send.
+                    done = &mut worker => {
+                        finished = Some(done);
+                        break None;
+                    }
+                    read = &mut reading => break Some(Ok(read)),
+                    () = tokio::time::sleep_until(deadline) => break Some(Err(())),
+                    Some(asked) = next_question(&mut asks) => {
+                        // The sender waits for our go-ahead: no progress is due
+                        // while the user thinks.
+                        let answer = shared.prompter.ask(asked.question, asked.within).await;
+                        if answer == Answer::Yes {
+                            let _ = conn.writer.write(&Message::Proceed { transfer_id: tid }).await;
+                        }
+                        let _ = asked.answer.send(answer);
+                        deadline = tokio::time::Instant::now() + timeout;
+                    }
+                }
             }
-            read = tokio::time::timeout_at(deadline, conn.reader.read_payload_into(&mut payload)) => read,
+        };
+        let Some(read) = read else {
+            break Ok(());
         };
         match read {
             Ok(Ok(true)) => {}
@@ -127,6 +153,18 @@ pub(super) async fn receive_stream(
     // Journalling the prefix syncs the disk: not on this task's thread.
     let _ = tokio::task::spawn_blocking(move || leftover.settle(reason)).await;
     Err(failure)
+}
+
+/// The next question the opening thread asks, if it may ask; never ready
+/// once it may not any more.
+async fn next_question(asks: &mut Option<mpsc::Receiver<Asked>>) -> Option<Asked> {
+    if let Some(rx) = asks {
+        match rx.recv().await {
+            Some(asked) => return Some(asked),
+            None => *asks = None,
+        }
+    }
+    std::future::pending().await
 }
 
 /// The data connection ended before the stream did: the sender, the broker

@@ -332,6 +332,7 @@ async fn upload(
         head: &head,
         receivers,
         tids: &tids,
+        asks: ready.iter().map(|h| h.accepted.ask_secs).collect(),
     };
     let streamed = pipeline::stream_out(ctx, &mut data, reader, stream, upload, progress).await;
     let (stream, sha256, mut ended) = match streamed {

@@ -13,7 +13,7 @@ use keyferry_common::ids::TransferId;
 use keyferry_common::io::connection::ConnError;
 use keyferry_common::name::AgentName;
 use keyferry_common::transfer::{ChunkJob, ReadyFrame, SendStream};
-use keyferry_common::wire::message::Message;
+use keyferry_common::wire::message::{AbortReason, Message};
 use keyferry_common::wire::record::DEFAULT_CHUNK;
 
 use super::attempt::Ended;
@@ -30,6 +30,77 @@ async fn why_write_failed(ctx: &Ctx, conn: &mut DataConn, e: ConnError) -> Agent
         _ => conn_error(ctx, e),
     }
 }
+
+/// Waits for the go-ahead of every receiver that asks its user (its accept
+/// said how long it may take): no chunk goes out before it. A receiver that
+/// declines, or says nothing in time, is out of the upload; if none is
+/// left, that is the error.
+async fn wait_for_go(
+    ctx: &Ctx,
+    conn: &mut DataConn,
+    tids: &[TransferId],
+    asks: &[u32],
+    ended: &mut Ended,
+    progress: &Progress,
+) -> Result<(), AgentError> {
+    let mut waiting: Vec<TransferId> = tids
+        .iter()
+        .zip(asks)
+        .filter(|(_, s)| **s > 0)
+        .map(|(t, _)| *t)
+        .collect();
+    let Some(most) = asks.iter().max().filter(|s| **s > 0) else {
+        return Ok(());
+    };
+    // The receiver's own time, bounded, and a margin for the way back.
+    let most = Duration::from_secs(u64::from(*most).min(ASK_MAX_SECS) + 15);
+    let deadline = tokio::time::Instant::now() + most;
+    progress.suspend("waiting for the receiver's user to accept");
+    while !waiting.is_empty() {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let e = match conn.reader.read_timeout(left).await {
+            Ok(Some(Message::Proceed { transfer_id })) if waiting.contains(&transfer_id) => {
+                waiting.retain(|t| *t != transfer_id);
+                continue;
+            }
+            Ok(Some(Message::Abort {
+                transfer_id,
+                reason,
+            })) if tids.contains(&transfer_id) => {
+                waiting.retain(|t| *t != transfer_id);
+                ended
+                    .entry(transfer_id)
+                    .or_insert(Err(AgentError::ReceiverAborted(reason)));
+                if ended.len() < tids.len() {
+                    continue;
+                }
+                AgentError::ReceiverAborted(reason)
+            }
+            Err(ConnError::Timeout(_)) => {
+                for t in waiting.drain(..) {
+                    ended
+                        .entry(t)
+                        .or_insert(Err(AgentError::ReceiverAborted(AbortReason::NoAnswer)));
+                }
+                if ended.len() < tids.len() {
+                    break;
+                }
+                AgentError::ReceiverAborted(AbortReason::NoAnswer)
+            }
+            Ok(Some(Message::Error { code, detail })) => broker_error(code, detail),
+            Ok(Some(_)) => {
+                AgentError::Protocol("unexpected message before the receiver's go-ahead")
+            }
+            Ok(None) => conn_error(ctx, ConnError::Truncated),
+            Err(e) => conn_error(ctx, e),
+        };
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Longest a receiver may say it takes to ask its user (PROTOCOL.md §6.5).
+const ASK_MAX_SECS: u64 = 100;
 
 /// Standard input went on past the bound the offer declared.
 fn too_long(bound: u64) -> AgentError {
@@ -91,6 +162,9 @@ pub(super) struct Upload<'a> {
     pub receivers: Vec<(AgentName, Fingerprint)>,
     /// Their transfers.
     pub tids: &'a [TransferId],
+    /// How long each receiver said it may take to ask its user (0: it does
+    /// not ask), in the order of `tids`.
+    pub asks: Vec<u32>,
 }
 
 /// Writes the stream's first frames (`head`: the root and the manifest),
@@ -113,6 +187,7 @@ pub(super) async fn stream_out(
         head,
         receivers,
         tids,
+        asks,
     } = upload;
     // Receivers that gave up while the stream went out (an upload to
     // several goes on for the others).
@@ -122,6 +197,7 @@ pub(super) async fn stream_out(
             return Err(why_write_failed(ctx, conn, e).await);
         }
     }
+    wait_for_go(ctx, conn, tids, &asks, &mut ended, progress).await?;
     let size = stream.declared();
     let identity: Arc<Identity> = Arc::clone(&ctx.identity);
     let workers = sealing_threads();

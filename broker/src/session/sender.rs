@@ -35,12 +35,23 @@ impl Drop for SenderCount<'_> {
 /// agents and, in cluster mode, every receiver of the cluster (with how busy
 /// it was at its broker's last heartbeat).
 pub(super) async fn online(state: &State) -> Message {
+    // In a cluster every receiver is named with its broker, this one's too.
+    let own = state
+        .cluster
+        .as_ref()
+        .map(|c| c.member().id.clone())
+        .unwrap_or_default();
     let mut agents: Vec<OnlineAgent> = state
         .registry
         .present()
         .into_iter()
         .map(|p| OnlineAgent {
             incoming: state.transfers.incoming(&p.name),
+            broker: if p.receiving {
+                own.clone()
+            } else {
+                String::new()
+            },
             name: p.name,
             receiving: p.receiving,
             senders: p.senders,
@@ -57,6 +68,7 @@ pub(super) async fn online(state: &State) -> Message {
                         Some(a) if !a.receiving => {
                             a.receiving = true;
                             a.incoming = presence.incoming;
+                            a.broker = presence.broker;
                         }
                         Some(_) => {}
                         None => agents.push(OnlineAgent {
@@ -64,6 +76,7 @@ pub(super) async fn online(state: &State) -> Message {
                             receiving: true,
                             incoming: presence.incoming,
                             senders: 0,
+                            broker: presence.broker,
                         }),
                     }
                 }

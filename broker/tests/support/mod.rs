@@ -265,6 +265,7 @@ impl Agent {
             stdout: false,
             keepalive: Duration::from_secs(20),
             trust_sender_hash: false,
+            policy: keyferry_agent::receive::consent::Policy::Anyone,
         };
         let online_before = broker.logs.text().matches(&self.online_line()).count();
         let task = tokio::spawn(receive(ctx, opts));

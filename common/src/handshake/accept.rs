@@ -1,6 +1,7 @@
 //! The accept (PROTOCOL.md §3.3): the receiver's fresh nonce, X25519 share and
 //! ML-KEM-768 ciphertext, the offset of the data it already holds verified
-//! from an earlier attempt, a MAC proving it holds the same prefix (the
+//! from an earlier attempt, how long it may take to ask its user before the
+//! data (0: it will not ask), a MAC proving it holds the same prefix (the
 //! prefix's hash itself never travels), and a MAC over all of it; and the
 //! sender's check of it. Both sides end with the pair's keys.
 
@@ -47,6 +48,7 @@ fn accept_fixed(
     share: &[u8; SHARE_LEN],
     ct: &[u8; CT_LEN],
     offset: u64,
+    ask: u32,
 ) -> Vec<u8> {
     Encoder::new(label::ACCEPT)
         .u16(PROTOCOL_VERSION)
@@ -55,6 +57,7 @@ fn accept_fixed(
         .fixed(share)
         .fixed(ct)
         .u64(offset)
+        .u32(ask)
         .finish()
 }
 
@@ -91,13 +94,24 @@ impl OpenedOffer {
     /// encapsulation to the sender's key, the resume point, the MACs, and the
     /// pair's keys. M and both shared secrets are consumed here.
     pub fn accept(self, resume: ResumePoint) -> Result<(Vec<u8>, PairKeys), HandshakeError> {
+        self.accept_asking(resume, 0)
+    }
+
+    /// [`Self::accept`], telling the sender that this receiver will ask its
+    /// user once the manifest arrived, taking up to `ask` seconds, and that
+    /// no chunk may come before its `Proceed` (0: it will not ask).
+    pub fn accept_asking(
+        self,
+        resume: ResumePoint,
+        ask: u32,
+    ) -> Result<(Vec<u8>, PairKeys), HandshakeError> {
         let f = &self.fields;
         let nonce = Nonce::random();
         let ephemeral = Ephemeral::generate();
         let share = ephemeral.public();
         let x25519 = ephemeral.agree(&f.sender_share)?;
         let (ct, mlkem) = kem::encapsulate(&f.kem_key)?;
-        let fixed = accept_fixed(&f.transfer_id, &nonce, &share, &ct, resume.offset);
+        let fixed = accept_fixed(&f.transfer_id, &nonce, &share, &ct, resume.offset, ask);
         let (keys, pair) = derive_pair_keys(
             Secrets {
                 master: self.master,
@@ -117,6 +131,7 @@ impl OpenedOffer {
         accept.extend_from_slice(&share);
         accept.extend_from_slice(&ct);
         accept.extend_from_slice(&resume.offset.to_be_bytes());
+        accept.extend_from_slice(&ask.to_be_bytes());
         accept.extend_from_slice(&resume_tag);
         accept.extend_from_slice(&tag);
         Ok((accept, pair))
@@ -130,6 +145,9 @@ pub struct Accepted {
     pub pair: PairKeys,
     /// The offset the receiver says it holds verified (0: nothing).
     pub resume_offset: u64,
+    /// Seconds the receiver may take to ask its user after the manifest;
+    /// until its `Proceed`, no chunk may be sent (0: it does not ask).
+    pub ask_secs: u32,
     transfer_id: TransferId,
     resume_key: MacKey,
     resume_tag: [u8; TAG_LEN],
@@ -175,12 +193,13 @@ impl super::PendingOffer {
         let share: [u8; SHARE_LEN] = d.array().map_err(bad)?;
         let ct: [u8; CT_LEN] = d.array().map_err(bad)?;
         let offset = d.u64().map_err(bad)?;
+        let ask = d.u32().map_err(bad)?;
         let resume_tag: [u8; TAG_LEN] = d.array().map_err(bad)?;
         let tag: [u8; TAG_LEN] = d.array().map_err(bad)?;
         d.finish().map_err(bad)?;
         let x25519 = self.ephemeral.agree(&share)?;
         let mlkem = self.kem.decapsulate(&ct);
-        let fixed = accept_fixed(&self.transfer_id, &receiver_nonce, &share, &ct, offset);
+        let fixed = accept_fixed(&self.transfer_id, &receiver_nonce, &share, &ct, offset, ask);
         let (keys, pair) = derive_pair_keys(
             Secrets {
                 master: self.master,
@@ -197,6 +216,7 @@ impl super::PendingOffer {
         Ok(Accepted {
             pair,
             resume_offset: offset,
+            ask_secs: ask,
             transfer_id: self.transfer_id,
             resume_key: keys.resume,
             resume_tag,

@@ -60,8 +60,9 @@ pub const MAX_MESSAGE_LEN: usize = 64 << 10;
 /// Largest RSA ciphertext (a 4096-bit modulus).
 pub const MAX_WRAPPED_LEN: usize = 512;
 /// Exact length of an accept: receiver nonce, X25519 share, ML-KEM ciphertext,
-/// resume offset, resume tag, tag.
-pub const ACCEPT_LEN: usize = 32 + SHARE_LEN + CT_LEN + 8 + TAG_LEN + TAG_LEN;
+/// resume offset, the seconds the receiver may take to ask its user, resume
+/// tag, tag.
+pub const ACCEPT_LEN: usize = 32 + SHARE_LEN + CT_LEN + 8 + 4 + TAG_LEN + TAG_LEN;
 /// Default window around the receiver's clock in which an offer's time must lie.
 pub const DEFAULT_TIME_WINDOW_SECS: u64 = 300;
 

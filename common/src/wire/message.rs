@@ -44,6 +44,12 @@ pub enum RefuseReason {
         /// How long the sender should wait before it offers again.
         seconds: u32,
     },
+    /// The receiver takes transfers only from the senders it names
+    /// (`--accept-from NAME,…`), and not this one.
+    NotListed,
+    /// The receiver takes transfers only from senders whose key it has
+    /// already pinned (`--accept-from known`), and this is a first contact.
+    NotKnown,
 }
 
 /// Why a transfer was abandoned mid-way.
@@ -67,6 +73,10 @@ pub enum AbortReason {
     /// Everything verified, but no free name was left in the out dir for a
     /// top-level item (it and its numbered variants all exist).
     NoFreeName,
+    /// The person at the receiver was asked and said no.
+    Declined,
+    /// The person at the receiver was asked and did not answer in time.
+    NoAnswer,
 }
 
 /// What an authenticated connection is for.
@@ -125,6 +135,9 @@ pub struct OnlineAgent {
     pub incoming: u32,
     /// Sender connections of that name.
     pub senders: u32,
+    /// In a cluster, the id of the broker its receiver is connected to
+    /// (empty outside a cluster, or without a receiver).
+    pub broker: String,
 }
 
 /// One message on a connection.
@@ -297,6 +310,12 @@ pub enum Message {
         /// The ping's nonce.
         nonce: u64,
     },
+    /// The receiver's go-ahead after it asked its user (the accept said it
+    /// would): the sender may now send chunks. Data connection, back.
+    Proceed {
+        /// Transfer id.
+        transfer_id: TransferId,
+    },
 }
 
 impl Message {
@@ -327,6 +346,7 @@ impl Message {
             Self::Root { .. } => "Root",
             Self::Ping { .. } => "Ping",
             Self::Pong { .. } => "Pong",
+            Self::Proceed { .. } => "Proceed",
         }
     }
 }
@@ -542,9 +562,10 @@ mod tests {
                         receiving: true,
                         incoming: 2,
                         senders: 0,
+                        broker: "b1".into(),
                     }],
                 },
-                vec![17, 1, 1, b'b', 1, 2, 0],
+                vec![17, 1, 1, b'b', 1, 2, 0, 2, b'b', b'1'],
             ),
             (
                 Message::Ticket {
@@ -583,6 +604,24 @@ mod tests {
             ),
             (Message::Ping { nonce: 300 }, vec![22, 0xac, 0x02]),
             (Message::Pong { nonce: 1 }, vec![23, 1]),
+            (
+                Message::Proceed { transfer_id: tid },
+                [vec![24], vec![0xaa; 16]].concat(),
+            ),
+            (
+                Message::Refuse {
+                    transfer_id: tid,
+                    reason: RefuseReason::NotKnown,
+                },
+                [vec![3], vec![0xaa; 16], vec![7]].concat(),
+            ),
+            (
+                Message::Abort {
+                    transfer_id: tid,
+                    reason: AbortReason::NoAnswer,
+                },
+                [vec![8], vec![0xaa; 16], vec![9]].concat(),
+            ),
             (
                 Message::Refuse {
                     transfer_id: tid,

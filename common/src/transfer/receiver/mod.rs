@@ -99,6 +99,11 @@ impl RecvStream {
         }
     }
 
+    /// The transfer this stream belongs to.
+    pub fn transfer_id(&self) -> crate::ids::TransferId {
+        self.pair.transfer_id
+    }
+
     /// The current epoch.
     pub fn epoch(&self) -> u32 {
         self.epoch
