@@ -159,10 +159,10 @@ async fn connect_within(ctx: &Ctx, role: Role) -> Result<AgentConn, AgentError> 
     };
     match check {
         Ok(PinCheck::NewlyPinned(_)) if ctx.broker_fingerprint.is_none() => {
-            eprintln!(
+            crate::output::err_line(&format!(
                 "NEW KEY for broker {} {broker_fp} — first contact, verify out of band",
                 ctx.broker
-            );
+            ));
         }
         Ok(_) => {}
         Err(PinError::Mismatch {

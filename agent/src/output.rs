@@ -8,8 +8,8 @@
 //! command line, before anything is printed.
 
 use std::io::IsTerminal as _;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use indicatif::{MultiProgress, ProgressDrawTarget};
 
@@ -68,11 +68,66 @@ pub fn show_bars() {
     }
 }
 
+/// Where lines go instead of stdout and stderr while a line editor owns the
+/// terminal (a chat): above the line being typed.
+type Printer = Box<dyn FnMut(String) + Send>;
+static PRINTER: Mutex<Option<Printer>> = Mutex::new(None);
+
+/// Sends every line from now on to `printer` (a chat's line editor), until
+/// [`clear_printer`].
+pub fn set_printer(printer: Printer) {
+    if let Ok(mut p) = PRINTER.lock() {
+        *p = Some(printer);
+    }
+}
+
+/// Lines go to stdout and stderr again.
+pub fn clear_printer() {
+    if let Ok(mut p) = PRINTER.lock() {
+        *p = None;
+    }
+}
+
+/// Prints `line` to the printer if one is set; otherwise `false`.
+fn printed(line: &str) -> bool {
+    match PRINTER.lock() {
+        Ok(mut p) => match p.as_mut() {
+            Some(print) => {
+                print(line.to_owned());
+                true
+            }
+            None => false,
+        },
+        Err(_) => false,
+    }
+}
+
+/// A line on stderr (above the bars, or above a chat's input line) that
+/// `--quiet` does not silence: warnings, `NEW KEY` lines.
+pub fn err_line(line: &str) {
+    if !printed(line) {
+        above_bars(|| eprintln!("{line}"));
+    }
+}
+
+/// A line on stdout (above the bars, or above a chat's input line); a
+/// stdout that was closed drops it.
+pub fn out_line(line: &str) {
+    use std::io::Write as _;
+    if !printed(line) {
+        above_bars(|| {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        });
+    }
+}
+
 /// Prints a notice on stderr unless `--quiet`.
 macro_rules! notice {
     ($($arg:tt)*) => {
         if !$crate::output::quiet() {
-            $crate::output::above_bars(|| eprintln!($($arg)*));
+            $crate::output::err_line(&format!($($arg)*));
         }
     };
 }
@@ -82,13 +137,8 @@ pub(crate) use notice;
 /// (`agent --list | head -1`, a JSON reader that quit) is not worth a panic:
 /// the line is dropped and the agent goes on.
 macro_rules! say {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        $crate::output::above_bars(|| {
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, $($arg)*);
-            let _ = out.flush();
-        });
-    }};
+    ($($arg:tt)*) => {
+        $crate::output::out_line(&format!($($arg)*))
+    };
 }
 pub(crate) use say;

@@ -27,6 +27,7 @@
 #![deny(missing_docs)]
 
 pub mod auth;
+pub mod chat;
 pub mod crypto;
 pub mod encode;
 pub mod handshake;

@@ -4,7 +4,7 @@
 //! completions and man page ([`docs`]).
 
 mod docs;
-mod list;
+pub(crate) mod list;
 mod pick;
 mod report;
 mod roles;
@@ -43,6 +43,7 @@ pub enum RoleArg {
 ///   agent --role sender --to PEER --message TEXT
 ///   agent --role sender --to PEER --file - --name-as NAME   (standard input)
 ///   agent --role receiver --once --stdout                   (to standard output)
+///   agent --chat PEER [--chat PEER ...]                    (talk; /file PATH, /quit)
 ///   agent --list
 ///
 /// On a terminal a receiver asks before each transfer ("Accept? [y/N]"); off
@@ -83,8 +84,16 @@ pub struct Args {
     #[arg(long, value_name = "NAME", env = "KEYFERRY_NAME")]
     pub name: Option<AgentName>,
     /// What to do.
-    #[arg(long, value_enum, required_unless_present_any = ["list", "completions", "man"])]
+    #[arg(long, value_enum, required_unless_present_any = ["list", "completions", "man", "chat"])]
     pub role: Option<RoleArg>,
+    /// Chat with PEER: both run `agent --chat` naming each other; may be
+    /// given up to 16 times for a group. Lines typed go to every peer, each
+    /// shown with its author and time (UTC); `/file PATH` sends a file,
+    /// `/quit` or Ctrl-D ends. Off a terminal: lines from stdin, received
+    /// lines on stdout (JSON with --json). While it runs it is its name's
+    /// receiver (files from its peers go to --out-dir).
+    #[arg(long, value_name = "PEER", conflicts_with_all = ["role", "list"])]
+    pub chat: Vec<AgentName>,
     /// List the agents online at the broker (receivers, busy or free) and exit.
     #[arg(long, conflicts_with = "role")]
     pub list: bool,
@@ -260,6 +269,9 @@ pub async fn run(args: Args) -> Result<(), AgentError> {
     let ctx = context(&args)?;
     if args.list {
         return list::list(&ctx, args.json).await;
+    }
+    if !args.chat.is_empty() {
+        return roles::chat(args, ctx).await;
     }
     match args.role {
         Some(RoleArg::Receiver) => roles::receiver(args, ctx).await,

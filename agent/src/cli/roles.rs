@@ -71,6 +71,7 @@ pub(super) async fn receiver(args: Args, ctx: Ctx) -> Result<(), AgentError> {
         ctx,
         RecvOptions {
             policy,
+            chat: None,
             out_dir,
             once: args.once,
             max_size: args.max_size,
@@ -169,4 +170,48 @@ pub(super) async fn sender(args: Args, ctx: Ctx) -> Result<(), AgentError> {
             Err(AgentError::SomeReceiversFailed { failed: n, of })
         }
     }
+}
+
+/// `--chat PEER ...`.
+pub(super) async fn chat(args: Args, ctx: Ctx) -> Result<(), AgentError> {
+    let peers = args.chat.clone();
+    if peers.len() > MAX_RECEIVERS {
+        return Err(usage(&format!(
+            "at most {MAX_RECEIVERS} peers (--chat) in one chat"
+        )));
+    }
+    if peers
+        .iter()
+        .enumerate()
+        .any(|(i, p)| peers[..i].contains(p) || *p == ctx.name)
+    {
+        return Err(usage(
+            "a peer is named twice with --chat, or is this agent itself",
+        ));
+    }
+    if !args.to.is_empty() || !args.file.is_empty() || args.message.is_some() || args.once {
+        return Err(usage(
+            "--chat goes without --to, --file, --message and --once",
+        ));
+    }
+    let out_dir = match args.out_dir.clone() {
+        Some(d) => d,
+        None => std::env::current_dir().map_err(|source| AgentError::OutDir {
+            path: PathBuf::from("."),
+            source,
+        })?,
+    };
+    crate::chat::chat(
+        ctx,
+        crate::chat::ChatOptions {
+            peers,
+            plain: args.json || !interactive(),
+            json: args.json,
+            rekey_interval: args.rekey_interval,
+            out_dir,
+            keepalive: args.keepalive,
+            max_size: args.max_size,
+        },
+    )
+    .await
 }

@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use keyferry_common::chat::CHAT_BOUND;
 use keyferry_common::handshake::{
     self, DEFAULT_TIME_WINDOW_SECS, Kind, MAX_MESSAGE_LEN as MAX_MESSAGE, ResumePoint, SignedOffer,
     Terms,
@@ -127,12 +128,13 @@ pub(super) async fn admit<'a>(
     {
         let mut l = lock(&shared.limits);
         // Standard output takes one stream at a time.
-        let most = if shared.opts.stdout {
-            1
-        } else {
-            MAX_CONCURRENT
+        // A chat takes each peer's chat stream besides a transfer of files.
+        let (most, per_sender) = match &shared.opts.chat {
+            _ if shared.opts.stdout => (1, MAX_PER_SENDER),
+            Some(chat) => (MAX_CONCURRENT + chat.peers.len(), MAX_PER_SENDER + 1),
+            None => (MAX_CONCURRENT, MAX_PER_SENDER),
         };
-        if l.active >= most || l.per_sender.get(from).copied().unwrap_or(0) >= MAX_PER_SENDER {
+        if l.active >= most || l.per_sender.get(from).copied().unwrap_or(0) >= per_sender {
             return Err(refuse(
                 RefuseReason::Busy,
                 "too many transfers in progress".into(),
@@ -202,16 +204,20 @@ pub(super) async fn admit<'a>(
         .map_err(|e| refuse(RefuseReason::VerificationFailed, e.to_string()))?
         .map_err(|e| refuse(RefuseReason::VerificationFailed, e.to_string()))?;
     let terms = opened.terms().clone();
-    check_terms(shared, &terms, &mut slot)?;
-    // Asked users pin a first contact only once they said yes.
-    let ask = policy.asks();
+    check_terms(shared, from, &terms, &mut slot)?;
+    if terms.kind == Kind::Chat {
+        lock(&shared.chats).insert(tid);
+    }
+    // Asked users pin a first contact only once they said yes; a chat's
+    // peers were named by the user who started it, and are not asked about.
+    let ask = policy.asks().filter(|_| terms.kind != Kind::Chat);
     if pinned_at.is_none() && ask.is_none() {
         // Signature and terms verified: only now is the key worth a pin.
         match pins.check_or_pin(from.as_str(), key.fingerprint(), now_unix()) {
-            Ok(PinCheck::NewlyPinned(_)) => eprintln!(
+            Ok(PinCheck::NewlyPinned(_)) => crate::output::err_line(&format!(
                 "NEW KEY for {from} {} — first contact, verify out of band",
                 key.fingerprint()
-            ),
+            )),
             Ok(PinCheck::Known(_)) => {}
             Err(e @ PinError::Mismatch { .. }) => {
                 return Err(refuse(RefuseReason::KeyMismatch, e.to_string()));
@@ -221,7 +227,7 @@ pub(super) async fn admit<'a>(
     }
     let stream_id = opened.fields().stream_id;
     let place = match terms.kind {
-        Kind::Message => None,
+        Kind::Message | Kind::Chat => None,
         // Straight to standard output: nothing staged, nothing to resume.
         Kind::Files if shared.opts.stdout => None,
         Kind::Files => {
@@ -302,13 +308,33 @@ impl Drop for Slot<'_> {
 }
 
 /// Checks the kind and size against this receiver's limits.
-fn check_terms(shared: &Shared, t: &Terms, slot: &mut Slot<'_>) -> Result<(), Failure> {
+fn check_terms(
+    shared: &Shared,
+    from: &AgentName,
+    t: &Terms,
+    slot: &mut Slot<'_>,
+) -> Result<(), Failure> {
     let refuse = |r, why: String| Failure::Refused(r, why);
     if t.receivers == 0 || t.receivers as usize > MAX_RECEIVERS {
         return Err(refuse(
             RefuseReason::Policy,
             format!("a stream to {} receivers", t.receivers),
         ));
+    }
+    // A chat stream goes only to a chat, from one of its peers, with the
+    // chat's bound and nothing to resume.
+    if t.kind == Kind::Chat {
+        let ours = shared
+            .opts
+            .chat
+            .as_ref()
+            .is_some_and(|c| c.peers.contains(from));
+        if !ours || t.size_known || t.size > CHAT_BOUND || t.resumes.is_some() {
+            return Err(refuse(
+                RefuseReason::Policy,
+                format!("a chat from {from}, who is not in a chat with this receiver"),
+            ));
+        }
     }
     if t.kind == Kind::Message && (t.size > MAX_MESSAGE as u64 || t.resumes.is_some()) {
         return Err(refuse(

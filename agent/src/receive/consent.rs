@@ -172,10 +172,10 @@ impl Consent {
             .check_or_pin(self.from.as_str(), self.fp, now_unix())
         {
             Ok(PinCheck::NewlyPinned(_)) => {
-                eprintln!(
+                crate::output::err_line(&format!(
                     "NEW KEY for {} {} — first contact, verify out of band",
                     self.from, self.fp
-                );
+                ));
                 Ok(())
             }
             Ok(PinCheck::Known(_)) => Ok(()),

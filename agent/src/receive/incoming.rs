@@ -60,7 +60,24 @@ pub(super) async fn incoming(
         }
     };
     let started = Instant::now();
-    match accept_and_receive(shared, &from, &spki, &offer, tid, out).await {
+    let result = accept_and_receive(shared, &from, &spki, &offer, tid, out).await;
+    // A chat stream's end is the chat's to show (its peer left).
+    if lock(&shared.chats).remove(&tid) {
+        return match result {
+            Ok(_) | Err(Failure::Failed(..)) => None,
+            Err(Failure::Refused(reason, why)) => {
+                let _ = out
+                    .send(Message::Refuse {
+                        transfer_id: tid,
+                        reason,
+                    })
+                    .await;
+                report::refused(Some(tid), &from, &why, json);
+                None
+            }
+        };
+    }
+    match result {
         Ok(placed) => {
             report::received(tid, &from, &placed, started.elapsed().as_secs_f64(), json);
             Some(Ok(()))
@@ -190,11 +207,12 @@ async fn accept_and_receive(
         }
         None => (None, None),
     };
+    let sender_key = admitted.sender_key;
     let expect = Expect {
         declared: terms.size,
         size_known: terms.size_known,
         resume: admitted.place.as_ref().and_then(|p| p.resume.clone()),
-        sender: admitted.sender_key,
+        sender: sender_key.clone(),
         me: ctx.name.clone(),
         my_fp: ctx.identity.fingerprint(),
         receivers: terms.receivers,
@@ -209,6 +227,11 @@ async fn accept_and_receive(
             key: Arc::clone(&shared.journal_key),
             stdout: shared.opts.stdout,
             consent: asks,
+            chat: shared
+                .opts
+                .chat
+                .clone()
+                .map(|link| (link, from.clone(), sender_key.clone())),
         },
         place: admitted.place,
     };

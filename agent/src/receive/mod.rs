@@ -7,6 +7,7 @@
 //! receipt.
 
 mod admit;
+pub mod chatsink;
 mod checkpoint;
 mod claim;
 pub mod consent;
@@ -79,6 +80,9 @@ pub struct RecvOptions {
     pub trust_sender_hash: bool,
     /// Whom it takes transfers from, and whether it asks.
     pub policy: consent::Policy,
+    /// When it is the receiving half of a chat (`agent --chat`): where chat
+    /// streams go (only its peers' are taken).
+    pub chat: Option<chatsink::ChatLink>,
 }
 
 /// Transfers in progress: the receiver's capacity.
@@ -105,6 +109,8 @@ struct Shared {
     tickets: Mutex<HashMap<TransferId, TicketWaiter>>,
     /// Puts questions to the user, one at a time.
     prompter: crate::prompt::Prompter,
+    /// Transfers that are chat streams: their end is the chat's to tell.
+    chats: Mutex<std::collections::HashSet<TransferId>>,
 }
 
 /// Why one incoming transfer did not complete.
@@ -153,9 +159,12 @@ pub async fn receive(ctx: Ctx, opts: RecvOptions) -> Result<(), AgentError> {
     } else {
         format!("into {}", opts.out_dir.display())
     };
-    // Standard output is for the data (--stdout) or for JSON lines only.
-    if opts.stdout || opts.json {
-        eprintln!("receiving as {name} ({fp}) {into}");
+    // Standard output is for the data (--stdout) or for JSON lines only;
+    // a chat says what it is itself.
+    if let Some(chat) = &opts.chat {
+        let _ = chat.events.send(chatsink::ChatEvent::Receiving).await;
+    } else if opts.stdout || opts.json {
+        crate::output::err_line(&format!("receiving as {name} ({fp}) {into}"));
     } else {
         say!("receiving as {name} ({fp}) {into}");
     }
@@ -173,6 +182,7 @@ pub async fn receive(ctx: Ctx, opts: RecvOptions) -> Result<(), AgentError> {
         budget: Mutex::new(RsaBudget::new()),
         tickets: Mutex::new(HashMap::new()),
         prompter: crate::prompt::Prompter::new(),
+        chats: Mutex::new(std::collections::HashSet::new()),
     });
     // Answers go out on whichever control connection is current; results
     // come back for --once.
@@ -231,7 +241,7 @@ async fn reconnect(ctx: &Ctx, wait: &mut Duration) -> AgentConn {
                 // The broker may not have noticed our old connection yet; or
                 // someone else took the name meanwhile: say so, once.
                 if matches!(e, AgentError::NameRefused(_)) && !said {
-                    eprintln!("agent: {e}; still trying");
+                    crate::output::err_line(&format!("agent: {e}; still trying"));
                     said = true;
                 }
             }

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use super::Failure;
 use crate::error::exit;
-use crate::output::{above_bars, say};
+use crate::output::{err_line, say};
 
 /// What a verified transfer left, as the store built it.
 #[derive(Debug)]
@@ -38,6 +38,8 @@ pub(super) struct Placed {
 pub(super) enum What {
     /// A text message.
     Message(String),
+    /// A chat stream that ended (its lines were shown as they came).
+    Chat,
     /// Files and directories, each top-level item under its final path.
     Items {
         items: Vec<(String, PathBuf)>,
@@ -141,6 +143,8 @@ pub(super) fn received(tid: TransferId, from: &AgentName, p: &Placed, seconds: f
     };
     let (transfer_id, from) = (tid.to_string(), from.as_str());
     match &p.what {
+        // Its lines were shown as they came.
+        What::Chat => {}
         What::Message(text) if json => print_json(&Event::Message {
             transfer_id,
             from,
@@ -195,21 +199,21 @@ pub(super) fn received(tid: TransferId, from: &AgentName, p: &Placed, seconds: f
             );
         }
         // Standard output carries the data: the report goes to stderr.
-        What::Stdout { name } => eprintln!(
+        What::Stdout { name } => err_line(&format!(
             "received {} ({} bytes, sha256 {shown_sha}) -> standard output from {from}",
             escape(name),
             p.bytes
-        ),
+        )),
     }
 }
 
 /// Reports an offer refused before anything was accepted (`tid` is `None`
 /// for an offer too short to name its transfer; it is not answered).
 pub(super) fn refused(tid: Option<TransferId>, from: &AgentName, why: &str, json: bool) {
-    above_bars(|| match tid {
-        Some(tid) => eprintln!("refused transfer {tid} from {from}: {why}"),
-        None => eprintln!("ignored an offer from {from}: {why}"),
-    });
+    match tid {
+        Some(tid) => err_line(&format!("refused transfer {tid} from {from}: {why}")),
+        None => err_line(&format!("ignored an offer from {from}: {why}")),
+    }
     if json {
         print_json(&Event::Refused {
             transfer_id: tid.map(|t| t.to_string()),
@@ -225,7 +229,7 @@ pub(super) fn failed(tid: TransferId, from: &AgentName, failure: &Failure, kept:
     let why = match failure {
         Failure::Refused(_, why) | Failure::Failed(_, why) => why,
     };
-    above_bars(|| eprintln!("transfer {tid} from {from} failed: {why}; {kept}"));
+    err_line(&format!("transfer {tid} from {from} failed: {why}; {kept}"));
     if json {
         print_json(&Event::Failed {
             transfer_id: tid.to_string(),

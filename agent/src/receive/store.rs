@@ -13,12 +13,15 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use keyferry_common::crypto::keys::MacKey;
 use keyferry_common::handshake::Kind;
+use keyferry_common::identity::PublicKey;
 use keyferry_common::manifest::{EntryKind, Manifest};
+use keyferry_common::name::AgentName;
 use keyferry_common::transfer::{Opened, RecvError, RecvStream, TrailerVerified};
 use keyferry_common::wire::message::AbortReason;
 use tokio::sync::mpsc;
 
 use super::Failure;
+use super::chatsink::{ChatIn, ChatLink};
 use super::checkpoint::{self, Checkpoints};
 use super::consent::Consent;
 use super::filename::{self, TopLevel};
@@ -89,6 +92,9 @@ pub(super) struct Want {
     pub stdout: bool,
     /// The user is asked once the manifest verified, before any data.
     pub consent: Option<Consent>,
+    /// For a chat stream: where its records go, its sender, and the key
+    /// that signs its lines.
+    pub chat: Option<(ChatLink, AgentName, PublicKey)>,
 }
 
 /// A verified, stored transfer.
@@ -105,6 +111,8 @@ enum Sink {
     Waiting(Option<Place>),
     /// A message, in memory.
     Text(Vec<u8>),
+    /// A chat: each chunk one record, shown as it comes.
+    Chat(ChatIn),
     /// One file, written to standard output as it verifies.
     Stdout { name: String },
     /// Files, in their tree.
@@ -151,9 +159,9 @@ impl Sink {
             return Err(policy("a second manifest".into()));
         };
         let m = Manifest::decode(body).map_err(|e| policy(e.to_string()))?;
-        let tops = if job.kind == Kind::Message {
+        let tops = if job.kind != Kind::Files {
             if !m.entries.is_empty() {
-                return Err(policy("a message with a manifest of files".into()));
+                return Err(policy("a message or chat with a manifest of files".into()));
             }
             Vec::new()
         } else {
@@ -163,9 +171,18 @@ impl Sink {
         if let Some(consent) = &job.consent {
             consent.ask(job.kind, job.declared, &m, &tops)?;
         }
-        if job.kind == Kind::Message {
-            *self = Sink::Text(Vec::new());
-            return Ok(());
+        match (job.kind, &job.chat) {
+            (Kind::Message, _) => {
+                *self = Sink::Text(Vec::new());
+                return Ok(());
+            }
+            (Kind::Chat, Some((link, from, key))) => {
+                let (link, from, key) = (link.clone(), from.clone(), key.clone());
+                *self = Sink::Chat(ChatIn::start(from, key, stream.stream_id(), link));
+                return Ok(());
+            }
+            (Kind::Chat, None) => return Err(policy("a chat, but this is no chat".into())),
+            (Kind::Files, _) => {}
         }
         if job.stdout {
             return match (&m.entries[..], &tops[..]) {
@@ -223,6 +240,7 @@ impl Sink {
                 t.extend_from_slice(plaintext);
                 Ok(())
             }
+            Sink::Chat(chat) => chat.take(plaintext),
             Sink::Stdout { .. } => std::io::stdout()
                 .lock()
                 .write_all(plaintext)
@@ -254,6 +272,7 @@ impl Sink {
         let what = match self {
             Sink::Waiting(_) => return Err(policy("a stream without a manifest".into())),
             Sink::Text(t) => What::Message(String::from_utf8_lossy(&t).into_owned()),
+            Sink::Chat(_) => What::Chat,
             Sink::Stdout { name } => {
                 std::io::stdout()
                     .lock()
@@ -329,7 +348,7 @@ impl Sink {
                     }
                 }
             }
-            Sink::Text(_) | Sink::Stdout { .. } => {}
+            Sink::Text(_) | Sink::Chat(_) | Sink::Stdout { .. } => {}
             Sink::Tree {
                 tree,
                 checkpoints,

@@ -52,7 +52,7 @@ pub(super) async fn receive_stream(
     // A bar for files (on a terminal, without --quiet); a text needs none.
     let bar = Progress::new(
         job.want.size_known.then_some(job.want.declared),
-        job.want.kind != Kind::Message,
+        job.want.kind == Kind::Files && shared.opts.chat.is_none(),
     );
     let pipe = Pipe {
         payloads: rx,

@@ -76,15 +76,19 @@ fn after(error: AgentError) -> Failed {
 pub type Outcome = Vec<(AgentName, Result<Done, Failed>)>;
 
 /// One receiver's handshake, done.
-struct Handshake {
-    to: AgentName,
-    fp: Fingerprint,
-    accepted: Accepted,
-    ticket: Ticket,
+pub(crate) struct Handshake {
+    /// The receiver.
+    pub to: AgentName,
+    /// Its key's fingerprint.
+    pub fp: Fingerprint,
+    /// Its verified accept and the pair's keys.
+    pub accepted: Accepted,
+    /// Where its data connection goes.
+    pub ticket: Ticket,
 }
 
-/// Offers stream `stream_id` to `to` on a connection of its own and waits
-/// for its accept and ticket.
+/// Offers stream `stream_id` of `source` to `to` on a connection of its
+/// own and waits for its accept and ticket.
 async fn handshake(
     ctx: Ctx,
     opts: SendOptions,
@@ -93,11 +97,6 @@ async fn handshake(
     stream_id: StreamId,
     receivers: u32,
 ) -> Result<Handshake, Failed> {
-    let mut conn = connect(&ctx, Role::Sender).await.map_err(before)?;
-    let receiver_key = peer_key(&ctx, &mut conn, &to, opts.peer_fingerprint)
-        .await
-        .map_err(before)?;
-    let fp = receiver_key.fingerprint();
     let terms = Terms {
         kind: if opts.is_message() {
             Kind::Message
@@ -109,6 +108,24 @@ async fn handshake(
         resumes: source.origin(&ctx.name, &to),
         receivers,
     };
+    offer_to(ctx, to, stream_id, terms, opts.peer_fingerprint).await
+}
+
+/// Offers stream `stream_id` with `terms` to `to` on a connection of its
+/// own (checking the receiver's key against its pin, and against `required`
+/// if given) and waits for its accept and ticket.
+pub(crate) async fn offer_to(
+    ctx: Ctx,
+    to: AgentName,
+    stream_id: StreamId,
+    terms: Terms,
+    required: Option<Fingerprint>,
+) -> Result<Handshake, Failed> {
+    let mut conn = connect(&ctx, Role::Sender).await.map_err(before)?;
+    let receiver_key = peer_key(&ctx, &mut conn, &to, required)
+        .await
+        .map_err(before)?;
+    let fp = receiver_key.fingerprint();
     let identity = Arc::clone(&ctx.identity);
     let (sender, receiver) = (ctx.name.clone(), to.clone());
     let (pending, offer) = tokio::task::spawn_blocking(move || {

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-mod attempt;
+pub(crate) mod attempt;
 mod pipeline;
 pub mod source;
 
@@ -326,10 +326,10 @@ pub(super) async fn peer_key(
     };
     match check {
         Ok(PinCheck::NewlyPinned(_)) if required.is_none() => {
-            eprintln!(
+            crate::output::err_line(&format!(
                 "NEW KEY for {to} {} — first contact, verify out of band",
                 key.fingerprint()
-            );
+            ));
         }
         Ok(_) => {}
         Err(e @ PinError::Mismatch { .. }) => return Err(AgentError::PeerKeyMismatch(e)),

@@ -276,11 +276,17 @@ impl Source {
                         "a symbolic link (links are not followed; without --no-skip-links it is skipped)",
                     ));
                 }
-                eprintln!("skipping {}: a symbolic link (not followed)", p.display());
+                crate::output::err_line(&format!(
+                    "skipping {}: a symbolic link (not followed)",
+                    p.display()
+                ));
             } else if ft.is_file() || ft.is_dir() {
                 self.add(p, sub, &meta, walk)?;
             } else {
-                eprintln!("skipping {}: not a regular file or directory", p.display());
+                crate::output::err_line(&format!(
+                    "skipping {}: not a regular file or directory",
+                    p.display()
+                ));
             }
         }
         Ok(())

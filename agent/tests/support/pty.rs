@@ -36,8 +36,12 @@ pub struct Pty {
 
 impl Pty {
     /// Starts `cmd` on a new terminal of 40 rows and 160 columns.
-    pub fn spawn(mut cmd: Command) -> Self {
-        let (rows, cols) = (40, 160);
+    pub fn spawn(cmd: Command) -> Self {
+        Self::spawn_sized(cmd, 40, 160)
+    }
+
+    /// Starts `cmd` on a new terminal of `rows` and `cols`.
+    pub fn spawn_sized(mut cmd: Command, rows: u16, cols: u16) -> Self {
         let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY).unwrap();
         grantpt(&master).unwrap();
         unlockpt(&master).unwrap();

@@ -266,6 +266,7 @@ impl Agent {
             keepalive: Duration::from_secs(20),
             trust_sender_hash: false,
             policy: keyferry_agent::receive::consent::Policy::Anyone,
+            chat: None,
         };
         let online_before = broker.logs.text().matches(&self.online_line()).count();
         let task = tokio::spawn(receive(ctx, opts));

@@ -112,6 +112,9 @@ pub enum Kind {
     Files,
     /// A short text message, to be printed.
     Message,
+    /// A chat: an open-ended stream of chat records ([`crate::chat`]),
+    /// shown as they come, never stored.
+    Chat,
 }
 
 /// What the receiver must decide on before it accepts, sealed in the offer

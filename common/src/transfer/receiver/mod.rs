@@ -99,6 +99,11 @@ impl RecvStream {
         }
     }
 
+    /// The stream's id.
+    pub fn stream_id(&self) -> crate::ids::StreamId {
+        self.pair.stream_id
+    }
+
     /// The transfer this stream belongs to.
     pub fn transfer_id(&self) -> crate::ids::TransferId {
         self.pair.transfer_id
