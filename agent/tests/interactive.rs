@@ -419,3 +419,53 @@ fn a_named_new_sender_is_not_slowed_by_the_new_key_budget() {
         assert!(!run.stderr.contains("offering again"), "{}", run.stderr);
     }
 }
+
+#[test]
+fn two_offers_at_once_are_asked_one_after_the_other_and_a_bar_in_flight_steps_aside() {
+    let broker = Broker::start();
+    let (bob, carol) = (Home::new("bob", "bob"), Home::new("carol", "carol"));
+    let (src, out) = (TempDir::new("src"), TempDir::new("out"));
+    let big = src.join("big.bin");
+    std::fs::write(&big, pseudo_random(256 << 20, 12)).unwrap();
+    let small = src.join("small.txt");
+    std::fs::write(&small, b"from carol").unwrap();
+    let (mut receiver, alice) = asked(&broker, &bob, out.path(), &[], &big);
+    receiver.wait_for("offers big.bin", WAIT);
+    // carol offers too while alice's question stands: hers waits its turn.
+    let carol_send = carol.start(
+        &broker,
+        &[
+            "--role",
+            "sender",
+            "--to",
+            "bob",
+            "--file",
+            small.to_str().unwrap(),
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !receiver.screen().contains("offers small.txt"),
+        "{}",
+        receiver.screen()
+    );
+    receiver.line("y");
+    // alice's data flows (a bar) while carol's question is put.
+    let screen = receiver.wait_for("offers small.txt", WAIT);
+    let question = screen
+        .lines()
+        .find(|l| l.contains("offers small.txt"))
+        .unwrap();
+    assert!(
+        question.starts_with("carol ("),
+        "the bar garbled the question: {question:?}"
+    );
+    receiver.line("y");
+    assert_eq!(Run::finish(carol_send).code, Some(0));
+    assert_eq!(Run::finish(alice).code, Some(0));
+    assert_eq!(std::fs::read(out.join("small.txt")).unwrap(), b"from carol");
+    assert_eq!(
+        support::hash_file(&out.join("big.bin")),
+        support::hash_file(&big)
+    );
+}

@@ -42,6 +42,17 @@ fn policy(args: &Args, out_dir: &std::path::Path) -> Result<Policy, AgentError> 
     })
 }
 
+/// `--out-dir`, or the current directory.
+fn out_dir(args: &Args) -> Result<PathBuf, AgentError> {
+    match args.out_dir.clone() {
+        Some(d) => Ok(d),
+        None => std::env::current_dir().map_err(|source| AgentError::OutDir {
+            path: PathBuf::from("."),
+            source,
+        }),
+    }
+}
+
 /// `--role receiver`.
 pub(super) async fn receiver(args: Args, ctx: Ctx) -> Result<(), AgentError> {
     if args.yes && args.accept_from.is_some() {
@@ -59,13 +70,7 @@ pub(super) async fn receiver(args: Args, ctx: Ctx) -> Result<(), AgentError> {
              --role sender",
         ));
     }
-    let out_dir = match args.out_dir.clone() {
-        Some(d) => d,
-        None => std::env::current_dir().map_err(|source| AgentError::OutDir {
-            path: PathBuf::from("."),
-            source,
-        })?,
-    };
+    let out_dir = out_dir(&args)?;
     let policy = policy(&args, &out_dir)?;
     receive(
         ctx,
@@ -194,13 +199,7 @@ pub(super) async fn chat(args: Args, ctx: Ctx) -> Result<(), AgentError> {
             "--chat goes without --to, --file, --message and --once",
         ));
     }
-    let out_dir = match args.out_dir.clone() {
-        Some(d) => d,
-        None => std::env::current_dir().map_err(|source| AgentError::OutDir {
-            path: PathBuf::from("."),
-            source,
-        })?,
-    };
+    let out_dir = out_dir(&args)?;
     crate::chat::chat(
         ctx,
         crate::chat::ChatOptions {
