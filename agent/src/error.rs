@@ -122,12 +122,14 @@ pub enum AgentError {
         detail: String,
     },
     /// The receiver refused.
-    #[error("{peer} refused the transfer: {}", refuse_text(*.reason))]
+    #[error("{peer} refused the transfer: {}", refuse_text(*.reason, *.size))]
     Refused {
         /// The receiver.
         peer: String,
         /// Its reason.
         reason: RefuseReason,
+        /// The size the offer declared.
+        size: u64,
     },
     /// Something did not verify.
     #[error("verification failed: {0}")]
@@ -247,9 +249,14 @@ impl From<tokio::task::JoinError> for AgentError {
     }
 }
 
-fn refuse_text(r: RefuseReason) -> String {
+fn refuse_text(r: RefuseReason, size: u64) -> String {
     match r {
-        RefuseReason::TooLarge => "too large for its --max-size or its free disk space".into(),
+        RefuseReason::TooLarge { most } => format!(
+            "too large: it takes at most {} ({most} bytes) now (its --max-size, or its free disk \
+             space less the 1 GiB it keeps), and this is {} ({size} bytes)",
+            crate::progress::human_bytes(most),
+            crate::progress::human_bytes(size)
+        ),
         RefuseReason::Busy => "it is busy with other transfers; try again shortly".into(),
         RefuseReason::KeyMismatch => "your key does not match the one it pinned for you".into(),
         RefuseReason::VerificationFailed => "the offer did not verify".into(),

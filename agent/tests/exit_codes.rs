@@ -73,7 +73,8 @@ fn every_documented_exit_code_has_its_line() {
     pinned(
         &alice.run(&broker, &["--role", "sender", "--to", "bob", "--file", ten]),
         8,
-        "agent: bob refused the transfer: too large for its --max-size or its free disk space",
+        "agent: bob refused the transfer: too large: it takes at most 5 B (5 bytes) now (its \
+         --max-size, or its free disk space less the 1 GiB it keeps), and this is 10 B (10 bytes)",
     );
     bob_rx.stderr.wait_for("refused transfer", WAIT);
     // 5: unknown peer.

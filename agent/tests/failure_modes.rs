@@ -364,6 +364,7 @@ async fn hostile_manifests_are_refused_before_any_data() {
     let e = |path: &[&str], kind| Entry {
         path: path.iter().map(|c| (*c).to_owned()).collect(),
         kind,
+        meta: None,
     };
     let file = |path: &[&str], size| e(path, EntryKind::File { size });
     let dir = |path: &[&str]| e(path, EntryKind::Dir);

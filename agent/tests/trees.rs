@@ -1,7 +1,7 @@
 //! Folders and many files, end to end: the real `broker` and `agent` binaries
 //! on 127.0.0.1. A nested tree (empty directories and files, spaces and
-//! non-ASCII in names) arrives identical and private (files 0600, directories
-//! 0700); several `--file` items arrive as several items; an existing
+//! non-ASCII in names) arrives identical, and private with `--no-preserve`
+//! (files 0600, directories 0700; `kept.rs` has the sender's modes); several `--file` items arrive as several items; an existing
 //! directory is never touched; symbolic links below a directory are never
 //! followed; `--exclude` leaves things out; and single files of the sizes
 //! around a chunk boundary, and a large one spanning many session keys,
@@ -82,7 +82,8 @@ fn assert_same_tree(src: &Path, dst: &Path) {
     assert!(a == b, "same names, different content");
 }
 
-/// Every file below (and at) `root` is 0600, every directory 0700.
+/// Every file below (and at) `root` is 0600, every directory 0700 (what a
+/// receiver with `--no-preserve` makes).
 fn assert_private(root: &Path) {
     let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
     let top = std::fs::symlink_metadata(root).unwrap();
@@ -168,7 +169,7 @@ fn a_nested_tree_arrives_identical_and_private() {
         .sum();
     assert_eq!(files, 11);
 
-    let mut receiver = bob.receiver(&broker, out.path(), &["--once"]);
+    let mut receiver = bob.receiver(&broker, out.path(), &["--once", "--no-preserve"]);
     let sent = send(&alice, &broker, &[&root], &[]);
     assert_eq!(sent.code, Some(0), "{sent:#?}");
     let report = json(&sent);
@@ -210,7 +211,7 @@ fn a_file_and_a_directory_arrive_as_two_items_and_only_files_count() {
     write(&photos.join("raw/three.cr2"), &pseudo_random(20_000, 6));
     std::fs::create_dir_all(photos.join("raw/empty")).unwrap();
 
-    let mut receiver = bob.receiver(&broker, out.path(), &["--once"]);
+    let mut receiver = bob.receiver(&broker, out.path(), &["--once", "--no-preserve"]);
     // A trailing slash names the same directory.
     let with_slash = PathBuf::from(format!("{}/", photos.display()));
     let sent = send(&alice, &broker, &[&src.join("notes.txt"), &with_slash], &[]);
@@ -262,7 +263,7 @@ fn an_existing_directory_is_left_alone_and_the_new_one_lands_beside_it() {
     let photos = src.join("photos");
     write(&photos.join("one.jpg"), b"new version");
     write(&photos.join("two.jpg"), &pseudo_random(50_000, 7));
-    let _receiver = bob.receiver(&broker, out.path(), &[]);
+    let _receiver = bob.receiver(&broker, out.path(), &["--no-preserve"]);
     for expect in ["photos (1)", "photos (2)"] {
         let sent = send(&alice, &broker, &[&photos], &[]);
         assert_eq!(sent.code, Some(0), "{sent:#?}");
@@ -420,7 +421,7 @@ fn an_empty_directory_alone_arrives_and_counts_no_files() {
     let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
     let (src, out) = (TempDir::new("src"), TempDir::new("out"));
     std::fs::create_dir_all(src.join("nothing here/nor here")).unwrap();
-    let mut receiver = bob.receiver(&broker, out.path(), &["--once"]);
+    let mut receiver = bob.receiver(&broker, out.path(), &["--once", "--no-preserve"]);
     let sent = send(&alice, &broker, &[&src.join("nothing here")], &[]);
     assert_eq!(sent.code, Some(0), "{sent:#?}");
     let report = json(&sent);
@@ -517,7 +518,7 @@ fn single_files_of_zero_one_and_about_one_chunk_arrive_intact() {
     let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
     let (src, out) = (TempDir::new("src"), TempDir::new("out"));
     support::known_for_two_days(&alice, &bob);
-    let mut receiver = bob.receiver(&broker, out.path(), &[]);
+    let mut receiver = bob.receiver(&broker, out.path(), &["--no-preserve"]);
     for (i, size) in [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK]
         .into_iter()
         .enumerate()

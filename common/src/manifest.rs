@@ -39,6 +39,33 @@ pub enum EntryKind {
     Stream,
 }
 
+/// How the sender keeps a file or directory: its permission bits and its
+/// modification time (PROTOCOL.md §5.2). The receiver applies them, within
+/// its own rules, unless its user said not to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    /// Permission bits (`0o777` at most is applied, masked by the
+    /// receiver's umask).
+    pub mode: u16,
+    /// Modification time, whole seconds since the Unix epoch (negative
+    /// before it).
+    pub mtime_s: i64,
+    /// Its sub-second part, in nanoseconds (0 to 999 999 999).
+    pub mtime_ns: u32,
+}
+
+impl Meta {
+    /// The earliest and latest modification times a receiver applies
+    /// (years 1 and 9999): anything else is not applied.
+    pub const TIMES: std::ops::RangeInclusive<i64> = -62_135_596_800..=253_402_300_799;
+
+    /// The modification time, if it is one a receiver applies.
+    pub fn time(&self) -> Option<(i64, u32)> {
+        (Self::TIMES.contains(&self.mtime_s) && self.mtime_ns < 1_000_000_000)
+            .then_some((self.mtime_s, self.mtime_ns))
+    }
+}
+
 /// One file or directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
@@ -47,6 +74,8 @@ pub struct Entry {
     pub path: Vec<String>,
     /// What it is.
     pub kind: EntryKind,
+    /// Its permission bits and modification time (none for a `Stream`).
+    pub meta: Option<Meta>,
 }
 
 /// The entries of a stream, in stream order.
@@ -89,6 +118,7 @@ impl Manifest {
             entries: vec![Entry {
                 path: vec![name.to_owned()],
                 kind: EntryKind::File { size },
+                meta: None,
             }],
         }
     }
@@ -190,10 +220,51 @@ impl Manifest {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_examples_of_protocol_md_are_these_bytes() {
+        let plain = Manifest::single_file("a", 5);
+        assert_eq!(plain.encode(), [1, 1, 1, b'a', 1, 5, 0]);
+        let kept = Manifest {
+            entries: vec![Entry {
+                path: vec!["a".into()],
+                kind: EntryKind::File { size: 5 },
+                meta: Some(Meta {
+                    mode: 0o644,
+                    mtime_s: 1,
+                    mtime_ns: 500_000_000,
+                }),
+            }],
+        };
+        assert_eq!(
+            kept.encode(),
+            [
+                1, 1, 1, b'a', 1, 5, 1, 0xa4, 0x03, 0x02, 0x80, 0xca, 0xb5, 0xee, 0x01
+            ]
+        );
+        assert_eq!(Manifest::decode(&kept.encode()).unwrap(), kept);
+        // Times a receiver applies, and not.
+        let at = |s, ns| {
+            Meta {
+                mode: 0,
+                mtime_s: s,
+                mtime_ns: ns,
+            }
+            .time()
+        };
+        assert_eq!(at(-1, 0), Some((-1, 0)));
+        assert_eq!(at(1, 1_000_000_000), None);
+        assert_eq!(at(i64::MAX, 0), None);
+        assert_eq!(
+            at(253_402_300_799, 999_999_999),
+            Some((253_402_300_799, 999_999_999))
+        );
+    }
+
     fn entry(path: &[&str], kind: EntryKind) -> Entry {
         Entry {
             path: path.iter().map(|s| (*s).to_owned()).collect(),
             kind,
+            meta: None,
         }
     }
 
@@ -228,13 +299,16 @@ mod tests {
     fn the_encoding_is_the_one_protocol_md_gives() {
         assert_eq!(
             Manifest::single_file("a", 5).encode(),
-            [1, 1, 1, b'a', 1, 5]
+            [1, 1, 1, b'a', 1, 5, 0]
         );
         assert_eq!(Manifest::default().encode(), [0]);
         let dir = Manifest {
             entries: vec![dir(&["d"]), entry(&["d", "s"], EntryKind::Stream)],
         };
-        assert_eq!(dir.encode(), [2, 1, 1, b'd', 0, 2, 1, b'd', 1, b's', 2]);
+        assert_eq!(
+            dir.encode(),
+            [2, 1, 1, b'd', 0, 0, 2, 1, b'd', 1, b's', 2, 0]
+        );
     }
 
     #[test]
@@ -307,11 +381,13 @@ mod tests {
             .map(|n| Entry {
                 path: deep[..n].to_vec(),
                 kind: EntryKind::Dir,
+                meta: None,
             })
             .collect();
         entries.push(Entry {
             path: deep.clone(),
             kind: EntryKind::File { size: 1 },
+            meta: None,
         });
         assert_eq!(
             Manifest { entries }.check(),

@@ -35,9 +35,9 @@ fn arb_message() -> impl Strategy<Value = Message> {
             transfer_id,
             accept
         }),
-        tid.clone().prop_map(|transfer_id| Message::Refuse {
+        (tid.clone(), any::<u64>()).prop_map(|(transfer_id, most)| Message::Refuse {
             transfer_id,
-            reason: RefuseReason::TooLarge
+            reason: RefuseReason::TooLarge { most }
         }),
         (sid.clone(), bytes.clone())
             .prop_map(|(stream_id, record)| Message::KeyUpdate { stream_id, record }),

@@ -41,8 +41,8 @@ pub struct ChatOptions {
     pub out_dir: PathBuf,
     /// The receiving half's keepalive.
     pub keepalive: Duration,
-    /// The largest file taken from a peer.
-    pub max_size: u64,
+    /// The largest file taken from a peer (`None`: the free space).
+    pub max_size: Option<u64>,
 }
 
 /// Runs a chat until `/quit`, Ctrl-D or the end of stdin.
@@ -64,6 +64,7 @@ pub async fn chat(ctx: Ctx, opts: ChatOptions) -> Result<(), AgentError> {
         keepalive: opts.keepalive,
         trust_sender_hash: false,
         policy: Policy::Only(opts.peers.clone()),
+        preserve: true,
         chat: Some(link),
     };
     let mut receiver = tokio::spawn(receive(ctx.clone(), receiving));

@@ -129,11 +129,12 @@ pub struct Args {
     /// receiver exits non-zero after partial output. Nothing is resumed.
     #[arg(long, requires = "once", conflicts_with_all = ["out_dir", "json"], help_heading = "Receiver")]
     pub stdout: bool,
-    /// Receiver: refuse transfers larger than this (e.g. 500MiB, 4GiB).
+    /// Receiver: refuse transfers larger than this (e.g. 500MiB, 40GiB)
+    /// [default: no limit but the free space of the out dir, less 1 GiB].
     /// Sender with --file -: the most it reads from standard input (the
-    /// offer declares this bound, so the receiver's --max-size must allow it).
-    #[arg(long, value_name = "SIZE", default_value = "4GiB", value_parser = parse_size)]
-    pub max_size: u64,
+    /// offer declares this bound, so the receiver must allow it) [default: 4GiB].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_size: Option<u64>,
     /// Receiver: fail a transfer that brings no new verified data for this long.
     #[arg(long, value_name = "DUR", default_value = "60s", value_parser = parse_duration, help_heading = "Receiver")]
     pub progress_timeout: Duration,
@@ -156,6 +157,12 @@ pub struct Args {
     /// for an answer before the transfer is refused (1s to 100s).
     #[arg(long, value_name = "DUR", default_value = "60s", value_parser = parse_duration, help_heading = "Receiver")]
     pub ask_timeout: Duration,
+    /// Receiver: do not apply the sender's permission bits and modification
+    /// times: files arrive 0600 and directories 0700, stamped with the time
+    /// they arrived (without it, the sender's are kept: the mode masked by
+    /// your umask, never set-uid, set-gid or sticky).
+    #[arg(long, help_heading = "Receiver")]
+    pub no_preserve: bool,
     /// Receiver: do not hash what arrives; report the SHA-256 the sender
     /// signed instead (hashing is about half of a receiver's CPU). Every
     /// chunk is still authenticated, so the data is what the sender sealed;

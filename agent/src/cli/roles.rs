@@ -14,6 +14,9 @@ use crate::receive::{RecvOptions, receive};
 use crate::send::source::Walk;
 use crate::send::{MAX_RECEIVERS, Payload, SendOptions, Sent, send};
 
+/// The most a sender reads from standard input without `--max-size`.
+const STDIN_BOUND: u64 = 4 << 30;
+
 /// Whom a receiver takes transfers from: what the user said, or asking on a
 /// terminal, or (no terminal, nothing said) anyone, with one line saying so.
 fn policy(args: &Args, out_dir: &std::path::Path) -> Result<Policy, AgentError> {
@@ -76,6 +79,7 @@ pub(super) async fn receiver(args: Args, ctx: Ctx) -> Result<(), AgentError> {
         ctx,
         RecvOptions {
             policy,
+            preserve: !args.no_preserve,
             chat: None,
             out_dir,
             once: args.once,
@@ -133,7 +137,7 @@ pub(super) async fn sender(args: Args, ctx: Ctx) -> Result<(), AgentError> {
     let payload = match (args.file, args.message) {
         (_, None) if stdin => Payload::Stdin {
             name: args.name_as.unwrap_or_default(),
-            bound: args.max_size,
+            bound: args.max_size.unwrap_or(STDIN_BOUND),
         },
         (files, None) if !files.is_empty() => Payload::Files(files),
         (files, Some(m)) if files.is_empty() => Payload::Message(m),

@@ -338,7 +338,9 @@ fn check_terms(
     }
     if t.kind == Kind::Message && (t.size > MAX_MESSAGE as u64 || t.resumes.is_some()) {
         return Err(refuse(
-            RefuseReason::TooLarge,
+            RefuseReason::TooLarge {
+                most: MAX_MESSAGE as u64,
+            },
             format!("a message of {} bytes", t.size),
         ));
     }
@@ -356,13 +358,12 @@ fn check_terms(
             "a stream of unknown size that says it resumes".into(),
         ));
     }
-    if t.size > shared.opts.max_size {
+    if let Some(max) = shared.opts.max_size
+        && t.size > max
+    {
         return Err(refuse(
-            RefuseReason::TooLarge,
-            format!(
-                "{} bytes is more than --max-size {}",
-                t.size, shared.opts.max_size
-            ),
+            RefuseReason::TooLarge { most: max },
+            format!("{} bytes is more than --max-size {max}", t.size),
         ));
     }
     if t.kind == Kind::Message {
@@ -385,8 +386,10 @@ fn reserve_space(shared: &Shared, needed: u64, slot: &mut Slot<'_>) -> Result<()
         .saturating_add(SPACE_MARGIN);
     drop(l);
     if all > free {
+        // What would fit, for the sender to hear before any data moves.
+        let most = free.saturating_sub(all - needed);
         return Err(Failure::Refused(
-            RefuseReason::TooLarge,
+            RefuseReason::TooLarge { most },
             format!("{needed} more bytes do not fit: {free} bytes free, keeping 1 GiB spare"),
         ));
     }

@@ -265,6 +265,7 @@ mod tests {
         Entry {
             path: path.iter().map(|s| (*s).to_owned()).collect(),
             kind,
+            meta: None,
         }
     }
 

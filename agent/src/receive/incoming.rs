@@ -226,6 +226,7 @@ async fn accept_and_receive(
             size_known: terms.size_known,
             key: Arc::clone(&shared.journal_key),
             stdout: shared.opts.stdout,
+            preserve: shared.opts.preserve,
             consent: asks,
             chat: shared
                 .opts

@@ -15,6 +15,7 @@ mod control;
 pub mod filename;
 mod incoming;
 mod journal;
+mod keep;
 pub mod outdir;
 mod report;
 mod resume;
@@ -64,8 +65,8 @@ pub struct RecvOptions {
     pub out_dir: PathBuf,
     /// Exit after one transfer.
     pub once: bool,
-    /// Largest transfer accepted.
-    pub max_size: u64,
+    /// Largest transfer accepted (`None`: whatever the free space allows).
+    pub max_size: Option<u64>,
     /// A transfer without new verified data for this long fails.
     pub progress_timeout: Duration,
     /// Report each event as a JSON line on stdout.
@@ -80,6 +81,9 @@ pub struct RecvOptions {
     pub trust_sender_hash: bool,
     /// Whom it takes transfers from, and whether it asks.
     pub policy: consent::Policy,
+    /// Apply the sender's permission bits and modification times (not with
+    /// `--no-preserve`).
+    pub preserve: bool,
     /// When it is the receiving half of a chat (`agent --chat`): where chat
     /// streams go (only its peers' are taken).
     pub chat: Option<chatsink::ChatLink>,

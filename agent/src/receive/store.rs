@@ -90,6 +90,8 @@ pub(super) struct Want {
     pub key: Arc<MacKey>,
     /// Files go to standard output (`--stdout`: one file, no tree).
     pub stdout: bool,
+    /// Apply the sender's modes and times (not with `--no-preserve`).
+    pub preserve: bool,
     /// The user is asked once the manifest verified, before any data.
     pub consent: Option<Consent>,
     /// For a chat stream: where its records go, its sender, and the key
@@ -127,6 +129,9 @@ enum Sink {
         /// Bytes written into the tree (counted from the data's start).
         written: u64,
         next_checkpoint: u64,
+        /// The manifest, whose modes and times are applied at the end
+        /// (none with `--no-preserve`).
+        keep: Option<Manifest>,
     },
 }
 
@@ -229,6 +234,7 @@ impl Sink {
             single_file,
             written: from,
             next_checkpoint: from + checkpoint::EVERY,
+            keep: job.preserve.then_some(m),
         };
         Ok(())
     }
@@ -286,6 +292,7 @@ impl Sink {
                 tops,
                 files,
                 single_file,
+                keep,
                 ..
             } => {
                 if let Err(e) = checkpoints.finish(None) {
@@ -295,13 +302,16 @@ impl Sink {
                     }
                     return Err(storage(e));
                 }
-                let paths = tree.place(&tops).map_err(|e| match e {
+                let (paths, notes) = tree.place(&tops, keep.as_ref()).map_err(|e| match e {
                     PlaceError::NoFreeName(why) => Failure::Failed(
                         AbortReason::NoFreeName,
                         format!("nothing was placed: {why}"),
                     ),
                     PlaceError::Io(e) => storage(e),
                 })?;
+                for n in notes {
+                    crate::output::err_line(&format!("note: {n}"));
+                }
                 What::Items {
                     items: tops.into_iter().map(|t| t.name).zip(paths).collect(),
                     files,

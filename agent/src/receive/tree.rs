@@ -24,6 +24,7 @@ use rustix::io::Errno;
 use sha2::{Digest as _, Sha256};
 
 use super::filename::{self, TopLevel};
+use super::keep;
 use super::outdir::inode;
 use super::staging::Staging;
 
@@ -308,7 +309,15 @@ impl TreeWriter {
     /// If anything fails, nothing is placed and the staging directory is
     /// removed all the same: what verified cannot be resumed into a place
     /// (the next attempt would meet the same wall), and is not kept hidden.
-    pub fn place(self, tops: &[TopLevel]) -> Result<Vec<PathBuf>, PlaceError> {
+    ///
+    /// With `keep`, each entry's mode and time as the sender keeps them are
+    /// applied first ([`keep`]), a top-level directory's own once placed;
+    /// what was not applied as sent comes back as notes.
+    pub fn place(
+        self,
+        tops: &[TopLevel],
+        keep: Option<&Manifest>,
+    ) -> Result<(Vec<PathBuf>, keep::Notes), PlaceError> {
         let synced = self
             .paths_of(&self.written)
             .iter()
@@ -318,15 +327,41 @@ impl TreeWriter {
         let staging = Arc::try_unwrap(staging).map_err(|_| {
             PlaceError::Io(io::Error::other("the staging directory is still in use"))
         })?;
+        let umask = keep::umask();
+        let mut notes = keep::Notes::new();
         let moved = synced
+            .and_then(|()| match keep {
+                Some(m) => keep::inside(staging.tree(), m, umask).map(|n| notes = n),
+                None => Ok(()),
+            })
             .map_err(PlaceError::Io)
             .and_then(|()| move_items(&staging, tops));
         match moved {
-            Ok(paths) => {
+            Ok(placed) => {
+                // A top-level directory's own mode and time, now it is placed.
+                for (i, (at, built)) in placed.iter().enumerate() {
+                    let meta = keep.and_then(|m| {
+                        m.entries
+                            .iter()
+                            .find(|e| e.kind == EntryKind::Dir && e.path == [tops[i].name.as_str()])
+                            .and_then(|e| e.meta)
+                    });
+                    if let Some(meta) = meta {
+                        let out = staging.out();
+                        keep::placed(out.fd(), at, *built, &meta, umask, &mut notes)?;
+                    }
+                }
+                let out = staging_out_path(&staging);
                 staging.remove().map_err(PlaceError::Io)?;
-                Ok(paths)
+                Ok((
+                    placed.into_iter().map(|(at, _)| out.join(at)).collect(),
+                    notes,
+                ))
             }
             Err(e) => {
+                if let Some(m) = keep {
+                    keep::loosen(staging.tree(), m);
+                }
                 let _ = staging.remove();
                 Err(e)
             }
@@ -351,13 +386,22 @@ impl From<Errno> for PlaceError {
     }
 }
 
+/// Where a top-level item went, and which inode it is.
+type PlacedItem = (String, (u64, u64));
+
+/// The out dir's path, for the paths placed items are reported at.
+fn staging_out_path(staging: &Staging) -> PathBuf {
+    staging.out().path().to_owned()
+}
+
 /// Moves each top-level item from the staging tree into the out dir (all
-/// or none), and syncs the out dir; returns where they went.
-fn move_items(staging: &Staging, tops: &[TopLevel]) -> Result<Vec<PathBuf>, PlaceError> {
+/// or none), and syncs the out dir; returns the name each went to and its
+/// inode.
+fn move_items(staging: &Staging, tops: &[TopLevel]) -> Result<Vec<PlacedItem>, PlaceError> {
     let out = Arc::clone(staging.out());
-    let mut placed: Vec<(&str, String)> = Vec::new();
-    let undo = |placed: &[(&str, String)]| {
-        for (name, at) in placed.iter().rev() {
+    let mut placed: Vec<(&str, String, (u64, u64))> = Vec::new();
+    let undo = |placed: &[(&str, String, (u64, u64))]| {
+        for (name, at, _) in placed.iter().rev() {
             let _ = rustix::fs::renameat_with(
                 out.fd(),
                 at.as_str(),
@@ -417,10 +461,10 @@ fn move_items(staging: &Staging, tops: &[TopLevel]) -> Result<Vec<PathBuf>, Plac
                 out.path().join(&at).display()
             ))));
         }
-        placed.push((&top.name, at));
+        placed.push((&top.name, at, ours));
     }
     rustix::fs::fsync(out.fd())?;
-    Ok(placed.iter().map(|(_, at)| out.path().join(at)).collect())
+    Ok(placed.into_iter().map(|(_, at, ino)| (at, ino)).collect())
 }
 
 #[cfg(test)]
@@ -460,6 +504,7 @@ mod tests {
         Entry {
             path: path.iter().map(|s| (*s).to_owned()).collect(),
             kind,
+            meta: None,
         }
     }
 
@@ -491,7 +536,7 @@ mod tests {
         // Cut across the file boundary on purpose.
         w.write(b"xy").unwrap();
         w.write(b"zhi").unwrap();
-        let placed = w.place(&check_manifest(&m).unwrap()).unwrap();
+        let (placed, _) = w.place(&check_manifest(&m).unwrap(), None).unwrap();
         assert_eq!(placed, [d.join("a (1)"), d.join("b (1).txt")]);
         assert_eq!(fs::read(d.join("a (1)/x")).unwrap(), b"xyz");
         assert_eq!(fs::read(d.join("b (1).txt")).unwrap(), b"hi");
@@ -521,7 +566,7 @@ mod tests {
         )
         .unwrap();
         w.write(b"xyzhi").unwrap();
-        let err = w.place(&check_manifest(&m).unwrap()).unwrap_err();
+        let err = w.place(&check_manifest(&m).unwrap(), None).unwrap_err();
         assert!(matches!(err, PlaceError::NoFreeName(_)), "{err}");
         assert!(err.to_string().contains("all exist"), "{err}");
         // `a` was placed first, and moved back when `b.txt` could not be.
@@ -561,7 +606,7 @@ mod tests {
         // Resuming at 2 cuts `x` to two bytes and empties `b.txt`.
         let mut w = TreeWriter::resume(staging, &m, 2).unwrap();
         w.write(b"Zhi").unwrap();
-        w.place(&check_manifest(&m).unwrap()).unwrap();
+        w.place(&check_manifest(&m).unwrap(), None).unwrap();
         assert_eq!(fs::read(d.join("a/x")).unwrap(), b"xyZ");
         assert_eq!(fs::read(d.join("b.txt")).unwrap(), b"hi");
         fs::remove_dir_all(d).unwrap();

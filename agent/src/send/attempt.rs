@@ -126,7 +126,7 @@ pub(crate) async fn offer_to(
         .await
         .map_err(before)?;
     let fp = receiver_key.fingerprint();
-    let identity = Arc::clone(&ctx.identity);
+    let (size, identity) = (terms.size, Arc::clone(&ctx.identity));
     let (sender, receiver) = (ctx.name.clone(), to.clone());
     let (pending, offer) = tokio::task::spawn_blocking(move || {
         make_offer(OfferParams {
@@ -162,6 +162,7 @@ pub(crate) async fn offer_to(
             return Err(before(AgentError::Refused {
                 peer: to.to_string(),
                 reason,
+                size,
             }));
         }
         Ok(Some(Message::Error {

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use glob::{MatchOptions, Pattern};
 use keyferry_common::encode::Encoder;
 use keyferry_common::ids::StreamId;
-use keyferry_common::manifest::{Entry, EntryKind, MAX_DEPTH, MAX_ENTRIES, Manifest};
+use keyferry_common::manifest::{Entry, EntryKind, MAX_DEPTH, MAX_ENTRIES, Manifest, Meta};
 use keyferry_common::name::AgentName;
 use keyferry_common::wire::chunk::ChunkFrame;
 use keyferry_common::wire::record::{MAX_MANIFEST, manifest_hash};
@@ -108,6 +108,7 @@ impl Source {
                 entries: vec![Entry {
                     path: vec![name.to_owned()],
                     kind: EntryKind::Stream,
+                    meta: None,
                 }],
             },
             files: Vec::new(),
@@ -229,6 +230,7 @@ impl Source {
             self.manifest.entries.push(Entry {
                 path: at,
                 kind: EntryKind::File { size: m.len() },
+                meta: Some(meta(m)),
             });
             self.total = self
                 .total
@@ -246,6 +248,7 @@ impl Source {
         self.manifest.entries.push(Entry {
             path: at.clone(),
             kind: EntryKind::Dir,
+            meta: Some(meta(m)),
         });
         let mut children: Vec<fs::DirEntry> = fs::read_dir(&path)
             .map_err(|e| unreadable(&path, e.to_string()))?
@@ -302,6 +305,16 @@ impl Source {
             }
         }
         Ok(())
+    }
+}
+
+/// How the sender keeps `m`: its permission bits (no set-uid, set-gid or
+/// sticky bit) and its modification time.
+fn meta(m: &fs::Metadata) -> Meta {
+    Meta {
+        mode: u16::try_from(m.mode() & 0o777).unwrap_or(0o600),
+        mtime_s: m.mtime(),
+        mtime_ns: u32::try_from(m.mtime_nsec()).unwrap_or(0),
     }
 }
 

@@ -259,7 +259,7 @@ impl Agent {
         let opts = RecvOptions {
             out_dir: out.to_owned(),
             once,
-            max_size: 4 << 30,
+            max_size: None,
             progress_timeout: Duration::from_secs(60),
             json: false,
             stdout: false,
@@ -267,6 +267,7 @@ impl Agent {
             trust_sender_hash: false,
             policy: keyferry_agent::receive::consent::Policy::Anyone,
             chat: None,
+            preserve: false,
         };
         let online_before = broker.logs.text().matches(&self.online_line()).count();
         let task = tokio::spawn(receive(ctx, opts));

@@ -28,8 +28,12 @@ pub struct SignedOffer {
 /// Why a receiver refused an offer (sent back to the sender, unauthenticated).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RefuseReason {
-    /// Larger than the receiver's `--max-size`, or than its free space.
-    TooLarge,
+    /// Larger than the receiver takes now: its `--max-size`, or its free
+    /// space less the margin it keeps, or a message's limit.
+    TooLarge {
+        /// The most it takes now, in bytes.
+        most: u64,
+    },
     /// The receiver is busy (too many concurrent transfers).
     Busy,
     /// The sender's key does not match the receiver's pin for it.
