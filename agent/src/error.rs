@@ -121,6 +121,11 @@ pub enum AgentError {
         /// What failed.
         detail: String,
     },
+    /// A resumed prefix of the source changed since it was first read and
+    /// marked (in place, with the same size and time): the receiver drops
+    /// what it kept and the next attempt sends everything again.
+    #[error("{0} changed since it was first sent; sending everything again from byte 0")]
+    PrefixChanged(String),
     /// The receiver refused.
     #[error("{peer} refused the transfer: {}", refuse_text(*.reason, *.size))]
     Refused {
@@ -294,6 +299,10 @@ fn abort_text(r: AbortReason) -> &'static str {
             "the receiver refused what was sent (a name or size its rules do not allow)"
         }
         AbortReason::Declined => "the receiver's user declined it; nothing was written",
+        AbortReason::PrefixDamaged => {
+            "the receiver found the part it kept from an earlier attempt damaged on its disk, \
+             and dropped it"
+        }
         AbortReason::NoAnswer => {
             "the receiver's user did not answer in time, so it was refused; nothing was written"
         }
@@ -318,7 +327,7 @@ impl AgentError {
             | Self::LookupFailed { .. }
             | Self::NobodyReceiving(_) => exit::PEER_UNAVAILABLE,
             Self::PeerKeyMismatch(_) => exit::PEER_KEY_MISMATCH,
-            Self::FileUnreadable { .. } => exit::FILE_UNREADABLE,
+            Self::FileUnreadable { .. } | Self::PrefixChanged(_) => exit::FILE_UNREADABLE,
             Self::Refused { .. }
             | Self::ReceiverAborted(
                 AbortReason::NoFreeName | AbortReason::Declined | AbortReason::NoAnswer,

@@ -373,9 +373,11 @@ fn a_tampered_journal_is_not_believed_and_the_transfer_starts_again_from_byte_0(
 #[test]
 fn a_prefix_damaged_on_disk_is_caught_and_the_transfer_starts_again_from_byte_0() {
     // The journal is intact and counts the prefix, but a byte of the prefix
-    // changed on disk while the receiver was down. The receiver hashes the
-    // prefix as it reads it back, the sender's check of that hash fails, and
-    // the transfer starts again: the damage never reaches the placed file.
+    // changed on disk while the receiver was down. The receiver answers at
+    // once and reads the prefix back while the rest arrives, against the
+    // marks its journal kept: the damage is found, the transfer fails
+    // (PrefixDamaged) with the prefix dropped, and the sender's retry starts
+    // from byte 0: the damage never reaches the placed file.
     let t = interrupted(4);
     let part = assert_staged(t.out.path()).join("t/big.bin");
     let len = std::fs::metadata(&part).unwrap().len();
@@ -392,11 +394,13 @@ fn a_prefix_damaged_on_disk_is_caught_and_the_transfer_starts_again_from_byte_0(
     assert_eq!(report["resumed_from"], 0, "{report}");
     assert_eq!(report["sha256"], t.sha.as_str(), "{report}");
     assert!(
-        sent.stderr
-            .contains("that are not these; starting again from byte 0"),
+        sent.stderr.contains("damaged on its disk, and dropped it"),
         "{}",
         sent.stderr
     );
+    again
+        .stderr
+        .wait_for("changed on disk since they verified", WAIT);
     let line = again.stdout.wait_for("received big.bin", WAIT);
     assert!(!line.contains("resumed"), "{line}");
     assert_eq!(hash_file(&t.out.join("big.bin")), (HALF, t.sha.clone()));
@@ -447,9 +451,12 @@ fn a_source_appended_to_while_interrupted_is_never_resumed_into() {
 
 #[test]
 fn a_source_rewritten_with_its_old_mtime_starts_again_from_byte_0() {
-    // The sender cannot tell this change (same inode, size and mtime): the
-    // receiver's prefix does not hash to the sender's bytes, so the sender
-    // starts again from byte 0 and the new content arrives whole.
+    // The sender cannot tell this change (same inode, size and mtime) by
+    // looking: it resumes at once from its marks, and its check of the
+    // prefix against them, running beside the upload, finds the change
+    // before the trailer; the attempt is abandoned (the receiver drops what
+    // it kept) and the next one sends everything, so the new content arrives
+    // whole and nothing mixed is ever placed.
     let t = interrupted(7);
     let old = std::fs::metadata(&t.file).unwrap().modified().unwrap();
     let mut f = std::fs::OpenOptions::new()
@@ -472,7 +479,7 @@ fn a_source_rewritten_with_its_old_mtime_starts_again_from_byte_0() {
     assert_eq!(report["sha256"], new_sha.as_str(), "{report}");
     assert!(
         sent.stderr
-            .contains("that are not these; starting again from byte 0"),
+            .contains("changed since it was first sent; sending everything again from byte 0"),
         "{}",
         sent.stderr
     );

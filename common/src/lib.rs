@@ -31,6 +31,7 @@ pub mod chat;
 pub mod crypto;
 pub mod encode;
 pub mod handshake;
+pub mod hashstate;
 pub mod identity;
 pub mod ids;
 #[cfg(feature = "io")]

@@ -15,8 +15,8 @@ use keyferry_common::wire::message::{AbortReason, Message, RefuseReason};
 use tokio::sync::{mpsc, oneshot};
 
 use super::consent::Consent;
+use super::job::{Job, Want};
 use super::report::{self, Placed};
-use super::store::{Job, Want};
 use super::{Failure, Shared, admit, stream};
 use crate::client::{CONNECT_TIMEOUT, open_data};
 use crate::error::AgentError;

@@ -21,15 +21,19 @@ use keyferry_common::ids::StreamId;
 use keyferry_common::name::{AgentName, MAX_NAME_LEN};
 
 /// The journal's format number.
-const FORMAT: u16 = 2;
+const FORMAT: u16 = 3;
+/// The format before it, still read: no hash state, no marks.
+const FORMAT_PLAIN: u16 = 2;
 /// The format before it, still read: it ends in a SHA-256 state, skipped.
 const FORMAT_WITH_STATE: u16 = 1;
 /// The MAC's context label.
 const LABEL: &str = "keyferry/v2 journal";
 /// How long a journal may be resumed from.
 pub const MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
-/// A format 1 journal's SHA-256 state is never longer than this.
-const MAX_STATE: usize = 256;
+/// A SHA-256 state is never longer than this.
+const MAX_STATE: usize = keyferry_common::hashstate::MAX_STATE;
+/// Most marks a journal holds (one per 64 MiB checkpoint: 1.5 TiB of data).
+pub const MAX_MARKS: usize = 25_000;
 
 /// One transfer's resumable state.
 #[derive(Debug, Clone)]
@@ -48,6 +52,13 @@ pub struct Journal {
     pub verified: u64,
     /// When the transfer first began, Unix seconds.
     pub created: u64,
+    /// The SHA-256 state of the data's first `verified` bytes, for the
+    /// stream's hash to run on from without reading them back (none from a
+    /// receiver that takes the sender's hash, or from an older journal).
+    pub state: Option<Vec<u8>>,
+    /// At each checkpoint: an offset and the SHA-256 of the data up to it,
+    /// against which the prefix on disk is checked while the rest arrives.
+    pub marks: Vec<(u64, [u8; 32])>,
 }
 
 /// Why a journal is not believed.
@@ -72,7 +83,18 @@ impl Journal {
             .u64(self.total)
             .u64(self.verified)
             .u64(self.created)
+            .bytes(self.state.as_deref().unwrap_or_default())
+            .u32(u32::try_from(self.marks.len()).unwrap_or(u32::MAX))
+            .fixed(&self.marks_bytes())
             .finish()
+    }
+
+    fn marks_bytes(&self) -> Vec<u8> {
+        let mut e = Encoder::default();
+        for (at, digest) in &self.marks {
+            e.u64(*at).fixed(digest);
+        }
+        e.finish()
     }
 
     /// The journal's bytes, MACed under `key`.
@@ -97,7 +119,7 @@ impl Journal {
         mac::verify(key, &[&Encoder::new(LABEL).finish(), fields], tag).map_err(bad)?;
         let mut d = Decoder::new(fields);
         let format = d.u16().map_err(bad)?;
-        if format != FORMAT && format != FORMAT_WITH_STATE {
+        if ![FORMAT, FORMAT_PLAIN, FORMAT_WITH_STATE].contains(&format) {
             return Err(JournalError::Invalid);
         }
         let origin = StreamId(d.array().map_err(bad)?);
@@ -108,11 +130,24 @@ impl Journal {
         let total = d.u64().map_err(bad)?;
         let verified = d.u64().map_err(bad)?;
         let created = d.u64().map_err(bad)?;
+        let (mut state, mut marks) = (None, Vec::new());
         if format == FORMAT_WITH_STATE {
             d.bytes(MAX_STATE).map_err(bad)?;
         }
+        if format == FORMAT {
+            let s = d.bytes(MAX_STATE).map_err(bad)?;
+            state = (!s.is_empty()).then(|| s.to_vec());
+            let n = d.u32().map_err(bad)? as usize;
+            if n > MAX_MARKS {
+                return Err(JournalError::Invalid);
+            }
+            for _ in 0..n {
+                marks.push((d.u64().map_err(bad)?, d.array().map_err(bad)?));
+            }
+        }
         d.finish().map_err(bad)?;
-        if verified > total {
+        let ordered = marks.windows(2).all(|w| w[0].0 < w[1].0);
+        if verified > total || !ordered || marks.last().is_some_and(|m| m.0 > verified) {
             return Err(JournalError::Invalid);
         }
         if now.saturating_sub(created) > MAX_AGE.as_secs() || created > now + 300 {
@@ -126,6 +161,8 @@ impl Journal {
             total,
             verified,
             created,
+            state,
+            marks,
         })
     }
 }
@@ -143,6 +180,8 @@ mod tests {
             total: 1 << 30,
             verified: 100,
             created: 1_800_000_000,
+            state: Some(vec![3; 104]),
+            marks: vec![(40, [4; 32]), (100, [5; 32])],
         }
     }
 
@@ -158,13 +197,37 @@ mod tests {
         );
     }
 
+    fn same_marks(a: &Journal, b: &Journal) {
+        same(a, b);
+        assert_eq!((&a.state, &a.marks), (&b.state, &b.marks));
+    }
+
+    /// A format 2 journal's fields (no state, no marks).
+    fn plain_fields(j: &Journal) -> Vec<u8> {
+        Encoder::default()
+            .u16(FORMAT_PLAIN)
+            .fixed(&j.origin.0)
+            .bytes(j.sender.as_str().as_bytes())
+            .fixed(&j.sender_fp.0)
+            .fixed(&j.manifest_hash)
+            .u64(j.total)
+            .u64(j.verified)
+            .u64(j.created)
+            .finish()
+    }
+
     #[test]
     fn a_journal_round_trips() {
         let key = MacKey::from_bytes([9; 32]);
         let j = journal();
         let bytes = j.encode(&key);
-        assert_eq!(bytes[..2], [0, 2]);
-        same(&Journal::decode(&bytes, &key, j.created + 60).unwrap(), &j);
+        assert_eq!(bytes[..2], [0, 3]);
+        same_marks(&Journal::decode(&bytes, &key, j.created + 60).unwrap(), &j);
+        // Marks out of order, or past what verified, are not believed.
+        for marks in [vec![(50, [0; 32]), (40, [0; 32])], vec![(101, [0; 32])]] {
+            let bad = Journal { marks, ..journal() };
+            assert!(Journal::decode(&bad.encode(&key), &key, j.created + 60).is_err());
+        }
     }
 
     #[test]
@@ -173,15 +236,21 @@ mod tests {
         // length-prefixed SHA-256 state (104 bytes), then the MAC.
         let key = MacKey::from_bytes([9; 32]);
         let j = journal();
-        let mut fields = j.fields();
+        let mut fields = plain_fields(&j);
         fields[..2].copy_from_slice(&FORMAT_WITH_STATE.to_be_bytes());
         fields.extend_from_slice(&104u32.to_be_bytes());
         fields.extend_from_slice(&[5; 104]);
         let tag = mac::tag(&key, &[&Encoder::new(LABEL).finish(), &fields]);
         let old = [fields.as_slice(), &tag].concat();
         same(&Journal::decode(&old, &key, j.created + 60).unwrap(), &j);
+        // A format 2 journal is read, without state or marks.
+        let fields = plain_fields(&j);
+        let tag = mac::tag(&key, &[&Encoder::new(LABEL).finish(), &fields]);
+        let two = Journal::decode(&[fields.as_slice(), &tag].concat(), &key, j.created + 60);
+        let two = two.unwrap();
+        assert!(two.state.is_none() && two.marks.is_empty());
         // A format 2 journal with a state behind it is not one.
-        let mut fields = j.fields();
+        let mut fields = plain_fields(&j);
         fields.extend_from_slice(&104u32.to_be_bytes());
         fields.extend_from_slice(&[5; 104]);
         let tag = mac::tag(&key, &[&Encoder::new(LABEL).finish(), &fields]);

@@ -357,6 +357,8 @@ mod tests {
             total: 10,
             verified: 5,
             created,
+            state: None,
+            marks: Vec::new(),
         }
     }
 

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use keyferry_common::crypto::keys::MacKey;
 use keyferry_common::handshake::ResumePoint;
+use keyferry_common::hashstate;
 use keyferry_common::identity::Fingerprint;
 use keyferry_common::ids::StreamId;
 use keyferry_common::manifest::Manifest;
@@ -28,6 +29,7 @@ use sha2::{Digest as _, Sha256};
 use super::Failure;
 use super::journal::Journal;
 use super::outdir::{OutDir, StagingId};
+use super::prefix::PrefixCheck;
 use super::staging::Staging;
 use super::tree::TreeWriter;
 
@@ -48,6 +50,8 @@ pub struct Place {
     pub resume: Option<Resume>,
     /// What the accept says this receiver holds.
     pub point: ResumePoint,
+    /// The kept prefix being checked against its journal meanwhile.
+    pub check: Option<PrefixCheck>,
 }
 
 impl Place {
@@ -102,7 +106,7 @@ pub fn prepare(out: &Arc<OutDir>, key: &MacKey, o: &Origin, now: u64) -> Result<
         && let Some(staging) = out.existing(&id).map_err(storage)?
     {
         match held(&staging, key, o, now) {
-            Ok((journal, m, hasher)) => {
+            Ok((journal, m, hasher, check)) => {
                 let prefix: [u8; 32] = hasher.clone().finalize().into();
                 notice!(
                     "resuming the transfer from {} at {} of {} bytes ({} file(s), verified)",
@@ -124,6 +128,7 @@ pub fn prepare(out: &Arc<OutDir>, key: &MacKey, o: &Origin, now: u64) -> Result<
                     },
                     staging,
                     journal,
+                    check,
                 });
             }
             Err(why) => {
@@ -146,20 +151,27 @@ pub fn prepare(out: &Arc<OutDir>, key: &MacKey, o: &Origin, now: u64) -> Result<
             total: o.total,
             verified: 0,
             created: now,
+            state: None,
+            marks: Vec::new(),
         },
         resume: None,
         point: ResumePoint::none(),
+        check: None,
     })
 }
 
 /// The journal and manifest of `staging`, if they can be trusted for `o`,
-/// and the SHA-256 state after the prefix its tree holds.
+/// the SHA-256 state after the prefix its tree holds, and the check of that
+/// prefix running meanwhile. A journal that keeps the state (format 3) is
+/// answered at once: the prefix is read back on a thread of its own,
+/// checked against the journal's marks while the rest arrives. An older
+/// one (or one of a receiver that keeps no hash) is read back first.
 fn held(
     staging: &Staging,
     key: &MacKey,
     o: &Origin,
     now: u64,
-) -> Result<(Journal, Manifest, Sha256), String> {
+) -> Result<(Journal, Manifest, Sha256, Option<PrefixCheck>), String> {
     let j = staging.read_journal(key, now).map_err(|e| e.to_string())?;
     if j.origin != o.origin || j.sender != o.sender || j.sender_fp != o.sender_fp {
         return Err("its journal belongs to another transfer or sender".into());
@@ -181,6 +193,21 @@ fn held(
     }
     let m = Manifest::decode(&body).map_err(|e| e.to_string())?;
     TreeWriter::holds(staging, &m, j.verified).map_err(|e| e.to_string())?;
+    if let Some(state) = j.state.as_deref().and_then(hashstate::deserialize) {
+        let mut marks: Vec<_> = j
+            .marks
+            .iter()
+            .copied()
+            .filter(|(at, _)| *at < j.verified)
+            .collect();
+        marks.push((j.verified, state.clone().finalize().into()));
+        let tree = staging
+            .tree()
+            .try_clone_to_owned()
+            .map_err(|e| format!("its tree cannot be read ({e})"))?;
+        let check = PrefixCheck::start(tree, m.clone(), marks);
+        return Ok((j, m, state, Some(check)));
+    }
     let deadline = Instant::now() + READ_BACK_LIMIT;
     let prefix =
         TreeWriter::prefix_hash(staging, &m, j.verified, deadline).map_err(|e| match e.kind() {
@@ -191,5 +218,5 @@ fn held(
             ),
             _ => format!("its tree cannot be read back ({e})"),
         })?;
-    Ok((j, m, prefix))
+    Ok((j, m, prefix, None))
 }

@@ -20,8 +20,8 @@ use super::outdir::{OutDir, inode, open_private_dir, remove_all_at};
 const TREE: &str = "t";
 const JOURNAL: &str = "journal";
 const MANIFEST: &str = "manifest";
-/// Largest journal read back.
-const MAX_JOURNAL: usize = 1024;
+/// Largest journal read back (its marks: one per 64 MiB of data).
+const MAX_JOURNAL: usize = 1 << 20;
 
 /// Why a staging directory's journal cannot be used.
 #[derive(Debug, thiserror::Error)]

@@ -9,103 +9,25 @@
 
 use std::io::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
-use keyferry_common::crypto::keys::MacKey;
 use keyferry_common::handshake::Kind;
-use keyferry_common::identity::PublicKey;
 use keyferry_common::manifest::{EntryKind, Manifest};
-use keyferry_common::name::AgentName;
-use keyferry_common::transfer::{Opened, RecvError, RecvStream, TrailerVerified};
+use keyferry_common::transfer::{Opened, RecvStream, TrailerVerified};
 use keyferry_common::wire::message::AbortReason;
-use tokio::sync::mpsc;
 
 use super::Failure;
-use super::chatsink::{ChatIn, ChatLink};
+use super::chatsink::ChatIn;
 use super::checkpoint::{self, Checkpoints};
-use super::consent::Consent;
 use super::filename::{self, TopLevel};
-use super::journal::Journal;
+use super::job::{
+    Job, Pipe, Received, Stopped, Want, damaged, policy, storage, storage_stdout, verification,
+};
+use super::journal::{Journal, MAX_MARKS};
+use super::prefix::PrefixCheck;
 use super::report::{Placed, What};
 use super::resume::Place;
 use super::tree::{PlaceError, TreeWriter};
-
-/// A refused record, as the sender is told and the user reads it.
-pub(super) fn verification(e: RecvError) -> Failure {
-    let reason = match e {
-        RecvError::Aborted(reason) => reason,
-        _ => AbortReason::VerificationFailed,
-    };
-    Failure::Failed(reason, e.to_string())
-}
-
-fn policy(why: String) -> Failure {
-    Failure::Failed(AbortReason::Policy, why)
-}
-
-fn storage(e: std::io::Error) -> Failure {
-    Failure::Failed(AbortReason::Storage, format!("cannot store the data: {e}"))
-}
-
-fn storage_stdout(e: &std::io::Error) -> Failure {
-    Failure::Failed(
-        AbortReason::Storage,
-        format!("cannot write to standard output: {e}"),
-    )
-}
-
-/// The opening thread's ends of the channels: frame payloads in, empty
-/// buffers back, and the count of verified plaintext bytes out (the stream's
-/// progress).
-pub(super) struct Pipe {
-    pub payloads: mpsc::Receiver<Vec<u8>>,
-    pub free: std::sync::mpsc::Sender<Vec<u8>>,
-    pub progress: Arc<AtomicU64>,
-    /// The session key in use (0 for the first), for the progress bar.
-    pub epoch: Arc<AtomicU32>,
-}
-
-/// Why the opening thread stopped without a verified stream.
-pub(super) enum Stopped {
-    /// It refused something, or could not store it: the real cause.
-    Failed(Failure),
-    /// Its input ended: the reading task knows why.
-    InputEnded,
-}
-
-/// What the opening thread is given: the stream, what the terms promised,
-/// and where files go.
-pub(super) struct Job {
-    pub stream: RecvStream,
-    pub want: Want,
-    pub place: Option<Place>,
-}
-
-/// What the verified terms promised.
-pub(super) struct Want {
-    pub kind: Kind,
-    pub declared: u64,
-    pub size_known: bool,
-    /// The journal key.
-    pub key: Arc<MacKey>,
-    /// Files go to standard output (`--stdout`: one file, no tree).
-    pub stdout: bool,
-    /// Apply the sender's modes and times (not with `--no-preserve`).
-    pub preserve: bool,
-    /// The user is asked once the manifest verified, before any data.
-    pub consent: Option<Consent>,
-    /// For a chat stream: where its records go, its sender, and the key
-    /// that signs its lines.
-    pub chat: Option<(ChatLink, AgentName, PublicKey)>,
-}
-
-/// A verified, stored transfer.
-pub(super) struct Received {
-    /// What it left, to report.
-    pub placed: Placed,
-    /// The receipt to send.
-    pub receipt: [u8; 32],
-}
 
 /// Where chunks go.
 enum Sink {
@@ -132,6 +54,8 @@ enum Sink {
         /// The manifest, whose modes and times are applied at the end
         /// (none with `--no-preserve`).
         keep: Option<Manifest>,
+        /// The kept prefix's check, running while the rest arrives.
+        check: Option<PrefixCheck>,
     },
 }
 
@@ -206,9 +130,14 @@ impl Sink {
             .take()
             .ok_or_else(|| policy("files where none were offered".into()))?;
         let mut journal = place.journal;
+        // A prefix the sender does not resume from is not checked (its
+        // tree is about to be emptied).
+        let check = place.check.filter(|_| from > 0);
         let tree = if from == 0 {
             journal.manifest_hash = stream.manifest_hash();
             journal.verified = 0;
+            journal.state = None;
+            journal.marks.clear();
             let tree = TreeWriter::fresh(place.staging, &m).map_err(storage)?;
             tree.staging().write_manifest(body).map_err(storage)?;
             tree.staging()
@@ -235,6 +164,7 @@ impl Sink {
             written: from,
             next_checkpoint: from + checkpoint::EVERY,
             keep: job.preserve.then_some(m),
+            check,
         };
         Ok(())
     }
@@ -257,12 +187,25 @@ impl Sink {
                 journal,
                 written,
                 next_checkpoint,
+                check,
                 ..
             } => {
+                // A prefix found damaged fails the transfer at once.
+                if check.as_ref().is_some_and(PrefixCheck::failed)
+                    && let Some(c) = check.take()
+                {
+                    return Err(damaged(c.wait()));
+                }
                 tree.write(plaintext).map_err(storage)?;
                 *written = stream.total();
                 if *written >= *next_checkpoint {
                     *next_checkpoint = *written + checkpoint::EVERY;
+                    // A mark to check the prefix against at a later resume.
+                    if let Some((_, digest)) = stream.hash_mark()
+                        && journal.marks.len() < MAX_MARKS
+                    {
+                        journal.marks.push((*written, digest));
+                    }
                     let files = tree.touched_files();
                     if checkpoints.offer(snapshot(journal, stream), files) {
                         tree.handed_over();
@@ -293,8 +236,19 @@ impl Sink {
                 files,
                 single_file,
                 keep,
+                check,
                 ..
             } => {
+                // Nothing is placed before the kept prefix proved good.
+                if let Some(c) = check
+                    && let Err(e) = c.wait()
+                {
+                    let _ = checkpoints.finish(None);
+                    if let Some(s) = tree.into_staging() {
+                        let _ = s.remove();
+                    }
+                    return Err(damaged(Err(e)));
+                }
                 if let Err(e) = checkpoints.finish(None) {
                     // A storage failure leaves nothing behind.
                     if let Some(s) = tree.into_staging() {
@@ -382,6 +336,7 @@ fn snapshot(journal: &Journal, stream: &RecvStream) -> Journal {
     Journal {
         verified: stream.total(),
         manifest_hash: stream.manifest_hash(),
+        state: stream.hash_mark().map(|(state, _)| state),
         ..journal.clone()
     }
 }

@@ -14,7 +14,8 @@ use tokio::sync::mpsc;
 
 use super::admit::Slot;
 use super::consent::Asked;
-use super::store::{Job, Pipe, Received, Stopped, open_and_store};
+use super::job::{Job, Pipe, Received, Stopped};
+use super::store::open_and_store;
 use super::{Failure, Shared};
 use crate::client::DataConn;
 use crate::progress::Progress;

@@ -13,7 +13,7 @@
 //! placed are moved back: nothing appears under a final name unless all do.
 
 use std::fs::File;
-use std::io::{self, Read as _, Seek as _, SeekFrom, Write as _};
+use std::io::{self, Seek as _, SeekFrom, Write as _};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,11 +21,12 @@ use std::time::Instant;
 use keyferry_common::manifest::{EntryKind, Manifest};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
-use sha2::{Digest as _, Sha256};
+use sha2::Sha256;
 
 use super::filename::{self, TopLevel};
 use super::keep;
 use super::outdir::inode;
+use super::prefix::read_prefix;
 use super::staging::Staging;
 
 /// One file's place in the data.
@@ -203,38 +204,14 @@ impl TreeWriter {
         offset: u64,
         deadline: Instant,
     ) -> io::Result<Sha256> {
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        for s in spans(m) {
-            if s.start >= offset {
-                break;
+        let late = || Instant::now() > deadline;
+        read_prefix(staging.tree(), m, offset, &[], &late).map_err(|e| {
+            if e.kind() == io::ErrorKind::Interrupted {
+                io::Error::new(io::ErrorKind::TimedOut, "reading it back takes too long")
+            } else {
+                e
             }
-            let mut left = (offset - s.start).min(s.size);
-            // Non-blocking, and a regular file only: nothing put in its
-            // place (a FIFO, say) can hold the receiver here.
-            let mut f = open_file(staging, &s.path, OFlags::RDONLY | OFlags::NONBLOCK)?;
-            if !f.metadata()?.is_file() {
-                return Err(io::Error::other("the received tree holds a non-file"));
-            }
-            while left > 0 {
-                if Instant::now() > deadline {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "reading it back takes too long",
-                    ));
-                }
-                let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
-                f.read_exact(&mut buf[..n]).map_err(|e| match e.kind() {
-                    io::ErrorKind::UnexpectedEof => {
-                        io::Error::other("the received tree lacks bytes its journal counts")
-                    }
-                    _ => e,
-                })?;
-                hasher.update(&buf[..n]);
-                left -= n as u64;
-            }
-        }
-        Ok(hasher)
+        })
     }
 
     /// The staging directory (shared with the checkpoint thread).
@@ -479,6 +456,7 @@ mod tests {
     use super::super::filename::check_manifest;
     use super::super::outdir::{OutDir, StagingId};
     use super::*;
+    use sha2::Digest as _;
 
     fn id(origin: StreamId) -> StagingId {
         StagingId::of(&origin, &keyferry_common::identity::Fingerprint([1; 32]))

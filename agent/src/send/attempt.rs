@@ -8,7 +8,6 @@
 //! transfer per receiver: new transfer and stream ids, new master keys, new
 //! ephemeral shares, a new stream root.
 
-use crate::output::notice;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,10 +20,12 @@ use keyferry_common::name::AgentName;
 use keyferry_common::transfer::{RekeyPolicy, SendStream, StreamStart};
 use keyferry_common::wire::message::{AbortReason, ErrorCode, Message, Role};
 use keyferry_common::wire::record::manifest_hash;
-use sha2::Digest as _;
 use tokio::task::JoinSet;
 
-use super::source::{Reader, Source};
+use super::marks::MarkLog;
+use super::reader::Reader;
+use super::resume;
+use super::source::Source;
 use super::{ANSWER_TIMEOUT, RECEIPT_TIMEOUT, SendOptions, peer_key, pipeline};
 use crate::client::{Ctx, Ticket, await_ticket, broker_error, conn_error, connect, open_upload};
 use crate::error::AgentError;
@@ -65,7 +66,7 @@ fn before(error: AgentError) -> Failed {
     }
 }
 
-fn after(error: AgentError) -> Failed {
+pub(super) fn after(error: AgentError) -> Failed {
     Failed {
         error,
         accepted: true,
@@ -199,35 +200,6 @@ pub(crate) async fn offer_to(
     })
 }
 
-/// Where the one receiver's data starts: its prefix, if it is ours.
-async fn start_for(source: &Arc<Source>, accepted: &Accepted) -> Result<StreamStart, Failed> {
-    let offset = accepted.resume_offset;
-    if offset == 0 {
-        return Ok(StreamStart::fresh());
-    }
-    // A pipe is never resumed (it cannot be read twice), and no prefix can
-    // be more than there is.
-    if !source.size_known || offset > source.total {
-        notice!("the receiver claims more than there is; starting again from byte 0");
-        return Ok(StreamStart::fresh());
-    }
-    let s = Arc::clone(source);
-    let prefix = tokio::task::spawn_blocking(move || Reader::prefix_hash(s, offset))
-        .await
-        .map_err(|e| after(e.into()))?
-        .map_err(after)?;
-    let hash: [u8; 32] = prefix.clone().finalize().into();
-    if accepted.resume_matches(&hash, &manifest_hash(&source.manifest.encode())) {
-        Ok(StreamStart {
-            offset,
-            hasher: prefix,
-        })
-    } else {
-        notice!("the receiver holds {offset} bytes that are not these; starting again from byte 0");
-        Ok(StreamStart::fresh())
-    }
-}
-
 /// Runs one attempt to every receiver in `to` (see the module docs).
 pub async fn run(
     ctx: &Ctx,
@@ -311,13 +283,15 @@ async fn upload(
             });
         }
     };
+    // The sender's marks of what it reads (a resume later starts from them).
+    let marks = marks_for(ctx, source);
     // One receiver resumes from its prefix; an upload to several starts at 0.
-    let start = match &ready[..] {
-        [one] => match start_for(source, &one.accepted).await {
+    let (start, check) = match &ready[..] {
+        [one] => match resume::start_for(source, &one.accepted, marks.as_ref()).await {
             Ok(s) => s,
             Err(f) => return vec![(one.to.clone(), Err(f))],
         },
-        _ => StreamStart::fresh(),
+        _ => (StreamStart::fresh(), None),
     };
     let resumed_from = start.offset;
     let began = Instant::now();
@@ -351,13 +325,17 @@ async fn upload(
         receivers,
         tids: &tids,
         asks: ready.iter().map(|h| h.accepted.ask_secs).collect(),
+        marks,
+        check,
     };
     let streamed = pipeline::stream_out(ctx, &mut data, reader, stream, upload, progress).await;
     let (stream, sha256, mut ended) = match streamed {
         Ok(done) => done,
         Err(e) => {
             let reason = match &e {
-                AgentError::FileUnreadable { .. } => AbortReason::Source,
+                AgentError::FileUnreadable { .. } | AgentError::PrefixChanged(_) => {
+                    AbortReason::Source
+                }
                 AgentError::Interrupted => AbortReason::Interrupted,
                 _ => AbortReason::VerificationFailed,
             };
@@ -380,6 +358,7 @@ async fn upload(
                     detail: detail.clone(),
                 },
                 AgentError::Interrupted => AgentError::Interrupted,
+                AgentError::PrefixChanged(what) => AgentError::PrefixChanged(what.clone()),
                 _ => AgentError::Verification(text.clone()),
             };
             return all_fail(&ready, &code_of);
@@ -451,6 +430,20 @@ async fn upload(
             (h.to, r)
         })
         .collect::<Vec<_>>()
+}
+
+/// The log of marks for what `source` sends, if it can be resumed at all.
+pub(super) fn marks_for(ctx: &Ctx, source: &Source) -> Option<Arc<MarkLog>> {
+    let id = source.data_id()?;
+    let key = ctx.home.journal_key().ok()?;
+    let manifest = manifest_hash(&source.manifest.encode());
+    Some(Arc::new(MarkLog::new(
+        ctx.home.dir(),
+        key,
+        &id,
+        &manifest,
+        source.total,
+    )))
 }
 
 /// The receivers' answers so far, by transfer.

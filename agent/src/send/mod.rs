@@ -10,7 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub(crate) mod attempt;
+mod marks;
 mod pipeline;
+pub mod reader;
+mod resume;
 pub mod source;
 
 use keyferry_common::identity::{Fingerprint, PublicKey};
@@ -134,8 +137,12 @@ fn transient(e: &AgentError) -> bool {
                 | AgentError::PeerUnavailable { .. }
                 | AgentError::LookupFailed { .. }
                 | AgentError::SessionEnded(_)
+                | AgentError::PrefixChanged(_)
                 | AgentError::ReceiverAborted(
-                    AbortReason::PeerGone | AbortReason::Timeout | AbortReason::Interrupted
+                    AbortReason::PeerGone
+                        | AbortReason::Timeout
+                        | AbortReason::Interrupted
+                        | AbortReason::PrefixDamaged
                 )
         )
 }
@@ -197,6 +204,12 @@ pub async fn send(ctx: &Ctx, opts: SendOptions) -> Result<Sent, AgentError> {
         }
     }
     progress.finish();
+    // Every receiver has it: the marks for a resume are of no more use.
+    if sent.failed.is_empty()
+        && let Some(marks) = attempt::marks_for(ctx, &source)
+    {
+        marks.remove();
+    }
     Ok(sent)
 }
 

@@ -17,7 +17,9 @@ use keyferry_common::wire::message::{AbortReason, Message};
 use keyferry_common::wire::record::DEFAULT_CHUNK;
 
 use super::attempt::Ended;
-use super::source::Reader;
+use super::marks::{EVERY as MARKS_EVERY, MarkLog};
+use super::reader::Reader;
+use super::resume::SourceCheck;
 use crate::client::{Ctx, DataConn, broker_error, conn_error};
 use crate::error::AgentError;
 use crate::progress::Progress;
@@ -165,6 +167,10 @@ pub(super) struct Upload<'a> {
     /// How long each receiver said it may take to ask its user (0: it does
     /// not ask), in the order of `tids`.
     pub asks: Vec<u32>,
+    /// Where the marks of what is read go (for a later resume).
+    pub marks: Option<Arc<MarkLog>>,
+    /// The check of a resumed prefix, which the trailer waits for.
+    pub check: Option<SourceCheck>,
 }
 
 /// Writes the stream's first frames (`head`: the root and the manifest),
@@ -188,6 +194,8 @@ pub(super) async fn stream_out(
         receivers,
         tids,
         asks,
+        marks,
+        mut check,
     } = upload;
     // Receivers that gave up while the stream went out (an upload to
     // several goes on for the others).
@@ -236,6 +244,7 @@ pub(super) async fn stream_out(
             };
             let mut sent = stream.total();
             let mut index = 0u64;
+            let mut next_mark = sent + MARKS_EVERY;
             // Standard input goes on as it comes, a piece per read, so a
             // slow producer's bytes do not wait; its end is an empty last
             // chunk.
@@ -275,6 +284,21 @@ pub(super) async fn stream_out(
                     Ok(o) => o,
                     Err(e) => return fail(e.into()),
                 };
+                if let Some(log) = &marks
+                    && sent >= next_mark
+                {
+                    next_mark = sent + MARKS_EVERY;
+                    let (state, digest) = stream.hash_mark();
+                    log.append(sent, &state, &digest);
+                }
+                // The trailer vouches for the whole data: a resumed prefix
+                // must have checked out first.
+                if last
+                    && let Some(c) = check.take()
+                    && let Err(e) = c.wait()
+                {
+                    return fail(e);
+                }
                 let (trailer, digest) = if last {
                     match stream.trailer(&identity, &receivers) {
                         Ok((t, d)) => (Some(t), Some(d)),

@@ -1,6 +1,6 @@
 //! What a sender sends (PROTOCOL.md §5.2): the `--file` paths walked into a
-//! manifest, and the one stream of bytes it describes, read back from any
-//! offset.
+//! manifest of the one stream of bytes it describes (read by
+//! [`super::reader`]), with each entry's mode and time.
 //!
 //! A path given on the command line is taken as the user named it (a link
 //! there is followed); below a directory, symbolic links are never followed
@@ -12,18 +12,15 @@
 //! reading it again (a retry) refuses one that changed, so a resumed
 //! transfer never mixes two versions of a file.
 
-use std::fs::{self, File};
-use std::io::{self, Read as _, Seek as _, SeekFrom};
-use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+use std::fs;
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use glob::{MatchOptions, Pattern};
 use keyferry_common::encode::Encoder;
 use keyferry_common::ids::StreamId;
 use keyferry_common::manifest::{Entry, EntryKind, MAX_DEPTH, MAX_ENTRIES, Manifest, Meta};
 use keyferry_common::name::AgentName;
-use keyferry_common::wire::chunk::ChunkFrame;
 use keyferry_common::wire::record::{MAX_MANIFEST, manifest_hash};
 use sha2::{Digest as _, Sha256};
 
@@ -32,15 +29,15 @@ use crate::receive::filename;
 
 /// Which version of a file was listed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Version {
+pub(super) struct Version {
     dev: u64,
     ino: u64,
-    size: u64,
+    pub(super) size: u64,
     mtime: (i64, i64),
 }
 
 impl Version {
-    fn of(m: &fs::Metadata) -> Self {
+    pub(super) fn of(m: &fs::Metadata) -> Self {
         Self {
             dev: m.dev(),
             ino: m.ino(),
@@ -52,9 +49,9 @@ impl Version {
 
 /// One file of the stream.
 #[derive(Debug, Clone)]
-struct SourceFile {
-    path: PathBuf,
-    version: Version,
+pub(super) struct SourceFile {
+    pub(super) path: PathBuf,
+    pub(super) version: Version,
 }
 
 /// How `--file` paths are walked.
@@ -71,15 +68,15 @@ pub struct Walk {
 pub struct Source {
     /// The manifest.
     pub manifest: Manifest,
-    files: Vec<SourceFile>,
-    text: Option<Vec<u8>>,
+    pub(super) files: Vec<SourceFile>,
+    pub(super) text: Option<Vec<u8>>,
     /// The total size (for standard input: the most it may carry).
     pub total: u64,
     /// Whether `total` is exact: false for standard input.
     pub size_known: bool,
 }
 
-fn unreadable(path: &Path, detail: impl Into<String>) -> AgentError {
+pub(super) fn unreadable(path: &Path, detail: impl Into<String>) -> AgentError {
     AgentError::FileUnreadable {
         path: path.to_owned(),
         detail: detail.into(),
@@ -165,6 +162,30 @@ impl Source {
         e.bytes(sender.as_str().as_bytes())
             .bytes(to.as_str().as_bytes())
             .fixed(&manifest_hash(&self.manifest.encode()))
+            .u32(u32::try_from(self.files.len()).unwrap_or(u32::MAX));
+        for f in &self.files {
+            let v = &f.version;
+            e.u64(v.dev)
+                .u64(v.ino)
+                .u64(v.size)
+                .u64(v.mtime.0 as u64)
+                .u64(v.mtime.1 as u64);
+        }
+        let digest = Sha256::digest(e.finish());
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&digest[..16]);
+        Some(StreamId(id))
+    }
+
+    /// What names the data alone (origin without sender and receiver): the
+    /// key of the sender's marks (PROTOCOL.md §6.4), the same for every
+    /// receiver of one upload. `None` for what is never resumed.
+    pub fn data_id(&self) -> Option<StreamId> {
+        if self.text.is_some() || !self.size_known {
+            return None;
+        }
+        let mut e = Encoder::new("keyferry/v4 data");
+        e.fixed(&manifest_hash(&self.manifest.encode()))
             .u32(u32::try_from(self.files.len()).unwrap_or(u32::MAX));
         for f in &self.files {
             let v = &f.version;
@@ -318,7 +339,7 @@ fn meta(m: &fs::Metadata) -> Meta {
     }
 }
 
-fn changed(path: &Path) -> AgentError {
+pub(super) fn changed(path: &Path) -> AgentError {
     unreadable(
         path,
         "it changed while it was being sent; nothing mixed was delivered, send it again",
@@ -333,140 +354,4 @@ fn excluded(walk: &Walk, name: &str, path: &str) -> bool {
     walk.exclude
         .iter()
         .any(|p| p.matches_with(name, opts) || p.matches_with(path, opts))
-}
-
-/// Reads the stream of a [`Source`] from an offset, file after file.
-#[derive(Debug)]
-pub struct Reader {
-    source: Arc<Source>,
-    /// Offset of the next byte.
-    pos: u64,
-    /// Index of the file holding it, and that file once opened.
-    index: usize,
-    file: Option<File>,
-    /// Where that file starts in the stream.
-    start: u64,
-}
-
-impl Reader {
-    /// A reader positioned at `offset`.
-    pub fn at(source: Arc<Source>, offset: u64) -> Self {
-        Self {
-            source,
-            pos: offset,
-            index: 0,
-            file: None,
-            start: 0,
-        }
-    }
-
-    /// Whether it reads standard input (of unknown size).
-    pub fn is_pipe(&self) -> bool {
-        !self.source.size_known
-    }
-
-    /// Fills `frame`'s plaintext with the next bytes.
-    pub fn fill(&mut self, frame: &mut ChunkFrame) -> Result<(), AgentError> {
-        self.read(frame.plaintext_mut())
-    }
-
-    /// Reads exactly `buf.len()` next bytes.
-    pub fn read(&mut self, mut buf: &mut [u8]) -> Result<(), AgentError> {
-        if let Some(text) = &self.source.text {
-            let at = usize::try_from(self.pos).unwrap_or(usize::MAX);
-            let src = text
-                .get(at..at + buf.len())
-                .ok_or_else(|| AgentError::Internal("read past the message".into()))?;
-            buf.copy_from_slice(src);
-            self.pos += buf.len() as u64;
-            return Ok(());
-        }
-        while !buf.is_empty() {
-            let source = Arc::clone(&self.source);
-            let Some(f) = source.files.get(self.index) else {
-                return Err(AgentError::Internal("read past the last file".into()));
-            };
-            let end = self.start + f.version.size;
-            if self.pos >= end {
-                self.file = None;
-                self.start = end;
-                self.index += 1;
-                continue;
-            }
-            let file = match &mut self.file {
-                Some(file) => file,
-                None => self.file.insert(open_version(f, self.pos - self.start)?),
-            };
-            let n = usize::try_from(end - self.pos)
-                .unwrap_or(usize::MAX)
-                .min(buf.len());
-            let (now, rest) = buf.split_at_mut(n);
-            file.read_exact(now).map_err(|e| match e.kind() {
-                io::ErrorKind::UnexpectedEof => changed(&f.path),
-                _ => unreadable(&f.path, e.to_string()),
-            })?;
-            self.pos += n as u64;
-            buf = rest;
-            if self.pos == end {
-                // Read whole: it must still be the version listed.
-                let m = file
-                    .metadata()
-                    .map_err(|e| unreadable(&f.path, e.to_string()))?;
-                if Version::of(&m) != f.version {
-                    return Err(changed(&f.path));
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// The next piece of standard input: what one read brings, at most
-    /// `max` bytes; empty once it ended.
-    pub fn stdin_piece(max: usize) -> Result<Vec<u8>, AgentError> {
-        let mut piece = vec![0u8; max];
-        let n = loop {
-            match io::stdin().lock().read(&mut piece) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(unreadable(Path::new("-"), format!("standard input: {e}"))),
-            }
-        };
-        piece.truncate(n);
-        Ok(piece)
-    }
-
-    /// The SHA-256 state after the first `offset` bytes (to check a
-    /// receiver's claim to hold them).
-    pub fn prefix_hash(source: Arc<Source>, offset: u64) -> Result<Sha256, AgentError> {
-        let mut r = Self::at(source, 0);
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut left = offset;
-        while left > 0 {
-            let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
-            r.read(&mut buf[..n])?;
-            h.update(&buf[..n]);
-            left -= n as u64;
-        }
-        Ok(h)
-    }
-}
-
-/// Opens a listed file without following a link, checks it is the version
-/// listed, and seeks to `at`.
-fn open_version(f: &SourceFile, at: u64) -> Result<File, AgentError> {
-    let mut file = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(&f.path)
-        .map_err(|e| unreadable(&f.path, e.to_string()))?;
-    let m = file
-        .metadata()
-        .map_err(|e| unreadable(&f.path, e.to_string()))?;
-    if Version::of(&m) != f.version {
-        return Err(changed(&f.path));
-    }
-    file.seek(SeekFrom::Start(at))
-        .map_err(|e| unreadable(&f.path, e.to_string()))?;
-    Ok(file)
 }

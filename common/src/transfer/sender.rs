@@ -453,6 +453,15 @@ impl SendStream {
         Ok((frame, digest))
     }
 
+    /// The SHA-256 state of the plaintext pushed so far, serialized (for a
+    /// resume to continue from it: PROTOCOL.md §6.4), and its digest.
+    pub fn hash_mark(&self) -> (Vec<u8>, [u8; 32]) {
+        (
+            crate::hashstate::serialize(&self.hasher),
+            self.hasher.clone().finalize().into(),
+        )
+    }
+
     /// Checks one receiver's receipt against our own length and hash.
     pub fn check_receipt(&self, pair: &PairKeys, tag: &[u8]) -> Result<(), AuthError> {
         let digest = self.digest.ok_or(AuthError)?;

@@ -81,6 +81,10 @@ pub enum AbortReason {
     Declined,
     /// The person at the receiver was asked and did not answer in time.
     NoAnswer,
+    /// The receiver found the prefix it kept from an earlier attempt changed
+    /// on its disk since it verified: it dropped it, and the sender's next
+    /// attempt starts from byte 0.
+    PrefixDamaged,
 }
 
 /// What an authenticated connection is for.

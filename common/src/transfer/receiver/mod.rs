@@ -99,6 +99,15 @@ impl RecvStream {
         }
     }
 
+    /// The SHA-256 state of the data verified so far (from byte 0),
+    /// serialized, and its digest; `None` for a receiver that takes the
+    /// sender's hash and keeps none.
+    pub fn hash_mark(&self) -> Option<(Vec<u8>, [u8; 32])> {
+        self.hasher
+            .as_ref()
+            .map(|h| (crate::hashstate::serialize(h), h.clone().finalize().into()))
+    }
+
     /// The stream's id.
     pub fn stream_id(&self) -> crate::ids::StreamId {
         self.pair.stream_id
