@@ -21,6 +21,9 @@ use crate::cli::list::online;
 use crate::client::{Ctx, connect};
 use crate::error::AgentError;
 
+/// The longest a chat stream goes without a record.
+const KEEPALIVE: Duration = Duration::from_secs(20);
+
 /// What the chat asks of its sending half.
 #[derive(Debug)]
 pub enum Cmd {
@@ -133,7 +136,10 @@ impl Outgoing {
         self.start().await;
         let mut look = tokio::time::interval(Duration::from_secs(5));
         look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut keep = tokio::time::interval(self.rekey.max(Duration::from_millis(100)));
+        // A keepalive at least every 20 s, well inside the peers' progress
+        // timeout (60 s), and every rekey interval when that is shorter.
+        let every = self.rekey.clamp(Duration::from_millis(100), KEEPALIVE);
+        let mut keep = tokio::time::interval(every);
         keep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -151,7 +157,7 @@ impl Outgoing {
                 },
                 back = next_back(&mut self.live) => self.back(back).await,
                 _ = keep.tick() => {
-                    let idle = self.live.as_ref().is_some_and(|l| l.last_record.elapsed() >= self.rekey);
+                    let idle = self.live.as_ref().is_some_and(|l| l.last_record.elapsed() >= every);
                     if idle {
                         self.send(&Record::Keepalive).await;
                     }
