@@ -98,7 +98,7 @@ once() {
     # The rest at this run's own rate: bytes after the prefix over the time
     # from the first new byte to the exit.
     awk -v t0="$t0" -v t1="$t1" -v t2="$t2" -v f="$from" \
-        'BEGIN { printf "%.2f %.2f %.2f %d\n", t1 - t0, t2 - t0, t2 - t1, f }'
+        'BEGIN { printf "%.2f %.2f %.2f %.0f\n", t1 - t0, t2 - t0, t2 - t1, f }'
 }
 
 median() { sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }

@@ -20,6 +20,7 @@ use crate::client::{Ctx, connect};
 use crate::error::AgentError;
 use crate::output;
 use crate::send::MAX_RECEIVERS;
+use crate::trust::pins::PinCheck;
 
 /// Receivers whose key is looked up for the picker at most (the others
 /// show "first contact" without a fingerprint).
@@ -67,7 +68,25 @@ pub async fn pick(ctx: &Ctx) -> Result<Vec<AgentName>, AgentError> {
         return Err(AgentError::NobodyReceiving(ctx.broker.clone()));
     }
     drop(conn);
-    tokio::task::spawn_blocking(move || choose(&items)).await?
+    let shown = items.clone();
+    let names = tokio::task::spawn_blocking(move || choose(&items)).await??;
+    // A first contact chosen by the key it showed is pinned to that key
+    // now: the send then refuses any other the broker may give.
+    for item in shown
+        .iter()
+        .filter(|i| !i.pinned && names.contains(&i.name))
+    {
+        if let Some(fp) = item.fp {
+            match pins.check_or_pin(item.name.as_str(), fp, crate::home::now_unix())? {
+                PinCheck::NewlyPinned(_) => output::err_line(&format!(
+                    "NEW KEY for {} {fp} — first contact, verify out of band",
+                    item.name
+                )),
+                PinCheck::Known(_) => {}
+            }
+        }
+    }
+    Ok(names)
 }
 
 /// The key the broker has for `name` (for its fingerprint), if it says.

@@ -68,6 +68,8 @@ pub struct ChatIn {
     key: PublicKey,
     stream_id: StreamId,
     link: ChatLink,
+    /// The last line's number: each must be higher (no line shown twice).
+    last_seq: std::sync::atomic::AtomicU32,
 }
 
 impl ChatIn {
@@ -86,6 +88,7 @@ impl ChatIn {
             key,
             stream_id,
             link,
+            last_seq: std::sync::atomic::AtomicU32::new(0),
         }
     }
 
@@ -103,6 +106,12 @@ impl ChatIn {
                 self.key
                     .verify(LINE_SIGNATURE, &signed, &signature)
                     .map_err(|_| refused("a chat line whose signature is not its sender's"))?;
+                let last = self
+                    .last_seq
+                    .swap(seq, std::sync::atomic::Ordering::Relaxed);
+                if seq <= last {
+                    return Err(refused("a chat line out of order, or shown before"));
+                }
                 ChatEvent::Line {
                     from: self.from.clone(),
                     seq,

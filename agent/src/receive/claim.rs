@@ -68,6 +68,12 @@ pub fn claim(dir: BorrowedFd<'_>, name: &str, wait: Duration) -> io::Result<Clai
             continue;
         }
         lock(&fd, wait)?;
+        // Whoever held it may have removed it meanwhile (a transfer that
+        // gave up its prefix): then the name is looked at again.
+        let named = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW);
+        if !named.is_ok_and(|st| inode(&st) == inode(&now)) {
+            continue;
+        }
         if now.st_mode & 0o077 == 0 {
             return Ok(Claim::Ours(fd));
         }

@@ -228,6 +228,15 @@ async fn accept_and_receive(
             stdout: shared.opts.stdout,
             preserve: shared.opts.preserve,
             consent: asks,
+            receivers: terms.receivers,
+            resumed_from: admitted.place.as_ref().map_or(0, |p| p.point.offset),
+            // A resume the user was not asked about must stay the transfer
+            // the user took when it began.
+            took: admitted
+                .place
+                .as_ref()
+                .filter(|p| p.point.offset > 0 && shared.opts.policy.asks().is_some())
+                .map(|p| p.point.manifest_hash),
             chat: shared
                 .opts
                 .chat

@@ -94,6 +94,15 @@ pub(super) struct Want {
     pub preserve: bool,
     /// The user is asked once the manifest verified, before any data.
     pub consent: Option<Consent>,
+    /// The receivers of the stream (more than one: another's user may be
+    /// asked before the first byte).
+    pub receivers: u32,
+    /// Bytes the receiver already held (a resume: the sender's trailer may
+    /// wait for its check of as many).
+    pub resumed_from: u64,
+    /// When the user was not asked because this resumes a transfer the user
+    /// took: the manifest hash it must still have, whatever it resumes from.
+    pub took: Option<[u8; 32]>,
     /// For a chat stream: where its records go, its sender, and the key
     /// that signs its lines.
     pub chat: Option<(ChatLink, AgentName, PublicKey)>,

@@ -110,7 +110,12 @@ fn apply(
         ));
     }
     let mode = asked & 0o777 & !umask;
-    rustix::fs::fchmod(fd, Mode::from_raw_mode(mode))?;
+    if let Err(e) = rustix::fs::fchmod(fd, Mode::from_raw_mode(mode)) {
+        notes.push(format!(
+            "{}: mode {mode:o} could not be applied ({e})",
+            escape(path)
+        ));
+    }
     match meta.time() {
         Some((s, ns)) => {
             let times = Timestamps {

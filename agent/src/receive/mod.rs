@@ -24,6 +24,7 @@ mod resume;
 mod staging;
 mod store;
 mod stream;
+pub(crate) use stream::prefix_read_time;
 mod tree;
 
 use std::collections::HashMap;

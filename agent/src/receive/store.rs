@@ -96,6 +96,13 @@ impl Sink {
         } else {
             check_manifest(job, &m)?
         };
+        // A resume the user was not asked about carries the manifest the
+        // user took, whatever offset the sender resumes from.
+        if job.took.is_some_and(|h| h != stream.manifest_hash()) {
+            return Err(policy(
+                "a resumed transfer that is not the one this receiver's user took".into(),
+            ));
+        }
         // What was checked is put to the user; nothing is written before a yes.
         if let Some(consent) = &job.consent {
             consent.ask(job.kind, job.declared, &m, &tops)?;

@@ -5,15 +5,19 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
 
 use keyferry_common::handshake::Kind;
-use keyferry_common::io::connection::ConnError;
+use keyferry_common::ids::TransferId;
+use keyferry_common::io::connection::{ConnError, FrameWriter};
 use keyferry_common::transfer::RecvError;
 use keyferry_common::wire::message::{AbortReason, Message};
+use tokio::io::WriteHalf;
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use super::admit::Slot;
-use super::consent::Asked;
+use super::consent::{Asked, MAX_ASK};
 use super::job::{Job, Pipe, Received, Stopped};
 use super::store::open_and_store;
 use super::{Failure, Shared};
@@ -61,9 +65,18 @@ pub(super) async fn receive_stream(
         progress: Arc::clone(&progress),
         epoch: Arc::clone(&epoch),
     };
+    let (declared, size_known) = (job.want.declared, job.want.size_known);
+    let (receivers, resumed_from) = (job.want.receivers, job.want.resumed_from);
     let mut worker = tokio::task::spawn_blocking(move || open_and_store(job, pipe));
     let timeout = shared.opts.progress_timeout;
-    let (mut verified, mut deadline) = (0, tokio::time::Instant::now() + timeout);
+    // Before the first byte of an upload to several, another receiver's
+    // user may be asked (PROTOCOL.md §6.5): the sender waits for them.
+    let first = if receivers > 1 {
+        timeout.max(MAX_ASK + Duration::from_secs(15))
+    } else {
+        timeout
+    };
+    let (mut verified, mut deadline) = (0, tokio::time::Instant::now() + first);
     let mut finished = None;
     let read_result = loop {
         let mut payload = free_rx.try_recv().unwrap_or_default();
@@ -85,11 +98,7 @@ pub(super) async fn receive_stream(
                     Some(asked) = next_question(&mut asks) => {
                         // The sender waits for our go-ahead: no progress is due
                         // while the user thinks.
-                        let answer = shared.prompter.ask(asked.question, asked.within).await;
-                        if answer == Answer::Yes {
-                            let _ = conn.writer.write(&Message::Proceed { transfer_id: tid }).await;
-                        }
-                        let _ = asked.answer.send(answer);
+                        answer(shared, &mut conn.writer, tid, asked).await;
                         deadline = tokio::time::Instant::now() + timeout;
                     }
                 }
@@ -117,12 +126,29 @@ pub(super) async fn receive_stream(
         if now_verified > verified {
             verified = now_verified;
             deadline = tokio::time::Instant::now() + timeout;
+            // All of a resumed transfer's data is in: its trailer may wait
+            // for the sender's check of its prefix (PROTOCOL.md §6.4).
+            if size_known && verified == declared {
+                deadline += prefix_read_time(resumed_from);
+            }
             bar.update(verified, epoch.load(Ordering::Relaxed));
         }
-        if tx.send(payload).await.is_err() {
+        // The worker takes the payload when it can; a question it puts
+        // meanwhile is answered (it waits for that, not for the payload).
+        let permit = loop {
+            tokio::select! {
+                permit = tx.reserve() => break permit.ok(),
+                Some(asked) = next_question(&mut asks) => {
+                    answer(shared, &mut conn.writer, tid, asked).await;
+                    deadline = tokio::time::Instant::now() + timeout;
+                }
+            }
+        };
+        let Some(permit) = permit else {
             // The worker stopped; it says why.
             break Ok(());
-        }
+        };
+        permit.send(payload);
     };
     drop(tx);
     bar.finish();
@@ -154,6 +180,27 @@ pub(super) async fn receive_stream(
     // Journalling the prefix syncs the disk: not on this task's thread.
     let _ = tokio::task::spawn_blocking(move || leftover.settle(reason)).await;
     Err(failure)
+}
+
+/// Puts the opening thread's question to the user, tells the sender to go
+/// on if the answer is yes, and gives the answer back.
+async fn answer(
+    shared: &Shared,
+    writer: &mut FrameWriter<WriteHalf<TcpStream>>,
+    tid: TransferId,
+    asked: Asked,
+) {
+    let answer = shared.prompter.ask(asked.question, asked.within).await;
+    if answer == Answer::Yes {
+        let _ = writer.write(&Message::Proceed { transfer_id: tid }).await;
+    }
+    let _ = asked.answer.send(answer);
+}
+
+/// How long a sender may spend checking a resumed prefix of `bytes` after
+/// its last chunk, before its trailer: as if read at 50 MB/s.
+pub(crate) fn prefix_read_time(bytes: u64) -> Duration {
+    Duration::from_secs(bytes / 50_000_000)
 }
 
 /// The next question the opening thread asks, if it may ask; never ready

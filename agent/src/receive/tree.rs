@@ -325,11 +325,17 @@ impl TreeWriter {
                     });
                     if let Some(meta) = meta {
                         let out = staging.out();
-                        keep::placed(out.fd(), at, *built, &meta, umask, &mut notes)?;
+                        if let Err(e) = keep::placed(out.fd(), at, *built, &meta, umask, &mut notes)
+                        {
+                            notes.push(format!("{at}: its mode and time were not applied ({e})"));
+                        }
                     }
                 }
+                // Placed: what is left to tidy cannot undo that.
                 let out = staging_out_path(&staging);
-                staging.remove().map_err(PlaceError::Io)?;
+                if let Err(e) = staging.remove() {
+                    notes.push(format!("the staging directory could not be removed ({e})"));
+                }
                 Ok((
                     placed.into_iter().map(|(at, _)| out.join(at)).collect(),
                     notes,

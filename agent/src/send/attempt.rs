@@ -294,6 +294,12 @@ async fn upload(
         _ => (StreamStart::fresh(), None),
     };
     let resumed_from = start.offset;
+    // An upload from byte 0 marks its data afresh.
+    if resumed_from == 0
+        && let Some(log) = &marks
+    {
+        log.restart();
+    }
     let began = Instant::now();
     let policy = RekeyPolicy::with_interval(opts.rekey_interval);
     let mut stream = SendStream::new(
@@ -364,8 +370,11 @@ async fn upload(
             return all_fail(&ready, &code_of);
         }
     };
-    // Each receiver's answer: its receipt, or why not.
-    let deadline = tokio::time::Instant::now() + RECEIPT_TIMEOUT;
+    // Each receiver's answer: its receipt, or why not (a resumed receiver
+    // places nothing before its check of the prefix is done).
+    let deadline = tokio::time::Instant::now()
+        + RECEIPT_TIMEOUT
+        + crate::receive::prefix_read_time(resumed_from);
     while ended.len() < tids.len() {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         match data.reader.read_timeout(left).await {

@@ -157,6 +157,11 @@ impl MarkLog {
         })
     }
 
+    /// Starts the log afresh (a new upload from byte 0).
+    pub fn restart(&self) {
+        let _ = fs::remove_file(&self.path);
+    }
+
     /// Forgets the marks (the data arrived everywhere).
     pub fn remove(&self) {
         let _ = fs::remove_file(&self.path);

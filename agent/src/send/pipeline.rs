@@ -292,8 +292,10 @@ pub(super) async fn stream_out(
                     log.append(sent, &state, &digest);
                 }
                 // The trailer vouches for the whole data: a resumed prefix
-                // must have checked out first.
-                if last
+                // must have checked out first (a check that failed already
+                // ends the upload at once).
+                let settle = last || check.as_ref().is_some_and(SourceCheck::failed);
+                if settle
                     && let Some(c) = check.take()
                     && let Err(e) = c.wait()
                 {

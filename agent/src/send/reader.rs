@@ -155,11 +155,10 @@ impl Reader {
                 marks.next();
                 if <[u8; 32]>::from(h.clone().finalize()) != digest {
                     let near = r.source.files.get(r.index).map(|f| f.path.clone());
-                    return Err(unreadable(
-                        &near.unwrap_or_default(),
-                        "it (or a file sent before it) changed since it was first read; nothing \
-                         mixed was delivered, send it again",
-                    ));
+                    let near = near.unwrap_or_default().display().to_string();
+                    return Err(AgentError::PrefixChanged(format!(
+                        "{near} (or a file sent before it)"
+                    )));
                 }
             }
         }

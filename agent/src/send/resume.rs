@@ -29,6 +29,7 @@ use crate::output::notice;
 #[derive(Debug)]
 pub struct SourceCheck {
     stop: Arc<AtomicBool>,
+    failed: Arc<AtomicBool>,
     thread: Option<JoinHandle<Result<(), AgentError>>>,
     /// The marks it checks against (dropped if the source changed).
     log: Option<Arc<MarkLog>>,
@@ -42,16 +43,33 @@ impl SourceCheck {
         marks: Vec<(u64, [u8; 32])>,
         log: Option<Arc<MarkLog>>,
     ) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = Arc::clone(&stop);
+        let (stop, failed) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (s, f) = (Arc::clone(&stop), Arc::clone(&failed));
         let thread = std::thread::Builder::new()
             .name("source-check".into())
             .spawn(move || {
                 let stopped = || s.load(Ordering::Relaxed);
-                Reader::hash_range(source, 0, upto, Sha256::new(), &marks, &stopped).map(|_| ())
+                let r = Reader::hash_range(source, 0, upto, Sha256::new(), &marks, &stopped);
+                if r.is_err() {
+                    f.store(true, Ordering::Relaxed);
+                }
+                r.map(|_| ())
             })
             .ok();
-        Self { stop, thread, log }
+        Self {
+            stop,
+            failed,
+            thread,
+            log,
+        }
+    }
+
+    /// Whether it has already found something wrong (without waiting).
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
     }
 
     /// Waits for the whole prefix to be checked. A prefix that changed
@@ -59,11 +77,11 @@ impl SourceCheck {
     /// dropped, and the next attempt reads the prefix whole.
     pub fn wait(mut self) -> Result<(), AgentError> {
         match self.thread.take().map(JoinHandle::join) {
-            Some(Ok(Err(AgentError::FileUnreadable { path, .. }))) => {
+            Some(Ok(Err(e @ AgentError::PrefixChanged(_)))) => {
                 if let Some(log) = &self.log {
                     log.remove();
                 }
-                Err(AgentError::PrefixChanged(path.display().to_string()))
+                Err(e)
             }
             Some(Ok(r)) => r,
             _ => Err(AgentError::Internal("the prefix check stopped".into())),
