@@ -51,7 +51,7 @@ once() {
     b0=$(cpu_of "$bpid")
     t0=$(date +%s.%N)
     /usr/bin/time -f '%U %S' -o "$work/s.cpu" "$bin/agent" --broker "$addr" --home "$work/alice" --name alice \
-        --role sender --to bob --file "$work/data.bin" >/dev/null 2>"$work/s.err"
+        --role sender --to bob --file "$work/data.bin" --direct never >/dev/null 2>"$work/s.err"
     t1=$(date +%s.%N)
     wait "$rpid"
     b1=$(cpu_of "$bpid")

@@ -5,6 +5,10 @@
 #   SIZE_MIB=4096 scripts/bench.sh   a larger file (memory must not grow)
 #   RUNS=9 LATENCY_RUNS=20 scripts/bench.sh
 #   RECV_FLAGS=--trust-sender-hash scripts/bench.sh   the receiver without its own hash
+#   SEND_FLAGS='--direct never' scripts/bench.sh      through the broker's relay (by
+#                                    default the stream goes direct on one machine)
+#   THIRD=relay scripts/bench.sh     the third in each round is keyferry through the
+#                                    relay (5 s rekey) instead of the 100 ms rekey
 #   WARMUP=0 scripts/bench.sh        count the first round too (by default a round
 #                                    of the three goes before and is not counted)
 #
@@ -111,7 +115,7 @@ agent --home "$work/bob" --name bob --list >/dev/null 2>&1
 # receiver_rss_kib cpu_seconds(user + system, both agents) sender_cpu
 # receiver_cpu broker_cpu
 keyferry_once() {
-    local rekey=$1 file=$2
+    local rekey=$1 file=$2 extra=${3:-}
     rm -rf "$work/inbox"; mkdir -p "$work/inbox"
     /usr/bin/time -f '%M %U %S' -o "$work/recv.rss" "$bin/agent" --broker "$addr" --home "$work/bob" --name bob \
         --role receiver --once --out-dir "$work/inbox" ${RECV_FLAGS:-} >"$work/recv.out" 2>"$work/recv.err" &
@@ -121,7 +125,7 @@ keyferry_once() {
     b0=$(cpu_of "$broker_pid")
     t0=$(now)
     /usr/bin/time -f '%M %U %S' -o "$work/send.rss" "$bin/agent" --broker "$addr" --home "$work/alice" --name alice \
-        --role sender --to bob --file "$file" --json --rekey-interval "$rekey" >"$work/send.json" 2>"$work/send.err"
+        --role sender --to bob --file "$file" --json --rekey-interval "$rekey" ${SEND_FLAGS:-} $extra >"$work/send.json" 2>"$work/send.err"
     t1=$(now)
     wait "$rpid"
     b1=$(cpu_of "$broker_pid")
@@ -146,7 +150,11 @@ measure() {
     case $1 in
         0) keyferry_once 5s "$work/data.bin" >>"$work/kf5.txt" ;;
         1) scp_once >>"$work/scp.txt" ;;
-        2) keyferry_once 100ms "$work/data.bin" >>"$work/kf100.txt" ;;
+        2) if [ "${THIRD:-}" = relay ]; then
+               keyferry_once 5s "$work/data.bin" "--direct never" >>"$work/kf100.txt"
+           else
+               keyferry_once 100ms "$work/data.bin" >>"$work/kf100.txt"
+           fi ;;
     esac
 }
 if [ $((runs % 3)) -ne 0 ]; then
@@ -209,19 +217,21 @@ seal_speed=$("$bin/examples/seal_speed" 256)
 # The hardware paths the crypto crates detect at run time (AES-NI, VAES, SHA-NI).
 cpu_paths=$(grep -m1 -ow -E 'aes|vaes|sha_ni|avx2|avx512f' /proc/cpuinfo | sort -u | tr '\n' ' ')
 
+third="100 ms rekey"
+[ "${THIRD:-}" = relay ] && third="relayed (--direct never), 5 s rekey"
 cat <<TABLE
 
 | measure (${size_mib} MiB, ${runs} runs each, median) | value |
 |---|---|
 | keyferry, 5 s rekey | ${kf5_mbps} MB/s (${keys5} session keys) |
-| keyferry, 100 ms rekey | ${kf100_mbps} MB/s (${keys100} session keys) |
+| keyferry, ${third} | ${kf100_mbps} MB/s (${keys100} session keys) |
 | scp -c aes256-gcm@openssh.com | ${scp_mbps} MB/s |
 | ratio keyferry / scp (of the medians; median of the ratios paired in each round) | ${ratio} (${paired}) |
 | CPU-s per GiB, keyferry 5 s: sender / receiver / broker / all three | ${kf_send} / ${kf_recv} / ${kf_broker} / ${kf_machine} |
-| CPU-s per GiB, keyferry 100 ms: all three | ${kf100_machine} |
+| CPU-s per GiB, keyferry ${third}: all three | ${kf100_machine} |
 | CPU-s per GiB, scp: client / sshd / both | ${scp_client} / ${scp_sshd} / ${scp_machine} |
-| ratio 100 ms / 5 s rekey, throughput | ${ratio100} |
-| agent CPU time (user + system, sender + receiver), 5 s / 100 ms rekey | ${cpu5} s / ${cpu100} s (ratio ${cpu_ratio}) |
+| ratio ${third} / the first, throughput | ${ratio100} |
+| agent CPU time (user + system, sender + receiver), the first / ${third} | ${cpu5} s / ${cpu100} s (ratio ${cpu_ratio}) |
 | peak RSS sender / receiver | $((send_rss / 1024)) MiB / $((recv_rss / 1024)) MiB |
 | peak RSS broker | $((broker_rss / 1024)) MiB |
 | 1 KiB file end to end (connect, auth, offer, transfer, receipt), median of ${latency_runs} | $(awk -v s="$lat" 'BEGIN { printf "%.0f ms", s * 1000 }') |

@@ -148,7 +148,7 @@ t0=$(date +%s.%N)
 send_pids=()
 for i in $(seq -w 1 "$transfers"); do
     agent $(((10#$i + 1) % 3)) --home "$work/senders" --name "s$i" --role sender --to "r$i" \
-        --file "$work/src/data-$i.bin" --json >"$work/send-$i.json" 2>"$work/send-$i.err" &
+        --file "$work/src/data-$i.bin" --json --direct never >"$work/send-$i.json" 2>"$work/send-$i.err" &
     send_pids+=($!)
 done
 failed=0

@@ -91,7 +91,7 @@ t0=$(date +%s.%N)
 c0=$(cpu_ticks)
 send_pids=()
 for i in $(seq -w 1 "$transfers"); do
-    agent --home "$work/senders" --name "s$i" --role sender --to "r$i" --file "$work/src/data-$i.bin" --json \
+    agent --home "$work/senders" --name "s$i" --role sender --to "r$i" --file "$work/src/data-$i.bin" --json --direct never \
         >"$work/send-$i.json" 2>"$work/send-$i.err" &
     send_pids+=($!)
 done

@@ -40,6 +40,9 @@ pub mod exit {
     /// A send to several receivers: some of them did not confirm it (the
     /// others did; each failure is on its own line).
     pub const SOME_RECEIVERS_FAILED: u8 = 11;
+    /// `--direct only` (ours or the peer's), and no direct connection
+    /// between the agents worked.
+    pub const NO_DIRECT_PATH: u8 = 13;
     /// Interrupted (Ctrl-C).
     pub const INTERRUPTED: u8 = 130;
 }
@@ -149,6 +152,16 @@ pub enum AgentError {
          receiver, or send it again"
     )]
     Unconfirmed(String),
+    /// The direct connection to the receiver broke before it confirmed.
+    #[error(
+        "the direct connection to the receiver was lost before it confirmed the transfer \
+         ({0}): the receiver disconnected, or the network between you went away"
+    )]
+    DirectLost(String),
+    /// A direct path was required (`--direct only`, ours or the peer's) and
+    /// none worked.
+    #[error("no direct path: {0}")]
+    NoDirectPath(String),
     /// A `--once` receiver's one transfer did not complete.
     #[error("the transfer did not complete: {why}")]
     TransferFailed {
@@ -318,6 +331,7 @@ impl AgentError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::BrokerUnreachable { .. }
+            | Self::DirectLost(_)
             | Self::Unconfirmed(_)
             | Self::ReceiverAborted(AbortReason::PeerGone) => exit::BROKER_UNREACHABLE,
             Self::BrokerMismatch { .. } => exit::BROKER_MISMATCH,
@@ -341,6 +355,7 @@ impl AgentError {
             Self::TransferFailed { code, .. } => *code,
             Self::Interrupted | Self::Cancelled => exit::INTERRUPTED,
             Self::SomeReceiversFailed { .. } => exit::SOME_RECEIVERS_FAILED,
+            Self::NoDirectPath(_) => exit::NO_DIRECT_PATH,
             Self::ReceiverAborted(_)
             | Self::BrokerRefused(_)
             | Self::SessionEnded(_)

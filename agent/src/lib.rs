@@ -20,6 +20,7 @@
 pub mod chat;
 pub mod cli;
 pub mod client;
+pub mod direct;
 pub mod error;
 pub mod home;
 pub mod output;

@@ -84,7 +84,7 @@ fn a_receiver_on_one_broker_gets_a_file_from_a_sender_on_another() {
     let src = TempDir::new("cluster-src");
     let file = src.join("big.bin");
     std::fs::write(&file, pseudo_random(64 << 20, 15)).unwrap();
-    let sent = alice.send_file(&b2, "bob", &file, &[]);
+    let sent = alice.send_file(&b2, "bob", &file, &["--direct", "never"]);
     assert_eq!(sent.code, Some(0), "{sent:#?}");
     assert_eq!(hash_file(&out.join("big.bin")), hash_file(&file));
     b1.proc

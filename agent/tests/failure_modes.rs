@@ -126,6 +126,8 @@ fn the_broker_killed_mid_transfer_then_restarted() {
             "bob",
             "--retry-for",
             "0",
+            "--direct",
+            "never",
             "--file",
             file.to_str().unwrap(),
         ],

@@ -163,7 +163,7 @@ fn the_receiver_killed_at_40_percent_and_started_again_resumes_from_its_journal(
     let line = again.stdout.wait_for("received big.bin", WAIT);
     assert!(
         line.contains(&format!(
-            "({GIB} bytes, sha256 {sha}, resumed at byte {from})"
+            "({GIB} bytes, sha256 {sha}, resumed at byte {from}, relayed)"
         )),
         "{line}"
     );
@@ -181,7 +181,8 @@ fn the_broker_killed_and_restarted_on_its_address_and_the_receiver_reconnects_an
 
     let mut receiver = bob.receiver(&broker, out.path(), &[]);
     let began = Instant::now();
-    let s = sender(&alice, &broker, &file, &[]);
+    // Through the broker: it is the broker that goes away.
+    let s = sender(&alice, &broker, &file, &["--direct", "never"]);
     wait_for_data(receiver.child.id(), out.path(), 400 * MIB);
     let Broker {
         mut proc,

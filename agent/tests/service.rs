@@ -103,7 +103,8 @@ struct InFlight {
     _homes: (Home, Home),
 }
 
-/// Starts a transfer to `out` and returns once data arrived.
+/// Starts a transfer to `out` through the broker's relay (these tests are
+/// about the broker) and returns once data arrived.
 fn transfer_in_flight(broker: &Broker, out: &TempDir) -> InFlight {
     let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
     let rx = bob.receiver(broker, out.path(), &["--once"]);
@@ -111,7 +112,14 @@ fn transfer_in_flight(broker: &Broker, out: &TempDir) -> InFlight {
         broker,
         "bob",
         "live.bin",
-        &["--retry-for", "0", "--max-size", "64MiB"],
+        &[
+            "--retry-for",
+            "0",
+            "--max-size",
+            "64MiB",
+            "--direct",
+            "never",
+        ],
     );
     let data = pseudo_random(3 << 20, 9);
     input.write_all(&data).unwrap();

@@ -191,6 +191,17 @@ impl<C> Tickets<C> {
         })
     }
 
+    /// Whether another transfer of `tid`'s stream (an upload to several
+    /// receivers) is waiting for its data connections too.
+    pub fn shares_stream(&self, tid: &TransferId) -> bool {
+        let i = lock(&self.inner);
+        let Some(e) = i.get(tid) else {
+            return false;
+        };
+        i.iter()
+            .any(|(t, o)| t != tid && o.stream == e.stream && o.from == e.from)
+    }
+
     /// Takes the first ticket a data connection presents, once: a
     /// receiver's gives the place its connection goes, a sender's a
     /// reservation that [`Self::redeem_upload`] completes. `None`: no such

@@ -41,6 +41,8 @@ pub mod label {
     pub const ROOT_MAC: &str = "keyferry/v2 root-mac";
     /// Receipt MAC key.
     pub const RECEIPT_MAC: &str = "keyferry/v2 receipt-mac";
+    /// Proves a direct connection between the agents (PROTOCOL.md §2.7).
+    pub const DIRECT_MAC: &str = "keyferry/v5 direct-mac";
     /// Key-update (session key wrapping) encryption key.
     pub const WRAP_AES: &str = "keyferry/v2 wrap-aes";
     /// Key-update MAC key.
@@ -106,6 +108,9 @@ pub struct PairKeys {
     pub root: SealKeys,
     /// Authenticates this receiver's receipt.
     pub receipt: MacKey,
+    /// Proves a direct connection between the two agents (shared with the
+    /// task that sets that connection up).
+    pub direct: std::sync::Arc<MacKey>,
 }
 
 /// The accept's MAC keys: one over the accept, one over the resume point.
@@ -147,6 +152,7 @@ pub fn derive_pair_keys(
             mac: MacKey::from_bytes(d(label::ROOT_MAC)),
         },
         receipt: MacKey::from_bytes(d(label::RECEIPT_MAC)),
+        direct: std::sync::Arc::new(MacKey::from_bytes(d(label::DIRECT_MAC))),
     };
     (accept, pair)
 }

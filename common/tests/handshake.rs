@@ -331,7 +331,7 @@ fn a_tampered_or_foreign_accept_is_refused() {
     let (alice, bob) = (fixture("alice"), fixture("bob"));
     let (_, offer) = offer_from(&alice, &bob);
     let accept = accept_of(&alice, &bob, &offer);
-    assert_eq!(accept.len(), keyferry_common::handshake::ACCEPT_LEN);
+    assert_eq!(accept.len(), keyferry_common::handshake::MIN_ACCEPT_LEN);
     // Every 29th bit: the nonce, the X25519 share, the ML-KEM ciphertext,
     // the resume offset and both tags are all hit.
     for bit in (0..accept.len() * 8).step_by(29) {

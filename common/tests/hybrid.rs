@@ -1,4 +1,4 @@
-//! The handshake (the same in versions 2 to 4) against a broker that edits
+//! The handshake (the same in versions 2 to 5) against a broker that edits
 //! it: the ML-KEM-768
 //! encapsulation key stripped or swapped in the offer, the ciphertext
 //! stripped or swapped in the accept, shares of the wrong length, keys that
@@ -14,7 +14,7 @@ use keyferry_common::crypto::keys::MasterKey;
 use keyferry_common::crypto::{seal, wrap};
 use keyferry_common::encode::Encoder;
 use keyferry_common::handshake::{
-    ACCEPT_LEN, HandshakeError, Kind, OfferParams, ResumePoint, SignedOffer, Terms, make_offer,
+    HandshakeError, Kind, MIN_ACCEPT_LEN, OfferParams, ResumePoint, SignedOffer, Terms, make_offer,
     verify_offer,
 };
 use keyferry_common::identity::Identity;
@@ -70,7 +70,7 @@ impl Parts {
 }
 
 /// The protocol version PROTOCOL.md describes.
-const VERSION: u16 = 4;
+const VERSION: u16 = 5;
 
 /// An offer from Alice to Bob built from PROTOCOL.md §3.3 alone, signed by
 /// Alice whatever its parts.
@@ -133,8 +133,8 @@ fn an_offer_made_from_protocol_md_opens_and_accepts() {
     let opened = verify(&offer).unwrap().open(bob()).unwrap();
     assert_eq!(opened.terms(), &terms());
     let (accept, _) = opened.accept(ResumePoint::none()).unwrap();
-    assert_eq!(accept.len(), ACCEPT_LEN);
-    assert_eq!(ACCEPT_LEN, 32 + 32 + 1088 + 8 + 4 + 32 + 32);
+    assert_eq!(accept.len(), MIN_ACCEPT_LEN);
+    assert_eq!(MIN_ACCEPT_LEN, 32 + 32 + 1088 + 8 + 4 + 2 + 32 + 32);
 }
 
 #[test]

@@ -17,6 +17,7 @@ use keyferry_common::name::AgentName;
 use tokio::sync::mpsc;
 
 use crate::client::Ctx;
+use crate::direct::DirectOpt;
 use crate::error::AgentError;
 use crate::receive::chatsink::{ChatEvent, ChatLink};
 use crate::receive::consent::Policy;
@@ -63,6 +64,9 @@ pub async fn chat(ctx: Ctx, opts: ChatOptions) -> Result<(), AgentError> {
         stdout: false,
         keepalive: opts.keepalive,
         trust_sender_hash: false,
+        // Chat lines and files from the chat go through the broker.
+        direct: DirectOpt::Never,
+        direct_port: 0,
         policy: Policy::Only(opts.peers.clone()),
         preserve: true,
         chat: Some(link),
@@ -177,6 +181,8 @@ fn send_file(ctx: &Ctx, opts: &ChatOptions, path: PathBuf, screen: &Screen) {
                 peer_fingerprint: None,
                 retry_for: Duration::ZERO,
                 progress: false,
+                direct: DirectOpt::Never,
+                direct_failed: Default::default(),
             },
         )
         .await;

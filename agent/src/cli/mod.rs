@@ -56,12 +56,17 @@ pub enum RoleArg {
 /// accepted it is retried by the sender (--retry-for) and resumes from what
 /// the receiver holds verified.
 ///
+/// The stream goes straight from sender to receiver when the sender can reach
+/// one of the receiver's addresses (the same machine or network), through the
+/// broker's relay otherwise (--direct); sealed end to end either way.
+///
 /// Exit codes: 0 verified success, 1 other error, 2 usage, 3 broker unreachable,
 /// 4 broker key mismatch, 5 unknown or offline peer (or nobody receiving),
 /// 6 peer key mismatch, 7 file unreadable, 8 refused by the receiver (or its
 /// user declined), 9 verification failed, 10 name or key refused by the broker
 /// (or its receiver already connected), 11 some of several receivers failed
-/// (one line each), 130 interrupted or cancelled.
+/// (one line each), 13 no direct path (--direct only), 130 interrupted or
+/// cancelled.
 ///
 /// --broker, --name and --broker-fingerprint may also come from the
 /// environment (KEYFERRY_BROKER, KEYFERRY_NAME, KEYFERRY_BROKER_FINGERPRINT);
@@ -107,6 +112,15 @@ pub struct Args {
     /// colour unless NO_COLOR is set.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Which path a file takes. auto: straight from the sender to the
+    /// receiver when the sender can reach one of the receiver's addresses
+    /// (same machine, same network), through the broker's relay otherwise;
+    /// never: always the relay, and a receiver tells nobody its addresses;
+    /// only: never the relay (exit 13 when no direct connection works).
+    /// Either side's never or only decides. The stream is sealed end to end
+    /// on either path.
+    #[arg(long, value_enum, value_name = "WHEN", default_value = "auto")]
+    pub direct: crate::direct::DirectOpt,
     /// Print a completion script for SHELL and exit, e.g.
     /// `agent --completions bash > ~/.local/share/bash-completion/completions/agent`.
     #[arg(long, value_name = "SHELL", conflicts_with_all = ["role", "list", "man"])]
@@ -171,6 +185,10 @@ pub struct Args {
     /// anyway.
     #[arg(long, help_heading = "Receiver")]
     pub trust_sender_hash: bool,
+    /// Receiver: the TCP port to listen on for direct connections from
+    /// senders (to open one port in a firewall) [default: any free port].
+    #[arg(long, value_name = "PORT", help_heading = "Receiver")]
+    pub direct_port: Option<u16>,
 
     /// Sender: the receiving agent's name; may be given several times (up to
     /// 16): the data is uploaded once and the broker copies it to each.

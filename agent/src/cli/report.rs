@@ -24,12 +24,13 @@ pub fn print_report(report: &Report, label: &str, json: bool) -> Result<(), Agen
         n => format!("{n} files, "),
     };
     say!(
-        "sent {label} to {} ({files}{} bytes in {:.2} s, {} session keys, sha256 {}{resumed}) — receipt verified",
+        "sent {label} to {} ({files}{} bytes in {:.2} s, {} session keys, sha256 {}{resumed}, {}) — receipt verified",
         report.peer,
         report.bytes,
         report.seconds,
         report.session_keys,
-        report.sha256
+        report.sha256,
+        report.via
     );
     Ok(())
 }

@@ -89,6 +89,8 @@ pub(super) async fn receiver(args: Args, ctx: Ctx) -> Result<(), AgentError> {
             stdout: args.stdout,
             keepalive: args.keepalive,
             trust_sender_hash: args.trust_sender_hash,
+            direct: args.direct,
+            direct_port: args.direct_port.unwrap_or(0),
         },
     )
     .await
@@ -157,6 +159,8 @@ pub(super) async fn sender(args: Args, ctx: Ctx) -> Result<(), AgentError> {
             peer_fingerprint: args.peer_fingerprint,
             retry_for: args.retry_for,
             progress: true,
+            direct: args.direct,
+            direct_failed: Default::default(),
         },
     )
     .await?;

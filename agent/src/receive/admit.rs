@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use keyferry_common::chat::CHAT_BOUND;
+use keyferry_common::handshake::direct::DirectMode;
 use keyferry_common::handshake::{
     self, DEFAULT_TIME_WINDOW_SECS, Kind, MAX_MESSAGE_LEN as MAX_MESSAGE, ResumePoint, SignedOffer,
     Terms,
@@ -25,6 +26,7 @@ use keyferry_common::wire::message::RefuseReason;
 
 use super::resume::{Origin, Place, prepare};
 use super::{Failure, MAX_CONCURRENT, MAX_PER_SENDER, SPACE_MARGIN, Shared};
+use crate::direct::listen::terms_for;
 use crate::home::now_unix;
 use crate::trust::budget::NEW_KEY_AGE_SECS;
 use crate::trust::pins::{PinCheck, PinError};
@@ -50,6 +52,8 @@ pub(super) struct Admitted<'a> {
     pub place: Option<Place>,
     /// Held until the transfer's stream ends.
     pub slot: Slot<'a>,
+    /// Which paths the accept said the stream may take.
+    pub direct: DirectMode,
 }
 
 /// Runs the gate on one offer for transfer `tid` (its id already read).
@@ -264,7 +268,14 @@ pub(super) async fn admit<'a>(
     // journal is written only after the user's yes.
     let ask = ask.filter(|_| point.offset == 0);
     let ask_secs = ask.map_or(0, |t| u32::try_from(t.as_secs()).unwrap_or(u32::MAX));
-    let (accept, pair) = match opened.accept_asking(point, ask_secs) {
+    let direct = terms_for(
+        shared.direct.as_ref(),
+        shared.opts.direct,
+        terms.kind,
+        &ctx.broker,
+    )
+    .await;
+    let (accept, pair) = match opened.accept_asking(point, ask_secs, &direct) {
         Ok(done) => done,
         Err(e) => {
             // An offer whose key exchange fails leaves nothing behind.
@@ -283,6 +294,7 @@ pub(super) async fn admit<'a>(
         sender_key: key,
         place,
         slot,
+        direct: direct.mode,
     })
 }
 

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use keyferry_common::handshake::SignedOffer;
+use keyferry_common::handshake::direct::DirectMode;
 use keyferry_common::ids::TransferId;
 use keyferry_common::name::AgentName;
 use keyferry_common::sync::lock;
@@ -17,9 +18,9 @@ use tokio::sync::{mpsc, oneshot};
 use super::consent::Consent;
 use super::job::{Job, Want};
 use super::report::{self, Placed};
-use super::{Failure, Shared, admit, stream};
-use crate::client::{CONNECT_TIMEOUT, open_data};
-use crate::error::AgentError;
+use super::{Failure, Shared, admit, path, stream};
+use crate::client::CONNECT_TIMEOUT;
+use crate::direct::Path;
 
 /// How one offer ended, for a `--once` receiver: `None` if it does not count
 /// as its one transfer (refused as busy while another runs), else the exit
@@ -78,8 +79,9 @@ pub(super) async fn incoming(
         };
     }
     match result {
-        Ok(placed) => {
-            report::received(tid, &from, &placed, started.elapsed().as_secs_f64(), json);
+        Ok((placed, via)) => {
+            let seconds = started.elapsed().as_secs_f64();
+            report::received(tid, &from, &placed, (seconds, via), json);
             Some(Ok(()))
         }
         Err(failure) => {
@@ -145,15 +147,20 @@ async fn accept_and_receive(
     offer: &SignedOffer,
     tid: TransferId,
     out: &mpsc::Sender<Message>,
-) -> Result<Placed, Failure> {
+) -> Result<(Placed, Path), Failure> {
     let admitted = admit::admit(shared, from, spki, offer, tid).await?;
     let ctx = &shared.ctx;
-    let gone = |e: AgentError| Failure::Failed(AbortReason::PeerGone, e.to_string());
     // Waiting for the ticket before the accept goes out, so that even an
     // immediate ticket finds its waiter.
     let (ticket_tx, ticket_rx) = oneshot::channel();
     lock(&shared.tickets).insert(tid, ticket_tx);
     let waiting = Waiting(shared, tid);
+    // Waiting for the sender's direct connection, too, before it can come.
+    let expected = shared
+        .direct
+        .as_ref()
+        .filter(|_| admitted.direct != DirectMode::Never)
+        .map(|l| l.expect(tid, Arc::clone(&admitted.pair.direct)));
     let accept = Message::Accept {
         transfer_id: tid,
         accept: admitted.accept,
@@ -181,13 +188,13 @@ async fn accept_and_receive(
         }
     };
     // The stream comes over a plain connection: it is sealed end to end.
-    let mut data = match open_data(ctx, tid, ticket).await {
+    let (mut data, via) = match path::open(ctx, tid, ticket, expected, admitted.direct).await {
         Ok(d) => d,
-        Err(e) => {
+        Err(why) => {
             if let Some(place) = admitted.place {
                 place.discard_if_empty();
             }
-            return Err(gone(e));
+            return Err(Failure::Failed(AbortReason::PeerGone, why));
         }
     };
     let terms = admitted.terms;
@@ -256,7 +263,7 @@ async fn accept_and_receive(
                 })
                 .await;
             let _ = data.writer.shutdown().await;
-            Ok(done.placed)
+            Ok((done.placed, via))
         }
         Err(Failure::Failed(reason, why)) => {
             let _ = data

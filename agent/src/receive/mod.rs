@@ -18,6 +18,7 @@ mod job;
 mod journal;
 mod keep;
 pub mod outdir;
+mod path;
 mod prefix;
 mod report;
 mod resume;
@@ -41,6 +42,8 @@ use keyferry_common::wire::message::{AbortReason, Message, RefuseReason, Role};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::client::{AgentConn, Ctx, Ticket, connect};
+use crate::direct::DirectOpt;
+use crate::direct::listen::Listener;
 use crate::error::AgentError;
 use crate::home::now_unix;
 use crate::output::{notice, say};
@@ -90,6 +93,10 @@ pub struct RecvOptions {
     /// When it is the receiving half of a chat (`agent --chat`): where chat
     /// streams go (only its peers' are taken).
     pub chat: Option<chatsink::ChatLink>,
+    /// Which paths a stream may take.
+    pub direct: DirectOpt,
+    /// The port to listen on for direct connections (0: any).
+    pub direct_port: u16,
 }
 
 /// Transfers in progress: the receiver's capacity.
@@ -118,6 +125,8 @@ struct Shared {
     prompter: crate::prompt::Prompter,
     /// Transfers that are chat streams: their end is the chat's to tell.
     chats: Mutex<std::collections::HashSet<TransferId>>,
+    /// Where senders connect directly (none with `--direct never`).
+    direct: Option<Listener>,
 }
 
 /// Why one incoming transfer did not complete.
@@ -127,6 +136,25 @@ enum Failure {
     Refused(RefuseReason, String),
     /// Failed after accepting.
     Failed(AbortReason, String),
+}
+
+/// The direct listener `opts` ask for: none with `--direct never`; a port
+/// that cannot be had is an error with `--direct only` or `--direct-port`,
+/// and otherwise only means that every stream takes the relay.
+async fn listen_direct(opts: &RecvOptions) -> Result<Option<Listener>, AgentError> {
+    if opts.direct == DirectOpt::Never {
+        return Ok(None);
+    }
+    match Listener::open(opts.direct_port) {
+        Ok(l) => Ok(Some(l)),
+        Err(e) if opts.direct == DirectOpt::Only || opts.direct_port != 0 => Err(
+            AgentError::NoDirectPath(format!("cannot listen on port {}: {e}", opts.direct_port)),
+        ),
+        Err(e) => {
+            notice!("no direct connections (cannot listen: {e}); every transfer takes the relay");
+            Ok(None)
+        }
+    }
 }
 
 /// Runs the receiver until it fails (or after one transfer with `--once`).
@@ -158,6 +186,7 @@ pub async fn receive(ctx: Ctx, opts: RecvOptions) -> Result<(), AgentError> {
             );
         }
     }
+    let direct = listen_direct(&opts).await?;
     // Printed only once the broker took this receiver.
     let mut conn = connect(&ctx, Role::Receiver).await?;
     let (name, fp) = (&ctx.name, ctx.identity.fingerprint());
@@ -190,6 +219,7 @@ pub async fn receive(ctx: Ctx, opts: RecvOptions) -> Result<(), AgentError> {
         tickets: Mutex::new(HashMap::new()),
         prompter: crate::prompt::Prompter::new(),
         chats: Mutex::new(std::collections::HashSet::new()),
+        direct,
     });
     // Answers go out on whichever control connection is current; results
     // come back for --once.

@@ -13,6 +13,7 @@ use keyferry_common::wire::message::AbortReason;
 use serde::Serialize;
 
 use super::Failure;
+use crate::direct::Path;
 use crate::error::exit;
 use crate::output::{err_line, say};
 
@@ -78,6 +79,8 @@ enum Event<'a> {
         seconds: f64,
         session_keys: u64,
         resumed_from: u64,
+        /// Which path the stream came over: `direct` or `relay`.
+        via: Path,
     },
     Message {
         transfer_id: String,
@@ -88,6 +91,7 @@ enum Event<'a> {
         sha256_by: &'static str,
         seconds: f64,
         session_keys: u64,
+        via: Path,
     },
     Failed {
         transfer_id: String,
@@ -127,7 +131,13 @@ pub(super) fn exit_code(failure: &Failure) -> u8 {
 }
 
 /// Reports a verified transfer.
-pub(super) fn received(tid: TransferId, from: &AgentName, p: &Placed, seconds: f64, json: bool) {
+pub(super) fn received(
+    tid: TransferId,
+    from: &AgentName,
+    p: &Placed,
+    (seconds, via): (f64, Path),
+    json: bool,
+) {
     let sha = hex::encode(p.sha256);
     let sha256_by = if p.own_hash { "receiver" } else { "sender" };
     // A hash taken from the sender says so.
@@ -154,9 +164,14 @@ pub(super) fn received(tid: TransferId, from: &AgentName, p: &Placed, seconds: f
             sha256_by,
             seconds,
             session_keys: p.session_keys,
+            via,
         }),
         What::Message(text) => {
-            say!("message ({} bytes): {} from {from}", p.bytes, escape(text))
+            say!(
+                "message ({} bytes, {via}): {} from {from}",
+                p.bytes,
+                escape(text)
+            )
         }
         What::Items {
             items,
@@ -184,6 +199,7 @@ pub(super) fn received(tid: TransferId, from: &AgentName, p: &Placed, seconds: f
                     seconds,
                     session_keys: p.session_keys,
                     resumed_from: p.resumed_from,
+                    via,
                 });
                 return;
             }
@@ -193,14 +209,14 @@ pub(super) fn received(tid: TransferId, from: &AgentName, p: &Placed, seconds: f
             };
             let shown: Vec<String> = items.iter().map(|(_, p)| p.display().to_string()).collect();
             say!(
-                "received {what} ({} bytes, sha256 {shown_sha}{resumed}) -> {} from {from}",
+                "received {what} ({} bytes, sha256 {shown_sha}{resumed}, {via}) -> {} from {from}",
                 p.bytes,
                 shown.join(", ")
             );
         }
         // Standard output carries the data: the report goes to stderr.
         What::Stdout { name } => err_line(&format!(
-            "received {} ({} bytes, sha256 {shown_sha}) -> standard output from {from}",
+            "received {} ({} bytes, sha256 {shown_sha}, {via}) -> standard output from {from}",
             escape(name),
             p.bytes
         )),

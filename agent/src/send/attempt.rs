@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use keyferry_common::handshake::{Accepted, Kind, OfferParams, Terms, make_offer};
@@ -27,7 +28,8 @@ use super::reader::Reader;
 use super::resume;
 use super::source::Source;
 use super::{ANSWER_TIMEOUT, RECEIPT_TIMEOUT, SendOptions, peer_key, pipeline};
-use crate::client::{Ctx, Ticket, await_ticket, broker_error, conn_error, connect, open_upload};
+use crate::client::{Ctx, Ticket, await_ticket, broker_error, conn_error, connect};
+use crate::direct::Path;
 use crate::error::AgentError;
 use crate::home::now_unix;
 use crate::progress::Progress;
@@ -47,6 +49,8 @@ pub struct Done {
     pub bytes: u64,
     /// Seconds from the upload's start to the verified receipt.
     pub seconds: f64,
+    /// Which path carried the stream.
+    pub path: Path,
 }
 
 /// A failed transfer to one receiver, and whether the receiver had accepted
@@ -269,18 +273,23 @@ async fn upload(
             .map(|h| (h.to.clone(), Err(after(e()))))
             .collect()
     };
-    let tickets: Vec<(TransferId, Ticket)> = ready
-        .iter()
-        .map(|h| (h.accepted.pair.transfer_id, h.ticket.clone()))
-        .collect();
-    let mut data = match open_upload(ctx, &tickets).await {
+    let (mut data, path) = match super::path::open(ctx, opts, &ready).await {
         Ok(d) => d,
+        Err(AgentError::NoDirectPath(why)) => {
+            return all_fail(&ready, &|| AgentError::NoDirectPath(why.clone()));
+        }
         Err(e) => {
             let text = e.to_string();
             return all_fail(&ready, &|| AgentError::BrokerUnreachable {
                 addr: ctx.broker.clone(),
                 detail: text.clone(),
             });
+        }
+    };
+    // A direct path that breaks is not tried again by this run's retries.
+    let broke = || {
+        if path == Path::Direct {
+            opts.direct_failed.store(true, Ordering::Relaxed);
         }
     };
     // The sender's marks of what it reads (a resume later starts from them).
@@ -338,6 +347,13 @@ async fn upload(
     let (stream, sha256, mut ended) = match streamed {
         Ok(done) => done,
         Err(e) => {
+            broke();
+            let e = match e {
+                AgentError::BrokerUnreachable { detail, .. } if path == Path::Direct => {
+                    AgentError::DirectLost(detail)
+                }
+                e => e,
+            };
             let reason = match &e {
                 AgentError::FileUnreadable { .. } | AgentError::PrefixChanged(_) => {
                     AbortReason::Source
@@ -365,6 +381,7 @@ async fn upload(
                 },
                 AgentError::Interrupted => AgentError::Interrupted,
                 AgentError::PrefixChanged(what) => AgentError::PrefixChanged(what.clone()),
+                AgentError::DirectLost(why) => AgentError::DirectLost(why.clone()),
                 _ => AgentError::Verification(text.clone()),
             };
             return all_fail(&ready, &code_of);
@@ -401,14 +418,17 @@ async fn upload(
             }
             Ok(_) => break,
             Err(e) => {
+                broke();
                 let text = e.to_string();
                 for tid in &tids {
-                    ended
-                        .entry(*tid)
-                        .or_insert(Err(AgentError::BrokerUnreachable {
+                    ended.entry(*tid).or_insert(Err(if path == Path::Direct {
+                        AgentError::DirectLost(text.clone())
+                    } else {
+                        AgentError::BrokerUnreachable {
                             addr: ctx.broker.clone(),
                             detail: text.clone(),
-                        }));
+                        }
+                    }));
                 }
             }
         }
@@ -430,6 +450,7 @@ async fn upload(
                     resumed_from,
                     bytes: stream.total(),
                     seconds,
+                    path,
                 }),
                 Some(Err(e)) => Err(after(e)),
                 None => Err(after(AgentError::Unconfirmed(

@@ -7,10 +7,12 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 pub(crate) mod attempt;
 mod marks;
+mod path;
 mod pipeline;
 pub mod reader;
 mod resume;
@@ -75,6 +77,10 @@ pub struct SendOptions {
     pub retry_for: Duration,
     /// Draw a progress bar.
     pub progress: bool,
+    /// Which paths the stream may take.
+    pub direct: crate::direct::DirectOpt,
+    /// Set once a direct path broke: the retries take the relay.
+    pub direct_failed: Arc<AtomicBool>,
 }
 
 impl SendOptions {
@@ -107,6 +113,9 @@ pub struct Report {
     pub resumed_from: u64,
     /// Attempts made (1 if nothing had to be retried).
     pub attempts: u32,
+    /// Which path carried the last attempt's stream: `direct` (between the
+    /// agents) or `relay` (through the broker).
+    pub via: crate::direct::Path,
 }
 
 fn collect(opts: &SendOptions) -> Result<Source, AgentError> {
@@ -138,6 +147,7 @@ fn transient(e: &AgentError) -> bool {
                 | AgentError::LookupFailed { .. }
                 | AgentError::SessionEnded(_)
                 | AgentError::PrefixChanged(_)
+                | AgentError::DirectLost(_)
                 | AgentError::ReceiverAborted(
                     AbortReason::PeerGone
                         | AbortReason::Timeout
@@ -288,6 +298,7 @@ fn report(source: &Source, to: &AgentName, done: &attempt::Done, attempts: u32) 
         session_keys: done.session_keys,
         resumed_from: done.resumed_from,
         attempts,
+        via: done.path,
     }
 }
 

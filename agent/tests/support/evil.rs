@@ -409,9 +409,12 @@ impl EvilBroker {
 
     /// Starts a real sender of `file` to `to` (not waiting for it). It does
     /// not retry (`--retry-for 0`): these tests are about what one attempt
-    /// detects, and a retry would meet the same broker again.
+    /// detects, and a retry would meet the same broker again. Its stream
+    /// goes through this broker (`--direct never`): what a broker can do to
+    /// a stream is what they test.
     pub fn sender(&self, home: &Home, to: &str, file: &Path, extra: &[&str]) -> Proc {
-        let mut args = vec!["--role", "sender", "--to", to, "--retry-for", "0", "--file"];
+        let mut args = vec!["--role", "sender", "--to", to, "--retry-for", "0"];
+        args.extend_from_slice(&["--direct", "never", "--file"]);
         args.push(file.to_str().unwrap());
         args.extend_from_slice(extra);
         self.agent(home, &args)

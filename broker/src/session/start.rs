@@ -121,17 +121,17 @@ pub(crate) async fn relay_when_connected<T>(
     hold: T,
 ) {
     let deadline = tokio::time::Instant::now() + state.limits.handshake_timeout;
-    let arrival = tokio::time::timeout_at(deadline, &mut issued.sender).await;
-    let mine = tokio::time::timeout_at(deadline, &mut issued.receiver).await;
+    let Some((arrival, mine)) = arrivals(state, &mut issued, deadline, tid).await else {
+        return;
+    };
     drop(issued);
-    let mine = mine.ok().and_then(Result::ok);
     let (sender, others, mut joiners) = match arrival {
-        Ok(Ok(Arrival::Upload {
+        Some(Arrival::Upload {
             conn: sender,
             others,
             joiners,
-        })) => (sender, others, joiners),
-        Ok(Ok(Arrival::Joined { hub })) => {
+        }) => (sender, others, joiners),
+        Some(Arrival::Joined { hub }) => {
             // Another transfer's task relays this stream; this receiver's
             // connection goes there, and this task waits for the relay.
             let Some(mine) = mine else {
@@ -147,6 +147,11 @@ pub(crate) async fn relay_when_connected<T>(
             if hub.send(joiner).await.is_ok() {
                 let _ = relayed.await;
             }
+            return;
+        }
+        _ if mine.is_some() => {
+            // Nothing relayed: the agents may have connected to each other.
+            info!(transfer = %tid, "the sender's data connection did not come (a direct connection, or a sender gone)");
             return;
         }
         _ => {
@@ -191,6 +196,60 @@ pub(crate) async fn relay_when_connected<T>(
     info!(transfer = %tid, receivers = receivers.len(), "upload to several receivers started");
     let report = fanout::relay(sender, receivers, sid, idle, shutdown).await;
     log_report(tid, &report);
+}
+
+/// Waits until `deadline` for the sender's arrival and the receiver's data
+/// connection, in whichever order they come. A receiver connection that
+/// closes before the sender's came ends the wait at once (`None`): its
+/// agent took a direct connection instead (PROTOCOL.md §2.7), or left; so
+/// the transfer stops counting against the broker's limits then, not at
+/// the deadline. Not in an upload to several receivers (which never goes
+/// direct): there the sender's upload needs every ticket still waiting,
+/// and that receiver is simply missing from the copy.
+async fn arrivals(
+    state: &State,
+    issued: &mut Issued<'_, DataConn>,
+    deadline: tokio::time::Instant,
+    tid: TransferId,
+) -> Option<(Option<Arrival<DataConn>>, Option<DataConn>)> {
+    let (mut mine, mut receiver_done) = (None::<DataConn>, false);
+    let arrival = loop {
+        tokio::select! {
+            a = &mut issued.sender => break a.ok(),
+            m = &mut issued.receiver, if !receiver_done => {
+                receiver_done = true;
+                mine = m.ok();
+            }
+            () = closed(mine.as_ref()), if mine.is_some() => {
+                if state.tickets.shares_stream(&tid) {
+                    mine = None;
+                    continue;
+                }
+                info!(transfer = %tid, "the receiver closed its data connection before the sender's came (a direct connection, or a receiver gone)");
+                return None;
+            }
+            () = tokio::time::sleep_until(deadline) => break None,
+        }
+    };
+    if !receiver_done {
+        mine = tokio::time::timeout_at(deadline, &mut issued.receiver)
+            .await
+            .ok()
+            .and_then(Result::ok);
+    }
+    Some((arrival, mine))
+}
+
+/// Returns once `conn` is closed (or fails); never for `None` or a
+/// connection that sends data (before its sender came, a receiver has
+/// nothing to say: such bytes wait for the relay, which refuses them).
+async fn closed(conn: Option<&DataConn>) {
+    if let Some(conn) = conn
+        && matches!(conn.tcp.peek(&mut [0u8; 1]).await, Ok(0) | Err(_))
+    {
+        return;
+    }
+    std::future::pending().await
 }
 
 fn log_report(tid: TransferId, report: &crate::relay::RelayReport) {

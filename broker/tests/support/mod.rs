@@ -268,6 +268,9 @@ impl Agent {
             policy: keyferry_agent::receive::consent::Policy::Anyone,
             chat: None,
             preserve: false,
+            // These tests are about the broker: every stream through it.
+            direct: keyferry_agent::direct::DirectOpt::Never,
+            direct_port: 0,
         };
         let online_before = broker.logs.text().matches(&self.online_line()).count();
         let task = tokio::spawn(receive(ctx, opts));
@@ -299,6 +302,8 @@ impl Agent {
                 peer_fingerprint: None,
                 retry_for: Duration::ZERO,
                 progress: false,
+                direct: keyferry_agent::direct::DirectOpt::Never,
+                direct_failed: Default::default(),
             },
         )
         .await?;

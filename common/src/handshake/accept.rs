@@ -7,7 +7,11 @@
 
 use sha2::{Digest as _, Sha256};
 
-use super::{ACCEPT_LEN, HandshakeError, OfferFields, SignedOffer, Terms, label, transcript_hash};
+use super::direct::DirectTerms;
+use super::{
+    HandshakeError, MAX_ACCEPT_LEN, MIN_ACCEPT_LEN, OfferFields, SignedOffer, Terms, label,
+    transcript_hash,
+};
 use crate::PROTOCOL_VERSION;
 use crate::crypto::ecdh::{Ephemeral, SHARE_LEN};
 use crate::crypto::kem::{self, CT_LEN};
@@ -49,6 +53,7 @@ fn accept_fixed(
     ct: &[u8; CT_LEN],
     offset: u64,
     ask: u32,
+    direct: &[u8],
 ) -> Vec<u8> {
     Encoder::new(label::ACCEPT)
         .u16(PROTOCOL_VERSION)
@@ -58,6 +63,7 @@ fn accept_fixed(
         .fixed(ct)
         .u64(offset)
         .u32(ask)
+        .fixed(direct)
         .finish()
 }
 
@@ -94,16 +100,19 @@ impl OpenedOffer {
     /// encapsulation to the sender's key, the resume point, the MACs, and the
     /// pair's keys. M and both shared secrets are consumed here.
     pub fn accept(self, resume: ResumePoint) -> Result<(Vec<u8>, PairKeys), HandshakeError> {
-        self.accept_asking(resume, 0)
+        self.accept_asking(resume, 0, &DirectTerms::never())
     }
 
     /// [`Self::accept`], telling the sender that this receiver will ask its
     /// user once the manifest arrived, taking up to `ask` seconds, and that
-    /// no chunk may come before its `Proceed` (0: it will not ask).
+    /// no chunk may come before its `Proceed` (0: it will not ask); and
+    /// which paths it takes for the stream, and where it listens for a
+    /// direct connection.
     pub fn accept_asking(
         self,
         resume: ResumePoint,
         ask: u32,
+        direct: &DirectTerms,
     ) -> Result<(Vec<u8>, PairKeys), HandshakeError> {
         let f = &self.fields;
         let nonce = Nonce::random();
@@ -111,7 +120,16 @@ impl OpenedOffer {
         let share = ephemeral.public();
         let x25519 = ephemeral.agree(&f.sender_share)?;
         let (ct, mlkem) = kem::encapsulate(&f.kem_key)?;
-        let fixed = accept_fixed(&f.transfer_id, &nonce, &share, &ct, resume.offset, ask);
+        let direct = direct.to_bytes();
+        let fixed = accept_fixed(
+            &f.transfer_id,
+            &nonce,
+            &share,
+            &ct,
+            resume.offset,
+            ask,
+            &direct,
+        );
         let (keys, pair) = derive_pair_keys(
             Secrets {
                 master: self.master,
@@ -126,12 +144,13 @@ impl OpenedOffer {
         );
         let resume_tag = mac::tag(&keys.resume, &[&resume_input(&f.transfer_id, &resume)]);
         let tag = mac::tag(&keys.accept, &[&fixed, &resume_tag]);
-        let mut accept = Vec::with_capacity(ACCEPT_LEN);
+        let mut accept = Vec::with_capacity(MIN_ACCEPT_LEN + direct.len());
         accept.extend_from_slice(&nonce.0);
         accept.extend_from_slice(&share);
         accept.extend_from_slice(&ct);
         accept.extend_from_slice(&resume.offset.to_be_bytes());
         accept.extend_from_slice(&ask.to_be_bytes());
+        accept.extend_from_slice(&direct);
         accept.extend_from_slice(&resume_tag);
         accept.extend_from_slice(&tag);
         Ok((accept, pair))
@@ -148,6 +167,8 @@ pub struct Accepted {
     /// Seconds the receiver may take to ask its user after the manifest;
     /// until its `Proceed`, no chunk may be sent (0: it does not ask).
     pub ask_secs: u32,
+    /// Which paths the receiver takes, and where it listens.
+    pub direct: DirectTerms,
     transfer_id: TransferId,
     resume_key: MacKey,
     resume_tag: [u8; TAG_LEN],
@@ -184,7 +205,7 @@ impl super::PendingOffer {
     /// ephemeral secrets) and derives the pair's keys. M, the X25519 key and
     /// the ML-KEM decapsulation key are consumed.
     pub fn handle_accept(self, accept: &[u8]) -> Result<Accepted, HandshakeError> {
-        if accept.len() != ACCEPT_LEN {
+        if !(MIN_ACCEPT_LEN..=MAX_ACCEPT_LEN).contains(&accept.len()) {
             return Err(HandshakeError::Malformed("accept"));
         }
         let mut d = Decoder::new(accept);
@@ -194,12 +215,21 @@ impl super::PendingOffer {
         let ct: [u8; CT_LEN] = d.array().map_err(bad)?;
         let offset = d.u64().map_err(bad)?;
         let ask = d.u32().map_err(bad)?;
+        let direct = DirectTerms::decode(&mut d).map_err(bad)?;
         let resume_tag: [u8; TAG_LEN] = d.array().map_err(bad)?;
         let tag: [u8; TAG_LEN] = d.array().map_err(bad)?;
         d.finish().map_err(bad)?;
         let x25519 = self.ephemeral.agree(&share)?;
         let mlkem = self.kem.decapsulate(&ct);
-        let fixed = accept_fixed(&self.transfer_id, &receiver_nonce, &share, &ct, offset, ask);
+        let fixed = accept_fixed(
+            &self.transfer_id,
+            &receiver_nonce,
+            &share,
+            &ct,
+            offset,
+            ask,
+            &direct.to_bytes(),
+        );
         let (keys, pair) = derive_pair_keys(
             Secrets {
                 master: self.master,
@@ -217,6 +247,7 @@ impl super::PendingOffer {
             pair,
             resume_offset: offset,
             ask_secs: ask,
+            direct,
             transfer_id: self.transfer_id,
             resume_key: keys.resume,
             resume_tag,

@@ -13,6 +13,7 @@
 //! [`offer`] builds and checks the offer; [`accept`] the accept and the keys.
 
 mod accept;
+pub mod direct;
 mod offer;
 
 use serde::{Deserialize, Serialize};
@@ -59,10 +60,12 @@ pub const MAX_TERMS_LEN: usize = 256;
 pub const MAX_MESSAGE_LEN: usize = 64 << 10;
 /// Largest RSA ciphertext (a 4096-bit modulus).
 pub const MAX_WRAPPED_LEN: usize = 512;
-/// Exact length of an accept: receiver nonce, X25519 share, ML-KEM ciphertext,
-/// resume offset, the seconds the receiver may take to ask its user, resume
-/// tag, tag.
-pub const ACCEPT_LEN: usize = 32 + SHARE_LEN + CT_LEN + 8 + 4 + TAG_LEN + TAG_LEN;
+/// Shortest accept: receiver nonce, X25519 share, ML-KEM ciphertext, resume
+/// offset, the seconds the receiver may take to ask its user, the direct
+/// mode and number of candidates (none), resume tag, tag.
+pub const MIN_ACCEPT_LEN: usize = 32 + SHARE_LEN + CT_LEN + 8 + 4 + 2 + TAG_LEN + TAG_LEN;
+/// Longest accept: [`MIN_ACCEPT_LEN`] with the most candidates, all IPv6.
+pub const MAX_ACCEPT_LEN: usize = MIN_ACCEPT_LEN + direct::MAX_CANDIDATES * 19;
 /// Default window around the receiver's clock in which an offer's time must lie.
 pub const DEFAULT_TIME_WINDOW_SECS: u64 = 300;
 

@@ -31,6 +31,27 @@ pub fn keep_alive(stream: &tokio::net::TcpStream) -> io::Result<()> {
     Ok(())
 }
 
+/// How long data sent on a direct connection between agents may stay
+/// unacknowledged, and how long such a connection may hear nothing at all
+/// (5 s idle, then 3 probes 2 s apart), before the kernel drops it: a dead
+/// direct path is given up quickly, since the relay is there to take over.
+pub const DIRECT_USER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sets the options of a direct connection between agents: no Nagle delay,
+/// and the short keepalive and `TCP_USER_TIMEOUT` of [`DIRECT_USER_TIMEOUT`].
+pub fn direct(stream: &tokio::net::TcpStream) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    let sock = SockRef::from(stream);
+    let keepalive = TcpKeepalive::new()
+        .with_time(Duration::from_secs(5))
+        .with_interval(Duration::from_secs(2))
+        .with_retries(3);
+    sock.set_tcp_keepalive(&keepalive)?;
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    sock.set_tcp_user_timeout(Some(DIRECT_USER_TIMEOUT))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

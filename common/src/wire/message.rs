@@ -324,6 +324,27 @@ pub enum Message {
         /// Transfer id.
         transfer_id: TransferId,
     },
+    /// A direct connection's first frame, sender → receiver (PROTOCOL.md
+    /// §2.7): which transfer, and the sender's fresh challenge.
+    DirectHello {
+        /// Transfer id.
+        transfer_id: TransferId,
+        /// 32 random bytes.
+        nonce: [u8; 32],
+    },
+    /// The receiver's answer: its own fresh challenge, and its proof over
+    /// both under the pair's direct key.
+    DirectChallenge {
+        /// 32 random bytes.
+        nonce: [u8; 32],
+        /// HMAC under the direct key (PROTOCOL.md §2.7).
+        proof: [u8; 32],
+    },
+    /// The sender's proof over both challenges; the stream follows.
+    DirectProof {
+        /// HMAC under the direct key (PROTOCOL.md §2.7).
+        proof: [u8; 32],
+    },
 }
 
 impl Message {
@@ -355,6 +376,9 @@ impl Message {
             Self::Ping { .. } => "Ping",
             Self::Pong { .. } => "Pong",
             Self::Proceed { .. } => "Proceed",
+            Self::DirectHello { .. } => "DirectHello",
+            Self::DirectChallenge { .. } => "DirectChallenge",
+            Self::DirectProof { .. } => "DirectProof",
         }
     }
 }
@@ -615,6 +639,24 @@ mod tests {
             (
                 Message::Proceed { transfer_id: tid },
                 [vec![24], vec![0xaa; 16]].concat(),
+            ),
+            (
+                Message::DirectHello {
+                    transfer_id: tid,
+                    nonce: [0x55; 32],
+                },
+                [vec![25], vec![0xaa; 16], vec![0x55; 32]].concat(),
+            ),
+            (
+                Message::DirectChallenge {
+                    nonce: [0x55; 32],
+                    proof: [0x66; 32],
+                },
+                [vec![26], vec![0x55; 32], vec![0x66; 32]].concat(),
+            ),
+            (
+                Message::DirectProof { proof: [0x66; 32] },
+                [vec![27], vec![0x66; 32]].concat(),
             ),
             (
                 Message::Refuse {

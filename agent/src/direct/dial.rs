@@ -1,0 +1,110 @@
+//! The sender's side of a direct connection (PROTOCOL.md §2.7): every
+//! address the receiver's accept names is dialled at once, each with a
+//! fresh challenge; the first whose listener answers with the receiver's
+//! proof over it gets our proof and carries the stream. A listener that
+//! cannot prove itself (someone else holding that address, a port reused)
+//! learns nothing it could use elsewhere: our proof goes only to the one
+//! that proved itself, and covers its own fresh challenge.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use keyferry_common::crypto::keys::MacKey;
+use keyferry_common::crypto::random_array;
+use keyferry_common::handshake::direct::{Challenges, DirectTerms, sender_proof, verify_receiver};
+use keyferry_common::ids::TransferId;
+use keyferry_common::io::connection::Connection;
+use keyferry_common::wire::frame::MAX_FRAME_LEN;
+use keyferry_common::wire::message::Message;
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+
+use super::{DIAL_TIMEOUT, PROOF_TIMEOUT};
+use crate::client::DataConn;
+
+/// Largest answer on a direct connection before it is proved (a
+/// `DirectChallenge` is 65 bytes).
+const MAX_ANSWER_FRAME: usize = 96;
+
+/// Dials the receiver's candidates (loopback ones only if `loopback`: the
+/// broker is on this machine too) and returns the first connection whose
+/// listener proved itself, after sending our proof on it; or why none
+/// worked (one reason per address).
+pub async fn dial(
+    terms: &DirectTerms,
+    key: &Arc<MacKey>,
+    tid: TransferId,
+    loopback: bool,
+) -> Result<DataConn, String> {
+    let mut attempts = JoinSet::new();
+    for addr in terms
+        .dialable()
+        .filter(|a| loopback || !a.ip().to_canonical().is_loopback())
+    {
+        let key = Arc::clone(key);
+        attempts.spawn(async move { (addr, one(addr, &key, tid).await) });
+    }
+    if attempts.is_empty() {
+        return Err("the receiver announced no address this agent may dial".into());
+    }
+    let mut why = Vec::new();
+    while let Some(joined) = attempts.join_next().await {
+        match joined {
+            Ok((addr, Ok((mut conn, c)))) => {
+                // Only the winner hears our proof; the others are dropped.
+                let proof = Message::DirectProof {
+                    proof: sender_proof(key, &tid, &c),
+                };
+                match conn.writer.write(&proof).await {
+                    Ok(()) => {
+                        conn.reader.set_max(MAX_FRAME_LEN);
+                        return Ok(conn);
+                    }
+                    Err(e) => why.push(format!("{addr}: {e}")),
+                }
+            }
+            Ok((addr, Err(e))) => why.push(format!("{addr}: {e}")),
+            Err(e) => why.push(e.to_string()),
+        }
+    }
+    Err(why.join("; "))
+}
+
+/// One address: connect (within [`DIAL_TIMEOUT`]), send our challenge,
+/// check the listener's proof over both challenges (within
+/// [`PROOF_TIMEOUT`]).
+async fn one(
+    addr: SocketAddr,
+    key: &MacKey,
+    tid: TransferId,
+) -> Result<(DataConn, Challenges), String> {
+    let tcp = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| "no answer".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let _ = keyferry_common::io::tcp::direct(&tcp);
+    let mut conn = Connection::new(tcp);
+    conn.reader.set_max(MAX_ANSWER_FRAME);
+    let ours = random_array();
+    let hello = Message::DirectHello {
+        transfer_id: tid,
+        nonce: ours,
+    };
+    conn.writer.write(&hello).await.map_err(|e| e.to_string())?;
+    match tokio::time::timeout(PROOF_TIMEOUT, conn.reader.read()).await {
+        Ok(Ok(Some(Message::DirectChallenge { nonce, proof }))) => {
+            let c = Challenges {
+                sender: ours,
+                receiver: nonce,
+            };
+            match verify_receiver(key, &tid, &c, &proof) {
+                Ok(()) => Ok((conn, c)),
+                Err(_) => Err("the listener there is not the receiver".into()),
+            }
+        }
+        Ok(Ok(Some(_))) => Err("the listener there is not the receiver".into()),
+        Ok(Ok(None)) => Err("closed without proving itself".into()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no proof in time".into()),
+    }
+}

@@ -1,0 +1,275 @@
+//! The receiver's side of a direct connection (PROTOCOL.md §2.7): one
+//! listening socket for the life of the receiver, the addresses it announces
+//! in an accept, and the accepted transfers waiting for their sender to
+//! connect. A connection is handed to a transfer only after it proved,
+//! under that transfer's direct key and over a challenge of ours, that it
+//! comes from that transfer's sender; anything else (a stranger who
+//! connected first, a copied or foreign proof, silence) is closed after at
+//! most [`super::PROOF_TIMEOUT`] and changes nothing for the transfer.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use keyferry_common::crypto::keys::MacKey;
+use keyferry_common::crypto::random_array;
+use keyferry_common::handshake::Kind;
+use keyferry_common::handshake::direct::{
+    Challenges, DirectTerms, MAX_CANDIDATES, receiver_proof, verify_sender,
+};
+use keyferry_common::ids::TransferId;
+use keyferry_common::io::connection::Connection;
+use keyferry_common::sync::lock;
+use keyferry_common::wire::frame::MAX_FRAME_LEN;
+use keyferry_common::wire::message::Message;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, oneshot};
+
+use super::PROOF_TIMEOUT;
+use crate::client::DataConn;
+
+/// Most connections proving themselves at once; more wait in the kernel's
+/// backlog.
+const MAX_PROVING: usize = 16;
+/// Largest frame on a direct connection before it is proved (a
+/// `DirectHello` is 49 bytes, a `DirectProof` 33).
+const MAX_FIRST_FRAME: usize = 64;
+
+/// A transfer waiting for its sender's direct connection.
+#[derive(Debug)]
+struct Waiter {
+    key: Arc<MacKey>,
+    conn: oneshot::Sender<DataConn>,
+}
+
+type Waiters = Arc<Mutex<HashMap<TransferId, Waiter>>>;
+
+/// The receiver's direct listener.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    port: u16,
+    ipv6: bool,
+    waiters: Waiters,
+    _task: Arc<AbortOnDrop>,
+}
+
+/// Stops the accepting task (and frees the port) with the last listener.
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A listening socket on `addr`; an IPv6 one takes IPv4 connections too.
+fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(128)?;
+    socket.set_nonblocking(true)?;
+    TcpListener::from_std(socket.into())
+}
+
+impl Listener {
+    /// Listens on every interface, on `port` (0: one the system picks), and
+    /// serves it from a task of its own until the last clone is dropped.
+    pub fn open(port: u16) -> io::Result<Self> {
+        // One socket for both families where the system has IPv6 (told to
+        // take IPv4 too, whatever the system's default), else IPv4 only.
+        let (socket, ipv6) = match bind(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port)) {
+            Ok(s) => (s, true),
+            Err(_) => (
+                bind(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port))?,
+                false,
+            ),
+        };
+        let port = socket.local_addr()?.port();
+        let waiters: Waiters = Arc::default();
+        let task = tokio::spawn(serve(socket, Arc::clone(&waiters)));
+        Ok(Self {
+            port,
+            ipv6,
+            waiters,
+            _task: Arc::new(AbortOnDrop(task)),
+        })
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The addresses to announce, best first, at most [`MAX_CANDIDATES`]:
+    /// the one this machine reaches `broker` from (the likeliest to be
+    /// reachable by a peer of that broker; loopback when the broker is on
+    /// this machine), then every other interface address that is neither
+    /// loopback nor link-local.
+    pub async fn candidates(&self, broker: &str) -> Vec<SocketAddr> {
+        let first = route_source(broker).await;
+        let mut ips: Vec<IpAddr> = first.map(|ip| ip.to_canonical()).into_iter().collect();
+        if let Ok(interfaces) = if_addrs::get_if_addrs() {
+            for i in interfaces {
+                if !(i.is_loopback() || i.is_link_local()) {
+                    ips.push(i.ip());
+                }
+            }
+        }
+        let mut out: Vec<SocketAddr> = Vec::new();
+        for ip in ips {
+            let usable = self.ipv6 || ip.is_ipv4();
+            let addr = SocketAddr::new(ip, self.port);
+            if usable && !ip.is_unspecified() && !out.contains(&addr) {
+                out.push(addr);
+            }
+        }
+        out.truncate(MAX_CANDIDATES);
+        out
+    }
+
+    /// Waits for transfer `tid`'s sender to connect and prove itself with
+    /// `key`; the wait ends when the returned receiver is dropped.
+    pub fn expect(&self, tid: TransferId, key: Arc<MacKey>) -> Expected {
+        let (tx, rx) = oneshot::channel();
+        lock(&self.waiters).insert(tid, Waiter { key, conn: tx });
+        Expected {
+            tid,
+            conn: rx,
+            waiters: Arc::clone(&self.waiters),
+        }
+    }
+}
+
+/// What a receiver's accept says about direct connections for a stream of
+/// `kind`: nothing without a listener or for a chat stream (those take the
+/// relay), else the mode of `--direct` and the listener's addresses.
+pub async fn terms_for(
+    listener: Option<&Listener>,
+    opt: super::DirectOpt,
+    kind: Kind,
+    broker: &str,
+) -> DirectTerms {
+    match listener {
+        Some(l) if kind != Kind::Chat => DirectTerms {
+            mode: opt.mode(),
+            candidates: l.candidates(broker).await,
+        },
+        _ => DirectTerms::never(),
+    }
+}
+
+/// The source address this machine's routes give a packet to `broker`
+/// (a UDP socket's connect sends nothing).
+async fn route_source(broker: &str) -> Option<IpAddr> {
+    let lookup = tokio::net::lookup_host(broker);
+    let target = tokio::time::timeout(std::time::Duration::from_secs(1), lookup)
+        .await
+        .ok()?
+        .ok()?
+        .next()?;
+    let any: IpAddr = if target.is_ipv4() {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        Ipv6Addr::UNSPECIFIED.into()
+    };
+    let socket = tokio::net::UdpSocket::bind(SocketAddr::new(any, 0))
+        .await
+        .ok()?;
+    socket.connect(target).await.ok()?;
+    Some(socket.local_addr().ok()?.ip())
+}
+
+/// One transfer's wait for its direct connection.
+#[derive(Debug)]
+pub struct Expected {
+    tid: TransferId,
+    conn: oneshot::Receiver<DataConn>,
+    waiters: Waiters,
+}
+
+impl Expected {
+    /// The proved connection; never returns if none comes.
+    pub async fn connection(&mut self) -> DataConn {
+        match (&mut self.conn).await {
+            Ok(conn) => conn,
+            Err(_) => std::future::pending().await,
+        }
+    }
+}
+
+impl Drop for Expected {
+    fn drop(&mut self) {
+        lock(&self.waiters).remove(&self.tid);
+    }
+}
+
+/// Accepts connections until aborted; each proves itself on a task of its
+/// own, at most [`MAX_PROVING`] at once (one more is closed at once).
+async fn serve(socket: TcpListener, waiters: Waiters) {
+    let proving = Arc::new(Semaphore::new(MAX_PROVING));
+    loop {
+        let Ok((tcp, _)) = socket.accept().await else {
+            // Out of descriptors, say: do not spin.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            continue;
+        };
+        let Ok(permit) = Arc::clone(&proving).try_acquire_owned() else {
+            continue;
+        };
+        let waiters = Arc::clone(&waiters);
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ = tokio::time::timeout(PROOF_TIMEOUT, prove(tcp, &waiters)).await;
+        });
+    }
+}
+
+/// The exchange of PROTOCOL.md §2.7 on one accepted connection: the
+/// sender's `DirectHello` naming a transfer that waits, our challenge and
+/// proof, the sender's proof over both challenges; then the connection is
+/// that transfer's. Anything else drops (closes) the connection.
+async fn prove(tcp: TcpStream, waiters: &Waiters) {
+    let _ = keyferry_common::io::tcp::direct(&tcp);
+    let mut conn = Connection::new(tcp);
+    conn.reader.set_max(MAX_FIRST_FRAME);
+    let Ok(Some(Message::DirectHello { transfer_id, nonce })) = conn.reader.read().await else {
+        return;
+    };
+    let key = match lock(waiters).get(&transfer_id) {
+        Some(w) => Arc::clone(&w.key),
+        None => return,
+    };
+    let c = Challenges {
+        sender: nonce,
+        receiver: random_array(),
+    };
+    let challenge = Message::DirectChallenge {
+        nonce: c.receiver,
+        proof: receiver_proof(&key, &transfer_id, &c),
+    };
+    if conn.writer.write(&challenge).await.is_err() {
+        return;
+    }
+    let Ok(Some(Message::DirectProof { proof })) = conn.reader.read().await else {
+        return;
+    };
+    if verify_sender(&key, &transfer_id, &c, &proof).is_err() {
+        return;
+    }
+    // Proved: this transfer's wait ends here (a second proof finds none).
+    let Some(waiter) = lock(waiters).remove(&transfer_id) else {
+        return;
+    };
+    conn.reader.set_max(MAX_FRAME_LEN);
+    let _ = waiter.conn.send(conn);
+}

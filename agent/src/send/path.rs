@@ -1,0 +1,96 @@
+//! Which connection an upload's stream takes (PROTOCOL.md §2.7): straight
+//! to the receiver when its accept names addresses and one of them proves
+//! itself, the broker's relay otherwise; or a clear refusal when one side
+//! wants only the path the other will not take. An upload to several
+//! receivers always takes the relay (the broker copies it).
+
+use std::sync::atomic::Ordering;
+
+use keyferry_common::handshake::direct::DirectMode;
+use keyferry_common::ids::TransferId;
+
+use super::SendOptions;
+use super::attempt::Handshake;
+use crate::client::{Ctx, DataConn, Ticket, open_upload};
+use crate::direct::{DirectOpt, Path, dial};
+use crate::error::AgentError;
+
+/// Opens the stream's connection: direct if it can and may, else the relay.
+pub(super) async fn open(
+    ctx: &Ctx,
+    opts: &SendOptions,
+    ready: &[Handshake],
+) -> Result<(DataConn, Path), AgentError> {
+    if let [one] = ready {
+        let offered = &one.accepted.direct;
+        let to = &one.to;
+        let theirs_only = offered.mode == DirectMode::Only;
+        let ours_only = opts.direct == DirectOpt::Only;
+        match (opts.direct, offered.mode) {
+            (DirectOpt::Only, DirectMode::Never) => {
+                return Err(AgentError::NoDirectPath(format!(
+                    "{to} takes only the relay (its --direct never or a chat), and this agent \
+                     was told --direct only"
+                )));
+            }
+            (DirectOpt::Never, DirectMode::Only) => {
+                return Err(AgentError::NoDirectPath(format!(
+                    "{to} takes only a direct connection (--direct only), and this agent was \
+                     told --direct never"
+                )));
+            }
+            (DirectOpt::Never, _) | (_, DirectMode::Never) => {}
+            _ => {
+                // After a direct path broke mid-transfer, the retries take
+                // the relay (unless one side takes nothing else).
+                let broken = opts.direct_failed.load(Ordering::Relaxed);
+                if !broken || ours_only || theirs_only {
+                    let tid = one.accepted.pair.transfer_id;
+                    let local = broker_is_local(ctx).await;
+                    match dial::dial(offered, &one.accepted.pair.direct, tid, local).await {
+                        Ok(conn) => return Ok((conn, Path::Direct)),
+                        Err(why) if ours_only || theirs_only => {
+                            return Err(AgentError::NoDirectPath(format!(
+                                "could not reach {to} directly ({why})"
+                            )));
+                        }
+                        Err(_) => {}
+                    }
+                }
+            }
+        }
+    } else if opts.direct == DirectOpt::Only
+        || ready
+            .iter()
+            .any(|h| h.accepted.direct.mode == DirectMode::Only)
+    {
+        return Err(AgentError::NoDirectPath(
+            "an upload to several receivers goes through the broker's relay; send to each \
+             separately for a direct connection"
+                .into(),
+        ));
+    }
+    relay(ctx, ready).await
+}
+
+/// The broker's relay: one data connection for every receiver.
+async fn relay(ctx: &Ctx, ready: &[Handshake]) -> Result<(DataConn, Path), AgentError> {
+    let tickets: Vec<(TransferId, Ticket)> = ready
+        .iter()
+        .map(|h| (h.accepted.pair.transfer_id, h.ticket.clone()))
+        .collect();
+    open_upload(ctx, &tickets).await.map(|c| (c, Path::Relay))
+}
+
+/// Whether the broker is on this machine (its address is a loopback one):
+/// only then may a receiver's loopback addresses be dialled, since only
+/// then can that receiver be on this machine too.
+async fn broker_is_local(ctx: &Ctx) -> bool {
+    let lookup = tokio::net::lookup_host(ctx.broker.as_str());
+    tokio::time::timeout(std::time::Duration::from_secs(1), lookup)
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .and_then(|mut addrs| addrs.next())
+        .is_some_and(|a| a.ip().is_loopback())
+}

@@ -1,0 +1,325 @@
+//! The direct path (PROTOCOL.md §2.7), driven as users drive it: real
+//! binaries, real files, a broker that relays only when it must. On one
+//! machine (127.0.0.1) the stream goes straight from sender to receiver;
+//! `--direct never` and `--direct only` do what they say; a stranger on the
+//! receiver's direct port changes nothing; a broker cannot change the
+//! addresses an accept names. The tests in network namespaces are in
+//! `direct_netns.rs`.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is a test failure
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use keyferry_common::ids::TransferId;
+use keyferry_common::wire::message::{self, Message};
+
+use support::evil::{EvilBroker, Hooks, finish_within};
+use support::{Broker, Home, TempDir, WAIT, json, pseudo_random, sha256_hex};
+
+/// Where the accept's direct fields begin: nonce, share, ciphertext,
+/// offset, ask (PROTOCOL.md §3.3).
+const DIRECT_AT: usize = 32 + 32 + 1088 + 8 + 4;
+
+fn file_of(dir: &TempDir, name: &str, len: usize, seed: u64) -> (std::path::PathBuf, Vec<u8>) {
+    let data = pseudo_random(len, seed);
+    let path = dir.join(name);
+    std::fs::write(&path, &data).unwrap();
+    (path, data)
+}
+
+/// Whether `dir` is empty within 20 s: an accepted transfer whose sender
+/// gave up before the stream leaves nothing once the receiver's wait for
+/// its data connection ends.
+fn emptied(dir: &std::path::Path) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        if support::names_in(dir).is_empty() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+fn relayed(broker: &mut Broker) -> bool {
+    // The broker logs each relay it starts.
+    std::thread::sleep(Duration::from_millis(200));
+    broker
+        .proc
+        .stderr
+        .drain()
+        .iter()
+        .any(|l| l.contains("transfer started"))
+}
+
+#[test]
+fn on_one_machine_the_stream_goes_direct_and_the_broker_relays_nothing() {
+    let mut broker = Broker::start();
+    let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
+    let (src, out) = (TempDir::new("src"), TempDir::new("out"));
+    let (file, data) = file_of(&src, "d.bin", 3 << 20, 7);
+    let mut receiver = bob.receiver(&broker, out.path(), &["--once", "--yes"]);
+
+    let sent = alice.send_file(&broker, "bob", &file, &[]);
+    assert_eq!(sent.code, Some(0), "{sent:#?}");
+    let report = json(&sent);
+    assert_eq!(report["via"], "direct", "{report}");
+    assert_eq!(report["sha256"], sha256_hex(&data));
+    assert_eq!(receiver.wait(WAIT), Some(0));
+    let line = receiver.stdout.wait_for("received", WAIT);
+    assert!(line.contains(", direct) -> "), "{line}");
+    assert_eq!(std::fs::read(out.join("d.bin")).unwrap(), data);
+    assert!(
+        !relayed(&mut broker),
+        "the broker relayed a direct transfer"
+    );
+}
+
+#[test]
+fn direct_never_on_either_side_takes_the_relay() {
+    let mut broker = Broker::start();
+    let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
+    let src = TempDir::new("src");
+    let (file, data) = file_of(&src, "r.bin", 1 << 20, 8);
+    for (receiver_flags, sender_flags) in [
+        (&["--direct", "never"][..], &[][..]),
+        (&[][..], &["--direct", "never"][..]),
+    ] {
+        let out = TempDir::new("out");
+        let mut args = vec!["--once", "--yes"];
+        args.extend_from_slice(receiver_flags);
+        let mut receiver = bob.receiver(&broker, out.path(), &args);
+        let sent = alice.send_file(&broker, "bob", &file, sender_flags);
+        assert_eq!(sent.code, Some(0), "{sent:#?}");
+        assert_eq!(json(&sent)["via"], "relay");
+        assert_eq!(receiver.wait(WAIT), Some(0));
+        assert_eq!(std::fs::read(out.join("r.bin")).unwrap(), data);
+        assert!(relayed(&mut broker), "{receiver_flags:?} {sender_flags:?}");
+    }
+}
+
+#[test]
+fn direct_only_without_a_direct_path_fails_clearly_with_exit_13() {
+    let broker = Broker::start();
+    let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
+    let src = TempDir::new("src");
+    let (file, _) = file_of(&src, "o.bin", 4096, 9);
+
+    // The receiver takes only the relay; the sender only a direct path.
+    let out = TempDir::new("out");
+    let _receiver = bob.receiver(&broker, out.path(), &["--yes", "--direct", "never"]);
+    let sent = alice.send_file(&broker, "bob", &file, &["--direct", "only"]);
+    assert_eq!(sent.code, Some(13), "{sent:#?}");
+    assert!(
+        sent.stderr.contains("no direct path") && sent.stderr.contains("bob takes only the relay"),
+        "{}",
+        sent.stderr
+    );
+    assert!(emptied(out.path()), "{:?}", support::names_in(out.path()));
+    drop(_receiver);
+
+    // The other way round.
+    let out = TempDir::new("out2");
+    let _receiver = bob.receiver(&broker, out.path(), &["--yes", "--direct", "only"]);
+    let sent = alice.send_file(&broker, "bob", &file, &["--direct", "never"]);
+    assert_eq!(sent.code, Some(13), "{sent:#?}");
+    assert!(
+        sent.stderr.contains("takes only a direct connection"),
+        "{}",
+        sent.stderr
+    );
+
+    // Both only, on one machine: direct.
+    let sent = alice.send_file(&broker, "bob", &file, &["--direct", "only"]);
+    assert_eq!(sent.code, Some(0), "{sent:#?}");
+    assert_eq!(json(&sent)["via"], "direct");
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Whether the receiver closes `s` within `limit` without a word (EOF or
+/// a reset; not a timeout, not data).
+fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    }
+}
+
+/// Writes `msg` as one frame.
+fn send_frame(s: &mut TcpStream, msg: &Message) {
+    s.write_all(&message::encode(msg, 1 << 10).unwrap())
+        .unwrap();
+}
+
+/// Reads one frame (`None`: the connection ended or failed).
+fn read_frame(s: &mut TcpStream) -> Option<Message> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).ok()?;
+    let mut payload = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut payload).ok()?;
+    message::decode_payload(&payload).ok()
+}
+
+/// A stranger who knows transfer `tid` (the broker sees it) tries the
+/// receiver's direct port: it is challenged like anyone, and its made-up
+/// proof gets the connection closed. Returns whether it was challenged
+/// and then closed.
+fn stranger_with_the_transfer_id(port: u16, tid: TransferId) -> (bool, bool) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let hello = Message::DirectHello {
+        transfer_id: tid,
+        nonce: [9; 32],
+    };
+    send_frame(&mut s, &hello);
+    let challenged = matches!(read_frame(&mut s), Some(Message::DirectChallenge { .. }));
+    send_frame(&mut s, &Message::DirectProof { proof: [7; 32] });
+    (challenged, closed_within(&mut s, Duration::from_secs(5)))
+}
+
+#[test]
+fn strangers_on_the_direct_port_are_refused_and_the_transfer_is_unaffected() {
+    let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
+    let (src, out) = (TempDir::new("src"), TempDir::new("out"));
+    let (file, data) = file_of(&src, "s.bin", 2 << 20, 10);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+
+    // The broker (which sees the transfer id) lets a stranger try the
+    // receiver's port with it just before the accept reaches the sender.
+    let tid = Arc::new(Mutex::new(None));
+    let (seen, tried) = (Arc::clone(&tid), Arc::new(Mutex::new(None)));
+    let outcome = Arc::clone(&tried);
+    let hooks = Hooks::pass_through()
+        .offered(move |m| {
+            if let Message::Offered { offer, .. } = &m {
+                let id: [u8; 16] = offer.body[2..18].try_into().unwrap();
+                *seen.lock().unwrap() = Some(TransferId(id));
+            }
+            m
+        })
+        .accept(move |a| {
+            let tid = tid.lock().unwrap().unwrap();
+            *outcome.lock().unwrap() = Some(stranger_with_the_transfer_id(port, tid));
+            a
+        });
+    let evil = EvilBroker::start(hooks);
+    let port_arg = port.to_string();
+    let mut receiver = evil.receiver(
+        &bob,
+        out.path(),
+        &["--once", "--yes", "--direct-port", &port_arg],
+    );
+
+    // Strangers without the id: one connects first and says nothing, one
+    // names a made-up transfer, one sends garbage.
+    let _silent = TcpStream::connect(&addr).unwrap();
+    let mut forged = TcpStream::connect(&addr).unwrap();
+    let hello = Message::DirectHello {
+        transfer_id: TransferId([0xaa; 16]),
+        nonce: [0x55; 32],
+    };
+    send_frame(&mut forged, &hello);
+    let mut garbage = TcpStream::connect(&addr).unwrap();
+    garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+
+    let file_arg = file.to_str().unwrap();
+    let args = [
+        "--role", "sender", "--to", "bob", "--file", file_arg, "--json",
+    ];
+    let sent = finish_within(evil.agent(&alice, &args), WAIT);
+    assert_eq!(sent.code, Some(0), "{sent:#?}");
+    assert_eq!(json(&sent)["via"], "direct", "{sent:#?}");
+    assert_eq!(receiver.wait(WAIT), Some(0));
+    assert_eq!(std::fs::read(out.join("s.bin")).unwrap(), data);
+    assert_eq!(
+        *tried.lock().unwrap(),
+        Some((true, true)),
+        "the stranger with the real id was challenged, then closed"
+    );
+    assert!(
+        closed_within(&mut forged, Duration::from_secs(5)),
+        "an unknown transfer is closed"
+    );
+    assert!(
+        closed_within(&mut garbage, Duration::from_secs(5)),
+        "garbage is closed"
+    );
+}
+
+#[test]
+fn the_accept_names_addresses_only_when_allowed_and_a_broker_cannot_change_them() {
+    let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
+    let src = TempDir::new("src");
+    let (file, data) = file_of(&src, "w.bin", 100_000, 11);
+
+    // Seen on the wire at the broker: `--direct never` names no address.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = Arc::clone(&seen);
+    let evil = EvilBroker::start(Hooks::pass_through().accept(move |a| {
+        log.lock().unwrap().push(a.clone());
+        a
+    }));
+    for (flags, mode) in [(&["--direct", "never"][..], 0u8), (&[][..], 1u8)] {
+        let out = TempDir::new("out");
+        let mut args = vec!["--once", "--yes"];
+        args.extend_from_slice(flags);
+        let mut receiver = evil.receiver(&bob, out.path(), &args);
+        let sent = finish_within(evil.sender(&alice, "bob", &file, &[]), WAIT);
+        assert_eq!(sent.code, Some(0), "{sent:#?}");
+        assert_eq!(receiver.wait(WAIT), Some(0));
+        assert_eq!(std::fs::read(out.join("w.bin")).unwrap(), data);
+        let accept = seen.lock().unwrap().pop().unwrap();
+        assert_eq!(accept[DIRECT_AT], mode, "{flags:?}");
+        let n = usize::from(accept[DIRECT_AT + 1]);
+        if mode == 0 {
+            assert_eq!(n, 0);
+            assert_eq!(accept.len(), DIRECT_AT + 2 + 64, "nothing more on the wire");
+        } else {
+            // The first is the address this machine reaches the broker from.
+            assert!(n >= 1);
+            assert_eq!(accept[DIRECT_AT + 2..DIRECT_AT + 7], [4, 127, 0, 0, 1]);
+        }
+    }
+
+    // A broker that points the sender elsewhere breaks the accept's tag.
+    let evil = EvilBroker::start(Hooks::pass_through().accept(|mut a| {
+        a[DIRECT_AT + 7] ^= 1; // the first candidate's port
+        a
+    }));
+    let out = TempDir::new("out");
+    let _receiver = evil.receiver(&bob, out.path(), &["--yes"]);
+    // A sender that would go direct (not the helper's `--direct never`).
+    let file_arg = file.to_str().unwrap();
+    let args = [
+        "--role",
+        "sender",
+        "--to",
+        "bob",
+        "--file",
+        file_arg,
+        "--retry-for",
+        "0",
+    ];
+    let sent = finish_within(evil.agent(&alice, &args), WAIT);
+    assert_eq!(sent.code, Some(9), "{sent:#?}");
+    assert!(
+        sent.stderr.contains("accept did not verify"),
+        "{}",
+        sent.stderr
+    );
+    assert!(emptied(out.path()), "{:?}", support::names_in(out.path()));
+}

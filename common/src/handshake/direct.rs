@@ -1,0 +1,266 @@
+//! What a receiver's accept says about a direct connection (PROTOCOL.md §2.7):
+//! whether it takes one, whether it also takes the relay, and the addresses
+//! where it listens; and the proofs the two agents exchange on such a
+//! connection, under the pair's direct key, so that it is known to belong to
+//! this transfer and this pair before a record crosses it.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use crate::crypto::AuthError;
+use crate::crypto::keys::MacKey;
+use crate::crypto::mac;
+use crate::encode::{DecodeError, Decoder, Encoder};
+use crate::ids::TransferId;
+
+/// Most candidate addresses one accept carries.
+pub const MAX_CANDIDATES: usize = 8;
+
+/// Proof labels, one per side.
+mod label {
+    /// The sender's first frame on a direct connection.
+    pub const SENDER: &str = "keyferry/v5 direct-sender";
+    /// The receiver's answer.
+    pub const RECEIVER: &str = "keyferry/v5 direct-receiver";
+}
+
+/// Which paths a receiver takes for the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirectMode {
+    /// The relay only: no address announced (`--direct never`).
+    Never = 0,
+    /// A direct connection if one works, else the relay.
+    Auto = 1,
+    /// A direct connection only (`--direct only`).
+    Only = 2,
+}
+
+/// The accept's direct fields: the receiver's mode and where it listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectTerms {
+    /// Which paths the receiver takes.
+    pub mode: DirectMode,
+    /// Where it listens, best first (none with [`DirectMode::Never`]).
+    pub candidates: Vec<SocketAddr>,
+}
+
+impl DirectTerms {
+    /// The relay only, no address.
+    pub fn never() -> Self {
+        Self {
+            mode: DirectMode::Never,
+            candidates: Vec::new(),
+        }
+    }
+
+    /// `u8 mode ‖ u8 n ‖ n × (u8 family ‖ address ‖ u16 port)`. At most
+    /// [`MAX_CANDIDATES`] are written; none for [`DirectMode::Never`].
+    pub(super) fn to_bytes(&self) -> Vec<u8> {
+        let candidates: &[SocketAddr] = match self.mode {
+            DirectMode::Never => &[],
+            _ => &self.candidates[..self.candidates.len().min(MAX_CANDIDATES)],
+        };
+        let mut out = vec![self.mode as u8, u8::try_from(candidates.len()).unwrap_or(0)];
+        for c in candidates {
+            match c.ip() {
+                IpAddr::V4(a) => {
+                    out.push(4);
+                    out.extend_from_slice(&a.octets());
+                }
+                IpAddr::V6(a) => {
+                    out.push(6);
+                    out.extend_from_slice(&a.octets());
+                }
+            }
+            out.extend_from_slice(&c.port().to_be_bytes());
+        }
+        out
+    }
+
+    /// Reads what [`Self::to_bytes`] wrote, refusing an unknown mode or
+    /// family, more than [`MAX_CANDIDATES`], a port 0, or an address with
+    /// the mode `Never`.
+    pub(super) fn decode(d: &mut Decoder<'_>) -> Result<Self, DecodeError> {
+        let mode = match d.u8()? {
+            0 => DirectMode::Never,
+            1 => DirectMode::Auto,
+            2 => DirectMode::Only,
+            _ => return Err(DecodeError::Unexpected),
+        };
+        let n = usize::from(d.u8()?);
+        if n > MAX_CANDIDATES || (mode == DirectMode::Never && n > 0) {
+            return Err(DecodeError::TooLong);
+        }
+        let mut candidates = Vec::with_capacity(n);
+        for _ in 0..n {
+            let ip = match d.u8()? {
+                4 => IpAddr::V4(Ipv4Addr::from(d.array::<4>()?)),
+                6 => IpAddr::V6(Ipv6Addr::from(d.array::<16>()?)),
+                _ => return Err(DecodeError::Unexpected),
+            };
+            let port = d.u16()?;
+            if port == 0 {
+                return Err(DecodeError::Unexpected);
+            }
+            candidates.push(SocketAddr::new(ip, port));
+        }
+        Ok(Self { mode, candidates })
+    }
+
+    /// The candidates worth dialling: no unspecified, multicast or
+    /// broadcast address (a hostile accept's are simply skipped).
+    pub fn dialable(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.candidates.iter().copied().filter(|c| match c.ip() {
+            IpAddr::V4(a) => !(a.is_unspecified() || a.is_multicast() || a.is_broadcast()),
+            IpAddr::V6(a) => !(a.is_unspecified() || a.is_multicast()),
+        })
+    }
+}
+
+/// The challenges of one direct connection: the sender's and the
+/// receiver's, 32 fresh random bytes each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Challenges {
+    /// The sender's (in `DirectHello`).
+    pub sender: [u8; 32],
+    /// The receiver's (in `DirectChallenge`).
+    pub receiver: [u8; 32],
+}
+
+fn proof_input(label: &str, tid: &TransferId, c: &Challenges) -> Vec<u8> {
+    Encoder::new(label)
+        .fixed(&tid.0)
+        .fixed(&c.sender)
+        .fixed(&c.receiver)
+        .finish()
+}
+
+/// The sender's proof on a direct connection of transfer `tid`.
+pub fn sender_proof(key: &MacKey, tid: &TransferId, c: &Challenges) -> [u8; 32] {
+    mac::tag(key, &[&proof_input(label::SENDER, tid, c)])
+}
+
+/// The receiver's proof on a direct connection of transfer `tid`.
+pub fn receiver_proof(key: &MacKey, tid: &TransferId, c: &Challenges) -> [u8; 32] {
+    mac::tag(key, &[&proof_input(label::RECEIVER, tid, c)])
+}
+
+/// Checks the sender's proof, in constant time.
+pub fn verify_sender(
+    key: &MacKey,
+    tid: &TransferId,
+    c: &Challenges,
+    proof: &[u8; 32],
+) -> Result<(), AuthError> {
+    mac::verify(key, &[&proof_input(label::SENDER, tid, c)], proof)
+}
+
+/// Checks the receiver's proof, in constant time.
+pub fn verify_receiver(
+    key: &MacKey,
+    tid: &TransferId,
+    c: &Challenges,
+    proof: &[u8; 32],
+) -> Result<(), AuthError> {
+    mac::verify(key, &[&proof_input(label::RECEIVER, tid, c)], proof)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn round_trip(t: &DirectTerms) -> Result<DirectTerms, DecodeError> {
+        let bytes = t.to_bytes();
+        let mut d = Decoder::new(&bytes);
+        let back = DirectTerms::decode(&mut d)?;
+        d.finish()?;
+        Ok(back)
+    }
+
+    #[test]
+    fn candidates_of_both_families_survive_and_never_carries_none() {
+        let t = DirectTerms {
+            mode: DirectMode::Auto,
+            candidates: vec![
+                "192.168.1.20:40000".parse().unwrap(),
+                "[2001:db8::7]:443".parse().unwrap(),
+            ],
+        };
+        assert_eq!(round_trip(&t).unwrap(), t);
+        let hidden = DirectTerms {
+            mode: DirectMode::Never,
+            candidates: vec!["10.0.0.1:1".parse().unwrap()],
+        };
+        assert_eq!(round_trip(&hidden).unwrap(), DirectTerms::never());
+    }
+
+    #[test]
+    fn hostile_fields_are_refused() {
+        let decode = |bytes: &[u8]| DirectTerms::decode(&mut Decoder::new(bytes));
+        assert!(decode(&[3, 0]).is_err(), "unknown mode");
+        assert!(
+            decode(&[0, 1, 4, 1, 2, 3, 4, 0, 80]).is_err(),
+            "never with an address"
+        );
+        assert!(decode(&[1, 9]).is_err(), "too many");
+        assert!(
+            decode(&[1, 1, 5, 1, 2, 3, 4, 0, 80]).is_err(),
+            "unknown family"
+        );
+        assert!(decode(&[1, 1, 4, 1, 2, 3, 4, 0, 0]).is_err(), "port 0");
+        assert!(decode(&[1, 1, 4, 1, 2, 3]).is_err(), "truncated");
+        assert_eq!(
+            decode(&[2, 1, 4, 10, 0, 0, 2, 0x1f, 0x90])
+                .unwrap()
+                .candidates,
+            vec!["10.0.0.2:8080".parse::<SocketAddr>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn multicast_and_unspecified_candidates_are_not_dialled() {
+        let t = DirectTerms {
+            mode: DirectMode::Auto,
+            candidates: ["0.0.0.0:5", "224.0.0.1:5", "[::]:5", "10.1.2.3:5"]
+                .iter()
+                .map(|a| a.parse().unwrap())
+                .collect(),
+        };
+        let dialled: Vec<_> = t.dialable().collect();
+        assert_eq!(dialled, vec!["10.1.2.3:5".parse().unwrap()]);
+    }
+
+    #[test]
+    fn each_side_proves_with_its_own_label_over_both_challenges() {
+        let key = MacKey::from_bytes([7; 32]);
+        let tid = TransferId([1; 16]);
+        let c = Challenges {
+            sender: [3; 32],
+            receiver: [4; 32],
+        };
+        let s = sender_proof(&key, &tid, &c);
+        assert!(verify_sender(&key, &tid, &c, &s).is_ok());
+        assert!(
+            verify_receiver(&key, &tid, &c, &s).is_err(),
+            "a reflected proof"
+        );
+        assert!(verify_sender(&key, &TransferId([2; 16]), &c, &s).is_err());
+        assert!(verify_sender(&MacKey::from_bytes([8; 32]), &tid, &c, &s).is_err());
+        // A proof made over other challenges (another connection) is worthless.
+        for other in [
+            Challenges {
+                sender: [5; 32],
+                ..c
+            },
+            Challenges {
+                receiver: [5; 32],
+                ..c
+            },
+        ] {
+            assert!(verify_sender(&key, &tid, &other, &s).is_err());
+        }
+        let r = receiver_proof(&key, &tid, &c);
+        assert!(verify_receiver(&key, &tid, &c, &r).is_ok());
+    }
+}
