@@ -112,7 +112,7 @@ fn direct_only_without_a_direct_path_fails_clearly_with_exit_13() {
 
     // The receiver takes only the relay; the sender only a direct path.
     let out = TempDir::new("out");
-    let _receiver = bob.receiver(&broker, out.path(), &["--yes", "--direct", "never"]);
+    let mut receiver = bob.receiver(&broker, out.path(), &["--yes", "--direct", "never"]);
     let sent = alice.send_file(&broker, "bob", &file, &["--direct", "only"]);
     assert_eq!(sent.code, Some(13), "{sent:#?}");
     assert!(
@@ -120,8 +120,13 @@ fn direct_only_without_a_direct_path_fails_clearly_with_exit_13() {
         "{}",
         sent.stderr
     );
+    // The receiver hears it over the relay, at once, and keeps nothing.
+    receiver.stderr.wait_for(
+        "the sender found no path it may take",
+        Duration::from_secs(5),
+    );
     assert!(emptied(out.path()), "{:?}", support::names_in(out.path()));
-    drop(_receiver);
+    drop(receiver);
 
     // The other way round.
     let out = TempDir::new("out2");

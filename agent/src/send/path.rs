@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 
 use keyferry_common::handshake::direct::DirectMode;
 use keyferry_common::ids::TransferId;
+use keyferry_common::wire::message::{AbortReason, Message};
 
 use super::SendOptions;
 use super::attempt::Handshake;
@@ -16,7 +17,48 @@ use crate::direct::{DirectOpt, Path, dial};
 use crate::error::AgentError;
 
 /// Opens the stream's connection: direct if it can and may, else the relay.
+/// With no path it may take, the receivers that wait on the relay are told
+/// (`Abort{Policy}`), so that they free their place at once.
 pub(super) async fn open(
+    ctx: &Ctx,
+    opts: &SendOptions,
+    ready: &[Handshake],
+) -> Result<(DataConn, Path), AgentError> {
+    let chosen = choose(ctx, opts, ready).await;
+    if let Err(AgentError::NoDirectPath(_)) = &chosen {
+        give_up(ctx, ready).await;
+    }
+    chosen
+}
+
+/// Tells the receivers that wait on the relay (all but those that take
+/// only a direct connection) that the stream will not come.
+async fn give_up(ctx: &Ctx, ready: &[Handshake]) {
+    let waiting: Vec<&Handshake> = ready
+        .iter()
+        .filter(|h| h.accepted.direct.mode != DirectMode::Only)
+        .collect();
+    if waiting.is_empty() {
+        return;
+    }
+    let tickets: Vec<(TransferId, Ticket)> = waiting
+        .iter()
+        .map(|h| (h.accepted.pair.transfer_id, h.ticket.clone()))
+        .collect();
+    if let Ok(mut conn) = open_upload(ctx, &tickets).await {
+        for (tid, _) in &tickets {
+            let abort = Message::Abort {
+                transfer_id: *tid,
+                reason: AbortReason::Policy,
+            };
+            let _ = conn.writer.write(&abort).await;
+        }
+        let _ = conn.writer.shutdown().await;
+    }
+}
+
+/// [`open`]'s choice.
+async fn choose(
     ctx: &Ctx,
     opts: &SendOptions,
     ready: &[Handshake],

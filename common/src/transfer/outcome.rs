@@ -108,6 +108,11 @@ fn aborted_text(r: AbortReason) -> String {
             "the sender could not read what it was sending, or it changed meanwhile".into()
         }
         AbortReason::Timeout => "the sender or the broker gave up waiting".into(),
+        AbortReason::Policy => {
+            "the sender found no path it may take (its --direct setting against this \
+             receiver's)"
+                .into()
+        }
         other => format!("the sender aborted the transfer ({other:?})"),
     }
 }
