@@ -81,6 +81,32 @@ fn on_one_machine_the_stream_goes_direct_and_the_broker_relays_nothing() {
 }
 
 #[test]
+fn direct_transfers_in_a_row_do_not_fill_the_brokers_limits() {
+    // The broker counts a transfer until its wait for the data connections
+    // ends; a direct one ends it at once (the receiver drops its relay
+    // connection), so more than its 4 at once from one sender go through.
+    let mut broker = Broker::start();
+    let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
+    let (src, out) = (TempDir::new("src"), TempDir::new("out"));
+    let _receiver = bob.receiver(&broker, out.path(), &["--yes"]);
+    for i in 0..6 {
+        let (file, _) = file_of(&src, &format!("{i}.bin"), 10_000, i);
+        let sent = alice.send_file(&broker, "bob", &file, &["--retry-for", "0"]);
+        assert_eq!(sent.code, Some(0), "transfer {i}: {sent:#?}");
+        assert_eq!(json(&sent)["via"], "direct");
+    }
+    let ended = broker
+        .proc
+        .stderr
+        .wait_for("before the sender's came", WAIT);
+    assert!(
+        ended.contains("receiver closed its data connection"),
+        "{ended}"
+    );
+    assert_eq!(support::names_in(out.path()).len(), 6);
+}
+
+#[test]
 fn direct_never_on_either_side_takes_the_relay() {
     let mut broker = Broker::start();
     let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
