@@ -1,6 +1,7 @@
 //! One attempt at a transfer, to one receiver or several at once: for each
-//! receiver, connect, look it up and check its pin, offer (saying which
-//! earlier transfer this one may continue), and check its accept; then one
+//! receiver, its handshake ([`super::offer`]: connect, look it up and check
+//! its pin, offer, saying which earlier transfer this one may continue, and
+//! check its accept); then the path ([`super::path`]) and one
 //! upload for all of them, whose stream starts where the receiver's verified
 //! prefix ends (one receiver: its claim is checked against our own bytes, any
 //! mismatch starts from byte 0; several: always byte 0), streamed through
@@ -13,25 +14,25 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use keyferry_common::handshake::{Accepted, Kind, OfferParams, Terms, make_offer};
 use keyferry_common::identity::Fingerprint;
 use keyferry_common::ids::{StreamId, TransferId};
-use keyferry_common::io::connection::ConnError;
 use keyferry_common::name::AgentName;
 use keyferry_common::transfer::{RekeyPolicy, SendStream, StreamStart};
-use keyferry_common::wire::message::{AbortReason, ErrorCode, Message, Role};
+use keyferry_common::wire::message::{AbortReason, Message};
 use keyferry_common::wire::record::manifest_hash;
 use tokio::task::JoinSet;
 
 use super::marks::MarkLog;
+pub use super::offer::Failed;
+pub(crate) use super::offer::{Handshake, offer_to};
+pub(super) use super::offer::{after, before, handshake};
 use super::reader::Reader;
 use super::resume;
 use super::source::Source;
-use super::{ANSWER_TIMEOUT, RECEIPT_TIMEOUT, SendOptions, peer_key, pipeline};
-use crate::client::{Ctx, Ticket, await_ticket, broker_error, conn_error, connect};
+use super::{RECEIPT_TIMEOUT, SendOptions, pipeline};
+use crate::client::Ctx;
 use crate::direct::Path;
 use crate::error::AgentError;
-use crate::home::now_unix;
 use crate::progress::Progress;
 
 /// A verified transfer to one receiver.
@@ -53,156 +54,8 @@ pub struct Done {
     pub path: Path,
 }
 
-/// A failed transfer to one receiver, and whether the receiver had accepted
-/// it (only then is there something to resume).
-#[derive(Debug)]
-pub struct Failed {
-    /// Why.
-    pub error: AgentError,
-    /// Whether the receiver accepted.
-    pub accepted: bool,
-}
-
-fn before(error: AgentError) -> Failed {
-    Failed {
-        error,
-        accepted: false,
-    }
-}
-
-pub(super) fn after(error: AgentError) -> Failed {
-    Failed {
-        error,
-        accepted: true,
-    }
-}
-
 /// What one attempt gives each receiver.
 pub type Outcome = Vec<(AgentName, Result<Done, Failed>)>;
-
-/// One receiver's handshake, done.
-pub(crate) struct Handshake {
-    /// The receiver.
-    pub to: AgentName,
-    /// Its key's fingerprint.
-    pub fp: Fingerprint,
-    /// Its verified accept and the pair's keys.
-    pub accepted: Accepted,
-    /// Where its data connection goes.
-    pub ticket: Ticket,
-}
-
-/// Offers stream `stream_id` of `source` to `to` on a connection of its
-/// own and waits for its accept and ticket.
-async fn handshake(
-    ctx: Ctx,
-    opts: SendOptions,
-    source: Arc<Source>,
-    to: AgentName,
-    stream_id: StreamId,
-    receivers: u32,
-) -> Result<Handshake, Failed> {
-    let terms = Terms {
-        kind: if opts.is_message() {
-            Kind::Message
-        } else {
-            Kind::Files
-        },
-        size: source.total,
-        size_known: source.size_known,
-        resumes: source.origin(&ctx.name, &to),
-        receivers,
-    };
-    offer_to(ctx, to, stream_id, terms, opts.peer_fingerprint).await
-}
-
-/// Offers stream `stream_id` with `terms` to `to` on a connection of its
-/// own (checking the receiver's key against its pin, and against `required`
-/// if given) and waits for its accept and ticket.
-pub(crate) async fn offer_to(
-    ctx: Ctx,
-    to: AgentName,
-    stream_id: StreamId,
-    terms: Terms,
-    required: Option<Fingerprint>,
-) -> Result<Handshake, Failed> {
-    let mut conn = connect(&ctx, Role::Sender).await.map_err(before)?;
-    let receiver_key = peer_key(&ctx, &mut conn, &to, required)
-        .await
-        .map_err(before)?;
-    let fp = receiver_key.fingerprint();
-    let (size, identity) = (terms.size, Arc::clone(&ctx.identity));
-    let (sender, receiver) = (ctx.name.clone(), to.clone());
-    let (pending, offer) = tokio::task::spawn_blocking(move || {
-        make_offer(OfferParams {
-            identity: &identity,
-            sender,
-            receiver,
-            receiver_key: &receiver_key,
-            stream_id,
-            terms,
-            now_unix: now_unix(),
-        })
-    })
-    .await
-    .map_err(|e| before(e.into()))?
-    .map_err(|e| before(AgentError::Offer(e)))?;
-    let tid = pending.transfer_id();
-    conn.writer
-        .write(&Message::Offer {
-            to: to.clone(),
-            offer,
-        })
-        .await
-        .map_err(|e| before(conn_error(&ctx, e)))?;
-    let accept = match conn.reader.read_timeout(ANSWER_TIMEOUT).await {
-        Ok(Some(Message::Accept {
-            transfer_id,
-            accept,
-        })) if transfer_id == tid => accept,
-        Ok(Some(Message::Refuse {
-            transfer_id,
-            reason,
-        })) if transfer_id == tid => {
-            return Err(before(AgentError::Refused {
-                peer: to.to_string(),
-                reason,
-                size,
-            }));
-        }
-        Ok(Some(Message::Error {
-            code: ErrorCode::PeerOffline,
-            detail,
-        })) => {
-            return Err(before(AgentError::PeerUnavailable {
-                peer: to.to_string(),
-                why: keyferry_common::text::escape(&detail),
-            }));
-        }
-        Ok(Some(Message::Error { code, detail })) => {
-            return Err(before(broker_error(code, detail)));
-        }
-        Ok(Some(_)) => {
-            return Err(before(AgentError::Protocol(
-                "unexpected answer to the offer",
-            )));
-        }
-        Ok(None) => return Err(before(conn_error(&ctx, ConnError::Truncated))),
-        Err(e) => return Err(before(conn_error(&ctx, e))),
-    };
-    let accepted = pending.handle_accept(&accept).map_err(|e| {
-        before(AgentError::Verification(format!(
-            "the receiver's accept did not verify ({e})"
-        )))
-    })?;
-    let ticket = await_ticket(&ctx, &mut conn, tid).await.map_err(after)?;
-    Ok(Handshake {
-        to,
-        fp,
-        accepted,
-        ticket,
-    })
-}
 
 /// Runs one attempt to every receiver in `to` (see the module docs).
 pub async fn run(

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 pub(crate) mod attempt;
 mod marks;
+mod offer;
 mod path;
 mod pipeline;
 pub mod reader;

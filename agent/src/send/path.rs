@@ -11,7 +11,7 @@ use keyferry_common::ids::TransferId;
 use keyferry_common::wire::message::{AbortReason, Message};
 
 use super::SendOptions;
-use super::attempt::Handshake;
+use super::offer::Handshake;
 use crate::client::{Ctx, DataConn, Ticket, open_upload};
 use crate::direct::{DirectOpt, Path, dial};
 use crate::error::AgentError;
