@@ -62,7 +62,7 @@ fn on_one_machine_the_stream_goes_direct_and_the_broker_relays_nothing() {
     let mut broker = Broker::start();
     let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
     let (src, out) = (TempDir::new("src"), TempDir::new("out"));
-    let (file, data) = file_of(&src, "d.bin", 3 << 20, 7);
+    let (file, data) = file_of(&src, "d.bin", 5 << 20, 7);
     let mut receiver = bob.receiver(&broker, out.path(), &["--once", "--yes"]);
 
     let sent = alice.send_file(&broker, "bob", &file, &[]);
@@ -78,6 +78,16 @@ fn on_one_machine_the_stream_goes_direct_and_the_broker_relays_nothing() {
         !relayed(&mut broker),
         "the broker relayed a direct transfer"
     );
+
+    // A small file is not worth the dial and the proofs: the relay.
+    let out = TempDir::new("out-small");
+    let mut receiver = bob.receiver(&broker, out.path(), &["--once", "--yes"]);
+    let (small, _) = file_of(&src, "small.bin", 1024, 17);
+    let sent = alice.send_file(&broker, "bob", &small, &[]);
+    assert_eq!(sent.code, Some(0), "{sent:#?}");
+    assert_eq!(json(&sent)["via"], "relay");
+    assert_eq!(receiver.wait(WAIT), Some(0));
+    assert!(relayed(&mut broker));
 }
 
 #[test]
@@ -90,7 +100,7 @@ fn direct_transfers_in_a_row_do_not_fill_the_brokers_limits() {
     let (src, out) = (TempDir::new("src"), TempDir::new("out"));
     let _receiver = bob.receiver(&broker, out.path(), &["--yes"]);
     for i in 0..6 {
-        let (file, _) = file_of(&src, &format!("{i}.bin"), 10_000, i);
+        let (file, _) = file_of(&src, &format!("{i}.bin"), 4 << 20, i);
         let sent = alice.send_file(&broker, "bob", &file, &["--retry-for", "0"]);
         assert_eq!(sent.code, Some(0), "transfer {i}: {sent:#?}");
         assert_eq!(json(&sent)["via"], "direct");
@@ -111,7 +121,7 @@ fn direct_never_on_either_side_takes_the_relay() {
     let mut broker = Broker::start();
     let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
     let src = TempDir::new("src");
-    let (file, data) = file_of(&src, "r.bin", 1 << 20, 8);
+    let (file, data) = file_of(&src, "r.bin", 5 << 20, 8);
     for (receiver_flags, sender_flags) in [
         (&["--direct", "never"][..], &[][..]),
         (&[][..], &["--direct", "never"][..]),
@@ -225,7 +235,7 @@ fn stranger_with_the_transfer_id(port: u16, tid: TransferId) -> (bool, bool) {
 fn strangers_on_the_direct_port_are_refused_and_the_transfer_is_unaffected() {
     let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
     let (src, out) = (TempDir::new("src"), TempDir::new("out"));
-    let (file, data) = file_of(&src, "s.bin", 2 << 20, 10);
+    let (file, data) = file_of(&src, "s.bin", 5 << 20, 10);
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
 

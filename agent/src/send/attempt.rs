@@ -126,7 +126,8 @@ async fn upload(
             .map(|h| (h.to.clone(), Err(after(e()))))
             .collect()
     };
-    let (mut data, path) = match super::path::open(ctx, opts, &ready).await {
+    let small = source.size_known && source.total < super::path::DIRECT_FROM;
+    let (mut data, path) = match super::path::open(ctx, opts, &ready, small).await {
         Ok(d) => d,
         Err(AgentError::NoDirectPath(why)) => {
             return all_fail(&ready, &|| AgentError::NoDirectPath(why.clone()));

@@ -16,15 +16,22 @@ use crate::client::{Ctx, DataConn, Ticket, open_upload};
 use crate::direct::{DirectOpt, Path, dial};
 use crate::error::AgentError;
 
-/// Opens the stream's connection: direct if it can and may, else the relay.
-/// With no path it may take, the receivers that wait on the relay are told
-/// (`Abort{Policy}`), so that they free their place at once.
+/// The smallest stream `--direct auto` dials for: below it the dial and the
+/// proofs (two round trips between the agents) cost more than the relay's
+/// detour saves, so a small file or a message takes the relay.
+pub(super) const DIRECT_FROM: u64 = 4 << 20;
+
+/// Opens the stream's connection: direct if it can and may (and, with
+/// `--direct auto` on both sides, if the stream is not `small`), else the
+/// relay. With no path it may take, the receivers that wait on the relay
+/// are told (`Abort{Policy}`), so that they free their place at once.
 pub(super) async fn open(
     ctx: &Ctx,
     opts: &SendOptions,
     ready: &[Handshake],
+    small: bool,
 ) -> Result<(DataConn, Path), AgentError> {
-    let chosen = choose(ctx, opts, ready).await;
+    let chosen = choose(ctx, opts, ready, small).await;
     if let Err(AgentError::NoDirectPath(_)) = &chosen {
         give_up(ctx, ready).await;
     }
@@ -62,6 +69,7 @@ async fn choose(
     ctx: &Ctx,
     opts: &SendOptions,
     ready: &[Handshake],
+    small: bool,
 ) -> Result<(DataConn, Path), AgentError> {
     if let [one] = ready {
         let offered = &one.accepted.direct;
@@ -82,6 +90,7 @@ async fn choose(
                 )));
             }
             (DirectOpt::Never, _) | (_, DirectMode::Never) => {}
+            (DirectOpt::Auto, DirectMode::Auto) if small => {}
             _ => {
                 // After a direct path broke mid-transfer, the retries take
                 // the relay (unless one side takes nothing else).
