@@ -46,17 +46,6 @@ fn emptied(dir: &std::path::Path) -> bool {
     false
 }
 
-fn relayed(broker: &mut Broker) -> bool {
-    // The broker logs each relay it starts.
-    std::thread::sleep(Duration::from_millis(200));
-    broker
-        .proc
-        .stderr
-        .drain()
-        .iter()
-        .any(|l| l.contains("transfer started"))
-}
-
 #[test]
 fn on_one_machine_the_stream_goes_direct_and_the_broker_relays_nothing() {
     let mut broker = Broker::start();
@@ -75,7 +64,7 @@ fn on_one_machine_the_stream_goes_direct_and_the_broker_relays_nothing() {
     assert!(line.contains(", direct) -> "), "{line}");
     assert_eq!(std::fs::read(out.join("d.bin")).unwrap(), data);
     assert!(
-        !relayed(&mut broker),
+        !support::relayed(&mut broker.proc),
         "the broker relayed a direct transfer"
     );
 
@@ -87,7 +76,7 @@ fn on_one_machine_the_stream_goes_direct_and_the_broker_relays_nothing() {
     assert_eq!(sent.code, Some(0), "{sent:#?}");
     assert_eq!(json(&sent)["via"], "relay");
     assert_eq!(receiver.wait(WAIT), Some(0));
-    assert!(relayed(&mut broker));
+    assert!(support::relayed(&mut broker.proc));
 }
 
 #[test]
@@ -135,7 +124,10 @@ fn direct_never_on_either_side_takes_the_relay() {
         assert_eq!(json(&sent)["via"], "relay");
         assert_eq!(receiver.wait(WAIT), Some(0));
         assert_eq!(std::fs::read(out.join("r.bin")).unwrap(), data);
-        assert!(relayed(&mut broker), "{receiver_flags:?} {sender_flags:?}");
+        assert!(
+            support::relayed(&mut broker.proc),
+            "{receiver_flags:?} {sender_flags:?}"
+        );
     }
 }
 

@@ -122,15 +122,6 @@ fn agent(net: &Net, i: usize, home: &Home, broker: &str, args: &[&str]) -> Proc 
     Proc::spawn(cmd)
 }
 
-fn relayed(broker: &mut Proc) -> bool {
-    std::thread::sleep(Duration::from_millis(200));
-    broker
-        .stderr
-        .drain()
-        .iter()
-        .any(|l| l.contains("transfer started"))
-}
-
 /// One transfer's world: the broker in C, alice in A, bob in B, a file of
 /// `len` pseudo-random bytes to send.
 struct World {
@@ -195,7 +186,10 @@ fn two_agents_on_one_lan_go_direct_and_the_far_broker_relays_nothing() {
     assert_eq!(report["via"], "direct", "{report}");
     assert_eq!(receiver.wait(WAIT), Some(0));
     assert_eq!(std::fs::read(w.out.join("data.bin")).unwrap(), w.data);
-    assert!(!relayed(&mut w.broker), "the broker relayed a LAN transfer");
+    assert!(
+        !support::relayed(&mut w.broker),
+        "the broker relayed a LAN transfer"
+    );
 }
 
 #[test]
@@ -250,5 +244,8 @@ fn a_direct_path_cut_mid_transfer_finishes_over_the_relay() {
         "{line}"
     );
     assert_eq!(std::fs::read(w.out.join("data.bin")).unwrap(), w.data);
-    assert!(relayed(&mut w.broker), "the rest went through the broker");
+    assert!(
+        support::relayed(&mut w.broker),
+        "the rest went through the broker"
+    );
 }

@@ -171,12 +171,7 @@ pub async fn terms_for(
 /// The source address this machine's routes give a packet to `broker`
 /// (a UDP socket's connect sends nothing).
 async fn route_source(broker: &str) -> Option<IpAddr> {
-    let lookup = tokio::net::lookup_host(broker);
-    let target = tokio::time::timeout(std::time::Duration::from_secs(1), lookup)
-        .await
-        .ok()?
-        .ok()?
-        .next()?;
+    let target = super::resolve(broker).await?;
     let any: IpAddr = if target.is_ipv4() {
         Ipv4Addr::UNSPECIFIED.into()
     } else {

@@ -20,6 +20,17 @@ pub const PROOF_TIMEOUT: Duration = Duration::from_secs(3);
 /// firewall that drops the packets costs the whole time).
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// The first address `addr` (`HOST:PORT`, e.g. the broker's) resolves to,
+/// within 1 s; `None` if it does not.
+pub async fn resolve(addr: &str) -> Option<std::net::SocketAddr> {
+    let lookup = tokio::net::lookup_host(addr);
+    tokio::time::timeout(Duration::from_secs(1), lookup)
+        .await
+        .ok()?
+        .ok()?
+        .next()
+}
+
 /// `--direct`: which paths this agent uses for a stream.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum DirectOpt {

@@ -137,11 +137,7 @@ async fn relay(ctx: &Ctx, ready: &[Handshake]) -> Result<(DataConn, Path), Agent
 /// only then may a receiver's loopback addresses be dialled, since only
 /// then can that receiver be on this machine too.
 async fn broker_is_local(ctx: &Ctx) -> bool {
-    let lookup = tokio::net::lookup_host(ctx.broker.as_str());
-    tokio::time::timeout(std::time::Duration::from_secs(1), lookup)
+    crate::direct::resolve(&ctx.broker)
         .await
-        .ok()
-        .and_then(Result::ok)
-        .and_then(|mut addrs| addrs.next())
         .is_some_and(|a| a.ip().is_loopback())
 }

@@ -160,21 +160,8 @@ impl Source {
         }
         let mut e = Encoder::new("keyferry/v2 origin");
         e.bytes(sender.as_str().as_bytes())
-            .bytes(to.as_str().as_bytes())
-            .fixed(&manifest_hash(&self.manifest.encode()))
-            .u32(u32::try_from(self.files.len()).unwrap_or(u32::MAX));
-        for f in &self.files {
-            let v = &f.version;
-            e.u64(v.dev)
-                .u64(v.ino)
-                .u64(v.size)
-                .u64(v.mtime.0 as u64)
-                .u64(v.mtime.1 as u64);
-        }
-        let digest = Sha256::digest(e.finish());
-        let mut id = [0u8; 16];
-        id.copy_from_slice(&digest[..16]);
-        Some(StreamId(id))
+            .bytes(to.as_str().as_bytes());
+        Some(self.versioned_id(e))
     }
 
     /// What names the data alone (origin without sender and receiver): the
@@ -184,7 +171,13 @@ impl Source {
         if self.text.is_some() || !self.size_known {
             return None;
         }
-        let mut e = Encoder::new("keyferry/v4 data");
+        Some(self.versioned_id(Encoder::new("keyferry/v4 data")))
+    }
+
+    /// The first 16 bytes of the SHA-256 of `e` (its label and what the
+    /// caller put after it), then the manifest's hash, the number of files
+    /// and each file's version (device, inode, size, modification time).
+    fn versioned_id(&self, mut e: Encoder) -> StreamId {
         e.fixed(&manifest_hash(&self.manifest.encode()))
             .u32(u32::try_from(self.files.len()).unwrap_or(u32::MAX));
         for f in &self.files {
@@ -198,7 +191,7 @@ impl Source {
         let digest = Sha256::digest(e.finish());
         let mut id = [0u8; 16];
         id.copy_from_slice(&digest[..16]);
-        Some(StreamId(id))
+        StreamId(id)
     }
 
     /// How many files (not directories) it carries.

@@ -197,6 +197,17 @@ impl Drop for Proc {
     }
 }
 
+/// Whether the broker `broker` has logged (on stderr) a relay it started
+/// since the last look: a transfer whose bytes went through it.
+pub fn relayed(broker: &mut Proc) -> bool {
+    std::thread::sleep(Duration::from_millis(200));
+    broker
+        .stderr
+        .drain()
+        .iter()
+        .any(|l| l.contains("transfer started"))
+}
+
 /// The last word of a line the broker printed (its address, its fingerprint).
 pub fn last_word(line: &str) -> String {
     line.rsplit(' ').next().unwrap().to_owned()

@@ -20,14 +20,25 @@ pub const USER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Sets keepalive and, on Linux, `TCP_USER_TIMEOUT` on `stream`.
 pub fn keep_alive(stream: &tokio::net::TcpStream) -> io::Result<()> {
-    let sock = SockRef::from(stream);
     let keepalive = TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
         .with_interval(KEEPALIVE_INTERVAL)
         .with_retries(KEEPALIVE_PROBES);
-    sock.set_tcp_keepalive(&keepalive)?;
+    set_timeouts(stream, &keepalive, USER_TIMEOUT)
+}
+
+/// Keepalive `keepalive` and, on Linux, `TCP_USER_TIMEOUT` `user` on `stream`.
+fn set_timeouts(
+    stream: &tokio::net::TcpStream,
+    keepalive: &TcpKeepalive,
+    user: Duration,
+) -> io::Result<()> {
+    let sock = SockRef::from(stream);
+    sock.set_tcp_keepalive(keepalive)?;
     #[cfg(any(target_os = "linux", target_os = "android"))]
-    sock.set_tcp_user_timeout(Some(USER_TIMEOUT))?;
+    sock.set_tcp_user_timeout(Some(user))?;
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = user;
     Ok(())
 }
 
@@ -41,15 +52,11 @@ pub const DIRECT_USER_TIMEOUT: Duration = Duration::from_secs(10);
 /// and the short keepalive and `TCP_USER_TIMEOUT` of [`DIRECT_USER_TIMEOUT`].
 pub fn direct(stream: &tokio::net::TcpStream) -> io::Result<()> {
     stream.set_nodelay(true)?;
-    let sock = SockRef::from(stream);
     let keepalive = TcpKeepalive::new()
         .with_time(Duration::from_secs(5))
         .with_interval(Duration::from_secs(2))
         .with_retries(3);
-    sock.set_tcp_keepalive(&keepalive)?;
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    sock.set_tcp_user_timeout(Some(DIRECT_USER_TIMEOUT))?;
-    Ok(())
+    set_timeouts(stream, &keepalive, DIRECT_USER_TIMEOUT)
 }
 
 #[cfg(test)]
