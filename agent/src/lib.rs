@@ -6,7 +6,8 @@
 //! Layers, bottom up, as the imports really are:
 //!
 //! * [`error`] (every way a run can end, with its exit code), [`progress`]
-//!   (the only module that knows indicatif);
+//!   (the only module that knows indicatif), [`logline`] (stderr lines as
+//!   text or JSON);
 //! * [`trust`] (pins, RSA budgets, replayed ids) and [`home`] (the home
 //!   directory, the key file, the pin files);
 //! * [`client`]: connecting to the broker, pinning it, authenticating, data
@@ -23,6 +24,7 @@ pub mod client;
 pub mod direct;
 pub mod error;
 pub mod home;
+pub mod logline;
 pub mod output;
 pub mod progress;
 pub mod prompt;

@@ -27,7 +27,7 @@ fn main() -> ExitCode {
     let code = match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("agent: {e}");
+            keyferry_agent::output::error_line(&e.to_string(), e.exit_code());
             ExitCode::from(e.exit_code())
         }
     };

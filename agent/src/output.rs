@@ -13,6 +13,8 @@ use std::sync::{Mutex, OnceLock};
 
 use indicatif::{MultiProgress, ProgressDrawTarget};
 
+use crate::logline::{self, Level};
+
 static QUIET: AtomicBool = AtomicBool::new(false);
 
 /// Silences notices and progress bars from now on (`--quiet`).
@@ -105,7 +107,33 @@ fn printed(line: &str) -> bool {
 /// A line on stderr (above the bars, or above a chat's input line) that
 /// `--quiet` does not silence: warnings, `NEW KEY` lines.
 pub fn err_line(line: &str) {
-    if !printed(line) {
+    log_line(Level::Warn, line, &[]);
+}
+
+/// A notice on stderr (see [`notice!`]).
+pub fn info_line(line: &str) {
+    log_line(Level::Info, line, &[]);
+}
+
+/// The error the agent exits with, on stderr: `agent: ERROR` as text, or a
+/// JSON line with its exit code.
+pub fn error_line(error: &str, exit_code: u8) {
+    if logline::json() {
+        log_line(Level::Error, error, &[("exit_code", exit_code.into())]);
+    } else {
+        log_line(Level::Error, &format!("agent: {error}"), &[]);
+    }
+}
+
+/// A line on stderr in the `--log-format` asked for.
+fn log_line(level: Level, line: &str, fields: &[(&str, serde_json::Value)]) {
+    if printed(line) {
+        return;
+    }
+    if logline::json() {
+        let json = logline::render(level, line, fields);
+        above_bars(|| eprintln!("{json}"));
+    } else {
         above_bars(|| eprintln!("{line}"));
     }
 }
@@ -127,7 +155,7 @@ pub fn out_line(line: &str) {
 macro_rules! notice {
     ($($arg:tt)*) => {
         if !$crate::output::quiet() {
-            $crate::output::err_line(&format!($($arg)*));
+            $crate::output::info_line(&format!($($arg)*));
         }
     };
 }

@@ -82,6 +82,14 @@ impl Conns {
         })
     }
 
+    /// Connections now open in all, and how many of them are not yet
+    /// authenticated (for the metrics).
+    pub fn totals(&self) -> (usize, usize) {
+        let map = lock(&self.per_ip);
+        map.values()
+            .fold((0, 0), |(t, p), e| (t + e.total, p + e.pending.len()))
+    }
+
     /// Connections now open from `ip` (for tests and logs).
     pub fn count(&self, ip: IpAddr) -> (usize, usize) {
         lock(&self.per_ip)

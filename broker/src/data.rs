@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 
 use crate::conns::ConnGuard;
 use crate::error::SessionError;
+use crate::metrics::Handshake;
 use crate::relay::DataConn;
 use crate::state::State;
 use crate::tickets::{MAX_FANOUT, Redeemed};
@@ -44,6 +45,7 @@ pub async fn admit(
             r.unwrap_or(Err(ConnError::Timeout(state.limits.handshake_timeout)))
         }
         () = guard.evicted() => {
+            state.metrics.handshake_failed(Handshake::Evicted);
             return Err(SessionError::Refused(
                 "a newer connection from the same address took its place before it redeemed a ticket".into(),
             ));
@@ -57,6 +59,7 @@ pub async fn admit(
         Ok(None) | Err(ConnError::Io(_)) => return Ok(()),
         Ok(Some(_)) | Err(ConnError::Frame(_)) => {
             drop(reader);
+            state.metrics.handshake_failed(Handshake::Protocol);
             return Err(refuse(
                 &mut tcp,
                 ErrorCode::Protocol,
@@ -64,12 +67,16 @@ pub async fn admit(
             )
             .await);
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => {
+            state.metrics.handshake_failed(Handshake::Timeout);
+            return Err(e.into());
+        }
     };
     let unknown = "no transfer waits for this ticket (unknown, used or expired)";
     match state.tickets.redeem(&tid, &ticket) {
         None => {
             drop(reader);
+            state.metrics.handshake_failed(Handshake::Ticket);
             Err(refuse(&mut tcp, ErrorCode::UnknownTransfer, unknown).await)
         }
         Some(Redeemed::Receiver(to)) => {
@@ -105,6 +112,7 @@ pub async fn admit(
             match state.tickets.redeem_upload(first, &all, conn) {
                 Ok(()) => Ok(()),
                 Err(mut conn) => {
+                    state.metrics.handshake_failed(Handshake::Ticket);
                     Err(refuse(&mut conn.tcp, ErrorCode::UnknownTransfer, unknown).await)
                 }
             }

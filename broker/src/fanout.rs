@@ -24,6 +24,7 @@ use keyferry_common::io::connection::FrameReader;
 use keyferry_common::wire::chunk::chunk_record;
 use keyferry_common::wire::frame::{LEN_PREFIX, MAX_FRAME_LEN};
 use keyferry_common::wire::message::{self, AbortReason, Message};
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{mpsc, oneshot};
@@ -145,6 +146,7 @@ pub async fn relay(
     sid: StreamId,
     idle: Duration,
     mut shutdown: Shutdown,
+    meter: Counter,
 ) -> RelayReport {
     let start = Instant::now();
     let mut tasks = JoinSet::new();
@@ -223,6 +225,9 @@ pub async fn relay(
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
             };
+            if sent {
+                meter.inc_by(frame.len() as u64);
+            }
             if !sent {
                 // Too far behind, or gone: out of the copy; it resumes later.
                 outs.remove(&tid);

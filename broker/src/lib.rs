@@ -20,9 +20,12 @@
 //! * [`state`]: what every connection shares — state only, no sockets;
 //! * [`data`] (admitting a data connection by its ticket) and [`session`]
 //!   (authentication, then the sender's or receiver's session);
+//! * [`logs`]: the log output, human or JSON, filtered by `RUST_LOG`;
 //! * [`cluster`] (a leaf beside the registry): NATS, the names, presence and
 //!   brokers buckets, and what brokers say to each other;
 //! * [`member`]: this broker's subjects and heartbeat in a cluster;
+//! * [`metrics`]: what the sessions count and a scrape reads off the state,
+//!   and the small HTTP endpoint that serves it (`--metrics`);
 //! * [`server`]: the accept loop, the caps, the graceful shutdown.
 
 #![forbid(unsafe_code)]
@@ -34,7 +37,9 @@ pub mod conns;
 pub mod data;
 pub mod error;
 pub mod fanout;
+pub mod logs;
 pub mod member;
+pub mod metrics;
 pub mod registry;
 pub mod relay;
 pub mod server;

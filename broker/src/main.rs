@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::Parser;
 use keyferry_broker::cluster::{self, Member};
 use keyferry_broker::config::MIN_CONTROL_FRAME;
+use keyferry_broker::logs::{self, LogFormat};
 use keyferry_broker::{AccessPolicy, Broker, DEFAULT_ADDR, Limits};
 use keyferry_common::units::{parse_duration, parse_keepalive, parse_size};
 
@@ -108,6 +109,21 @@ struct Args {
     /// (1s to 60m).
     #[arg(long, value_name = "DUR", default_value = "20s", value_parser = parse_keepalive, help_heading = "Limits")]
     keepalive: Duration,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics and a health check at
+    /// http://ADDR/healthz (200, or 503 with the reason: shutting down, or
+    /// the cluster unreachable). Off by default; give a loopback address
+    /// unless the scraper is elsewhere: anyone who reaches it can read it.
+    #[arg(long, value_name = "ADDR", help_heading = "Operating")]
+    metrics: Option<String>,
+    /// Also count offers by sender name in the metrics. Names are personal
+    /// data: off by default, no other label ever carries one.
+    #[arg(long, requires = "metrics", help_heading = "Operating")]
+    metrics_agent_labels: bool,
+    /// Log lines on stderr as text for people, or one JSON object per event.
+    /// RUST_LOG filters either (e.g. `warn,keyferry_broker::session=info`).
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Human, help_heading = "Operating")]
+    log_format: LogFormat,
 
     /// Print a completion script for this shell (bash, zsh, fish, elvish,
     /// powershell) and exit. See the README for where to install it.
@@ -223,16 +239,38 @@ async fn list_brokers(url: &str) -> ExitCode {
     }
 }
 
+/// Binds the `--metrics` address and hands it to the broker; the address
+/// bound.
+async fn metrics_listener(
+    at: &str,
+    agent_labels: bool,
+    broker: &mut Broker,
+) -> Result<SocketAddr, String> {
+    let listener = tokio::net::TcpListener::bind(at)
+        .await
+        .map_err(|e| format!("cannot serve metrics on {at}: {e}"))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("cannot serve metrics on {at}: {e}"))?;
+    if !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "metrics served on a non-loopback address: whoever reaches it can read them");
+    }
+    broker
+        .serve_metrics(listener, agent_labels)
+        .map_err(|e| e.to_string())?;
+    Ok(addr)
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
     if let Some(code) = documentation(&args) {
         return code;
     }
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    let rust_log = std::env::var("RUST_LOG").ok();
+    if let Err(e) = logs::init(args.log_format, rust_log.as_deref()) {
+        return fail(e, 2);
+    }
     if args.list_brokers {
         return list_brokers(args.cluster.as_deref().unwrap_or_default()).await;
     }
@@ -298,6 +336,13 @@ async fn main() -> ExitCode {
         Ok(b) => b,
         Err(e) => return fail(e, 1),
     };
+    let metrics = match &args.metrics {
+        Some(at) => match metrics_listener(at, args.metrics_agent_labels, &mut broker).await {
+            Ok(addr) => Some(addr),
+            Err(e) => return fail(e, 2),
+        },
+        None => None,
+    };
     let shown = addr.map_or_else(|| args.listen.clone(), |a| a.to_string());
     if let Some(url) = &args.cluster {
         let me = (broker.fingerprint(), policy_digest);
@@ -319,6 +364,12 @@ async fn main() -> ExitCode {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "keyferry broker listening on {shown}");
     let _ = writeln!(out, "broker fingerprint {}", broker.fingerprint());
+    if let Some(at) = metrics {
+        let _ = writeln!(
+            out,
+            "metrics at http://{at}/metrics, health at http://{at}/healthz"
+        );
+    }
     let _ = out.flush();
     drop(out);
     broker.run(listener, stop_signal()).await;

@@ -103,6 +103,9 @@ async fn heartbeat(state: &State, cluster: &Cluster) -> bool {
         warn!(error = %e, "this broker's entry in the cluster not refreshed");
         return false;
     }
+    if let Ok(n) = cluster.live_brokers().await {
+        state.metrics.cluster_brokers(n);
+    }
     true
 }
 

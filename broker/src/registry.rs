@@ -176,6 +176,19 @@ impl Registry {
         lock(&self.online).receivers.keys().cloned().collect()
     }
 
+    /// Sender connections, receiver connections, and distinct names among
+    /// them, now (for the metrics).
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let o = lock(&self.online);
+        let senders = o.senders.values().map(|&n| n as usize).sum();
+        let names = o.receivers.len()
+            + o.senders
+                .keys()
+                .filter(|n| !o.receivers.contains_key(*n))
+                .count();
+        (senders, o.receivers.len(), names)
+    }
+
     /// Registers the receiver connection `conn_id` of `name`, reached through
     /// `tx`; fails if one is connected.
     pub fn add_receiver(

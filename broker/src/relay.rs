@@ -22,6 +22,7 @@ use keyferry_common::ids::{StreamId, TransferId};
 use keyferry_common::wire::chunk::{CHUNK_HEAD_MAX, peek_chunk};
 use keyferry_common::wire::frame::{self, LEN_PREFIX, MAX_FRAME_LEN};
 use keyferry_common::wire::message::{self, AbortReason, Message};
+use prometheus_client::metrics::counter::Counter;
 use thiserror::Error;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -219,7 +220,8 @@ impl Checker {
 }
 
 /// Relays one direction until it ends; returns the bytes forwarded. With a
-/// `pipe`, the bodies of chunk records are spliced.
+/// `pipe`, the bodies of chunk records are spliced; a `meter` counts the
+/// bytes as they pass.
 #[allow(clippy::too_many_arguments)]
 async fn pump(
     dir: Dir,
@@ -229,8 +231,13 @@ async fn pump(
     mut buf: Vec<u8>,
     to: &mut OwnedWriteHalf,
     mut shutdown: Shutdown,
-    pipe: Option<Pipe>,
+    (pipe, meter): (Option<Pipe>, Option<&Counter>),
 ) -> (u64, Result<(), RelayEnd>) {
+    let count = |n: usize| {
+        if let Some(m) = meter {
+            m.inc_by(n as u64);
+        }
+    };
     let mut checker = Checker {
         dir,
         ids,
@@ -265,6 +272,7 @@ async fn pump(
                 Err(_) => return (bytes, Err(RelayEnd::Stalled(dir.source()))),
             }
             bytes += ok as u64;
+            count(ok);
             buf.drain(..ok);
         }
         if ends {
@@ -283,6 +291,7 @@ async fn pump(
             }
             checker.passing = 0;
             bytes += n as u64;
+            count(n);
             continue;
         }
         // A small message is decoded whole, so it must fit; chunks stream.
@@ -365,6 +374,7 @@ pub async fn relay(
     ids: (TransferId, StreamId),
     idle: Duration,
     shutdown: Shutdown,
+    meter: Counter,
 ) -> RelayReport {
     let start = Instant::now();
     let (mut s_read, mut s_write) = sender.tcp.into_split();
@@ -378,7 +388,7 @@ pub async fn relay(
             sender.leftover,
             &mut r_write,
             shutdown.clone(),
-            Pipe::new().ok(),
+            (Pipe::new().ok(), Some(&meter)),
         ),
         pump(
             Dir::Back,
@@ -388,7 +398,7 @@ pub async fn relay(
             receiver.leftover,
             &mut s_write,
             shutdown,
-            None,
+            (None, None),
         ),
     );
     if forward.1.is_err() || back.1.is_err() {

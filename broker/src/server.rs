@@ -24,6 +24,7 @@ use crate::config::{AccessPolicy, Limits};
 use crate::conns::NoPlace;
 use crate::error::{BrokerError, SessionError};
 use crate::member;
+use crate::metrics::{Limit, http};
 use crate::registry::Registry;
 use crate::session;
 use crate::shutdown::{Alive, Phase};
@@ -38,6 +39,8 @@ pub struct Broker {
     state: Arc<State>,
     phase: watch::Sender<Phase>,
     subjects: Option<member::Subjects>,
+    /// Where `/metrics` and `/healthz` are served, if asked.
+    metrics: Option<TcpListener>,
 }
 
 impl Broker {
@@ -72,13 +75,14 @@ impl Broker {
             state: Arc::new(state),
             phase,
             subjects: None,
+            metrics: None,
         })
     }
 
     /// Joins the cluster `member` describes (`--cluster`): names, presence
     /// and offers for receivers elsewhere go through it from now on.
     pub async fn join_cluster(&mut self, member: Member) -> Result<(), BrokerError> {
-        let cluster = Cluster::join(member).await?;
+        let cluster = Cluster::join(member, self.state.metrics.kv_seconds()).await?;
         // Names this broker bound while it stood alone join the cluster's.
         match crate::cluster::names::upload(&cluster, &self.state.registry).await {
             Ok((0, 0)) => {}
@@ -101,6 +105,23 @@ impl Broker {
         Ok(())
     }
 
+    /// Serves `/metrics` and `/healthz` on `listener` while the broker runs
+    /// (`--metrics`); with `agent_labels`, offers are also counted by sender
+    /// name (`--metrics-agent-labels`).
+    pub fn serve_metrics(
+        &mut self,
+        listener: TcpListener,
+        agent_labels: bool,
+    ) -> Result<(), BrokerError> {
+        let state = Arc::get_mut(&mut self.state)
+            .ok_or_else(|| BrokerError::Cert("the broker is already serving".into()))?;
+        if agent_labels {
+            state.metrics.with_agent_labels();
+        }
+        self.metrics = Some(listener);
+        Ok(())
+    }
+
     /// The fingerprint agents pin.
     pub fn fingerprint(&self) -> Fingerprint {
         self.state.fingerprint
@@ -117,6 +138,10 @@ impl Broker {
             let (state, alive) = (Arc::clone(&self.state), Alive(alive.clone()));
             tokio::spawn(member::run(state, cluster, subjects, alive));
         }
+        let metrics = self
+            .metrics
+            .take()
+            .map(|l| AbortOnDrop(tokio::spawn(http::serve(l, Arc::clone(&self.state)))));
         loop {
             let accepted = tokio::select! {
                 _ = &mut shutdown => break,
@@ -133,10 +158,12 @@ impl Broker {
             let guard = match self.state.conns.admit_new(peer.ip()) {
                 Ok(g) => g,
                 Err(NoPlace::Total) => {
+                    self.state.metrics.refused_by(Limit::Connections);
                     warn!(%peer, "connection refused: connection limit reached");
                     continue;
                 }
                 Err(NoPlace::PerIp) => {
+                    self.state.metrics.refused_by(Limit::ConnectionsPerIp);
                     warn!(%peer, limit = self.state.limits.max_connections_per_ip, "connection refused: per-address limit reached");
                     continue;
                 }
@@ -175,6 +202,16 @@ impl Broker {
             self.phase.send_replace(Phase::Cut);
             let _ = tokio::time::timeout(CUT_WAIT, all_ended.recv()).await;
         }
+        drop(metrics);
         info!("shut down");
+    }
+}
+
+/// A task that ends when its handle is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

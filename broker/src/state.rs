@@ -15,6 +15,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::cluster::Cluster;
 use crate::config::{AccessPolicy, Limits};
 use crate::conns::Conns;
+use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::relay::DataConn;
 use crate::shutdown::{Phase, Shutdown};
@@ -41,6 +42,8 @@ pub struct State {
     pub acceptor: TlsAcceptor,
     /// The cluster this broker is a member of (`--cluster`), if any.
     pub cluster: Option<Arc<Cluster>>,
+    /// What the sessions count, for `--metrics`.
+    pub metrics: Metrics,
     /// Ids of receiver connections.
     next_receiver_id: AtomicU64,
     /// The current phase (the server holds the sending end).
@@ -81,6 +84,7 @@ impl State {
             policy,
             acceptor,
             cluster: None,
+            metrics: Metrics::default(),
             next_receiver_id: AtomicU64::new(0),
             phase,
         }
@@ -89,6 +93,11 @@ impl State {
     /// A fresh id for a receiver connection.
     pub fn receiver_id(&self) -> u64 {
         self.next_receiver_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Whether the broker still accepts connections (not shutting down).
+    pub fn serving(&self) -> bool {
+        *self.phase.borrow() == Phase::Serving
     }
 
     /// A handle on the shutdown signal, for one task.

@@ -70,14 +70,23 @@ fn nats() -> Option<Nats> {
     })
 }
 
+/// A histogram for the cluster's key-value timings (the broker's metrics
+/// hold it in a running broker).
+fn kv_seconds() -> prometheus_client::metrics::histogram::Histogram {
+    prometheus_client::metrics::histogram::Histogram::new([0.001, 0.01, 0.1, 1.0])
+}
+
 async fn member(nats: &Nats, id: &str) -> Cluster {
-    Cluster::join(Member {
-        url: nats.url.clone(),
-        id: id.into(),
-        advertise: format!("127.0.0.1:{}", 7000 + id.len()),
-        fingerprint: Fingerprint([id.len() as u8; 32]),
-        policy: "open".into(),
-    })
+    Cluster::join(
+        Member {
+            url: nats.url.clone(),
+            id: id.into(),
+            advertise: format!("127.0.0.1:{}", 7000 + id.len()),
+            fingerprint: Fingerprint([id.len() as u8; 32]),
+            policy: "open".into(),
+        },
+        kv_seconds(),
+    )
     .await
     .unwrap()
 }
@@ -184,13 +193,16 @@ async fn a_second_broker_with_the_same_id_is_refused() {
     let Some(nats) = nats() else { return };
     let one = member(&nats, "one").await;
     answer_holds(&one).await;
-    let twin = Cluster::join(Member {
-        url: nats.url.clone(),
-        id: "one".into(),
-        advertise: "127.0.0.1:9".into(),
-        fingerprint: Fingerprint([9; 32]),
-        policy: "open".into(),
-    })
+    let twin = Cluster::join(
+        Member {
+            url: nats.url.clone(),
+            id: "one".into(),
+            advertise: "127.0.0.1:9".into(),
+            fingerprint: Fingerprint([9; 32]),
+            policy: "open".into(),
+        },
+        kv_seconds(),
+    )
     .await;
     let err = twin.unwrap_err().to_string();
     assert!(err.contains("another broker with the id one"), "{err}");

@@ -22,6 +22,7 @@ use keyferry_common::units::{parse_duration, parse_keepalive, parse_size};
 use crate::client::Ctx;
 use crate::error::AgentError;
 use crate::home::Home;
+use crate::logline::LogFormat;
 
 /// The address agents connect to by default (the broker's default listen address).
 pub const DEFAULT_BROKER: &str = "127.0.0.1:7447";
@@ -112,6 +113,12 @@ pub struct Args {
     /// colour unless NO_COLOR is set.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Stderr lines (notices, warnings, the final error) as text, or one
+    /// JSON object each (timestamp, level, message, fields) for a log
+    /// collector. Progress bars and prompts are for terminals and stay as
+    /// they are.
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
     /// Which path a file takes. auto: straight from the sender to the
     /// receiver when the sender can reach one of the receiver's addresses
     /// (same machine, same network), through the broker's relay otherwise;
@@ -285,6 +292,7 @@ fn context(args: &Args) -> Result<Ctx, AgentError> {
 /// Runs one invocation.
 pub async fn run(args: Args) -> Result<(), AgentError> {
     crate::output::set_quiet(args.quiet);
+    crate::logline::set_format(args.log_format);
     if let Some(shell) = args.completions {
         return docs::completions(shell);
     }

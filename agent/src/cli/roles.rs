@@ -34,12 +34,12 @@ fn policy(args: &Args, out_dir: &std::path::Path) -> Result<Policy, AgentError> 
             Policy::Ask(args.ask_timeout)
         }
         (None, false) => {
-            eprintln!(
+            crate::output::err_line(&format!(
                 "agent: any agent the broker admits can send to this receiver and write into {}; \
                  restrict it with --accept-from NAME[,NAME...] or --accept-from known \
                  (--yes says that is meant)",
                 out_dir.display()
-            );
+            ));
             Policy::Anyone
         }
     })
@@ -178,7 +178,8 @@ pub(super) async fn sender(args: Args, ctx: Ctx) -> Result<(), AgentError> {
             .unwrap_or(AgentError::Internal("a send without an outcome".into()))),
         (n, of) => {
             for (peer, e) in &failed {
-                eprintln!("agent: {peer}: {e} (exit code {} alone)", e.exit_code());
+                let line = format!("agent: {peer}: {e} (exit code {} alone)", e.exit_code());
+                crate::output::err_line(&line);
             }
             Err(AgentError::SomeReceiversFailed { failed: n, of })
         }

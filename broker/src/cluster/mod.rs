@@ -27,6 +27,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv};
 use keyferry_common::identity::Fingerprint;
 use keyferry_common::name::AgentName;
+use prometheus_client::metrics::histogram::Histogram;
 use tracing::{info, warn};
 
 use self::wire::BrokerLine;
@@ -43,6 +44,7 @@ const LIVE: Duration = Duration::from_secs(60);
 const NAMES: &str = "keyferry-names";
 const PRESENCE: &str = "keyferry-presence";
 const BROKERS: &str = "keyferry-brokers";
+
 const ID_FILE: &str = "broker-id";
 const MAX_ID_LEN: usize = 64;
 
@@ -218,6 +220,8 @@ pub struct Cluster {
     writes: tokio::sync::Mutex<()>,
     /// The last read of every receiver, and when ([`Cluster::receivers`]).
     listed: Mutex<Option<ListedReceivers>>,
+    /// How long each key-value operation took (for the metrics).
+    kv_seconds: Histogram,
 }
 
 type ListedReceivers = (std::time::Instant, Vec<(AgentName, wire::Presence)>);
@@ -256,7 +260,7 @@ impl Cluster {
     /// seconds: a wrong URL should be seen at start) and opens, or creates,
     /// the buckets. Later losses of the connection are repaired by the
     /// client, which reconnects for ever; they are logged.
-    pub async fn join(member: Member) -> Result<Self, ClusterError> {
+    pub async fn join(member: Member, kv_seconds: Histogram) -> Result<Self, ClusterError> {
         check_id(&member.id)?;
         let (client, js) = connect(&member.url, &member.id).await?;
         let names = bucket(
@@ -318,10 +322,38 @@ impl Cluster {
             held: Mutex::new(HashMap::new()),
             writes: tokio::sync::Mutex::new(()),
             listed: Mutex::new(None),
+            kv_seconds,
         };
         cluster.compare_policies().await?;
         cluster.announce().await?;
         Ok(cluster)
+    }
+
+    /// Whether the connection to NATS is up now.
+    pub fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// [`bounded`], with the time it took counted.
+    async fn op<T, E: std::fmt::Display>(
+        &self,
+        what: &str,
+        fut: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, ClusterError> {
+        let start = std::time::Instant::now();
+        let result = bounded(what, fut).await;
+        self.kv_seconds.observe(start.elapsed().as_secs_f64());
+        result
+    }
+
+    /// How many brokers wrote their entry in the last [`LIVE`], this one
+    /// included.
+    pub async fn live_brokers(&self) -> Result<usize, ClusterError> {
+        let start = std::time::Instant::now();
+        let all = read_brokers(&self.brokers).await;
+        self.kv_seconds.observe(start.elapsed().as_secs_f64());
+        let live = i64::try_from(LIVE.as_secs()).unwrap_or(i64::MAX);
+        Ok(all?.iter().filter(|(_, _, age)| *age <= live).count())
     }
 
     /// Who this broker is.
@@ -362,7 +394,7 @@ impl Cluster {
             fingerprint: m.fingerprint,
             policy: m.policy.clone(),
         };
-        bounded(
+        self.op(
             "announcing this broker",
             self.brokers.put(&self.member.id, line.encode().into()),
         )

@@ -12,7 +12,7 @@ use async_nats::jetstream::kv::{CreateErrorKind, Operation};
 use keyferry_common::name::AgentName;
 use tracing::warn;
 
-use super::{Cluster, ClusterError, bounded};
+use super::{Cluster, ClusterError};
 use crate::registry::{Binding, Registry};
 
 /// Largest key a binding may hold (an RSA-4096 SubjectPublicKeyInfo is 550
@@ -28,7 +28,9 @@ pub fn key(name: &AgentName) -> String {
 impl Cluster {
     /// The key bound to `name` in the cluster (`Ok(None)`: unbound).
     pub async fn key_of(&self, name: &AgentName) -> Result<Option<Vec<u8>>, ClusterError> {
-        let entry = bounded("reading a name", self.names.entry(key(name))).await?;
+        let entry = self
+            .op("reading a name", self.names.entry(key(name)))
+            .await?;
         match entry.filter(|e| e.operation == Operation::Put) {
             Some(e) if e.value.len() > MAX_SPKI => Err(ClusterError::Config(format!(
                 "the cluster's binding of {name} is malformed ({} bytes)",
@@ -47,14 +49,15 @@ impl Cluster {
         spki: &[u8],
     ) -> Result<(Binding, Vec<u8>), ClusterError> {
         // Create first: the bucket's atomic create alone decides a race.
-        let created = bounded("registering a name", async {
-            match self.names.create(key(name), spki.to_vec().into()).await {
-                Ok(_) => Ok(true),
-                Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(false),
-                Err(e) => Err(e),
-            }
-        })
-        .await?;
+        let created = self
+            .op("registering a name", async {
+                match self.names.create(key(name), spki.to_vec().into()).await {
+                    Ok(_) => Ok(true),
+                    Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(false),
+                    Err(e) => Err(e),
+                }
+            })
+            .await?;
         if created {
             return Ok((Binding::New, spki.to_vec()));
         }

@@ -24,7 +24,7 @@ use keyferry_common::sync::lock;
 
 use super::names::key;
 use super::wire::{Presence, decode, encode};
-use super::{Cluster, ClusterError, PRESENCE_TTL, bounded, check_id};
+use super::{Cluster, ClusterError, PRESENCE_TTL, check_id};
 
 /// How long a broker waits for another to say whether it holds a receiver.
 const HOLDS_TIMEOUT: Duration = Duration::from_secs(1);
@@ -67,7 +67,7 @@ impl Cluster {
     ) -> Result<Option<u64>, ClusterError> {
         match expect {
             None => {
-                bounded(what, async {
+                self.op(what, async {
                     match self.presence.create(k, value).await {
                         Ok(rev) => Ok(Some(rev)),
                         Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(None),
@@ -77,7 +77,7 @@ impl Cluster {
                 .await
             }
             Some(rev) => {
-                bounded(what, async {
+                self.op(what, async {
                     match self.presence.update(k, value, rev).await {
                         Ok(rev) => Ok(Some(rev)),
                         Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(None),
@@ -94,7 +94,9 @@ impl Cluster {
         &self,
         name: &AgentName,
     ) -> Result<Option<(Presence, u64)>, ClusterError> {
-        let entry = bounded("reading presence", self.presence.entry(key(name))).await?;
+        let entry = self
+            .op("reading presence", self.presence.entry(key(name)))
+            .await?;
         Ok(entry
             .filter(|e| e.operation == Operation::Put)
             .and_then(|e| decode::<Presence>(&e.value).map(|p| (p, e.revision))))
@@ -162,11 +164,12 @@ impl Cluster {
         let Some(rev) = lock(&self.held).remove(name) else {
             return;
         };
-        let _ = bounded(
-            "releasing presence",
-            self.presence.delete_expect_revision(key(name), Some(rev)),
-        )
-        .await;
+        let _ = self
+            .op(
+                "releasing presence",
+                self.presence.delete_expect_revision(key(name), Some(rev)),
+            )
+            .await;
     }
 
     /// One heartbeat pass over the receivers connected here (`local`, read
@@ -231,16 +234,17 @@ impl Cluster {
             replay_policy: ReplayPolicy::Instant,
             ..Default::default()
         };
-        let consumer = bounded(
-            "listing presence",
-            self.presence.stream.create_consumer(config),
-        )
-        .await?;
+        let consumer = self
+            .op(
+                "listing presence",
+                self.presence.stream.create_consumer(config),
+            )
+            .await?;
         let mut out = Vec::new();
         if consumer.cached_info().num_pending == 0 {
             return Ok(out);
         }
-        let mut messages = bounded("listing presence", consumer.messages()).await?;
+        let mut messages = self.op("listing presence", consumer.messages()).await?;
         let read = async {
             while let Some(Ok(m)) = messages.next().await {
                 let pending = m.info().map(|i| i.pending).unwrap_or(0);

@@ -17,6 +17,7 @@ use tracing::{info, warn};
 
 use super::{Agent, BrokerConn, bad_input, refuse};
 use crate::error::SessionError;
+use crate::metrics::Handshake;
 use crate::registry::Binding;
 use crate::state::State;
 
@@ -28,10 +29,18 @@ pub(super) async fn authenticate(
     deadline: tokio::time::Instant,
 ) -> Result<Option<(BrokerConn, Agent, Role)>, SessionError> {
     let limits = &state.limits;
-    let tls = tokio::time::timeout_at(deadline, state.acceptor.accept(tcp))
-        .await
-        .map_err(|_| SessionError::Tls("timed out".into()))?
-        .map_err(|e| SessionError::Tls(e.to_string()))?;
+    let failed = |why| state.metrics.handshake_failed(why);
+    let tls = match tokio::time::timeout_at(deadline, state.acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            failed(Handshake::Tls);
+            return Err(SessionError::Tls(e.to_string()));
+        }
+        Err(_) => {
+            failed(Handshake::Timeout);
+            return Err(SessionError::Tls("timed out".into()));
+        }
+    };
     let nonce: [u8; 32] = random_array();
     let mut exporter = [0u8; auth::EXPORTER_LEN];
     tls.get_ref()
@@ -45,6 +54,7 @@ pub(super) async fn authenticate(
     match hello {
         Ok(Ok(Some(Message::Hello { version }))) if version == PROTOCOL_VERSION => {}
         Ok(Ok(Some(Message::Hello { version }))) => {
+            failed(Handshake::Version);
             return Err(refuse(
                 &mut conn,
                 ErrorCode::Version,
@@ -53,10 +63,15 @@ pub(super) async fn authenticate(
             .await);
         }
         Ok(Ok(_)) => {
+            failed(Handshake::Protocol);
             return Err(refuse(&mut conn, ErrorCode::Protocol, "expected Hello".into()).await);
         }
-        Ok(Err(e)) => return Err(e.into()),
+        Ok(Err(e)) => {
+            failed(Handshake::Protocol);
+            return Err(e.into());
+        }
         Err(_) => {
+            failed(Handshake::Timeout);
             return Err(refuse(&mut conn, ErrorCode::Protocol, "handshake timed out".into()).await);
         }
     }
@@ -70,8 +85,12 @@ pub(super) async fn authenticate(
     let auth_msg = match tokio::time::timeout_at(deadline, conn.reader.read()).await {
         Ok(Ok(Some(m))) => m,
         Ok(Ok(None)) => return Ok(None),
-        Ok(Err(e)) => return Err(bad_input(&mut conn, e).await),
+        Ok(Err(e)) => {
+            failed(Handshake::Protocol);
+            return Err(bad_input(&mut conn, e).await);
+        }
         Err(_) => {
+            failed(Handshake::Timeout);
             return Err(refuse(&mut conn, ErrorCode::Protocol, "handshake timed out".into()).await);
         }
     };
@@ -82,11 +101,13 @@ pub(super) async fn authenticate(
         signature,
     } = auth_msg
     else {
+        failed(Handshake::Protocol);
         return Err(refuse(&mut conn, ErrorCode::Protocol, "expected Auth".into()).await);
     };
     let key = match PublicKey::from_spki_der(&spki) {
         Ok(k) => k,
         Err(e) => {
+            failed(Handshake::Signature);
             return Err(refuse(
                 &mut conn,
                 ErrorCode::AuthFailed,
@@ -105,6 +126,7 @@ pub(super) async fn authenticate(
     );
     if key.verify(auth::CONTEXT, &signed, &signature).is_err() {
         warn!(agent = %name, "authentication signature did not verify");
+        failed(Handshake::Signature);
         return Err(refuse(
             &mut conn,
             ErrorCode::AuthFailed,
@@ -114,6 +136,7 @@ pub(super) async fn authenticate(
     }
     if !state.policy.allows(&name, &key.fingerprint()) {
         warn!(agent = %name, fingerprint = %key.fingerprint(), "refused by the access policy");
+        failed(Handshake::Policy);
         return Err(refuse(
             &mut conn,
             ErrorCode::Policy,
@@ -160,6 +183,7 @@ pub(super) async fn authenticate(
         Ok(Binding::Known) => {}
         Ok(Binding::Taken) => {
             warn!(agent = %name, fingerprint = %key.fingerprint(), "name claimed by another key refused");
+            failed(Handshake::NameTaken);
             return Err(refuse(
                 &mut conn,
                 ErrorCode::NameTaken,
@@ -171,6 +195,7 @@ pub(super) async fn authenticate(
         }
         Err(detail) => {
             warn!(agent = %name, %detail, "name binding could not be checked");
+            failed(Handshake::Registry);
             return Err(refuse(&mut conn, ErrorCode::Protocol, detail).await);
         }
     }

@@ -26,6 +26,7 @@ use tokio::net::TcpStream;
 use crate::conns::ConnGuard;
 use crate::data;
 use crate::error::SessionError;
+use crate::metrics::Handshake;
 use crate::shutdown::Shutdown;
 use crate::state::State;
 
@@ -55,13 +56,17 @@ pub async fn handle(
     let first_byte = async {
         let mut first = [0u8; 1];
         match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
-            Err(_) => Err(SessionError::Tls("timed out".into())),
+            Err(_) => {
+                state.metrics.handshake_failed(Handshake::Timeout);
+                Err(SessionError::Tls("timed out".into()))
+            }
             Ok(Err(e)) => Err(ConnError::Io(e).into()),
             Ok(Ok(0)) => Ok(None),
             Ok(Ok(_)) => Ok(Some((tcp, first[0] == TLS_HANDSHAKE))),
         }
     };
     let evicted = || {
+        state.metrics.handshake_failed(Handshake::Evicted);
         SessionError::Refused(
             "a newer connection from the same address took its place before it authenticated"
                 .into(),

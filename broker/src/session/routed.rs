@@ -19,6 +19,7 @@ use super::Agent;
 use super::start::{self, ReceiverLink};
 use crate::cluster::wire::{RoutedAnswer, RoutedOffer, decode, encode};
 use crate::cluster::{Cluster, check_id};
+use crate::metrics::Path;
 use crate::registry::Unreachable;
 use crate::shutdown::Shutdown;
 use crate::state::State;
@@ -199,6 +200,7 @@ pub async fn serve(
         address: cluster.member().advertise.clone(),
     })
     .await;
-    start::relay_when_connected(state, issued, (tid, sid), shutdown, receiver).await;
+    let ids = (tid, sid);
+    start::relay_when_connected(state, issued, ids, Path::Routed, shutdown, receiver).await;
     drop(slot);
 }

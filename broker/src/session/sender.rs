@@ -17,6 +17,7 @@ use super::{Agent, BrokerConn, next, refuse};
 use crate::cluster::names;
 use crate::cluster::wire::RoutedAnswer;
 use crate::error::SessionError;
+use crate::metrics::{Offer, Path};
 use crate::registry::Unreachable;
 use crate::shutdown::Shutdown;
 use crate::state::State;
@@ -248,6 +249,7 @@ pub(super) async fn session(
                 let slot = match start::offer_slot(state, &agent.name, fields.stream_id, "") {
                     Ok(slot) => slot,
                     Err(detail) => {
+                        state.metrics.offer(&agent.name, Offer::RateLimited);
                         warn!(agent = %agent.name, %detail, "offer refused by rate limit");
                         return Err(refuse(&mut conn, ErrorCode::RateLimited, detail).await);
                     }
@@ -257,6 +259,15 @@ pub(super) async fn session(
                 {
                     info!(transfer = %tid, from = %agent.name, to = %to, "offer routed through the cluster");
                     let answer = routed::offer(state, cluster, &agent, &to, offer).await;
+                    let outcome = match &answer {
+                        RoutedAnswer::Accepted { .. } => Offer::Accepted,
+                        RoutedAnswer::Refused(reason) => Offer::Refused(*reason),
+                        RoutedAnswer::Failed { code, .. } if *code == ErrorCode::PeerOffline => {
+                            Offer::Offline
+                        }
+                        RoutedAnswer::Failed { .. } => Offer::Failed,
+                    };
+                    state.metrics.offer(&agent.name, outcome);
                     let wait = state.limits.handshake_timeout;
                     if answer_routed(&mut conn, tid, answer, wait).await? {
                         return Ok(());
@@ -283,6 +294,7 @@ pub(super) async fn session(
                     None => None,
                 };
                 let Some(answer) = delivered else {
+                    state.metrics.offer(&agent.name, Offer::Offline);
                     conn.writer
                         .write(&Message::Error {
                             code: ErrorCode::PeerOffline,
@@ -297,6 +309,7 @@ pub(super) async fn session(
                 match tokio::time::timeout(state.limits.answer_timeout, answer).await {
                     Err(_) => {
                         state.transfers.cancel(&tid);
+                        state.metrics.offer(&agent.name, Offer::TimedOut);
                         info!(transfer = %tid, "receiver did not answer in time");
                         return Err(refuse(
                             &mut conn,
@@ -306,6 +319,7 @@ pub(super) async fn session(
                         .await);
                     }
                     Ok(Err(_)) => {
+                        state.metrics.offer(&agent.name, Offer::ReceiverLeft);
                         info!(transfer = %tid, "receiver left before answering");
                         return Err(refuse(
                             &mut conn,
@@ -315,6 +329,7 @@ pub(super) async fn session(
                         .await);
                     }
                     Ok(Ok(Answer::Refused(reason))) => {
+                        state.metrics.offer(&agent.name, Offer::Refused(reason));
                         info!(transfer = %tid, ?reason, "transfer refused by receiver");
                         drop(slot);
                         conn.writer
@@ -325,6 +340,7 @@ pub(super) async fn session(
                             .await?;
                     }
                     Ok(Ok(Answer::Accepted { accept, receiver })) => {
+                        state.metrics.offer(&agent.name, Offer::Accepted);
                         let _incoming = state.transfers.relaying(&to);
                         let receiver = ReceiverLink::new(receiver, tid);
                         let ids = (tid, fields.stream_id);
@@ -367,6 +383,7 @@ async fn start_transfer(
         Err((code, detail)) => return Err(refuse(&mut conn, code, detail).await),
     };
     accepted(&mut conn, tid, accept, issued.sender_ticket, String::new()).await?;
-    start::relay_when_connected(state, issued, ids, shutdown, (conn, receiver)).await;
+    let hold = (conn, receiver);
+    start::relay_when_connected(state, issued, ids, Path::Local, shutdown, hold).await;
     Ok(())
 }

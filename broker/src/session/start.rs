@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::info;
 
 use crate::fanout;
+use crate::metrics::{End, Limit, Path};
 use crate::relay::{DataConn, relay};
 use crate::shutdown::Shutdown;
 use crate::state::State;
@@ -81,8 +82,14 @@ pub(crate) fn offer_slot<'a>(
         .transfers
         .take_offer_slot(from, sid, rate, concurrent, Instant::now())
         .map_err(|limit| match limit {
-            OfferLimit::Rate => format!("more than {rate} offers in a minute{at}"),
-            OfferLimit::Concurrent => format!("more than {concurrent} transfers at once{at}"),
+            OfferLimit::Rate => {
+                state.metrics.refused_by(Limit::OffersPerMinute);
+                format!("more than {rate} offers in a minute{at}")
+            }
+            OfferLimit::Concurrent => {
+                state.metrics.refused_by(Limit::TransfersPerAgent);
+                format!("more than {concurrent} transfers at once{at}")
+            }
         })
 }
 
@@ -117,11 +124,17 @@ pub(crate) async fn relay_when_connected<T>(
     state: &State,
     mut issued: Issued<'_, DataConn>,
     (tid, sid): (TransferId, StreamId),
+    path: Path,
     shutdown: Shutdown,
     hold: T,
 ) {
     let deadline = tokio::time::Instant::now() + state.limits.handshake_timeout;
+    let not_relayed = || {
+        let nothing = std::time::Duration::ZERO;
+        state.metrics.transfer_ended(End::NotRelayed, 0, nothing);
+    };
     let Some((arrival, mine)) = arrivals(state, &mut issued, deadline, tid).await else {
+        not_relayed();
         return;
     };
     drop(issued);
@@ -136,6 +149,7 @@ pub(crate) async fn relay_when_connected<T>(
             // connection goes there, and this task waits for the relay.
             let Some(mine) = mine else {
                 info!(transfer = %tid, "data connection did not arrive in time");
+                not_relayed();
                 return;
             };
             let (done, relayed) = oneshot::channel();
@@ -152,10 +166,12 @@ pub(crate) async fn relay_when_connected<T>(
         _ if mine.is_some() => {
             // Nothing relayed: the agents may have connected to each other.
             info!(transfer = %tid, "the sender's data connection did not come (a direct connection, or a sender gone)");
+            not_relayed();
             return;
         }
         _ => {
             info!(transfer = %tid, "data connections did not arrive in time");
+            not_relayed();
             return;
         }
     };
@@ -166,11 +182,13 @@ pub(crate) async fn relay_when_connected<T>(
     if others.is_empty() {
         let Some(receiver) = mine else {
             info!(transfer = %tid, "data connections did not arrive in time");
+            not_relayed();
             return;
         };
         info!(transfer = %tid, "transfer started");
-        let report = relay(sender, receiver, ids, idle, shutdown).await;
-        log_report(tid, &report);
+        let meter = state.metrics.relayed(path);
+        let report = relay(sender, receiver, ids, idle, shutdown, meter).await;
+        log_report(state, tid, &report);
         return;
     }
     // One upload to several receivers: those whose connections arrive in
@@ -194,8 +212,9 @@ pub(crate) async fn relay_when_connected<T>(
         }
     }
     info!(transfer = %tid, receivers = receivers.len(), "upload to several receivers started");
-    let report = fanout::relay(sender, receivers, sid, idle, shutdown).await;
-    log_report(tid, &report);
+    let meter = state.metrics.relayed(Path::Fanout);
+    let report = fanout::relay(sender, receivers, sid, idle, shutdown, meter).await;
+    log_report(state, tid, &report);
 }
 
 /// Waits until `deadline` for the sender's arrival and the receiver's data
@@ -252,7 +271,16 @@ async fn closed(conn: Option<&DataConn>) {
     std::future::pending().await
 }
 
-fn log_report(tid: TransferId, report: &crate::relay::RelayReport) {
+/// Logs how a relay ended, and counts it.
+fn log_report(state: &State, tid: TransferId, report: &crate::relay::RelayReport) {
+    let end = if report.result.is_ok() {
+        End::Finished
+    } else {
+        End::Failed
+    };
+    state
+        .metrics
+        .transfer_ended(end, report.bytes, report.elapsed);
     let seconds = format!("{:.3}", report.elapsed.as_secs_f64());
     match &report.result {
         Ok(()) => info!(transfer = %tid, bytes = report.bytes, seconds, "transfer finished"),
