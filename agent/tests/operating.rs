@@ -424,3 +424,51 @@ fn the_agents_stderr_lines_are_json_when_asked() {
         "{warning}"
     );
 }
+
+#[test]
+fn one_offer_rate_holds_across_the_brokers_of_a_cluster() {
+    let Some(nats) = Nats::start() else { return };
+    let brokers = ["one", "two", "three"].map(|id| {
+        let args = [
+            "--cluster",
+            &nats.url(),
+            "--broker-id",
+            id,
+            "--offers-per-minute",
+            "2",
+        ];
+        Broker::start_with(TempDir::new("ops-rate"), &args)
+    });
+    // A receiver on each broker; alice offers to each through its broker,
+    // so that no broker sees more than one of her offers.
+    let alice = Home::new("alice", "alice");
+    let out = TempDir::new("ops-rate-out");
+    let names = ["bob", "carol", "dave"];
+    let _receivers: Vec<_> = names
+        .iter()
+        .zip(&brokers)
+        .map(|(name, broker)| {
+            let home = Home::new(name, name);
+            let proc = home.receiver(broker, &out.join(name), &["--yes"]);
+            (home, proc)
+        })
+        .collect();
+    let message = |i: usize| {
+        let args = ["--role", "sender", "--to", names[i], "--message", "hi"];
+        alice.run(&brokers[i], &args)
+    };
+    // Two offers through two brokers, then a third through the third: each
+    // broker alone has seen fewer than its limit, the cluster has not.
+    for i in 0..2 {
+        let run = message(i);
+        assert_eq!(run.code, Some(0), "{run:?}");
+    }
+    let third = message(2);
+    assert_ne!(third.code, Some(0), "{third:?}");
+    assert!(
+        third
+            .stderr
+            .contains("more than 2 offers in a minute through the brokers of this cluster"),
+        "{third:?}"
+    );
+}

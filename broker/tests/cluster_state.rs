@@ -207,3 +207,38 @@ async fn a_second_broker_with_the_same_id_is_refused() {
     let err = twin.unwrap_err().to_string();
     assert!(err.contains("another broker with the id one"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offers_through_several_members_at_once_count_against_one_rate() {
+    let Some(nats) = nats() else { return };
+    let members = std::sync::Arc::new([member(&nats, "one").await, member(&nats, "two").await]);
+    // 20 offers by one name at the same moment through two brokers, with a
+    // rate of 7 a minute: exactly 7 pass, whichever broker they came through.
+    // Second 1 of a minute (1_800_000_000 is a multiple of 60).
+    let now = 1_800_000_001;
+    let tasks: Vec<_> = (0..20usize)
+        .map(|i| {
+            let members = std::sync::Arc::clone(&members);
+            tokio::spawn(async move { members[i % 2].take_offer(&name("alice"), 7, now).await })
+        })
+        .collect();
+    let mut passed = 0;
+    for t in tasks {
+        passed += usize::from(t.await.unwrap().unwrap());
+    }
+    assert_eq!(passed, 7);
+    // Another name has its own count; the next minute still weighs the last.
+    assert!(members[0].take_offer(&name("bob"), 7, now).await.unwrap());
+    assert!(
+        !members[1]
+            .take_offer(&name("alice"), 7, now + 60)
+            .await
+            .unwrap()
+    );
+    assert!(
+        members[1]
+            .take_offer(&name("alice"), 7, now + 119)
+            .await
+            .unwrap()
+    );
+}

@@ -1,5 +1,5 @@
 //! Membership of a cluster of brokers on NATS (`broker --cluster nats://…`):
-//! the connection, the three JetStream key-value buckets, and this broker's
+//! the connection, the four JetStream key-value buckets, and this broker's
 //! id and advertised address.
 //!
 //! * `keyferry-names` ([`names`]): name → key bindings, first `create` wins;
@@ -8,6 +8,8 @@
 //!   receiver, refreshed by heartbeat, expiring after [`PRESENCE_TTL`].
 //! * `keyferry-brokers`: broker id → its advertised address and certificate
 //!   fingerprint, for operators to publish ([`Cluster::brokers`]).
+//! * `keyferry-rates` ([`rates`]): offers per sender name and minute, so the
+//!   offer rate holds across the cluster.
 //!
 //! Offers for a receiver on another broker go by request/reply to that
 //! broker's subject ([`wire`]); data never goes through NATS. The client is a
@@ -17,6 +19,7 @@
 
 pub mod names;
 pub mod presence;
+pub mod rates;
 pub mod wire;
 
 use std::collections::HashMap;
@@ -44,7 +47,10 @@ const LIVE: Duration = Duration::from_secs(60);
 const NAMES: &str = "keyferry-names";
 const PRESENCE: &str = "keyferry-presence";
 const BROKERS: &str = "keyferry-brokers";
-
+const RATES: &str = "keyferry-rates";
+/// How long an offer count is kept: the minute it counts, and the next, in
+/// which it still weighs.
+const RATES_TTL: Duration = Duration::from_secs(180);
 const ID_FILE: &str = "broker-id";
 const MAX_ID_LEN: usize = 64;
 
@@ -214,6 +220,7 @@ pub struct Cluster {
     names: kv::Store,
     presence: kv::Store,
     brokers: kv::Store,
+    rates: kv::Store,
     member: Member,
     held: Mutex<HashMap<AgentName, u64>>,
     /// Serialises this broker's presence writes ([`presence`]).
@@ -289,6 +296,19 @@ impl Cluster {
         )
         .await?;
         let brokers = brokers_bucket(&js).await?;
+        let rates = bucket(
+            &js,
+            kv::Config {
+                bucket: RATES.into(),
+                description: "keyferry: offers per sender name and minute".into(),
+                history: 1,
+                max_age: RATES_TTL,
+                // Counts matter for a minute: memory is enough.
+                storage: jetstream::stream::StorageType::Memory,
+                ..Default::default()
+            },
+        )
+        .await?;
         // A presence bucket made by someone else must still let entries expire.
         let status = bounded("reading the presence bucket", presence.status()).await?;
         if status.max_age().is_zero() {
@@ -318,6 +338,7 @@ impl Cluster {
             names,
             presence,
             brokers,
+            rates,
             member,
             held: Mutex::new(HashMap::new()),
             writes: tokio::sync::Mutex::new(()),

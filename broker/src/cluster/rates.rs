@@ -1,0 +1,125 @@
+//! One offer rate per agent name across the cluster (`keyferry-rates`): each
+//! offer counts in the bucket under its sender's name and the current minute,
+//! so an agent that offers through several brokers is held to
+//! `--offers-per-minute` once, not once per broker (PROTOCOL.md §2.6).
+//!
+//! The window slides as the local one does, approximately: the previous
+//! minute's count weighs in by the share of it still inside the last 60 s
+//! (`previous × (60 − s)/60 + current`, s the seconds into this minute). A
+//! count is raised by a revision-checked write, retried when another broker
+//! wrote first, so no offer is lost between two brokers. Entries expire with
+//! the bucket's max age. When the cluster does not answer, the caller falls
+//! back on its own broker's count, as it does for names.
+
+use async_nats::jetstream::kv::{CreateErrorKind, Operation, UpdateErrorKind};
+use keyferry_common::name::AgentName;
+
+use super::names::key;
+use super::{Cluster, ClusterError};
+
+/// How often a write that lost a race is tried again.
+const TRIES: usize = 16;
+
+/// The bucket key of `name`'s count in minute `minute` (since the epoch).
+fn slot(name: &AgentName, minute: u64) -> String {
+    format!("{}_{minute}", key(name))
+}
+
+/// A count as stored: decimal ASCII; anything else counts as 0 (and is
+/// overwritten at its revision).
+fn count(value: &[u8]) -> u64 {
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The sliding estimate of offers in the last 60 s.
+fn estimate(previous: u64, current: u64, seconds_in: u64) -> u64 {
+    let left = 60u64.saturating_sub(seconds_in.min(60));
+    (previous * left).div_ceil(60) + current
+}
+
+impl Cluster {
+    /// `name`'s count in `k` and its revision (`None`: no entry).
+    async fn rate_entry(&self, k: &str) -> Result<Option<(u64, u64)>, ClusterError> {
+        let entry = self
+            .op("reading an offer count", self.rates.entry(k))
+            .await?;
+        Ok(entry
+            .filter(|e| e.operation == Operation::Put)
+            .map(|e| (count(&e.value), e.revision)))
+    }
+
+    /// Counts one offer by `name` at Unix time `now` if the cluster-wide
+    /// estimate for the last minute is below `rate`; `Ok(false)` if it is
+    /// not (nothing counted).
+    pub async fn take_offer(
+        &self,
+        name: &AgentName,
+        rate: usize,
+        now: u64,
+    ) -> Result<bool, ClusterError> {
+        let (minute, seconds_in) = (now / 60, now % 60);
+        let previous = match minute.checked_sub(1) {
+            Some(m) => self.rate_entry(&slot(name, m)).await?.map_or(0, |c| c.0),
+            None => 0,
+        };
+        let k = slot(name, minute);
+        let rate = u64::try_from(rate).unwrap_or(u64::MAX);
+        for _ in 0..TRIES {
+            let current = self.rate_entry(&k).await?;
+            let n = current.map_or(0, |c| c.0);
+            if estimate(previous, n, seconds_in) >= rate {
+                return Ok(false);
+            }
+            let value: bytes::Bytes = (n + 1).to_string().into();
+            let written = match current {
+                None => {
+                    self.op("counting an offer", async {
+                        match self.rates.create(&k, value).await {
+                            Ok(_) => Ok(true),
+                            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(false),
+                            Err(e) => Err(e.to_string()),
+                        }
+                    })
+                    .await?
+                }
+                Some((_, rev)) => {
+                    self.op("counting an offer", async {
+                        match self.rates.update(&k, value, rev).await {
+                            Ok(_) => Ok(true),
+                            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(false),
+                            Err(e) => Err(e.to_string()),
+                        }
+                    })
+                    .await?
+                }
+            };
+            if written {
+                return Ok(true);
+            }
+        }
+        Err(ClusterError::Contended(format!(
+            "the offer count of {name} kept changing"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_slides_over_the_previous_minute() {
+        assert_eq!(estimate(0, 0, 0), 0);
+        assert_eq!(estimate(30, 0, 0), 30);
+        assert_eq!(estimate(30, 0, 30), 15);
+        assert_eq!(estimate(30, 5, 59), 6);
+        assert_eq!(estimate(30, 5, 60), 5);
+        assert_eq!(count(b"12"), 12);
+        assert_eq!(count(b"x"), 0);
+        let bob = AgentName::new("bob").unwrap();
+        assert_eq!(slot(&bob, 7), "626f62_7");
+    }
+}

