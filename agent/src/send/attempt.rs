@@ -111,6 +111,21 @@ pub async fn run(
     outcome
 }
 
+/// What the sender tells its receivers when its stream fails with `e`.
+fn abort_reason(e: &AgentError) -> AbortReason {
+    match e {
+        AgentError::FileUnreadable { .. } | AgentError::PrefixChanged(_) => AbortReason::Source,
+        AgentError::Interrupted => AbortReason::Interrupted,
+        // The relay, the path or a receiver went away: the receivers still
+        // listening hear that, not that something did not verify (a broker
+        // cut mid-transfer reached them as a verification failure, exit 9).
+        AgentError::ReceiverAborted(_)
+        | AgentError::BrokerUnreachable { .. }
+        | AgentError::DirectLost(_) => AbortReason::PeerGone,
+        _ => AbortReason::VerificationFailed,
+    }
+}
+
 /// Streams once to every receiver in `ready` and collects their receipts.
 async fn upload(
     ctx: &Ctx,
@@ -208,13 +223,7 @@ async fn upload(
                 }
                 e => e,
             };
-            let reason = match &e {
-                AgentError::FileUnreadable { .. } | AgentError::PrefixChanged(_) => {
-                    AbortReason::Source
-                }
-                AgentError::Interrupted => AbortReason::Interrupted,
-                _ => AbortReason::VerificationFailed,
-            };
+            let reason = abort_reason(&e);
             for tid in &tids {
                 let abort = Message::Abort {
                     transfer_id: *tid,
@@ -332,3 +341,29 @@ pub(super) fn marks_for(ctx: &Ctx, source: &Source) -> Option<Arc<MarkLog>> {
 
 /// The receivers' answers so far, by transfer.
 pub type Ended = HashMap<TransferId, Result<(), AgentError>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stream_that_lost_its_relay_or_receiver_says_so_not_that_it_did_not_verify() {
+        let gone = [
+            AgentError::ReceiverAborted(AbortReason::PeerGone),
+            AgentError::BrokerUnreachable {
+                addr: "127.0.0.1:1".into(),
+                detail: "connection lost".into(),
+            },
+            AgentError::DirectLost("reset".into()),
+        ];
+        for e in &gone {
+            assert_eq!(abort_reason(e), AbortReason::PeerGone, "{e}");
+        }
+        assert_eq!(
+            abort_reason(&AgentError::Interrupted),
+            AbortReason::Interrupted
+        );
+        let other = AgentError::Protocol("a record out of place");
+        assert_eq!(abort_reason(&other), AbortReason::VerificationFailed);
+    }
+}
