@@ -309,8 +309,10 @@ pub async fn open_data(ctx: &Ctx, tid: TransferId, ticket: Ticket) -> Result<Dat
 }
 
 /// Opens one data connection and redeems every ticket on it (a sender's
-/// upload to several receivers: PROTOCOL.md §2.5). The tickets must name one
-/// address.
+/// upload to several receivers: PROTOCOL.md §2.5). Tickets that all name one
+/// address go there; tickets naming several (receivers on several brokers of
+/// a cluster, §2.6) go to this agent's own broker, its own tickets first,
+/// and that broker feeds the others.
 pub async fn open_upload(
     ctx: &Ctx,
     tickets: &[(TransferId, Ticket)],
@@ -318,17 +320,16 @@ pub async fn open_upload(
     let Some((_, first)) = tickets.first() else {
         return Err(AgentError::Internal("an upload without tickets".into()));
     };
-    if tickets.iter().any(|(_, t)| t.address != first.address) {
-        // Receivers held by different brokers of a cluster (PROTOCOL.md §2.6).
-        return Err(AgentError::Protocol(
-            "the receivers are on different brokers of the cluster, and one upload to several \
-             receivers needs them on one broker: send to each separately",
-        ));
+    let mut tickets = tickets.to_vec();
+    let mut to = first.address.clone();
+    if tickets.iter().any(|(_, t)| t.address != to) {
+        tickets.sort_by_key(|(_, t)| !t.address.is_empty());
+        to = String::new();
     }
-    let addr = if first.address.is_empty() {
+    let addr = if to.is_empty() {
         ctx.broker.clone()
-    } else if ticket_address_ok(&first.address) {
-        first.address.clone()
+    } else if ticket_address_ok(&to) {
+        to
     } else {
         return Err(AgentError::Protocol(
             "the broker's ticket names an invalid address",
@@ -345,7 +346,7 @@ pub async fn open_upload(
     let _ = tcp.set_nodelay(true);
     let _ = keyferry_common::io::tcp::keep_alive(&tcp);
     let mut conn = Connection::new(tcp);
-    for (tid, t) in tickets {
+    for (tid, t) in &tickets {
         conn.writer
             .write(&Message::Redeem {
                 transfer_id: *tid,

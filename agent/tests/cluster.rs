@@ -9,6 +9,7 @@ mod support;
 use std::time::Duration;
 
 use support::nats::{Nats, list_brokers};
+use support::scrape::{get, metrics_addr, parse, value};
 use support::{Broker, Home, Run, TempDir, WAIT, hash_file, pseudo_random};
 
 /// A receiver named `home.name` at `broker`, writing into `out`.
@@ -57,6 +58,95 @@ fn listed_as_receiver(asker: &Home, broker: &Broker, name: &str) {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// Bytes a broker received from senders, and relayed along `path`.
+fn bytes(at: &str, path: &str) -> (f64, f64) {
+    let now = parse(&get(at, "/metrics").1);
+    (
+        value(&now, "keyferry_broker_received_bytes_total", &[]),
+        value(
+            &now,
+            "keyferry_broker_relayed_bytes_total",
+            &[("path", path)],
+        ),
+    )
+}
+
+#[test]
+fn one_upload_reaches_receivers_on_two_other_brokers_and_leaves_the_sender_once() {
+    let Some(nats) = Nats::start() else { return };
+    let [mut one, mut two, mut three] = ["one", "two", "three"].map(|id| {
+        let args = [
+            "--cluster",
+            &nats.url(),
+            "--broker-id",
+            id,
+            "--metrics",
+            "127.0.0.1:0",
+        ];
+        Broker::start_with(TempDir::new("cluster-feed"), &args)
+    });
+    let at = [&mut one, &mut two, &mut three].map(metrics_addr);
+    let (alice, bob, carol) = (
+        Home::new("alice", "alice"),
+        Home::new("bob", "bob"),
+        Home::new("carol", "carol"),
+    );
+    let (to_bob, to_carol) = (TempDir::new("feed-bob"), TempDir::new("feed-carol"));
+    let _rx = (
+        receive(&bob, &two, &to_bob),
+        receive(&carol, &three, &to_carol),
+    );
+    let src = TempDir::new("feed-src");
+    let file = src.join("big.bin");
+    let size = 24 << 20;
+    std::fs::write(&file, pseudo_random(size, 29)).unwrap();
+    let path = file.to_str().unwrap();
+    let args = [
+        "--role", "sender", "--to", "bob", "--to", "carol", "--file", path,
+    ];
+    let sent = alice.run(&one, &args);
+    assert_eq!(sent.code, Some(0), "{sent:#?}");
+    assert_eq!(hash_file(&to_bob.join("big.bin")), hash_file(&file));
+    assert_eq!(hash_file(&to_carol.join("big.bin")), hash_file(&file));
+    one.proc.stderr.wait_for("transfer finished", WAIT);
+    // Broker one took the sender's one copy and fed two; brokers two and
+    // three each relayed one copy to their receiver, taken from broker one.
+    let stream = size as f64;
+    let within = |x: f64, copies: f64| (copies * stream..copies * stream * 1.05).contains(&x);
+    let (received, fed) = bytes(&at[0], "fanout");
+    assert!(
+        within(received, 1.0),
+        "broker one received {received} of {stream}"
+    );
+    assert!(within(fed, 2.0), "broker one fed {fed}");
+    for b in &at[1..] {
+        let (received, relayed) = bytes(b, "routed");
+        assert!(
+            within(received, 1.0) && within(relayed, 1.0),
+            "{received} {relayed}"
+        );
+    }
+
+    // With a receiver on the sender's broker too: its copy is one of the
+    // upload's, beside the feed to broker two.
+    let dave = Home::new("dave", "dave");
+    let to_dave = TempDir::new("feed-dave");
+    let _dave = receive(&dave, &one, &to_dave);
+    let args = [
+        "--role", "sender", "--to", "dave", "--to", "bob", "--file", path,
+    ];
+    let sent = alice.run(&one, &args);
+    assert_eq!(sent.code, Some(0), "{sent:#?}");
+    assert_eq!(hash_file(&to_dave.join("big.bin")), hash_file(&file));
+    assert_eq!(hash_file(&to_bob.join("big (1).bin")), hash_file(&file));
+    let (received, fed) = bytes(&at[0], "fanout");
+    assert!(
+        within(received, 2.0),
+        "broker one received {received} in two uploads"
+    );
+    assert!(within(fed, 4.0), "broker one fed {fed} in two uploads");
 }
 
 #[test]

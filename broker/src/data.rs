@@ -12,15 +12,18 @@
 
 use std::sync::Arc;
 
-use keyferry_common::ids::TransferId;
+use keyferry_common::ids::{StreamId, TransferId};
 use keyferry_common::io::connection::{ConnError, FrameReader, FrameWriter};
+use keyferry_common::name::AgentName;
 use keyferry_common::wire::message::{ErrorCode, Message};
 use tokio::net::TcpStream;
 
 use crate::conns::ConnGuard;
 use crate::error::SessionError;
+use crate::feed;
 use crate::metrics::Handshake;
 use crate::relay::DataConn;
+use crate::routes::Remote;
 use crate::state::State;
 use crate::tickets::{MAX_FANOUT, Redeemed};
 
@@ -75,9 +78,35 @@ pub async fn admit(
     let unknown = "no transfer waits for this ticket (unknown, used or expired)";
     match state.tickets.redeem(&tid, &ticket) {
         None => {
-            drop(reader);
-            state.metrics.handshake_failed(Handshake::Ticket);
-            Err(refuse(&mut tcp, ErrorCode::UnknownTransfer, unknown).await)
+            // Not ours: perhaps a routed transfer's ticket, of an upload
+            // whose receivers are all on other brokers (crate::feed).
+            let now = std::time::Instant::now();
+            let Some(first) = state.routes.take(&tid, &ticket, now) else {
+                drop(reader);
+                state.metrics.handshake_failed(Handshake::Ticket);
+                return Err(refuse(&mut tcp, ErrorCode::UnknownTransfer, unknown).await);
+            };
+            let Some(all) = more_of_upload(&mut reader, deadline).await else {
+                return Ok(());
+            };
+            let (stream, from) = (first.stream, first.from.clone());
+            let (local, mut remote) = split(&state, &all, stream, &from);
+            remote.insert(0, first);
+            if !local.is_empty() {
+                // Tickets of this broker's receivers go first.
+                drop(reader);
+                state.metrics.handshake_failed(Handshake::Ticket);
+                return Err(refuse(&mut tcp, ErrorCode::UnknownTransfer, unknown).await);
+            }
+            let leftover = reader.into_parts().1;
+            guard.admit();
+            let conn = DataConn {
+                tcp,
+                leftover,
+                guard,
+            };
+            feed::upload(state, conn, remote).await;
+            Ok(())
         }
         Some(Redeemed::Receiver(to)) => {
             let leftover = reader.into_parts().1;
@@ -96,12 +125,10 @@ pub async fn admit(
             // A sender writes all its `Redeem`s and its stream's first frame
             // at once; one that sends nothing more for a moment has redeemed
             // what it had.
-            let mut all = Vec::new();
-            let until = deadline.min(tokio::time::Instant::now() + MORE_REDEEMS);
-            let more = tokio::time::timeout_at(until, more_redeems(&mut reader, &mut all)).await;
-            if matches!(more, Ok(Err(_))) {
+            let Some(all) = more_of_upload(&mut reader, deadline).await else {
                 return Ok(());
-            }
+            };
+            let (local, remote) = split(&state, &all, first.stream(), first.from());
             let leftover = reader.into_parts().1;
             guard.admit();
             let conn = DataConn {
@@ -109,8 +136,19 @@ pub async fn admit(
                 leftover,
                 guard,
             };
-            match state.tickets.redeem_upload(first, &all, conn) {
-                Ok(()) => Ok(()),
+            let remote_tids: Vec<TransferId> = remote.iter().map(|r| r.tid).collect();
+            match state
+                .tickets
+                .redeem_upload(first, &local, &remote_tids, conn)
+            {
+                Ok(feeds) => {
+                    if let Some(hub) = feeds {
+                        for r in remote {
+                            tokio::spawn(feed::join(Arc::clone(&state), r, hub.clone()));
+                        }
+                    }
+                    Ok(())
+                }
                 Err(mut conn) => {
                     state.metrics.handshake_failed(Handshake::Ticket);
                     Err(refuse(&mut conn.tcp, ErrorCode::UnknownTransfer, unknown).await)
@@ -118,6 +156,39 @@ pub async fn admit(
             }
         }
     }
+}
+
+/// The tickets an upload presents after its first, read for at most
+/// [`MORE_REDEEMS`]; `None` if the connection failed.
+async fn more_of_upload(
+    reader: &mut FrameReader<&mut TcpStream>,
+    deadline: tokio::time::Instant,
+) -> Option<Vec<(TransferId, [u8; 32])>> {
+    let mut all = Vec::new();
+    let until = deadline.min(tokio::time::Instant::now() + MORE_REDEEMS);
+    let more = tokio::time::timeout_at(until, more_redeems(reader, &mut all)).await;
+    (!matches!(more, Ok(Err(_)))).then_some(all)
+}
+
+/// Parts `all` into this broker's tickets and the routed tickets of
+/// transfers of stream `stream` from `from` that it handed out (each taken,
+/// once); a routed ticket of another stream or sender stays among the
+/// others, to be refused with them.
+fn split(
+    state: &State,
+    all: &[(TransferId, [u8; 32])],
+    stream: StreamId,
+    from: &AgentName,
+) -> (Vec<(TransferId, [u8; 32])>, Vec<Remote>) {
+    let now = std::time::Instant::now();
+    let (mut local, mut remote) = (Vec::new(), Vec::new());
+    for (tid, ticket) in all {
+        match state.routes.take(tid, ticket, now) {
+            Some(r) if r.stream == stream && &r.from == from => remote.push(r),
+            _ => local.push((*tid, *ticket)),
+        }
+    }
+    (local, remote)
 }
 
 /// Reads the `Redeem` frames that follow a sender's first one (at most

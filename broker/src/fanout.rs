@@ -24,12 +24,12 @@ use keyferry_common::io::connection::FrameReader;
 use keyferry_common::wire::chunk::chunk_record;
 use keyferry_common::wire::frame::{LEN_PREFIX, MAX_FRAME_LEN};
 use keyferry_common::wire::message::{self, AbortReason, Message};
-use prometheus_client::metrics::counter::Counter;
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
+use crate::metrics::Meters;
 use crate::relay::{DataConn, RelayEnd, RelayReport};
 use crate::shutdown::Shutdown;
 
@@ -146,7 +146,7 @@ pub async fn relay(
     sid: StreamId,
     idle: Duration,
     mut shutdown: Shutdown,
-    meter: Counter,
+    meters: Meters,
 ) -> RelayReport {
     let start = Instant::now();
     let mut tasks = JoinSet::new();
@@ -212,6 +212,7 @@ pub async fn relay(
         frame.extend_from_slice(&payload);
         let frame: Arc<[u8]> = frame.into();
         bytes += frame.len() as u64;
+        meters.received.inc_by(frame.len() as u64);
         let (targets, ends): (Vec<TransferId>, bool) = match to {
             Route::One(tid) => (vec![tid], false),
             Route::All { ends } => (outs.keys().copied().collect(), ends),
@@ -226,7 +227,7 @@ pub async fn relay(
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
             };
             if sent {
-                meter.inc_by(frame.len() as u64);
+                meters.relayed.inc_by(frame.len() as u64);
             }
             if !sent {
                 // Too far behind, or gone: out of the copy; it resumes later.

@@ -11,21 +11,23 @@
 //!   [`conns`] (places under the connection limits), [`registry`] (names,
 //!   keys, who is online), [`transfers`] (one transfer's life), [`tickets`]
 //!   (the data connections' tickets, and uploads to several receivers),
-//!   [`error`];
+//!   [`routes`] (routed transfers' sender tickets, for uploads fed to other
+//!   brokers), [`metrics`] (what the sessions count and a scrape reads off
+//!   the state; its `http` part serves it, `--metrics`), [`error`];
 //! * [`relay`]: pumping one transfer's bytes between its two data
 //!   connections, never opening a record; [`fanout`]: one upload copied to
 //!   several receivers, each with a bounded queue;
 //! * [`shutdown`]: the phase every task watches; [`splice`]: record bodies
 //!   moved socket to socket in the kernel;
 //! * [`state`]: what every connection shares — state only, no sockets;
+//! * [`feed`]: an upload fed on to the brokers of receivers elsewhere in
+//!   the cluster, one copy each;
 //! * [`data`] (admitting a data connection by its ticket) and [`session`]
 //!   (authentication, then the sender's or receiver's session);
 //! * [`logs`]: the log output, human or JSON, filtered by `RUST_LOG`;
 //! * [`cluster`] (a leaf beside the registry): NATS, the names, presence and
 //!   brokers buckets, and what brokers say to each other;
 //! * [`member`]: this broker's subjects and heartbeat in a cluster;
-//! * [`metrics`]: what the sessions count and a scrape reads off the state,
-//!   and the small HTTP endpoint that serves it (`--metrics`);
 //! * [`server`]: the accept loop, the caps, the graceful shutdown.
 
 #![forbid(unsafe_code)]
@@ -37,11 +39,13 @@ pub mod conns;
 pub mod data;
 pub mod error;
 pub mod fanout;
+pub mod feed;
 pub mod logs;
 pub mod member;
 pub mod metrics;
 pub mod registry;
 pub mod relay;
+pub mod routes;
 pub mod server;
 pub mod session;
 pub mod shutdown;

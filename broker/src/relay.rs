@@ -22,13 +22,14 @@ use keyferry_common::ids::{StreamId, TransferId};
 use keyferry_common::wire::chunk::{CHUNK_HEAD_MAX, peek_chunk};
 use keyferry_common::wire::frame::{self, LEN_PREFIX, MAX_FRAME_LEN};
 use keyferry_common::wire::message::{self, AbortReason, Message};
-use prometheus_client::metrics::counter::Counter;
 use thiserror::Error;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tracing::info;
 
 use crate::conns::ConnGuard;
+use crate::metrics::{End, Meters, Metrics};
 use crate::shutdown::Shutdown;
 use crate::splice::{self, Pipe, Stop};
 
@@ -42,6 +43,23 @@ pub struct DataConn {
     pub leftover: Vec<u8>,
     /// Released when the relay ends.
     pub guard: ConnGuard,
+}
+
+impl RelayReport {
+    /// Logs how the relay of `tid` ended, and counts it.
+    pub fn log(&self, tid: TransferId, metrics: &Metrics) {
+        let end = if self.result.is_ok() {
+            End::Finished
+        } else {
+            End::Failed
+        };
+        metrics.transfer_ended(end, self.bytes, self.elapsed);
+        let (bytes, seconds) = (self.bytes, format!("{:.3}", self.elapsed.as_secs_f64()));
+        match &self.result {
+            Ok(()) => info!(transfer = %tid, bytes, seconds, "transfer finished"),
+            Err(why) => info!(transfer = %tid, bytes, seconds, %why, "transfer failed"),
+        }
+    }
 }
 
 /// Why a relay ended before both directions completed.
@@ -231,11 +249,12 @@ async fn pump(
     mut buf: Vec<u8>,
     to: &mut OwnedWriteHalf,
     mut shutdown: Shutdown,
-    (pipe, meter): (Option<Pipe>, Option<&Counter>),
+    (pipe, meters): (Option<Pipe>, Option<&Meters>),
 ) -> (u64, Result<(), RelayEnd>) {
     let count = |n: usize| {
-        if let Some(m) = meter {
-            m.inc_by(n as u64);
+        if let Some(m) = meters {
+            m.received.inc_by(n as u64);
+            m.relayed.inc_by(n as u64);
         }
     };
     let mut checker = Checker {
@@ -374,7 +393,7 @@ pub async fn relay(
     ids: (TransferId, StreamId),
     idle: Duration,
     shutdown: Shutdown,
-    meter: Counter,
+    meters: Meters,
 ) -> RelayReport {
     let start = Instant::now();
     let (mut s_read, mut s_write) = sender.tcp.into_split();
@@ -388,7 +407,7 @@ pub async fn relay(
             sender.leftover,
             &mut r_write,
             shutdown.clone(),
-            (Pipe::new().ok(), Some(&meter)),
+            (Pipe::new().ok(), Some(&meters)),
         ),
         pump(
             Dir::Back,

@@ -18,6 +18,7 @@ use crate::conns::Conns;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::relay::DataConn;
+use crate::routes::Routes;
 use crate::shutdown::{Phase, Shutdown};
 use crate::tickets::Tickets;
 use crate::transfers::Transfers;
@@ -44,6 +45,8 @@ pub struct State {
     pub cluster: Option<Arc<Cluster>>,
     /// What the sessions count, for `--metrics`.
     pub metrics: Metrics,
+    /// Routed transfers' sender tickets handed to senders here.
+    pub routes: Routes,
     /// Ids of receiver connections.
     next_receiver_id: AtomicU64,
     /// The current phase (the server holds the sending end).
@@ -85,6 +88,7 @@ impl State {
             acceptor,
             cluster: None,
             metrics: Metrics::default(),
+            routes: Routes::default(),
             next_receiver_id: AtomicU64::new(0),
             phase,
         }

@@ -141,6 +141,18 @@ pub struct Reserved<C> {
     from: AgentName,
 }
 
+impl<C> Reserved<C> {
+    /// The stream the ticket's transfer belongs to.
+    pub fn stream(&self) -> StreamId {
+        self.stream
+    }
+
+    /// The transfer's sender.
+    pub fn from(&self) -> &AgentName {
+        &self.from
+    }
+}
+
 fn matches(slot_ticket: &[u8; 32], ticket: &[u8; 32]) -> bool {
     bool::from(slot_ticket.ct_eq(ticket))
 }
@@ -234,14 +246,20 @@ impl<C> Tickets<C> {
     /// `first`'s transfer, the others are joined to it. Gives the connection
     /// back if any check fails (then `more` is left as it was; `first` is
     /// used up either way).
+    ///
+    /// `remote` are transfers of the same upload whose receivers are on
+    /// other brokers: the relay waits for their feeds too, which the caller
+    /// hands to the channel returned (`None` without any).
+    #[allow(clippy::type_complexity)]
     pub fn redeem_upload(
         &self,
         first: Reserved<C>,
         more: &[(TransferId, [u8; 32])],
+        remote: &[TransferId],
         conn: C,
-    ) -> Result<(), C> {
+    ) -> Result<Option<mpsc::Sender<Joiner<C>>>, C> {
         let mut i = lock(&self.inner);
-        if more.len() >= MAX_FANOUT {
+        if more.len() + remote.len() >= MAX_FANOUT {
             return Err(conn);
         }
         let mut seen = vec![first.tid];
@@ -257,12 +275,19 @@ impl<C> Tickets<C> {
             }
             seen.push(*tid);
         }
+        for tid in remote {
+            if seen.contains(tid) {
+                return Err(conn);
+            }
+            seen.push(*tid);
+        }
         let (hub, joiners) = mpsc::channel(MAX_FANOUT);
-        for tid in &seen[1..] {
+        for tid in &seen[1..seen.len() - remote.len()] {
             if let Some(to) = i.get_mut(tid).and_then(|e| e.sender.to.take()) {
                 let _ = to.send(Arrival::Joined { hub: hub.clone() });
             }
         }
+        let feeds = (!remote.is_empty()).then(|| hub.clone());
         drop(hub);
         let upload = Arrival::Upload {
             conn,
@@ -271,7 +296,7 @@ impl<C> Tickets<C> {
         };
         // If the wait just ended, the connection is dropped, which is its answer.
         let _ = first.to.send(upload);
-        Ok(())
+        Ok(feeds)
     }
 
     /// Transfers waiting for their data connections.
@@ -308,7 +333,7 @@ mod tests {
             t.redeem(&tid, &s).is_none(),
             "a ticket admits one connection"
         );
-        t.redeem_upload(first, &[], 1).unwrap();
+        t.redeem_upload(first, &[], &[], 1).unwrap();
         let Some(Redeemed::Receiver(to)) = t.redeem(&tid, &r) else {
             panic!("the receiver's ticket")
         };
@@ -355,13 +380,17 @@ mod tests {
             let Some(Redeemed::Sender(first)) = t.redeem(&spare_tid, &spare.sender_ticket) else {
                 panic!("a spare upload")
             };
-            assert_eq!(t.redeem_upload(first, &bad, 7), Err(7), "case {case}");
+            assert_eq!(
+                t.redeem_upload(first, &bad, &[], 7).unwrap_err(),
+                7,
+                "case {case}"
+            );
             assert!((&mut spare.sender).await.is_err(), "the first is used up");
         }
         let Some(Redeemed::Sender(first)) = t.redeem(&tids[0], &all[0].1) else {
             panic!("the first sender ticket")
         };
-        t.redeem_upload(first, &all[1..], 7).unwrap();
+        t.redeem_upload(first, &all[1..], &[], 7).unwrap();
         let Ok(Arrival::Upload {
             conn,
             others,
@@ -395,6 +424,6 @@ mod tests {
         let many: Vec<_> = (0..MAX_FANOUT)
             .map(|i| (TransferId([100 + i as u8; 16]), [0; 32]))
             .collect();
-        assert_eq!(t.redeem_upload(first, &many, 3), Err(3));
+        assert_eq!(t.redeem_upload(first, &many, &[], 3).unwrap_err(), 3);
     }
 }

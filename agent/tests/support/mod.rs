@@ -13,6 +13,7 @@ pub mod hand;
 pub mod nats;
 pub mod nats_bin;
 pub mod pty;
+pub mod scrape;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

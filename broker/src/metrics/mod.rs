@@ -32,6 +32,16 @@ type Words = Vec<(&'static str, &'static str)>;
 /// An agent's name as a label (`--metrics-agent-labels` only).
 type Named = Vec<(&'static str, String)>;
 
+/// The counters a relay moves as bytes pass: what came from the sender, and
+/// what went to receivers (each copy, in an upload to several).
+#[derive(Debug, Clone)]
+pub struct Meters {
+    /// Bytes read from the sender's data connection.
+    pub received: Counter,
+    /// Bytes written to receivers (or to the brokers feeding them).
+    pub relayed: Counter,
+}
+
 /// What a scrape reads off the broker's state at that moment.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Reading {
@@ -58,6 +68,7 @@ pub struct Metrics {
     agent_offers: Family<Named, Counter>,
     transfers: Family<Words, Counter>,
     relayed: Family<Words, Counter>,
+    received: Counter,
     throughput: Histogram,
     handshake_failures: Family<Words, Counter>,
     limits: Family<Words, Counter>,
@@ -154,6 +165,13 @@ impl Metrics {
             Unit::Bytes,
             relayed.clone(),
         );
+        let received = Counter::default();
+        r.register_with_unit(
+            "received",
+            "Bytes received from senders' data connections: one copy of each upload, however many receivers it goes to",
+            Unit::Bytes,
+            received.clone(),
+        );
         // 64 KiB/s to 16 GiB/s, ×4 a step.
         let throughput = Histogram::new(exponential_buckets(65_536.0, 4.0, 10));
         r.register(
@@ -223,6 +241,7 @@ impl Metrics {
             agent_offers,
             transfers,
             relayed,
+            received,
             throughput,
             handshake_failures,
             limits,
@@ -267,11 +286,15 @@ impl Metrics {
             .inc();
     }
 
-    /// The counter of bytes relayed along `path` (moved as they pass).
-    pub fn relayed(&self, path: Path) -> Counter {
-        self.relayed
-            .get_or_create(&vec![("path", path.label())])
-            .clone()
+    /// The counters a relay along `path` moves as bytes pass.
+    pub fn meters(&self, path: Path) -> Meters {
+        Meters {
+            received: self.received.clone(),
+            relayed: self
+                .relayed
+                .get_or_create(&vec![("path", path.label())])
+                .clone(),
+        }
     }
 
     /// A transfer's relay ended: `bytes` moved in `elapsed`.

@@ -9,7 +9,7 @@
 use keyferry_common::ids::{StreamId, TransferId};
 use keyferry_common::name::AgentName;
 use keyferry_common::wire::message::{ErrorCode, Message, OnlineAgent};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::routed;
 use super::start::{self, ReceiverLink};
@@ -17,8 +17,9 @@ use super::{Agent, BrokerConn, next, refuse};
 use crate::cluster::names;
 use crate::cluster::wire::RoutedAnswer;
 use crate::error::SessionError;
-use crate::metrics::{Limit, Offer, Path};
+use crate::metrics::{Offer, Path};
 use crate::registry::Unreachable;
+use crate::routes::Remote;
 use crate::shutdown::Shutdown;
 use crate::state::State;
 use crate::transfers::Answer;
@@ -206,36 +207,6 @@ async fn answer_routed(
     }
 }
 
-/// Counts an offer by `name` against the offer rate of the whole cluster
-/// (with `--cluster`); the detail for the sender when refused. A cluster that
-/// does not answer leaves the count to this broker alone.
-async fn cluster_rate(state: &State, name: &AgentName) -> Result<(), String> {
-    let Some(cluster) = &state.cluster else {
-        return Ok(());
-    };
-    let rate = state.limits.offers_per_minute;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let start = std::time::Instant::now();
-    let taken = cluster.take_offer(name, rate, now).await;
-    let micros = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
-    debug!(agent = %name, micros, "offer counted against the cluster's rate");
-    match taken {
-        Ok(true) => Ok(()),
-        Ok(false) => {
-            state.metrics.refused_by(Limit::OffersPerMinute);
-            Err(format!(
-                "more than {rate} offers in a minute through the brokers of this cluster"
-            ))
-        }
-        Err(e) => {
-            warn!(error = %e, "cluster unreachable: the offer rate counted on this broker only");
-            Ok(())
-        }
-    }
-}
-
 pub(super) async fn session(
     state: &State,
     mut conn: BrokerConn,
@@ -277,7 +248,7 @@ pub(super) async fn session(
                 }
                 let tid = fields.transfer_id;
                 let slot = match start::offer_slot(state, &agent.name, fields.stream_id, "") {
-                    Ok(slot) => match cluster_rate(state, &agent.name).await {
+                    Ok(slot) => match start::cluster_rate(state, &agent.name).await {
                         Ok(()) => slot,
                         Err(detail) => {
                             state.metrics.offer(&agent.name, Offer::RateLimited);
@@ -305,6 +276,24 @@ pub(super) async fn session(
                         RoutedAnswer::Failed { .. } => Offer::Failed,
                     };
                     state.metrics.offer(&agent.name, outcome);
+                    if let RoutedAnswer::Accepted {
+                        ticket, address, ..
+                    } = &answer
+                    {
+                        // The sender may upload here instead, with others
+                        // of the stream on other brokers (crate::feed).
+                        let remote = Remote {
+                            tid,
+                            address: address.clone(),
+                            ticket: *ticket,
+                            stream: fields.stream_id,
+                            from: agent.name.clone(),
+                        };
+                        let keep = state.limits.handshake_timeout;
+                        state
+                            .routes
+                            .remember(remote, std::time::Instant::now(), keep);
+                    }
                     let wait = state.limits.handshake_timeout;
                     if answer_routed(&mut conn, tid, answer, wait).await? {
                         return Ok(());

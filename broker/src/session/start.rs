@@ -10,7 +10,7 @@ use keyferry_common::ids::{StreamId, TransferId};
 use keyferry_common::name::AgentName;
 use keyferry_common::wire::message::{AbortReason, ErrorCode, Message};
 use tokio::sync::{mpsc, oneshot};
-use tracing::info;
+use tracing::{debug, info, warn};
 
 use crate::fanout;
 use crate::metrics::{End, Limit, Path};
@@ -91,6 +91,36 @@ pub(crate) fn offer_slot<'a>(
                 format!("more than {concurrent} transfers at once{at}")
             }
         })
+}
+
+/// Counts an offer by `name` against the offer rate of the whole cluster
+/// (with `--cluster`); the detail for the sender when refused. A cluster that
+/// does not answer leaves the count to this broker alone.
+pub(crate) async fn cluster_rate(state: &State, name: &AgentName) -> Result<(), String> {
+    let Some(cluster) = &state.cluster else {
+        return Ok(());
+    };
+    let rate = state.limits.offers_per_minute;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let start = Instant::now();
+    let taken = cluster.take_offer(name, rate, now).await;
+    let micros = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+    debug!(agent = %name, micros, "offer counted against the cluster's rate");
+    match taken {
+        Ok(true) => Ok(()),
+        Ok(false) => {
+            state.metrics.refused_by(Limit::OffersPerMinute);
+            Err(format!(
+                "more than {rate} offers in a minute through the brokers of this cluster"
+            ))
+        }
+        Err(e) => {
+            warn!(error = %e, "cluster unreachable: the offer rate counted on this broker only");
+            Ok(())
+        }
+    }
 }
 
 /// Draws the transfer's tickets and queues the receiver's; the sender's
@@ -186,9 +216,9 @@ pub(crate) async fn relay_when_connected<T>(
             return;
         };
         info!(transfer = %tid, "transfer started");
-        let meter = state.metrics.relayed(path);
-        let report = relay(sender, receiver, ids, idle, shutdown, meter).await;
-        log_report(state, tid, &report);
+        let meters = state.metrics.meters(path);
+        let report = relay(sender, receiver, ids, idle, shutdown, meters).await;
+        report.log(tid, &state.metrics);
         return;
     }
     // One upload to several receivers: those whose connections arrive in
@@ -212,9 +242,9 @@ pub(crate) async fn relay_when_connected<T>(
         }
     }
     info!(transfer = %tid, receivers = receivers.len(), "upload to several receivers started");
-    let meter = state.metrics.relayed(Path::Fanout);
-    let report = fanout::relay(sender, receivers, sid, idle, shutdown, meter).await;
-    log_report(state, tid, &report);
+    let meters = state.metrics.meters(Path::Fanout);
+    let report = fanout::relay(sender, receivers, sid, idle, shutdown, meters).await;
+    report.log(tid, &state.metrics);
 }
 
 /// Waits until `deadline` for the sender's arrival and the receiver's data
@@ -269,21 +299,4 @@ async fn closed(conn: Option<&DataConn>) {
         return;
     }
     std::future::pending().await
-}
-
-/// Logs how a relay ended, and counts it.
-fn log_report(state: &State, tid: TransferId, report: &crate::relay::RelayReport) {
-    let end = if report.result.is_ok() {
-        End::Finished
-    } else {
-        End::Failed
-    };
-    state
-        .metrics
-        .transfer_ended(end, report.bytes, report.elapsed);
-    let seconds = format!("{:.3}", report.elapsed.as_secs_f64());
-    match &report.result {
-        Ok(()) => info!(transfer = %tid, bytes = report.bytes, seconds, "transfer finished"),
-        Err(why) => info!(transfer = %tid, bytes = report.bytes, seconds, %why, "transfer failed"),
-    }
 }
