@@ -32,6 +32,10 @@ pub struct Conns {
     max_unauthenticated_per_ip: usize,
 }
 
+/// The address outbound connections are counted under: no connection ever
+/// comes from it.
+const OUTBOUND: IpAddr = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
+
 /// Why a new connection gets no place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NoPlace {
@@ -79,6 +83,24 @@ impl Conns {
             ip,
             id,
             eviction: Some(eviction),
+        })
+    }
+
+    /// A place for a connection this broker opens itself (a feed to another
+    /// broker of its cluster): under the global cap only, counted apart from
+    /// any address, and already admitted.
+    pub fn admit_outbound(self: &Arc<Self>) -> Result<ConnGuard, NoPlace> {
+        let permit = Arc::clone(&self.permits)
+            .try_acquire_owned()
+            .map_err(|_| NoPlace::Total)?;
+        let mut map = lock(&self.per_ip);
+        map.entry(OUTBOUND).or_default().total += 1;
+        Ok(ConnGuard {
+            _permit: permit,
+            conns: Arc::clone(self),
+            ip: OUTBOUND,
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            eviction: None,
         })
     }
 

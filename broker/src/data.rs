@@ -94,6 +94,9 @@ pub async fn admit(
             remote.insert(0, first);
             if !local.is_empty() {
                 // Tickets of this broker's receivers go first.
+                for r in remote {
+                    state.routes.restore(r);
+                }
                 drop(reader);
                 state.metrics.handshake_failed(Handshake::Ticket);
                 return Err(refuse(&mut tcp, ErrorCode::UnknownTransfer, unknown).await);
@@ -150,6 +153,9 @@ pub async fn admit(
                     Ok(())
                 }
                 Err(mut conn) => {
+                    for r in remote {
+                        state.routes.restore(r);
+                    }
                     state.metrics.handshake_failed(Handshake::Ticket);
                     Err(refuse(&mut conn.tcp, ErrorCode::UnknownTransfer, unknown).await)
                 }
@@ -172,8 +178,9 @@ async fn more_of_upload(
 
 /// Parts `all` into this broker's tickets and the routed tickets of
 /// transfers of stream `stream` from `from` that it handed out (each taken,
-/// once); a routed ticket of another stream or sender stays among the
-/// others, to be refused with them.
+/// once, for the caller to put back if the upload is refused); a routed
+/// ticket of another stream or sender is left where it was and stays among
+/// the others, to be refused with them.
 fn split(
     state: &State,
     all: &[(TransferId, [u8; 32])],
@@ -185,7 +192,11 @@ fn split(
     for (tid, ticket) in all {
         match state.routes.take(tid, ticket, now) {
             Some(r) if r.stream == stream && &r.from == from => remote.push(r),
-            _ => local.push((*tid, *ticket)),
+            Some(r) => {
+                state.routes.restore(r);
+                local.push((*tid, *ticket));
+            }
+            None => local.push((*tid, *ticket)),
         }
     }
     (local, remote)

@@ -38,13 +38,12 @@ pub async fn open(state: &State, remote: &Remote) -> Result<DataConn, String> {
         .await
         .map_err(|_| format!("{}: no connection within 5 s", remote.address))?
         .map_err(|e| format!("{}: {e}", remote.address))?;
-    let peer = tcp.peer_addr().map_err(|e| e.to_string())?;
-    // Our own connection counts against the connection limits too.
-    let mut guard = state
+    // Our own connection counts against the connection cap too (not against
+    // any address's: the agents behind one are not cut for it).
+    let guard = state
         .conns
-        .admit_new(peer.ip())
-        .map_err(|_| "this broker's connection limit is reached".to_owned())?;
-    guard.admit();
+        .admit_outbound()
+        .map_err(|_| "this broker holds --max-connections already".to_owned())?;
     let _ = tcp.set_nodelay(true);
     let _ = keyferry_common::io::tcp::keep_alive(&tcp);
     let redeem = Message::Redeem {

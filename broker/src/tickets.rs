@@ -294,9 +294,12 @@ impl<C> Tickets<C> {
             others: seen[1..].to_vec(),
             joiners,
         };
-        // If the wait just ended, the connection is dropped, which is its answer.
-        let _ = first.to.send(upload);
-        Ok(feeds)
+        // If the wait just ended, the connection is dropped, which is its
+        // answer; and no other broker is fed for it.
+        match first.to.send(upload) {
+            Ok(()) => Ok(feeds),
+            Err(_) => Ok(None),
+        }
     }
 
     /// Transfers waiting for their data connections.

@@ -229,16 +229,30 @@ async fn offers_through_several_members_at_once_count_against_one_rate() {
     assert_eq!(passed, 7);
     // Another name has its own count; the next minute still weighs the last.
     assert!(members[0].take_offer(&name("bob"), 7, now).await.unwrap());
-    assert!(
-        !members[1]
-            .take_offer(&name("alice"), 7, now + 60)
-            .await
-            .unwrap()
-    );
+    // A second into the next minute the last one's 7 still weigh 59/60:
+    // room for one more (6.9 + 1), not two.
+    let alice = name("alice");
+    assert!(members[1].take_offer(&alice, 7, now + 60).await.unwrap());
+    assert!(!members[0].take_offer(&alice, 7, now + 60).await.unwrap());
+    // A minute later still, the first minute has left the window.
     assert!(
         members[1]
             .take_offer(&name("alice"), 7, now + 119)
             .await
             .unwrap()
     );
+
+    // Above the retries' base (16): 80 offers at once, rate 40, exactly 40
+    // pass and none is waved through for losing too many races.
+    let tasks: Vec<_> = (0..80usize)
+        .map(|i| {
+            let members = std::sync::Arc::clone(&members);
+            tokio::spawn(async move { members[i % 2].take_offer(&name("carol"), 40, now).await })
+        })
+        .collect();
+    let mut passed = 0;
+    for t in tasks {
+        passed += usize::from(t.await.unwrap().unwrap());
+    }
+    assert_eq!(passed, 40);
 }

@@ -318,6 +318,15 @@ impl Cluster {
                 PRESENCE_TTL.as_secs()
             )));
         }
+        // So must the offer counts.
+        let status = bounded("reading the rates bucket", rates.status()).await?;
+        if status.max_age().is_zero() {
+            return Err(ClusterError::Config(format!(
+                "the bucket {RATES} has no max age: its counts would never expire; \
+                 recreate it with a max age of {} s",
+                RATES_TTL.as_secs()
+            )));
+        }
         // Two live brokers with one id would overwrite each other's presence.
         let probe = async_nats::Request::new()
             .payload(bytes::Bytes::new())

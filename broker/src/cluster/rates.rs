@@ -7,9 +7,11 @@
 //! minute's count weighs in by the share of it still inside the last 60 s
 //! (`previous × (60 − s)/60 + current`, s the seconds into this minute). A
 //! count is raised by a revision-checked write, retried when another broker
-//! wrote first, so no offer is lost between two brokers. Entries expire with
-//! the bucket's max age. When the cluster does not answer, the caller falls
-//! back on its own broker's count, as it does for names.
+//! wrote first, so no offer is lost between two brokers; every lost race is
+//! another offer counted, so after `rate` of them the window is full and the
+//! retries end. Entries expire with the bucket's max age. When the cluster
+//! does not answer, the caller falls back on its own broker's count, as it
+//! does for names.
 
 use async_nats::jetstream::kv::{CreateErrorKind, Operation, UpdateErrorKind};
 use keyferry_common::name::AgentName;
@@ -17,8 +19,9 @@ use keyferry_common::name::AgentName;
 use super::names::key;
 use super::{Cluster, ClusterError};
 
-/// How often a write that lost a race is tried again.
-const TRIES: usize = 16;
+/// How often a write that lost a race is tried again, beyond the rate
+/// (each lost race is an offer counted by another broker).
+const EXTRA_TRIES: u64 = 16;
 
 /// The bucket key of `name`'s count in minute `minute` (since the epoch).
 fn slot(name: &AgentName, minute: u64) -> String {
@@ -34,10 +37,15 @@ fn count(value: &[u8]) -> u64 {
         .unwrap_or(0)
 }
 
-/// The sliding estimate of offers in the last 60 s.
-fn estimate(previous: u64, current: u64, seconds_in: u64) -> u64 {
+/// Whether the sliding estimate of offers in the last 60 s,
+/// `previous × (60 − s)/60 + current`, has reached `rate` (compared exactly,
+/// in sixtieths).
+fn full(previous: u64, current: u64, seconds_in: u64, rate: u64) -> bool {
     let left = 60u64.saturating_sub(seconds_in.min(60));
-    (previous * left).div_ceil(60) + current
+    let sixtieths = previous
+        .saturating_mul(left)
+        .saturating_add(current.saturating_mul(60));
+    sixtieths >= rate.saturating_mul(60)
 }
 
 impl Cluster {
@@ -67,13 +75,13 @@ impl Cluster {
         };
         let k = slot(name, minute);
         let rate = u64::try_from(rate).unwrap_or(u64::MAX);
-        for _ in 0..TRIES {
+        for _ in 0..rate.saturating_add(EXTRA_TRIES) {
             let current = self.rate_entry(&k).await?;
             let n = current.map_or(0, |c| c.0);
-            if estimate(previous, n, seconds_in) >= rate {
+            if full(previous, n, seconds_in, rate) {
                 return Ok(false);
             }
-            let value: bytes::Bytes = (n + 1).to_string().into();
+            let value: bytes::Bytes = n.saturating_add(1).to_string().into();
             let written = match current {
                 None => {
                     self.op("counting an offer", async {
@@ -112,11 +120,15 @@ mod tests {
 
     #[test]
     fn the_window_slides_over_the_previous_minute() {
-        assert_eq!(estimate(0, 0, 0), 0);
-        assert_eq!(estimate(30, 0, 0), 30);
-        assert_eq!(estimate(30, 0, 30), 15);
-        assert_eq!(estimate(30, 5, 59), 6);
-        assert_eq!(estimate(30, 5, 60), 5);
+        assert!(!full(0, 0, 0, 1));
+        assert!(full(30, 0, 0, 30));
+        assert!(full(30, 0, 30, 15) && !full(30, 0, 30, 16));
+        // One offer in the previous minute, rate 1: 90 s later it has left
+        // the window (it weighs 30/60 at second 30, below 1).
+        assert!(!full(1, 0, 30, 1));
+        assert!(full(30, 5, 59, 5) && !full(30, 5, 59, 6));
+        assert!(full(30, 5, 60, 5) && !full(30, 5, 60, 6));
+        assert!(full(u64::MAX, u64::MAX, 0, u64::MAX));
         assert_eq!(count(b"12"), 12);
         assert_eq!(count(b"x"), 0);
         let bob = AgentName::new("bob").unwrap();

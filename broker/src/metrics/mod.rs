@@ -27,6 +27,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
+/// Most agent names with series of their own (`--metrics-agent-labels`).
+pub const MOST_NAMES: usize = 1000;
+/// The label of the names beyond [`MOST_NAMES`] (not a valid agent name).
+const OTHER_NAMES: &str = "(others)";
+
 /// Labels that are fixed words.
 type Words = Vec<(&'static str, &'static str)>;
 /// An agent's name as a label (`--metrics-agent-labels` only).
@@ -66,6 +71,8 @@ pub struct Metrics {
     offers: Family<Words, Counter>,
     refusals: Family<Words, Counter>,
     agent_offers: Family<Named, Counter>,
+    /// The names with series of their own (at most [`MOST_NAMES`]).
+    named: std::sync::Mutex<std::collections::HashSet<AgentName>>,
     transfers: Family<Words, Counter>,
     relayed: Family<Words, Counter>,
     received: Counter,
@@ -239,6 +246,7 @@ impl Metrics {
             offers,
             refusals,
             agent_offers,
+            named: std::sync::Mutex::default(),
             transfers,
             relayed,
             received,
@@ -263,9 +271,20 @@ impl Metrics {
                 .inc();
         }
         if self.agent_labels {
+            // Names are made by whoever registers them: past MOST_NAMES,
+            // new ones are counted together, so a scrape stays bounded.
+            let agent = {
+                let mut named = keyferry_common::sync::lock(&self.named);
+                if named.contains(from) || named.len() < MOST_NAMES {
+                    named.insert(from.clone());
+                    from.to_string()
+                } else {
+                    OTHER_NAMES.to_owned()
+                }
+            };
             self.agent_offers
                 .get_or_create(&vec![
-                    ("agent", from.to_string()),
+                    ("agent", agent),
                     ("outcome", offer.outcome().to_owned()),
                 ])
                 .inc();

@@ -14,6 +14,8 @@ pub(super) struct Process {
     rss: Gauge,
     fds: Gauge,
     cpu: Counter<f64, AtomicU64>,
+    /// One refresh at a time (the CPU counter adds differences).
+    refreshing: std::sync::Mutex<()>,
 }
 
 impl Process {
@@ -46,11 +48,17 @@ impl Process {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
         started.set(now);
-        Self { rss, fds, cpu }
+        Self {
+            rss,
+            fds,
+            cpu,
+            refreshing: std::sync::Mutex::new(()),
+        }
     }
 
     /// Reads the current values.
     pub(super) fn refresh(&self) {
+        let _one = keyferry_common::sync::lock(&self.refreshing);
         if let Some(pages) = std::fs::read_to_string("/proc/self/statm")
             .ok()
             .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())

@@ -282,13 +282,8 @@ pub(super) async fn session(
                     {
                         // The sender may upload here instead, with others
                         // of the stream on other brokers (crate::feed).
-                        let remote = Remote {
-                            tid,
-                            address: address.clone(),
-                            ticket: *ticket,
-                            stream: fields.stream_id,
-                            from: agent.name.clone(),
-                        };
+                        let (sid, from) = (fields.stream_id, agent.name.clone());
+                        let remote = Remote::new(tid, address.clone(), *ticket, sid, from);
                         let keep = state.limits.handshake_timeout;
                         state
                             .routes

@@ -12,6 +12,7 @@ use keyferry_common::wire::message::{AbortReason, ErrorCode, Message};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
+use crate::cluster::ClusterError;
 use crate::fanout;
 use crate::metrics::{End, Limit, Path};
 use crate::relay::{DataConn, relay};
@@ -100,6 +101,10 @@ pub(crate) async fn cluster_rate(state: &State, name: &AgentName) -> Result<(), 
     let Some(cluster) = &state.cluster else {
         return Ok(());
     };
+    if !cluster.connected() {
+        // Not a 2 s wait per offer for an answer that will not come.
+        return Ok(());
+    }
     let rate = state.limits.offers_per_minute;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -114,6 +119,14 @@ pub(crate) async fn cluster_rate(state: &State, name: &AgentName) -> Result<(), 
             state.metrics.refused_by(Limit::OffersPerMinute);
             Err(format!(
                 "more than {rate} offers in a minute through the brokers of this cluster"
+            ))
+        }
+        Err(ClusterError::Contended(_)) => {
+            // Only offers of this name racing through several brokers get
+            // here; refusing is the safe side.
+            state.metrics.refused_by(Limit::OffersPerMinute);
+            Err(format!(
+                "too many offers at once through the brokers of this cluster (at most {rate} a minute)"
             ))
         }
         Err(e) => {
@@ -241,6 +254,9 @@ pub(crate) async fn relay_when_connected<T>(
             _ => break,
         }
     }
+    // A receiver or feed that comes later is left out now, not held open.
+    joiners.close();
+    while joiners.try_recv().is_ok() {}
     info!(transfer = %tid, receivers = receivers.len(), "upload to several receivers started");
     let meters = state.metrics.meters(Path::Fanout);
     let report = fanout::relay(sender, receivers, sid, idle, shutdown, meters).await;
