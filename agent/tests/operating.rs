@@ -319,3 +319,60 @@ fn one_offer_rate_holds_across_the_brokers_of_a_cluster() {
         "{third:?}"
     );
 }
+
+#[test]
+fn one_concurrency_limit_holds_across_the_brokers_of_a_cluster() {
+    use std::io::Write as _;
+    let Some(nats) = Nats::start() else { return };
+    let [mut one, two] = ["one", "two"].map(|id| {
+        let args = [
+            "--cluster",
+            &nats.url(),
+            "--broker-id",
+            id,
+            "--max-transfers-per-agent",
+            "1",
+        ];
+        Broker::start_with(TempDir::new("ops-concurrent"), &args)
+    });
+    let (alice, bob, carol) = (
+        Home::new("alice", "alice"),
+        Home::new("bob", "bob"),
+        Home::new("carol", "carol"),
+    );
+    let out = TempDir::new("ops-concurrent-out");
+    let _bob = bob.receiver(&one, &out.join("bob"), &["--yes"]);
+    let _carol = carol.receiver(&two, &out.join("carol"), &["--yes"]);
+    // A transfer through broker one that stays open while the test goes on.
+    let extra = ["--direct", "never", "--retry-for", "0"];
+    let (mut piped, mut input) = alice.pipe_sender(&one, "bob", "live.bin", &extra);
+    input.write_all(&[5u8; 1 << 20]).unwrap();
+    one.proc.stderr.wait_for("transfer started", WAIT);
+    // Broker two holds no transfer of alice's, the cluster does.
+    let message = || {
+        alice.run(
+            &two,
+            &["--role", "sender", "--to", "carol", "--message", "hi"],
+        )
+    };
+    let refused = message();
+    assert_ne!(refused.code, Some(0), "{refused:?}");
+    assert!(
+        refused
+            .stderr
+            .contains("more than 1 transfers at once through the brokers of this cluster"),
+        "{refused:?}"
+    );
+    // Once it ended, there is room again.
+    drop(input);
+    assert_eq!(piped.wait(WAIT), Some(0));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let run = message();
+        if run.code == Some(0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still refused: {run:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

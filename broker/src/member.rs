@@ -103,6 +103,12 @@ async fn heartbeat(state: &State, cluster: &Cluster) -> bool {
         warn!(error = %e, "this broker's entry in the cluster not refreshed");
         return false;
     }
+    // The streams in flight here stay counted in the cluster.
+    for (name, sid) in state.transfers.streams() {
+        if cluster.sending_put(&name, sid).await.is_err() {
+            return false;
+        }
+    }
     if let Ok(n) = cluster.live_brokers().await {
         state.metrics.cluster_brokers(n);
     }

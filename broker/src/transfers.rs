@@ -178,6 +178,23 @@ impl Transfers {
         })
     }
 
+    /// Whether `name` still holds a slot for stream `stream`.
+    pub fn holds(&self, name: &AgentName, stream: StreamId) -> bool {
+        lock(&self.inner)
+            .sending
+            .get(name)
+            .is_some_and(|s| s.contains_key(&stream))
+    }
+
+    /// Every sender's streams holding slots here now.
+    pub fn streams(&self) -> Vec<(AgentName, StreamId)> {
+        let i = lock(&self.inner);
+        i.sending
+            .iter()
+            .flat_map(|(n, s)| s.keys().map(move |sid| (n.clone(), *sid)))
+            .collect()
+    }
+
     /// Records an offer of `tid` to `receiver`, waiting for its answer.
     /// `None` if that transfer id is already waiting.
     pub fn offer(

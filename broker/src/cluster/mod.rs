@@ -1,5 +1,5 @@
 //! Membership of a cluster of brokers on NATS (`broker --cluster nats://…`):
-//! the connection, the four JetStream key-value buckets, and this broker's
+//! the connection, the five JetStream key-value buckets, and this broker's
 //! id and advertised address.
 //!
 //! * `keyferry-names` ([`names`]): name → key bindings, first `create` wins;
@@ -10,6 +10,8 @@
 //!   fingerprint, for operators to publish ([`Cluster::brokers`]).
 //! * `keyferry-rates` ([`rates`]): offers per sender name and minute, so the
 //!   offer rate holds across the cluster.
+//! * `keyferry-sending` ([`sending`]): each sender's streams in flight, by
+//!   broker, so the concurrency limit holds across the cluster.
 //!
 //! Offers for a receiver on another broker go by request/reply to that
 //! broker's subject ([`wire`]); data never goes through NATS. The client is a
@@ -20,6 +22,7 @@
 pub mod names;
 pub mod presence;
 pub mod rates;
+pub mod sending;
 pub mod wire;
 
 use std::collections::HashMap;
@@ -51,6 +54,9 @@ const RATES: &str = "keyferry-rates";
 /// How long an offer count is kept: the minute it counts, and the next, in
 /// which it still weighs.
 const RATES_TTL: Duration = Duration::from_secs(180);
+const SENDING: &str = "keyferry-sending";
+/// How long a stream's key lives without a heartbeat's refresh.
+const SENDING_TTL: Duration = Duration::from_secs(60);
 const ID_FILE: &str = "broker-id";
 const MAX_ID_LEN: usize = 64;
 
@@ -221,6 +227,7 @@ pub struct Cluster {
     presence: kv::Store,
     brokers: kv::Store,
     rates: kv::Store,
+    sending: kv::Store,
     member: Member,
     held: Mutex<HashMap<AgentName, u64>>,
     /// Serialises this broker's presence writes ([`presence`]).
@@ -318,6 +325,18 @@ impl Cluster {
                 PRESENCE_TTL.as_secs()
             )));
         }
+        let sending = bucket(
+            &js,
+            kv::Config {
+                bucket: SENDING.into(),
+                description: "keyferry: streams in flight per sender and broker".into(),
+                history: 1,
+                max_age: SENDING_TTL,
+                storage: jetstream::stream::StorageType::Memory,
+                ..Default::default()
+            },
+        )
+        .await?;
         // So must the offer counts.
         let status = bounded("reading the rates bucket", rates.status()).await?;
         if status.max_age().is_zero() {
@@ -348,6 +367,7 @@ impl Cluster {
             presence,
             brokers,
             rates,
+            sending,
             member,
             held: Mutex::new(HashMap::new()),
             writes: tokio::sync::Mutex::new(()),

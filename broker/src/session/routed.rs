@@ -144,6 +144,11 @@ pub async fn serve(
     let limits = &state.limits;
     let at = format!(" through broker {}", cluster.member().id);
     let slot = match start::offer_slot(state, &routed.from, sid, &at) {
+        // Counted in the cluster too while its relay runs here.
+        Ok(slot) => start::cluster_slot(state, &routed.from, sid, slot, false).await,
+        Err(detail) => return send(failed(ErrorCode::RateLimited, detail)).await,
+    };
+    let slot = match slot {
         Ok(slot) => slot,
         Err(detail) => return send(failed(ErrorCode::RateLimited, detail)).await,
     };

@@ -247,15 +247,8 @@ pub(super) async fn session(
                     .await);
                 }
                 let tid = fields.transfer_id;
-                let slot = match start::offer_slot(state, &agent.name, fields.stream_id, "") {
-                    Ok(slot) => match start::cluster_rate(state, &agent.name).await {
-                        Ok(()) => slot,
-                        Err(detail) => {
-                            state.metrics.offer(&agent.name, Offer::RateLimited);
-                            warn!(agent = %agent.name, %detail, "offer refused by rate limit");
-                            return Err(refuse(&mut conn, ErrorCode::RateLimited, detail).await);
-                        }
-                    },
+                let slot = match start::offer_place(state, &agent.name, fields.stream_id).await {
+                    Ok(slot) => slot,
                     Err(detail) => {
                         state.metrics.offer(&agent.name, Offer::RateLimited);
                         warn!(agent = %agent.name, %detail, "offer refused by rate limit");

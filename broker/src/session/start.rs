@@ -136,6 +136,86 @@ pub(crate) async fn cluster_rate(state: &State, name: &AgentName) -> Result<(), 
     }
 }
 
+/// A place for an offer by `from` of stream `sid` made here: under this
+/// broker's rate and concurrency limits, then (with `--cluster`) the whole
+/// cluster's; the detail for the sender when refused.
+pub(crate) async fn offer_place<'a>(
+    state: &'a State,
+    from: &AgentName,
+    sid: StreamId,
+) -> Result<Held<'a>, String> {
+    let slot = offer_slot(state, from, sid, "")?;
+    cluster_rate(state, from).await?;
+    cluster_slot(state, from, sid, slot, true).await
+}
+
+/// An offer slot whose stream is also counted in the cluster
+/// (`keyferry-sending`): when the last slot of the stream here goes, its key
+/// there is deleted.
+pub(crate) struct Held<'a> {
+    slot: Option<OfferSlot<'a>>,
+    state: &'a State,
+    name: AgentName,
+    sid: StreamId,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        drop(self.slot.take());
+        // Also when it was not written (the cluster was away then): a
+        // heartbeat may have written it since.
+        if !self.state.transfers.holds(&self.name, self.sid)
+            && let Some(cluster) = self.state.cluster.clone()
+        {
+            let (name, sid) = (self.name.clone(), self.sid);
+            tokio::spawn(async move { cluster.sending_delete(&name, sid).await });
+        }
+    }
+}
+
+/// Counts stream `sid` of `from` (whose `slot` this broker granted) against
+/// the concurrency limit of the whole cluster, with `--cluster`; the detail
+/// for the sender when refused. `refuse` is false where the offer was
+/// already let through (a routed one: the sender's broker decided), which
+/// only counts it. A cluster that does not answer leaves it to this broker.
+pub(crate) async fn cluster_slot<'a>(
+    state: &'a State,
+    from: &AgentName,
+    sid: StreamId,
+    slot: OfferSlot<'a>,
+    refuse: bool,
+) -> Result<Held<'a>, String> {
+    let held = Held {
+        slot: Some(slot),
+        state,
+        name: from.clone(),
+        sid,
+    };
+    let Some(cluster) = state.cluster.as_ref().filter(|c| c.connected()) else {
+        return Ok(held);
+    };
+    let most = state.limits.max_transfers_per_agent;
+    if refuse {
+        match cluster.streams_sending(from, sid).await {
+            Ok(n) if n >= most => {
+                state.metrics.refused_by(Limit::TransfersPerAgent);
+                return Err(format!(
+                    "more than {most} transfers at once through the brokers of this cluster"
+                ));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %e, "cluster unreachable: concurrent transfers counted on this broker only");
+                return Ok(held);
+            }
+        }
+    }
+    if let Err(e) = cluster.sending_put(from, sid).await {
+        warn!(error = %e, "this stream is not counted in the cluster until the next heartbeat");
+    }
+    Ok(held)
+}
+
 /// Draws the transfer's tickets and queues the receiver's; the sender's
 /// ticket is in the result. On failure, what to tell the sender.
 pub(crate) fn issue<'a>(
