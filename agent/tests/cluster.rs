@@ -75,6 +75,7 @@ fn bytes(at: &str, path: &str) -> (f64, f64) {
 
 #[test]
 fn one_upload_reaches_receivers_on_two_other_brokers_and_leaves_the_sender_once() {
+    // bob on broker two; carol and erin on broker three; the sender on one.
     let Some(nats) = Nats::start() else { return };
     let [mut one, mut two, mut three] = ["one", "two", "three"].map(|id| {
         let args = [
@@ -93,10 +94,13 @@ fn one_upload_reaches_receivers_on_two_other_brokers_and_leaves_the_sender_once(
         Home::new("bob", "bob"),
         Home::new("carol", "carol"),
     );
+    let erin = Home::new("erin", "mallory");
     let (to_bob, to_carol) = (TempDir::new("feed-bob"), TempDir::new("feed-carol"));
+    let to_erin = TempDir::new("feed-erin");
     let _rx = (
         receive(&bob, &two, &to_bob),
         receive(&carol, &three, &to_carol),
+        receive(&erin, &three, &to_erin),
     );
     let src = TempDir::new("feed-src");
     let file = src.join("big.bin");
@@ -104,15 +108,17 @@ fn one_upload_reaches_receivers_on_two_other_brokers_and_leaves_the_sender_once(
     std::fs::write(&file, pseudo_random(size, 29)).unwrap();
     let path = file.to_str().unwrap();
     let args = [
-        "--role", "sender", "--to", "bob", "--to", "carol", "--file", path,
+        "--role", "sender", "--to", "bob", "--to", "carol", "--to", "erin", "--file", path,
     ];
     let sent = alice.run(&one, &args);
     assert_eq!(sent.code, Some(0), "{sent:#?}");
     assert_eq!(hash_file(&to_bob.join("big.bin")), hash_file(&file));
     assert_eq!(hash_file(&to_carol.join("big.bin")), hash_file(&file));
+    assert_eq!(hash_file(&to_erin.join("big.bin")), hash_file(&file));
     one.proc.stderr.wait_for("transfer finished", WAIT);
-    // Broker one took the sender's one copy and fed two; brokers two and
-    // three each relayed one copy to their receiver, taken from broker one.
+    // Broker one took the sender's one copy and fed one to each other
+    // broker; broker two relayed its copy to bob, broker three copied its
+    // own to carol and erin.
     let stream = size as f64;
     let within = |x: f64, copies: f64| (copies * stream..copies * stream * 1.05).contains(&x);
     let (received, fed) = bytes(&at[0], "fanout");
@@ -121,13 +127,16 @@ fn one_upload_reaches_receivers_on_two_other_brokers_and_leaves_the_sender_once(
         "broker one received {received} of {stream}"
     );
     assert!(within(fed, 2.0), "broker one fed {fed}");
-    for b in &at[1..] {
-        let (received, relayed) = bytes(b, "routed");
-        assert!(
-            within(received, 1.0) && within(relayed, 1.0),
-            "{received} {relayed}"
-        );
-    }
+    let (received, relayed) = bytes(&at[1], "routed");
+    assert!(
+        within(received, 1.0) && within(relayed, 1.0),
+        "two: {received} {relayed}"
+    );
+    let (received, copied) = bytes(&at[2], "fanout");
+    assert!(
+        within(received, 1.0) && within(copied, 2.0),
+        "three: {received} {copied}"
+    );
 
     // With a receiver on the sender's broker too: its copy is one of the
     // upload's, beside the feed to broker two.

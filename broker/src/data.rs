@@ -146,8 +146,8 @@ pub async fn admit(
             {
                 Ok(feeds) => {
                     if let Some(hub) = feeds {
-                        for r in remote {
-                            tokio::spawn(feed::join(Arc::clone(&state), r, hub.clone()));
+                        for group in feed::by_broker(remote) {
+                            tokio::spawn(feed::join(Arc::clone(&state), group, hub.clone()));
                         }
                     }
                     Ok(())

@@ -40,11 +40,12 @@ pub const LAG: Duration = Duration::from_secs(2);
 /// The largest frame a receiver sends back (a receipt or an abort).
 const BACK_MAX: usize = 1024;
 
-/// One receiver of the upload.
+/// One receiver of the upload, or one feed to another broker carrying a
+/// copy for its receivers of the upload ([`crate::feed`]).
 #[derive(Debug)]
 pub struct Receiver {
-    /// Its transfer.
-    pub tid: TransferId,
+    /// Its transfer (a feed's: several).
+    pub tids: Vec<TransferId>,
     /// Its data connection.
     pub conn: DataConn,
     /// Tells its transfer's task that the relay ended (when dropped).
@@ -70,41 +71,48 @@ async fn write_out(mut to: OwnedWriteHalf, mut rx: mpsc::Receiver<Arc<[u8]>>, id
     let _ = to.shutdown().await;
 }
 
-/// Brings one receiver's `Proceed` (at most one, if it asked its user) and
-/// then its `Receipt` or `Abort` back to the sender; anything else, its end,
-/// or its silence becomes `Abort{PeerGone}`.
+/// Brings back to the sender, for each of the transfers `tids` a
+/// connection carries, its `Proceed` (at most one, if it asked its user)
+/// and then its `Receipt` or `Abort`; anything else, the connection's end,
+/// or its silence becomes `Abort{PeerGone}` for every transfer not yet
+/// answered.
 async fn read_back(
     from: tokio::net::tcp::OwnedReadHalf,
     leftover: Vec<u8>,
-    tid: TransferId,
+    mut open: Vec<TransferId>,
     back: mpsc::Sender<Vec<u8>>,
     idle: Duration,
 ) {
     let mut reader = FrameReader::with_buffer(from, leftover, BACK_MAX);
-    let mut proceeded = false;
-    let msg = loop {
-        match reader.read_timeout(idle).await {
-            Ok(Some(m @ Message::Proceed { transfer_id })) if transfer_id == tid && !proceeded => {
-                proceeded = true;
-                if back.send(frame_of(&m)).await.is_err() {
-                    return;
-                }
+    let mut proceeded = Vec::new();
+    while !open.is_empty() {
+        let frame = match reader.read_timeout(idle).await {
+            Ok(Some(m @ Message::Proceed { transfer_id }))
+                if open.contains(&transfer_id) && !proceeded.contains(&transfer_id) =>
+            {
+                proceeded.push(transfer_id);
+                frame_of(&m)
             }
             Ok(Some(m @ Message::Receipt { transfer_id, .. }))
             | Ok(Some(m @ Message::Abort { transfer_id, .. }))
-                if transfer_id == tid =>
+                if open.contains(&transfer_id) =>
             {
-                break m;
+                open.retain(|t| *t != transfer_id);
+                frame_of(&m)
             }
-            _ => {
-                break Message::Abort {
-                    transfer_id: tid,
-                    reason: AbortReason::PeerGone,
-                };
-            }
+            _ => break,
+        };
+        if back.send(frame).await.is_err() {
+            return;
         }
-    };
-    let _ = back.send(frame_of(&msg)).await;
+    }
+    for tid in open {
+        let gone = Message::Abort {
+            transfer_id: tid,
+            reason: AbortReason::PeerGone,
+        };
+        let _ = back.send(frame_of(&gone)).await;
+    }
 }
 
 /// Where one frame of the sender's goes.
@@ -113,12 +121,16 @@ enum Route {
     All { ends: bool },
 }
 
-/// Decides about one frame payload of the sender's.
-fn route(
-    payload: &[u8],
-    sid: &StreamId,
-    tids: &HashMap<TransferId, mpsc::Sender<Arc<[u8]>>>,
-) -> Option<Route> {
+/// One copy's way out: a receiver's connection, or a feed carrying the
+/// copy of several transfers.
+struct Lane {
+    tids: Vec<TransferId>,
+    tx: mpsc::Sender<Arc<[u8]>>,
+}
+
+/// Decides about one frame payload of the sender's; `tids` maps the
+/// upload's transfers to their lanes.
+fn route(payload: &[u8], sid: &StreamId, tids: &HashMap<TransferId, usize>) -> Option<Route> {
     if let Some((s, _)) = chunk_record(payload) {
         return (s == *sid).then_some(Route::All { ends: false });
     }
@@ -150,15 +162,21 @@ pub async fn relay(
 ) -> RelayReport {
     let start = Instant::now();
     let mut tasks = JoinSet::new();
-    let (back_tx, mut back_rx) = mpsc::channel::<Vec<u8>>(2 * receivers.len() + 2);
-    let mut outs = HashMap::new();
+    let transfers: usize = receivers.iter().map(|r| r.tids.len()).sum();
+    let (back_tx, mut back_rx) = mpsc::channel::<Vec<u8>>(2 * transfers + 2);
+    let mut lanes: Vec<Option<Lane>> = Vec::new();
+    let mut lane_of = HashMap::new();
     let mut done = Vec::new();
     for r in receivers {
         let (rd, wr) = r.conn.tcp.into_split();
         let (tx, rx) = mpsc::channel::<Arc<[u8]>>(QUEUE);
         tasks.spawn(write_out(wr, rx, idle));
-        tasks.spawn(read_back(rd, r.conn.leftover, r.tid, back_tx.clone(), idle));
-        outs.insert(r.tid, tx);
+        let tids = r.tids.clone();
+        tasks.spawn(read_back(rd, r.conn.leftover, tids, back_tx.clone(), idle));
+        for tid in &r.tids {
+            lane_of.insert(*tid, lanes.len());
+        }
+        lanes.push(Some(Lane { tids: r.tids, tx }));
         done.push((r.conn.guard, r.done));
     }
     let (s_read, mut s_write) = sender.tcp.into_split();
@@ -200,7 +218,7 @@ pub async fn relay(
                 });
             }
         }
-        let Some(to) = route(&payload, &sid, &outs) else {
+        let Some(to) = route(&payload, &sid, &lane_of) else {
             break Err(RelayEnd::Refused {
                 side: "sender",
                 what: "a message not allowed here".into(),
@@ -213,12 +231,15 @@ pub async fn relay(
         let frame: Arc<[u8]> = frame.into();
         bytes += frame.len() as u64;
         meters.received.inc_by(frame.len() as u64);
-        let (targets, ends): (Vec<TransferId>, bool) = match to {
-            Route::One(tid) => (vec![tid], false),
-            Route::All { ends } => (outs.keys().copied().collect(), ends),
+        let (targets, ends): (Vec<usize>, bool) = match to {
+            Route::One(tid) => (lane_of.get(&tid).copied().into_iter().collect(), false),
+            Route::All { ends } => ((0..lanes.len()).collect(), ends),
         };
-        for tid in targets {
-            let Some(tx) = outs.get(&tid) else { continue };
+        for i in targets {
+            let Some(Some(lane)) = lanes.get(i) else {
+                continue;
+            };
+            let tx = &lane.tx;
             let sent = match tx.try_send(Arc::clone(&frame)) {
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Full(f)) => {
@@ -229,26 +250,28 @@ pub async fn relay(
             if sent {
                 meters.relayed.inc_by(frame.len() as u64);
             }
-            if !sent {
+            if !sent && let Some(lane) = lanes.get_mut(i).and_then(Option::take) {
                 // Too far behind, or gone: out of the copy; it resumes later.
-                outs.remove(&tid);
-                let gone = Message::Abort {
-                    transfer_id: tid,
-                    reason: AbortReason::Timeout,
-                };
-                let _ = notices.send(frame_of(&gone)).await;
+                for tid in lane.tids {
+                    lane_of.remove(&tid);
+                    let gone = Message::Abort {
+                        transfer_id: tid,
+                        reason: AbortReason::Timeout,
+                    };
+                    let _ = notices.send(frame_of(&gone)).await;
+                }
             }
         }
         if ends {
             break Ok(());
         }
-        if outs.is_empty() {
+        if lanes.iter().all(Option::is_none) {
             break Err(RelayEnd::Disconnected("every receiver"));
         }
     };
     // The queues close: each writer sends what it holds and half-closes.
     let failed = result.is_err();
-    drop(outs);
+    drop(lanes);
     if failed {
         // The receivers still in the copy get no trailer; their readers
         // report them gone, and the sender is told.

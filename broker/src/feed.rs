@@ -2,10 +2,11 @@
 //! §2.6): the sender uploads once, to the broker it is connected to, and
 //! presents there the sender tickets of its routed transfers; this broker
 //! opens a data connection to each of those receivers' brokers, redeems the
-//! ticket there as the sender would have, and feeds it a copy of the stream
+//! tickets there as the sender would have, and feeds it one copy of the
+//! stream — one per broker, however many of its receivers the upload has —
 //! like any receiver of the upload ([`crate::fanout`]). The other broker
-//! relays it to its receiver as usual, and its receiver's answers come back
-//! the same way. The records stay sealed end to end: this broker reads none
+//! relays it to its receivers as usual (one upload to several, if several),
+//! and their answers come back the same way. The records stay sealed end to end: this broker reads none
 //! of them, as before.
 
 use std::sync::Arc;
@@ -29,15 +30,32 @@ use crate::tickets::Joiner;
 /// How long connecting to another broker may take.
 const CONNECT: Duration = Duration::from_secs(5);
 
-/// A data connection to `remote`'s broker that redeemed its ticket there.
-pub async fn open(state: &State, remote: &Remote) -> Result<DataConn, String> {
-    if !ticket_address_ok(&remote.address) {
+/// `remotes` grouped by the broker they go to, in the order first seen.
+pub fn by_broker(remotes: Vec<Remote>) -> Vec<Vec<Remote>> {
+    let mut groups: Vec<Vec<Remote>> = Vec::new();
+    for r in remotes {
+        match groups.iter_mut().find(|g| g[0].address == r.address) {
+            Some(g) => g.push(r),
+            None => groups.push(vec![r]),
+        }
+    }
+    groups
+}
+
+/// A data connection to the broker of `group` (transfers whose receivers
+/// it holds) that redeemed each of their tickets there, as one upload.
+pub async fn open(state: &State, group: &[Remote]) -> Result<DataConn, String> {
+    let Some(first) = group.first() else {
+        return Err("no transfer to feed".into());
+    };
+    let address = &first.address;
+    if !ticket_address_ok(address) {
         return Err("an invalid address".into());
     }
-    let tcp = tokio::time::timeout(CONNECT, TcpStream::connect(&remote.address))
+    let tcp = tokio::time::timeout(CONNECT, TcpStream::connect(address))
         .await
-        .map_err(|_| format!("{}: no connection within 5 s", remote.address))?
-        .map_err(|e| format!("{}: {e}", remote.address))?;
+        .map_err(|_| format!("{address}: no connection within 5 s"))?
+        .map_err(|e| format!("{address}: {e}"))?;
     // Our own connection counts against the connection cap too (not against
     // any address's: the agents behind one are not cut for it).
     let guard = state
@@ -46,16 +64,19 @@ pub async fn open(state: &State, remote: &Remote) -> Result<DataConn, String> {
         .map_err(|_| "this broker holds --max-connections already".to_owned())?;
     let _ = tcp.set_nodelay(true);
     let _ = keyferry_common::io::tcp::keep_alive(&tcp);
-    let redeem = Message::Redeem {
-        transfer_id: remote.tid,
-        ticket: remote.ticket,
-    };
-    let frame = message::encode(&redeem, MAX_FRAME_LEN).map_err(|e| e.to_string())?;
+    let mut frames = Vec::new();
+    for r in group {
+        let redeem = Message::Redeem {
+            transfer_id: r.tid,
+            ticket: r.ticket,
+        };
+        frames.extend(message::encode(&redeem, MAX_FRAME_LEN).map_err(|e| e.to_string())?);
+    }
     let mut tcp = tcp;
-    tokio::time::timeout(CONNECT, tcp.write_all(&frame))
+    tokio::time::timeout(CONNECT, tcp.write_all(&frames))
         .await
-        .map_err(|_| format!("{}: the ticket could not be sent", remote.address))?
-        .map_err(|e| format!("{}: {e}", remote.address))?;
+        .map_err(|_| format!("{address}: the tickets could not be sent"))?
+        .map_err(|e| format!("{address}: {e}"))?;
     Ok(DataConn {
         tcp,
         leftover: Vec::new(),
@@ -63,52 +84,49 @@ pub async fn open(state: &State, remote: &Remote) -> Result<DataConn, String> {
     })
 }
 
-/// Opens `remote`'s feed and hands it to the upload's relay at `hub`, as a
-/// receiver's connection would be.
-pub async fn join(state: Arc<State>, remote: Remote, hub: mpsc::Sender<Joiner<DataConn>>) {
-    match open(&state, &remote).await {
+/// Opens the feed of `group` and hands it to the upload's relay at `hub`,
+/// as a receiver's connection would be.
+pub async fn join(state: Arc<State>, group: Vec<Remote>, hub: mpsc::Sender<Joiner<DataConn>>) {
+    let tids: Vec<_> = group.iter().map(|r| r.tid).collect();
+    match open(&state, &group).await {
         Ok(conn) => {
             let (done, relayed) = oneshot::channel();
-            let joiner = Joiner {
-                tid: remote.tid,
-                conn,
-                done,
-            };
+            let joiner = Joiner { tids, conn, done };
             if hub.send(joiner).await.is_ok() {
                 let _ = relayed.await;
             }
         }
         Err(e) => {
-            warn!(transfer = %remote.tid, error = %e, "the receiver's broker could not be fed")
+            warn!(transfers = tids.len(), error = %e, "the receivers' broker could not be fed")
         }
     }
 }
 
 /// Relays an upload whose receivers are all on other brokers: `sender`'s
-/// stream goes to a feed for each of `remotes`.
+/// stream goes to one feed for each of their brokers.
 pub async fn upload(state: Arc<State>, sender: DataConn, remotes: Vec<Remote>) {
     let Some(first) = remotes.first() else {
         return;
     };
     let (tid, sid) = (first.tid, first.stream);
     let mut opening = JoinSet::new();
-    for remote in remotes {
+    for group in by_broker(remotes) {
         let state = Arc::clone(&state);
         opening.spawn(async move {
-            let opened = open(&state, &remote).await;
-            (remote.tid, opened)
+            let opened = open(&state, &group).await;
+            (group.iter().map(|r| r.tid).collect::<Vec<_>>(), opened)
         });
     }
     let mut receivers = Vec::new();
     while let Some(joined) = opening.join_next().await {
         match joined {
-            Ok((tid, Ok(conn))) => receivers.push(fanout::Receiver {
-                tid,
+            Ok((tids, Ok(conn))) => receivers.push(fanout::Receiver {
+                tids,
                 conn,
                 done: None,
             }),
-            Ok((tid, Err(e))) => {
-                warn!(transfer = %tid, error = %e, "the receiver's broker could not be fed")
+            Ok((tids, Err(e))) => {
+                warn!(transfers = tids.len(), error = %e, "the receivers' broker could not be fed")
             }
             Err(_) => {}
         }
@@ -116,7 +134,7 @@ pub async fn upload(state: Arc<State>, sender: DataConn, remotes: Vec<Remote>) {
     if receivers.is_empty() {
         return;
     }
-    info!(transfer = %tid, receivers = receivers.len(), "upload fed to other brokers started");
+    info!(transfer = %tid, brokers = receivers.len(), "upload fed to other brokers started");
     let (idle, shutdown) = (state.limits.idle_timeout, state.shutdown());
     let meters = state.metrics.meters(Path::Fanout);
     let report = fanout::relay(sender, receivers, sid, idle, shutdown, meters).await;

@@ -30,8 +30,9 @@ pub const MAX_FANOUT: usize = 16;
 /// what tells its transfer's task that the relay ended.
 #[derive(Debug)]
 pub struct Joiner<C> {
-    /// The receiver's transfer.
-    pub tid: TransferId,
+    /// The receiver's transfer; several for a feed to another broker that
+    /// carries one copy to its receivers of the upload.
+    pub tids: Vec<TransferId>,
     /// Its data connection.
     pub conn: C,
     /// Dropped (or sent) when the relay ends.
@@ -409,7 +410,7 @@ mod tests {
             };
             let (done, _) = oneshot::channel();
             hub.send(Joiner {
-                tid: tids[k],
+                tids: vec![tids[k]],
                 conn: 10 + k as u32,
                 done,
             })
@@ -417,7 +418,10 @@ mod tests {
             .unwrap();
         }
         let (a, b) = (joiners.recv().await.unwrap(), joiners.recv().await.unwrap());
-        assert_eq!((a.tid, a.conn, b.tid, b.conn), (tids[1], 11, tids[2], 12));
+        assert_eq!(
+            (a.tids, a.conn, b.tids, b.conn),
+            (vec![tids[1]], 11, vec![tids[2]], 12)
+        );
         // Too many receivers for one upload.
         let spare = t.issue(TransferId([60; 16]), sid, &alice).unwrap();
         let Some(Redeemed::Sender(first)) = t.redeem(&TransferId([60; 16]), &spare.sender_ticket)

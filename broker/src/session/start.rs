@@ -277,7 +277,7 @@ pub(crate) async fn relay_when_connected<T>(
             };
             let (done, relayed) = oneshot::channel();
             let joiner = Joiner {
-                tid,
+                tids: vec![tid],
                 conn: mine,
                 done,
             };
@@ -318,19 +318,24 @@ pub(crate) async fn relay_when_connected<T>(
     // time take part; the others' transfers have failed.
     let mut receivers: Vec<fanout::Receiver> = mine
         .map(|conn| fanout::Receiver {
-            tid,
+            tids: vec![tid],
             conn,
             done: None,
         })
         .into_iter()
         .collect();
-    for _ in 0..others.len() {
+    // A feed to another broker may bring several of the others at once.
+    let mut expected = others.len();
+    while expected > 0 {
         match tokio::time::timeout_at(deadline, joiners.recv()).await {
-            Ok(Some(j)) => receivers.push(fanout::Receiver {
-                tid: j.tid,
-                conn: j.conn,
-                done: Some(j.done),
-            }),
+            Ok(Some(j)) => {
+                expected = expected.saturating_sub(j.tids.len());
+                receivers.push(fanout::Receiver {
+                    tids: j.tids,
+                    conn: j.conn,
+                    done: Some(j.done),
+                });
+            }
             _ => break,
         }
     }
