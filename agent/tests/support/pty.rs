@@ -32,6 +32,8 @@ pub struct Pty {
     screen: Arc<Mutex<vt100::Parser>>,
     /// Everything it wrote, as text with the escape sequences in it.
     raw: Arc<Mutex<Vec<u8>>>,
+    /// Set once the terminal's output was read to its end.
+    ended: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Pty {
@@ -73,6 +75,8 @@ impl Pty {
         let raw: Arc<Mutex<Vec<u8>>> = Arc::default();
         let mut reader = master.try_clone().unwrap();
         let (s, r) = (Arc::clone(&screen), Arc::clone(&raw));
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let end = Arc::clone(&ended);
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             // Ends with EIO once the process and its children closed the terminal.
@@ -83,12 +87,14 @@ impl Pty {
                 s.lock().unwrap().process(&buf[..n]);
                 r.lock().unwrap().extend_from_slice(&buf[..n]);
             }
+            end.store(true, std::sync::atomic::Ordering::Release);
         });
         Self {
             child,
             master,
             screen,
             raw,
+            ended,
         }
     }
 
@@ -145,6 +151,14 @@ impl Pty {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
+                // What it wrote last may still be on its way to the screen:
+                // read the terminal to its end first (bounded).
+                let drained = Instant::now() + Duration::from_secs(5);
+                while !self.ended.load(std::sync::atomic::Ordering::Acquire)
+                    && Instant::now() < drained
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
                 return status.code();
             }
             assert!(
