@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# What one offer rate across the cluster costs an offer: a 1-byte message from
-# alice to bob (both on the same broker) through a broker standing alone and
-# through a broker of a cluster, which also counts the offer in NATS
-# (keyferry-rates: two reads and a revision-checked write). ROUNDS alternating
+# What the cluster-wide limits cost an offer: a 1-byte message from alice to
+# bob (both on the same broker) through a broker standing alone and through a
+# broker of a cluster, which also counts the offer in NATS (keyferry-rates: two
+# reads and a revision-checked write; keyferry-sending: a listing of the
+# sender's streams and a write, and a delete when it ends). ROUNDS alternating
 # pairs; medians of the wall time end to end and their ratio, and the broker's
-# own measure of the rate check (its debug line, read from --log-format json).
+# own measure of the two checks (its debug line, read from --log-format json).
 # All on 127.0.0.1.
 #
 #   scripts/bench-rate.sh            ROUNDS=21 by default
@@ -42,7 +43,7 @@ url="nats://$(awk '/Listening for client connections/ { print $NF }' "$work/nats
 start_broker() { # KIND [cluster options...]
     local kind=$1
     shift
-    RUST_LOG=info,keyferry_broker::session::sender=debug "$bin/broker" --listen 127.0.0.1:0 \
+    RUST_LOG=info,keyferry_broker::session::start=debug "$bin/broker" --listen 127.0.0.1:0 \
         --data-dir "$work/$kind" --offers-per-minute 100000 --log-format json "$@" \
         >"$work/$kind.out" 2>"$work/$kind.log" &
     pids+=($!)
@@ -86,4 +87,4 @@ echo "|---|---|"
 awk -v a="$a" -v c="$c" 'BEGIN {
     printf "| alone | %.1f |\n| in a cluster | %.1f (%.2f×) |\n", a / 1000, c / 1000, c / a }'
 echo
-echo "rate check in the cluster broker: median ${check} µs over ${checks} offers"
+echo "rate and concurrency checks in the cluster broker: median ${check} µs over ${checks} offers"

@@ -109,11 +109,7 @@ pub(crate) async fn cluster_rate(state: &State, name: &AgentName) -> Result<(), 
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let start = Instant::now();
-    let taken = cluster.take_offer(name, rate, now).await;
-    let micros = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
-    debug!(agent = %name, micros, "offer counted against the cluster's rate");
-    match taken {
+    match cluster.take_offer(name, rate, now).await {
         Ok(true) => Ok(()),
         Ok(false) => {
             state.metrics.refused_by(Limit::OffersPerMinute);
@@ -145,8 +141,14 @@ pub(crate) async fn offer_place<'a>(
     sid: StreamId,
 ) -> Result<Held<'a>, String> {
     let slot = offer_slot(state, from, sid, "")?;
+    let start = Instant::now();
     cluster_rate(state, from).await?;
-    cluster_slot(state, from, sid, slot, true).await
+    let held = cluster_slot(state, from, sid, slot, true).await;
+    if state.cluster.is_some() {
+        let micros = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        debug!(agent = %from, micros, "offer counted against the cluster's limits");
+    }
+    held
 }
 
 /// An offer slot whose stream is also counted in the cluster
