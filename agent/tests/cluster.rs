@@ -480,3 +480,59 @@ fn a_brokers_allowlist_holds_for_offers_routed_to_its_receivers() {
         "{open:#?}"
     );
 }
+
+#[test]
+fn a_receiver_lost_behind_a_shared_feed_leaves_the_others_on_it_their_transfer() {
+    use std::io::Write as _;
+    // bob on broker two; carol and erin on broker three share one feed.
+    let Some(nats) = Nats::start() else { return };
+    let [one, two, three] = ["one", "two", "three"].map(|id| {
+        let args = ["--cluster", &nats.url(), "--broker-id", id];
+        Broker::start_with(TempDir::new("cluster-lost"), &args)
+    });
+    let alice = Home::new("alice", "alice");
+    let homes = [("bob", "bob"), ("carol", "carol"), ("erin", "mallory")]
+        .map(|(name, key)| (Home::new(name, key), TempDir::new(name)));
+    let mut rx: Vec<_> = homes
+        .iter()
+        .zip([&two, &three, &three])
+        .map(|((home, out), broker)| receive(home, broker, out))
+        .collect();
+    let (sender, mut input) = alice.pipe_sender(
+        &one,
+        "bob",
+        "live.bin",
+        &[
+            "--to",
+            "carol",
+            "--to",
+            "erin",
+            "--retry-for",
+            "0",
+            "--json",
+        ],
+    );
+    let data = pseudo_random(8 << 20, 33);
+    input.write_all(&data[..4 << 20]).unwrap();
+    let erin_pid = rx[2].child.id();
+    support::wait_for_data(erin_pid, homes[2].1.path(), 1 << 20);
+    rx[2].kill();
+    input.write_all(&data[4 << 20..]).unwrap();
+    drop(input);
+    let sent = Run::finish(sender);
+    // erin's transfer failed; bob's and carol's did not, carol's although
+    // her feed also carried erin's.
+    assert_eq!(sent.code, Some(11), "{sent:#?}");
+    for name in ["bob", "carol"] {
+        assert!(
+            sent.stdout
+                .lines()
+                .any(|l| l.contains(&format!("\"{name}\""))),
+            "{name} not confirmed: {sent:#?}"
+        );
+    }
+    for (home, out) in &homes[..2] {
+        let got = std::fs::read(out.join("live.bin")).unwrap();
+        assert!(got == data, "{} got {} bytes", home.name, got.len());
+    }
+}

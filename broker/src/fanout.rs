@@ -37,6 +37,10 @@ use crate::shutdown::Shutdown;
 pub const QUEUE: usize = 8;
 /// How long a full queue may hold the upload before its receiver is dropped.
 pub const LAG: Duration = Duration::from_secs(2);
+/// The same for a feed to another broker: longer, so that the other broker
+/// drops its own slow receiver first rather than this one dropping the
+/// feed and every receiver behind it.
+pub const FEED_LAG: Duration = Duration::from_secs(5);
 /// The largest frame a receiver sends back (a receipt or an abort).
 const BACK_MAX: usize = 1024;
 
@@ -46,6 +50,8 @@ const BACK_MAX: usize = 1024;
 pub struct Receiver {
     /// Its transfer (a feed's: several).
     pub tids: Vec<TransferId>,
+    /// Whether it is a feed to another broker ([`FEED_LAG`]).
+    pub feed: bool,
     /// Its data connection.
     pub conn: DataConn,
     /// Tells its transfer's task that the relay ended (when dropped).
@@ -73,17 +79,20 @@ async fn write_out(mut to: OwnedWriteHalf, mut rx: mpsc::Receiver<Arc<[u8]>>, id
 
 /// Brings back to the sender, for each of the transfers `tids` a
 /// connection carries, its `Proceed` (at most one, if it asked its user)
-/// and then its `Receipt` or `Abort`; anything else, the connection's end,
-/// or its silence becomes `Abort{PeerGone}` for every transfer not yet
-/// answered.
+/// and then its `Receipt` or `Abort`. A feed's broker may say more about a
+/// transfer it already answered for (an `Abort` of its own, then its
+/// receiver's): that is passed over. Anything else — a frame of another
+/// transfer, a bad frame, the connection's end, its silence — becomes
+/// `Abort{PeerGone}` for every transfer not yet answered.
 async fn read_back(
     from: tokio::net::tcp::OwnedReadHalf,
     leftover: Vec<u8>,
-    mut open: Vec<TransferId>,
+    tids: Vec<TransferId>,
     back: mpsc::Sender<Vec<u8>>,
     idle: Duration,
 ) {
     let mut reader = FrameReader::with_buffer(from, leftover, BACK_MAX);
+    let mut open = tids.clone();
     let mut proceeded = Vec::new();
     while !open.is_empty() {
         let frame = match reader.read_timeout(idle).await {
@@ -100,6 +109,11 @@ async fn read_back(
                 open.retain(|t| *t != transfer_id);
                 frame_of(&m)
             }
+            Ok(Some(
+                Message::Proceed { transfer_id }
+                | Message::Receipt { transfer_id, .. }
+                | Message::Abort { transfer_id, .. },
+            )) if tids.contains(&transfer_id) => continue,
             _ => break,
         };
         if back.send(frame).await.is_err() {
@@ -126,6 +140,7 @@ enum Route {
 struct Lane {
     tids: Vec<TransferId>,
     tx: mpsc::Sender<Arc<[u8]>>,
+    lag: Duration,
 }
 
 /// Decides about one frame payload of the sender's; `tids` maps the
@@ -176,7 +191,12 @@ pub async fn relay(
         for tid in &r.tids {
             lane_of.insert(*tid, lanes.len());
         }
-        lanes.push(Some(Lane { tids: r.tids, tx }));
+        let lag = if r.feed { FEED_LAG } else { LAG };
+        lanes.push(Some(Lane {
+            tids: r.tids,
+            tx,
+            lag,
+        }));
         done.push((r.conn.guard, r.done));
     }
     let (s_read, mut s_write) = sender.tcp.into_split();
@@ -239,11 +259,11 @@ pub async fn relay(
             let Some(Some(lane)) = lanes.get(i) else {
                 continue;
             };
-            let tx = &lane.tx;
+            let (tx, lag) = (&lane.tx, lane.lag);
             let sent = match tx.try_send(Arc::clone(&frame)) {
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Full(f)) => {
-                    matches!(tokio::time::timeout(LAG, tx.send(f)).await, Ok(Ok(())))
+                    matches!(tokio::time::timeout(lag, tx.send(f)).await, Ok(Ok(())))
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
             };

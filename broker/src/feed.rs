@@ -91,7 +91,12 @@ pub async fn join(state: Arc<State>, group: Vec<Remote>, hub: mpsc::Sender<Joine
     match open(&state, &group).await {
         Ok(conn) => {
             let (done, relayed) = oneshot::channel();
-            let joiner = Joiner { tids, conn, done };
+            let joiner = Joiner {
+                tids,
+                feed: true,
+                conn,
+                done,
+            };
             if hub.send(joiner).await.is_ok() {
                 let _ = relayed.await;
             }
@@ -122,6 +127,7 @@ pub async fn upload(state: Arc<State>, sender: DataConn, remotes: Vec<Remote>) {
         match joined {
             Ok((tids, Ok(conn))) => receivers.push(fanout::Receiver {
                 tids,
+                feed: true,
                 conn,
                 done: None,
             }),

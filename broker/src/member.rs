@@ -103,14 +103,19 @@ async fn heartbeat(state: &State, cluster: &Cluster) -> bool {
         warn!(error = %e, "this broker's entry in the cluster not refreshed");
         return false;
     }
-    // The streams in flight here stay counted in the cluster.
-    for (name, sid) in state.transfers.streams() {
-        if cluster.sending_put(&name, sid).await.is_err() {
-            return false;
-        }
-    }
     if let Ok(n) = cluster.live_brokers().await {
         state.metrics.cluster_brokers(n);
+    }
+    // The streams in flight here stay counted in the cluster; one that
+    // ended while its key was written is removed again.
+    for (name, sid) in state.transfers.streams() {
+        if let Err(e) = cluster.sending_put(&name, sid).await {
+            warn!(error = %e, "streams in flight not refreshed in the cluster");
+            break;
+        }
+        if !state.transfers.holds(&name, sid) {
+            cluster.sending_delete(&name, sid).await;
+        }
     }
     true
 }

@@ -33,6 +33,8 @@ pub struct Joiner<C> {
     /// The receiver's transfer; several for a feed to another broker that
     /// carries one copy to its receivers of the upload.
     pub tids: Vec<TransferId>,
+    /// Whether it is a feed to another broker.
+    pub feed: bool,
     /// Its data connection.
     pub conn: C,
     /// Dropped (or sent) when the relay ends.
@@ -411,6 +413,7 @@ mod tests {
             let (done, _) = oneshot::channel();
             hub.send(Joiner {
                 tids: vec![tids[k]],
+                feed: false,
                 conn: 10 + k as u32,
                 done,
             })

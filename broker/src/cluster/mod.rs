@@ -310,8 +310,8 @@ impl Cluster {
                 description: "keyferry: offers per sender name and minute".into(),
                 history: 1,
                 max_age: RATES_TTL,
-                // Counts matter for a minute: memory is enough.
-                storage: jetstream::stream::StorageType::Memory,
+                // On disk, so that a restarted NATS server still has it.
+                storage: jetstream::stream::StorageType::File,
                 ..Default::default()
             },
         )
@@ -332,7 +332,7 @@ impl Cluster {
                 description: "keyferry: streams in flight per sender and broker".into(),
                 history: 1,
                 max_age: SENDING_TTL,
-                storage: jetstream::stream::StorageType::Memory,
+                storage: jetstream::stream::StorageType::File,
                 ..Default::default()
             },
         )
@@ -344,6 +344,14 @@ impl Cluster {
                 "the bucket {RATES} has no max age: its counts would never expire; \
                  recreate it with a max age of {} s",
                 RATES_TTL.as_secs()
+            )));
+        }
+        let status = bounded("reading the sending bucket", sending.status()).await?;
+        if status.max_age().is_zero() {
+            return Err(ClusterError::Config(format!(
+                "the bucket {SENDING} has no max age: a dead broker's counts would never \
+                 expire; recreate it with a max age of {} s",
+                SENDING_TTL.as_secs()
             )));
         }
         // Two live brokers with one id would overwrite each other's presence.

@@ -1,7 +1,7 @@
 //! Concurrent transfers per sender across the cluster (`keyferry-sending`):
 //! every broker keeps one key per stream it holds an offer slot for —
 //! `<hex name>.<broker id>.<hex stream id>` — written when the slot is
-//! taken, deleted when the last slot of that stream is let go, rewritten by
+//! taken, purged when the last slot of that stream is let go, rewritten by
 //! every heartbeat, and expiring with the bucket's max age, so a broker that
 //! died takes its counts with it within a minute. The sender's broker counts
 //! a name's keys before it lets a new stream start (PROTOCOL.md §2.6).
@@ -10,7 +10,6 @@
 //! brokers may both see room: the limit can be passed by one stream per
 //! broker for an instant, never more.
 
-use async_nats::jetstream::consumer::{DeliverPolicy, ReplayPolicy, push};
 use futures_util::StreamExt as _;
 use keyferry_common::ids::StreamId;
 use keyferry_common::name::AgentName;
@@ -29,50 +28,35 @@ impl Cluster {
 
     /// How many streams `name` has in flight through the brokers of the
     /// cluster, other than `sid` (a stream is counted once, however many
-    /// brokers hold it: a routed transfer is held by both).
+    /// brokers hold it: a routed transfer is held by both). Read from the
+    /// bucket's stream as the subjects that hold a message: a key ended by
+    /// [`Self::sending_delete`] is purged, leaving none.
     pub async fn streams_sending(
         &self,
         name: &AgentName,
         sid: StreamId,
     ) -> Result<usize, ClusterError> {
-        let prefix = format!("{}{}.", self.sending.prefix, key(name));
+        let filter = format!("{}{}.>", self.sending.prefix, key(name));
         let this = sid.to_string();
-        let config = push::OrderedConfig {
-            deliver_subject: self.client.new_inbox(),
-            filter_subject: format!("{prefix}>"),
-            deliver_policy: DeliverPolicy::LastPerSubject,
-            replay_policy: ReplayPolicy::Instant,
-            ..Default::default()
-        };
-        let consumer = self
-            .op(
-                "counting a sender's streams",
-                self.sending.stream.create_consumer(config),
-            )
-            .await?;
-        if consumer.cached_info().num_pending == 0 {
-            return Ok(0);
-        }
-        let mut messages = self
-            .op("counting a sender's streams", consumer.messages())
+        let what = "counting a sender's streams";
+        let mut subjects = self
+            .op(what, self.sending.stream.info_with_subjects(filter))
             .await?;
         let mut streams = std::collections::HashSet::new();
         let read = async {
-            while let Some(Ok(m)) = messages.next().await {
-                let pending = m.info().map(|i| i.pending).unwrap_or(0);
-                // A deleted key leaves an empty marker.
-                let stream = m.subject.as_str().rsplit('.').next().unwrap_or_default();
-                if !m.payload.is_empty() && stream != this && streams.len() < MOST {
+            while let Some(item) = subjects.next().await {
+                let (subject, _) = item.map_err(|e| format!("{what}: {e}"))?;
+                let stream = subject.rsplit('.').next().unwrap_or_default();
+                if stream != this && streams.len() < MOST {
                     streams.insert(stream.to_owned());
                 }
-                if pending == 0 {
-                    break;
-                }
             }
+            Ok::<(), String>(())
         };
-        tokio::time::timeout(OP_TIMEOUT, read).await.map_err(|_| {
-            ClusterError::Unreachable("counting a sender's streams: timed out".into())
-        })?;
+        tokio::time::timeout(OP_TIMEOUT, read)
+            .await
+            .map_err(|_| ClusterError::Unreachable(format!("{what}: timed out")))?
+            .map_err(ClusterError::Unreachable)?;
         Ok(streams.len())
     }
 
@@ -84,9 +68,11 @@ impl Cluster {
             .map(|_| ())
     }
 
-    /// Deletes the key of `name`'s stream `sid` on this broker.
+    /// Removes the key of `name`'s stream `sid` on this broker: purged from
+    /// the bucket's stream, so that no marker is left to count.
     pub async fn sending_delete(&self, name: &AgentName, sid: StreamId) {
-        let k = self.sending_key(name, sid);
-        let _ = self.op("ending a stream", self.sending.delete(k)).await;
+        let subject = format!("{}{}", self.sending.prefix, self.sending_key(name, sid));
+        let purge = async { self.sending.stream.purge().filter(subject).await };
+        let _ = self.op("ending a stream", purge).await;
     }
 }

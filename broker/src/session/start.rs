@@ -280,6 +280,7 @@ pub(crate) async fn relay_when_connected<T>(
             let (done, relayed) = oneshot::channel();
             let joiner = Joiner {
                 tids: vec![tid],
+                feed: false,
                 conn: mine,
                 done,
             };
@@ -321,6 +322,7 @@ pub(crate) async fn relay_when_connected<T>(
     let mut receivers: Vec<fanout::Receiver> = mine
         .map(|conn| fanout::Receiver {
             tids: vec![tid],
+            feed: false,
             conn,
             done: None,
         })
@@ -334,6 +336,7 @@ pub(crate) async fn relay_when_connected<T>(
                 expected = expected.saturating_sub(j.tids.len());
                 receivers.push(fanout::Receiver {
                     tids: j.tids,
+                    feed: j.feed,
                     conn: j.conn,
                     done: Some(j.done),
                 });
