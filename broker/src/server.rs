@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use keyferry_common::identity::Fingerprint;
 use keyferry_common::io::connection::ConnError;
+use keyferry_common::io::task::AbortOnDrop;
 use keyferry_common::io::tls;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -204,14 +205,5 @@ impl Broker {
         }
         drop(metrics);
         info!("shut down");
-    }
-}
-
-/// A task that ends when its handle is dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

@@ -20,6 +20,7 @@ use keyferry_common::handshake::direct::{
 };
 use keyferry_common::ids::TransferId;
 use keyferry_common::io::connection::Connection;
+use keyferry_common::io::task::AbortOnDrop;
 use keyferry_common::sync::lock;
 use keyferry_common::wire::frame::MAX_FRAME_LEN;
 use keyferry_common::wire::message::Message;
@@ -51,17 +52,8 @@ pub struct Listener {
     port: u16,
     ipv6: bool,
     waiters: Waiters,
+    /// Stops the accepting task (and frees the port) with the last listener.
     _task: Arc<AbortOnDrop>,
-}
-
-/// Stops the accepting task (and frees the port) with the last listener.
-#[derive(Debug)]
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// A listening socket on `addr`; an IPv6 one takes IPv4 connections too.

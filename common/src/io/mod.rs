@@ -1,6 +1,7 @@
 //! The edges: frames over async streams ([`connection`]), the TLS 1.3
 //! configurations and the agents' pinning verifier ([`tls`]), durable
-//! private file writes ([`fs`]), and keepalive options for TCP ([`tcp`]).
+//! private file writes ([`fs`]), keepalive options for TCP ([`tcp`]), and a
+//! task aborted with its handle ([`task`]).
 //!
 //! Behind the default-on `io` cargo feature: without it the crate is the
 //! protocol alone (no tokio, no rustls), which is what the fuzz targets and
@@ -8,5 +9,6 @@
 
 pub mod connection;
 pub mod fs;
+pub mod task;
 pub mod tcp;
 pub mod tls;
