@@ -101,25 +101,13 @@ pub async fn admit(
                 state.metrics.handshake_failed(Handshake::Ticket);
                 return Err(refuse(&mut tcp, ErrorCode::UnknownTransfer, unknown).await);
             }
-            let leftover = reader.into_parts().1;
-            guard.admit();
-            let conn = DataConn {
-                tcp,
-                leftover,
-                guard,
-            };
+            let conn = admitted(reader.into_parts().1, tcp, guard);
             feed::upload(state, conn, remote).await;
             Ok(())
         }
         Some(Redeemed::Receiver(to)) => {
-            let leftover = reader.into_parts().1;
-            guard.admit();
             // If the wait just ended, the connection is dropped, which is its answer.
-            let _ = to.send(DataConn {
-                tcp,
-                leftover,
-                guard,
-            });
+            let _ = to.send(admitted(reader.into_parts().1, tcp, guard));
             Ok(())
         }
         Some(Redeemed::Sender(first)) => {
@@ -132,13 +120,7 @@ pub async fn admit(
                 return Ok(());
             };
             let (local, remote) = split(&state, &all, first.stream(), first.from());
-            let leftover = reader.into_parts().1;
-            guard.admit();
-            let conn = DataConn {
-                tcp,
-                leftover,
-                guard,
-            };
+            let conn = admitted(reader.into_parts().1, tcp, guard);
             let remote_tids: Vec<TransferId> = remote.iter().map(|r| r.tid).collect();
             match state
                 .tickets
@@ -161,6 +143,17 @@ pub async fn admit(
                 }
             }
         }
+    }
+}
+
+/// A data connection whose tickets were good: out of the unauthenticated
+/// places, with the bytes read after its `Redeem`s.
+fn admitted(leftover: Vec<u8>, tcp: TcpStream, mut guard: ConnGuard) -> DataConn {
+    guard.admit();
+    DataConn {
+        tcp,
+        leftover,
+        guard,
     }
 }
 
