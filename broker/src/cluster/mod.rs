@@ -255,6 +255,36 @@ async fn bounded<T, E: std::fmt::Display>(
     }
 }
 
+/// A bucket whose entries expire `ttl` after their last write (history 1,
+/// on disk, so that a restarted NATS server still has it). One made by
+/// someone else must let its entries expire too: one without a max age is
+/// refused.
+async fn expiring(
+    js: &jetstream::Context,
+    name: &str,
+    description: &str,
+    ttl: Duration,
+) -> Result<kv::Store, ClusterError> {
+    let config = kv::Config {
+        bucket: name.into(),
+        description: description.into(),
+        history: 1,
+        max_age: ttl,
+        storage: jetstream::stream::StorageType::File,
+        ..Default::default()
+    };
+    let store = bucket(js, config).await?;
+    let status = bounded(&format!("reading the bucket {name}"), store.status()).await?;
+    if status.max_age().is_zero() {
+        return Err(ClusterError::Config(format!(
+            "the bucket {name} has no max age: its entries would never expire; \
+             recreate it with a max age of {} s",
+            ttl.as_secs()
+        )));
+    }
+    Ok(store)
+}
+
 async fn bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, ClusterError> {
     let name = config.bucket.clone();
     match js.get_key_value(&name).await {
@@ -288,72 +318,28 @@ impl Cluster {
             },
         )
         .await?;
-        let presence = bucket(
+        let presence = expiring(
             &js,
-            kv::Config {
-                bucket: PRESENCE.into(),
-                description: "keyferry: receiver name -> the broker holding it".into(),
-                history: 1,
-                max_age: PRESENCE_TTL,
-                // On disk, so that a restarted NATS server still has the
-                // bucket (its entries expire by themselves).
-                storage: jetstream::stream::StorageType::File,
-                ..Default::default()
-            },
+            PRESENCE,
+            "keyferry: receiver name -> the broker holding it",
+            PRESENCE_TTL,
         )
         .await?;
         let brokers = brokers_bucket(&js).await?;
-        let rates = bucket(
+        let rates = expiring(
             &js,
-            kv::Config {
-                bucket: RATES.into(),
-                description: "keyferry: offers per sender name and minute".into(),
-                history: 1,
-                max_age: RATES_TTL,
-                // On disk, so that a restarted NATS server still has it.
-                storage: jetstream::stream::StorageType::File,
-                ..Default::default()
-            },
+            RATES,
+            "keyferry: offers per sender name and minute",
+            RATES_TTL,
         )
         .await?;
-        // A presence bucket made by someone else must still let entries expire.
-        let status = bounded("reading the presence bucket", presence.status()).await?;
-        if status.max_age().is_zero() {
-            return Err(ClusterError::Config(format!(
-                "the bucket {PRESENCE} has no max age: its entries would never expire; \
-                 recreate it with a max age of {} s",
-                PRESENCE_TTL.as_secs()
-            )));
-        }
-        let sending = bucket(
+        let sending = expiring(
             &js,
-            kv::Config {
-                bucket: SENDING.into(),
-                description: "keyferry: streams in flight per sender and broker".into(),
-                history: 1,
-                max_age: SENDING_TTL,
-                storage: jetstream::stream::StorageType::File,
-                ..Default::default()
-            },
+            SENDING,
+            "keyferry: streams in flight per sender and broker",
+            SENDING_TTL,
         )
         .await?;
-        // So must the offer counts.
-        let status = bounded("reading the rates bucket", rates.status()).await?;
-        if status.max_age().is_zero() {
-            return Err(ClusterError::Config(format!(
-                "the bucket {RATES} has no max age: its counts would never expire; \
-                 recreate it with a max age of {} s",
-                RATES_TTL.as_secs()
-            )));
-        }
-        let status = bounded("reading the sending bucket", sending.status()).await?;
-        if status.max_age().is_zero() {
-            return Err(ClusterError::Config(format!(
-                "the bucket {SENDING} has no max age: a dead broker's counts would never \
-                 expire; recreate it with a max age of {} s",
-                SENDING_TTL.as_secs()
-            )));
-        }
         // Two live brokers with one id would overwrite each other's presence.
         let probe = async_nats::Request::new()
             .payload(bytes::Bytes::new())
