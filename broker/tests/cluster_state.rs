@@ -216,17 +216,7 @@ async fn offers_through_several_members_at_once_count_against_one_rate() {
     // rate of 7 a minute: exactly 7 pass, whichever broker they came through.
     // Second 1 of a minute (1_800_000_000 is a multiple of 60).
     let now = 1_800_000_001;
-    let tasks: Vec<_> = (0..20usize)
-        .map(|i| {
-            let members = std::sync::Arc::clone(&members);
-            tokio::spawn(async move { members[i % 2].take_offer(&name("alice"), 7, now).await })
-        })
-        .collect();
-    let mut passed = 0;
-    for t in tasks {
-        passed += usize::from(t.await.unwrap().unwrap());
-    }
-    assert_eq!(passed, 7);
+    assert_eq!(offers_at_once(&members, "alice", 20, 7, now).await, 7);
     // Another name has its own count; the next minute still weighs the last.
     assert!(members[0].take_offer(&name("bob"), 7, now).await.unwrap());
     // A second into the next minute the last one's 7 still weigh 59/60:
@@ -244,15 +234,27 @@ async fn offers_through_several_members_at_once_count_against_one_rate() {
 
     // Above the retries' base (16): 80 offers at once, rate 40, exactly 40
     // pass and none is waved through for losing too many races.
-    let tasks: Vec<_> = (0..80usize)
+    assert_eq!(offers_at_once(&members, "carol", 80, 40, now).await, 40);
+}
+
+/// Makes `n` offers by `who` at once at Unix time `now`, through the
+/// members in turn, at `rate` a minute; how many passed.
+async fn offers_at_once(
+    members: &std::sync::Arc<[Cluster; 2]>,
+    who: &str,
+    n: usize,
+    rate: usize,
+    now: u64,
+) -> usize {
+    let tasks: Vec<_> = (0..n)
         .map(|i| {
-            let members = std::sync::Arc::clone(&members);
-            tokio::spawn(async move { members[i % 2].take_offer(&name("carol"), 40, now).await })
+            let (members, who) = (std::sync::Arc::clone(members), name(who));
+            tokio::spawn(async move { members[i % 2].take_offer(&who, rate, now).await })
         })
         .collect();
     let mut passed = 0;
     for t in tasks {
         passed += usize::from(t.await.unwrap().unwrap());
     }
-    assert_eq!(passed, 40);
+    passed
 }

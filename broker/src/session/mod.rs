@@ -2,13 +2,15 @@
 //! connection ([`crate::data`]), authentication ([`auth`]), then the session
 //! of its role: a sender ([`sender`]: lookups, one offer, its transfer) or a
 //! receiver ([`receiver`]: its long-lived control connection, on which it
-//! answers offers and gets its tickets).
+//! answers offers and gets its tickets). An offer's place under the limits
+//! is [`place`]'s.
 //!
 //! Until it authenticated, a newer connection from the same address may cut it
 //! ([`ConnGuard::evicted`]); once the broker drains for shutdown, control
 //! sessions end.
 
 mod auth;
+mod place;
 mod receiver;
 pub(crate) mod routed;
 mod sender;

@@ -15,8 +15,8 @@ use keyferry_common::name::AgentName;
 use keyferry_common::wire::message::{ErrorCode, Message, SignedOffer, ticket_address_ok};
 use tracing::{info, warn};
 
-use super::Agent;
 use super::start::{self, ReceiverLink};
+use super::{Agent, place};
 use crate::cluster::wire::{RoutedAnswer, RoutedOffer, decode, encode};
 use crate::cluster::{Cluster, check_id};
 use crate::metrics::Path;
@@ -143,9 +143,9 @@ pub async fn serve(
     let (tid, sid, to) = (fields.transfer_id, fields.stream_id, routed.to);
     let limits = &state.limits;
     let at = format!(" through broker {}", cluster.member().id);
-    let slot = match start::offer_slot(state, &routed.from, sid, &at) {
+    let slot = match place::offer_slot(state, &routed.from, sid, &at) {
         // Counted in the cluster too while its relay runs here.
-        Ok(slot) => start::cluster_slot(state, &routed.from, sid, slot, false).await,
+        Ok(slot) => place::cluster_slot(state, &routed.from, sid, slot, false).await,
         Err(detail) => return send(failed(ErrorCode::RateLimited, detail)).await,
     };
     let slot = match slot {

@@ -11,9 +11,9 @@ use keyferry_common::name::AgentName;
 use keyferry_common::wire::message::{ErrorCode, Message, OnlineAgent};
 use tracing::{info, warn};
 
-use super::routed;
 use super::start::{self, ReceiverLink};
 use super::{Agent, BrokerConn, next, refuse};
+use super::{place, routed};
 use crate::cluster::names;
 use crate::cluster::wire::RoutedAnswer;
 use crate::error::SessionError;
@@ -247,7 +247,7 @@ pub(super) async fn session(
                     .await);
                 }
                 let tid = fields.transfer_id;
-                let slot = match start::offer_place(state, &agent.name, fields.stream_id).await {
+                let slot = match place::offer_place(state, &agent.name, fields.stream_id).await {
                     Ok(slot) => slot,
                     Err(detail) => {
                         state.metrics.offer(&agent.name, Offer::RateLimited);
