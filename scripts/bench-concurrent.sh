@@ -21,8 +21,7 @@ total=${TOTAL_MIB:-1280}
 }
 export BIN=${BIN:-$PWD/target/release}
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-median() { sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+. scripts/common.sh
 field() { awk -F'|' -v k="$1" 'index($2, k) { gsub(/[^0-9.]/, "", $3); print $3 }'; }
 
 echo "| round | 1 x $total MiB (MB/s) | $many x $((total / many)) MiB together (MB/s) | CPU-s per GiB, one / many |"

@@ -20,18 +20,11 @@ rounds=${ROUNDS:-5}
 size_mib=${SIZE_MIB:-1024}
 dirty_mib=${DIRTY_MIB:-3072}
 work=$(mktemp -d -p "${BENCH_DIR:-/tmp}" keyferry-dirty.XXXXXX)
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+. scripts/common.sh
 command -v strace >/dev/null || { apt-get update -qq >/dev/null; apt-get install -y -qq strace >/dev/null; }
 
 cargo build --release --locked --bins -q
 bin=$PWD/target/release
-median() { sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 home() { mkdir -p "$1"; chmod 700 "$1"; cp "common/tests/fixtures/$2.pem" "$1/identity.pem"; chmod 600 "$1/identity.pem"; }
 
 "$bin/broker" --listen 127.0.0.1:0 --data-dir "$work/broker" >"$work/broker.out" 2>"$work/broker.log" &

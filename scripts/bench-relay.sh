@@ -14,19 +14,12 @@ other=${1:?usage: scripts/bench-relay.sh OTHER_BROKER_BINARY}
 size_mib=${SIZE_MIB:-1024}
 rounds=${ROUNDS:-6}
 work=$(mktemp -d -p /dev/shm keyferry-relay.XXXXXX)
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+. scripts/common.sh
 
 cargo build --release --locked --bins -q
 bin=$PWD/target/release
 tck=$(getconf CLK_TCK)
 cpu_of() { awk -v t="$tck" '{ print ($14 + $15) / t }' "/proc/$1/stat"; }
-median() { sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 
 head -c "$((size_mib << 20))" /dev/urandom >"$work/data.bin"
 gib=$(awk -v m="$size_mib" 'BEGIN { print m / 1024 }')

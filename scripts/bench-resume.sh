@@ -25,13 +25,7 @@ sizes=${SIZES:-1 6}
 rounds=${ROUNDS:-2}
 rest_mib=1024
 work=$(mktemp -d -p "$PWD/target" bench-resume.XXXXXX)
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+. scripts/common.sh
 
 cargo build --release --locked --bins -q
 ours=$PWD/target/release
@@ -101,7 +95,6 @@ once() {
         'BEGIN { printf "%.2f %.2f %.2f %.0f\n", t1 - t0, t2 - t0, t2 - t1, f }'
 }
 
-median() { sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 
 echo "resume after a cut, same command run again; rest ${rest_mib} MiB; rounds ${rounds}"
 echo "prefix  build   round  first_s  exit_s  rest_s  resumed_from"

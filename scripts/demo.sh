@@ -10,13 +10,7 @@ cd "$(dirname "$0")/.."
 
 size_mib=${1:-300}
 work=$(mktemp -d -t keyferry-demo.XXXXXX)
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+. scripts/common.sh
 
 echo "== building (release)"
 cargo build --release --locked --bins -q

@@ -23,13 +23,7 @@ idle=${IDLE:-1000}
 transfers=${TRANSFERS:-20}
 size_mib=${SIZE_MIB:-64}
 work=$(mktemp -d -p "${BENCH_DIR:-${TMPDIR:-/tmp}}" keyferry-scale.XXXXXX)
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+. scripts/common.sh
 
 if [ -z "${BIN:-}" ]; then
     cargo build --release --locked --bins -q
@@ -40,7 +34,6 @@ bin=${BIN:-$PWD/target/release}
 rss() { awk -v f="$2" '$1 == f ":" { print int($2 / 1024) }' "/proc/$1/status"; }
 # CPU time of the whole machine so far (user + nice + system + irq + softirq), in ticks.
 cpu_ticks() { awk '$1 == "cpu" { print $2 + $3 + $4 + $7 + $8 }' /proc/stat; }
-median() { sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 
 # Every idle agent is a descriptor in the broker and in idle_agents.
 conns=$((idle + 4 * transfers + 100))
