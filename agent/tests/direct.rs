@@ -334,7 +334,7 @@ fn the_accept_names_addresses_only_when_allowed_and_a_broker_cannot_change_them(
         a
     }));
     let out = TempDir::new("out");
-    let _receiver = evil.receiver(&bob, out.path(), &["--yes"]);
+    let mut receiver = evil.receiver(&bob, out.path(), &["--yes"]);
     // A sender that would go direct (not the helper's `--direct never`).
     let file_arg = file.to_str().unwrap();
     let args = [
@@ -354,5 +354,9 @@ fn the_accept_names_addresses_only_when_allowed_and_a_broker_cannot_change_them(
         "{}",
         sent.stderr
     );
+    // The receiver, waiting on the relay, hears it at once and keeps nothing.
+    receiver
+        .stderr
+        .wait_for("refused this receiver's accept", Duration::from_secs(5));
     assert!(emptied(out.path()), "{:?}", support::names_in(out.path()));
 }

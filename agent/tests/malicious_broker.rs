@@ -1039,7 +1039,8 @@ fn case_15_mlkem() -> Vec<Row> {
 }
 
 /// The receiver's accept changed on its way to the sender: the sender
-/// refuses it and sends nothing; the receiver's data connection ends.
+/// refuses it and sends nothing of the stream, only the `Abort` that tells
+/// the receiver waiting on the relay at once.
 fn accept_attack(case: &str, f: impl FnMut(Vec<u8>) -> Vec<u8> + Send + 'static) -> Row {
     let hits = Hits::default();
     let h = hits.clone();
@@ -1054,7 +1055,7 @@ fn accept_attack(case: &str, f: impl FnMut(Vec<u8>) -> Vec<u8> + Send + 'static)
         &hits,
         SIZE,
         &[],
-        TRUNCATED,
+        "the sender refused this receiver's accept",
         &[(9, "the receiver's accept did not verify")],
     )
 }

@@ -11,7 +11,7 @@ use keyferry_common::identity::Fingerprint;
 use keyferry_common::ids::StreamId;
 use keyferry_common::io::connection::ConnError;
 use keyferry_common::name::AgentName;
-use keyferry_common::wire::message::{ErrorCode, Message, Role};
+use keyferry_common::wire::message::{AbortReason, ErrorCode, Message, Role};
 
 use super::source::Source;
 use super::{ANSWER_TIMEOUT, SendOptions, peer_key};
@@ -153,11 +153,20 @@ pub(crate) async fn offer_to(
         Ok(None) => return Err(before(conn_error(&ctx, ConnError::Truncated))),
         Err(e) => return Err(before(conn_error(&ctx, e))),
     };
-    let accepted = pending.handle_accept(&accept).map_err(|e| {
-        before(AgentError::Verification(format!(
-            "the receiver's accept did not verify ({e})"
-        )))
-    })?;
+    let accepted = match pending.handle_accept(&accept) {
+        Ok(accepted) => accepted,
+        Err(e) => {
+            // The receiver (if it was the receiver) waits for the stream on
+            // the relay: it learns at once that none will come.
+            if let Ok(ticket) = await_ticket(&ctx, &mut conn, tid).await {
+                let reason = AbortReason::VerificationFailed;
+                super::path::abort_waiting(&ctx, &[(tid, ticket)], reason).await;
+            }
+            return Err(before(AgentError::Verification(format!(
+                "the receiver's accept did not verify ({e})"
+            ))));
+        }
+    };
     let ticket = await_ticket(&ctx, &mut conn, tid).await.map_err(after)?;
     Ok(Handshake {
         to,

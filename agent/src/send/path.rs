@@ -41,22 +41,31 @@ pub(super) async fn open(
 /// Tells the receivers that wait on the relay (all but those that take
 /// only a direct connection) that the stream will not come.
 async fn give_up(ctx: &Ctx, ready: &[Handshake]) {
-    let waiting: Vec<&Handshake> = ready
+    let tickets: Vec<(TransferId, Ticket)> = ready
         .iter()
         .filter(|h| h.accepted.direct.mode != DirectMode::Only)
-        .collect();
-    if waiting.is_empty() {
-        return;
-    }
-    let tickets: Vec<(TransferId, Ticket)> = waiting
-        .iter()
         .map(|h| (h.accepted.pair.transfer_id, h.ticket.clone()))
         .collect();
-    if let Ok(mut conn) = open_upload(ctx, &tickets).await {
-        for (tid, _) in &tickets {
+    abort_waiting(ctx, &tickets, AbortReason::Policy).await;
+}
+
+/// Redeems `tickets` at the broker only to send `Abort{reason}` for each,
+/// so that receivers waiting on the relay for a stream that will not come
+/// free their place at once instead of at their timeouts. Best effort: a
+/// broker that is gone or refuses leaves them to those timeouts.
+pub(super) async fn abort_waiting(
+    ctx: &Ctx,
+    tickets: &[(TransferId, Ticket)],
+    reason: AbortReason,
+) {
+    if tickets.is_empty() {
+        return;
+    }
+    if let Ok(mut conn) = open_upload(ctx, tickets).await {
+        for (tid, _) in tickets {
             let abort = Message::Abort {
                 transfer_id: *tid,
-                reason: AbortReason::Policy,
+                reason,
             };
             let _ = conn.writer.write(&abort).await;
         }

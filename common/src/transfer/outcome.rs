@@ -113,6 +113,11 @@ fn aborted_text(r: AbortReason) -> String {
              receiver's)"
                 .into()
         }
+        AbortReason::VerificationFailed => {
+            "the sender refused this receiver's accept: it did not verify there (changed on \
+             the way?)"
+                .into()
+        }
         other => format!("the sender aborted the transfer ({other:?})"),
     }
 }
