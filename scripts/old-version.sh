@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
 # Protocol versions meeting: builds the agent and broker of an older protocol
 # version's last commit in a temporary git worktree, then
-#   1. runs that old agent against this tree's (version 3) broker, and
+#   1. runs that old agent against this tree's broker, and
 #   2. runs this tree's agent against the old broker.
 # Each must end with one line naming both versions and what to upgrade, and
 # exit code 1. Everything runs on 127.0.0.1 and is stopped at the end.
 #
 # usage: scripts/old-version.sh           (version 2, commit 565ad4b)
 #        OLD_COMMIT=eea02f7 OLD_VERSION=1 scripts/old-version.sh   (version 1)
+#        OLD_COMMIT=c4ee9bc OLD_VERSION=5 scripts/old-version.sh   (version 5)
 # (builds in debug; ~5 min the first time)
 set -euo pipefail
 OLD_COMMIT=${OLD_COMMIT:-565ad4b}
 OLD_VERSION=${OLD_VERSION:-2}
-NEW_VERSION=3
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+NEW_VERSION=$(sed -n 's/^pub const PROTOCOL_VERSION: u16 = \([0-9]*\);/\1/p' common/src/lib.rs)
 work=$(mktemp -d)
 pids=()
 cleanup() {

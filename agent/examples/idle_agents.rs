@@ -45,6 +45,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     home: home.clone(),
                     name: AgentName::new(&format!("idle-{:04}", first + i)).expect("a valid name"),
                     identity: Arc::clone(&identity),
+                    seen: Default::default(),
                 };
                 tokio::spawn(async move { connect(&ctx, Role::Receiver).await })
             })

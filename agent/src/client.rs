@@ -19,6 +19,7 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use crate::direct::seen::Seen;
 use crate::error::AgentError;
 use crate::home::{Home, now_unix};
 use crate::trust::pins::{PinCheck, PinError};
@@ -48,6 +49,8 @@ pub struct Ctx {
     pub name: AgentName,
     /// Our identity.
     pub identity: Arc<Identity>,
+    /// How the broker sees our connections (its `Welcome`).
+    pub seen: Seen,
 }
 
 /// Maps a broker `Error` message to the agent's error. The detail is the
@@ -257,7 +260,7 @@ async fn hello_and_auth(
         .map_err(lost)?;
     let mut reader = FrameReader::new(&mut *tls, MAX_FRAME_LEN);
     match reader.read_timeout(CONNECT_TIMEOUT).await.map_err(lost)? {
-        Some(Message::Welcome) => {}
+        Some(Message::Welcome { seen }) => ctx.seen.set(&seen),
         Some(Message::Error { code, detail }) => return Err(broker_error(code, detail)),
         Some(_) => {
             return Err(AgentError::Protocol(

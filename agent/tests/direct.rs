@@ -3,8 +3,9 @@
 //! machine (127.0.0.1) the stream goes straight from sender to receiver;
 //! `--direct never` and `--direct only` do what they say; a stranger on the
 //! receiver's direct port changes nothing; a broker cannot change the
-//! addresses an accept names. The tests in network namespaces are in
-//! `direct_netns.rs`.
+//! addresses an accept names, nor a sender's terms malformed addresses for
+//! a simultaneous open. The tests in network namespaces are in
+//! `direct_netns.rs` and `direct_nat.rs`.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is a test failure
 
@@ -359,4 +360,53 @@ fn the_accept_names_addresses_only_when_allowed_and_a_broker_cannot_change_them(
         .stderr
         .wait_for("refused this receiver's accept", Duration::from_secs(5));
     assert!(emptied(out.path()), "{:?}", support::names_in(out.path()));
+}
+
+#[test]
+fn terms_that_name_malformed_punch_addresses_are_refused_and_good_ones_accepted() {
+    use keyferry_common::handshake::Terms;
+    use keyferry_common::ids::StreamId;
+    use keyferry_common::wire::message::RefuseReason;
+    use support::hand::{self, HandSender};
+
+    let broker = Broker::start();
+    let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
+    let out = TempDir::new("out");
+    let _receiver = bob.receiver(&broker, out.path(), &["--yes"]);
+    let one = [4u8, 203, 0, 113, 7, 0x9c, 0x40];
+    let bad: [Vec<u8>; 4] = [
+        vec![1, 5, 203, 0, 113, 7, 0x9c, 0x40], // unknown family
+        vec![1, 4, 203, 0, 113, 7, 0, 0],       // port 0
+        [&[3][..], &one, &one, &one].concat(),  // more than two
+        [&[1][..], &one, &[0]].concat(),        // trailing bytes
+    ];
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        for punch in bad {
+            let mut m = HandSender::connect(&broker.addr, &alice, "bob").await;
+            let terms = Terms {
+                punch: punch.clone(),
+                ..hand::files(1000)
+            };
+            let (_, answer) = m.offer(terms, StreamId::random()).await;
+            assert!(
+                matches!(
+                    answer,
+                    Message::Refuse {
+                        reason: RefuseReason::VerificationFailed,
+                        ..
+                    }
+                ),
+                "{punch:?}: {answer:?}"
+            );
+        }
+        // Well formed (the receiver is not translated: it just accepts).
+        let mut m = HandSender::connect(&broker.addr, &alice, "bob").await;
+        let terms = Terms {
+            punch: [&[1][..], &one].concat(),
+            ..hand::files(1000)
+        };
+        let (_, answer) = m.offer(terms, StreamId::random()).await;
+        assert!(matches!(answer, Message::Accept { .. }), "{answer:?}");
+    });
 }

@@ -17,170 +17,33 @@ mod support;
 use std::process::Command;
 use std::time::Duration;
 
-use support::{
-    Home, Proc, Run, TempDir, WAIT, agent_bin, broker_bin, last_word, pseudo_random, wait_for_data,
-};
+use support::netns::{self, Netns, World};
+use support::{Run, WAIT, wait_for_data};
 
-/// Three namespaces and their links, removed when dropped.
-struct Net {
-    names: [String; 3],
+/// Where the agents reach the broker: alice (in A) and bob (in B).
+const ALICE_TO_C: &str = "10.201.2.2";
+const BOB_TO_C: &str = "10.201.3.2";
+
+/// Three namespaces and their links: 0 the sender (A), 1 the receiver
+/// (B), 2 the broker (C).
+fn make(tag: &str) -> Result<Netns, String> {
+    let net = Netns::new(tag, 3)?;
+    net.link((0, "10.201.1.1/24"), (1, "10.201.1.2/24"), "lan")?;
+    net.link((0, "10.201.2.1/24"), (2, "10.201.2.2/24"), "wana")?;
+    net.link((1, "10.201.3.1/24"), (2, "10.201.3.2/24"), "wanb")?;
+    Ok(net)
 }
 
-impl Net {
-    /// Makes the namespaces, or says why it cannot.
-    fn make(tag: &str) -> Result<Self, String> {
-        let id = format!("{}{tag}", std::process::id());
-        let names = ["a", "b", "c"].map(|n| format!("kf{id}{n}"));
-        let net = Self { names };
-        let [a, b, c] = net.names.clone();
-        net.ip(&["netns", "add", &a])?;
-        net.ip(&["netns", "add", &b])?;
-        net.ip(&["netns", "add", &c])?;
-        for (x, ax, y, ay, link) in [
-            (&a, "10.201.1.1/24", &b, "10.201.1.2/24", "lan"),
-            (&a, "10.201.2.1/24", &c, "10.201.2.2/24", "wana"),
-            (&b, "10.201.3.1/24", &c, "10.201.3.2/24", "wanb"),
-        ] {
-            net.ip(&[
-                "link", "add", link, "netns", x, "type", "veth", "peer", "name", link, "netns", y,
-            ])?;
-            for (ns, addr) in [(x, ax), (y, ay)] {
-                net.ip(&["-n", ns, "addr", "add", addr, "dev", link])?;
-                net.ip(&["-n", ns, "link", "set", link, "up"])?;
-            }
-        }
-        for ns in &net.names {
-            net.ip(&["-n", ns, "link", "set", "lo", "up"])?;
-        }
-        Ok(net)
-    }
-
-    fn ip(&self, args: &[&str]) -> Result<(), String> {
-        let out = Command::new("ip")
-            .args(args)
-            .output()
-            .map_err(|e| format!("ip: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "ip {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
-    }
-
-    /// `program` run inside namespace `i` (0 sender, 1 receiver, 2 broker).
-    fn command(&self, i: usize, program: &std::path::Path) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.names[i]]).arg(program);
-        cmd
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        for ns in &self.names {
-            let _ = self.ip(&["netns", "del", ns]);
-        }
-    }
-}
-
-/// The namespaces, or `None` after printing why the test is skipped; with
-/// `KEYFERRY_REQUIRE_NETNS` set (as CI sets it) a test that cannot make
-/// them fails instead.
-fn net_or_skip(tag: &str) -> Option<Net> {
-    match Net::make(tag) {
-        Ok(n) => Some(n),
-        Err(why) if std::env::var_os("KEYFERRY_REQUIRE_NETNS").is_some() => {
-            panic!("network namespaces are required here (KEYFERRY_REQUIRE_NETNS) but: {why}")
-        }
-        Err(why) => {
-            eprintln!("SKIPPED: network namespaces are not available here ({why})");
-            None
-        }
-    }
-}
-
-/// The broker in namespace C, and its port.
-fn broker(net: &Net, data: &TempDir) -> (Proc, String) {
-    let mut cmd = net.command(2, &broker_bin());
-    cmd.args(["--listen", "0.0.0.0:0", "--allow-any-agent", "--data-dir"])
-        .arg(data.path());
-    let mut p = Proc::spawn(cmd);
-    let addr = last_word(&p.stdout.wait_for("listening on", WAIT));
-    let port = addr.rsplit(':').next().unwrap().to_owned();
-    (p, port)
-}
-
-fn agent(net: &Net, i: usize, home: &Home, broker: &str, args: &[&str]) -> Proc {
-    let mut cmd = net.command(i, &agent_bin());
-    cmd.args(["--broker", broker, "--name", &home.name, "--home"])
-        .arg(home.dir.path())
-        .args(args);
-    Proc::spawn(cmd)
-}
-
-/// One transfer's world: the broker in C, alice in A, bob in B, a file of
-/// `len` pseudo-random bytes to send.
-struct World {
-    net: Net,
-    broker: Proc,
-    port: String,
-    homes: (Home, Home),
-    file: std::path::PathBuf,
-    data: Vec<u8>,
-    out: TempDir,
-    _dirs: (TempDir, TempDir),
-}
-
-impl World {
-    fn new(net: Net, len: usize) -> Self {
-        let bdata = TempDir::new("broker");
-        let (broker, port) = broker(&net, &bdata);
-        let src = TempDir::new("src");
-        let data = pseudo_random(len, len as u64);
-        let file = src.join("data.bin");
-        std::fs::write(&file, &data).unwrap();
-        Self {
-            net,
-            broker,
-            port,
-            homes: (Home::new("alice", "alice"), Home::new("bob", "bob")),
-            file,
-            data,
-            out: TempDir::new("out"),
-            _dirs: (bdata, src),
-        }
-    }
-
-    /// Bob's receiver in B, ready, with `extra` options.
-    fn receiver(&self, extra: &[&str]) -> Proc {
-        let out = self.out.path().to_str().unwrap();
-        let mut args = vec!["--role", "receiver", "--out-dir", out, "--yes"];
-        args.extend_from_slice(extra);
-        let broker = format!("10.201.3.2:{}", self.port);
-        let mut p = agent(&self.net, 1, &self.homes.1, &broker, &args);
-        p.stdout.wait_for("receiving as", WAIT);
-        p
-    }
-
-    /// Alice sending the file from A with `--json`.
-    fn sender(&self) -> Proc {
-        let file = self.file.to_str().unwrap();
-        let args = ["--role", "sender", "--to", "bob", "--file", file, "--json"];
-        let broker = format!("10.201.2.2:{}", self.port);
-        agent(&self.net, 0, &self.homes.0, &broker, &args)
-    }
+fn net_or_skip(tag: &str) -> Option<Netns> {
+    netns::or_skip(make(tag))
 }
 
 #[test]
 fn two_agents_on_one_lan_go_direct_and_the_far_broker_relays_nothing() {
     let Some(net) = net_or_skip("l") else { return };
-    let mut w = World::new(net, 5 << 20);
-    let mut receiver = w.receiver(&["--once"]);
-    let sent = Run::finish(w.sender());
+    let mut w = World::new(net, 2, 5 << 20);
+    let mut receiver = w.receiver(1, BOB_TO_C, &["--once"]);
+    let sent = Run::finish(w.sender(0, ALICE_TO_C));
     assert_eq!(sent.code, Some(0), "{sent:#?}");
     let report = support::json(&sent);
     assert_eq!(report["via"], "direct", "{report}");
@@ -220,9 +83,9 @@ fn a_direct_path_cut_mid_transfer_finishes_over_the_relay() {
         eprintln!("SKIPPED: no rate limit for the LAN here (tc: {why})");
         return;
     }
-    let mut w = World::new(net, 48 << 20);
-    let mut receiver = w.receiver(&["--progress-timeout", "5s"]);
-    let sender = w.sender();
+    let mut w = World::new(net, 2, 48 << 20);
+    let mut receiver = w.receiver(1, BOB_TO_C, &["--progress-timeout", "5s"]);
+    let sender = w.sender(0, ALICE_TO_C);
     // The LAN goes away once the receiver holds 8 MiB of the direct stream.
     wait_for_data(receiver.child.id(), w.out.path(), 8 << 20);
     w.net

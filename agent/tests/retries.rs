@@ -99,7 +99,12 @@ fn a_receiver_whose_broker_closes_after_welcome_backs_off() {
             let nonce = [7; 32];
             let _ = conn.writer.write(&Message::Challenge { nonce }).await;
             if let Ok(Some(Message::Auth { .. })) = conn.reader.read().await {
-                let _ = conn.writer.write(&Message::Welcome).await;
+                let _ = conn
+                    .writer
+                    .write(&Message::Welcome {
+                        seen: String::new(),
+                    })
+                    .await;
                 seen.lock().unwrap().push(Instant::now());
             }
             // And gone.

@@ -171,6 +171,7 @@ fn offer_of_size(alice: &Agent, bob_key: &PublicKey, size: u64) -> Message {
             size_known: true,
             resumes: None,
             receivers: 1,
+            punch: Vec::new(),
         },
         now_unix: keyferry_agent::home::now_unix(),
     })

@@ -114,6 +114,7 @@ async fn after_the_grace_period_a_running_transfer_is_cut() {
             size_known: true,
             resumes: None,
             receivers: 1,
+            punch: Vec::new(),
         },
         now_unix: keyferry_agent::home::now_unix(),
     })

@@ -211,6 +211,7 @@ fn handshake(c: &mut Criterion) {
                 size_known: true,
                 resumes: None,
                 receivers: 1,
+                punch: Vec::new(),
             },
             now_unix: 1_800_000_000,
         })

@@ -29,6 +29,7 @@ fn terms() -> Terms {
         size_known: true,
         resumes: None,
         receivers: 1,
+        punch: Vec::new(),
     }
 }
 

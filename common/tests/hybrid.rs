@@ -1,4 +1,4 @@
-//! The handshake (the same in versions 2 to 5) against a broker that edits
+//! The handshake (the same in versions 2 to 6) against a broker that edits
 //! it: the ML-KEM-768
 //! encapsulation key stripped or swapped in the offer, the ciphertext
 //! stripped or swapped in the accept, shares of the wrong length, keys that
@@ -36,6 +36,7 @@ fn terms() -> Terms {
         size_known: true,
         resumes: Some(StreamId([9; 16])),
         receivers: 1,
+        punch: Vec::new(),
     }
 }
 
@@ -70,7 +71,7 @@ impl Parts {
 }
 
 /// The protocol version PROTOCOL.md describes.
-const VERSION: u16 = 5;
+const VERSION: u16 = 6;
 
 /// An offer from Alice to Bob built from PROTOCOL.md §3.3 alone, signed by
 /// Alice whatever its parts.
@@ -350,4 +351,17 @@ fn a_receiver_key_is_needed_to_read_the_terms() {
     )
     .unwrap();
     assert_eq!(verified.open(&carol).unwrap_err(), HandshakeError::Auth);
+}
+
+#[test]
+fn the_terms_example_of_protocol_md_is_the_encoding() {
+    let t = Terms {
+        kind: Kind::Files,
+        size: 5,
+        size_known: true,
+        resumes: None,
+        receivers: 1,
+        punch: Vec::new(),
+    };
+    assert_eq!(postcard::to_stdvec(&t).unwrap(), [0, 5, 1, 0, 1, 0]);
 }

@@ -59,11 +59,12 @@ pub(super) async fn offer(
             size_known: false,
             resumes: None,
             receivers: count,
+            punch: Vec::new(),
         };
         let (ctx, peer) = (ctx.clone(), peer.clone());
         shakes.spawn(async move {
             let shake: Result<Handshake, Failed> =
-                offer_to(ctx, peer.clone(), stream_id, terms, None).await;
+                offer_to(ctx, peer.clone(), stream_id, terms, None, false).await;
             (peer, shake)
         });
     }

@@ -286,6 +286,7 @@ fn context(args: &Args) -> Result<Ctx, AgentError> {
         home,
         name,
         identity,
+        seen: Default::default(),
     })
 }
 

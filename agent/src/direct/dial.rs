@@ -6,7 +6,6 @@
 //! learns nothing it could use elsewhere: our proof goes only to the one
 //! that proved itself, and covers its own fresh challenge.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use keyferry_common::crypto::keys::MacKey;
@@ -19,6 +18,7 @@ use keyferry_common::wire::message::Message;
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
+use super::punch::{PunchPort, WINDOW};
 use super::{DIAL_TIMEOUT, PROOF_TIMEOUT};
 use crate::client::DataConn;
 
@@ -29,20 +29,38 @@ const MAX_ANSWER_FRAME: usize = 96;
 /// Dials the receiver's candidates (loopback ones only if `loopback`: the
 /// broker is on this machine too) and returns the first connection whose
 /// listener proved itself, after sending our proof on it; or why none
-/// worked (one reason per address).
+/// worked (one reason per address). With a `punch` port (named in the
+/// terms), each address of its family is dialled from it, again and again
+/// for the simultaneous open's window.
 pub async fn dial(
     terms: &DirectTerms,
     key: &Arc<MacKey>,
     tid: TransferId,
     loopback: bool,
+    punch: Option<&Arc<PunchPort>>,
 ) -> Result<DataConn, String> {
+    let deadline = tokio::time::Instant::now() + WINDOW;
     let mut attempts = JoinSet::new();
     for addr in terms
         .dialable()
         .filter(|a| loopback || !a.ip().to_canonical().is_loopback())
     {
+        let from = punch.filter(|p| p.reaches(&addr)).cloned();
         let key = Arc::clone(key);
-        attempts.spawn(async move { (addr, one(addr, &key, tid).await) });
+        attempts.spawn(async move {
+            let tcp = match from {
+                Some(p) => p.connect(addr, deadline).await,
+                None => tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr))
+                    .await
+                    .map_err(|_| "no answer".to_owned())
+                    .and_then(|r| r.map_err(|e| e.to_string())),
+            };
+            let proved = match tcp {
+                Ok(tcp) => one(tcp, &key, tid).await,
+                Err(e) => Err(e),
+            };
+            (addr, proved)
+        });
     }
     if attempts.is_empty() {
         return Err("the receiver announced no address this agent may dial".into());
@@ -70,18 +88,13 @@ pub async fn dial(
     Err(why.join("; "))
 }
 
-/// One address: connect (within [`DIAL_TIMEOUT`]), send our challenge,
-/// check the listener's proof over both challenges (within
-/// [`PROOF_TIMEOUT`]).
+/// One connection: send our challenge, check the listener's proof over both
+/// challenges (within [`PROOF_TIMEOUT`]).
 async fn one(
-    addr: SocketAddr,
+    tcp: TcpStream,
     key: &MacKey,
     tid: TransferId,
 ) -> Result<(DataConn, Challenges), String> {
-    let tcp = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr))
-        .await
-        .map_err(|_| "no answer".to_owned())?
-        .map_err(|e| e.to_string())?;
     let _ = keyferry_common::io::tcp::direct(&tcp);
     let mut conn = Connection::new(tcp);
     conn.reader.set_max(MAX_ANSWER_FRAME);

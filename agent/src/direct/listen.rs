@@ -16,7 +16,7 @@ use keyferry_common::crypto::keys::MacKey;
 use keyferry_common::crypto::random_array;
 use keyferry_common::handshake::Kind;
 use keyferry_common::handshake::direct::{
-    Challenges, DirectTerms, MAX_CANDIDATES, receiver_proof, verify_sender,
+    Challenges, DirectTerms, MAX_CANDIDATES, dialable, receiver_proof, verify_sender,
 };
 use keyferry_common::ids::TransferId;
 use keyferry_common::io::connection::Connection;
@@ -28,6 +28,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, oneshot};
 
 use super::PROOF_TIMEOUT;
+use super::punch::{self, PunchPort};
+use super::seen::Seen;
 use crate::client::DataConn;
 
 /// Most connections proving themselves at once; more wait in the kernel's
@@ -138,26 +140,56 @@ impl Listener {
             tid,
             conn: rx,
             waiters: Arc::clone(&self.waiters),
+            punching: None,
         }
     }
 }
 
+/// A simultaneous open the receiver tries beside its listener: from a port
+/// named in its accept to the sender's named addresses.
+#[derive(Debug)]
+pub struct Punch {
+    port: PunchPort,
+    to: Vec<SocketAddr>,
+}
+
 /// What a receiver's accept says about direct connections for a stream of
 /// `kind`: nothing without a listener or for a chat stream (those take the
-/// relay), else the mode of `--direct` and the listener's addresses.
+/// relay), else the mode of `--direct` and the listener's addresses. When
+/// the sender named addresses for a simultaneous open (`punch_to`) and a
+/// router translates this receiver's addresses (`seen`), a port of its own
+/// for that too, named last with its outside address, and the plan.
 pub async fn terms_for(
     listener: Option<&Listener>,
     opt: super::DirectOpt,
     kind: Kind,
     broker: &str,
-) -> DirectTerms {
-    match listener {
-        Some(l) if kind != Kind::Chat => DirectTerms {
-            mode: opt.mode(),
-            candidates: l.candidates(broker).await,
-        },
-        _ => DirectTerms::never(),
+    (punch_to, seen): (&[SocketAddr], &Seen),
+) -> (DirectTerms, Option<Punch>) {
+    let Some(l) = listener.filter(|_| kind != Kind::Chat) else {
+        return (DirectTerms::never(), None);
+    };
+    let mut candidates = l.candidates(broker).await;
+    let mut punch = None;
+    if opt != super::DirectOpt::Never
+        && !punch_to.is_empty()
+        && let Some(outside) = seen.translated()
+        && let Ok(port) = PunchPort::reserve(outside)
+    {
+        candidates.truncate(MAX_CANDIDATES - 1);
+        candidates.push(port.outside);
+        let to = punch_to
+            .iter()
+            .copied()
+            .filter(|a| dialable(a) && !a.ip().to_canonical().is_loopback() && port.reaches(a))
+            .collect();
+        punch = Some(Punch { port, to });
     }
+    let terms = DirectTerms {
+        mode: opt.mode(),
+        candidates,
+    };
+    (terms, punch)
 }
 
 /// The source address this machine's routes give a packet to `broker`
@@ -182,9 +214,36 @@ pub struct Expected {
     tid: TransferId,
     conn: oneshot::Receiver<DataConn>,
     waiters: Waiters,
+    /// The simultaneous open, while it runs.
+    punching: Option<AbortOnDrop>,
 }
 
 impl Expected {
+    /// Runs `plan` beside the wait, for at most the simultaneous open's
+    /// window: each connection it makes must prove itself as one the
+    /// listener accepted; it stops once the transfer has its connection.
+    pub fn punch(&mut self, plan: Punch) {
+        let (waiters, tid) = (Arc::clone(&self.waiters), self.tid);
+        let task = tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + punch::WINDOW;
+            let port = Arc::new(plan.port);
+            let mut tries = tokio::task::JoinSet::new();
+            for to in plan.to {
+                let (port, waiters) = (Arc::clone(&port), Arc::clone(&waiters));
+                tries.spawn(async move {
+                    while lock(&waiters).contains_key(&tid) {
+                        let Ok(tcp) = port.connect(to, deadline).await else {
+                            return;
+                        };
+                        let _ = tokio::time::timeout(PROOF_TIMEOUT, prove(tcp, &waiters)).await;
+                    }
+                });
+            }
+            while tries.join_next().await.is_some() {}
+        });
+        self.punching = Some(AbortOnDrop(task));
+    }
+
     /// The proved connection; never returns if none comes.
     pub async fn connection(&mut self) -> DataConn {
         match (&mut self.conn).await {

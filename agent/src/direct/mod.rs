@@ -6,6 +6,8 @@
 
 pub mod dial;
 pub mod listen;
+pub mod punch;
+pub mod seen;
 
 use std::fmt;
 use std::time::Duration;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use keyferry_common::chat::CHAT_BOUND;
-use keyferry_common::handshake::direct::DirectMode;
+use keyferry_common::handshake::direct::{DirectMode, punch_from_bytes};
 use keyferry_common::handshake::{
     self, DEFAULT_TIME_WINDOW_SECS, Kind, MAX_MESSAGE_LEN as MAX_MESSAGE, ResumePoint, SignedOffer,
     Terms,
@@ -26,7 +26,7 @@ use keyferry_common::wire::message::RefuseReason;
 
 use super::resume::{Origin, Place, prepare};
 use super::{Failure, MAX_CONCURRENT, MAX_PER_SENDER, SPACE_MARGIN, Shared};
-use crate::direct::listen::terms_for;
+use crate::direct::listen::{Punch, terms_for};
 use crate::home::now_unix;
 use crate::trust::budget::NEW_KEY_AGE_SECS;
 use crate::trust::pins::{PinCheck, PinError};
@@ -54,6 +54,8 @@ pub(super) struct Admitted<'a> {
     pub slot: Slot<'a>,
     /// Which paths the accept said the stream may take.
     pub direct: DirectMode,
+    /// The simultaneous open to try beside the listener, if any.
+    pub punch: Option<Punch>,
 }
 
 /// Runs the gate on one offer for transfer `tid` (its id already read).
@@ -268,11 +270,14 @@ pub(super) async fn admit<'a>(
     // journal is written only after the user's yes.
     let ask = ask.filter(|_| point.offset == 0);
     let ask_secs = ask.map_or(0, |t| u32::try_from(t.as_secs()).unwrap_or(u32::MAX));
-    let direct = terms_for(
+    // Checked with the other terms (`check_terms`).
+    let punch_to = punch_from_bytes(&terms.punch).unwrap_or_default();
+    let (direct, punch) = terms_for(
         shared.direct.as_ref(),
         shared.opts.direct,
         terms.kind,
         &ctx.broker,
+        (&punch_to, &ctx.seen),
     )
     .await;
     let (accept, pair) = match opened.accept_asking(point, ask_secs, &direct) {
@@ -295,6 +300,7 @@ pub(super) async fn admit<'a>(
         place,
         slot,
         direct: direct.mode,
+        punch,
     })
 }
 
@@ -331,6 +337,12 @@ fn check_terms(
         return Err(refuse(
             RefuseReason::Policy,
             format!("a stream to {} receivers", t.receivers),
+        ));
+    }
+    if punch_from_bytes(&t.punch).is_err() {
+        return Err(refuse(
+            RefuseReason::VerificationFailed,
+            "the offer's terms name malformed addresses".into(),
         ));
     }
     // A chat stream goes only to a chat, from one of its peers, with the

@@ -156,11 +156,14 @@ async fn accept_and_receive(
     lock(&shared.tickets).insert(tid, ticket_tx);
     let waiting = Waiting(shared, tid);
     // Waiting for the sender's direct connection, too, before it can come.
-    let expected = shared
+    let mut expected = shared
         .direct
         .as_ref()
         .filter(|_| admitted.direct != DirectMode::Never)
         .map(|l| l.expect(tid, Arc::clone(&admitted.pair.direct)));
+    if let (Some(e), Some(plan)) = (expected.as_mut(), admitted.punch) {
+        e.punch(plan);
+    }
     let accept = Message::Accept {
         transfer_id: tid,
         accept: admitted.accept,

@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use keyferry_common::handshake::direct::punch_to_bytes;
 use keyferry_common::handshake::{Accepted, Kind, OfferParams, Terms, make_offer};
 use keyferry_common::identity::Fingerprint;
 use keyferry_common::ids::StreamId;
@@ -16,6 +17,8 @@ use keyferry_common::wire::message::{AbortReason, ErrorCode, Message, Role};
 use super::source::Source;
 use super::{ANSWER_TIMEOUT, SendOptions, peer_key};
 use crate::client::{Ctx, Ticket, await_ticket, broker_error, conn_error, connect};
+use crate::direct::DirectOpt;
+use crate::direct::punch::PunchPort;
 use crate::error::AgentError;
 use crate::home::now_unix;
 
@@ -53,6 +56,8 @@ pub(crate) struct Handshake {
     pub accepted: Accepted,
     /// Where its data connection goes.
     pub ticket: Ticket,
+    /// The port named in the terms for a simultaneous open, if one was.
+    pub punch: Option<Arc<PunchPort>>,
 }
 
 /// Offers stream `stream_id` of `source` to `to` on a connection of its
@@ -65,6 +70,17 @@ pub(super) async fn handshake(
     stream_id: StreamId,
     receivers: u32,
 ) -> Result<Handshake, Failed> {
+    // Behind address translation a receiver's router lets a direct
+    // connection in only if both connect at once: name a port for that (the
+    // receiver knows whether it needs it), unless no direct connection will
+    // be tried (PROTOCOL.md §2.7).
+    let small = source.size_known && source.total < super::path::DIRECT_FROM;
+    let punch = receivers == 1
+        && match opts.direct {
+            DirectOpt::Never => false,
+            DirectOpt::Auto => !small,
+            DirectOpt::Only => true,
+        };
     let terms = Terms {
         kind: if opts.is_message() {
             Kind::Message
@@ -75,21 +91,31 @@ pub(super) async fn handshake(
         size_known: source.size_known,
         resumes: source.origin(&ctx.name, &to),
         receivers,
+        punch: Vec::new(),
     };
-    offer_to(ctx, to, stream_id, terms, opts.peer_fingerprint).await
+    offer_to(ctx, to, stream_id, terms, opts.peer_fingerprint, punch).await
 }
 
 /// Offers stream `stream_id` with `terms` to `to` on a connection of its
 /// own (checking the receiver's key against its pin, and against `required`
-/// if given) and waits for its accept and ticket.
+/// if given) and waits for its accept and ticket. With `punch`, a port is
+/// named for a simultaneous open (unless the broker is on this machine).
 pub(crate) async fn offer_to(
     ctx: Ctx,
     to: AgentName,
     stream_id: StreamId,
-    terms: Terms,
+    mut terms: Terms,
     required: Option<Fingerprint>,
+    punch: bool,
 ) -> Result<Handshake, Failed> {
     let mut conn = connect(&ctx, Role::Sender).await.map_err(before)?;
+    let punch = match ctx.seen.outside().filter(|_| punch) {
+        Some(outside) => PunchPort::reserve(outside).ok().map(Arc::new),
+        None => None,
+    };
+    if let Some(p) = &punch {
+        terms.punch = punch_to_bytes(&[p.outside]);
+    }
     let receiver_key = peer_key(&ctx, &mut conn, &to, required)
         .await
         .map_err(before)?;
@@ -173,5 +199,6 @@ pub(crate) async fn offer_to(
         fp,
         accepted,
         ticket,
+        punch,
     })
 }

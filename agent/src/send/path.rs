@@ -15,6 +15,7 @@ use super::offer::Handshake;
 use crate::client::{Ctx, DataConn, Ticket, open_upload};
 use crate::direct::{DirectOpt, Path, dial};
 use crate::error::AgentError;
+use crate::output::notice;
 
 /// The smallest stream `--direct auto` dials for: below it the dial and the
 /// proofs (two round trips between the agents) cost more than the relay's
@@ -107,14 +108,19 @@ async fn choose(
                 if !broken || ours_only || theirs_only {
                     let tid = one.accepted.pair.transfer_id;
                     let local = broker_is_local(ctx).await;
-                    match dial::dial(offered, &one.accepted.pair.direct, tid, local).await {
+                    let punch = one.punch.as_ref();
+                    let key = &one.accepted.pair.direct;
+                    match dial::dial(offered, key, tid, local, punch).await {
                         Ok(conn) => return Ok((conn, Path::Direct)),
                         Err(why) if ours_only || theirs_only => {
                             return Err(AgentError::NoDirectPath(format!(
                                 "could not reach {to} directly ({why})"
                             )));
                         }
-                        Err(_) => {}
+                        Err(why) => {
+                            let why = keyferry_common::text::escape(&why);
+                            notice!("no direct path to {to} ({why}): through the broker's relay");
+                        }
                     }
                 }
             }

@@ -285,6 +285,7 @@ mod tests {
                 size_known: true,
                 resumes: None,
                 receivers: 1,
+                punch: Vec::new(),
             },
             now_unix: NOW,
         })

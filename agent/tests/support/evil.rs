@@ -652,7 +652,13 @@ async fn handle(shared: Arc<Shared>, acceptor: TlsAcceptor, tcp: TcpStream) -> R
     let agent = Agent { name, spki };
     match role {
         Role::Sender => {
-            write(&mut conn.writer, &Message::Welcome).await?;
+            write(
+                &mut conn.writer,
+                &Message::Welcome {
+                    seen: String::new(),
+                },
+            )
+            .await?;
             sender_session(&shared, conn, agent).await
         }
         Role::Receiver => receiver_session(&shared, conn, agent).await,
@@ -716,7 +722,13 @@ async fn receiver_session(
         .state()
         .receivers
         .insert(name.clone(), (id, tx.clone()));
-    let welcomed = write(&mut conn.writer, &Message::Welcome).await;
+    let welcomed = write(
+        &mut conn.writer,
+        &Message::Welcome {
+            seen: String::new(),
+        },
+    )
+    .await;
     let result = if let Err(e) = welcomed {
         Err(e)
     } else {

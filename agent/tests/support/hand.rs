@@ -28,6 +28,7 @@ pub fn files(size: u64) -> Terms {
         size_known: true,
         resumes: None,
         receivers: 1,
+        punch: Vec::new(),
     }
 }
 
@@ -61,6 +62,7 @@ impl HandSender {
             identity: Arc::new(h.identity().unwrap()),
             home: h,
             name: AgentName::new(&home.name).unwrap(),
+            seen: Default::default(),
         };
         let mut conn = connect(&ctx, Role::Sender).await.unwrap();
         let to = AgentName::new(to).unwrap();

@@ -12,6 +12,7 @@ pub mod fake;
 pub mod hand;
 pub mod nats;
 pub mod nats_bin;
+pub mod netns;
 pub mod pty;
 pub mod scrape;
 

@@ -16,6 +16,7 @@ pub(crate) mod routed;
 mod sender;
 pub(crate) mod start;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -85,6 +86,11 @@ pub async fn handle(
     if !tls {
         return Box::pin(data::admit(state, tcp, guard, deadline)).await;
     }
+    // Told to the agent in its `Welcome` (PROTOCOL.md §2.7).
+    let seen = tcp
+        .peer_addr()
+        .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()).to_string())
+        .unwrap_or_default();
     // Each phase is boxed: a task is as large as its largest state, and an
     // idle receiver should not carry the handshake's or a sender's.
     let authenticated = tokio::select! {
@@ -99,10 +105,13 @@ pub async fn handle(
     match role {
         Role::Sender => {
             let mut conn = conn;
-            conn.writer.write(&Message::Welcome).await?;
+            conn.writer.write(&Message::Welcome { seen }).await?;
             Box::pin(sender::session(&state, conn, agent, shutdown)).await
         }
-        Role::Receiver => Box::pin(receiver::session(&state, conn, agent, shutdown)).await,
+        Role::Receiver => {
+            let welcome = Message::Welcome { seen };
+            Box::pin(receiver::session(&state, conn, agent, welcome, shutdown)).await
+        }
     }
 }
 

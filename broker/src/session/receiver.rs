@@ -26,6 +26,7 @@ pub(super) async fn session(
     state: &State,
     mut conn: BrokerConn,
     agent: Agent,
+    welcome: Message,
     mut shutdown: Shutdown,
 ) -> Result<(), SessionError> {
     let registry = &state.registry;
@@ -54,7 +55,7 @@ pub(super) async fn session(
         );
         return Err(refuse(&mut conn, ErrorCode::ReceiverConnected, detail).await);
     }
-    if let Err(e) = conn.writer.write(&Message::Welcome).await {
+    if let Err(e) = conn.writer.write(&welcome).await {
         registry.remove_receiver(&agent.name, conn_id);
         release(state, &agent).await;
         return Err(e.into());

@@ -227,6 +227,7 @@ impl Agent {
             identity: Arc::new(h.identity().unwrap()),
             home: h,
             name: AgentName::new(name).unwrap(),
+            seen: Default::default(),
         };
         Self { home, ctx }
     }

@@ -14,6 +14,9 @@ use crate::ids::TransferId;
 
 /// Most candidate addresses one accept carries.
 pub const MAX_CANDIDATES: usize = 8;
+/// Most addresses a sender names for a simultaneous open (its terms'
+/// `punch`): one per address family.
+pub const MAX_PUNCH: usize = 2;
 
 /// Proof labels, one per side.
 mod label {
@@ -59,20 +62,8 @@ impl DirectTerms {
             DirectMode::Never => &[],
             _ => &self.candidates[..self.candidates.len().min(MAX_CANDIDATES)],
         };
-        let mut out = vec![self.mode as u8, u8::try_from(candidates.len()).unwrap_or(0)];
-        for c in candidates {
-            match c.ip() {
-                IpAddr::V4(a) => {
-                    out.push(4);
-                    out.extend_from_slice(&a.octets());
-                }
-                IpAddr::V6(a) => {
-                    out.push(6);
-                    out.extend_from_slice(&a.octets());
-                }
-            }
-            out.extend_from_slice(&c.port().to_be_bytes());
-        }
+        let mut out = vec![self.mode as u8];
+        put_addrs(&mut out, candidates);
         out
     }
 
@@ -86,22 +77,9 @@ impl DirectTerms {
             2 => DirectMode::Only,
             _ => return Err(DecodeError::Unexpected),
         };
-        let n = usize::from(d.u8()?);
-        if n > MAX_CANDIDATES || (mode == DirectMode::Never && n > 0) {
+        let candidates = take_addrs(d, MAX_CANDIDATES)?;
+        if mode == DirectMode::Never && !candidates.is_empty() {
             return Err(DecodeError::TooLong);
-        }
-        let mut candidates = Vec::with_capacity(n);
-        for _ in 0..n {
-            let ip = match d.u8()? {
-                4 => IpAddr::V4(Ipv4Addr::from(d.array::<4>()?)),
-                6 => IpAddr::V6(Ipv6Addr::from(d.array::<16>()?)),
-                _ => return Err(DecodeError::Unexpected),
-            };
-            let port = d.u16()?;
-            if port == 0 {
-                return Err(DecodeError::Unexpected);
-            }
-            candidates.push(SocketAddr::new(ip, port));
         }
         Ok(Self { mode, candidates })
     }
@@ -109,11 +87,80 @@ impl DirectTerms {
     /// The candidates worth dialling: no unspecified, multicast or
     /// broadcast address (a hostile accept's are simply skipped).
     pub fn dialable(&self) -> impl Iterator<Item = SocketAddr> + '_ {
-        self.candidates.iter().copied().filter(|c| match c.ip() {
-            IpAddr::V4(a) => !(a.is_unspecified() || a.is_multicast() || a.is_broadcast()),
-            IpAddr::V6(a) => !(a.is_unspecified() || a.is_multicast()),
-        })
+        self.candidates.iter().copied().filter(dialable)
     }
+}
+
+/// Whether `c` is worth a connection attempt: not an unspecified, multicast
+/// or broadcast address.
+pub fn dialable(c: &SocketAddr) -> bool {
+    match c.ip() {
+        IpAddr::V4(a) => !(a.is_unspecified() || a.is_multicast() || a.is_broadcast()),
+        IpAddr::V6(a) => !(a.is_unspecified() || a.is_multicast()),
+    }
+}
+
+/// `u8 n ‖ n × (u8 family ‖ address ‖ u16 port)`, family 4 (4 bytes) or 6
+/// (16 bytes).
+fn put_addrs(out: &mut Vec<u8>, addrs: &[SocketAddr]) {
+    out.push(u8::try_from(addrs.len()).unwrap_or(0));
+    for c in addrs {
+        match c.ip() {
+            IpAddr::V4(a) => {
+                out.push(4);
+                out.extend_from_slice(&a.octets());
+            }
+            IpAddr::V6(a) => {
+                out.push(6);
+                out.extend_from_slice(&a.octets());
+            }
+        }
+        out.extend_from_slice(&c.port().to_be_bytes());
+    }
+}
+
+/// Reads what [`put_addrs`] wrote: at most `most` addresses, each of a known
+/// family and with a port other than 0.
+fn take_addrs(d: &mut Decoder<'_>, most: usize) -> Result<Vec<SocketAddr>, DecodeError> {
+    let n = usize::from(d.u8()?);
+    if n > most {
+        return Err(DecodeError::TooLong);
+    }
+    let mut addrs = Vec::with_capacity(n);
+    for _ in 0..n {
+        let ip = match d.u8()? {
+            4 => IpAddr::V4(Ipv4Addr::from(d.array::<4>()?)),
+            6 => IpAddr::V6(Ipv6Addr::from(d.array::<16>()?)),
+            _ => return Err(DecodeError::Unexpected),
+        };
+        let port = d.u16()?;
+        if port == 0 {
+            return Err(DecodeError::Unexpected);
+        }
+        addrs.push(SocketAddr::new(ip, port));
+    }
+    Ok(addrs)
+}
+
+/// The sender's addresses for a simultaneous open (the terms' `punch`
+/// field, PROTOCOL.md §2.7), encoded: at most [`MAX_PUNCH`] are written.
+pub fn punch_to_bytes(addrs: &[SocketAddr]) -> Vec<u8> {
+    let mut out = Vec::new();
+    put_addrs(&mut out, &addrs[..addrs.len().min(MAX_PUNCH)]);
+    out
+}
+
+/// The terms' `punch` field, read back: empty bytes are no address; more
+/// than [`MAX_PUNCH`], an unknown family, a port 0 or trailing bytes are
+/// refused.
+pub fn punch_from_bytes(bytes: &[u8]) -> Result<Vec<SocketAddr>, DecodeError> {
+    if bytes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut d = Decoder::new(bytes);
+    let addrs = take_addrs(&mut d, MAX_PUNCH)?;
+    d.finish()?;
+    Ok(addrs)
 }
 
 /// The challenges of one direct connection: the sender's and the
@@ -216,6 +263,40 @@ mod tests {
                 .candidates,
             vec!["10.0.0.2:8080".parse::<SocketAddr>().unwrap()]
         );
+    }
+
+    #[test]
+    fn punch_addresses_round_trip_and_hostile_ones_are_refused() {
+        let two: Vec<SocketAddr> = vec![
+            "203.0.113.7:40000".parse().unwrap(),
+            "[2001:db8::7]:40001".parse().unwrap(),
+        ];
+        let bytes = punch_to_bytes(&two);
+        assert_eq!(bytes[..8], [2, 4, 203, 0, 113, 7, 0x9c, 0x40]);
+        assert_eq!(punch_from_bytes(&bytes).unwrap(), two);
+        assert_eq!(punch_from_bytes(&[]).unwrap(), Vec::<SocketAddr>::new());
+        // Only two are ever written.
+        let three = [two.clone(), vec!["10.0.0.1:1".parse().unwrap()]].concat();
+        assert_eq!(punch_from_bytes(&punch_to_bytes(&three)).unwrap(), two);
+        let one = [4, 10, 0, 0, 1, 0, 80];
+        assert!(
+            punch_from_bytes(&[&[3][..], &one, &one, &one].concat()).is_err(),
+            "three"
+        );
+        assert!(
+            punch_from_bytes(&[1, 5, 10, 0, 0, 1, 0, 80]).is_err(),
+            "family"
+        );
+        assert!(
+            punch_from_bytes(&[1, 4, 10, 0, 0, 1, 0, 0]).is_err(),
+            "port 0"
+        );
+        assert!(
+            punch_from_bytes(&[&[1][..], &one, &[0]].concat()).is_err(),
+            "trailing"
+        );
+        assert!(punch_from_bytes(&[1, 4, 10, 0]).is_err(), "truncated");
+        assert!(punch_from_bytes(&[0, 9]).is_err(), "trailing after none");
     }
 
     #[test]

@@ -135,6 +135,11 @@ pub struct Terms {
     pub resumes: Option<StreamId>,
     /// How many receivers the stream goes to (1 unless fanned out).
     pub receivers: u32,
+    /// Where the sender will connect from to the receiver's addresses, as
+    /// seen from outside its address translation, for a simultaneous open
+    /// (PROTOCOL.md §2.7): [`direct::punch_to_bytes`]; empty for none.
+    #[serde(with = "serde_bytes")]
+    pub punch: Vec<u8>,
 }
 
 /// The fields of an offer, parsed but not yet authenticated.

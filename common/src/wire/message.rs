@@ -234,8 +234,15 @@ pub enum Message {
         #[serde(with = "serde_bytes")]
         signature: Vec<u8>,
     },
-    /// Broker → agent: authenticated.
-    Welcome,
+    /// Broker → agent: authenticated; and the address the broker sees the
+    /// connection come from (`IP:PORT`, an IPv6 one in brackets; empty if
+    /// unknown), which tells an agent behind address translation how it
+    /// looks from outside (PROTOCOL.md §2.7). Unauthenticated beyond TLS:
+    /// a hint only.
+    Welcome {
+        /// `IP:PORT` as the broker sees it.
+        seen: String,
+    },
     /// Broker → agent: a refusal; the broker may close the connection after it.
     Error {
         /// What went wrong.
@@ -362,7 +369,7 @@ impl Message {
             Self::Abort { .. } => "Abort",
             Self::Challenge { .. } => "Challenge",
             Self::Auth { .. } => "Auth",
-            Self::Welcome => "Welcome",
+            Self::Welcome { .. } => "Welcome",
             Self::Error { .. } => "Error",
             Self::Lookup { .. } => "Lookup",
             Self::PeerKey { .. } => "PeerKey",
@@ -559,7 +566,12 @@ mod tests {
                 },
                 vec![10, 1, b'b', 1, 1, 4, 2, 5, 6],
             ),
-            (Message::Welcome, vec![11]),
+            (
+                Message::Welcome {
+                    seen: "1.2.3.4:5".into(),
+                },
+                vec![11, 9, b'1', b'.', b'2', b'.', b'3', b'.', b'4', b':', b'5'],
+            ),
             (
                 Message::Error {
                     code: ErrorCode::PeerOffline,

@@ -1,0 +1,99 @@
+//! The simultaneous open (PROTOCOL.md §2.7): when a router translates this
+//! agent's addresses, a peer's connection reaches it only through a mapping
+//! its router made for a connection going out. So both agents connect at
+//! once, each from a port it named (the sender in its terms, the receiver
+//! among its accept's addresses) to the other's outside address: each
+//! router then takes the other's packets for answers to its own, and the two
+//! attempts meet as one TCP connection. It then carries the same proofs as
+//! any direct connection; the sender speaks first on it, as always.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::time::Instant;
+
+/// How long one attempt waits for its connection before the next (one SYN:
+/// the kernel resends only after 1 s).
+const ATTEMPT: Duration = Duration::from_millis(400);
+/// The pause after an attempt that failed at once (refused: the other side's
+/// mapping was not there yet).
+const PAUSE: Duration = Duration::from_millis(100);
+/// How long the two sides keep trying.
+pub const WINDOW: Duration = Duration::from_secs(4);
+
+/// A local port kept for a simultaneous open, from the moment it is named to
+/// the peer until the attempts end: bound, never listening, so no other
+/// socket of this machine takes it meanwhile (ours bind beside it).
+#[derive(Debug)]
+pub struct PunchPort {
+    _held: TcpSocket,
+    local: SocketAddr,
+    /// The outside address the port is named with.
+    pub outside: SocketAddr,
+}
+
+/// A socket of `local`'s family with address reuse on (so that several
+/// sockets may share one local port, none listening).
+fn socket_for(local: SocketAddr) -> io::Result<TcpSocket> {
+    let socket = if local.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    Ok(socket)
+}
+
+impl PunchPort {
+    /// A fresh port of the family of `outside_ip` (this agent's address as
+    /// its broker sees it), named to the peer as that address and the port:
+    /// the routers this is for keep a connection's port when they translate it.
+    pub fn reserve(outside_ip: IpAddr) -> io::Result<Self> {
+        let any: IpAddr = if outside_ip.is_ipv4() {
+            Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            Ipv6Addr::UNSPECIFIED.into()
+        };
+        let held = socket_for(SocketAddr::new(any, 0))?;
+        held.bind(SocketAddr::new(any, 0))?;
+        let local = held.local_addr()?;
+        Ok(Self {
+            _held: held,
+            local,
+            outside: SocketAddr::new(outside_ip, local.port()),
+        })
+    }
+
+    /// Whether `to` is of this port's family.
+    pub fn reaches(&self, to: &SocketAddr) -> bool {
+        self.local.is_ipv4() == to.ip().to_canonical().is_ipv4()
+    }
+
+    /// Connects from this port to `to`, again and again (each attempt a new
+    /// socket on the same port) until one connects or `deadline` passes;
+    /// the last error otherwise.
+    pub async fn connect(&self, to: SocketAddr, deadline: Instant) -> Result<TcpStream, String> {
+        let mut why = String::from("no attempt in time");
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(why);
+            }
+            let attempt = async {
+                let socket = socket_for(self.local)?;
+                socket.bind(self.local)?;
+                socket.connect(to).await
+            };
+            match tokio::time::timeout(ATTEMPT.min(left), attempt).await {
+                Ok(Ok(tcp)) => return Ok(tcp),
+                Ok(Err(e)) => {
+                    why = e.to_string();
+                    tokio::time::sleep_until(deadline.min(Instant::now() + PAUSE)).await;
+                }
+                Err(_) => why = "no answer".into(),
+            }
+        }
+    }
+}
