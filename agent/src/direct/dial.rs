@@ -18,7 +18,7 @@ use keyferry_common::wire::message::Message;
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
-use super::punch::{PunchPort, WINDOW};
+use super::punch::{PunchPort, SENDER_WINDOW};
 use super::{DIAL_TIMEOUT, PROOF_TIMEOUT};
 use crate::client::DataConn;
 
@@ -39,7 +39,7 @@ pub async fn dial(
     loopback: bool,
     punch: Option<&Arc<PunchPort>>,
 ) -> Result<DataConn, String> {
-    let deadline = tokio::time::Instant::now() + WINDOW;
+    let deadline = tokio::time::Instant::now() + SENDER_WINDOW;
     let mut attempts = JoinSet::new();
     for addr in terms
         .dialable()

@@ -225,7 +225,7 @@ impl Expected {
     pub fn punch(&mut self, plan: Punch) {
         let (waiters, tid) = (Arc::clone(&self.waiters), self.tid);
         let task = tokio::spawn(async move {
-            let deadline = tokio::time::Instant::now() + punch::WINDOW;
+            let deadline = tokio::time::Instant::now() + punch::RECEIVER_WINDOW;
             let port = Arc::new(plan.port);
             let mut tries = tokio::task::JoinSet::new();
             for to in plan.to {

@@ -20,8 +20,12 @@ const ATTEMPT: Duration = Duration::from_millis(400);
 /// The pause after an attempt that failed at once (refused: the other side's
 /// mapping was not there yet).
 const PAUSE: Duration = Duration::from_millis(100);
-/// How long the two sides keep trying.
-pub const WINDOW: Duration = Duration::from_secs(4);
+/// How long the sender keeps trying (a dial that finds no path costs this
+/// much before the relay carries the stream).
+pub const SENDER_WINDOW: Duration = Duration::from_secs(2);
+/// How long the receiver keeps trying: it starts when it sends its accept,
+/// before the sender can begin, and its attempts cost nobody a wait.
+pub const RECEIVER_WINDOW: Duration = Duration::from_secs(4);
 
 /// A local port kept for a simultaneous open, from the moment it is named to
 /// the peer until the attempts end: bound, never listening, so no other
