@@ -1,6 +1,6 @@
 //! Connecting to the broker: TCP, TLS 1.3 with the broker's pinned certificate,
-//! `Hello`, and authentication by signing the broker's challenge bound to the
-//! TLS session.
+//! then one flight of `Hello` and the authentication (a signature bound to
+//! the TLS session), and the broker's `Hello` and `Welcome` back.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +14,7 @@ use keyferry_common::io::tls::{self, PinOutcome, PinningVerifier};
 use keyferry_common::name::AgentName;
 use keyferry_common::text::escape;
 use keyferry_common::wire::frame::MAX_FRAME_LEN;
-use keyferry_common::wire::message::{ErrorCode, Message, Role, ticket_address_ok};
+use keyferry_common::wire::message::{self, ErrorCode, Message, Role, ticket_address_ok};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -97,7 +97,18 @@ pub fn conn_error(ctx: &Ctx, e: ConnError) -> AgentError {
 /// Connects, pins or checks the broker, and authenticates for `role`, all
 /// within [`CONNECT_TIMEOUT`].
 pub async fn connect(ctx: &Ctx, role: Role) -> Result<AgentConn, AgentError> {
-    tokio::time::timeout(CONNECT_TIMEOUT, connect_within(ctx, role))
+    connect_then(ctx, role, None).await
+}
+
+/// [`connect`], sending `then` in the same flight as the authentication
+/// (PROTOCOL.md §2.4): its answer comes right behind the `Welcome`, one
+/// round trip sooner than if it waited for it.
+pub async fn connect_then(
+    ctx: &Ctx,
+    role: Role,
+    then: Option<&Message>,
+) -> Result<AgentConn, AgentError> {
+    tokio::time::timeout(CONNECT_TIMEOUT, connect_within(ctx, role, then))
         .await
         .unwrap_or_else(|_| {
             Err(AgentError::BrokerUnreachable {
@@ -111,7 +122,11 @@ pub async fn connect(ctx: &Ctx, role: Role) -> Result<AgentConn, AgentError> {
         })
 }
 
-async fn connect_within(ctx: &Ctx, role: Role) -> Result<AgentConn, AgentError> {
+async fn connect_within(
+    ctx: &Ctx,
+    role: Role,
+    then: Option<&Message>,
+) -> Result<AgentConn, AgentError> {
     let unreachable = |detail: String| AgentError::BrokerUnreachable {
         addr: ctx.broker.clone(),
         detail,
@@ -185,7 +200,7 @@ async fn connect_within(ctx: &Ctx, role: Role) -> Result<AgentConn, AgentError> 
     }
 
     let mut tls = tls;
-    let leftover = hello_and_auth(ctx, &mut tls, broker_fp, role).await?;
+    let leftover = hello_and_auth(ctx, &mut tls, broker_fp, (role, then)).await?;
     Ok(Connection::with_buffer(tls, leftover))
 }
 
@@ -193,55 +208,21 @@ async fn hello_and_auth(
     ctx: &Ctx,
     tls: &mut tokio_rustls::client::TlsStream<TcpStream>,
     broker_fp: Fingerprint,
-    role: Role,
+    (role, then): (Role, Option<&Message>),
 ) -> Result<Vec<u8>, AgentError> {
     let unreachable = |detail: &str| AgentError::BrokerUnreachable {
         addr: ctx.broker.clone(),
         detail: detail.to_owned(),
     };
     let lost = |e| conn_error(ctx, e);
-    FrameWriter::new(&mut *tls, MAX_FRAME_LEN)
-        .write(&Message::Hello {
-            version: PROTOCOL_VERSION,
-        })
-        .await
-        .map_err(lost)?;
-    // The broker answers Hello then Challenge and waits for Auth, so after the
-    // challenge nothing else is buffered; any leftover would be a protocol error.
-    let mut reader = FrameReader::new(&mut *tls, MAX_FRAME_LEN);
-    let mut nonce = None;
-    while nonce.is_none() {
-        match reader.read_timeout(CONNECT_TIMEOUT).await.map_err(lost)? {
-            Some(Message::Hello { version }) if version == PROTOCOL_VERSION => {}
-            Some(Message::Hello { version }) => {
-                return Err(AgentError::Version { broker: version });
-            }
-            Some(Message::Challenge { nonce: n }) => nonce = Some(n),
-            Some(Message::Error { code, detail }) => return Err(broker_error(code, detail)),
-            Some(_) => {
-                return Err(AgentError::Protocol(
-                    "the broker sent an unexpected message",
-                ));
-            }
-            None => return Err(unreachable("the broker closed the connection")),
-        }
-    }
-    let (_, leftover) = reader.into_parts();
-    let nonce = nonce.expect("the loop ends only with a nonce");
-    if !leftover.is_empty() {
-        return Err(AgentError::Protocol(
-            "the broker sent data before authentication",
-        ));
-    }
     let mut exporter = [0u8; auth::EXPORTER_LEN];
     tls.get_ref()
         .1
-        .export_keying_material(&mut exporter, auth::EXPORTER_LABEL, Some(&nonce))
+        .export_keying_material(&mut exporter, auth::EXPORTER_LABEL, None)
         .map_err(AgentError::Tls)?;
     let identity = Arc::clone(&ctx.identity);
     let message = auth::message(
         &exporter,
-        &nonce,
         &ctx.name,
         role,
         &identity.fingerprint(),
@@ -249,16 +230,37 @@ async fn hello_and_auth(
     );
     let signature =
         tokio::task::spawn_blocking(move || identity.sign(auth::CONTEXT, &message)).await?;
+    // One flight, written at once: `Hello`, `Auth` and what the caller sends
+    // next (PROTOCOL.md §2.4).
+    let mut flight = Vec::new();
+    let auth = Message::Auth {
+        name: ctx.name.clone(),
+        role,
+        spki: ctx.identity.public().spki_der().to_vec(),
+        signature,
+    };
+    let hello = Message::Hello {
+        version: PROTOCOL_VERSION,
+    };
+    for msg in [Some(&hello), Some(&auth), then].into_iter().flatten() {
+        flight.extend(message::encode(msg, MAX_FRAME_LEN).map_err(|e| lost(e.into()))?);
+    }
     FrameWriter::new(&mut *tls, MAX_FRAME_LEN)
-        .write(&Message::Auth {
-            name: ctx.name.clone(),
-            role,
-            spki: ctx.identity.public().spki_der().to_vec(),
-            signature,
-        })
+        .write_frame(&flight)
         .await
         .map_err(lost)?;
     let mut reader = FrameReader::new(&mut *tls, MAX_FRAME_LEN);
+    match reader.read_timeout(CONNECT_TIMEOUT).await.map_err(lost)? {
+        Some(Message::Hello { version }) if version == PROTOCOL_VERSION => {}
+        Some(Message::Hello { version }) => return Err(AgentError::Version { broker: version }),
+        Some(Message::Error { code, detail }) => return Err(broker_error(code, detail)),
+        Some(_) => {
+            return Err(AgentError::Protocol(
+                "the broker sent an unexpected message",
+            ));
+        }
+        None => return Err(unreachable("the broker closed the connection")),
+    }
     match reader.read_timeout(CONNECT_TIMEOUT).await.map_err(lost)? {
         Some(Message::Welcome { seen }) => ctx.seen.set(&seen),
         Some(Message::Error { code, detail }) => return Err(broker_error(code, detail)),

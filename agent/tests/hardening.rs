@@ -258,18 +258,23 @@ fn a_254_byte_name_that_already_exists_arrives_beside_it() {
     assert_eq!(std::fs::read(out.join(new)).unwrap(), data);
 }
 
-/// Hole 6: a "broker" that answers the agent's `Hello` with another `Hello`
-/// every half second, forever. Each read used to get its own 10 s, so the
-/// agent waited without end; now one deadline covers the whole connect.
+/// Hole 6: a "broker" that answers the agent's `Hello` and then trickles
+/// its next frame a byte every half second, forever (it once repeated
+/// `Hello` so). Each read used to get its own 10 s, so the agent waited
+/// without end; now one deadline covers the whole connect.
 #[test]
-fn a_broker_that_keeps_saying_hello_is_cut_off_at_one_deadline() {
+fn a_broker_that_keeps_the_handshake_going_is_cut_off_at_one_deadline() {
     let fake = support::fake::Fake::start(|mut conn| async move {
         let _ = conn.reader.read().await;
         let hello = Message::Hello {
             version: keyferry_common::PROTOCOL_VERSION,
         };
-        while conn.writer.write(&hello).await.is_ok() {
+        let _ = conn.writer.write(&hello).await;
+        // A frame of 1000 bytes announced, and never finished.
+        let mut more = conn.writer.write_frame(&[0, 0, 3, 232]).await.is_ok();
+        while more {
             tokio::time::sleep(Duration::from_millis(500)).await;
+            more = conn.writer.write_frame(&[11]).await.is_ok();
         }
     });
     let addr = fake.addr.clone();

@@ -303,16 +303,15 @@ fn report(source: &Source, to: &AgentName, done: &attempt::Done, attempts: u32) 
     }
 }
 
+/// Reads the broker's answer to the `Lookup` of `to` (sent in the
+/// connection's first flight) and checks the key against its pin (and
+/// against `required` if given).
 pub(super) async fn peer_key(
     ctx: &Ctx,
     conn: &mut AgentConn,
     to: &AgentName,
     required: Option<Fingerprint>,
 ) -> Result<PublicKey, AgentError> {
-    conn.writer
-        .write(&Message::Lookup { name: to.clone() })
-        .await
-        .map_err(|e| conn_error(ctx, e))?;
     let reply = conn
         .reader
         .read_timeout(Duration::from_secs(30))

@@ -16,7 +16,7 @@ use keyferry_common::wire::message::{AbortReason, ErrorCode, Message, Role};
 
 use super::source::Source;
 use super::{ANSWER_TIMEOUT, SendOptions, peer_key};
-use crate::client::{Ctx, Ticket, await_ticket, broker_error, conn_error, connect};
+use crate::client::{Ctx, Ticket, await_ticket, broker_error, conn_error, connect_then};
 use crate::direct::DirectOpt;
 use crate::direct::punch::PunchPort;
 use crate::error::AgentError;
@@ -108,7 +108,11 @@ pub(crate) async fn offer_to(
     required: Option<Fingerprint>,
     punch: bool,
 ) -> Result<Handshake, Failed> {
-    let mut conn = connect(&ctx, Role::Sender).await.map_err(before)?;
+    // The lookup goes in the authentication's flight.
+    let lookup = Message::Lookup { name: to.clone() };
+    let mut conn = connect_then(&ctx, Role::Sender, Some(&lookup))
+        .await
+        .map_err(before)?;
     let punch = match ctx.seen.outside().filter(|_| punch) {
         Some(outside) => PunchPort::reserve(outside).ok().map(Arc::new),
         None => None,

@@ -4,7 +4,7 @@
 //! [`EvilBroker`] is an in-process tokio TLS 1.3 server on `127.0.0.1:0` with its
 //! own self-signed certificate (rcgen, ring provider, as `broker/src/cert.rs`).
 //! It speaks the broker side of PROTOCOL.md §2.4 just well enough for the real
-//! `agent` binaries: `Hello`, `Challenge`, `Auth` (signatures are **not**
+//! `agent` binaries: `Hello`, `Auth` (signatures are **not**
 //! checked — this broker believes whatever it is told), `Welcome`,
 //! `Lookup`/`PeerKey`, `Offer` → `Offered` on the receiver's control connection,
 //! `Refuse` or `Accept` back on it, tickets to both sides (the receiver's on
@@ -631,13 +631,6 @@ async fn handle(shared: Arc<Shared>, acceptor: TlsAcceptor, tcp: TcpStream) -> R
         &mut conn.writer,
         &Message::Hello {
             version: PROTOCOL_VERSION,
-        },
-    )
-    .await?;
-    write(
-        &mut conn.writer,
-        &Message::Challenge {
-            nonce: random_array(),
         },
     )
     .await?;

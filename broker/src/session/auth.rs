@@ -1,14 +1,13 @@
 //! Authenticating an agent (PROTOCOL.md §2.4): TLS 1.3, `Hello` both ways,
-//! a fresh nonce in `Challenge`, and the agent's RSA-PSS signature over the
-//! TLS exporter for that nonce, the nonce, its name, role and fingerprint and
-//! the broker's fingerprint. Then the access policy and the name binding: the
+//! and the agent's RSA-PSS signature over the TLS exporter, its name, role
+//! and fingerprint and the broker's fingerprint, which the agent sends right
+//! behind its `Hello`. Then the access policy and the name binding: the
 //! first key to register a name owns it, any other key is refused.
 
 use std::sync::Arc;
 
 use keyferry_common::PROTOCOL_VERSION;
 use keyferry_common::auth;
-use keyferry_common::crypto::random_array;
 use keyferry_common::identity::PublicKey;
 use keyferry_common::io::connection::Connection;
 use keyferry_common::wire::message::{ErrorCode, Message, Role};
@@ -21,8 +20,8 @@ use crate::metrics::Handshake;
 use crate::registry::Binding;
 use crate::state::State;
 
-/// TLS, `Hello`, the challenge and `Auth`, all before `deadline`; `None` if
-/// the peer left quietly.
+/// TLS, `Hello` and `Auth`, all before `deadline`; `None` if the peer left
+/// quietly.
 pub(super) async fn authenticate(
     state: &Arc<State>,
     tcp: TcpStream,
@@ -41,11 +40,10 @@ pub(super) async fn authenticate(
             return Err(SessionError::Tls("timed out".into()));
         }
     };
-    let nonce: [u8; 32] = random_array();
     let mut exporter = [0u8; auth::EXPORTER_LEN];
     tls.get_ref()
         .1
-        .export_keying_material(&mut exporter, auth::EXPORTER_LABEL, Some(&nonce))
+        .export_keying_material(&mut exporter, auth::EXPORTER_LABEL, None)
         .map_err(|e| SessionError::Tls(e.to_string()))?;
     let mut conn = Connection::new(tls);
     conn.reader.set_max(limits.max_control_frame);
@@ -80,7 +78,6 @@ pub(super) async fn authenticate(
             version: PROTOCOL_VERSION,
         })
         .await?;
-    conn.writer.write(&Message::Challenge { nonce }).await?;
 
     let auth_msg = match tokio::time::timeout_at(deadline, conn.reader.read()).await {
         Ok(Ok(Some(m))) => m,
@@ -118,7 +115,6 @@ pub(super) async fn authenticate(
     };
     let signed = auth::message(
         &exporter,
-        &nonce,
         &name,
         role,
         &key.fingerprint(),

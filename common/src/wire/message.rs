@@ -216,7 +216,10 @@ pub enum Message {
         /// Why.
         reason: AbortReason,
     },
-    /// Broker → agent after `Hello`: the nonce the agent must sign.
+    /// Broker → agent after `Hello` in versions 1 to 5: the nonce the agent
+    /// signed. Never sent since version 6 (the agent signs the TLS exporter
+    /// alone, in its first flight); kept so that the numbers of the messages
+    /// after it stay as they are.
     Challenge {
         /// Fresh random nonce.
         nonce: [u8; 32],
