@@ -24,8 +24,9 @@ const RA: usize = 3;
 const RB: usize = 4;
 
 /// The five namespaces; `masquerade` is what each router's translation
-/// rule adds (`--random-fully` makes it change ports: a "symmetric" one).
-fn make(tag: &str, masquerade: [&[&str]; 2]) -> Result<Netns, String> {
+/// rule adds (`--random-fully` makes it change ports: a "symmetric" one),
+/// or `None` for a router that only routes (its LAN is reachable from C).
+fn make(tag: &str, masquerade: [Option<&[&str]>; 2]) -> Result<Netns, String> {
     let net = Netns::new(tag, 5)?;
     net.link((A, "10.210.1.2/24"), (RA, "10.210.1.1/24"), "lana")?;
     net.link((RA, "10.220.1.2/24"), (C, "10.220.1.1/24"), "wana")?;
@@ -39,8 +40,16 @@ fn make(tag: &str, masquerade: [&[&str]; 2]) -> Result<Netns, String> {
     ] {
         net.ip(&["-n", &net.names[ns], "route", "add", "default", "via", via])?;
     }
-    for (router, wan, extra) in [(RA, "wana", masquerade[0]), (RB, "wanb", masquerade[1])] {
+    let sides = [
+        (RA, "wana", "10.210.1.0/24", "10.220.1.2", masquerade[0]),
+        (RB, "wanb", "10.210.2.0/24", "10.220.2.2", masquerade[1]),
+    ];
+    for (router, wan, lan, via, extra) in sides {
         net.exec(router, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        let Some(extra) = extra else {
+            net.ip(&["-n", &net.names[C], "route", "add", lan, "via", via])?;
+            continue;
+        };
         let mut nat = vec![
             "-t",
             "nat",
@@ -77,7 +86,7 @@ fn send(w: &World) -> (Run, Proc) {
 
 #[test]
 fn behind_two_masquerading_routers_the_agents_meet_by_a_simultaneous_open() {
-    let Some(net) = netns::or_skip(make("m", [&[], &[]])) else {
+    let Some(net) = netns::or_skip(make("m", [Some(&[]), Some(&[])])) else {
         return;
     };
     let mut w = World::new(net, C, 6 << 20);
@@ -97,7 +106,7 @@ fn a_router_that_changes_ports_leaves_the_relay_and_says_why() {
     // RA picks a new port for every connection: what alice names is not
     // where her packets come from, so nothing meets.
     let random: &[&str] = &["--random-fully"];
-    let Some(net) = netns::or_skip(make("s", [random, &[]])) else {
+    let Some(net) = netns::or_skip(make("s", [Some(random), Some(&[])])) else {
         return;
     };
     let mut w = World::new(net, C, 6 << 20);
@@ -112,4 +121,23 @@ fn a_router_that_changes_ports_leaves_the_relay_and_says_why() {
     );
     w.arrived(&mut receiver);
     assert!(support::relayed(&mut w.broker), "the relay carried it");
+}
+
+#[test]
+fn a_receiver_behind_a_masquerading_router_is_reached_from_an_open_network() {
+    // Alice's router only routes: the broker sees her own address, and she
+    // still names a port, since bob can be reached only if he connects too.
+    let Some(net) = netns::or_skip(make("o", [None, Some(&[])])) else {
+        return;
+    };
+    let mut w = World::new(net, C, 6 << 20);
+    let (sent, mut receiver) = send(&w);
+    assert_eq!(sent.code, Some(0), "{sent:#?}");
+    let report = support::json(&sent);
+    assert_eq!(report["via"], "direct", "{report}\n{}", sent.stderr);
+    w.arrived(&mut receiver);
+    assert!(
+        !support::relayed(&mut w.broker),
+        "the broker relayed a transfer that went direct"
+    );
 }

@@ -29,23 +29,28 @@ const MAX_ANSWER_FRAME: usize = 96;
 /// Dials the receiver's candidates (loopback ones only if `loopback`: the
 /// broker is on this machine too) and returns the first connection whose
 /// listener proved itself, after sending our proof on it; or why none
-/// worked (one reason per address). With a `punch` port (named in the
-/// terms), each address of its family is dialled from it, again and again
-/// for the simultaneous open's window.
+/// worked (one reason per address). Each listening address is dialled once
+/// from a port of the system's choice; each simultaneous-open address from
+/// our `punch` port (named in the terms) if it is of its family, until the
+/// simultaneous open's window ends (PROTOCOL.md §2.7), else once too.
 pub async fn dial(
     terms: &DirectTerms,
     key: &Arc<MacKey>,
     tid: TransferId,
     loopback: bool,
-    punch: Option<&Arc<PunchPort>>,
+    punch: Option<PunchPort>,
 ) -> Result<DataConn, String> {
     let deadline = tokio::time::Instant::now() + SENDER_WINDOW;
+    let punch = punch.map(Arc::new);
+    let listening = terms.dialable().map(|a| (a, None));
+    let punched = terms
+        .punch_dialable()
+        .map(|a| (a, punch.as_ref().filter(|p| p.reaches(&a)).cloned()));
     let mut attempts = JoinSet::new();
-    for addr in terms
-        .dialable()
-        .filter(|a| loopback || !a.ip().to_canonical().is_loopback())
+    for (addr, from) in listening
+        .chain(punched)
+        .filter(|(a, _)| loopback || !a.ip().is_loopback())
     {
-        let from = punch.filter(|p| p.reaches(&addr)).cloned();
         let key = Arc::clone(key);
         attempts.spawn(async move {
             let tcp = match from {

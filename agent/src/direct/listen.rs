@@ -156,9 +156,10 @@ pub struct Punch {
 /// What a receiver's accept says about direct connections for a stream of
 /// `kind`: nothing without a listener or for a chat stream (those take the
 /// relay), else the mode of `--direct` and the listener's addresses. When
-/// the sender named addresses for a simultaneous open (`punch_to`) and a
-/// router translates this receiver's addresses (`seen`), a port of its own
-/// for that too, named last with its outside address, and the plan.
+/// the sender named addresses for a simultaneous open (`punch_to`), a
+/// router translates this receiver's addresses (`seen`) and some of those
+/// addresses may be tried, a port of its own for that too, named with its
+/// outside address as a simultaneous-open address, and the plan.
 pub async fn terms_for(
     listener: Option<&Listener>,
     opt: super::DirectOpt,
@@ -170,26 +171,45 @@ pub async fn terms_for(
         return (DirectTerms::never(), None);
     };
     let mut candidates = l.candidates(broker).await;
-    let mut punch = None;
+    let mut plan = None;
     if opt != super::DirectOpt::Never
         && !punch_to.is_empty()
         && let Some(outside) = seen.translated()
-        && let Ok(port) = PunchPort::reserve(outside)
     {
-        candidates.truncate(MAX_CANDIDATES - 1);
-        candidates.push(port.outside);
-        let to = punch_to
-            .iter()
-            .copied()
-            .filter(|a| dialable(a) && !a.ip().to_canonical().is_loopback() && port.reaches(a))
+        let to: Vec<SocketAddr> = punch_targets(punch_to, &candidates)
+            .filter(|a| a.is_ipv4() == outside.is_ipv4())
             .collect();
-        punch = Some(Punch { port, to });
+        if !to.is_empty()
+            && let Ok(port) = PunchPort::reserve(outside)
+        {
+            candidates.truncate(MAX_CANDIDATES - 1);
+            plan = Some(Punch { port, to });
+        }
     }
     let terms = DirectTerms {
         mode: opt.mode(),
         candidates,
+        punch: plan.iter().map(|p| p.port.outside).collect(),
     };
-    (terms, punch)
+    (terms, plan)
+}
+
+/// The sender's `punch` addresses this receiver connects to: worth a
+/// connection (see [`dialable`]) and none of this machine's own — not
+/// loopback, not link-local, not one of the addresses it names itself
+/// (`own`) — so a sender cannot make it knock on itself.
+fn punch_targets<'a>(
+    punch_to: &'a [SocketAddr],
+    own: &'a [SocketAddr],
+) -> impl Iterator<Item = SocketAddr> + 'a {
+    punch_to.iter().filter_map(dialable).filter(move |a| {
+        let ip = a.ip();
+        let link_local = match ip {
+            IpAddr::V4(v4) => v4.is_link_local(),
+            IpAddr::V6(v6) => v6.is_unicast_link_local(),
+        };
+        !(ip.is_loopback() || link_local || own.iter().any(|o| o.ip().to_canonical() == ip))
+    })
 }
 
 /// The source address this machine's routes give a packet to `broker`
@@ -220,10 +240,11 @@ pub struct Expected {
 
 impl Expected {
     /// Runs `plan` beside the wait, for at most the simultaneous open's
-    /// window: each connection it makes must prove itself as one the
-    /// listener accepted; it stops once the transfer has its connection.
+    /// window, and at most one connection per target: it must prove itself
+    /// as one the listener accepted (a target whose connection does not is
+    /// not tried again); all stops when the wait ends (this is dropped).
     pub fn punch(&mut self, plan: Punch) {
-        let (waiters, tid) = (Arc::clone(&self.waiters), self.tid);
+        let waiters = Arc::clone(&self.waiters);
         let task = tokio::spawn(async move {
             let deadline = tokio::time::Instant::now() + punch::RECEIVER_WINDOW;
             let port = Arc::new(plan.port);
@@ -231,10 +252,7 @@ impl Expected {
             for to in plan.to {
                 let (port, waiters) = (Arc::clone(&port), Arc::clone(&waiters));
                 tries.spawn(async move {
-                    while lock(&waiters).contains_key(&tid) {
-                        let Ok(tcp) = port.connect(to, deadline).await else {
-                            return;
-                        };
+                    if let Ok(tcp) = port.connect(to, deadline).await {
                         let _ = tokio::time::timeout(PROOF_TIMEOUT, prove(tcp, &waiters)).await;
                     }
                 });
@@ -318,4 +336,36 @@ async fn prove(tcp: TcpStream, waiters: &Waiters) {
     };
     conn.reader.set_max(MAX_FRAME_LEN);
     let _ = waiter.conn.send(conn);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sender_cannot_make_the_receiver_knock_on_itself() {
+        let own: Vec<SocketAddr> = vec!["192.168.1.5:4000".parse().unwrap()];
+        let named: Vec<SocketAddr> = [
+            "127.0.0.1:80",
+            "[::1]:80",
+            "169.254.1.1:80",
+            "[fe80::1]:80",
+            "0.0.0.0:80",
+            "224.0.0.1:80",
+            "255.255.255.255:80",
+            "192.168.1.5:22",
+            "[::ffff:192.168.1.5]:22",
+            "[::ffff:203.0.113.7]:40000",
+            "198.51.100.2:40001",
+        ]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+        let kept: Vec<SocketAddr> = punch_targets(&named, &own).collect();
+        let expected: Vec<SocketAddr> = ["203.0.113.7:40000", "198.51.100.2:40001"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(kept, expected);
+    }
 }

@@ -14,12 +14,9 @@ use std::time::Duration;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 
-/// How long one attempt waits for its connection before the next (one SYN:
-/// the kernel resends only after 1 s).
-const ATTEMPT: Duration = Duration::from_millis(400);
-/// The pause after an attempt that failed at once (refused: the other side's
-/// mapping was not there yet).
-const PAUSE: Duration = Duration::from_millis(100);
+/// The pause after an attempt that failed (refused: the other side's router
+/// or host answered before its mapping was there) before the next.
+const PAUSE: Duration = Duration::from_millis(250);
 /// How long the sender keeps trying (a dial that finds no path costs this
 /// much before the relay carries the stream).
 pub const SENDER_WINDOW: Duration = Duration::from_secs(2);
@@ -75,29 +72,28 @@ impl PunchPort {
         self.local.is_ipv4() == to.ip().to_canonical().is_ipv4()
     }
 
-    /// Connects from this port to `to`, again and again (each attempt a new
-    /// socket on the same port) until one connects or `deadline` passes;
-    /// the last error otherwise.
+    /// Connects from this port to `to` until `deadline`: one attempt waits
+    /// as long as the deadline allows (the kernel resends its SYN; the other
+    /// side's SYN, once its own router's mapping is there, meets it), and one
+    /// that fails (a reset) is followed by a new socket on the same port
+    /// after [`PAUSE`]. The last error if none connects.
     pub async fn connect(&self, to: SocketAddr, deadline: Instant) -> Result<TcpStream, String> {
-        let mut why = String::from("no attempt in time");
+        let mut why = String::from("no answer");
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(why);
-            }
             let attempt = async {
                 let socket = socket_for(self.local)?;
                 socket.bind(self.local)?;
                 socket.connect(to).await
             };
-            match tokio::time::timeout(ATTEMPT.min(left), attempt).await {
+            match tokio::time::timeout_at(deadline, attempt).await {
                 Ok(Ok(tcp)) => return Ok(tcp),
-                Ok(Err(e)) => {
-                    why = e.to_string();
-                    tokio::time::sleep_until(deadline.min(Instant::now() + PAUSE)).await;
-                }
-                Err(_) => why = "no answer".into(),
+                Ok(Err(e)) => why = e.to_string(),
+                Err(_) => return Err(why),
             }
+            if Instant::now() + PAUSE >= deadline {
+                return Err(why);
+            }
+            tokio::time::sleep(PAUSE).await;
         }
     }
 }

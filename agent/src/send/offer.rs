@@ -32,6 +32,10 @@ pub struct Failed {
     pub accepted: bool,
 }
 
+/// How long a sender whose accept did not verify spends telling the
+/// receiver so before it reports the failure.
+const TELL_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub(super) fn before(error: AgentError) -> Failed {
     Failed {
         error,
@@ -57,7 +61,8 @@ pub(crate) struct Handshake {
     /// Where its data connection goes.
     pub ticket: Ticket,
     /// The port named in the terms for a simultaneous open, if one was.
-    pub punch: Option<Arc<PunchPort>>,
+    /// Taken by the dial (and so released when it ends).
+    pub punch: std::sync::Mutex<Option<PunchPort>>,
 }
 
 /// Offers stream `stream_id` of `source` to `to` on a connection of its
@@ -73,12 +78,16 @@ pub(super) async fn handshake(
     // Behind address translation a receiver's router lets a direct
     // connection in only if both connect at once: name a port for that (the
     // receiver knows whether it needs it), unless no direct connection will
-    // be tried (PROTOCOL.md §2.7).
+    // be tried (PROTOCOL.md §2.7): after a direct path broke, the retries
+    // take the relay unless this side takes nothing else.
     let small = source.size_known && source.total < super::path::DIRECT_FROM;
+    let broken = opts
+        .direct_failed
+        .load(std::sync::atomic::Ordering::Relaxed);
     let punch = receivers == 1
         && match opts.direct {
             DirectOpt::Never => false,
-            DirectOpt::Auto => !small,
+            DirectOpt::Auto => !small && !broken,
             DirectOpt::Only => true,
         };
     let terms = Terms {
@@ -114,7 +123,7 @@ pub(crate) async fn offer_to(
         .await
         .map_err(before)?;
     let punch = match ctx.seen.outside().filter(|_| punch) {
-        Some(outside) => PunchPort::reserve(outside).ok().map(Arc::new),
+        Some(outside) => PunchPort::reserve(outside).ok(),
         None => None,
     };
     if let Some(p) = &punch {
@@ -187,11 +196,16 @@ pub(crate) async fn offer_to(
         Ok(accepted) => accepted,
         Err(e) => {
             // The receiver (if it was the receiver) waits for the stream on
-            // the relay: it learns at once that none will come.
-            if let Ok(ticket) = await_ticket(&ctx, &mut conn, tid).await {
-                let reason = AbortReason::VerificationFailed;
-                super::path::abort_waiting(&ctx, &[(tid, ticket)], reason).await;
-            }
+            // the relay: it learns at once that none will come. An honest
+            // broker sends the ticket right behind the accept; no broker
+            // holds the error back for long.
+            let tell = async {
+                if let Ok(ticket) = await_ticket(&ctx, &mut conn, tid).await {
+                    let reason = AbortReason::VerificationFailed;
+                    super::path::abort_waiting(&ctx, &[(tid, ticket)], reason).await;
+                }
+            };
+            let _ = tokio::time::timeout(TELL_WITHIN, tell).await;
             return Err(before(AgentError::Verification(format!(
                 "the receiver's accept did not verify ({e})"
             ))));
@@ -203,6 +217,6 @@ pub(crate) async fn offer_to(
         fp,
         accepted,
         ticket,
-        punch,
+        punch: std::sync::Mutex::new(punch),
     })
 }

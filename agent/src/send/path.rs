@@ -108,7 +108,7 @@ async fn choose(
                 if !broken || ours_only || theirs_only {
                     let tid = one.accepted.pair.transfer_id;
                     let local = broker_is_local(ctx).await;
-                    let punch = one.punch.as_ref();
+                    let punch = keyferry_common::sync::lock(&one.punch).take();
                     let key = &one.accepted.pair.direct;
                     match dial::dial(offered, key, tid, local, punch).await {
                         Ok(conn) => return Ok((conn, Path::Direct)),

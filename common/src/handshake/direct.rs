@@ -37,14 +37,24 @@ pub enum DirectMode {
     Only = 2,
 }
 
-/// The accept's direct fields: the receiver's mode and where it listens.
+/// The accept's direct fields: the receiver's mode, where it listens, and
+/// where it connects out from for a simultaneous open.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirectTerms {
     /// Which paths the receiver takes.
     pub mode: DirectMode,
     /// Where it listens, best first (none with [`DirectMode::Never`]).
     pub candidates: Vec<SocketAddr>,
+    /// Where it connects out from to the sender's `punch` addresses (its
+    /// outside address and a port of its own): dialled only from the
+    /// sender's own `punch` port, again and again for a while (PROTOCOL.md
+    /// §2.7). None with [`DirectMode::Never`].
+    pub punch: Vec<SocketAddr>,
 }
+
+/// The family byte of a simultaneous-open address: the family's (4 or 6)
+/// with this bit set.
+const PUNCH_BIT: u8 = 0x80;
 
 impl DirectTerms {
     /// The relay only, no address.
@@ -52,18 +62,31 @@ impl DirectTerms {
         Self {
             mode: DirectMode::Never,
             candidates: Vec::new(),
+            punch: Vec::new(),
         }
     }
 
-    /// `u8 mode ‖ u8 n ‖ n × (u8 family ‖ address ‖ u16 port)`. At most
-    /// [`MAX_CANDIDATES`] are written; none for [`DirectMode::Never`].
+    /// `u8 mode ‖ u8 n ‖ n × (u8 family ‖ address ‖ u16 port)`: the
+    /// listening addresses (family 4 or 6), then the simultaneous-open ones
+    /// (family 0x84 or 0x86). At most [`MAX_CANDIDATES`] in all are written
+    /// (the simultaneous-open ones first kept); none for
+    /// [`DirectMode::Never`].
     pub(super) fn to_bytes(&self) -> Vec<u8> {
-        let candidates: &[SocketAddr] = match self.mode {
-            DirectMode::Never => &[],
-            _ => &self.candidates[..self.candidates.len().min(MAX_CANDIDATES)],
+        let (listen, punch): (&[SocketAddr], &[SocketAddr]) = match self.mode {
+            DirectMode::Never => (&[], &[]),
+            _ => {
+                let punch = &self.punch[..self.punch.len().min(MAX_CANDIDATES)];
+                let room = MAX_CANDIDATES - punch.len();
+                (&self.candidates[..self.candidates.len().min(room)], punch)
+            }
         };
         let mut out = vec![self.mode as u8];
-        put_addrs(&mut out, candidates);
+        out.push(u8::try_from(listen.len() + punch.len()).unwrap_or(0));
+        for (addrs, bit) in [(listen, 0), (punch, PUNCH_BIT)] {
+            for a in addrs {
+                put_addr(&mut out, a, bit);
+            }
+        }
         out
     }
 
@@ -77,88 +100,116 @@ impl DirectTerms {
             2 => DirectMode::Only,
             _ => return Err(DecodeError::Unexpected),
         };
-        let candidates = take_addrs(d, MAX_CANDIDATES)?;
-        if mode == DirectMode::Never && !candidates.is_empty() {
+        let n = usize::from(d.u8()?);
+        if n > MAX_CANDIDATES || (mode == DirectMode::Never && n > 0) {
             return Err(DecodeError::TooLong);
         }
-        Ok(Self { mode, candidates })
+        let (mut candidates, mut punch) = (Vec::new(), Vec::new());
+        for _ in 0..n {
+            let (addr, punched) = take_addr(d, true)?;
+            if punched {
+                punch.push(addr);
+            } else {
+                candidates.push(addr);
+            }
+        }
+        Ok(Self {
+            mode,
+            candidates,
+            punch,
+        })
     }
 
-    /// The candidates worth dialling: no unspecified, multicast or
-    /// broadcast address (a hostile accept's are simply skipped).
+    /// The listening addresses worth dialling: no unspecified, multicast or
+    /// broadcast address (a hostile accept's are simply skipped), each in
+    /// its canonical form (an IPv4-mapped IPv6 address as IPv4).
     pub fn dialable(&self) -> impl Iterator<Item = SocketAddr> + '_ {
-        self.candidates.iter().copied().filter(dialable)
+        self.candidates.iter().filter_map(dialable)
+    }
+
+    /// The simultaneous-open addresses worth dialling, likewise.
+    pub fn punch_dialable(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.punch.iter().filter_map(dialable)
     }
 }
 
-/// Whether `c` is worth a connection attempt: not an unspecified, multicast
-/// or broadcast address.
-pub fn dialable(c: &SocketAddr) -> bool {
-    match c.ip() {
+/// `c` in its canonical form (an IPv4-mapped IPv6 address as IPv4), if it
+/// is worth a connection attempt: not an unspecified, multicast or
+/// broadcast address.
+pub fn dialable(c: &SocketAddr) -> Option<SocketAddr> {
+    let ip = c.ip().to_canonical();
+    let worth = match ip {
         IpAddr::V4(a) => !(a.is_unspecified() || a.is_multicast() || a.is_broadcast()),
         IpAddr::V6(a) => !(a.is_unspecified() || a.is_multicast()),
-    }
+    };
+    worth.then(|| SocketAddr::new(ip, c.port()))
 }
 
-/// `u8 n ‖ n × (u8 family ‖ address ‖ u16 port)`, family 4 (4 bytes) or 6
-/// (16 bytes).
-fn put_addrs(out: &mut Vec<u8>, addrs: &[SocketAddr]) {
-    out.push(u8::try_from(addrs.len()).unwrap_or(0));
-    for c in addrs {
-        match c.ip() {
-            IpAddr::V4(a) => {
-                out.push(4);
-                out.extend_from_slice(&a.octets());
-            }
-            IpAddr::V6(a) => {
-                out.push(6);
-                out.extend_from_slice(&a.octets());
-            }
+/// `u8 family ‖ address ‖ u16 port`, family 4 (4 bytes) or 6 (16 bytes),
+/// with `bit` or'ed into the family byte.
+fn put_addr(out: &mut Vec<u8>, c: &SocketAddr, bit: u8) {
+    match c.ip() {
+        IpAddr::V4(a) => {
+            out.push(4 | bit);
+            out.extend_from_slice(&a.octets());
         }
-        out.extend_from_slice(&c.port().to_be_bytes());
+        IpAddr::V6(a) => {
+            out.push(6 | bit);
+            out.extend_from_slice(&a.octets());
+        }
     }
+    out.extend_from_slice(&c.port().to_be_bytes());
 }
 
-/// Reads what [`put_addrs`] wrote: at most `most` addresses, each of a known
-/// family and with a port other than 0.
-fn take_addrs(d: &mut Decoder<'_>, most: usize) -> Result<Vec<SocketAddr>, DecodeError> {
-    let n = usize::from(d.u8()?);
-    if n > most {
-        return Err(DecodeError::TooLong);
+/// Reads what [`put_addr`] wrote: a known family (with [`PUNCH_BIT`] only if
+/// `punch_bit` allows it; the result says whether it was set) and a port
+/// other than 0.
+fn take_addr(d: &mut Decoder<'_>, punch_bit: bool) -> Result<(SocketAddr, bool), DecodeError> {
+    let family = d.u8()?;
+    let punched = punch_bit && family & PUNCH_BIT != 0;
+    let ip = match family & !(if punched { PUNCH_BIT } else { 0 }) {
+        4 => IpAddr::V4(Ipv4Addr::from(d.array::<4>()?)),
+        6 => IpAddr::V6(Ipv6Addr::from(d.array::<16>()?)),
+        _ => return Err(DecodeError::Unexpected),
+    };
+    let port = d.u16()?;
+    if port == 0 {
+        return Err(DecodeError::Unexpected);
     }
-    let mut addrs = Vec::with_capacity(n);
-    for _ in 0..n {
-        let ip = match d.u8()? {
-            4 => IpAddr::V4(Ipv4Addr::from(d.array::<4>()?)),
-            6 => IpAddr::V6(Ipv6Addr::from(d.array::<16>()?)),
-            _ => return Err(DecodeError::Unexpected),
-        };
-        let port = d.u16()?;
-        if port == 0 {
-            return Err(DecodeError::Unexpected);
-        }
-        addrs.push(SocketAddr::new(ip, port));
-    }
-    Ok(addrs)
+    Ok((SocketAddr::new(ip, port), punched))
 }
 
 /// The sender's addresses for a simultaneous open (the terms' `punch`
-/// field, PROTOCOL.md §2.7), encoded: at most [`MAX_PUNCH`] are written.
+/// field, PROTOCOL.md §2.7), encoded: `u8 n ‖ n × (u8 family ‖ address ‖
+/// u16 port)`, at most [`MAX_PUNCH`] written; empty for none.
 pub fn punch_to_bytes(addrs: &[SocketAddr]) -> Vec<u8> {
-    let mut out = Vec::new();
-    put_addrs(&mut out, &addrs[..addrs.len().min(MAX_PUNCH)]);
+    let addrs = &addrs[..addrs.len().min(MAX_PUNCH)];
+    if addrs.is_empty() {
+        return Vec::new();
+    }
+    let mut out = vec![u8::try_from(addrs.len()).unwrap_or(0)];
+    for a in addrs {
+        put_addr(&mut out, a, 0);
+    }
     out
 }
 
-/// The terms' `punch` field, read back: empty bytes are no address; more
-/// than [`MAX_PUNCH`], an unknown family, a port 0 or trailing bytes are
-/// refused.
+/// The terms' `punch` field, read back: empty bytes are no address; `n` of
+/// 0 or more than [`MAX_PUNCH`], a family other than 4 or 6, a port 0 or
+/// trailing bytes are refused.
 pub fn punch_from_bytes(bytes: &[u8]) -> Result<Vec<SocketAddr>, DecodeError> {
     if bytes.is_empty() {
         return Ok(Vec::new());
     }
     let mut d = Decoder::new(bytes);
-    let addrs = take_addrs(&mut d, MAX_PUNCH)?;
+    let n = usize::from(d.u8()?);
+    if n == 0 || n > MAX_PUNCH {
+        return Err(DecodeError::TooLong);
+    }
+    let mut addrs = Vec::with_capacity(n);
+    for _ in 0..n {
+        addrs.push(take_addr(&mut d, false)?.0);
+    }
     d.finish()?;
     Ok(addrs)
 }
@@ -233,11 +284,16 @@ mod tests {
                 "192.168.1.20:40000".parse().unwrap(),
                 "[2001:db8::7]:443".parse().unwrap(),
             ],
+            punch: vec!["203.0.113.9:40000".parse().unwrap()],
         };
         assert_eq!(round_trip(&t).unwrap(), t);
+        let bytes = t.to_bytes();
+        assert_eq!(bytes[..2], [1, 3]);
+        assert_eq!(bytes[bytes.len() - 7..], [0x84, 203, 0, 113, 9, 0x9c, 0x40]);
         let hidden = DirectTerms {
             mode: DirectMode::Never,
             candidates: vec!["10.0.0.1:1".parse().unwrap()],
+            punch: vec!["10.0.0.1:2".parse().unwrap()],
         };
         assert_eq!(round_trip(&hidden).unwrap(), DirectTerms::never());
     }
@@ -296,20 +352,35 @@ mod tests {
             "trailing"
         );
         assert!(punch_from_bytes(&[1, 4, 10, 0]).is_err(), "truncated");
-        assert!(punch_from_bytes(&[0, 9]).is_err(), "trailing after none");
+        assert!(punch_from_bytes(&[0]).is_err(), "n of 0");
+        assert!(
+            punch_from_bytes(&[1, 0x84, 10, 0, 0, 1, 0, 80]).is_err(),
+            "a simultaneous-open family"
+        );
     }
 
     #[test]
     fn multicast_and_unspecified_candidates_are_not_dialled() {
         let t = DirectTerms {
             mode: DirectMode::Auto,
-            candidates: ["0.0.0.0:5", "224.0.0.1:5", "[::]:5", "10.1.2.3:5"]
-                .iter()
-                .map(|a| a.parse().unwrap())
-                .collect(),
+            candidates: [
+                "0.0.0.0:5",
+                "224.0.0.1:5",
+                "[::]:5",
+                "[::ffff:255.255.255.255]:5",
+                "10.1.2.3:5",
+                "[::ffff:10.1.2.4]:5",
+            ]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect(),
+            punch: vec!["[::ffff:10.1.2.5]:6".parse().unwrap()],
         };
         let dialled: Vec<_> = t.dialable().collect();
-        assert_eq!(dialled, vec!["10.1.2.3:5".parse().unwrap()]);
+        let canonical = ["10.1.2.3:5", "10.1.2.4:5"].map(|a| a.parse().unwrap());
+        assert_eq!(dialled, canonical);
+        let punched: Vec<_> = t.punch_dialable().collect();
+        assert_eq!(punched, vec!["10.1.2.5:6".parse().unwrap()]);
     }
 
     #[test]
