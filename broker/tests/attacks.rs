@@ -158,6 +158,110 @@ async fn hello_must_come_first() {
     assert!(detail.contains("expected Hello"), "{detail}");
 }
 
+/// A raw TLS connection to `broker` (pinning nothing), and the broker's
+/// certificate fingerprint it saw.
+async fn raw_tls(
+    broker: &TestBroker,
+) -> (
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    keyferry_common::identity::Fingerprint,
+) {
+    use keyferry_common::io::tls;
+    let verifier = tls::PinningVerifier::new(None);
+    let config = tls::client_config(Arc::clone(&verifier)).unwrap();
+    let tcp = tokio::net::TcpStream::connect(&broker.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(tls::SERVER_NAME).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let tls::PinOutcome::Seen(fp) = verifier.outcome() else {
+        panic!("no certificate seen")
+    };
+    (tls, fp)
+}
+
+/// Alice's `Auth` over `exporter` (as PROTOCOL.md §2.4 builds it).
+fn auth_over(
+    alice: &Agent,
+    exporter: &[u8; 32],
+    broker_fp: &keyferry_common::identity::Fingerprint,
+) -> Message {
+    use keyferry_common::auth;
+    let id = &alice.ctx.identity;
+    let signed = auth::message(
+        exporter,
+        &alice.ctx.name,
+        Role::Sender,
+        &id.fingerprint(),
+        broker_fp,
+    );
+    Message::Auth {
+        name: alice.ctx.name.clone(),
+        role: Role::Sender,
+        spki: id.public().spki_der().to_vec(),
+        signature: id.sign(auth::CONTEXT, &signed),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_auth_signed_for_another_connection_is_refused() {
+    use keyferry_common::auth;
+    let broker = TestBroker::start().await;
+    let alice = Agent::new(&broker, "alice", "alice");
+    let hello = Message::Hello {
+        version: keyferry_common::PROTOCOL_VERSION,
+    };
+    let (first, fp) = raw_tls(&broker).await;
+    let (second, _) = raw_tls(&broker).await;
+    let exporter = |tls: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>, ctx| {
+        let mut e = [0u8; auth::EXPORTER_LEN];
+        tls.get_ref()
+            .1
+            .export_keying_material(&mut e, auth::EXPORTER_LABEL, ctx)
+            .unwrap();
+        e
+    };
+    // Signed over the first connection's exporter, presented on the second;
+    // then over an exporter with a context (as versions 1 to 5 used a nonce).
+    let stolen = auth_over(&alice, &exporter(&first, None), &fp);
+    let own = auth_over(&alice, &exporter(&first, None), &fp);
+    let (third, _) = raw_tls(&broker).await;
+    let with_context = auth_over(&alice, &exporter(&third, Some(&[7u8; 32][..])), &fp);
+    for (tls, auth) in [(second, stolen), (third, with_context)] {
+        let mut conn = Connection::new(tls);
+        conn.writer.write(&hello).await.unwrap();
+        conn.writer.write(&auth).await.unwrap();
+        assert_eq!(
+            conn.reader.read_timeout(WAIT).await.unwrap(),
+            Some(hello.clone())
+        );
+        expect_error(&mut conn, ErrorCode::AuthFailed).await;
+    }
+    // Over its own connection's exporter, with a request right behind it:
+    // welcomed, and the request answered after the Welcome.
+    let mut conn = Connection::new(first);
+    let mut flight = Vec::new();
+    for m in [&hello, &own, &Message::Ping { nonce: 5 }] {
+        flight.extend(keyferry_common::wire::message::encode(m, 1 << 20).unwrap());
+    }
+    conn.writer.write_frame(&flight).await.unwrap();
+    assert_eq!(
+        conn.reader.read_timeout(WAIT).await.unwrap(),
+        Some(hello.clone())
+    );
+    let welcome = conn.reader.read_timeout(WAIT).await.unwrap();
+    assert!(
+        matches!(welcome, Some(Message::Welcome { .. })),
+        "{welcome:?}"
+    );
+    assert_eq!(
+        conn.reader.read_timeout(WAIT).await.unwrap(),
+        Some(Message::Pong { nonce: 5 })
+    );
+    normal_transfer(&broker, 9).await;
+}
+
 fn offer_of_size(alice: &Agent, bob_key: &PublicKey, size: u64) -> Message {
     let (_, offer) = make_offer(OfferParams {
         identity: &alice.ctx.identity,

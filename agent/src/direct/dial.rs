@@ -47,10 +47,16 @@ pub async fn dial(
         .punch_dialable()
         .map(|a| (a, punch.as_ref().filter(|p| p.reaches(&a)).cloned()));
     let mut attempts = JoinSet::new();
+    let mut seen = Vec::new();
     for (addr, from) in listening
         .chain(punched)
         .filter(|(a, _)| loopback || !a.ip().is_loopback())
     {
+        // Each address once (`::ffff:X` is X).
+        if seen.contains(&addr) {
+            continue;
+        }
+        seen.push(addr);
         let key = Arc::clone(key);
         attempts.spawn(async move {
             let tcp = match from {

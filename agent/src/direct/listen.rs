@@ -202,7 +202,13 @@ fn punch_targets<'a>(
     punch_to: &'a [SocketAddr],
     own: &'a [SocketAddr],
 ) -> impl Iterator<Item = SocketAddr> + 'a {
+    let mut seen = Vec::new();
     punch_to.iter().filter_map(dialable).filter(move |a| {
+        // Each once (`::ffff:X` is X).
+        if seen.contains(a) {
+            return false;
+        }
+        seen.push(*a);
         let ip = a.ip();
         let link_local = match ip {
             IpAddr::V4(v4) => v4.is_link_local(),
@@ -357,6 +363,7 @@ mod tests {
             "[::ffff:192.168.1.5]:22",
             "[::ffff:203.0.113.7]:40000",
             "198.51.100.2:40001",
+            "[::ffff:198.51.100.2]:40001",
         ]
         .iter()
         .map(|a| a.parse().unwrap())

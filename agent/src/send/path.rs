@@ -82,6 +82,8 @@ async fn choose(
     small: bool,
 ) -> Result<(DataConn, Path), AgentError> {
     if let [one] = ready {
+        // The port named for a simultaneous open is the dial's, or nobody's.
+        let punch = keyferry_common::sync::lock(&one.punch).take();
         let offered = &one.accepted.direct;
         let to = &one.to;
         let theirs_only = offered.mode == DirectMode::Only;
@@ -108,7 +110,6 @@ async fn choose(
                 if !broken || ours_only || theirs_only {
                     let tid = one.accepted.pair.transfer_id;
                     let local = broker_is_local(ctx).await;
-                    let punch = keyferry_common::sync::lock(&one.punch).take();
                     let key = &one.accepted.pair.direct;
                     match dial::dial(offered, key, tid, local, punch).await {
                         Ok(conn) => return Ok((conn, Path::Direct)),

@@ -312,6 +312,24 @@ mod tests {
             "unknown family"
         );
         assert!(decode(&[1, 1, 4, 1, 2, 3, 4, 0, 0]).is_err(), "port 0");
+        for family in [0x85, 0xc4, 0x04 | 0x40] {
+            let bytes = [1, 1, family, 1, 2, 3, 4, 0, 80];
+            assert!(decode(&bytes).is_err(), "family {family:#x}");
+        }
+        assert!(
+            decode(&[0, 1, 0x84, 1, 2, 3, 4, 0, 80]).is_err(),
+            "never with a simultaneous-open address"
+        );
+        // Eight listening addresses and one to open from: the latter kept.
+        let full = DirectTerms {
+            mode: DirectMode::Auto,
+            candidates: (1..=8)
+                .map(|i| SocketAddr::from(([10, 0, 0, i], 80)))
+                .collect(),
+            punch: vec!["203.0.113.9:40000".parse().unwrap()],
+        };
+        let back = decode(&full.to_bytes()).unwrap();
+        assert_eq!((back.candidates.len(), back.punch), (7, full.punch));
         assert!(decode(&[1, 1, 4, 1, 2, 3]).is_err(), "truncated");
         assert_eq!(
             decode(&[2, 1, 4, 10, 0, 0, 2, 0x1f, 0x90])

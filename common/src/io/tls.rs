@@ -36,15 +36,22 @@ pub fn cert_fingerprint(cert: &CertificateDer<'_>) -> Result<Fingerprint, Error>
 }
 
 /// The broker's TLS 1.3 configuration (no client certificates: agents
-/// authenticate inside the session, bound to it by an exporter).
+/// authenticate inside the session, bound to it by an exporter). No
+/// session resumption and no 0-RTT data: the agents' authentication rests
+/// on every connection having a fresh exporter (PROTOCOL.md §2.4), which
+/// replayable early data would not.
 pub fn server_config(
     cert: CertificateDer<'static>,
     key: PrivateKeyDer<'static>,
 ) -> Result<ServerConfig, Error> {
-    ServerConfig::builder_with_provider(provider())
+    let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
-        .with_single_cert(vec![cert], key)
+        .with_single_cert(vec![cert], key)?;
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    config.max_early_data_size = 0;
+    Ok(config)
 }
 
 /// What the pinning verifier saw.
@@ -144,11 +151,16 @@ impl ServerCertVerifier for PinningVerifier {
     }
 }
 
-/// An agent's TLS 1.3 configuration with the pinning verifier.
+/// An agent's TLS 1.3 configuration with the pinning verifier: a full
+/// handshake every time (no resumption, no 0-RTT data; see
+/// [`server_config`]).
 pub fn client_config(verifier: Arc<PinningVerifier>) -> Result<ClientConfig, Error> {
-    Ok(ClientConfig::builder_with_provider(provider())
+    let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth())
+        .with_no_client_auth();
+    config.resumption = rustls::client::Resumption::disabled();
+    config.enable_early_data = false;
+    Ok(config)
 }
