@@ -141,17 +141,9 @@ async fn oversized_and_malformed_frames_and_messages_out_of_order_get_an_error()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hello_must_come_first() {
-    use keyferry_common::io::tls;
     let broker = TestBroker::start().await;
     // Raw TLS with a pinning verifier that accepts the broker, then a List first.
-    let verifier = tls::PinningVerifier::new(None);
-    let config = tls::client_config(verifier).unwrap();
-    let tcp = tokio::net::TcpStream::connect(&broker.addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from(tls::SERVER_NAME).unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .unwrap();
+    let (tls, _) = raw_tls(&broker).await;
     let mut conn = Connection::new(tls);
     conn.writer.write(&Message::List).await.unwrap();
     let detail = expect_error(&mut conn, ErrorCode::Protocol).await;
