@@ -322,6 +322,17 @@ pub async fn open_upload(
     ctx: &Ctx,
     tickets: &[(TransferId, Ticket)],
 ) -> Result<DataConn, AgentError> {
+    open_upload_on(ctx, tickets, None).await
+}
+
+/// [`open_upload`] on `early`, a connection to this agent's broker opened
+/// before the tickets came, if it has one and the tickets are all for that
+/// broker (PROTOCOL.md §2.5); else on a new connection.
+pub async fn open_upload_on(
+    ctx: &Ctx,
+    tickets: &[(TransferId, Ticket)],
+    early: Option<TcpStream>,
+) -> Result<DataConn, AgentError> {
     let Some((_, first)) = tickets.first() else {
         return Err(AgentError::Internal("an upload without tickets".into()));
     };
@@ -331,6 +342,7 @@ pub async fn open_upload(
         tickets.sort_by_key(|(_, t)| !t.address.is_empty());
         to = String::new();
     }
+    let early = early.filter(|_| to.is_empty());
     let addr = if to.is_empty() {
         ctx.broker.clone()
     } else if ticket_address_ok(&to) {
@@ -344,10 +356,13 @@ pub async fn open_upload(
         addr: addr.clone(),
         detail: format!("data connection: {detail}"),
     };
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
-        .await
-        .map_err(|_| unreachable("timed out".into()))?
-        .map_err(|e| unreachable(e.to_string()))?;
+    let tcp = match early {
+        Some(tcp) => tcp,
+        None => tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
+            .await
+            .map_err(|_| unreachable("timed out".into()))?
+            .map_err(|e| unreachable(e.to_string()))?,
+    };
     let _ = tcp.set_nodelay(true);
     let _ = keyferry_common::io::tcp::keep_alive(&tcp);
     let mut conn = Connection::new(tcp);

@@ -22,6 +22,7 @@ pub mod chat;
 pub mod cli;
 pub mod client;
 pub mod direct;
+pub mod early;
 pub mod error;
 pub mod home;
 pub mod logline;

@@ -21,6 +21,7 @@ use super::report::{self, Placed};
 use super::{Failure, Shared, admit, path, stream};
 use crate::client::CONNECT_TIMEOUT;
 use crate::direct::Path;
+use crate::early::Early;
 
 /// How one offer ended, for a `--once` receiver: `None` if it does not count
 /// as its one transfer (refused as busy while another runs), else the exit
@@ -164,6 +165,9 @@ async fn accept_and_receive(
     if let (Some(e), Some(plan)) = (expected.as_mut(), admitted.punch) {
         e.punch(plan);
     }
+    // The relay's data connection is opened now, while the accept travels
+    // (PROTOCOL.md §2.5), unless only a direct connection will do.
+    let early = (admitted.direct != DirectMode::Only).then(|| Early::open(ctx.broker.clone()));
     let accept = Message::Accept {
         transfer_id: tid,
         accept: admitted.accept,
@@ -191,7 +195,16 @@ async fn accept_and_receive(
         }
     };
     // The stream comes over a plain connection: it is sealed end to end.
-    let (mut data, via) = match path::open(ctx, tid, ticket, expected, admitted.direct).await {
+    let opened = path::open(
+        ctx,
+        (tid, ticket),
+        expected,
+        admitted.direct,
+        early.as_ref(),
+    )
+    .await;
+    drop(early);
+    let (mut data, via) = match opened {
         Ok(d) => d,
         Err(why) => {
             if let Some(place) = admitted.place {

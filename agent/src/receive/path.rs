@@ -9,9 +9,10 @@ use std::time::Duration;
 use keyferry_common::handshake::direct::DirectMode;
 use keyferry_common::ids::TransferId;
 
-use crate::client::{Ctx, DataConn, Ticket, open_data};
+use crate::client::{Ctx, DataConn, Ticket, open_upload_on};
 use crate::direct::Path;
 use crate::direct::listen::Expected;
+use crate::early::Early;
 
 /// How long a receiver waits for either path once it has its ticket: the
 /// broker's wait for the data connections (10 s) and a little more. After
@@ -26,11 +27,16 @@ const GRACE: Duration = Duration::from_secs(5);
 /// The stream's connection, and which path it is; or why there is none.
 pub(super) async fn open(
     ctx: &Ctx,
-    tid: TransferId,
-    ticket: Ticket,
+    (tid, ticket): (TransferId, Ticket),
     expected: Option<Expected>,
     mode: DirectMode,
+    early: Option<&Early>,
 ) -> Result<(DataConn, Path), String> {
+    // The connection opened beside the accept, if it is there.
+    let open_data = |ctx, tid, ticket| {
+        let early = early.and_then(Early::take);
+        async move { open_upload_on(ctx, &[(tid, ticket)], early).await }
+    };
     let Some(mut expected) = expected else {
         return open_data(ctx, tid, ticket)
             .await

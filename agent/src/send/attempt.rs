@@ -31,7 +31,8 @@ use super::resume;
 use super::source::Source;
 use super::{RECEIPT_TIMEOUT, SendOptions, pipeline};
 use crate::client::Ctx;
-use crate::direct::Path;
+use crate::direct::{DirectOpt, Path};
+use crate::early::Early;
 use crate::error::AgentError;
 use crate::progress::Progress;
 
@@ -69,6 +70,17 @@ pub async fn run(
     // able to link two attempts (or two runs) of one transfer.
     let stream_id = StreamId::random();
     let count = u32::try_from(to.len()).unwrap_or(u32::MAX);
+    // An upload that will likely take the relay opens its data connection
+    // now, beside the offers.
+    let small = source.size_known && source.total < super::path::DIRECT_FROM;
+    let broken = opts.direct_failed.load(Ordering::Relaxed);
+    let relayed = to.len() > 1
+        || match opts.direct {
+            DirectOpt::Never => true,
+            DirectOpt::Auto => small || broken,
+            DirectOpt::Only => false,
+        };
+    let early = relayed.then(|| Early::open(ctx.broker.clone()));
     let mut tasks = JoinSet::new();
     for (i, name) in to.iter().enumerate() {
         let job = handshake(
@@ -104,7 +116,7 @@ pub async fn run(
     if ready.is_empty() {
         return outcome;
     }
-    let results = upload(ctx, opts, source, stream_id, ready, progress).await;
+    let results = upload(ctx, opts, source, (stream_id, early), ready, progress).await;
     outcome.extend(results);
     // In the order the receivers were named.
     outcome.sort_by_key(|(n, _)| to.iter().position(|t| t == n));
@@ -131,7 +143,7 @@ async fn upload(
     ctx: &Ctx,
     opts: &SendOptions,
     source: &Arc<Source>,
-    stream_id: StreamId,
+    (stream_id, early): (StreamId, Option<Early>),
     ready: Vec<Handshake>,
     progress: &Progress,
 ) -> Outcome {
@@ -142,7 +154,9 @@ async fn upload(
             .collect()
     };
     let small = source.size_known && source.total < super::path::DIRECT_FROM;
-    let (mut data, path) = match super::path::open(ctx, opts, &ready, small).await {
+    let opened = super::path::open(ctx, opts, &ready, small, early.as_ref()).await;
+    drop(early);
+    let (mut data, path) = match opened {
         Ok(d) => d,
         Err(AgentError::NoDirectPath(why)) => {
             return all_fail(&ready, &|| AgentError::NoDirectPath(why.clone()));

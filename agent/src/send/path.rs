@@ -12,8 +12,9 @@ use keyferry_common::wire::message::{AbortReason, Message};
 
 use super::SendOptions;
 use super::offer::Handshake;
-use crate::client::{Ctx, DataConn, Ticket, open_upload};
+use crate::client::{Ctx, DataConn, Ticket, open_upload, open_upload_on};
 use crate::direct::{DirectOpt, Path, dial};
+use crate::early::Early;
 use crate::error::AgentError;
 use crate::output::notice;
 
@@ -31,8 +32,9 @@ pub(super) async fn open(
     opts: &SendOptions,
     ready: &[Handshake],
     small: bool,
+    early: Option<&Early>,
 ) -> Result<(DataConn, Path), AgentError> {
-    let chosen = choose(ctx, opts, ready, small).await;
+    let chosen = choose(ctx, opts, ready, small, early).await;
     if let Err(AgentError::NoDirectPath(_)) = &chosen {
         give_up(ctx, ready).await;
     }
@@ -80,6 +82,7 @@ async fn choose(
     opts: &SendOptions,
     ready: &[Handshake],
     small: bool,
+    early: Option<&Early>,
 ) -> Result<(DataConn, Path), AgentError> {
     if let [one] = ready {
         // The port named for a simultaneous open is the dial's, or nobody's.
@@ -137,16 +140,24 @@ async fn choose(
                 .into(),
         ));
     }
-    relay(ctx, ready).await
+    relay(ctx, ready, early).await
 }
 
-/// The broker's relay: one data connection for every receiver.
-async fn relay(ctx: &Ctx, ready: &[Handshake]) -> Result<(DataConn, Path), AgentError> {
+/// The broker's relay: one data connection for every receiver (the one
+/// opened beside the offers, if it is there).
+async fn relay(
+    ctx: &Ctx,
+    ready: &[Handshake],
+    early: Option<&Early>,
+) -> Result<(DataConn, Path), AgentError> {
     let tickets: Vec<(TransferId, Ticket)> = ready
         .iter()
         .map(|h| (h.accepted.pair.transfer_id, h.ticket.clone()))
         .collect();
-    open_upload(ctx, &tickets).await.map(|c| (c, Path::Relay))
+    let early = early.and_then(Early::take);
+    open_upload_on(ctx, &tickets, early)
+        .await
+        .map(|c| (c, Path::Relay))
 }
 
 /// Whether the broker is on this machine (its address is a loopback one):

@@ -1,0 +1,53 @@
+//! A data connection opened before its ticket (PROTOCOL.md §2.5): the TCP
+//! handshake with the broker runs while the offer or the accept travels, so
+//! the stream starts one round trip to the broker sooner once the tickets
+//! come (the broker relays once both sides are there: both open early).
+//! Unused after [`KEEP`] it is closed (the broker waits at most 10 s for a
+//! connection's first frame); a side that finds it gone, or goes elsewhere,
+//! connects anew.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use keyferry_common::io::task::AbortOnDrop;
+use keyferry_common::sync::lock;
+use tokio::net::TcpStream;
+
+use crate::client::CONNECT_TIMEOUT;
+
+/// How long an opened connection waits for its upload.
+const KEEP: Duration = Duration::from_secs(8);
+
+/// The connection being opened, or open and waiting.
+#[derive(Debug)]
+pub struct Early {
+    slot: Arc<Mutex<Option<TcpStream>>>,
+    _task: AbortOnDrop,
+}
+
+impl Early {
+    /// Starts connecting to `broker` (`HOST:PORT`).
+    pub fn open(broker: String) -> Self {
+        let slot: Arc<Mutex<Option<TcpStream>>> = Arc::default();
+        let held = Arc::clone(&slot);
+        let task = tokio::spawn(async move {
+            let connect = TcpStream::connect(&broker);
+            let Ok(Ok(tcp)) = tokio::time::timeout(CONNECT_TIMEOUT, connect).await else {
+                return;
+            };
+            *lock(&held) = Some(tcp);
+            tokio::time::sleep(KEEP).await;
+            // Closed if nobody took it.
+            drop(lock(&held).take());
+        });
+        Self {
+            slot,
+            _task: AbortOnDrop(task),
+        }
+    }
+
+    /// The open connection, if it is there (and then only once).
+    pub fn take(&self) -> Option<TcpStream> {
+        lock(&self.slot).take()
+    }
+}
