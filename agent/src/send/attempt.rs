@@ -31,7 +31,7 @@ use super::resume;
 use super::source::Source;
 use super::{RECEIPT_TIMEOUT, SendOptions, pipeline};
 use crate::client::Ctx;
-use crate::direct::{DirectOpt, Path};
+use crate::direct::Path;
 use crate::early::Early;
 use crate::error::AgentError;
 use crate::progress::Progress;
@@ -72,14 +72,7 @@ pub async fn run(
     let count = u32::try_from(to.len()).unwrap_or(u32::MAX);
     // An upload that will likely take the relay opens its data connection
     // now, beside the offers.
-    let small = source.size_known && source.total < super::path::DIRECT_FROM;
-    let broken = opts.direct_failed.load(Ordering::Relaxed);
-    let relayed = to.len() > 1
-        || match opts.direct {
-            DirectOpt::Never => true,
-            DirectOpt::Auto => small || broken,
-            DirectOpt::Only => false,
-        };
+    let relayed = !super::path::may_dial(opts, source, to.len());
     let early = relayed.then(|| Early::open(ctx.broker.clone()));
     let mut tasks = JoinSet::new();
     for (i, name) in to.iter().enumerate() {
@@ -153,7 +146,7 @@ async fn upload(
             .map(|h| (h.to.clone(), Err(after(e()))))
             .collect()
     };
-    let small = source.size_known && source.total < super::path::DIRECT_FROM;
+    let small = super::path::small(source);
     let opened = super::path::open(ctx, opts, &ready, small, early.as_ref()).await;
     drop(early);
     let (mut data, path) = match opened {

@@ -17,7 +17,6 @@ use keyferry_common::wire::message::{AbortReason, ErrorCode, Message, Role};
 use super::source::Source;
 use super::{ANSWER_TIMEOUT, SendOptions, peer_key};
 use crate::client::{Ctx, Ticket, await_ticket, broker_error, conn_error, connect_then};
-use crate::direct::DirectOpt;
 use crate::direct::punch::PunchPort;
 use crate::error::AgentError;
 use crate::home::now_unix;
@@ -80,16 +79,7 @@ pub(super) async fn handshake(
     // receiver knows whether it needs it), unless no direct connection will
     // be tried (PROTOCOL.md §2.7): after a direct path broke, the retries
     // take the relay unless this side takes nothing else.
-    let small = source.size_known && source.total < super::path::DIRECT_FROM;
-    let broken = opts
-        .direct_failed
-        .load(std::sync::atomic::Ordering::Relaxed);
-    let punch = receivers == 1
-        && match opts.direct {
-            DirectOpt::Never => false,
-            DirectOpt::Auto => !small && !broken,
-            DirectOpt::Only => true,
-        };
+    let punch = super::path::may_dial(&opts, &source, receivers as usize);
     let terms = Terms {
         kind: if opts.is_message() {
             Kind::Message

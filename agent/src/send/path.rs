@@ -12,6 +12,7 @@ use keyferry_common::wire::message::{AbortReason, Message};
 
 use super::SendOptions;
 use super::offer::Handshake;
+use super::source::Source;
 use crate::client::{Ctx, DataConn, Ticket, open_upload, open_upload_on};
 use crate::direct::{DirectOpt, Path, dial};
 use crate::early::Early;
@@ -22,6 +23,26 @@ use crate::output::notice;
 /// proofs (two round trips between the agents) cost more than the relay's
 /// detour saves, so a small file or a message takes the relay.
 pub(super) const DIRECT_FROM: u64 = 4 << 20;
+
+/// Whether `source` is a small stream, which `--direct auto` on both
+/// sides sends through the relay.
+pub(super) fn small(source: &Source) -> bool {
+    source.size_known && source.total < DIRECT_FROM
+}
+
+/// Whether, by this side's options, an upload of `source` to `receivers`
+/// receivers tries a direct path: one receiver, not `--direct never`, and
+/// under `auto` neither a small stream nor a retry after a direct path
+/// broke (a receiver's `--direct only` can still make it dial).
+pub(super) fn may_dial(opts: &SendOptions, source: &Source, receivers: usize) -> bool {
+    let broken = opts.direct_failed.load(Ordering::Relaxed);
+    receivers == 1
+        && match opts.direct {
+            DirectOpt::Never => false,
+            DirectOpt::Auto => !small(source) && !broken,
+            DirectOpt::Only => true,
+        }
+}
 
 /// Opens the stream's connection: direct if it can and may (and, with
 /// `--direct auto` on both sides, if the stream is not `small`), else the
