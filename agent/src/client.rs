@@ -72,6 +72,7 @@ pub fn broker_error(code: ErrorCode, detail: String) -> AgentError {
             Some(broker) => AgentError::Version { broker },
             None => AgentError::VersionRefused(detail),
         },
+        ErrorCode::StoreFull => AgentError::StoreRefused(detail),
         _ => AgentError::BrokerRefused(detail),
     }
 }

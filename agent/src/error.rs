@@ -40,6 +40,9 @@ pub mod exit {
     /// A send to several receivers: some of them did not confirm it (the
     /// others did; each failure is on its own line).
     pub const SOME_RECEIVERS_FAILED: u8 = 11;
+    /// `--store`: the receiver was offline, and the broker stored the
+    /// transfer for it; not delivered yet (`agent --receipts` tells later).
+    pub const STORED: u8 = 12;
     /// `--direct only` (ours or the peer's), and no direct connection
     /// between the agents worked.
     pub const NO_DIRECT_PATH: u8 = 13;
@@ -83,9 +86,25 @@ pub enum AgentError {
     UnknownPeer(String),
     /// The peer is not connected as a receiver.
     #[error(
-        "peer {0} is offline: it must run `agent --role receiver` (`agent --list` shows who is online)"
+        "peer {0} is offline: it must run `agent --role receiver` (`agent --list` shows who is \
+         online), or send with --store to leave it at the broker until {0} connects"
     )]
     PeerOffline(String),
+    /// `--store` did its job: the receiver was offline, and the broker keeps
+    /// the transfer for it.
+    #[error("{peer} is offline: stored for delivery (id {id}, expires {expires})")]
+    StoredForLater {
+        /// The receiver.
+        peer: String,
+        /// The transfer id.
+        id: String,
+        /// When the broker deletes it undelivered (UTC).
+        expires: String,
+    },
+    /// The broker does not take a stored transfer: over one of its mailbox
+    /// limits, or it keeps no mailbox.
+    #[error("the broker will not store it: {0}; nothing was uploaded")]
+    StoreRefused(String),
     /// The broker could not get an answer to an offer from the peer: it
     /// went away, froze (dropped by the keepalive) or did not answer.
     #[error("peer {peer} did not take the offer: {why} (`agent --list` shows who is online)")]
@@ -356,6 +375,8 @@ impl AgentError {
             Self::Interrupted | Self::Cancelled => exit::INTERRUPTED,
             Self::SomeReceiversFailed { .. } => exit::SOME_RECEIVERS_FAILED,
             Self::NoDirectPath(_) => exit::NO_DIRECT_PATH,
+            Self::StoredForLater { .. } => exit::STORED,
+            Self::StoreRefused(_) => exit::REFUSED,
             Self::ReceiverAborted(_)
             | Self::BrokerRefused(_)
             | Self::SessionEnded(_)

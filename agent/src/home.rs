@@ -148,7 +148,10 @@ pub fn load_identity(path: &Path) -> Result<Identity, KeyFileError> {
 /// Reads a private file of at most `max` bytes: opened once without
 /// following a link, and refused unless the descriptor is a regular file of
 /// this user that group and others cannot access.
-fn read_private(path: &Path, max: usize) -> Result<zeroize::Zeroizing<Vec<u8>>, KeyFileError> {
+pub(crate) fn read_private(
+    path: &Path,
+    max: usize,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, KeyFileError> {
     use rustix::fs::{FileType, Mode, OFlags};
     use std::io::Read as _;
     let read_err = |source| KeyFileError::Read {

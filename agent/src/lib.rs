@@ -10,6 +10,8 @@
 //!   text or JSON);
 //! * [`trust`] (pins, RSA budgets, replayed ids) and [`home`] (the home
 //!   directory, the key file, the pin files);
+//! * [`mailbox`]: the receiver's prekeys and the sender's record of what it
+//!   stored for a receiver who was offline (files only);
 //! * [`client`]: connecting to the broker, pinning it, authenticating, data
 //!   connections;
 //! * the roles: [`send`] (look up, pin, offer, the sealing pipeline) and
@@ -26,6 +28,7 @@ pub mod early;
 pub mod error;
 pub mod home;
 pub mod logline;
+pub mod mailbox;
 pub mod output;
 pub mod progress;
 pub mod prompt;

@@ -77,7 +77,7 @@ pub fn rfc3339(t: SystemTime) -> String {
 
 /// The date `days` after 1970-01-01 (proleptic Gregorian), after Howard
 /// Hinnant's `civil_from_days`.
-fn civil(days: u64) -> (u64, u64, u64) {
+pub(crate) fn civil(days: u64) -> (u64, u64, u64) {
     let z = days + 719_468;
     let era = z / 146_097;
     let doe = z % 146_097;

@@ -35,6 +35,59 @@ pub struct Limits {
     /// How often the broker pings each receiver; one that has said nothing
     /// for two intervals is dropped (and its name goes offline).
     pub keepalive: Duration,
+    /// The mailbox's limits where they differ from its defaults (which
+    /// depend on the data dir's free space).
+    pub store: StoreLimits,
+}
+
+/// The mailbox limits an operator set (`--store-*`); `None` keeps the
+/// default ([`crate::mailbox::MailboxLimits::defaults_for`]).
+#[derive(Debug, Clone, Default)]
+pub struct StoreLimits {
+    /// Bytes stored for everyone.
+    pub total: Option<u64>,
+    /// Bytes stored for one receiver.
+    pub per_receiver: Option<u64>,
+    /// Bytes stored from one sender.
+    pub per_sender: Option<u64>,
+    /// How long a stored transfer waits (at most 30 days).
+    pub max_age: Option<Duration>,
+    /// Transfers stored for one receiver.
+    pub per_receiver_count: Option<usize>,
+    /// Prekey fetches per sender per minute.
+    pub fetches_per_minute: Option<usize>,
+}
+
+/// Longest a stored transfer may wait: a stored offer stays valid 35 days
+/// (PROTOCOL.md §3.4), and its receiver needs some of that to pick it up.
+pub const MAX_STORE_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
+
+impl StoreLimits {
+    /// The mailbox's limits: `defaults` with these overrides applied.
+    pub fn apply(
+        &self,
+        mut defaults: crate::mailbox::MailboxLimits,
+    ) -> crate::mailbox::MailboxLimits {
+        if let Some(v) = self.total {
+            defaults.total = v;
+        }
+        if let Some(v) = self.per_receiver {
+            defaults.per_receiver = v;
+        }
+        if let Some(v) = self.per_sender {
+            defaults.per_sender = v;
+        }
+        if let Some(v) = self.max_age {
+            defaults.max_age = v.min(MAX_STORE_AGE);
+        }
+        if let Some(v) = self.per_receiver_count {
+            defaults.per_receiver_count = v;
+        }
+        if let Some(v) = self.fetches_per_minute {
+            defaults.fetches_per_minute = v;
+        }
+        defaults
+    }
 }
 
 /// Smallest accepted control-frame limit: a maximal signed offer plus envelope.
@@ -54,6 +107,7 @@ impl Default for Limits {
             max_transfers_per_agent: 4,
             shutdown_grace: Duration::from_secs(30),
             keepalive: Duration::from_secs(20),
+            store: StoreLimits::default(),
         }
     }
 }

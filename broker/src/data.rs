@@ -76,6 +76,11 @@ pub async fn admit(
         }
     };
     let unknown = "no transfer waits for this ticket (unknown, used or expired)";
+    // A data connection that ends here: a stored upload or delivery.
+    if let Some(to) = state.handoffs.redeem(&tid, &ticket) {
+        let _ = to.send(admitted(reader.into_parts().1, tcp, guard));
+        return Ok(());
+    }
     match state.tickets.redeem(&tid, &ticket) {
         None => {
             // Not ours: perhaps a routed transfer's ticket, of an upload

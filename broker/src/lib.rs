@@ -13,12 +13,18 @@
 //!   (the data connections' tickets, and uploads to several receivers),
 //!   [`routes`] (routed transfers' sender tickets, for uploads fed to other
 //!   brokers), [`metrics`] (what the sessions count and a scrape reads off
-//!   the state; its `http` part serves it, `--metrics`), [`error`];
+//!   the state; its `http` part serves it, `--metrics`), [`mailbox`]
+//!   (stored transfers for offline receivers, their receipts, and prekeys:
+//!   state only, on disk), [`error`];
 //! * [`relay`]: pumping one transfer's bytes between its two data
 //!   connections, never opening a record; [`fanout`]: one upload copied to
 //!   several receivers, each with a bounded queue;
 //! * [`shutdown`]: the phase every task watches; [`splice`]: record bodies
 //!   moved socket to socket in the kernel;
+//! * [`handoff`] (a leaf): tickets for data connections that end at the
+//!   broker itself (a stored transfer's upload, its delivery);
+//! * [`stored`]: a stored transfer's bytes moved between a data connection
+//!   and the [`mailbox`];
 //! * [`state`]: what every connection shares — state only, no sockets;
 //! * [`feed`]: an upload fed on to the brokers of receivers elsewhere in
 //!   the cluster, one copy each;
@@ -40,7 +46,9 @@ pub mod data;
 pub mod error;
 pub mod fanout;
 pub mod feed;
+pub mod handoff;
 pub mod logs;
+pub mod mailbox;
 pub mod member;
 pub mod metrics;
 pub mod registry;
@@ -51,6 +59,7 @@ pub mod session;
 pub mod shutdown;
 pub mod splice;
 pub mod state;
+pub mod stored;
 pub mod tickets;
 pub mod transfers;
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use keyferry_broker::cluster::{self, Member};
-use keyferry_broker::config::MIN_CONTROL_FRAME;
+use keyferry_broker::config::{MIN_CONTROL_FRAME, StoreLimits};
 use keyferry_broker::logs::{self, LogFormat};
 use keyferry_broker::{AccessPolicy, Broker, DEFAULT_ADDR, Limits};
 use keyferry_common::units::{parse_duration, parse_keepalive, parse_size};
@@ -109,6 +109,29 @@ struct Args {
     /// (1s to 60m).
     #[arg(long, value_name = "DUR", default_value = "20s", value_parser = parse_keepalive, help_heading = "Limits")]
     keepalive: Duration,
+
+    /// Most bytes kept for offline receivers in all (`--store` senders)
+    /// [default: 25 % of the data dir's free space, at most 10 GiB].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, help_heading = "Mailbox")]
+    store_total: Option<u64>,
+    /// Most bytes kept for one receiver [default: 2GiB].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, help_heading = "Mailbox")]
+    store_per_receiver: Option<u64>,
+    /// Most bytes kept from one sender [default: 2GiB].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, help_heading = "Mailbox")]
+    store_per_sender: Option<u64>,
+    /// How long a stored transfer waits for its receiver before it is
+    /// deleted (its sender's receipt then says expired); at most 30 days
+    /// [default: 7d].
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, help_heading = "Mailbox")]
+    store_max_age: Option<Duration>,
+    /// Most transfers kept for one receiver [default: 32].
+    #[arg(long, value_name = "N", help_heading = "Mailbox")]
+    store_per_receiver_count: Option<usize>,
+    /// Most prekey fetches one sender may make per minute, so that nobody
+    /// drains a receiver's one-time prekeys [default: 10].
+    #[arg(long, value_name = "N", help_heading = "Mailbox")]
+    prekey_fetches_per_minute: Option<usize>,
 
     /// Serve Prometheus metrics at http://ADDR/metrics and a health check at
     /// http://ADDR/healthz (200, or 503 with the reason: shutting down, or
@@ -300,6 +323,14 @@ async fn main() -> ExitCode {
         max_transfers_per_agent: args.max_transfers_per_agent,
         shutdown_grace: args.shutdown_grace,
         keepalive: args.keepalive,
+        store: StoreLimits {
+            total: args.store_total,
+            per_receiver: args.store_per_receiver,
+            per_sender: args.store_per_sender,
+            max_age: args.store_max_age,
+            per_receiver_count: args.store_per_receiver_count,
+            fetches_per_minute: args.prekey_fetches_per_minute,
+        },
         ..Limits::default()
     };
     let policy = match &args.allow_file {

@@ -24,6 +24,7 @@ use crate::cluster::{Cluster, Member};
 use crate::config::{AccessPolicy, Limits};
 use crate::conns::NoPlace;
 use crate::error::{BrokerError, SessionError};
+use crate::mailbox::{Mailbox, MailboxLimits};
 use crate::member;
 use crate::metrics::{Limit, http};
 use crate::registry::Registry;
@@ -64,7 +65,18 @@ impl Broker {
         let registry = Registry::open(&data_dir.join("registry.redb"))?;
         let config = tls::server_config(cert.cert, cert.key)?;
         let (phase, phase_rx) = watch::channel(Phase::Serving);
-        let state = State::new(
+        // Transfers kept for offline receivers; a mailbox that cannot be
+        // opened costs only that (a line in the log), not the broker.
+        let store_dir = data_dir.join("mailbox");
+        let store_limits = limits.store.apply(MailboxLimits::defaults_for(&store_dir));
+        let mailbox = match Mailbox::open(&store_dir, store_limits) {
+            Ok(m) => Some(Arc::new(m)),
+            Err(e) => {
+                warn!(error = %e, "no mailbox: transfers for offline receivers are refused");
+                None
+            }
+        };
+        let mut state = State::new(
             registry,
             cert.fingerprint,
             limits,
@@ -72,6 +84,7 @@ impl Broker {
             TlsAcceptor::from(Arc::new(config)),
             phase_rx,
         );
+        state.mailbox = mailbox;
         Ok(Self {
             state: Arc::new(state),
             phase,
@@ -143,6 +156,11 @@ impl Broker {
             .metrics
             .take()
             .map(|l| AbortOnDrop(tokio::spawn(http::serve(l, Arc::clone(&self.state)))));
+        let sweeper = self
+            .state
+            .mailbox
+            .clone()
+            .map(|m| AbortOnDrop(tokio::spawn(sweep(m))));
         loop {
             let accepted = tokio::select! {
                 _ = &mut shutdown => break,
@@ -204,6 +222,26 @@ impl Broker {
             let _ = tokio::time::timeout(CUT_WAIT, all_ended.recv()).await;
         }
         drop(metrics);
+        drop(sweeper);
         info!("shut down");
+    }
+}
+
+/// Deletes stored transfers past their age, every second (the mailbox keeps
+/// its index in memory: a sweep with nothing due costs a lock and a scan).
+async fn sweep(mailbox: Arc<Mailbox>) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let m = Arc::clone(&mailbox);
+        if let Ok(gone) = tokio::task::spawn_blocking(move || m.expire(now)).await {
+            for meta in gone {
+                info!(transfer = %meta.id, from = %meta.from, to = %meta.to, "stored transfer expired undelivered: deleted");
+            }
+        }
     }
 }

@@ -15,6 +15,8 @@ use tokio_rustls::TlsAcceptor;
 use crate::cluster::Cluster;
 use crate::config::{AccessPolicy, Limits};
 use crate::conns::Conns;
+use crate::handoff::Handoffs;
+use crate::mailbox::Mailbox;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::relay::DataConn;
@@ -47,6 +49,13 @@ pub struct State {
     pub metrics: Metrics,
     /// Routed transfers' sender tickets handed to senders here.
     pub routes: Routes,
+    /// Transfers stored for receivers that are offline (`None`: this broker
+    /// keeps none, e.g. its data dir cannot hold them).
+    pub mailbox: Option<Arc<Mailbox>>,
+    /// Tickets of data connections that end here (stored uploads, deliveries).
+    pub handoffs: Handoffs,
+    /// Wakes a receiver's delivery of stored transfers when one arrives.
+    pub couriers: Couriers,
     /// Ids of receiver connections.
     next_receiver_id: AtomicU64,
     /// The current phase (the server holds the sending end).
@@ -89,6 +98,9 @@ impl State {
             cluster: None,
             metrics: Metrics::default(),
             routes: Routes::default(),
+            mailbox: None,
+            handoffs: Handoffs::default(),
+            couriers: Couriers::default(),
             next_receiver_id: AtomicU64::new(0),
             phase,
         }
@@ -107,5 +119,41 @@ impl State {
     /// A handle on the shutdown signal, for one task.
     pub fn shutdown(&self) -> Shutdown {
         Shutdown::new(self.phase.clone())
+    }
+}
+
+/// One wake-up per receiver name whose delivery task is running: a stored
+/// transfer committed for it meanwhile is delivered without waiting for its
+/// next connection.
+#[derive(Debug, Default)]
+pub struct Couriers {
+    waiting: std::sync::Mutex<
+        std::collections::HashMap<keyferry_common::name::AgentName, Arc<tokio::sync::Notify>>,
+    >,
+}
+
+impl Couriers {
+    /// A fresh wake-up for `name`'s delivery task (a newer session's
+    /// replaces an older one's).
+    pub fn of(&self, name: &keyferry_common::name::AgentName) -> Arc<tokio::sync::Notify> {
+        let fresh = Arc::new(tokio::sync::Notify::new());
+        keyferry_common::sync::lock(&self.waiting).insert(name.clone(), Arc::clone(&fresh));
+        fresh
+    }
+
+    /// Wakes `name`'s delivery task, if one runs.
+    pub fn kick(&self, name: &keyferry_common::name::AgentName) {
+        if let Some(n) = keyferry_common::sync::lock(&self.waiting).get(name) {
+            n.notify_one();
+        }
+    }
+
+    /// Forgets `name`'s wake-up `mine` (its receiver went offline), unless
+    /// a newer session of that receiver holds another by now.
+    pub fn forget(&self, name: &keyferry_common::name::AgentName, mine: &Arc<tokio::sync::Notify>) {
+        let mut waiting = keyferry_common::sync::lock(&self.waiting);
+        if waiting.get(name).is_some_and(|n| Arc::ptr_eq(n, mine)) {
+            waiting.remove(name);
+        }
     }
 }

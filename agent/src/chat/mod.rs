@@ -183,6 +183,7 @@ fn send_file(ctx: &Ctx, opts: &ChatOptions, path: PathBuf, screen: &Screen) {
                 progress: false,
                 direct: DirectOpt::Never,
                 direct_failed: Default::default(),
+                store: false,
             },
         )
         .await;

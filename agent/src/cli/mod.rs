@@ -6,6 +6,7 @@
 mod docs;
 pub(crate) mod list;
 mod pick;
+mod receipts;
 mod report;
 mod roles;
 
@@ -90,7 +91,7 @@ pub struct Args {
     #[arg(long, value_name = "NAME", env = "KEYFERRY_NAME")]
     pub name: Option<AgentName>,
     /// What to do.
-    #[arg(long, value_enum, required_unless_present_any = ["list", "completions", "man", "chat"])]
+    #[arg(long, value_enum, required_unless_present_any = ["list", "completions", "man", "chat", "receipts", "withdraw"])]
     pub role: Option<RoleArg>,
     /// Chat with PEER: both run `agent --chat` naming each other; may be
     /// given up to 16 times for a group. Lines typed go to every peer, each
@@ -103,6 +104,16 @@ pub struct Args {
     /// List the agents online at the broker (receivers, busy or free) and exit.
     #[arg(long, conflicts_with = "role")]
     pub list: bool,
+    /// List this agent's transfers stored at the broker (--store) and what
+    /// became of each: delivered (the receiver's signed receipt verified
+    /// with its pinned key, and the SHA-256 it confirms), still waiting,
+    /// refused (and why), expired or withdrawn; then exit.
+    #[arg(long, conflicts_with_all = ["role", "list", "chat"])]
+    pub receipts: bool,
+    /// Delete a stored transfer that is still waiting at the broker (its id
+    /// as --store or --receipts printed it), so it is never delivered.
+    #[arg(long, value_name = "ID", conflicts_with_all = ["role", "list", "chat", "receipts"])]
+    pub withdraw: Option<String>,
     /// Print JSON lines on stdout instead of text: the sender one object per
     /// receiver that confirmed, the receiver one per event (received,
     /// message, failed, refused), --list one per agent.
@@ -238,6 +249,12 @@ pub struct Args {
     /// Sender: require the receiver to have this key fingerprint (SHA256:...).
     #[arg(long, value_name = "FP", help_heading = "Sender")]
     pub peer_fingerprint: Option<Fingerprint>,
+    /// Sender: if the receiver is offline, leave the transfer at the broker
+    /// (sealed to one of the receiver's signed prekeys: the broker cannot
+    /// read it) and exit 12; the receiver gets it when it next connects.
+    /// With the receiver online, a live transfer as without it. One --to.
+    #[arg(long, help_heading = "Sender")]
+    pub store: bool,
 }
 
 fn parse_retry(s: &str) -> Result<Duration, String> {
@@ -303,6 +320,12 @@ pub async fn run(args: Args) -> Result<(), AgentError> {
     let ctx = context(&args)?;
     if args.list {
         return list::list(&ctx, args.json).await;
+    }
+    if args.receipts {
+        return receipts::receipts(&ctx, args.json).await;
+    }
+    if let Some(id) = &args.withdraw {
+        return receipts::withdraw(&ctx, id).await;
     }
     if !args.chat.is_empty() {
         return roles::chat(args, ctx).await;

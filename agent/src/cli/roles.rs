@@ -126,6 +126,9 @@ pub(super) async fn sender(args: Args, ctx: Ctx) -> Result<(), AgentError> {
     if to.iter().enumerate().any(|(i, t)| to[..i].contains(t)) {
         return Err(usage("a receiver is named twice with --to"));
     }
+    if to.len() > 1 && args.store {
+        return Err(usage("--store goes with one --to"));
+    }
     if to.len() > 1 && args.peer_fingerprint.is_some() {
         return Err(usage("--peer-fingerprint goes with one --to"));
     }
@@ -161,9 +164,23 @@ pub(super) async fn sender(args: Args, ctx: Ctx) -> Result<(), AgentError> {
             progress: true,
             direct: args.direct,
             direct_failed: Default::default(),
+            store: args.store,
         },
     )
     .await?;
+    if let Some(stored) = &sent.stored {
+        if args.json {
+            let mut line =
+                serde_json::to_value(stored).map_err(|e| AgentError::Internal(e.to_string()))?;
+            line["event"] = "stored".into();
+            crate::output::say!("{line}");
+        }
+        return Err(AgentError::StoredForLater {
+            peer: stored.peer.clone(),
+            id: stored.transfer_id.clone(),
+            expires: super::receipts::utc(stored.expires),
+        });
+    }
     for report in &sent.reports {
         report::print_report(report, &label, args.json)?;
     }

@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use keyferry_common::chat::CHAT_BOUND;
-use keyferry_common::handshake::direct::{DirectMode, punch_from_bytes};
+use keyferry_common::handshake::direct::{DirectMode, DirectTerms, punch_from_bytes};
+use keyferry_common::handshake::stored::verify_stored;
 use keyferry_common::handshake::{
-    self, DEFAULT_TIME_WINDOW_SECS, Kind, MAX_MESSAGE_LEN as MAX_MESSAGE, ResumePoint, SignedOffer,
-    Terms,
+    self, DEFAULT_TIME_WINDOW_SECS, Kind, MAX_MESSAGE_LEN as MAX_MESSAGE, ResumePoint, Terms,
 };
 use keyferry_common::identity::PublicKey;
 use keyferry_common::ids::TransferId;
@@ -24,6 +24,7 @@ use keyferry_common::sync::lock;
 use keyferry_common::transfer::MAX_RECEIVERS;
 use keyferry_common::wire::message::RefuseReason;
 
+use super::offers::{Incoming, Opened, StoredGate, Verified, precheck_stored};
 use super::resume::{Origin, Place, prepare};
 use super::{Failure, MAX_CONCURRENT, MAX_PER_SENDER, SPACE_MARGIN, Shared};
 use crate::direct::listen::{Punch, terms_for};
@@ -63,15 +64,16 @@ pub(super) async fn admit<'a>(
     shared: &'a Shared,
     from: &AgentName,
     spki: &[u8],
-    offer: &SignedOffer,
+    offer: Incoming<'_>,
     tid: TransferId,
+    gate: &mut StoredGate,
 ) -> Result<Admitted<'a>, Failure> {
     let refuse = |r, why: String| Failure::Refused(r, why);
     let ctx = &shared.ctx;
-    let fields = offer
-        .parse()
-        .map_err(|e| refuse(RefuseReason::VerificationFailed, e.to_string()))?;
-    if &fields.sender != from {
+    let (sender, sender_fp) = offer
+        .sender()
+        .map_err(|e| refuse(RefuseReason::VerificationFailed, e))?;
+    if &sender != from {
         return Err(refuse(
             RefuseReason::VerificationFailed,
             "the offer names another sender than the broker reports".into(),
@@ -81,7 +83,7 @@ pub(super) async fn admit<'a>(
         .map_err(|e| refuse(RefuseReason::Policy, format!("sender key refused: {e}")))?;
     // A key the signed offer itself contradicts is refused before it can be
     // pinned: otherwise a broker could plant it and lock the real sender out.
-    if key.fingerprint() != fields.sender_fp {
+    if key.fingerprint() != sender_fp {
         let pins = ctx.home.known_peers();
         return Err(match pins.get(from.as_str()) {
             Ok(Some(pin)) if pin.fingerprint != key.fingerprint() => refuse(
@@ -100,7 +102,7 @@ pub(super) async fn admit<'a>(
                     "the broker gave key {} for {from}, but the signed offer names {}; \
                      nothing was pinned",
                     key.fingerprint(),
-                    fields.sender_fp
+                    sender_fp
                 ),
             ),
         });
@@ -126,6 +128,14 @@ pub(super) async fn admit<'a>(
         Ok(None) => None,
         Err(e) => return Err(refuse(RefuseReason::Policy, e.to_string())),
     };
+    // A stored offer's replay, or one its prekey cannot open, is refused
+    // first and unsigned; anything refused after this is the sender's for
+    // good, and signed (PROTOCOL.md §3.4).
+    if let Incoming::Stored(o) = offer {
+        not_seen(shared, tid).await?;
+        let me = (&ctx.name, ctx.identity.fingerprint());
+        *gate = precheck_stored(o, &key, me, shared.prekeys.as_ref(), now_unix())?;
+    }
     // Whom this receiver takes at all (--accept-from), before any RSA work.
     let policy = &shared.opts.policy;
     policy.admits(from, pinned_at.is_some())?;
@@ -158,28 +168,29 @@ pub(super) async fn admit<'a>(
     // An id already seen is refused before any RSA work (a look-up costs
     // nothing); it is recorded only once the signature verified, below.
     let replayed = |e: Replayed| refuse(RefuseReason::VerificationFailed, e.to_string());
-    let guard = Arc::clone(&shared.replay);
-    let seen = tokio::task::spawn_blocking(move || lock(&guard).seen(&tid, now_unix()))
-        .await
-        .map_err(|e| refuse(RefuseReason::Policy, e.to_string()))?;
-    if seen.map_err(replayed)? {
-        return Err(replayed(Replayed::Seen));
+    not_seen(shared, tid).await?;
+    let unverified =
+        |e: handshake::HandshakeError| refuse(RefuseReason::VerificationFailed, e.to_string());
+    let (me, my_fp) = (&ctx.name, ctx.identity.fingerprint());
+    let verified = match offer {
+        Incoming::Live(o) => Verified::Live(
+            handshake::verify_offer(o, &key, me, my_fp, now_unix(), DEFAULT_TIME_WINDOW_SECS)
+                .map_err(unverified)?,
+        ),
+        Incoming::Stored(o) => {
+            Verified::Stored(verify_stored(o, &key, me, my_fp, now_unix()).map_err(unverified)?)
+        }
+    };
+    // Synced to disk before the offer is answered. A stored offer is the
+    // same offer each time the broker makes it: its id is recorded when it
+    // ends for good (`super::stored`), not now.
+    if let Verified::Live(v) = &verified {
+        let (guard, time) = (Arc::clone(&shared.replay), v.fields().time);
+        tokio::task::spawn_blocking(move || lock(&guard).check_and_insert(tid, time, now_unix()))
+            .await
+            .map_err(|e| refuse(RefuseReason::Policy, e.to_string()))?
+            .map_err(replayed)?;
     }
-    let verified = handshake::verify_offer(
-        offer,
-        &key,
-        &ctx.name,
-        ctx.identity.fingerprint(),
-        now_unix(),
-        DEFAULT_TIME_WINDOW_SECS,
-    )
-    .map_err(|e| refuse(RefuseReason::VerificationFailed, e.to_string()))?;
-    // Synced to disk before the offer is answered.
-    let (guard, time) = (Arc::clone(&shared.replay), verified.fields().time);
-    tokio::task::spawn_blocking(move || lock(&guard).check_and_insert(tid, time, now_unix()))
-        .await
-        .map_err(|e| refuse(RefuseReason::Policy, e.to_string()))?
-        .map_err(replayed)?;
     // A first contact is as new as a key can be; a sender this receiver's
     // user named (--accept-from) counts as established (docs/SECURITY.md).
     let age = if policy.names(from) {
@@ -205,11 +216,19 @@ pub(super) async fn admit<'a>(
         ));
     }
     let identity = Arc::clone(&ctx.identity);
-    let opened = tokio::task::spawn_blocking(move || verified.open(&identity))
+    let prekeys = shared.prekeys.clone();
+    let opened = tokio::task::spawn_blocking(move || verified.open(&identity, prekeys.as_ref()))
         .await
-        .map_err(|e| refuse(RefuseReason::VerificationFailed, e.to_string()))?
-        .map_err(|e| refuse(RefuseReason::VerificationFailed, e.to_string()))?;
+        .map_err(|e| refuse(RefuseReason::VerificationFailed, e.to_string()))??;
     let terms = opened.terms().clone();
+    // A stored transfer goes to this receiver alone, from byte 0.
+    if matches!(opened, Opened::Stored { .. }) && (terms.receivers != 1 || terms.resumes.is_some())
+    {
+        return Err(refuse(
+            RefuseReason::Policy,
+            "a stored transfer that names other receivers or an earlier attempt".into(),
+        ));
+    }
     check_terms(shared, from, &terms, &mut slot)?;
     if terms.kind == Kind::Chat {
         lock(&shared.chats).insert(tid);
@@ -231,7 +250,10 @@ pub(super) async fn admit<'a>(
             Err(e) => return Err(refuse(RefuseReason::Policy, e.to_string())),
         }
     }
-    let stream_id = opened.fields().stream_id;
+    let stream_id = match &opened {
+        Opened::Live(o) => o.fields().stream_id,
+        Opened::Stored { pair, .. } => pair.stream_id,
+    };
     let place = match terms.kind {
         Kind::Message | Kind::Chat => None,
         // Straight to standard output: nothing staged, nothing to resume.
@@ -272,24 +294,34 @@ pub(super) async fn admit<'a>(
     let ask_secs = ask.map_or(0, |t| u32::try_from(t.as_secs()).unwrap_or(u32::MAX));
     // Checked with the other terms (`check_terms`).
     let punch_to = punch_from_bytes(&terms.punch).unwrap_or_default();
-    let (direct, punch) = terms_for(
-        shared.direct.as_ref(),
-        shared.opts.direct,
-        terms.kind,
-        &ctx.broker,
-        (&punch_to, &ctx.seen),
-    )
-    .await;
-    let (accept, pair) = match opened.accept_asking(point, ask_secs, &direct) {
-        Ok(done) => done,
-        Err(e) => {
-            // An offer whose key exchange fails leaves nothing behind.
-            if let Some(p) = place {
-                p.discard_if_empty();
-            }
-            return Err(refuse(RefuseReason::VerificationFailed, e.to_string()));
-        }
+    // A stored transfer's data comes from the broker, never directly.
+    let (direct, punch) = if matches!(opened, Opened::Stored { .. }) {
+        (DirectTerms::never(), None)
+    } else {
+        terms_for(
+            shared.direct.as_ref(),
+            shared.opts.direct,
+            terms.kind,
+            &ctx.broker,
+            (&punch_to, &ctx.seen),
+        )
+        .await
     };
+    let (accept, pair) = match opened {
+        Opened::Live(opened) => match opened.accept_asking(point, ask_secs, &direct) {
+            Ok(done) => done,
+            Err(e) => {
+                // An offer whose key exchange fails leaves nothing behind.
+                if let Some(p) = place {
+                    p.discard_if_empty();
+                }
+                return Err(refuse(RefuseReason::VerificationFailed, e.to_string()));
+            }
+        },
+        // The keys are agreed already; the data is at the broker.
+        Opened::Stored { pair, .. } => (Vec::new(), *pair),
+    };
+
     Ok(Admitted {
         accept,
         pair,
@@ -302,6 +334,19 @@ pub(super) async fn admit<'a>(
         direct: direct.mode,
         punch,
     })
+}
+
+/// Refuses transfer id `tid` if the replay guard holds it (a look-up only).
+async fn not_seen(shared: &Shared, tid: TransferId) -> Result<(), Failure> {
+    let replayed = |e: Replayed| Failure::Refused(RefuseReason::VerificationFailed, e.to_string());
+    let guard = Arc::clone(&shared.replay);
+    let seen = tokio::task::spawn_blocking(move || lock(&guard).seen(&tid, now_unix()))
+        .await
+        .map_err(|e| Failure::Refused(RefuseReason::Policy, e.to_string()))?;
+    if seen.map_err(replayed)? {
+        return Err(replayed(Replayed::Seen));
+    }
+    Ok(())
 }
 
 /// Releases a transfer's slot when dropped.

@@ -43,6 +43,7 @@ pub(super) async fn control_loop(
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut heard = Instant::now();
     let mut nonce = 0u64;
+    let mut counted = false;
     loop {
         tokio::select! {
             // Biased, answers first: a transfer task queues its Refuse before it
@@ -78,12 +79,35 @@ pub(super) async fn control_loop(
                             // A task that failed (a bug) still ends a --once
                             // receiver, which would otherwise wait for ever.
                             let task = tokio::spawn(async move {
-                                incoming(&shared, from, spki, offer, &out_tx).await
+                                incoming(&shared, from, spki, (offer, false), &out_tx).await
                             });
                             let ended = task.await.unwrap_or_else(|e| {
                                 Some(Err((exit::OTHER, format!("the transfer's task failed: {e}"))))
                             });
                             let _ = done_tx.send(ended).await;
+                        });
+                    }
+                    Ok(Some(Message::StoredOffered { from, spki, offer, .. })) => {
+                        let (shared, out_tx, done_tx) =
+                            (Arc::clone(shared), ch.out_tx.clone(), ch.done_tx.clone());
+                        tokio::spawn(async move {
+                            let task = tokio::spawn(async move {
+                                incoming(&shared, from, spki, (offer, true), &out_tx).await
+                            });
+                            let ended = task.await.unwrap_or_else(|e| {
+                                Some(Err((exit::OTHER, format!("the transfer's task failed: {e}"))))
+                            });
+                            let _ = done_tx.send(ended).await;
+                        });
+                    }
+                    // The first count of a connection says what the broker
+                    // holds; the later ones answer our own deposits.
+                    Ok(Some(Message::PrekeyCount { .. })) if counted => {}
+                    Ok(Some(Message::PrekeyCount { one_time, last_resort_expires })) => {
+                        counted = true;
+                        let (shared, out_tx) = (Arc::clone(shared), ch.out_tx.clone());
+                        tokio::spawn(async move {
+                            super::stored::top_up(&shared, (one_time, last_resort_expires), &out_tx).await;
                         });
                     }
                     Ok(Some(Message::Ticket { transfer_id, ticket, address })) => {

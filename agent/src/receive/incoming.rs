@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use keyferry_common::handshake::SignedOffer;
 use keyferry_common::handshake::direct::DirectMode;
+use keyferry_common::handshake::stored::parse_stored;
 use keyferry_common::ids::TransferId;
 use keyferry_common::name::AgentName;
 use keyferry_common::sync::lock;
@@ -17,6 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::consent::Consent;
 use super::job::{Job, Want};
+use super::offers::{Incoming, StoredGate};
 use super::report::{self, Placed};
 use super::{Failure, Shared, admit, path, stream};
 use crate::client::CONNECT_TIMEOUT;
@@ -28,17 +30,23 @@ use crate::early::Early;
 /// code (0 for a verified transfer) and what happened.
 pub(super) type Ended = Option<Result<(), (u8, String)>>;
 
-/// Handles one offer end to end and reports it.
+/// Handles one offer end to end and reports it: a live one, or (`stored`)
+/// one the broker kept while this receiver was offline.
 pub(super) async fn incoming(
     shared: &Shared,
     from: AgentName,
     spki: Vec<u8>,
-    offer: SignedOffer,
+    (offer, stored): (SignedOffer, bool),
     out: &mpsc::Sender<Message>,
 ) -> Ended {
     let json = shared.opts.json;
-    let tid = match offer.parse() {
-        Ok(f) => f.transfer_id,
+    let parsed = if stored {
+        parse_stored(&offer).map(|f| f.transfer_id)
+    } else {
+        offer.parse().map(|f| f.transfer_id)
+    };
+    let tid = match parsed {
+        Ok(tid) => tid,
         Err(e) => {
             // Refused if its transfer id can be read (bytes 2..18 of the
             // body), so the sender hears at once; otherwise only logged.
@@ -62,7 +70,24 @@ pub(super) async fn incoming(
         }
     };
     let started = Instant::now();
-    let result = accept_and_receive(shared, &from, &spki, &offer, tid, out).await;
+    let input = if stored {
+        Incoming::Stored(&offer)
+    } else {
+        Incoming::Live(&offer)
+    };
+    let mut gate = StoredGate::default();
+    let result = accept_and_receive(shared, &from, &spki, input, tid, out, &mut gate).await;
+    if stored {
+        let seconds = started.elapsed().as_secs_f64();
+        let end = super::stored::End {
+            from: &from,
+            offer: &offer,
+            tid,
+            seconds,
+            gate,
+        };
+        return super::stored::ended(shared, end, result, out).await;
+    }
     // A chat stream's end is the chat's to show (its peer left).
     if lock(&shared.chats).remove(&tid) {
         return match result {
@@ -82,7 +107,7 @@ pub(super) async fn incoming(
     match result {
         Ok((placed, via)) => {
             let seconds = started.elapsed().as_secs_f64();
-            report::received(tid, &from, &placed, (seconds, via), json);
+            report::received(tid, &from, &placed, (seconds, via, false), json);
             Some(Ok(()))
         }
         Err(failure) => {
@@ -145,11 +170,12 @@ async fn accept_and_receive(
     shared: &Shared,
     from: &AgentName,
     spki: &[u8],
-    offer: &SignedOffer,
+    offer: Incoming<'_>,
     tid: TransferId,
     out: &mpsc::Sender<Message>,
+    gate: &mut StoredGate,
 ) -> Result<(Placed, Path), Failure> {
-    let admitted = admit::admit(shared, from, spki, offer, tid).await?;
+    let admitted = admit::admit(shared, from, spki, offer, tid, gate).await?;
     let ctx = &shared.ctx;
     // Waiting for the ticket before the accept goes out, so that even an
     // immediate ticket finds its waiter.

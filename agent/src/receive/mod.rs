@@ -17,6 +17,7 @@ mod incoming;
 mod job;
 mod journal;
 mod keep;
+mod offers;
 pub mod outdir;
 mod path;
 mod prefix;
@@ -24,6 +25,7 @@ mod report;
 mod resume;
 mod staging;
 mod store;
+mod stored;
 mod stream;
 pub(crate) use stream::prefix_read_time;
 mod tree;
@@ -127,6 +129,9 @@ struct Shared {
     chats: Mutex<std::collections::HashSet<TransferId>>,
     /// Where senders connect directly (none with `--direct never`).
     direct: Option<Listener>,
+    /// The private halves of this receiver's prekeys (none if the home
+    /// cannot hold them: then nothing stored reaches it).
+    prekeys: Option<crate::mailbox::prekeys::Prekeys>,
 }
 
 /// Why one incoming transfer did not complete.
@@ -205,6 +210,22 @@ pub async fn receive(ctx: Ctx, opts: RecvOptions) -> Result<(), AgentError> {
         say!("receiving as {name} ({fp}) {into}");
     }
     let shared_home = ctx.home.dir().to_owned();
+    let prekeys = match crate::mailbox::prekeys::Prekeys::open(&shared_home) {
+        Ok(p) => {
+            let gone = p.sweep(now_unix());
+            if gone > 0 {
+                notice!("removed {gone} expired prekey(s)");
+            }
+            Some(p)
+        }
+        Err(e) => {
+            notice!(
+                "cannot keep prekeys in {} ({e}): transfers stored for this receiver while it is offline cannot reach it",
+                shared_home.display()
+            );
+            None
+        }
+    };
     let shared = Arc::new(Shared {
         ctx,
         opts,
@@ -220,6 +241,7 @@ pub async fn receive(ctx: Ctx, opts: RecvOptions) -> Result<(), AgentError> {
         prompter: crate::prompt::Prompter::new(),
         chats: Mutex::new(std::collections::HashSet::new()),
         direct,
+        prekeys,
     });
     // Answers go out on whichever control connection is current; results
     // come back for --once.

@@ -81,6 +81,8 @@ enum Event<'a> {
         resumed_from: u64,
         /// Which path the stream came over: `direct` or `relay`.
         via: Path,
+        /// Sent while this receiver was offline, and kept by the broker.
+        stored: bool,
     },
     Message {
         transfer_id: String,
@@ -92,6 +94,7 @@ enum Event<'a> {
         seconds: f64,
         session_keys: u64,
         via: Path,
+        stored: bool,
     },
     Failed {
         transfer_id: String,
@@ -135,9 +138,14 @@ pub(super) fn received(
     tid: TransferId,
     from: &AgentName,
     p: &Placed,
-    (seconds, via): (f64, Path),
+    (seconds, via, stored): (f64, Path, bool),
     json: bool,
 ) {
+    let shown_via = if stored {
+        format!("{via}, stored while this receiver was offline")
+    } else {
+        via.to_string()
+    };
     let sha = hex::encode(p.sha256);
     let sha256_by = if p.own_hash { "receiver" } else { "sender" };
     // A hash taken from the sender says so.
@@ -165,10 +173,11 @@ pub(super) fn received(
             seconds,
             session_keys: p.session_keys,
             via,
+            stored,
         }),
         What::Message(text) => {
             say!(
-                "message ({} bytes, {via}): {} from {from}",
+                "message ({} bytes, {shown_via}): {} from {from}",
                 p.bytes,
                 escape(text)
             )
@@ -200,6 +209,7 @@ pub(super) fn received(
                     session_keys: p.session_keys,
                     resumed_from: p.resumed_from,
                     via,
+                    stored,
                 });
                 return;
             }
@@ -209,7 +219,7 @@ pub(super) fn received(
             };
             let shown: Vec<String> = items.iter().map(|(_, p)| p.display().to_string()).collect();
             say!(
-                "received {what} ({} bytes, sha256 {shown_sha}{resumed}, {via}) -> {} from {from}",
+                "received {what} ({} bytes, sha256 {shown_sha}{resumed}, {shown_via}) -> {} from {from}",
                 p.bytes,
                 shown.join(", ")
             );

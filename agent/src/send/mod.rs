@@ -18,6 +18,7 @@ mod pipeline;
 pub mod reader;
 mod resume;
 pub mod source;
+pub mod store;
 
 use keyferry_common::identity::{Fingerprint, PublicKey};
 use keyferry_common::name::AgentName;
@@ -82,6 +83,9 @@ pub struct SendOptions {
     pub direct: crate::direct::DirectOpt,
     /// Set once a direct path broke: the retries take the relay.
     pub direct_failed: Arc<AtomicBool>,
+    /// A receiver that is offline gets the transfer stored at the broker
+    /// (one receiver only).
+    pub store: bool,
 }
 
 impl SendOptions {
@@ -184,6 +188,9 @@ pub struct Sent {
     pub reports: Vec<Report>,
     /// The receivers that did not confirm, and why.
     pub failed: Vec<(AgentName, AgentError)>,
+    /// With `--store`: the transfer stored at the broker for a receiver
+    /// that was offline.
+    pub stored: Option<store::StoredReport>,
 }
 
 /// Most receivers of one upload.
@@ -200,11 +207,22 @@ pub async fn send(ctx: &Ctx, opts: SendOptions) -> Result<Sent, AgentError> {
     let mut sent = Sent {
         reports: Vec::new(),
         failed: Vec::new(),
+        stored: None,
     };
     let mut deadline = None;
     for (name, result) in first {
         let done = match result {
             Ok(done) => Ok((done, 1)),
+            // Offline, and --store: the broker keeps it for the receiver.
+            Err(failed) if opts.store && matches!(failed.error, AgentError::PeerOffline(_)) => {
+                match store::store(ctx, &opts, &source, &name, &progress).await {
+                    Ok(stored) => {
+                        sent.stored = Some(stored);
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                }
+            }
             Err(failed) => {
                 retry(ctx, &opts, &source, &name, failed, &progress, &mut deadline).await
             }
@@ -340,7 +358,18 @@ pub(super) async fn peer_key(
         Some(Message::Error { code, detail }) => return Err(broker_error(code, detail)),
         _ => return Err(AgentError::Protocol("the broker did not answer the lookup")),
     };
-    let key = PublicKey::from_spki_der(&spki).map_err(|e| {
+    pin_peer(ctx, to, &spki, required)
+}
+
+/// Checks the key the broker gave for `to` against its pin (pinning it on
+/// first contact, with the NEW KEY line), and against `required` if given.
+pub(super) fn pin_peer(
+    ctx: &Ctx,
+    to: &AgentName,
+    spki: &[u8],
+    required: Option<Fingerprint>,
+) -> Result<PublicKey, AgentError> {
+    let key = PublicKey::from_spki_der(spki).map_err(|e| {
         AgentError::Verification(format!("the key the broker gave for {to} is refused: {e}"))
     })?;
     let pins = ctx.home.known_peers();

@@ -164,6 +164,9 @@ pub enum Path {
     Routed,
     /// Copies of one upload to several receivers (each copy counts).
     Fanout,
+    /// Stored transfers: uploads into the mailbox (received), deliveries
+    /// out of it (relayed).
+    Stored,
 }
 
 impl Path {
@@ -172,6 +175,7 @@ impl Path {
             Self::Local => "local",
             Self::Routed => "routed",
             Self::Fanout => "fanout",
+            Self::Stored => "stored",
         }
     }
 }

@@ -168,14 +168,14 @@ impl Metrics {
         let relayed = Family::<Words, Counter>::default();
         r.register_with_unit(
             "relayed",
-            "Bytes relayed from senders to receivers, by path (local, routed through the cluster, fanout copies)",
+            "Bytes relayed from senders to receivers, by path (local, routed through the cluster, fanout copies, stored: delivered from the mailbox)",
             Unit::Bytes,
             relayed.clone(),
         );
         let received = Counter::default();
         r.register_with_unit(
             "received",
-            "Bytes received from senders' data connections: one copy of each upload, however many receivers it goes to",
+            "Bytes received from senders' data connections: one copy of each upload, however many receivers it goes to (stored uploads included)",
             Unit::Bytes,
             received.clone(),
         );

@@ -10,11 +10,13 @@
 //! sessions end.
 
 mod auth;
+mod deliver;
 mod place;
 mod receiver;
 pub(crate) mod routed;
 mod sender;
 pub(crate) mod start;
+mod stored;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -5,12 +5,15 @@
 //! every `--keepalive`; a receiver that has said nothing for two intervals
 //! is dropped, so a frozen one does not stay "online".
 
+use std::sync::Arc;
+
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{info, warn};
 
 use keyferry_common::wire::message::{AbortReason, ErrorCode, Message};
 
+use super::deliver::{Answer as Stored, Courier, drop_stale_prekeys, prekey_count};
 use super::{Agent, BrokerConn, next, refuse, sender::online};
 use crate::cluster::presence::Claim;
 use crate::error::SessionError;
@@ -23,7 +26,7 @@ use crate::transfers::Answer;
 const PUSH_QUEUE: usize = 32;
 
 pub(super) async fn session(
-    state: &State,
+    state: &Arc<State>,
     mut conn: BrokerConn,
     agent: Agent,
     welcome: Message,
@@ -61,6 +64,27 @@ pub(super) async fn session(
         return Err(e.into());
     }
     info!(agent = %agent.name, "receiver online");
+    // Its prekeys and what waits for it in the mailbox (a standalone
+    // broker's: PROTOCOL.md §2.8).
+    let mailbox = state.mailbox.clone().filter(|_| state.cluster.is_none());
+    let courier = match &mailbox {
+        Some(m) => {
+            let (mb, name) = (Arc::clone(m), agent.name.clone());
+            let _ = tokio::task::spawn_blocking(move || drop_stale_prekeys(&mb, &name)).await;
+            if let Err(e) = conn.writer.write(&prekey_count(m, &agent.name)).await {
+                registry.remove_receiver(&agent.name, conn_id);
+                return Err(e.into());
+            }
+            let who = (agent.name.clone(), agent.spki.clone());
+            Some(Courier::start(
+                Arc::clone(state),
+                Arc::clone(m),
+                who,
+                tx.clone(),
+            ))
+        }
+        None => None,
+    };
     let every = state.limits.keepalive;
     let mut ping = tokio::time::interval_at(Instant::now() + every, every);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -92,6 +116,44 @@ pub(super) async fn session(
                     None => return Ok(()),
                     Some(Message::Pong { .. }) => {}
                     // Only the receiver the offer named may answer it.
+                    Some(Message::Refuse { transfer_id, reason }) if courier.as_ref().is_some_and(|c| c.offering(&transfer_id)) => {
+                        if let Some(c) = &courier {
+                            c.answer(Stored::NotNow(transfer_id, reason)).await;
+                        }
+                    }
+                    Some(Message::Accept { transfer_id, .. }) if courier.as_ref().is_some_and(|c| c.offering(&transfer_id)) => {
+                        if let Some(c) = &courier {
+                            c.answer(Stored::Accept(transfer_id)).await;
+                        }
+                    }
+                    // A receipt for what is not being offered now (late, or
+                    // not ours) is dropped: the transfer is offered again.
+                    Some(Message::StoredReceipt { transfer_id, receipt }) => {
+                        if let Some(c) = courier.as_ref().filter(|c| c.offering(&transfer_id)) {
+                            c.answer(Stored::Receipt(transfer_id, receipt)).await;
+                        }
+                    }
+                    Some(Message::Prekeys { bundles, last_resort }) if mailbox.is_some() => {
+                        if let Some(m) = &mailbox {
+                            let (m, name) = (Arc::clone(m), agent.name.clone());
+                            let bundles = bundles.into_iter().map(|b| b.into_vec()).collect();
+                            let last = (!last_resort.is_empty()).then_some(last_resort);
+                            let put = tokio::task::spawn_blocking(move || {
+                                m.put_prekeys(&name, bundles, last).map(|_| prekey_count(&m, &name))
+                            })
+                            .await;
+                            match put {
+                                Ok(Ok(count)) => {
+                                    if let Message::PrekeyCount { one_time, .. } = &count {
+                                        info!(agent = %agent.name, one_time, "prekeys deposited");
+                                    }
+                                    conn.writer.write(&count).await?;
+                                }
+                                Ok(Err(e)) => warn!(agent = %agent.name, error = %e, "prekeys not kept"),
+                                Err(e) => warn!(agent = %agent.name, error = %e, "prekeys not kept"),
+                            }
+                        }
+                    }
                     Some(Message::Refuse { transfer_id, reason }) => {
                         let _ = state.transfers.answer(&transfer_id, &agent.name, Answer::Refused(reason));
                     }
@@ -121,6 +183,7 @@ pub(super) async fn session(
     }
     // Offers still waiting for this receiver's answer fail now.
     state.transfers.receiver_gone(&agent.name);
+    drop(courier);
     info!(agent = %agent.name, "receiver offline");
     result
 }

@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use super::start::{self, ReceiverLink};
 use super::{Agent, BrokerConn, next, refuse};
-use super::{place, routed};
+use super::{place, routed, stored};
 use crate::cluster::names;
 use crate::cluster::wire::RoutedAnswer;
 use crate::error::SessionError;
@@ -226,6 +226,18 @@ pub(super) async fn session(
             Message::Ping { nonce } => conn.writer.write(&Message::Pong { nonce }).await?,
             Message::Lookup { name } => {
                 let reply = lookup(state, name).await;
+                conn.writer.write(&reply).await?;
+            }
+            Message::FetchPrekey { name } => {
+                let reply = stored::fetch(state, &agent, name).await;
+                conn.writer.write(&reply).await?;
+            }
+            Message::Store { to, offer, size } => {
+                return stored::store(state, conn, &agent, (to, offer, size)).await;
+            }
+            Message::Receipts => conn.writer.write(&stored::receipts(state, &agent)).await?,
+            Message::Withdraw { transfer_id } => {
+                let reply = stored::withdraw(state, &agent, transfer_id).await;
                 conn.writer.write(&reply).await?;
             }
             Message::Offer { to, offer } => {

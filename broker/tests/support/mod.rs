@@ -234,7 +234,16 @@ impl Agent {
 
     /// An authenticated connection for `role`, made by the agent's client code.
     pub async fn connect(&self, role: Role) -> AgentConn {
-        connect(&self.ctx, role).await.unwrap()
+        let mut conn = connect(&self.ctx, role).await.unwrap();
+        // A standalone broker tells a receiver its prekey count right after
+        // `Welcome` (PROTOCOL.md §2.8).
+        if role == Role::Receiver {
+            match conn.reader.read_timeout(WAIT).await.unwrap() {
+                Some(Message::PrekeyCount { .. }) => {}
+                other => panic!("no prekey count after Welcome: {other:?}"),
+            }
+        }
+        conn
     }
 
     /// `agent --list`'s question: who is online.
@@ -305,6 +314,7 @@ impl Agent {
                 progress: false,
                 direct: keyferry_agent::direct::DirectOpt::Never,
                 direct_failed: Default::default(),
+                store: false,
             },
         )
         .await?;

@@ -60,6 +60,50 @@ impl Ephemeral {
     }
 }
 
+/// A receiver's X25519 prekey (PROTOCOL.md §3.4): kept on disk until the one
+/// stored transfer made to it is opened, then deleted with its file. Unlike
+/// an [`Ephemeral`], it can be saved and loaded, so it is x25519-dalek's
+/// static secret (ring has ephemeral agreement only); it is zeroized on drop.
+pub struct PrekeySecret(x25519_dalek::StaticSecret);
+
+impl std::fmt::Debug for PrekeySecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PrekeySecret([redacted])")
+    }
+}
+
+impl PrekeySecret {
+    /// A fresh secret from the operating system's CSPRNG.
+    pub fn generate() -> Self {
+        Self::from_bytes(super::random_array())
+    }
+
+    /// The secret saved by [`Self::to_bytes`].
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(x25519_dalek::StaticSecret::from(bytes))
+    }
+
+    /// The secret's bytes, to save (the caller erases its copy).
+    pub fn to_bytes(&self) -> zeroize::Zeroizing<[u8; 32]> {
+        zeroize::Zeroizing::new(self.0.to_bytes())
+    }
+
+    /// The public share, for the signed bundle.
+    pub fn public(&self) -> [u8; SHARE_LEN] {
+        x25519_dalek::PublicKey::from(&self.0).to_bytes()
+    }
+
+    /// Agrees with a sender's share; an all-zero result (a small-order
+    /// share) is refused, as for [`Ephemeral::agree`].
+    pub fn agree(&self, peer: &[u8; SHARE_LEN]) -> Result<SharedSecret, AuthError> {
+        let shared = self.0.diffie_hellman(&x25519_dalek::PublicKey::from(*peer));
+        if !shared.was_contributory() {
+            return Err(AuthError);
+        }
+        Ok(SharedSecret::from_bytes(shared.to_bytes()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,5 +121,17 @@ mod tests {
         let mut one = [0u8; 32];
         one[0] = 1;
         assert!(Ephemeral::generate().agree(&one).is_err());
+    }
+
+    #[test]
+    fn a_prekey_agrees_with_an_ephemeral_share_and_survives_a_save() {
+        let prekey = PrekeySecret::generate();
+        let saved = PrekeySecret::from_bytes(*prekey.to_bytes());
+        assert_eq!(saved.public(), prekey.public());
+        let sender = Ephemeral::generate();
+        let share = sender.public();
+        let sent = sender.agree(&prekey.public()).unwrap();
+        assert_eq!(saved.agree(&share).unwrap().expose(), sent.expose());
+        assert!(prekey.agree(&[0u8; 32]).is_err());
     }
 }

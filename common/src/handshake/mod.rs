@@ -11,10 +11,18 @@
 //! type, so no step can be skipped.
 //!
 //! [`offer`] builds and checks the offer; [`accept`] the accept and the keys.
+//!
+//! For a receiver who is offline (PROTOCOL.md §3.4): the receiver's signed
+//! [`prekey`] bundles stand in for its accept, and a [`stored`] offer is
+//! sealed to one of them; the receiver's signed stored receipt says how it
+//! ended.
 
 mod accept;
 pub mod direct;
 mod offer;
+pub mod prekey;
+pub mod receipt;
+pub mod stored;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};

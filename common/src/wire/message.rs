@@ -130,6 +130,34 @@ pub enum ErrorCode {
     Protocol,
     /// Refused by the broker's access policy.
     Policy,
+    /// A stored transfer is over one of the broker's mailbox limits (the
+    /// detail names it, with the numbers), or the broker keeps no mailbox.
+    StoreFull,
+}
+
+/// One of a sender's stored transfers, as the broker lists them
+/// (`Receipts`, PROTOCOL.md §2.8).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredEntry {
+    /// The transfer id (the stored transfer's id).
+    pub transfer_id: TransferId,
+    /// Its receiver.
+    pub to: AgentName,
+    /// Bytes its sender announced (`Store.size`).
+    pub size: u64,
+    /// When the broker stored it, Unix seconds.
+    pub stored_at: u64,
+    /// 0 waiting, 1 delivered, 2 refused, 3 expired, 4 withdrawn.
+    pub state: u8,
+    /// When it expires (waiting) or when it ended (otherwise), Unix seconds.
+    pub at: u64,
+    /// The receiver's signed receipt (delivered, refused), else empty.
+    #[serde(with = "serde_bytes")]
+    pub receipt: Vec<u8>,
+    /// The receiver's public key as the broker knows it (SubjectPublicKeyInfo
+    /// DER), to check the receipt with once it matches the sender's pin.
+    #[serde(with = "serde_bytes")]
+    pub spki: Vec<u8>,
 }
 
 /// One entry of the broker's list of online agents.
@@ -355,6 +383,100 @@ pub enum Message {
         /// HMAC under the direct key (PROTOCOL.md §2.7).
         proof: [u8; 32],
     },
+    /// Sender → broker: a prekey bundle of this receiver, for a stored
+    /// transfer (PROTOCOL.md §2.8).
+    FetchPrekey {
+        /// The receiver.
+        name: AgentName,
+    },
+    /// Broker → sender: the receiver's key and one of its signed bundles.
+    Prekey {
+        /// The receiver.
+        name: AgentName,
+        /// Its public key (SubjectPublicKeyInfo DER).
+        #[serde(with = "serde_bytes")]
+        spki: Vec<u8>,
+        /// The signed bundle (PROTOCOL.md §3.4).
+        #[serde(with = "serde_bytes")]
+        bundle: Vec<u8>,
+    },
+    /// Sender → broker: keep this stored transfer for `to`; `size` bounds
+    /// the upload (the data, its manifest and 64 KiB; the broker allows
+    /// `size / 64 + 64 KiB` more for the records' headers and tags).
+    /// Answered by a `Ticket` for the upload, or an `Error`.
+    Store {
+        /// The receiver.
+        to: AgentName,
+        /// The signed stored offer (PROTOCOL.md §3.4).
+        offer: SignedOffer,
+        /// The upload's bound (see above).
+        size: u64,
+    },
+    /// Broker → sender on the upload's data connection, once all of it is
+    /// on the broker's disk: stored, until `expires`.
+    Stored {
+        /// Transfer id.
+        transfer_id: TransferId,
+        /// Unix seconds after which it is deleted undelivered.
+        expires: u64,
+    },
+    /// Receiver → broker: signed bundles to hand out (one-time ones, and a
+    /// new last-resort one, or empty for none).
+    Prekeys {
+        /// One-time bundles.
+        bundles: Vec<serde_bytes::ByteBuf>,
+        /// A last-resort bundle replacing the one held, or empty.
+        #[serde(with = "serde_bytes")]
+        last_resort: Vec<u8>,
+    },
+    /// Broker → receiver: how many of its one-time bundles it holds, and
+    /// until when its last-resort bundle holds (0: none).
+    PrekeyCount {
+        /// One-time bundles held.
+        one_time: u32,
+        /// Expiry of the last-resort bundle, Unix seconds (0: none held).
+        last_resort_expires: u64,
+    },
+    /// Broker → receiver: a stored transfer waiting for it.
+    StoredOffered {
+        /// The sender.
+        from: AgentName,
+        /// The sender's public key (SubjectPublicKeyInfo DER).
+        #[serde(with = "serde_bytes")]
+        spki: Vec<u8>,
+        /// The signed stored offer.
+        offer: SignedOffer,
+        /// Bytes stored.
+        size: u64,
+        /// When the broker stored it, Unix seconds.
+        stored_at: u64,
+    },
+    /// Receiver → broker: its signed receipt for a stored transfer, placed
+    /// or refused for good (PROTOCOL.md §3.4).
+    StoredReceipt {
+        /// Transfer id.
+        transfer_id: TransferId,
+        /// The signed receipt.
+        #[serde(with = "serde_bytes")]
+        receipt: Vec<u8>,
+    },
+    /// Sender → broker: list my stored transfers.
+    Receipts,
+    /// Broker → sender: the sender's stored transfers, newest first.
+    ReceiptList {
+        /// At most 64 entries (this broker's); a sender takes what it gets.
+        entries: Vec<StoredEntry>,
+    },
+    /// Sender → broker: delete a stored transfer still waiting.
+    Withdraw {
+        /// Transfer id.
+        transfer_id: TransferId,
+    },
+    /// Broker → sender: it is deleted and will never be delivered.
+    Withdrawn {
+        /// Transfer id.
+        transfer_id: TransferId,
+    },
 }
 
 impl Message {
@@ -389,6 +511,18 @@ impl Message {
             Self::DirectHello { .. } => "DirectHello",
             Self::DirectChallenge { .. } => "DirectChallenge",
             Self::DirectProof { .. } => "DirectProof",
+            Self::FetchPrekey { .. } => "FetchPrekey",
+            Self::Prekey { .. } => "Prekey",
+            Self::Store { .. } => "Store",
+            Self::Stored { .. } => "Stored",
+            Self::Prekeys { .. } => "Prekeys",
+            Self::PrekeyCount { .. } => "PrekeyCount",
+            Self::StoredOffered { .. } => "StoredOffered",
+            Self::StoredReceipt { .. } => "StoredReceipt",
+            Self::Receipts => "Receipts",
+            Self::ReceiptList { .. } => "ReceiptList",
+            Self::Withdraw { .. } => "Withdraw",
+            Self::Withdrawn { .. } => "Withdrawn",
         }
     }
 }
@@ -672,6 +806,103 @@ mod tests {
             (
                 Message::DirectProof { proof: [0x66; 32] },
                 [vec![27], vec![0x66; 32]].concat(),
+            ),
+            (Message::FetchPrekey { name: name() }, vec![28, 1, b'b']),
+            (
+                Message::Prekey {
+                    name: name(),
+                    spki: vec![3],
+                    bundle: vec![4, 5],
+                },
+                vec![29, 1, b'b', 1, 3, 2, 4, 5],
+            ),
+            (
+                Message::Store {
+                    to: name(),
+                    offer: SignedOffer {
+                        body: vec![1],
+                        signature: vec![2],
+                    },
+                    size: 300,
+                },
+                vec![30, 1, b'b', 1, 1, 1, 2, 0xac, 0x02],
+            ),
+            (
+                Message::Stored {
+                    transfer_id: tid,
+                    expires: 1,
+                },
+                [vec![31], vec![0xaa; 16], vec![1]].concat(),
+            ),
+            (
+                Message::Prekeys {
+                    bundles: vec![serde_bytes::ByteBuf::from(vec![9])],
+                    last_resort: vec![],
+                },
+                vec![32, 1, 1, 9, 0],
+            ),
+            (
+                Message::PrekeyCount {
+                    one_time: 3,
+                    last_resort_expires: 0,
+                },
+                vec![33, 3, 0],
+            ),
+            (
+                Message::StoredOffered {
+                    from: name(),
+                    spki: vec![3],
+                    offer: SignedOffer {
+                        body: vec![],
+                        signature: vec![],
+                    },
+                    size: 5,
+                    stored_at: 6,
+                },
+                vec![34, 1, b'b', 1, 3, 0, 0, 5, 6],
+            ),
+            (
+                Message::StoredReceipt {
+                    transfer_id: tid,
+                    receipt: vec![8],
+                },
+                [vec![35], vec![0xaa; 16], vec![1, 8]].concat(),
+            ),
+            (Message::Receipts, vec![36]),
+            (
+                Message::ReceiptList {
+                    entries: vec![StoredEntry {
+                        transfer_id: tid,
+                        to: name(),
+                        size: 1,
+                        stored_at: 2,
+                        state: 3,
+                        at: 4,
+                        receipt: vec![],
+                        spki: vec![5],
+                    }],
+                },
+                [
+                    vec![37, 1],
+                    vec![0xaa; 16],
+                    vec![1, b'b', 1, 2, 3, 4, 0, 1, 5],
+                ]
+                .concat(),
+            ),
+            (
+                Message::Withdraw { transfer_id: tid },
+                [vec![38], vec![0xaa; 16]].concat(),
+            ),
+            (
+                Message::Withdrawn { transfer_id: tid },
+                [vec![39], vec![0xaa; 16]].concat(),
+            ),
+            (
+                Message::Error {
+                    code: ErrorCode::StoreFull,
+                    detail: String::new(),
+                },
+                vec![12, 10, 0],
             ),
             (
                 Message::Refuse {

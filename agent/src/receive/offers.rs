@@ -1,0 +1,160 @@
+//! The two kinds of offer a receiver takes (PROTOCOL.md §3.3, §3.4): a live
+//! one, which the sender waits to have accepted, and one stored at the broker
+//! while this receiver was offline, sealed to one of its prekeys. Here they
+//! are told apart, verified and opened; [`super::admit`] runs the gate
+//! around them, which is the same for both.
+
+use keyferry_common::handshake::prekey::BundleKind;
+use keyferry_common::handshake::stored::{VerifiedStored, parse_stored, verify_stored};
+use keyferry_common::handshake::{self, OpenedOffer, SignedOffer, Terms};
+use keyferry_common::identity::{Fingerprint, Identity};
+use keyferry_common::name::AgentName;
+use keyferry_common::schedule::PairKeys;
+use keyferry_common::wire::message::RefuseReason;
+
+use super::Failure;
+use crate::mailbox::prekeys::Prekeys;
+
+/// An offer as it came: live (the sender waits for the accept), or stored
+/// at the broker for this receiver while it was offline (PROTOCOL.md §3.4).
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Incoming<'o> {
+    /// `Offered`.
+    Live(&'o SignedOffer),
+    /// `StoredOffered`.
+    Stored(&'o SignedOffer),
+}
+
+impl Incoming<'_> {
+    /// Its sender's name and key fingerprint, unauthenticated.
+    pub(super) fn sender(&self) -> Result<(AgentName, Fingerprint), String> {
+        match self {
+            Self::Live(o) => o.parse().map(|f| (f.sender, f.sender_fp)),
+            Self::Stored(o) => parse_stored(o).map(|f| (f.sender, f.sender_fp)),
+        }
+        .map_err(|e| e.to_string())
+    }
+}
+
+/// A verified offer, opened: a live one still to accept, or a stored one
+/// with its pair keys and the prekey it used.
+pub(super) enum Opened {
+    Live(Box<OpenedOffer>),
+    Stored {
+        terms: Box<Terms>,
+        pair: Box<PairKeys>,
+    },
+}
+
+impl Opened {
+    pub(super) fn terms(&self) -> &Terms {
+        match self {
+            Self::Live(o) => o.terms(),
+            Self::Stored { terms, .. } => terms,
+        }
+    }
+}
+
+/// The prekey a stored transfer used, to delete once it is placed or refused.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct PrekeyUse {
+    /// The bundle's id.
+    pub id: [u8; 16],
+    /// Whether it was the last-resort bundle (kept for other senders until
+    /// it is rotated away).
+    pub last_resort: bool,
+}
+
+/// How far a stored offer got through the gate: what its end may say.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct StoredGate {
+    /// Its sender's signature verified, its id was not seen, and the prekey
+    /// it names is held here: from now on a refusal is signed, and the
+    /// prekey goes with the transfer's end.
+    pub signable: bool,
+    /// That prekey.
+    pub prekey: Option<PrekeyUse>,
+    /// The offer's time.
+    pub time: u64,
+}
+
+/// The first checks of a stored offer (PROTOCOL.md §3.4), before the gate's
+/// policy: its id not seen before, the sender's signature, addressee and
+/// time, and the prekey it names held in this home. What fails here is
+/// answered without a signed receipt: it may be a broker's replay or
+/// invention, and the receiver signs nothing about those.
+pub(super) fn precheck_stored(
+    offer: &SignedOffer,
+    key: &keyferry_common::identity::PublicKey,
+    (me, my_fp): (&AgentName, Fingerprint),
+    prekeys: Option<&Prekeys>,
+    now: u64,
+) -> Result<StoredGate, Failure> {
+    let failed = |why: String| Failure::Refused(RefuseReason::VerificationFailed, why);
+    let v = verify_stored(offer, key, me, my_fp, now).map_err(|e| failed(e.to_string()))?;
+    let id = v.fields().bundle_id;
+    let held = prekeys
+        .ok_or_else(|| failed("this receiver keeps no prekeys".into()))?
+        .load(&id)
+        .map_err(|e| Failure::Refused(RefuseReason::Policy, e))?;
+    let Some((bundle, _)) = held else {
+        return Err(failed(format!(
+            "it was sealed to prekey {}, which this receiver no longer holds (used \
+             already, or expired): a replay, or a transfer made for another home",
+            hex::encode(id)
+        )));
+    };
+    Ok(StoredGate {
+        signable: true,
+        prekey: Some(PrekeyUse {
+            id,
+            last_resort: bundle.kind == BundleKind::LastResort,
+        }),
+        time: v.fields().time,
+    })
+}
+
+/// A verified offer, before any private key was used.
+pub(super) enum Verified {
+    Live(handshake::VerifiedOffer),
+    Stored(VerifiedStored),
+}
+
+impl Verified {
+    /// Opens it: the RSA unwrap and the terms, and for a stored offer the
+    /// prekey it names (which this home must still hold: a used one-time
+    /// prekey is gone, so a replayed stored offer fails here).
+    pub(super) fn open(
+        self,
+        identity: &Identity,
+        prekeys: Option<&Prekeys>,
+    ) -> Result<Opened, Failure> {
+        let failed = |why: String| Failure::Refused(RefuseReason::VerificationFailed, why);
+        match self {
+            Self::Live(v) => Ok(Opened::Live(Box::new(
+                v.open(identity).map_err(|e| failed(e.to_string()))?,
+            ))),
+            Self::Stored(v) => {
+                let id = v.fields().bundle_id;
+                let held = prekeys
+                    .ok_or_else(|| failed("this receiver keeps no prekeys".into()))?
+                    .load(&id)
+                    .map_err(|e| Failure::Refused(RefuseReason::Policy, e))?;
+                let Some((bundle, keys)) = held else {
+                    return Err(failed(format!(
+                        "it was sealed to prekey {}, which this receiver no longer holds (used \
+                         already, or expired): a replay, or a transfer made for another home",
+                        hex::encode(id)
+                    )));
+                };
+                let (terms, pair) = v
+                    .open(identity, &bundle, &keys)
+                    .map_err(|e| failed(e.to_string()))?;
+                Ok(Opened::Stored {
+                    terms: Box::new(terms),
+                    pair: Box::new(pair),
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,526 @@
+//! Transfers for a receiver who is offline (`--store`, PROTOCOL.md §2.8,
+//! §3.4), driven as users would: the real binaries on 127.0.0.1, real files.
+//! The broker keeps only ciphertext; the receiver gets the file when it
+//! connects; the sender's receipts verify; the used prekey is gone, and with
+//! it every way to open the stored bytes (shown with the project's own code);
+//! a replay, the limits, expiry, withdrawal, a drained prekey supply, a
+//! receiver's policy, and a broker restarted during and after an upload.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is a test failure
+
+mod support;
+
+use std::fs;
+use std::io::Read as _;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use keyferry_agent::home::load_identity;
+use keyferry_agent::mailbox::prekeys::Prekeys;
+use keyferry_broker::mailbox::{Mailbox, MailboxLimits};
+use keyferry_common::handshake::stored::{parse_stored, verify_stored};
+use keyferry_common::identity::Identity;
+use keyferry_common::name::AgentName;
+use keyferry_common::transfer::{Expect, RecvStream};
+use keyferry_common::wire::message::{Message, SignedOffer, decode_payload};
+use support::{Broker, Home, Proc, Run, TempDir, WAIT, hash_file, json};
+
+/// What the marker file repeats: none of it may appear at the broker.
+const MARKER: &[u8] = b"KEYFERRY-PLAINTEXT-MARKER-0123456789/";
+
+fn name(s: &str) -> AgentName {
+    AgentName::new(s).unwrap()
+}
+
+/// Starts `who`'s receiver until the broker holds its prekeys, then stops it.
+fn deposit_prekeys(broker: &mut Broker, who: &Home, out: &Path) {
+    let mut rx = who.receiver(broker, out, &[]);
+    broker.proc.stderr.wait_for("one_time=16", WAIT);
+    rx.kill();
+    broker.proc.stderr.wait_for("receiver offline", WAIT);
+}
+
+/// `alice --role sender --to to --store --json` with `extra`.
+fn store(alice: &Home, broker: &Broker, to: &str, extra: &[&str]) -> Run {
+    let mut args = vec!["--role", "sender", "--to", to, "--store", "--json"];
+    args.extend_from_slice(extra);
+    alice.run(broker, &args)
+}
+
+/// The stored event a `--store --json` run printed.
+fn stored_event(run: &Run) -> serde_json::Value {
+    assert_eq!(run.code, Some(12), "{run:?}");
+    let v = json(run);
+    assert_eq!(v["event"], "stored", "{run:?}");
+    v
+}
+
+/// Files under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Whether any file under `dir` contains `needle`.
+fn contains(dir: &Path, needle: &[u8]) -> bool {
+    let status = Command::new("grep")
+        .args(["-r", "-q", "-F", "-a"])
+        .arg(std::str::from_utf8(needle).unwrap())
+        .arg(dir)
+        .status()
+        .unwrap();
+    match status.code() {
+        Some(0) => true,
+        Some(1) => false,
+        other => panic!("grep failed: {other:?}"),
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for e in fs::read_dir(from).unwrap().flatten() {
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        if src.is_dir() {
+            copy_dir(&src, &dst);
+        } else {
+            fs::copy(&src, &dst).unwrap();
+        }
+    }
+}
+
+/// The receipts `alice --receipts --json` lists.
+fn receipts(alice: &Home, broker: &Broker) -> Vec<serde_json::Value> {
+    let run = alice.run(broker, &["--receipts", "--json"]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    run.stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A thief's try at the stored transfer `id` in the kept copy `kept` of a
+/// broker's mailbox: bob's identity key, the stored offer and data, and every
+/// prekey bob's home still holds. Returns how many keys were tried; panics
+/// if any of them opens the stream's root.
+fn thief_tries(kept: &Path, bob_home: &Path, alice: &Identity) -> usize {
+    let mailbox = Mailbox::open(kept, MailboxLimits::defaults_for(kept)).unwrap();
+    let metas = mailbox.waiting_for(&name("bob"), 0);
+    let meta = metas
+        .first()
+        .expect("the kept copy holds the stored transfer");
+    let offer = SignedOffer {
+        body: meta.offer_body.clone(),
+        signature: meta.offer_signature.clone(),
+    };
+    let mut data = Vec::new();
+    mailbox
+        .open_data(&meta.id)
+        .unwrap()
+        .read_to_end(&mut data)
+        .unwrap();
+    let len = u32::from_be_bytes(data[..4].try_into().unwrap()) as usize;
+    let root = data[4..4 + len].to_vec();
+    assert!(matches!(
+        decode_payload(&root).unwrap(),
+        Message::Root { .. }
+    ));
+    let bob = load_identity(&bob_home.join("identity.pem")).unwrap();
+    let fields = parse_stored(&offer).unwrap();
+    let prekeys = Prekeys::open(bob_home).unwrap();
+    // The prekey the transfer was sealed to is gone from bob's home.
+    assert!(prekeys.load(&fields.bundle_id).unwrap().is_none());
+    let mut tried = 0;
+    for entry in fs::read_dir(prekeys.dir()).unwrap().flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        assert_eq!(file.len(), 32, "a prekey file's name is its id: {file}");
+        let id: [u8; 16] = hex_id(&file);
+        let (mut bundle, keys) = prekeys.load(&id).unwrap().unwrap();
+        // The thief's best guess: the offer's bundle id with another
+        // prekey's halves. The identity key still opens the terms (they are
+        // under RSA alone); the stream's keys need the deleted prekey.
+        bundle.id = fields.bundle_id;
+        let verified = verify_stored(
+            &offer,
+            alice.public(),
+            &name("bob"),
+            bob.fingerprint(),
+            meta.stored_at,
+        )
+        .unwrap();
+        let (terms, pair) = verified.open(&bob, &bundle, &keys).unwrap();
+        let expect = Expect {
+            declared: terms.size,
+            size_known: true,
+            resume: None,
+            sender: alice.public().clone(),
+            me: name("bob"),
+            my_fp: bob.fingerprint(),
+            receivers: 1,
+            trust_sender_hash: false,
+        };
+        let mut payload = root.clone();
+        assert!(
+            RecvStream::new(pair, expect).open(&mut payload).is_err(),
+            "prekey {} opened the stored stream",
+            hex_name(&id)
+        );
+        tried += 1;
+    }
+    tried
+}
+
+fn hex_id(s: &str) -> [u8; 16] {
+    let bytes: Vec<u8> = (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect();
+    bytes.try_into().unwrap()
+}
+
+fn hex_name(id: &[u8; 16]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn fixture(name: &str) -> Identity {
+    let path = format!(
+        "{}/../common/tests/fixtures/{name}.pem",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    Identity::from_pkcs8_pem(&fs::read_to_string(path).unwrap())
+        .unwrap()
+        .unwrap()
+}
+
+#[test]
+fn a_transfer_stored_for_an_offline_receiver_arrives_and_only_then_and_never_twice() {
+    let mut broker = Broker::start();
+    let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
+    let (src, out, kept) = (
+        TempDir::new("src"),
+        TempDir::new("out"),
+        TempDir::new("kept"),
+    );
+    deposit_prekeys(&mut broker, &bob, out.path());
+
+    // 256 MiB of a marker string, which must never appear at the broker.
+    let file = src.join("big.iso");
+    let block: Vec<u8> = MARKER.iter().copied().cycle().take(1 << 20).collect();
+    let mut f = fs::File::create(&file).unwrap();
+    for _ in 0..256 {
+        std::io::Write::write_all(&mut f, &block).unwrap();
+    }
+    drop(f);
+    let sent = hash_file(&file);
+    let run = store(&alice, &broker, "bob", &["--file", file.to_str().unwrap()]);
+    let event = stored_event(&run);
+    assert!(
+        run.stderr
+            .contains("bob is offline: stored for delivery (id "),
+        "{run:?}"
+    );
+    let id = event["transfer_id"].as_str().unwrap().to_owned();
+    assert_eq!(event["sha256"], sent.1);
+    assert_eq!(event["last_resort"], false);
+    let mailbox = broker.data.join("mailbox");
+    assert!(
+        !contains(broker.data.path(), &MARKER[..24]),
+        "plaintext at the broker"
+    );
+    let stored: u64 = files_under(&mailbox)
+        .iter()
+        .map(|p| fs::metadata(p).unwrap().len())
+        .sum();
+    assert!(stored > 256 << 20, "the broker holds the sealed stream");
+    // A thief keeps the broker's bytes for later.
+    copy_dir(&mailbox, kept.path());
+    // Before bob comes back, the receipt says it waits.
+    let list = receipts(&alice, &broker);
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["state"], "waiting");
+
+    let mut rx = bob.receiver(&broker, out.path(), &["--json"]);
+    let line = rx.stdout.wait_for("\"event\":\"received\"", WAIT);
+    let got: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(got["stored"], true);
+    assert_eq!(got["transfer_id"], id.as_str());
+    assert_eq!(hash_file(&out.join("big.iso")), sent);
+    broker.proc.stderr.wait_for("stored transfer ended", WAIT);
+    rx.kill();
+    // Delivered, and nothing of it left at the broker.
+    assert!(files_under(&mailbox.join("objects")).is_empty());
+    let list = receipts(&alice, &broker);
+    assert_eq!(list[0]["state"], "delivered", "{list:?}");
+    assert_eq!(list[0]["verified"], true, "{list:?}");
+    assert_eq!(list[0]["sha256"], sent.1);
+    assert_eq!(list[0]["bytes"], 256 << 20);
+
+    // Forward secrecy: bob's identity key and the kept bytes open nothing.
+    let tried = thief_tries(kept.path(), bob.dir.path(), &fixture("alice"));
+    assert!(tried >= 15, "the other prekeys were tried too ({tried})");
+
+    // A broker that replays the stored transfer: bob refuses it, and
+    // nothing is placed twice. Its record of seen ids would refuse it first;
+    // without that record (another home, a lost file) the prekey it was
+    // sealed to is gone, which refuses it as well.
+    fs::remove_file(bob.dir.join("seen_offers")).unwrap();
+    let (data, addr) = (broker.data, broker.addr.clone());
+    let mut old = broker.proc;
+    old.kill();
+    fs::remove_dir_all(data.join("mailbox")).unwrap();
+    copy_dir(kept.path(), &data.join("mailbox"));
+    let mut broker = Broker::start_at(data, &addr);
+    let mut rx = bob.receiver(&broker, out.path(), &["--json"]);
+    let line = rx.stdout.wait_for("\"event\":\"refused\"", WAIT);
+    assert!(line.contains("no longer holds"), "{line}");
+    broker.proc.stderr.wait_for("stored transfer ended", WAIT);
+    rx.kill();
+    assert_eq!(support::names_in(out.path()), vec!["big.iso".to_owned()]);
+    // Bob signed nothing about the replay: the broker's "refused" is its
+    // own word, and alice is told so.
+    let list = receipts(&alice, &broker);
+    assert_eq!(list[0]["state"], "refused", "{list:?}");
+    assert_eq!(list[0]["verified"], false, "{list:?}");
+}
+
+/// The texts of the first `n` stored messages the receiver `rx` reports
+/// (`--json`), in the order they came.
+fn stored_messages(rx: &mut Proc, n: usize, within: Duration) -> Vec<String> {
+    let mut texts = Vec::new();
+    wait_until(&format!("{n} messages"), within, || {
+        texts = rx
+            .stdout
+            .drain()
+            .iter()
+            .filter(|l| l.contains("\"event\":\"message\""))
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .inspect(|v| assert_eq!(v["stored"], true))
+            .map(|v| v["text"].as_str().unwrap().to_owned())
+            .collect();
+        texts.len() >= n
+    });
+    texts
+}
+
+/// Waits `for_` and says whether bob's receiver printed any event meanwhile.
+fn quiet_for(rx: &mut Proc, for_: Duration) -> Vec<String> {
+    std::thread::sleep(for_);
+    rx.stdout
+        .drain()
+        .iter()
+        .filter(|l| l.starts_with('{'))
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn a_limit_is_said_before_any_byte_moves_and_without_store_offline_is_exit_5() {
+    let mut broker = Broker::start_with(TempDir::new("broker"), &["--store-per-receiver", "1MiB"]);
+    let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
+    let (src, out) = (TempDir::new("src"), TempDir::new("out"));
+    deposit_prekeys(&mut broker, &bob, out.path());
+    let file = src.join("two.bin");
+    fs::write(&file, support::pseudo_random(2 << 20, 7)).unwrap();
+    let f = file.to_str().unwrap();
+    // Without --store: offline, with the hint.
+    let run = alice.run(&broker, &["--role", "sender", "--to", "bob", "--file", f]);
+    assert_eq!(run.code, Some(5), "{run:?}");
+    assert!(run.stderr.contains("--store"), "{run:?}");
+    // Over the broker's limit for bob: told with both numbers, nothing stored.
+    let run = store(&alice, &broker, "bob", &["--file", f]);
+    assert_eq!(run.code, Some(8), "{run:?}");
+    assert!(
+        run.stderr.contains("will not store it")
+            && run.stderr.contains("at most 1048576 bytes for bob"),
+        "{run:?}"
+    );
+    assert!(files_under(&broker.data.join("mailbox/objects")).is_empty());
+    // What fits is stored.
+    let run = store(&alice, &broker, "bob", &["--message", "hello later"]);
+    stored_event(&run);
+}
+
+#[test]
+fn an_expired_transfer_is_deleted_and_a_withdrawn_one_never_arrives() {
+    let mut broker = Broker::start_with(TempDir::new("broker"), &["--store-max-age", "3s"]);
+    let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
+    let out = TempDir::new("out");
+    deposit_prekeys(&mut broker, &bob, out.path());
+    let expiring = stored_event(&store(&alice, &broker, "bob", &["--message", "soon gone"]));
+    let objects = broker.data.join("mailbox/objects");
+    broker.proc.stderr.wait_for("expired undelivered", WAIT);
+    assert!(files_under(&objects).is_empty());
+    let withdrawn = stored_event(&store(&alice, &broker, "bob", &["--message", "never mind"]));
+    let id = withdrawn["transfer_id"].as_str().unwrap();
+    let run = alice.run(&broker, &["--withdraw", id]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(run.stdout.contains("will not be delivered"), "{run:?}");
+    assert!(files_under(&objects).is_empty());
+    // Withdrawn once is withdrawn: a second try is refused.
+    let again = alice.run(&broker, &["--withdraw", id]);
+    assert_ne!(again.code, Some(0), "{again:?}");
+    let list = receipts(&alice, &broker);
+    let state = |want: &serde_json::Value| {
+        list.iter()
+            .find(|e| e["transfer_id"] == want["transfer_id"])
+            .map(|e| e["state"].clone())
+    };
+    assert_eq!(state(&expiring), Some("expired".into()), "{list:?}");
+    assert_eq!(state(&withdrawn), Some("withdrawn".into()), "{list:?}");
+    // Bob comes back to nothing.
+    let mut rx = bob.receiver(&broker, out.path(), &["--json"]);
+    assert!(quiet_for(&mut rx, Duration::from_secs(3)).is_empty());
+    assert!(support::names_in(out.path()).is_empty());
+}
+
+#[test]
+fn a_receiver_whose_policy_refuses_the_sender_signs_a_refused_receipt() {
+    let mut broker = Broker::start();
+    let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
+    let out = TempDir::new("out");
+    deposit_prekeys(&mut broker, &bob, out.path());
+    stored_event(&store(&alice, &broker, "bob", &["--message", "let me in"]));
+    let mut rx = bob.receiver(&broker, out.path(), &["--json", "--accept-from", "carol"]);
+    let line = rx.stdout.wait_for("\"event\":\"refused\"", WAIT);
+    assert!(line.contains("alice"), "{line}");
+    broker.proc.stderr.wait_for("stored transfer ended", WAIT);
+    assert!(support::names_in(out.path()).is_empty());
+    let list = receipts(&alice, &broker);
+    assert_eq!(list[0]["state"], "refused", "{list:?}");
+    assert_eq!(list[0]["verified"], true, "{list:?}");
+    assert_eq!(
+        list[0]["why"],
+        "bob takes transfers only from senders it names"
+    );
+}
+
+#[test]
+fn a_fetch_loop_is_rate_limited_and_the_last_resort_prekey_is_said_on_both_sides() {
+    let mut broker = Broker::start_with(
+        TempDir::new("broker"),
+        &["--prekey-fetches-per-minute", "17"],
+    );
+    let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
+    let out = TempDir::new("out");
+    deposit_prekeys(&mut broker, &bob, out.path());
+    // A key pinned for a day may have bob decrypt 30 offers a minute, a new
+    // one 6 (PROTOCOL.md §9): stored or live, the same RSA budget holds.
+    support::known_for_two_days(&alice, &bob);
+    // Sixteen one-time prekeys, then the last resort (kept for the next).
+    for i in 0..16 {
+        let e = stored_event(&store(
+            &alice,
+            &broker,
+            "bob",
+            &["--message", &format!("m{i}")],
+        ));
+        assert_eq!(e["last_resort"], false);
+    }
+    let run = store(&alice, &broker, "bob", &["--message", "m16"]);
+    let e = stored_event(&run);
+    assert_eq!(e["last_resort"], true);
+    assert!(run.stderr.contains("last-resort prekey"), "{run:?}");
+    // The eighteenth fetch in a minute is refused.
+    let run = store(&alice, &broker, "bob", &["--message", "m17"]);
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(run.stderr.contains("too many prekey fetches"), "{run:?}");
+    // Bob gets all seventeen, oldest first, and says which one was weaker.
+    let mut rx = bob.receiver(&broker, out.path(), &["--json"]);
+    let texts = stored_messages(&mut rx, 17, WAIT);
+    let want: Vec<String> = (0..17).map(|i| format!("m{i}")).collect();
+    assert_eq!(texts, want);
+    rx.stderr.wait_for("last-resort prekey", WAIT);
+}
+
+#[test]
+fn a_broker_restarted_mid_upload_offers_nothing_and_one_restarted_after_delivers() {
+    let mut broker = Broker::start();
+    let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
+    let out = TempDir::new("out");
+    deposit_prekeys(&mut broker, &bob, out.path());
+    let (mut sender, mut input) =
+        alice.pipe_sender(&broker, "bob", "p.bin", &["--store", "--max-size", "64MiB"]);
+    let block = support::pseudo_random(1 << 20, 3);
+    for _ in 0..4 {
+        std::io::Write::write_all(&mut input, &block).unwrap();
+    }
+    let objects = broker.data.join("mailbox/objects");
+    wait_until("the upload to begin", WAIT, || {
+        files_under(&objects).iter().any(|p| {
+            p.extension().is_some_and(|e| e == "part") && fs::metadata(p).unwrap().len() > 1 << 20
+        })
+    });
+    let (data, addr) = (broker.data, broker.addr.clone());
+    let mut old = broker.proc;
+    old.kill();
+    drop(input);
+    assert_ne!(sender.wait(WAIT), Some(12));
+    let mut broker = Broker::start_at(data, &addr);
+    assert!(files_under(&broker.data.join("mailbox/objects")).is_empty());
+    let mut rx = bob.receiver(&broker, out.path(), &["--json"]);
+    assert!(quiet_for(&mut rx, Duration::from_secs(2)).is_empty());
+    rx.kill();
+    broker.proc.stderr.wait_for("receiver offline", WAIT);
+    // Stored whole, then a restart: still delivered.
+    stored_event(&store(
+        &alice,
+        &broker,
+        "bob",
+        &["--message", "after the restart"],
+    ));
+    let (data, addr) = (broker.data, broker.addr.clone());
+    let mut old = broker.proc;
+    old.kill();
+    let broker = Broker::start_at(data, &addr);
+    let mut rx = bob.receiver(&broker, out.path(), &["--json"]);
+    let line = rx.stdout.wait_for("\"event\":\"message\"", WAIT);
+    assert!(line.contains("after the restart"), "{line}");
+}
+
+#[test]
+fn a_stored_transfer_refused_for_now_is_offered_again_and_arrives() {
+    let mut broker = Broker::start();
+    let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
+    let out = TempDir::new("out");
+    deposit_prekeys(&mut broker, &bob, out.path());
+    // A key bob has just met may make him decrypt 6 offers a minute: the
+    // seventh stored one is "not now" (TryLater), and must not be taken for
+    // a replay when the broker offers it again a minute later.
+    for i in 0..7 {
+        stored_event(&store(
+            &alice,
+            &broker,
+            "bob",
+            &["--message", &format!("n{i}")],
+        ));
+    }
+    let mut rx = bob.receiver(&broker, out.path(), &["--json"]);
+    rx.stderr.wait_for("the broker keeps it", WAIT);
+    // The budget frees a place 60 s after its first decryption.
+    let mut texts = stored_messages(&mut rx, 7, WAIT + Duration::from_secs(60));
+    texts.sort();
+    let want: Vec<String> = (0..7).map(|i| format!("n{i}")).collect();
+    assert_eq!(texts, want);
+    let list = receipts(&alice, &broker);
+    assert!(
+        list.iter()
+            .all(|e| e["state"] == "delivered" && e["verified"] == true),
+        "{list:?}"
+    );
+}

@@ -1,0 +1,272 @@
+//! A sender's requests about stored transfers (PROTOCOL.md §2.8): a prekey
+//! bundle of an offline receiver (`FetchPrekey`), storing a sealed transfer
+//! for it (`Store`: checked against the connection's own name and key, the
+//! offer rate and the mailbox's limits before a byte moves; then the
+//! upload on a data connection of its own), the sender's receipts
+//! (`Receipts`), and withdrawing one still waiting (`Withdraw`).
+
+use std::sync::Arc;
+
+use keyferry_common::handshake::SignedOffer;
+use keyferry_common::handshake::stored::parse_stored;
+use keyferry_common::identity::Fingerprint;
+use keyferry_common::ids::TransferId;
+use keyferry_common::name::AgentName;
+use keyferry_common::wire::message::{ErrorCode, Message, StoredEntry};
+use tracing::{info, warn};
+
+use super::{Agent, BrokerConn, place, refuse};
+use crate::error::SessionError;
+use crate::mailbox::{Mailbox, State as Kept, StoredMeta, WithdrawError};
+use crate::state::State;
+
+/// Most entries a `ReceiptList` carries (the newest).
+const MOST_LISTED: usize = 64;
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn error(code: ErrorCode, detail: String) -> Message {
+    Message::Error { code, detail }
+}
+
+/// This broker's mailbox, or why there is none for this request.
+fn mailbox(state: &State) -> Result<&Arc<Mailbox>, Message> {
+    if state.cluster.is_some() {
+        return Err(error(
+            ErrorCode::StoreFull,
+            "this broker is part of a cluster, and this version stores transfers for offline \
+             receivers on standalone brokers only"
+                .into(),
+        ));
+    }
+    state.mailbox.as_ref().ok_or_else(|| {
+        error(
+            ErrorCode::StoreFull,
+            "this broker keeps no mailbox (its data dir cannot hold one)".into(),
+        )
+    })
+}
+
+/// The receiver's key, as this broker registered it.
+fn key_of(state: &State, name: &AgentName) -> Result<Vec<u8>, Message> {
+    match state.registry.key_of(name) {
+        Ok(Some(spki)) => Ok(spki),
+        Ok(None) => Err(error(
+            ErrorCode::UnknownPeer,
+            format!("no agent named {name} has ever registered with this broker"),
+        )),
+        Err(e) => {
+            warn!(error = %e, "registry database error");
+            Err(error(ErrorCode::Protocol, "broker database error".into()))
+        }
+    }
+}
+
+/// `FetchPrekey{name}`: the receiver's key and one of its bundles.
+pub(super) async fn fetch(state: &State, agent: &Agent, name: AgentName) -> Message {
+    let result = async {
+        let mailbox = Arc::clone(mailbox(state)?);
+        let spki = key_of(state, &name)?;
+        let (from, to) = (agent.name.clone(), name.clone());
+        let now = std::time::Instant::now();
+        let taken = tokio::task::spawn_blocking(move || {
+            // None that expires within a day is handed out (the sender would
+            // refuse it).
+            super::deliver::drop_stale_prekeys(&mailbox, &to);
+            mailbox.take_prekey(&from, &to, now)
+        })
+        .await
+        .map_err(|e| error(ErrorCode::Protocol, e.to_string()))?;
+        match taken {
+            Ok(Some(prekey)) => Ok(Message::Prekey {
+                name: name.clone(),
+                spki,
+                bundle: prekey.bundle,
+            }),
+            Ok(None) => Err(error(
+                ErrorCode::StoreFull,
+                format!(
+                    "{name} has left no prekeys at this broker (it has not been online here \
+                     since it could), so nothing can be stored for it"
+                ),
+            )),
+            Err(crate::mailbox::TakeError::Limited(l)) => {
+                Err(error(ErrorCode::RateLimited, format!("{l}")))
+            }
+            Err(e) => Err(error(ErrorCode::Protocol, e.to_string())),
+        }
+    }
+    .await;
+    result.unwrap_or_else(|e| e)
+}
+
+/// `Store{to, offer, size}`: checked, then the ticket for the upload, the
+/// upload, and `Stored` on its data connection. The session ends with it.
+pub(super) async fn store(
+    state: &State,
+    mut conn: BrokerConn,
+    agent: &Agent,
+    (to, offer, size): (AgentName, SignedOffer, u64),
+) -> Result<(), SessionError> {
+    let mailbox = match mailbox(state) {
+        Ok(m) => Arc::clone(m),
+        Err(Message::Error { code, detail }) => return Err(refuse(&mut conn, code, detail).await),
+        Err(_) => return Ok(()),
+    };
+    let Ok(fields) = parse_stored(&offer) else {
+        return Err(refuse(
+            &mut conn,
+            ErrorCode::Protocol,
+            "malformed stored offer".into(),
+        )
+        .await);
+    };
+    if fields.sender != agent.name || fields.sender_fp != agent.fingerprint || fields.receiver != to
+    {
+        let detail = "the stored offer must name this connection's agent and key as its sender, \
+                      and the receiver it is stored for"
+            .into();
+        return Err(refuse(&mut conn, ErrorCode::Protocol, detail).await);
+    }
+    let spki = match key_of(state, &to) {
+        Ok(spki) => spki,
+        Err(Message::Error { code, detail }) => return Err(refuse(&mut conn, code, detail).await),
+        Err(_) => return Ok(()),
+    };
+    if Fingerprint::of_spki(&spki) != fields.receiver_fp {
+        let detail = format!("the stored offer is sealed to another key than {to}'s");
+        return Err(refuse(&mut conn, ErrorCode::Protocol, detail).await);
+    }
+    let (tid, sid) = (fields.transfer_id, fields.stream_id);
+    // Sealed to the receiver's last-resort bundle (for the log only).
+    let last_resort = mailbox
+        .last_resort(&to)
+        .and_then(|b| keyferry_common::handshake::prekey::own_bundle(&b).ok())
+        .is_some_and(|b| b.id == fields.bundle_id);
+    let _slot = match place::offer_place(state, &agent.name, sid).await {
+        Ok(slot) => slot,
+        Err(detail) => return Err(refuse(&mut conn, ErrorCode::RateLimited, detail).await),
+    };
+    let meta = StoredMeta {
+        id: tid,
+        from: agent.name.clone(),
+        to: to.clone(),
+        sender_spki: agent.spki.clone(),
+        offer_body: offer.body,
+        offer_signature: offer.signature,
+        size,
+        stored_at: 0,
+        expires: 0,
+        last_resort,
+        order: 0,
+    };
+    let upload = match mailbox.reserve(meta, unix_now()) {
+        Ok(u) => u,
+        Err(refusal) => {
+            info!(transfer = %tid, from = %agent.name, %to, %refusal, "stored transfer refused");
+            return Err(refuse(&mut conn, ErrorCode::StoreFull, refusal.to_string()).await);
+        }
+    };
+    let within = state.limits.handshake_timeout;
+    let Some((ticket, arrival)) = state.handoffs.issue(tid, within) else {
+        return Err(refuse(
+            &mut conn,
+            ErrorCode::Protocol,
+            "a transfer of that id is waiting already".into(),
+        )
+        .await);
+    };
+    conn.writer
+        .write(&Message::Ticket {
+            transfer_id: tid,
+            ticket,
+            address: String::new(),
+        })
+        .await?;
+    let data = match tokio::time::timeout(within, arrival).await {
+        Ok(Ok(data)) => data,
+        _ => {
+            return Err(SessionError::Refused(
+                "the sender never opened its upload".into(),
+            ));
+        }
+    };
+    drop(conn);
+    let idle = state.limits.idle_timeout;
+    let meters = state.metrics.meters(crate::metrics::Path::Stored);
+    match crate::stored::take_upload(data, upload, (tid, sid), idle, meters).await {
+        Ok(meta) => {
+            info!(transfer = %tid, from = %agent.name, to = %meta.to, expires = meta.expires, last_resort = meta.last_resort, "transfer stored for an offline receiver");
+            state.couriers.kick(&meta.to);
+            Ok(())
+        }
+        Err(why) => Err(SessionError::Refused(format!(
+            "stored upload of {tid} failed: {why}"
+        ))),
+    }
+}
+
+/// `Receipts`: the sender's stored transfers, newest first.
+pub(super) fn receipts(state: &State, agent: &Agent) -> Message {
+    let mailbox = match mailbox(state) {
+        Ok(m) => m,
+        Err(e) => return e,
+    };
+    let mut records = mailbox.receipts(&agent.name, unix_now());
+    records.sort_by_key(|r| std::cmp::Reverse(r.stored_at));
+    records.truncate(MOST_LISTED);
+    let entries = records
+        .into_iter()
+        .map(|r| {
+            let (state_byte, at, receipt) = match r.state {
+                Kept::Waiting { expires } => (0, expires, Vec::new()),
+                Kept::Delivered { receipt, at } => (1, at, receipt),
+                Kept::Refused { receipt, at } => (2, at, receipt),
+                Kept::Expired { at } => (3, at, Vec::new()),
+                Kept::Withdrawn { at } => (4, at, Vec::new()),
+            };
+            let spki = state
+                .registry
+                .key_of(&r.to)
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            StoredEntry {
+                transfer_id: r.id,
+                to: r.to,
+                size: r.size,
+                stored_at: r.stored_at,
+                state: state_byte,
+                at,
+                receipt,
+                spki,
+            }
+        })
+        .collect();
+    Message::ReceiptList { entries }
+}
+
+/// `Withdraw{tid}`.
+pub(super) async fn withdraw(state: &State, agent: &Agent, tid: TransferId) -> Message {
+    let mailbox = match mailbox(state) {
+        Ok(m) => Arc::clone(m),
+        Err(e) => return e,
+    };
+    let from = agent.name.clone();
+    let done = tokio::task::spawn_blocking(move || mailbox.withdraw(&from, &tid, unix_now())).await;
+    match done {
+        Ok(Ok(())) => {
+            info!(transfer = %tid, from = %agent.name, "stored transfer withdrawn");
+            Message::Withdrawn { transfer_id: tid }
+        }
+        Ok(Err(e @ (WithdrawError::NotWaiting { .. } | WithdrawError::Delivering { .. }))) => {
+            error(ErrorCode::UnknownTransfer, e.to_string())
+        }
+        Ok(Err(e)) => error(ErrorCode::Protocol, e.to_string()),
+        Err(e) => error(ErrorCode::Protocol, e.to_string()),
+    }
+}

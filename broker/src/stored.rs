@@ -1,0 +1,167 @@
+//! A stored transfer's bytes (PROTOCOL.md §2.8), between a data connection
+//! and the [`crate::mailbox`]: the sender's upload in, frame by frame, each
+//! checked to be a message of this transfer's stream in its place (the root
+//! of this transfer, the manifest, key updates and chunks, the trailer) but
+//! never opened; and a delivery out, the stored frames copied as they are to
+//! the receiver's data connection, whose receipt (or abort) says how it went.
+
+use std::time::Duration;
+
+use keyferry_common::ids::{StreamId, TransferId};
+use keyferry_common::io::connection::{ConnError, FrameReader, FrameWriter};
+use keyferry_common::wire::frame::MAX_FRAME_LEN;
+use keyferry_common::wire::message::{self, Message};
+use tokio::io::AsyncWriteExt as _;
+
+use crate::mailbox::{StoredMeta, Upload};
+use crate::metrics::Meters;
+use crate::relay::DataConn;
+
+/// Where an upload stands: what may come next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    Root,
+    Manifest,
+    Data,
+}
+
+/// Takes an upload from the sender's data connection into `upload` until
+/// its trailer, then commits it and tells the sender `Stored`. Any frame out
+/// of place, a silence of `idle`, an `Abort` or a lost connection voids the
+/// upload (nothing of it is ever offered).
+pub async fn take_upload(
+    conn: DataConn,
+    upload: Upload,
+    (tid, sid): (TransferId, StreamId),
+    idle: Duration,
+    meters: Meters,
+) -> Result<StoredMeta, String> {
+    let DataConn {
+        tcp,
+        leftover,
+        guard,
+    } = conn;
+    let (rd, wr) = tcp.into_split();
+    let mut reader = FrameReader::with_buffer(rd, leftover, MAX_FRAME_LEN);
+    let mut upload = Some(upload);
+    let mut next = Next::Root;
+    let mut payload = Vec::new();
+    loop {
+        let read = tokio::time::timeout(idle, reader.read_payload_into(&mut payload)).await;
+        match read {
+            Err(_) => return Err(format!("the sender was silent for {} s", idle.as_secs())),
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => return Err("the sender closed before its trailer".into()),
+            Ok(Err(e)) => return Err(format!("the sender's connection failed: {e}")),
+        }
+        let msg =
+            message::decode_payload(&payload).map_err(|e| format!("a malformed frame: {e}"))?;
+        let (ok, last) = match (&msg, next) {
+            (Message::Root { transfer_id, .. }, Next::Root) => (*transfer_id == tid, false),
+            (Message::Manifest { stream_id, .. }, Next::Manifest) => (*stream_id == sid, false),
+            (
+                Message::KeyUpdate { stream_id, .. } | Message::Chunk { stream_id, .. },
+                Next::Data,
+            ) => (*stream_id == sid, false),
+            (Message::Trailer { stream_id, .. }, Next::Data) => (*stream_id == sid, true),
+            (Message::Abort { .. }, _) => return Err("the sender aborted the upload".into()),
+            _ => (false, false),
+        };
+        if !ok {
+            return Err(format!("the sender sent {} out of place", msg.kind()));
+        }
+        drop(msg);
+        next = match next {
+            Next::Root => Next::Manifest,
+            Next::Manifest | Next::Data => Next::Data,
+        };
+        let len = u32::try_from(payload.len()).map_err(|_| "a frame too long".to_owned())?;
+        let up = upload.as_mut().ok_or("the upload is gone")?;
+        up.write(&len.to_be_bytes())
+            .and_then(|()| up.write(&payload))
+            .map_err(|e| e.to_string())?;
+        meters.received.inc_by(u64::from(len) + 4);
+        if last {
+            break;
+        }
+    }
+    let upload = upload.take().ok_or("the upload is gone")?;
+    let meta = tokio::task::spawn_blocking(move || upload.commit())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let mut writer = FrameWriter::new(wr, 1024);
+    let stored = Message::Stored {
+        transfer_id: tid,
+        expires: meta.expires,
+    };
+    // Stored is stored, whether or not the sender hears it.
+    let _ = writer.write(&stored).await;
+    drop(guard);
+    Ok(meta)
+}
+
+/// How a delivery went, on the data connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivered {
+    /// The receiver's receipt came back: it placed the data (its signed
+    /// receipt comes on its control connection).
+    Receipt,
+    /// The receiver aborted, or went away, or fell silent.
+    Failed,
+}
+
+/// Copies the stored frames of `file` (as they were uploaded) to the
+/// receiver's data connection, and waits for its `Receipt` or `Abort` for
+/// `tid`. `idle` bounds every wait for the receiver: to read, and to answer.
+pub async fn deliver(
+    conn: DataConn,
+    file: std::fs::File,
+    tid: TransferId,
+    idle: Duration,
+    meters: Meters,
+) -> Delivered {
+    let DataConn { tcp, guard, .. } = conn;
+    let (rd, mut wr) = tcp.into_split();
+    let mut file = tokio::fs::File::from_std(file);
+    let copy = async {
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            let n = tokio::io::AsyncReadExt::read(&mut file, &mut buf).await?;
+            if n == 0 {
+                return Ok::<(), std::io::Error>(());
+            }
+            tokio::time::timeout(idle, wr.write_all(&buf[..n]))
+                .await
+                .map_err(|_| std::io::Error::other("the receiver stopped reading"))??;
+            meters.relayed.inc_by(n as u64);
+        }
+    };
+    let answer = async {
+        let mut reader = FrameReader::new(rd, 1024);
+        loop {
+            match reader.read().await {
+                Ok(Some(Message::Receipt { transfer_id, .. })) if transfer_id == tid => {
+                    return Delivered::Receipt;
+                }
+                // Its user's go-ahead concerns nobody here: the data is sent.
+                Ok(Some(Message::Proceed { .. })) => {}
+                Ok(_) | Err(ConnError::Io(_) | ConnError::Frame(_) | ConnError::Truncated) => {
+                    return Delivered::Failed;
+                }
+                Err(_) => return Delivered::Failed,
+            }
+        }
+    };
+    tokio::pin!(answer);
+    let result = tokio::select! {
+        copied = copy => match copied {
+            // All of it is out: the receiver verifies, places, answers.
+            Ok(()) => tokio::time::timeout(idle, &mut answer).await.unwrap_or(Delivered::Failed),
+            Err(_) => Delivered::Failed,
+        },
+        early = &mut answer => early,
+    };
+    drop(guard);
+    result
+}
