@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # What leaving a transfer at the broker costs against sending it live, on
-# 127.0.0.1 with release builds: in alternating rounds (live, stored, live,
-# stored …) one file of SIZE_MIB goes from alice to bob
-#   live    bob online; alice's `--role sender` run, start to exit
+# 127.0.0.1 with release builds: in alternating rounds (direct, relay, stored,
+# direct, relay, stored …) one file of SIZE_MIB goes from alice to bob
+#   direct  bob online; alice's `--role sender` run, start to exit (on one
+#           machine the agents connect directly: the broker carries nothing)
+#   relay   the same with `--direct never`: through the broker's relay
 #   stored  bob offline; alice's `--store` run (start to exit 12), then bob's
 #           receiver from its start to its `received` event; both, and the sum
 # and the CPU time (user + system) of the broker, the sender and the receiver
-# in each round, per byte sent. Prints the medians and the stored/live ratio.
+# in each round, per byte sent (a stored round's receiver counted from its
+# start, its connection and prekey work included). Prints the medians and the
+# stored/live ratios.
 #
 #   scripts/bench-stored.sh                  256 MiB, 5 rounds of each
 #   SIZE_MIB=1024 ROUNDS=3 scripts/bench-stored.sh
@@ -53,7 +57,7 @@ sender() {
     /usr/bin/time -f "%U %S" -o "$work/s.time" "${a[@]}" --home "$work/alice" --name alice \
         --role sender --to bob --file "$work/data.bin" --json "$@" </dev/null >"$work/s.out" 2>"$work/s.err" || true
     t1=$(now)
-    echo "$(echo "$t1 - $t0" | bc -l) $(awk '{ print $1 + $2 }' "$work/s.time")"
+    echo "$(echo "$t1 - $t0" | bc -l) $(tail -1 "$work/s.time" | awk '{ print $1 + $2 }')"
 }
 
 # Bob registers and leaves his prekeys, then goes away; alice pins him.
@@ -62,20 +66,28 @@ for _ in $(seq 600); do grep -q "one_time=16" "$work/b.log" && break; sleep 0.05
 "${a[@]}" --home "$work/alice" --name alice --role sender --to bob --message hello --json >/dev/null 2>&1
 stop_receiver
 
-bytes=$((size_mib << 20))
-: >"$work/live"
-: >"$work/stored"
-for round in $(seq "$rounds"); do
-    # live
+# One live round: alice's sender with $2… into the file $1.
+live() {
+    local into=$1
+    shift
     receiver
     for _ in $(seq 600); do grep -q "receiving as" "$work/r.err" && break; sleep 0.05; done
     b0=$(cpu_of "$bpid"); r0=$(cpu_of "$rpid")
-    read -r secs scpu < <(sender)
+    read -r secs scpu < <(sender "$@")
     for _ in $(seq 600); do grep -q '"event":"received"' "$work/r.out" && break; sleep 0.02; done
     b1=$(cpu_of "$bpid"); r1=$(cpu_of "$rpid")
-    cmp -s "$work/data.bin" "$work/in/data.bin" || { echo "live round $round: data differs" >&2; exit 1; }
+    cmp -s "$work/data.bin" "$work/in/data.bin" || { echo "live round: data differs" >&2; exit 1; }
     stop_receiver
-    echo "$secs $scpu $(echo "$b1 - $b0" | bc -l) $(echo "$r1 - $r0" | bc -l)" >>"$work/live"
+    echo "$secs $scpu $(echo "$b1 - $b0" | bc -l) $(echo "$r1 - $r0" | bc -l)" >>"$into"
+}
+
+bytes=$((size_mib << 20))
+: >"$work/live"
+: >"$work/relay"
+: >"$work/stored"
+for round in $(seq "$rounds"); do
+    live "$work/live"
+    live "$work/relay" --direct never
     # stored
     b0=$(cpu_of "$bpid")
     read -r ssecs scpu < <(sender --store)
@@ -89,7 +101,7 @@ for round in $(seq "$rounds"); do
     stop_receiver
     dsecs=$(echo "$t1 - $t0" | bc -l)
     echo "$ssecs $dsecs $scpu $(echo "$b1 - $b0" | bc -l) $r1" >>"$work/stored"
-    echo "round $round: live $(awk 'END { print $1 }' "$work/live") s; stored $ssecs s + delivery $dsecs s" >&2
+    echo "round $round: direct $(awk 'END { print $1 }' "$work/live") s; relay $(awk 'END { print $1 }' "$work/relay") s; stored $ssecs s + delivery $dsecs s" >&2
 done
 
 col() { awk -v c="$2" '{ print $c }' "$1" | median; }
@@ -99,10 +111,15 @@ deliver=$(col "$work/stored" 2)
 total=$(awk '{ print $1 + $2 }' "$work/stored" | median)
 per_byte() { echo "scale=2; $1 * 1000000000 / $bytes" | bc -l; }
 echo "size ${size_mib} MiB, ${rounds} rounds each, medians"
-printf "live:    %.3f s (%.0f MB/s)   cpu ns/B: sender %s broker %s receiver %s\n" \
+relay=$(col "$work/relay" 1)
+printf "direct:  %.3f s (%.0f MB/s)   cpu ns/B: sender %s broker %s receiver %s\n" \
     "$live" "$(echo "$bytes / $live / 1000000" | bc -l)" \
     "$(per_byte "$(col "$work/live" 2)")" "$(per_byte "$(col "$work/live" 3)")" "$(per_byte "$(col "$work/live" 4)")"
+printf "relay:   %.3f s (%.0f MB/s)   cpu ns/B: sender %s broker %s receiver %s\n" \
+    "$relay" "$(echo "$bytes / $relay / 1000000" | bc -l)" \
+    "$(per_byte "$(col "$work/relay" 2)")" "$(per_byte "$(col "$work/relay" 3)")" "$(per_byte "$(col "$work/relay" 4)")"
 printf "stored:  %.3f s to store + %.3f s to deliver = %.3f s   cpu ns/B: sender %s broker %s receiver %s\n" \
     "$store" "$deliver" "$total" \
     "$(per_byte "$(col "$work/stored" 3)")" "$(per_byte "$(col "$work/stored" 4)")" "$(per_byte "$(col "$work/stored" 5)")"
-printf "stored/live wall: %.2f\n" "$(echo "$total / $live" | bc -l)"
+printf "stored/direct wall: %.2f, stored/relay: %.2f, store alone/relay: %.2f\n" \
+    "$(echo "$total / $live" | bc -l)" "$(echo "$total / $relay" | bc -l)" "$(echo "$store / $relay" | bc -l)"
