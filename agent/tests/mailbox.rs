@@ -118,8 +118,10 @@ fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
 /// A thief's try at the stored transfer `id` in the kept copy `kept` of a
 /// broker's mailbox: bob's identity key, the stored offer and data, and every
 /// prekey bob's home still holds. Returns how many keys were tried; panics
-/// if any of them opens the stream's root.
-fn thief_tries(kept: &Path, bob_home: &Path, alice: &Identity) -> usize {
+/// if any of them opens the stream's root, or if the prekey it was sealed
+/// to, from `control` (a copy of bob's prekeys made before the delivery),
+/// does not: the test itself must be able to open what it says stays shut.
+fn thief_tries(kept: &Path, bob_home: &Path, control: &Path, alice: &Identity) -> usize {
     let mailbox = Mailbox::open(kept, MailboxLimits::defaults_for(kept)).unwrap();
     let metas = mailbox.waiting_for(&name("bob"), 0);
     let meta = metas
@@ -143,6 +145,31 @@ fn thief_tries(kept: &Path, bob_home: &Path, alice: &Identity) -> usize {
     ));
     let bob = load_identity(&bob_home.join("identity.pem")).unwrap();
     let fields = parse_stored(&offer).unwrap();
+    let expect = |size| Expect {
+        declared: size,
+        size_known: true,
+        resume: None,
+        sender: alice.public().clone(),
+        me: name("bob"),
+        my_fp: bob.fingerprint(),
+        receivers: 1,
+        trust_sender_hash: false,
+    };
+    let at = meta.stored_at;
+    let verify = || verify_stored(&offer, alice.public(), &name("bob"), bob.fingerprint(), at);
+    // The positive control: with the deleted prekey, the root opens.
+    let (bundle, keys) = Prekeys::open(control)
+        .unwrap()
+        .load(&fields.bundle_id)
+        .unwrap()
+        .expect("the copy holds the prekey the transfer was sealed to");
+    let (terms, pair) = verify().unwrap().open(&bob, &bundle, &keys).unwrap();
+    let mut payload = root.clone();
+    assert!(
+        RecvStream::new(pair, expect(terms.size))
+            .open(&mut payload)
+            .is_ok()
+    );
     let prekeys = Prekeys::open(bob_home).unwrap();
     // The prekey the transfer was sealed to is gone from bob's home.
     assert!(prekeys.load(&fields.bundle_id).unwrap().is_none());
@@ -156,28 +183,12 @@ fn thief_tries(kept: &Path, bob_home: &Path, alice: &Identity) -> usize {
         // prekey's halves. The identity key still opens the terms (they are
         // under RSA alone); the stream's keys need the deleted prekey.
         bundle.id = fields.bundle_id;
-        let verified = verify_stored(
-            &offer,
-            alice.public(),
-            &name("bob"),
-            bob.fingerprint(),
-            meta.stored_at,
-        )
-        .unwrap();
-        let (terms, pair) = verified.open(&bob, &bundle, &keys).unwrap();
-        let expect = Expect {
-            declared: terms.size,
-            size_known: true,
-            resume: None,
-            sender: alice.public().clone(),
-            me: name("bob"),
-            my_fp: bob.fingerprint(),
-            receivers: 1,
-            trust_sender_hash: false,
-        };
+        let (terms, pair) = verify().unwrap().open(&bob, &bundle, &keys).unwrap();
         let mut payload = root.clone();
         assert!(
-            RecvStream::new(pair, expect).open(&mut payload).is_err(),
+            RecvStream::new(pair, expect(terms.size))
+                .open(&mut payload)
+                .is_err(),
             "prekey {} opened the stored stream",
             hex_name(&id)
         );
@@ -248,8 +259,11 @@ fn a_transfer_stored_for_an_offline_receiver_arrives_and_only_then_and_never_twi
         .map(|p| fs::metadata(p).unwrap().len())
         .sum();
     assert!(stored > 256 << 20, "the broker holds the sealed stream");
-    // A thief keeps the broker's bytes for later.
+    // A thief keeps the broker's bytes for later; the test keeps bob's
+    // prekeys as they are now, for its positive control.
     copy_dir(&mailbox, kept.path());
+    let control = TempDir::new("control");
+    copy_dir(&bob.dir.join("prekeys"), &control.join("prekeys"));
     // Before bob comes back, the receipt says it waits.
     let list = receipts(&alice, &broker);
     assert_eq!(list.len(), 1);
@@ -272,14 +286,16 @@ fn a_transfer_stored_for_an_offline_receiver_arrives_and_only_then_and_never_twi
     assert_eq!(list[0]["bytes"], 256 << 20);
 
     // Forward secrecy: bob's identity key and the kept bytes open nothing.
-    let tried = thief_tries(kept.path(), bob.dir.path(), &fixture("alice"));
+    let tried = thief_tries(
+        kept.path(),
+        bob.dir.path(),
+        control.path(),
+        &fixture("alice"),
+    );
     assert!(tried >= 15, "the other prekeys were tried too ({tried})");
 
-    // A broker that replays the stored transfer: bob refuses it, and
-    // nothing is placed twice. Its record of seen ids would refuse it first;
-    // without that record (another home, a lost file) the prekey it was
-    // sealed to is gone, which refuses it as well.
-    fs::remove_file(bob.dir.join("seen_offers")).unwrap();
+    // A broker that replays the stored transfer: bob refuses it (the
+    // one-time prekey it was sealed to is gone), and nothing is placed twice.
     let (data, addr) = (broker.data, broker.addr.clone());
     let mut old = broker.proc;
     old.kill();
@@ -366,6 +382,10 @@ fn an_expired_transfer_is_deleted_and_a_withdrawn_one_never_arrives() {
     let objects = broker.data.join("mailbox/objects");
     broker.proc.stderr.wait_for("expired undelivered", WAIT);
     assert!(files_under(&objects).is_empty());
+    // Its record is kept as long again (3 s here): asked at once.
+    let list = receipts(&alice, &broker);
+    assert_eq!(list[0]["transfer_id"], expiring["transfer_id"], "{list:?}");
+    assert_eq!(list[0]["state"], "expired", "{list:?}");
     let withdrawn = stored_event(&store(&alice, &broker, "bob", &["--message", "never mind"]));
     let id = withdrawn["transfer_id"].as_str().unwrap();
     let run = alice.run(&broker, &["--withdraw", id]);
@@ -381,7 +401,6 @@ fn an_expired_transfer_is_deleted_and_a_withdrawn_one_never_arrives() {
             .find(|e| e["transfer_id"] == want["transfer_id"])
             .map(|e| e["state"].clone())
     };
-    assert_eq!(state(&expiring), Some("expired".into()), "{list:?}");
     assert_eq!(state(&withdrawn), Some("withdrawn".into()), "{list:?}");
     // Bob comes back to nothing.
     let mut rx = bob.receiver(&broker, out.path(), &["--json"]);
@@ -436,6 +455,9 @@ fn a_fetch_loop_is_rate_limited_and_the_last_resort_prekey_is_said_on_both_sides
     let e = stored_event(&run);
     assert_eq!(e["last_resort"], true);
     assert!(run.stderr.contains("last-resort prekey"), "{run:?}");
+    // Kept aside, to be replayed once delivered.
+    let kept = TempDir::new("kept");
+    copy_dir(&broker.data.join("mailbox"), kept.path());
     // The eighteenth fetch in a minute is refused.
     let run = store(&alice, &broker, "bob", &["--message", "m17"]);
     assert_eq!(run.code, Some(1), "{run:?}");
@@ -446,6 +468,30 @@ fn a_fetch_loop_is_rate_limited_and_the_last_resort_prekey_is_said_on_both_sides
     let want: Vec<String> = (0..17).map(|i| format!("m{i}")).collect();
     assert_eq!(texts, want);
     rx.stderr.wait_for("last-resort prekey", WAIT);
+    rx.kill();
+    // A broker that replays them: the last-resort prekey is still there, so
+    // bob's record of what was sealed to it refuses m16; the others find
+    // their one-time prekeys gone. Nothing arrives twice.
+    let (data, addr) = (broker.data, broker.addr.clone());
+    let mut old = broker.proc;
+    old.kill();
+    fs::remove_dir_all(data.join("mailbox")).unwrap();
+    copy_dir(kept.path(), &data.join("mailbox"));
+    let broker = Broker::start_at(data, &addr);
+    let mut rx = bob.receiver(&broker, out.path(), &["--json"]);
+    let mut refused = 0;
+    wait_until("seventeen refusals", WAIT, || {
+        refused = rx
+            .stdout
+            .drain()
+            .iter()
+            .filter(|l| l.contains("\"event\":\"refused\""))
+            .count();
+        refused >= 17
+    });
+    let line = rx.stdout.wait_for("already seen", WAIT);
+    assert!(line.contains("refused"), "{line}");
+    assert!(quiet_for(&mut rx, Duration::from_millis(500)).len() == 17);
 }
 
 #[test]
@@ -517,10 +563,61 @@ fn a_stored_transfer_refused_for_now_is_offered_again_and_arrives() {
     texts.sort();
     let want: Vec<String> = (0..7).map(|i| format!("n{i}")).collect();
     assert_eq!(texts, want);
-    let list = receipts(&alice, &broker);
-    assert!(
-        list.iter()
-            .all(|e| e["state"] == "delivered" && e["verified"] == true),
+    // The last receipt reaches the broker a moment after the message shows.
+    wait_until("seven verified receipts", WAIT, || {
+        receipts(&alice, &broker)
+            .iter()
+            .all(|e| e["state"] == "delivered" && e["verified"] == true)
+    });
+}
+
+#[test]
+fn a_receiver_on_a_terminal_is_asked_about_a_stored_transfer_and_no_leaves_nothing() {
+    let mut broker = Broker::start();
+    let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
+    let (src, out) = (TempDir::new("src"), TempDir::new("out"));
+    deposit_prekeys(&mut broker, &bob, out.path());
+    let (yes, no) = (src.join("yes.bin"), src.join("no.bin"));
+    fs::write(&yes, support::pseudo_random(3 << 20, 1)).unwrap();
+    fs::write(&no, support::pseudo_random(3 << 20, 2)).unwrap();
+    for f in [&no, &yes] {
+        stored_event(&store(
+            &alice,
+            &broker,
+            "bob",
+            &["--file", f.to_str().unwrap()],
+        ));
+    }
+    // Bob at a terminal: asked about each, as for a live offer, although
+    // the broker sends the data without waiting for his answer.
+    let mut cmd = bob.command(&broker);
+    cmd.args([
+        "--role",
+        "receiver",
+        "--out-dir",
+        out.path().to_str().unwrap(),
+    ]);
+    let mut rx = support::pty::Pty::spawn(cmd);
+    rx.wait_for("offers no.bin (1 file, 3.00 MiB). Accept? [y/N]", WAIT);
+    rx.line("n");
+    rx.wait_for("offers yes.bin (1 file, 3.00 MiB). Accept? [y/N]", WAIT);
+    rx.line("y");
+    rx.wait_for("received yes.bin", WAIT);
+    assert_eq!(support::finals(out.path()), ["yes.bin"]);
+    assert_eq!(hash_file(&out.join("yes.bin")), hash_file(&yes));
+    // Both receipts at the broker (the second a moment after it showed).
+    let mut list = Vec::new();
+    wait_until("both receipts", WAIT, || {
+        list = receipts(&alice, &broker);
+        list.iter().all(|e| e["state"] != "waiting")
+    });
+    let by_state = |s: &str| list.iter().filter(|e| e["state"] == s).count();
+    assert_eq!(
+        (by_state("delivered"), by_state("refused")),
+        (1, 1),
         "{list:?}"
     );
+    let refused = list.iter().find(|e| e["state"] == "refused").unwrap();
+    assert_eq!(refused["verified"], true, "{list:?}");
+    assert_eq!(refused["why"], "bob declined");
 }

@@ -17,6 +17,9 @@ use crate::mailbox::{StoredMeta, Upload};
 use crate::metrics::Meters;
 use crate::relay::DataConn;
 
+/// Bytes of frames written to the disk at once.
+const BATCH: usize = 4 << 20;
+
 /// Where an upload stands: what may come next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Next {
@@ -46,6 +49,8 @@ pub async fn take_upload(
     let mut upload = Some(upload);
     let mut next = Next::Root;
     let mut payload = Vec::new();
+    // Frames go to the disk in batches, off the async threads.
+    let mut batch: Vec<u8> = Vec::with_capacity(BATCH + MAX_FRAME_LEN);
     loop {
         let read = tokio::time::timeout(idle, reader.read_payload_into(&mut payload)).await;
         match read {
@@ -76,11 +81,30 @@ pub async fn take_upload(
             Next::Manifest | Next::Data => Next::Data,
         };
         let len = u32::try_from(payload.len()).map_err(|_| "a frame too long".to_owned())?;
-        let up = upload.as_mut().ok_or("the upload is gone")?;
-        up.write(&len.to_be_bytes())
-            .and_then(|()| up.write(&payload))
-            .map_err(|e| e.to_string())?;
+        // Checked frame by frame, not only when a batch is written.
+        let up = upload.as_ref().ok_or("the upload is gone")?;
+        let total = up.written() + batch.len() as u64 + u64::from(len) + 4;
+        if total > up.limit() {
+            return Err(format!(
+                "the sender sent more than the {} bytes its announced size allows",
+                up.limit()
+            ));
+        }
+        batch.extend_from_slice(&len.to_be_bytes());
+        batch.extend_from_slice(&payload);
         meters.received.inc_by(u64::from(len) + 4);
+        if batch.len() >= BATCH || last {
+            let (mut up, bytes) = (upload.take().ok_or("the upload is gone")?, batch);
+            let (up, bytes) = tokio::task::spawn_blocking(move || {
+                let written = up.write(&bytes).map_err(|e| e.to_string());
+                (written.map(|()| up), bytes)
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            upload = Some(up?);
+            batch = bytes;
+            batch.clear();
+        }
         if last {
             break;
         }

@@ -79,8 +79,14 @@ fn check(ctx: &Ctx, outbox: Option<&Outbox>, e: &StoredEntry) -> Result<Outcome,
     if r.transfer_id != e.transfer_id || r.sender_fp != ctx.identity.fingerprint() {
         return Err("the receipt is for another transfer".into());
     }
+    let ours = outbox.and_then(|o| o.get(&e.transfer_id.to_string()));
+    // Stored for that receiver and that key, as this home recorded it.
+    if let Some(sent) = &ours
+        && (sent.to != e.to.as_str() || sent.fingerprint != key.fingerprint().to_string())
+    {
+        return Err("the receipt names another receiver or key than it was stored for".into());
+    }
     if let Outcome::Delivered { digest } = &r.outcome {
-        let ours = outbox.and_then(|o| o.get(&e.transfer_id.to_string()));
         match ours {
             Some(sent) if sent.sha256 == hex::encode(digest) => {}
             Some(_) => return Err("the receipt confirms another SHA-256 than was sent".into()),

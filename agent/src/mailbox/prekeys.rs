@@ -78,14 +78,14 @@ impl Prekeys {
     }
 
     /// The bundle `id` and its private halves, if this home still holds them.
-    pub fn load(&self, id: &[u8; 16]) -> Result<Option<(Bundle, PrekeyKeys)>, String> {
+    pub fn load(&self, id: &[u8; 16]) -> Result<Option<(Bundle, PrekeyKeys)>, LoadError> {
         let path = self.dir.join(file_name(id));
         if fs::symlink_metadata(&path).is_err() {
             return Ok(None);
         }
-        let bytes =
-            crate::home::read_private(&path, MAX_BUNDLE_LEN + 256).map_err(|e| e.to_string())?;
-        let corrupt = || format!("{} is not a prekey file", path.display());
+        let bytes = crate::home::read_private(&path, MAX_BUNDLE_LEN + 256)
+            .map_err(|e| LoadError::Unreadable(e.to_string()))?;
+        let corrupt = || LoadError::Corrupt(format!("{} is not a prekey file", path.display()));
         let mut d = Decoder::new(&bytes);
         let signed = d.bytes(MAX_BUNDLE_LEN).map_err(|_| corrupt())?;
         let x: [u8; 32] = d.array().map_err(|_| corrupt())?;
@@ -121,6 +121,19 @@ impl Prekeys {
         let mut removed = 0;
         for entry in entries.flatten() {
             let name = entry.file_name();
+            // What a crash mid-write left (`.<id>.tmp-…`): gone after an hour.
+            if name
+                .to_str()
+                .is_some_and(|n| n.starts_with('.') && n.contains(".tmp-"))
+                && entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t.elapsed().is_ok_and(|age| age.as_secs() > 3600))
+                && fs::remove_file(entry.path()).is_ok()
+            {
+                removed += 1;
+                continue;
+            }
             let Some(id) = name
                 .to_str()
                 .and_then(|n| hex::decode(n).ok())
@@ -128,10 +141,12 @@ impl Prekeys {
             else {
                 continue;
             };
+            // A file that cannot be read now (its mode, the disk) is left
+            // alone; one that was read and is no prekey goes.
             let dead = match self.load(&id) {
                 Ok(Some((b, _))) => b.expires.saturating_add(MAX_STORED_AGE_SECS) < now,
-                Ok(None) => false,
-                Err(_) => true,
+                Ok(None) | Err(LoadError::Unreadable(_)) => false,
+                Err(LoadError::Corrupt(_)) => true,
             };
             if dead && self.remove(&id).is_ok() {
                 removed += 1;
@@ -151,6 +166,27 @@ impl Prekeys {
     }
 }
 
+/// Why a prekey file was not loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoadError {
+    /// It cannot be read now (its mode, its owner, the disk).
+    Unreadable(String),
+    /// It was read, and is not a prekey file of this home.
+    Corrupt(String),
+}
+
+impl std::fmt::Display for LoadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unreadable(why) | Self::Corrupt(why) => f.write_str(why),
+        }
+    }
+}
+
+/// Most prekey files a home holds; past it no new one is made (a broker
+/// that keeps asking for more gets no more).
+pub const MOST_FILES: usize = 256;
+
 /// The bundles to deposit when the broker holds `one_time` one-time bundles
 /// and a last-resort one valid until `last_resort_expires` (0: none).
 pub fn top_up(
@@ -161,6 +197,9 @@ pub fn top_up(
     now: u64,
 ) -> std::io::Result<(Vec<Vec<u8>>, Vec<u8>)> {
     let mut fresh = Vec::new();
+    if prekeys.count() >= MOST_FILES {
+        return Ok((fresh, Vec::new()));
+    }
     if one_time < LOW_WATER {
         for _ in one_time..TARGET {
             fresh.push(prekeys.make(identity, me, BundleKind::OneTime, now)?.0);

@@ -7,7 +7,7 @@
 //! space it needs, and the accept. Nothing here touches a socket; a refusal
 //! says which reason goes back to the sender.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use keyferry_common::chat::CHAT_BOUND;
@@ -31,7 +31,7 @@ use crate::direct::listen::{Punch, terms_for};
 use crate::home::now_unix;
 use crate::trust::budget::NEW_KEY_AGE_SECS;
 use crate::trust::pins::{PinCheck, PinError};
-use crate::trust::replay::Replayed;
+use crate::trust::replay::{ReplayGuard, Replayed};
 
 /// An offer that passed the gate: what the stream needs, and its place among
 /// the receiver's transfers (released when dropped).
@@ -132,7 +132,7 @@ pub(super) async fn admit<'a>(
     // first and unsigned; anything refused after this is the sender's for
     // good, and signed (PROTOCOL.md §3.4).
     if let Incoming::Stored(o) = offer {
-        not_seen(shared, tid).await?;
+        not_seen(&shared.stored_replay, tid).await?;
         let me = (&ctx.name, ctx.identity.fingerprint());
         *gate = precheck_stored(o, &key, me, shared.prekeys.as_ref(), now_unix())?;
     }
@@ -168,7 +168,9 @@ pub(super) async fn admit<'a>(
     // An id already seen is refused before any RSA work (a look-up costs
     // nothing); it is recorded only once the signature verified, below.
     let replayed = |e: Replayed| refuse(RefuseReason::VerificationFailed, e.to_string());
-    not_seen(shared, tid).await?;
+    if let Incoming::Live(_) = offer {
+        not_seen(&shared.replay, tid).await?;
+    }
     let unverified =
         |e: handshake::HandshakeError| refuse(RefuseReason::VerificationFailed, e.to_string());
     let (me, my_fp) = (&ctx.name, ctx.identity.fingerprint());
@@ -221,12 +223,15 @@ pub(super) async fn admit<'a>(
         .await
         .map_err(|e| refuse(RefuseReason::VerificationFailed, e.to_string()))??;
     let terms = opened.terms().clone();
-    // A stored transfer goes to this receiver alone, from byte 0.
-    if matches!(opened, Opened::Stored { .. }) && (terms.receivers != 1 || terms.resumes.is_some())
+    // A stored transfer goes to this receiver alone, from byte 0, and is
+    // never a chat.
+    if matches!(opened, Opened::Stored { .. })
+        && (terms.receivers != 1 || terms.resumes.is_some() || terms.kind == Kind::Chat)
     {
         return Err(refuse(
             RefuseReason::Policy,
-            "a stored transfer that names other receivers or an earlier attempt".into(),
+            "a stored transfer that is a chat, or names other receivers or an earlier attempt"
+                .into(),
         ));
     }
     check_terms(shared, from, &terms, &mut slot)?;
@@ -336,10 +341,11 @@ pub(super) async fn admit<'a>(
     })
 }
 
-/// Refuses transfer id `tid` if the replay guard holds it (a look-up only).
-async fn not_seen(shared: &Shared, tid: TransferId) -> Result<(), Failure> {
+/// Refuses transfer id `tid` if the replay guard `guard` holds it (a
+/// look-up only).
+async fn not_seen(guard: &Arc<Mutex<ReplayGuard>>, tid: TransferId) -> Result<(), Failure> {
     let replayed = |e: Replayed| Failure::Refused(RefuseReason::VerificationFailed, e.to_string());
-    let guard = Arc::clone(&shared.replay);
+    let guard = Arc::clone(guard);
     let seen = tokio::task::spawn_blocking(move || lock(&guard).seen(&tid, now_unix()))
         .await
         .map_err(|e| Failure::Refused(RefuseReason::Policy, e.to_string()))?;

@@ -69,6 +69,31 @@ pub(super) async fn incoming(
             return Some(Err((crate::error::exit::REFUSED, why)));
         }
     };
+    let _running = if stored {
+        // Its receipt went out already (and was lost): the same again.
+        if let Some(receipt) = super::stored::receipt_again(shared, &tid) {
+            let again = Message::StoredReceipt {
+                transfer_id: tid,
+                receipt,
+            };
+            let _ = out.send(again).await;
+            return None;
+        }
+        // Offered twice at once (a broker's doing): the second is busy.
+        match Running::start(shared, tid) {
+            Some(r) => Some(r),
+            None => {
+                let busy = Message::Refuse {
+                    transfer_id: tid,
+                    reason: RefuseReason::Busy,
+                };
+                let _ = out.send(busy).await;
+                return None;
+            }
+        }
+    } else {
+        None
+    };
     let started = Instant::now();
     let input = if stored {
         Incoming::Stored(&offer)
@@ -154,6 +179,23 @@ pub(super) async fn incoming(
                 }
             }
         }
+    }
+}
+
+/// A stored transfer being received: held from its offer to its end.
+struct Running<'a>(&'a Shared, TransferId);
+
+impl<'a> Running<'a> {
+    fn start(shared: &'a Shared, tid: TransferId) -> Option<Self> {
+        lock(&shared.stored_running)
+            .insert(tid)
+            .then_some(Self(shared, tid))
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.stored_running).remove(&self.1);
     }
 }
 

@@ -132,6 +132,15 @@ struct Shared {
     /// The private halves of this receiver's prekeys (none if the home
     /// cannot hold them: then nothing stored reaches it).
     prekeys: Option<crate::mailbox::prekeys::Prekeys>,
+    /// Stored transfers sealed to a last-resort prekey that ended for good
+    /// (their own record, `seen_stored`, so that they never crowd out the
+    /// live offers' ids).
+    stored_replay: Arc<Mutex<ReplayGuard>>,
+    /// Stored transfers being received now: a second offer of one is busy.
+    stored_running: Mutex<std::collections::HashSet<TransferId>>,
+    /// The signed receipts of stored transfers this run ended, to send again
+    /// if the broker offers one again (its receipt was lost on the way).
+    stored_receipts: Mutex<HashMap<TransferId, Vec<u8>>>,
 }
 
 /// Why one incoming transfer did not complete.
@@ -242,6 +251,12 @@ pub async fn receive(ctx: Ctx, opts: RecvOptions) -> Result<(), AgentError> {
         chats: Mutex::new(std::collections::HashSet::new()),
         direct,
         prekeys,
+        stored_replay: Arc::new(Mutex::new(ReplayGuard::persistent(
+            keyferry_common::handshake::stored::MAX_STORED_AGE_SECS,
+            shared_home.join("seen_stored"),
+        ))),
+        stored_running: Mutex::new(std::collections::HashSet::new()),
+        stored_receipts: Mutex::new(HashMap::new()),
     });
     // Answers go out on whichever control connection is current; results
     // come back for --once.

@@ -13,7 +13,7 @@ use keyferry_common::schedule::PairKeys;
 use keyferry_common::wire::message::RefuseReason;
 
 use super::Failure;
-use crate::mailbox::prekeys::Prekeys;
+use crate::mailbox::prekeys::{LoadError, Prekeys};
 
 /// An offer as it came: live (the sender waits for the accept), or stored
 /// at the broker for this receiver while it was offline (PROTOCOL.md §3.4).
@@ -65,6 +65,12 @@ pub(super) struct PrekeyUse {
     pub last_resort: bool,
 }
 
+/// A prekey file this receiver cannot read now (its mode, the disk): not
+/// the offer's fault, so "not now" (PROTOCOL.md §6.7).
+fn unreadable(why: String) -> Failure {
+    Failure::Refused(RefuseReason::TryLater { seconds: 60 }, why)
+}
+
 /// How far a stored offer got through the gate: what its end may say.
 #[derive(Debug, Default, Clone, Copy)]
 pub(super) struct StoredGate {
@@ -96,7 +102,10 @@ pub(super) fn precheck_stored(
     let held = prekeys
         .ok_or_else(|| failed("this receiver keeps no prekeys".into()))?
         .load(&id)
-        .map_err(|e| Failure::Refused(RefuseReason::Policy, e))?;
+        .map_err(|e| match e {
+            LoadError::Unreadable(why) => unreadable(why),
+            LoadError::Corrupt(why) => failed(why),
+        })?;
     let Some((bundle, _)) = held else {
         return Err(failed(format!(
             "it was sealed to prekey {}, which this receiver no longer holds (used \
@@ -139,7 +148,10 @@ impl Verified {
                 let held = prekeys
                     .ok_or_else(|| failed("this receiver keeps no prekeys".into()))?
                     .load(&id)
-                    .map_err(|e| Failure::Refused(RefuseReason::Policy, e))?;
+                    .map_err(|e| match e {
+                        LoadError::Unreadable(why) => unreadable(why),
+                        LoadError::Corrupt(why) => failed(why),
+                    })?;
                 let Some((bundle, keys)) = held else {
                     return Err(failed(format!(
                         "it was sealed to prekey {}, which this receiver no longer holds (used \

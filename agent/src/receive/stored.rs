@@ -6,7 +6,7 @@
 
 use keyferry_common::handshake::SignedOffer;
 use keyferry_common::handshake::receipt::{Outcome, StoredReceipt};
-use keyferry_common::handshake::stored::{MAX_STORED_AGE_SECS, parse_stored};
+use keyferry_common::handshake::stored::parse_stored;
 use keyferry_common::identity::Fingerprint;
 use keyferry_common::ids::TransferId;
 use keyferry_common::name::AgentName;
@@ -130,10 +130,14 @@ fn refused_because(me: &AgentName, refusal: &Failure) -> String {
     }
 }
 
+/// Most signed receipts kept to send again.
+const KEEP_RECEIPTS: usize = 1024;
+
 /// Reports a stored transfer's end, and tells the broker: a signed receipt
-/// when it is over for good and its offer verified, a bare refusal when it
-/// is over for good but could not be verified (a replay, a prekey no longer
-/// held), or a "not now".
+/// when it is over for good and its offer verified; a bare refusal when it is
+/// over for good but nothing about it may be signed (an offer that did not
+/// verify, a replay, a prekey no longer held; or data that did not verify,
+/// which the broker or the network may have damaged); or a "not now".
 pub(super) async fn ended(
     shared: &Shared,
     end: End<'_>,
@@ -152,6 +156,21 @@ pub(super) async fn ended(
         transfer_id: tid,
         reason,
     };
+    // As for a live offer, a --once receiver goes on waiting after what is
+    // not its one transfer: a refusal by its rules or its user, a "not now".
+    let once = |failure: &Failure| -> Ended {
+        let later = matches!(
+            failure,
+            Failure::Refused(
+                RefuseReason::Busy
+                    | RefuseReason::TryLater { .. }
+                    | RefuseReason::NotListed
+                    | RefuseReason::NotKnown,
+                _
+            ) | Failure::Failed(AbortReason::Declined | AbortReason::NoAnswer, _)
+        );
+        (!later).then(|| Err((report::exit_code(failure), why_of(failure))))
+    };
     let outcome = match &result {
         Ok((placed, via)) => {
             if let Some(p) = gate.prekey.filter(|p| p.last_resort) {
@@ -166,10 +185,12 @@ pub(super) async fn ended(
                 digest: placed.sha256,
             }
         }
-        Err(Failure::Refused(
-            reason @ (RefuseReason::Busy | RefuseReason::TryLater { .. }),
-            why,
-        )) => {
+        Err(
+            failure @ Failure::Refused(
+                reason @ (RefuseReason::Busy | RefuseReason::TryLater { .. }),
+                why,
+            ),
+        ) => {
             let _ = out.send(not_now(*reason)).await;
             report::refused(
                 Some(tid),
@@ -177,15 +198,15 @@ pub(super) async fn ended(
                 &format!("{why}; the broker keeps it"),
                 json,
             );
-            return None;
+            return once(failure);
         }
-        Err(failure @ Failure::Failed(reason, why)) if !for_good(*reason) => {
+        Err(failure @ Failure::Failed(reason, _)) if !for_good(*reason) => {
             let _ = out
                 .send(not_now(RefuseReason::TryLater { seconds: AGAIN_IN }))
                 .await;
             let kept = "nothing was placed; the broker keeps it and offers it again";
             report::failed(tid, from, failure, kept, json);
-            return Some(Err((report::exit_code(failure), why.clone())));
+            return None;
         }
         Err(failure) => {
             match failure {
@@ -194,7 +215,11 @@ pub(super) async fn ended(
                     report::failed(tid, from, failure, "nothing was placed", json)
                 }
             }
-            if !gate.signable {
+            let damaged = matches!(
+                failure,
+                Failure::Failed(AbortReason::VerificationFailed | AbortReason::Source, _)
+            );
+            if !gate.signable || damaged {
                 // Nothing signed about what may be the broker's own doing:
                 // the refusal's reason says it is over for good.
                 let reason = match failure {
@@ -202,27 +227,17 @@ pub(super) async fn ended(
                     Failure::Failed(..) => RefuseReason::VerificationFailed,
                 };
                 let _ = out.send(not_now(reason)).await;
-                return Some(Err((report::exit_code(failure), why_of(failure))));
+                if gate.signable {
+                    used_up(shared, tid, &gate).await;
+                }
+                return once(failure);
             }
             Outcome::Refused {
                 why: refused_because(me, failure),
             }
         }
     };
-    // Over for good: remembered (a replay of it is refused), its receipt
-    // signed, its one-time prekey deleted (forward secrecy).
-    let (guard, time) = (
-        std::sync::Arc::clone(&shared.replay),
-        gate.time.saturating_add(MAX_STORED_AGE_SECS),
-    );
-    let recorded =
-        tokio::task::spawn_blocking(move || lock(&guard).check_and_insert(tid, time, now_unix()))
-            .await;
-    if !matches!(recorded, Ok(Ok(()))) {
-        notice!(
-            "cannot record stored transfer {tid} as seen: a replay of it would be refused only by its prekey being gone"
-        );
-    }
+    used_up(shared, tid, &gate).await;
     let sender_fp = parse_stored(offer).map_or(Fingerprint([0; 32]), |f| f.sender_fp);
     let receipt = StoredReceipt {
         transfer_id: tid,
@@ -233,6 +248,13 @@ pub(super) async fn ended(
     };
     let identity = std::sync::Arc::clone(&shared.ctx.identity);
     if let Ok(signed) = tokio::task::spawn_blocking(move || receipt.sign(&identity)).await {
+        {
+            let mut kept = lock(&shared.stored_receipts);
+            if kept.len() >= KEEP_RECEIPTS {
+                kept.clear();
+            }
+            kept.insert(tid, signed.clone());
+        }
         let _ = out
             .send(Message::StoredReceipt {
                 transfer_id: tid,
@@ -240,15 +262,43 @@ pub(super) async fn ended(
             })
             .await;
     }
-    if let (Some(p), Some(prekeys)) = (gate.prekey.filter(|p| !p.last_resort), &shared.prekeys)
+    match result {
+        Ok(_) => Some(Ok(())),
+        Err(failure) => once(&failure),
+    }
+}
+
+/// A stored transfer is over for good: its one-time prekey's private halves
+/// are deleted (forward secrecy; a replay then finds nothing to open it
+/// with), or, sealed to the last-resort prekey that stays, its id is
+/// recorded so that a replay is refused.
+async fn used_up(shared: &Shared, tid: TransferId, gate: &StoredGate) {
+    let Some(p) = gate.prekey else {
+        return;
+    };
+    if p.last_resort {
+        let guard = std::sync::Arc::clone(&shared.stored_replay);
+        let time = gate.time;
+        let recorded = tokio::task::spawn_blocking(move || {
+            lock(&guard).check_and_insert(tid, time, now_unix())
+        })
+        .await;
+        if !matches!(recorded, Ok(Ok(()))) {
+            notice!(
+                "cannot record stored transfer {tid} as seen: a replay of it may be taken again"
+            );
+        }
+    } else if let Some(prekeys) = &shared.prekeys
         && let Err(e) = prekeys.remove(&p.id)
     {
         notice!("cannot delete used prekey {}: {e}", hex::encode(p.id));
     }
-    match result {
-        Ok(_) => Some(Ok(())),
-        Err(failure) => Some(Err((report::exit_code(&failure), why_of(&failure)))),
-    }
+}
+
+/// The signed receipt this run already sent for `tid`, if any: a broker
+/// offering that transfer again did not get it.
+pub(super) fn receipt_again(shared: &Shared, tid: &TransferId) -> Option<Vec<u8>> {
+    lock(&shared.stored_receipts).get(tid).cloned()
 }
 
 fn why_of(failure: &Failure) -> String {

@@ -171,6 +171,28 @@ pub async fn store(
     let reader = Reader::at(Arc::clone(source), 0);
     let (stream, sha256, _) =
         pipeline::stream_out(ctx, &mut data, reader, stream, upload, progress).await?;
+    // Recorded before the broker's word, which may be lost on the way:
+    // whatever it says later can then be checked.
+    let mut record = Sent {
+        id: tid.to_string(),
+        to: to.to_string(),
+        fingerprint: fp.to_string(),
+        sha256: hex::encode(sha256),
+        bytes: stream.total(),
+        stored: now_unix(),
+        expires: 0,
+        last_resort,
+    };
+    let outbox = Outbox::open(ctx.home.dir());
+    let recorded = match &outbox {
+        Ok(o) => o.record(&record).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = recorded {
+        notice!(
+            "cannot record the stored transfer in the home ({e}): --receipts cannot check its receipt's SHA-256"
+        );
+    }
     // The broker says so once all of it is on its disk.
     let expires = match data.reader.read_timeout(RECEIPT_TIMEOUT).await {
         Ok(Some(Message::Stored {
@@ -198,20 +220,9 @@ pub async fn store(
         expires,
         last_resort,
     };
-    let record = Sent {
-        id: report.transfer_id.clone(),
-        to: report.peer.clone(),
-        fingerprint: fp.to_string(),
-        sha256: report.sha256.clone(),
-        bytes: report.bytes,
-        stored: now_unix(),
-        expires,
-        last_resort,
-    };
-    if let Err(e) = Outbox::open(ctx.home.dir()).and_then(|o| o.record(&record)) {
-        notice!(
-            "cannot record the stored transfer in the home ({e}): --receipts cannot check its receipt's SHA-256"
-        );
+    record.expires = expires;
+    if let Ok(o) = &outbox {
+        let _ = o.record(&record);
     }
     Ok(report)
 }

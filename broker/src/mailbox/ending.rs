@@ -16,6 +16,9 @@ use super::error::{MailboxError, WithdrawError};
 use super::format::{End, Ended};
 use super::{Index, Mailbox, ReceiptRecord, State, StoredMeta};
 
+/// Most records of ended transfers kept per sender (the newest).
+pub const MAX_ENDED_PER_SENDER: usize = 256;
+
 impl Mailbox {
     /// Ends stored transfer `id` with `end` at `at`, under the index lock.
     pub(super) fn end(
@@ -42,12 +45,35 @@ impl Mailbox {
         // Ended: what follows is cleanup, which the next open redoes.
         disk::remove_or_warn(&self.layout.data(id));
         disk::remove_or_warn(&self.layout.meta(id));
+        let from = ended.from.clone();
         index.ended.insert(*id, ended);
+        self.cap_ended(index, &from);
         let stored = index
             .stored
             .remove(id)
             .ok_or(MailboxError::NotWaiting { id: *id })?;
         Ok(stored.meta)
+    }
+
+    /// Keeps at most [`MAX_ENDED_PER_SENDER`] records of `sender`'s ended
+    /// transfers, the newest: a sender cannot grow the broker's records (and
+    /// the scan of `Receipts`) without bound by storing and withdrawing.
+    fn cap_ended(&self, index: &mut Index, sender: &AgentName) {
+        let mut theirs: Vec<(u64, TransferId)> = index
+            .ended
+            .iter()
+            .filter(|(_, e)| e.from == *sender)
+            .map(|(id, e)| (e.at, *id))
+            .collect();
+        if theirs.len() <= MAX_ENDED_PER_SENDER {
+            return;
+        }
+        theirs.sort_unstable();
+        let drop = theirs.len() - MAX_ENDED_PER_SENDER;
+        for (_, id) in theirs.into_iter().take(drop) {
+            index.ended.remove(&id);
+            disk::remove_or_warn(&self.layout.receipt(&id));
+        }
     }
 
     /// Withdraws `sender`'s waiting transfer `id`: its data is removed and

@@ -323,3 +323,43 @@ fn receipt_records_are_dropped_after_the_maximum_age() {
     // Its id is free again once its record is gone.
     mb.reserve(meta(1, "alice", "bob", 1), NOW + 200).unwrap();
 }
+
+#[test]
+fn a_sender_keeps_at_most_its_newest_ended_records() {
+    let tmp = TempDir::new("capped");
+    let mb = open(&tmp.0, limits());
+    let n = ending::MAX_ENDED_PER_SENDER + 3;
+    for i in 0..n {
+        let id = u8::try_from(i % 250).unwrap();
+        let mut meta = meta(id, "alice", "bob", 1);
+        meta.id = TransferId([
+            id,
+            u8::try_from(i / 250).unwrap(),
+            9,
+            9,
+            9,
+            9,
+            9,
+            9,
+            9,
+            9,
+            9,
+            9,
+            9,
+            9,
+            9,
+            9,
+        ]);
+        let stored = mb.reserve(meta, NOW).unwrap().commit().unwrap();
+        mb.withdraw(&name("alice"), &stored.id, NOW + u64::try_from(i).unwrap())
+            .unwrap();
+    }
+    let records = mb.receipts(&name("alice"), NOW + 1);
+    assert_eq!(records.len(), ending::MAX_ENDED_PER_SENDER);
+    // The oldest went, on disk too.
+    let again = open(&tmp.0, limits());
+    assert_eq!(
+        again.receipts(&name("alice"), NOW + 1).len(),
+        ending::MAX_ENDED_PER_SENDER
+    );
+}

@@ -149,6 +149,11 @@ impl Upload {
         self.written
     }
 
+    /// The most bytes it may hold in all ([`max_upload`] of its size).
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
     /// Appends `bytes`. Past [`max_upload`] of the announced size in all,
     /// nothing is written and [`UploadError::TooLong`] is returned.
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), UploadError> {

@@ -28,7 +28,7 @@ use crate::stored::{Delivered, deliver};
 /// How long a receiver has to answer a stored offer (it may ask its user).
 const ANSWER: Duration = Duration::from_secs(150);
 /// How long its signed receipt may take once the data was delivered.
-const RECEIPT: Duration = Duration::from_secs(60);
+const RECEIPT: Duration = Duration::from_secs(300);
 /// A transfer that could not be delivered now is offered again after this.
 const AGAIN: Duration = Duration::from_secs(60);
 

@@ -24,6 +24,8 @@ use crate::transfers::Answer;
 /// How many pushed messages (offers, tickets) may wait for a receiver's
 /// connection.
 const PUSH_QUEUE: usize = 32;
+/// Most `Prekeys` a receiver may send on one connection (a top-up takes 5).
+const MAX_DEPOSITS: u32 = 16;
 
 pub(super) async fn session(
     state: &Arc<State>,
@@ -89,6 +91,7 @@ pub(super) async fn session(
     let mut ping = tokio::time::interval_at(Instant::now() + every, every);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let (mut heard, mut nonce) = (Instant::now(), 0u64);
+    let mut deposits = 0u32;
     let result = async {
         loop {
             tokio::select! {
@@ -133,7 +136,12 @@ pub(super) async fn session(
                             c.answer(Stored::Receipt(transfer_id, receipt)).await;
                         }
                     }
+                    Some(Message::Prekeys { .. }) if deposits >= MAX_DEPOSITS => {
+                        let what = format!("more than {MAX_DEPOSITS} prekey deposits on one connection");
+                        return Err(refuse(&mut conn, ErrorCode::RateLimited, what).await);
+                    }
                     Some(Message::Prekeys { bundles, last_resort }) if mailbox.is_some() => {
+                        deposits += 1;
                         if let Some(m) = &mailbox {
                             let (m, name) = (Arc::clone(m), agent.name.clone());
                             let bundles = bundles.into_iter().map(|b| b.into_vec()).collect();

@@ -235,7 +235,10 @@ pub(super) async fn session(
             Message::Store { to, offer, size } => {
                 return stored::store(state, conn, &agent, (to, offer, size)).await;
             }
-            Message::Receipts => conn.writer.write(&stored::receipts(state, &agent)).await?,
+            Message::Receipts => {
+                let reply = stored::receipts(state, &agent).await;
+                conn.writer.write(&reply).await?;
+            }
             Message::Withdraw { transfer_id } => {
                 let reply = stored::withdraw(state, &agent, transfer_id).await;
                 conn.writer.write(&reply).await?;

@@ -164,7 +164,13 @@ pub(super) async fn store(
         last_resort,
         order: 0,
     };
-    let upload = match mailbox.reserve(meta, unix_now()) {
+    let reserving = Arc::clone(&mailbox);
+    let reserved = tokio::task::spawn_blocking(move || reserving.reserve(meta, unix_now())).await;
+    let reserved = match reserved {
+        Ok(r) => r,
+        Err(e) => return Err(refuse(&mut conn, ErrorCode::Protocol, e.to_string()).await),
+    };
+    let upload = match reserved {
         Ok(u) => u,
         Err(refusal) => {
             info!(transfer = %tid, from = %agent.name, %to, %refusal, "stored transfer refused");
@@ -211,12 +217,17 @@ pub(super) async fn store(
 }
 
 /// `Receipts`: the sender's stored transfers, newest first.
-pub(super) fn receipts(state: &State, agent: &Agent) -> Message {
+pub(super) async fn receipts(state: &State, agent: &Agent) -> Message {
     let mailbox = match mailbox(state) {
-        Ok(m) => m,
+        Ok(m) => Arc::clone(m),
         Err(e) => return e,
     };
-    let mut records = mailbox.receipts(&agent.name, unix_now());
+    let name = agent.name.clone();
+    let Ok(mut records) =
+        tokio::task::spawn_blocking(move || mailbox.receipts(&name, unix_now())).await
+    else {
+        return error(ErrorCode::Protocol, "the mailbox could not be read".into());
+    };
     records.sort_by_key(|r| std::cmp::Reverse(r.stored_at));
     records.truncate(MOST_LISTED);
     let entries = records
