@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use keyferry_common::ids::{StreamId, TransferId};
 use keyferry_common::io::connection::{ConnError, FrameReader, FrameWriter};
+use keyferry_common::wire::chunk::chunk_record;
 use keyferry_common::wire::frame::MAX_FRAME_LEN;
 use keyferry_common::wire::message::{self, Message};
 use tokio::io::AsyncWriteExt as _;
@@ -16,6 +17,24 @@ use tokio::io::AsyncWriteExt as _;
 use crate::mailbox::{StoredMeta, Upload};
 use crate::metrics::Meters;
 use crate::relay::DataConn;
+
+/// Whether the (not chunk) frame `payload` may come `next` in the upload of
+/// `tid`, `sid`: `Ok(true)` for the trailer, which ends it.
+fn check(payload: &[u8], next: Next, (tid, sid): (TransferId, StreamId)) -> Result<bool, String> {
+    let msg = message::decode_payload(payload).map_err(|e| format!("a malformed frame: {e}"))?;
+    let (ok, last) = match (&msg, next) {
+        (Message::Root { transfer_id, .. }, Next::Root) => (*transfer_id == tid, false),
+        (Message::Manifest { stream_id, .. }, Next::Manifest) => (*stream_id == sid, false),
+        (Message::KeyUpdate { stream_id, .. }, Next::Data) => (*stream_id == sid, false),
+        (Message::Trailer { stream_id, .. }, Next::Data) => (*stream_id == sid, true),
+        (Message::Abort { .. }, _) => return Err("the sender aborted the upload".into()),
+        _ => (false, false),
+    };
+    if !ok {
+        return Err(format!("the sender sent {} out of place", msg.kind()));
+    }
+    Ok(last)
+}
 
 /// Bytes of frames written to the disk at once.
 const BATCH: usize = 4 << 20;
@@ -59,23 +78,13 @@ pub async fn take_upload(
             Ok(Ok(false)) => return Err("the sender closed before its trailer".into()),
             Ok(Err(e)) => return Err(format!("the sender's connection failed: {e}")),
         }
-        let msg =
-            message::decode_payload(&payload).map_err(|e| format!("a malformed frame: {e}"))?;
-        let (ok, last) = match (&msg, next) {
-            (Message::Root { transfer_id, .. }, Next::Root) => (*transfer_id == tid, false),
-            (Message::Manifest { stream_id, .. }, Next::Manifest) => (*stream_id == sid, false),
-            (
-                Message::KeyUpdate { stream_id, .. } | Message::Chunk { stream_id, .. },
-                Next::Data,
-            ) => (*stream_id == sid, false),
-            (Message::Trailer { stream_id, .. }, Next::Data) => (*stream_id == sid, true),
-            (Message::Abort { .. }, _) => return Err("the sender aborted the upload".into()),
-            _ => (false, false),
+        // A chunk (the bulk of an upload) is checked where it lies, without
+        // copying its record out; anything else is small, and decoded.
+        let last = match chunk_record(&payload) {
+            Some((stream_id, _)) if next == Next::Data && stream_id == sid => false,
+            Some(_) => return Err("the sender sent Chunk out of place".into()),
+            None => check(&payload, next, (tid, sid))?,
         };
-        if !ok {
-            return Err(format!("the sender sent {} out of place", msg.kind()));
-        }
-        drop(msg);
         next = match next {
             Next::Root => Next::Manifest,
             Next::Manifest | Next::Data => Next::Data,
