@@ -12,7 +12,6 @@ use std::time::Instant;
 
 use keyferry_common::chat::CHAT_BOUND;
 use keyferry_common::handshake::direct::{DirectMode, DirectTerms, punch_from_bytes};
-use keyferry_common::handshake::stored::verify_stored;
 use keyferry_common::handshake::{
     self, DEFAULT_TIME_WINDOW_SECS, Kind, MAX_MESSAGE_LEN as MAX_MESSAGE, ResumePoint, Terms,
 };
@@ -131,10 +130,14 @@ pub(super) async fn admit<'a>(
     // A stored offer's replay, or one its prekey cannot open, is refused
     // first and unsigned; anything refused after this is the sender's for
     // good, and signed (PROTOCOL.md §3.4).
+    let mut stored = None;
     if let Incoming::Stored(o) = offer {
         not_seen(&shared.stored_replay, tid).await?;
         let me = (&ctx.name, ctx.identity.fingerprint());
-        *gate = precheck_stored(o, &key, me, shared.prekeys.as_ref(), now_unix())?;
+        let (checked, verified) =
+            precheck_stored(o, &key, me, shared.prekeys.as_ref(), now_unix())?;
+        *gate = checked;
+        stored = Some(verified);
     }
     // Whom this receiver takes at all (--accept-from), before any RSA work.
     let policy = &shared.opts.policy;
@@ -174,13 +177,18 @@ pub(super) async fn admit<'a>(
     let unverified =
         |e: handshake::HandshakeError| refuse(RefuseReason::VerificationFailed, e.to_string());
     let (me, my_fp) = (&ctx.name, ctx.identity.fingerprint());
-    let verified = match offer {
-        Incoming::Live(o) => Verified::Live(
+    // A stored offer's signature was checked first (above).
+    let verified = match (offer, stored) {
+        (Incoming::Live(o), _) => Verified::Live(
             handshake::verify_offer(o, &key, me, my_fp, now_unix(), DEFAULT_TIME_WINDOW_SECS)
                 .map_err(unverified)?,
         ),
-        Incoming::Stored(o) => {
-            Verified::Stored(verify_stored(o, &key, me, my_fp, now_unix()).map_err(unverified)?)
+        (Incoming::Stored(_), Some(v)) => Verified::Stored(v),
+        (Incoming::Stored(_), None) => {
+            return Err(refuse(
+                RefuseReason::Policy,
+                "a stored offer not checked".into(),
+            ));
         }
     };
     // Synced to disk before the offer is answered. A stored offer is the

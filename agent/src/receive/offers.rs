@@ -4,7 +4,7 @@
 //! are told apart, verified and opened; [`super::admit`] runs the gate
 //! around them, which is the same for both.
 
-use keyferry_common::handshake::prekey::BundleKind;
+use keyferry_common::handshake::prekey::{Bundle, BundleKind, PrekeyKeys};
 use keyferry_common::handshake::stored::{VerifiedStored, parse_stored, verify_stored};
 use keyferry_common::handshake::{self, OpenedOffer, SignedOffer, Terms};
 use keyferry_common::identity::{Fingerprint, Identity};
@@ -89,37 +89,50 @@ pub(super) struct StoredGate {
 /// time, and the prekey it names held in this home. What fails here is
 /// answered without a signed receipt: it may be a broker's replay or
 /// invention, and the receiver signs nothing about those.
+/// Returns the verified offer too: the gate goes on with it, without a
+/// second signature check.
 pub(super) fn precheck_stored(
     offer: &SignedOffer,
     key: &keyferry_common::identity::PublicKey,
     (me, my_fp): (&AgentName, Fingerprint),
     prekeys: Option<&Prekeys>,
     now: u64,
-) -> Result<StoredGate, Failure> {
-    let failed = |why: String| Failure::Refused(RefuseReason::VerificationFailed, why);
+) -> Result<(StoredGate, VerifiedStored), Failure> {
     let v = verify_stored(offer, key, me, my_fp, now).map_err(|e| failed(e.to_string()))?;
     let id = v.fields().bundle_id;
-    let held = prekeys
-        .ok_or_else(|| failed("this receiver keeps no prekeys".into()))?
-        .load(&id)
-        .map_err(|e| match e {
-            LoadError::Unreadable(why) => unreadable(why),
-            LoadError::Corrupt(why) => failed(why),
-        })?;
-    let Some((bundle, _)) = held else {
-        return Err(failed(format!(
-            "it was sealed to prekey {}, which this receiver no longer holds (used \
-             already, or expired): a replay, or a transfer made for another home",
-            hex::encode(id)
-        )));
-    };
-    Ok(StoredGate {
+    let (bundle, _) = held_prekey(prekeys, &id)?;
+    let gate = StoredGate {
         signable: true,
         prekey: Some(PrekeyUse {
             id,
             last_resort: bundle.kind == BundleKind::LastResort,
         }),
         time: v.fields().time,
+    };
+    Ok((gate, v))
+}
+
+fn failed(why: String) -> Failure {
+    Failure::Refused(RefuseReason::VerificationFailed, why)
+}
+
+/// The prekey `id` and its private halves from this home: a file that
+/// cannot be read now is "not now", one that is missing (used already,
+/// expired) or no prekey file refuses the offer.
+fn held_prekey(prekeys: Option<&Prekeys>, id: &[u8; 16]) -> Result<(Bundle, PrekeyKeys), Failure> {
+    let held = prekeys
+        .ok_or_else(|| failed("this receiver keeps no prekeys".into()))?
+        .load(id)
+        .map_err(|e| match e {
+            LoadError::Unreadable(why) => unreadable(why),
+            LoadError::Corrupt(why) => failed(why),
+        })?;
+    held.ok_or_else(|| {
+        failed(format!(
+            "it was sealed to prekey {}, which this receiver no longer holds (used \
+             already, or expired): a replay, or a transfer made for another home",
+            hex::encode(id)
+        ))
     })
 }
 
@@ -138,27 +151,12 @@ impl Verified {
         identity: &Identity,
         prekeys: Option<&Prekeys>,
     ) -> Result<Opened, Failure> {
-        let failed = |why: String| Failure::Refused(RefuseReason::VerificationFailed, why);
         match self {
             Self::Live(v) => Ok(Opened::Live(Box::new(
                 v.open(identity).map_err(|e| failed(e.to_string()))?,
             ))),
             Self::Stored(v) => {
-                let id = v.fields().bundle_id;
-                let held = prekeys
-                    .ok_or_else(|| failed("this receiver keeps no prekeys".into()))?
-                    .load(&id)
-                    .map_err(|e| match e {
-                        LoadError::Unreadable(why) => unreadable(why),
-                        LoadError::Corrupt(why) => failed(why),
-                    })?;
-                let Some((bundle, keys)) = held else {
-                    return Err(failed(format!(
-                        "it was sealed to prekey {}, which this receiver no longer holds (used \
-                         already, or expired): a replay, or a transfer made for another home",
-                        hex::encode(id)
-                    )));
-                };
+                let (bundle, keys) = held_prekey(prekeys, &v.fields().bundle_id)?;
                 let (terms, pair) = v
                     .open(identity, &bundle, &keys)
                     .map_err(|e| failed(e.to_string()))?;

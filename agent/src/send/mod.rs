@@ -92,6 +92,16 @@ impl SendOptions {
     fn is_message(&self) -> bool {
         matches!(self.payload, Payload::Message(_))
     }
+
+    /// What the terms say is sent: a message or files.
+    fn kind(&self) -> keyferry_common::handshake::Kind {
+        use keyferry_common::handshake::Kind;
+        if self.is_message() {
+            Kind::Message
+        } else {
+            Kind::Files
+        }
+    }
 }
 
 /// One finished transfer, as `--json` prints it.

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use keyferry_common::handshake::direct::punch_to_bytes;
-use keyferry_common::handshake::{Accepted, Kind, OfferParams, Terms, make_offer};
+use keyferry_common::handshake::{Accepted, OfferParams, Terms, make_offer};
 use keyferry_common::identity::Fingerprint;
 use keyferry_common::ids::StreamId;
 use keyferry_common::io::connection::ConnError;
@@ -81,11 +81,7 @@ pub(super) async fn handshake(
     // take the relay unless this side takes nothing else.
     let punch = super::path::may_dial(&opts, &source, receivers as usize);
     let terms = Terms {
-        kind: if opts.is_message() {
-            Kind::Message
-        } else {
-            Kind::Files
-        },
+        kind: opts.kind(),
         size: source.total,
         size_known: source.size_known,
         resumes: source.origin(&ctx.name, &to),

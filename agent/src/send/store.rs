@@ -9,9 +9,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use keyferry_common::handshake::Terms;
 use keyferry_common::handshake::prekey::{BundleKind, verify_bundle};
 use keyferry_common::handshake::stored::{StoredParams, make_stored_offer};
-use keyferry_common::handshake::{Kind, Terms};
 use keyferry_common::ids::StreamId;
 use keyferry_common::io::connection::ConnError;
 use keyferry_common::name::AgentName;
@@ -101,11 +101,7 @@ pub async fn store(
         );
     }
     let terms = Terms {
-        kind: if opts.is_message() {
-            Kind::Message
-        } else {
-            Kind::Files
-        },
+        kind: opts.kind(),
         size: source.total,
         size_known: source.size_known,
         resumes: None,
