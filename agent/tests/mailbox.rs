@@ -13,8 +13,7 @@ mod support;
 use std::fs;
 use std::io::Read as _;
 use std::path::Path;
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use keyferry_agent::home::load_identity;
 use keyferry_agent::mailbox::prekeys::Prekeys;
@@ -24,65 +23,14 @@ use keyferry_common::identity::Identity;
 use keyferry_common::name::AgentName;
 use keyferry_common::transfer::{Expect, RecvStream};
 use keyferry_common::wire::message::{Message, SignedOffer, decode_payload};
-use support::{Broker, Home, Proc, Run, TempDir, WAIT, hash_file, json};
-
-/// What the marker file repeats: none of it may appear at the broker.
-const MARKER: &[u8] = b"KEYFERRY-PLAINTEXT-MARKER-0123456789/";
+use support::stored::{
+    MARKER, bytes_under, contains, deposit_prekeys, files_under, marker_file, receipts, store,
+    stored_event, wait_until,
+};
+use support::{Broker, Home, Proc, TempDir, WAIT, hash_file};
 
 fn name(s: &str) -> AgentName {
     AgentName::new(s).unwrap()
-}
-
-/// Starts `who`'s receiver until the broker holds its prekeys, then stops it.
-fn deposit_prekeys(broker: &mut Broker, who: &Home, out: &Path) {
-    let mut rx = who.receiver(broker, out, &[]);
-    broker.proc.stderr.wait_for("one_time=16", WAIT);
-    rx.kill();
-    broker.proc.stderr.wait_for("receiver offline", WAIT);
-}
-
-/// `alice --role sender --to to --store --json` with `extra`.
-fn store(alice: &Home, broker: &Broker, to: &str, extra: &[&str]) -> Run {
-    let mut args = vec!["--role", "sender", "--to", to, "--store", "--json"];
-    args.extend_from_slice(extra);
-    alice.run(broker, &args)
-}
-
-/// The stored event a `--store --json` run printed.
-fn stored_event(run: &Run) -> serde_json::Value {
-    assert_eq!(run.code, Some(12), "{run:?}");
-    let v = json(run);
-    assert_eq!(v["event"], "stored", "{run:?}");
-    v
-}
-
-/// Files under `dir`, recursively.
-fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in fs::read_dir(dir).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(files_under(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
-}
-
-/// Whether any file under `dir` contains `needle`.
-fn contains(dir: &Path, needle: &[u8]) -> bool {
-    let status = Command::new("grep")
-        .args(["-r", "-q", "-F", "-a"])
-        .arg(std::str::from_utf8(needle).unwrap())
-        .arg(dir)
-        .status()
-        .unwrap();
-    match status.code() {
-        Some(0) => true,
-        Some(1) => false,
-        other => panic!("grep failed: {other:?}"),
-    }
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -94,24 +42,6 @@ fn copy_dir(from: &Path, to: &Path) {
         } else {
             fs::copy(&src, &dst).unwrap();
         }
-    }
-}
-
-/// The receipts `alice --receipts --json` lists.
-fn receipts(alice: &Home, broker: &Broker) -> Vec<serde_json::Value> {
-    let run = alice.run(broker, &["--receipts", "--json"]);
-    assert_eq!(run.code, Some(0), "{run:?}");
-    run.stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -232,12 +162,7 @@ fn a_transfer_stored_for_an_offline_receiver_arrives_and_only_then_and_never_twi
 
     // 256 MiB of a marker string, which must never appear at the broker.
     let file = src.join("big.iso");
-    let block: Vec<u8> = MARKER.iter().copied().cycle().take(1 << 20).collect();
-    let mut f = fs::File::create(&file).unwrap();
-    for _ in 0..256 {
-        std::io::Write::write_all(&mut f, &block).unwrap();
-    }
-    drop(f);
+    marker_file(&file, 256);
     let sent = hash_file(&file);
     let run = store(&alice, &broker, "bob", &["--file", file.to_str().unwrap()]);
     let event = stored_event(&run);
@@ -254,11 +179,10 @@ fn a_transfer_stored_for_an_offline_receiver_arrives_and_only_then_and_never_twi
         !contains(broker.data.path(), &MARKER[..24]),
         "plaintext at the broker"
     );
-    let stored: u64 = files_under(&mailbox)
-        .iter()
-        .map(|p| fs::metadata(p).unwrap().len())
-        .sum();
-    assert!(stored > 256 << 20, "the broker holds the sealed stream");
+    assert!(
+        bytes_under(&mailbox) > 256 << 20,
+        "the broker holds the sealed stream"
+    );
     // A thief keeps the broker's bytes for later; the test keeps bob's
     // prekeys as they are now, for its positive control.
     copy_dir(&mailbox, kept.path());

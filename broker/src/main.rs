@@ -35,8 +35,9 @@ struct Args {
     data_dir: Option<PathBuf>,
 
     /// Join a cluster of brokers through this NATS server (with JetStream):
-    /// names, presence and offers are shared, so an agent on any broker can
-    /// send to an agent on any other. Without it the broker stands alone.
+    /// names, presence, offers and the mailbox (stored transfers) are
+    /// shared, so an agent on any broker can send to an agent on any other.
+    /// Without it the broker stands alone.
     #[arg(long, value_name = "URL", help_heading = "Cluster")]
     cluster: Option<String>,
     /// The address agents and other brokers' senders use to reach this

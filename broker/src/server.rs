@@ -24,7 +24,8 @@ use crate::cluster::{Cluster, Member};
 use crate::config::{AccessPolicy, Limits};
 use crate::conns::NoPlace;
 use crate::error::{BrokerError, SessionError};
-use crate::mailbox::{Mailbox, MailboxLimits};
+use crate::mailbox::shared::SharedMailbox;
+use crate::mailbox::{Mailbox, MailboxLimits, Storage};
 use crate::member;
 use crate::metrics::{Limit, http};
 use crate::registry::Registry;
@@ -43,6 +44,10 @@ pub struct Broker {
     subjects: Option<member::Subjects>,
     /// Where `/metrics` and `/healthz` are served, if asked.
     metrics: Option<TcpListener>,
+    /// The mailbox's limits (a cluster's mailbox takes them too).
+    store_limits: MailboxLimits,
+    /// News of transfers stored through any broker of the cluster.
+    stored_news: Option<async_nats::Subscriber>,
 }
 
 impl Broker {
@@ -69,8 +74,8 @@ impl Broker {
         // opened costs only that (a line in the log), not the broker.
         let store_dir = data_dir.join("mailbox");
         let store_limits = limits.store.apply(MailboxLimits::defaults_for(&store_dir));
-        let mailbox = match Mailbox::open(&store_dir, store_limits) {
-            Ok(m) => Some(Arc::new(m)),
+        let mailbox = match Mailbox::open(&store_dir, store_limits.clone()) {
+            Ok(m) => Some(Storage::Disk(Arc::new(m))),
             Err(e) => {
                 warn!(error = %e, "no mailbox: transfers for offline receivers are refused");
                 None
@@ -90,6 +95,8 @@ impl Broker {
             phase,
             subjects: None,
             metrics: None,
+            store_limits,
+            stored_news: None,
         })
     }
 
@@ -113,8 +120,41 @@ impl Broker {
             }
         }
         self.subjects = Some(cluster.subscribe().await?);
+        // Stored transfers live in the cluster, where every broker finds them.
+        let shared = SharedMailbox::open(
+            cluster.client().clone(),
+            &cluster.jetstream(),
+            cluster.member().id.clone(),
+            self.store_limits.clone(),
+        )
+        .await;
+        let shared = match shared {
+            Ok(m) => match m.stored_news().await {
+                Ok(news) => Ok((m, news)),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
         let state = Arc::get_mut(&mut self.state)
             .ok_or_else(|| BrokerError::Cert("the broker is already serving".into()))?;
+        if let Some(Storage::Disk(local)) = &state.mailbox
+            && local.usage().transfers > 0
+        {
+            warn!(
+                transfers = local.usage().transfers,
+                "transfers stored while this broker stood alone stay on its disk, undelivered, until it stands alone again"
+            );
+        }
+        state.mailbox = match shared {
+            Ok((m, news)) => {
+                self.stored_news = Some(news);
+                Some(Storage::Shared(Arc::new(m)))
+            }
+            Err(e) => {
+                warn!(error = %e, "no mailbox: transfers for offline receivers are refused");
+                None
+            }
+        };
         state.cluster = Some(Arc::new(cluster));
         Ok(())
     }
@@ -161,6 +201,10 @@ impl Broker {
             .mailbox
             .clone()
             .map(|m| AbortOnDrop(tokio::spawn(sweep(m))));
+        let news = self
+            .stored_news
+            .take()
+            .map(|n| AbortOnDrop(tokio::spawn(wake_couriers(Arc::clone(&self.state), n))));
         loop {
             let accepted = tokio::select! {
                 _ = &mut shutdown => break,
@@ -222,26 +266,43 @@ impl Broker {
             let _ = tokio::time::timeout(CUT_WAIT, all_ended.recv()).await;
         }
         drop(metrics);
-        drop(sweeper);
+        drop((sweeper, news));
         info!("shut down");
     }
 }
 
-/// Deletes stored transfers past their age, every second (the mailbox keeps
-/// its index in memory: a sweep with nothing due costs a lock and a scan).
-async fn sweep(mailbox: Arc<Mailbox>) {
-    let mut every = tokio::time::interval(Duration::from_secs(1));
+/// Wakes the courier of each receiver connected here that a broker of the
+/// cluster says it stored a transfer for.
+async fn wake_couriers(state: Arc<State>, mut news: async_nats::Subscriber) {
+    use futures_util::StreamExt as _;
+    while let Some(m) = news.next().await {
+        let name = std::str::from_utf8(&m.payload)
+            .ok()
+            .and_then(|s| keyferry_common::name::AgentName::new(s).ok());
+        if let Some(name) = name {
+            state.couriers.kick(&name);
+        }
+    }
+}
+
+/// Deletes stored transfers past their age, every second on a standalone
+/// broker (whose mailbox keeps its index in memory: a sweep with nothing due
+/// costs a lock and a scan), every few seconds in a cluster.
+async fn sweep(mailbox: Storage) {
+    let mut every = tokio::time::interval(mailbox.sweep_every());
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let m = Arc::clone(&mailbox);
-        if let Ok(gone) = tokio::task::spawn_blocking(move || m.expire(now)).await {
-            for meta in gone {
-                info!(transfer = %meta.id, from = %meta.from, to = %meta.to, "stored transfer expired undelivered: deleted");
+        match mailbox.expire(now).await {
+            Ok(gone) => {
+                for meta in gone {
+                    info!(transfer = %meta.id, from = %meta.from, to = %meta.to, "stored transfer expired undelivered: deleted");
+                }
             }
+            Err(e) => warn!(error = %e, "mailbox: expiry postponed"),
         }
     }
 }

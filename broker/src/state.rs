@@ -16,7 +16,7 @@ use crate::cluster::Cluster;
 use crate::config::{AccessPolicy, Limits};
 use crate::conns::Conns;
 use crate::handoff::Handoffs;
-use crate::mailbox::Mailbox;
+use crate::mailbox::Storage;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::relay::DataConn;
@@ -51,7 +51,7 @@ pub struct State {
     pub routes: Routes,
     /// Transfers stored for receivers that are offline (`None`: this broker
     /// keeps none, e.g. its data dir cannot hold them).
-    pub mailbox: Option<Arc<Mailbox>>,
+    pub mailbox: Option<Storage>,
     /// Tickets of data connections that end here (stored uploads, deliveries).
     pub handoffs: Handoffs,
     /// Wakes a receiver's delivery of stored transfers when one arrives.

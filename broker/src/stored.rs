@@ -12,9 +12,9 @@ use keyferry_common::io::connection::{ConnError, FrameReader, FrameWriter};
 use keyferry_common::wire::chunk::chunk_record;
 use keyferry_common::wire::frame::MAX_FRAME_LEN;
 use keyferry_common::wire::message::{self, Message};
-use tokio::io::AsyncWriteExt as _;
+use tokio::io::{AsyncRead, AsyncWriteExt as _};
 
-use crate::mailbox::{StoredMeta, Upload};
+use crate::mailbox::{Sink, StoredMeta};
 use crate::metrics::Meters;
 use crate::relay::DataConn;
 
@@ -36,7 +36,7 @@ fn check(payload: &[u8], next: Next, (tid, sid): (TransferId, StreamId)) -> Resu
     Ok(last)
 }
 
-/// Bytes of frames written to the disk at once.
+/// Bytes of frames written to the mailbox at once.
 const BATCH: usize = 4 << 20;
 
 /// Where an upload stands: what may come next.
@@ -47,13 +47,13 @@ enum Next {
     Data,
 }
 
-/// Takes an upload from the sender's data connection into `upload` until
+/// Takes an upload from the sender's data connection into `sink` until
 /// its trailer, then commits it and tells the sender `Stored`. Any frame out
 /// of place, a silence of `idle`, an `Abort` or a lost connection voids the
 /// upload (nothing of it is ever offered).
 pub async fn take_upload(
     conn: DataConn,
-    upload: Upload,
+    mut sink: Sink,
     (tid, sid): (TransferId, StreamId),
     idle: Duration,
     meters: Meters,
@@ -65,10 +65,9 @@ pub async fn take_upload(
     } = conn;
     let (rd, wr) = tcp.into_split();
     let mut reader = FrameReader::with_buffer(rd, leftover, MAX_FRAME_LEN);
-    let mut upload = Some(upload);
     let mut next = Next::Root;
     let mut payload = Vec::new();
-    // Frames go to the disk in batches, off the async threads.
+    // Frames go to the mailbox in batches (a disk's off the async threads).
     let mut batch: Vec<u8> = Vec::with_capacity(BATCH + MAX_FRAME_LEN);
     loop {
         let read = tokio::time::timeout(idle, reader.read_payload_into(&mut payload)).await;
@@ -91,38 +90,27 @@ pub async fn take_upload(
         };
         let len = u32::try_from(payload.len()).map_err(|_| "a frame too long".to_owned())?;
         // Checked frame by frame, not only when a batch is written.
-        let up = upload.as_ref().ok_or("the upload is gone")?;
-        let total = up.written() + batch.len() as u64 + u64::from(len) + 4;
-        if total > up.limit() {
+        let total = sink.written() + batch.len() as u64 + u64::from(len) + 4;
+        if total > sink.limit() {
             return Err(format!(
                 "the sender sent more than the {} bytes its announced size allows",
-                up.limit()
+                sink.limit()
             ));
         }
         batch.extend_from_slice(&len.to_be_bytes());
         batch.extend_from_slice(&payload);
         meters.received.inc_by(u64::from(len) + 4);
         if batch.len() >= BATCH || last {
-            let (mut up, bytes) = (upload.take().ok_or("the upload is gone")?, batch);
-            let (up, bytes) = tokio::task::spawn_blocking(move || {
-                let written = up.write(&bytes).map_err(|e| e.to_string());
-                (written.map(|()| up), bytes)
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-            upload = Some(up?);
-            batch = bytes;
-            batch.clear();
+            batch = sink
+                .write(std::mem::take(&mut batch))
+                .await
+                .map_err(|e| e.to_string())?;
         }
         if last {
             break;
         }
     }
-    let upload = upload.take().ok_or("the upload is gone")?;
-    let meta = tokio::task::spawn_blocking(move || upload.commit())
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    let meta = sink.commit().await.map_err(|e| e.to_string())?;
     let mut writer = FrameWriter::new(wr, 1024);
     let stored = Message::Stored {
         transfer_id: tid,
@@ -144,19 +132,18 @@ pub enum Delivered {
     Failed,
 }
 
-/// Copies the stored frames of `file` (as they were uploaded) to the
+/// Copies the stored frames in `file` (as they were uploaded) to the
 /// receiver's data connection, and waits for its `Receipt` or `Abort` for
 /// `tid`. `idle` bounds every wait for the receiver: to read, and to answer.
 pub async fn deliver(
     conn: DataConn,
-    file: std::fs::File,
+    mut file: Box<dyn AsyncRead + Send + Unpin>,
     tid: TransferId,
     idle: Duration,
     meters: Meters,
 ) -> Delivered {
     let DataConn { tcp, guard, .. } = conn;
     let (rd, mut wr) = tcp.into_split();
-    let mut file = tokio::fs::File::from_std(file);
     let copy = async {
         let mut buf = vec![0u8; 256 << 10];
         loop {

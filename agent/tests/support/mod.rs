@@ -15,6 +15,7 @@ pub mod nats_bin;
 pub mod netns;
 pub mod pty;
 pub mod scrape;
+pub mod stored;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

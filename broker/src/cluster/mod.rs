@@ -241,7 +241,7 @@ pub struct Cluster {
 type ListedReceivers = (std::time::Instant, Vec<(AgentName, wire::Presence)>);
 
 /// Runs `fut` for at most [`OP_TIMEOUT`], naming `what` in the error.
-async fn bounded<T, E: std::fmt::Display>(
+pub(crate) async fn bounded<T, E: std::fmt::Display>(
     what: &str,
     fut: impl Future<Output = Result<T, E>>,
 ) -> Result<T, ClusterError> {
@@ -285,7 +285,10 @@ async fn expiring(
     Ok(store)
 }
 
-async fn bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, ClusterError> {
+pub(crate) async fn bucket(
+    js: &jetstream::Context,
+    config: kv::Config,
+) -> Result<kv::Store, ClusterError> {
     let name = config.bucket.clone();
     match js.get_key_value(&name).await {
         Ok(store) => Ok(store),
@@ -403,6 +406,14 @@ impl Cluster {
     /// Who this broker is.
     pub fn member(&self) -> &Member {
         &self.member
+    }
+
+    /// A JetStream context on this broker's connection, each call bounded by
+    /// [`OP_TIMEOUT`].
+    pub fn jetstream(&self) -> jetstream::Context {
+        let mut js = jetstream::new(self.client.clone());
+        js.set_timeout(OP_TIMEOUT);
+        js
     }
 
     /// The NATS client (for the subscriptions of [`crate::member`]).

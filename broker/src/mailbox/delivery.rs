@@ -14,7 +14,7 @@ use keyferry_common::name::AgentName;
 use keyferry_common::sync::lock;
 
 use super::error::MailboxError;
-use super::format::{End, MAX_RECEIPT};
+use super::format::End;
 use super::{Mailbox, Outcome, StoredMeta};
 
 impl Mailbox {
@@ -102,18 +102,7 @@ impl Delivering {
     /// age), then the data is removed. On an error nothing changed and the
     /// transfer stays waiting.
     pub fn finish(self, outcome: Outcome, now_unix: u64) -> Result<(), MailboxError> {
-        let (Outcome::Delivered { receipt } | Outcome::Refused { receipt }) = &outcome;
-        if receipt.len() > MAX_RECEIPT {
-            return Err(MailboxError::ReceiptTooLong {
-                id: self.meta.id,
-                len: receipt.len(),
-                max: MAX_RECEIPT,
-            });
-        }
-        let end = match outcome {
-            Outcome::Delivered { receipt } => End::Delivered(receipt),
-            Outcome::Refused { receipt } => End::Refused(receipt),
-        };
+        let end = End::of(&self.meta.id, outcome)?;
         let mut index = lock(&self.mailbox.index);
         self.mailbox
             .end(&mut index, &self.meta.id, end, now_unix)

@@ -13,8 +13,8 @@ use keyferry_common::sync::lock;
 
 use super::disk;
 use super::error::{MailboxError, WithdrawError};
-use super::format::{End, Ended};
-use super::{Index, Mailbox, ReceiptRecord, State, StoredMeta};
+use super::format::{End, Ended, waiting_record};
+use super::{Index, Mailbox, ReceiptRecord, StoredMeta};
 
 /// Most records of ended transfers kept per sender (the newest).
 pub const MAX_ENDED_PER_SENDER: usize = 256;
@@ -107,32 +107,12 @@ impl Mailbox {
             .stored
             .values()
             .filter(|s| s.meta.from == *sender)
-            .map(|s| {
-                let m = &s.meta;
-                let state = if now_unix < m.expires {
-                    State::Waiting { expires: m.expires }
-                } else {
-                    State::Expired { at: m.expires }
-                };
-                ReceiptRecord {
-                    id: m.id,
-                    to: m.to.clone(),
-                    size: m.size,
-                    stored_at: m.stored_at,
-                    state,
-                }
-            });
+            .map(|s| waiting_record(&s.meta, now_unix));
         let ended = index
             .ended
             .iter()
             .filter(|(_, e)| e.from == *sender && now_unix < e.at.saturating_add(keep))
-            .map(|(id, e)| ReceiptRecord {
-                id: *id,
-                to: e.to.clone(),
-                size: e.size,
-                stored_at: e.stored_at,
-                state: e.state(),
-            });
+            .map(|(id, e)| e.record(*id));
         let mut records: Vec<ReceiptRecord> = waiting.chain(ended).collect();
         records.sort_by_key(|r| (r.stored_at, r.id));
         records

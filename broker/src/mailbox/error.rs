@@ -37,6 +37,10 @@ pub enum MailboxError {
         /// The longest accepted.
         max: usize,
     },
+    /// The cluster's mailbox (NATS JetStream) failed or did not answer in
+    /// time; nothing is assumed done.
+    #[error("the cluster's mailbox: {0}")]
+    Shared(String),
     /// A receipt is too long to be kept.
     #[error("the receipt of transfer {id} is {len} bytes; the mailbox keeps at most {max}")]
     ReceiptTooLong {

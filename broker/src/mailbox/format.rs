@@ -10,8 +10,9 @@ use keyferry_common::name::AgentName;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_bytes::ByteBuf;
 
+use super::error::{MailboxError, Refusal};
 use super::limits::max_upload;
-use super::types::{State, StoredMeta};
+use super::types::{Outcome, Prekey, ReceiptRecord, State, StoredMeta};
 
 /// The version every record starts with.
 const VERSION: u8 = 1;
@@ -155,7 +156,69 @@ pub(super) struct Ended {
     pub at: u64,
 }
 
+impl End {
+    /// The end a receiver's answer makes, if its receipt can be kept.
+    pub fn of(id: &TransferId, outcome: Outcome) -> Result<Self, MailboxError> {
+        let (Outcome::Delivered { receipt } | Outcome::Refused { receipt }) = &outcome;
+        if receipt.len() > MAX_RECEIPT {
+            return Err(MailboxError::ReceiptTooLong {
+                id: *id,
+                len: receipt.len(),
+                max: MAX_RECEIPT,
+            });
+        }
+        Ok(match outcome {
+            Outcome::Delivered { receipt } => Self::Delivered(receipt),
+            Outcome::Refused { receipt } => Self::Refused(receipt),
+        })
+    }
+}
+
+/// Sets `meta`'s `stored_at` (`now_unix`) and `expires` (after `max_age`
+/// seconds), and refuses one whose record would be too long to keep.
+pub(super) fn stamp(meta: &mut StoredMeta, now_unix: u64, max_age: u64) -> Result<(), Refusal> {
+    meta.stored_at = now_unix;
+    meta.expires = now_unix.saturating_add(max_age);
+    let len = MetaFile::encode(meta, u64::MAX).len();
+    if len > MAX_RECORD {
+        return Err(Refusal::OfferTooLong {
+            id: meta.id,
+            len,
+            max: MAX_RECORD,
+        });
+    }
+    Ok(())
+}
+
+/// A waiting transfer as its sender is shown it at `now_unix`: expired once
+/// past its expiry, even before a sweep removed it.
+pub(super) fn waiting_record(m: &StoredMeta, now_unix: u64) -> ReceiptRecord {
+    let state = if now_unix < m.expires {
+        State::Waiting { expires: m.expires }
+    } else {
+        State::Expired { at: m.expires }
+    };
+    ReceiptRecord {
+        id: m.id,
+        to: m.to.clone(),
+        size: m.size,
+        stored_at: m.stored_at,
+        state,
+    }
+}
+
 impl Ended {
+    /// Transfer `id`'s record, as its sender is shown it.
+    pub fn record(&self, id: TransferId) -> ReceiptRecord {
+        ReceiptRecord {
+            id,
+            to: self.to.clone(),
+            size: self.size,
+            stored_at: self.stored_at,
+            state: self.state(),
+        }
+    }
+
     /// The state a sender is shown.
     pub fn state(&self) -> State {
         let at = self.at;
@@ -232,6 +295,47 @@ impl Bundles {
 
     pub fn is_empty(&self) -> bool {
         self.one_time.is_empty() && self.last_resort.is_none()
+    }
+
+    /// Adds `one_time` bundles (past [`MAX_ONE_TIME`] held, the rest are
+    /// dropped) and replaces the last-resort one if one is given; refused
+    /// (nothing changed) if any bundle is empty or over [`MAX_BUNDLE`].
+    pub fn add(
+        &mut self,
+        one_time: Vec<Vec<u8>>,
+        last_resort: Option<Vec<u8>>,
+    ) -> Result<(), MailboxError> {
+        if let Some(bad) = one_time
+            .iter()
+            .chain(&last_resort)
+            .find(|b| !(1..=MAX_BUNDLE).contains(&b.len()))
+        {
+            return Err(MailboxError::Bundle {
+                len: bad.len(),
+                max: MAX_BUNDLE,
+            });
+        }
+        let room = MAX_ONE_TIME.saturating_sub(self.one_time.len());
+        self.one_time.extend(one_time.into_iter().take(room));
+        if last_resort.is_some() {
+            self.last_resort = last_resort;
+        }
+        Ok(())
+    }
+
+    /// The bundle a sender gets: the first one-time one (removed here), else
+    /// the last-resort one (kept), else `None`.
+    pub fn take(&mut self) -> Option<Prekey> {
+        if self.one_time.is_empty() {
+            return self.last_resort.clone().map(|bundle| Prekey {
+                bundle,
+                last_resort: true,
+            });
+        }
+        Some(Prekey {
+            bundle: self.one_time.remove(0),
+            last_resort: false,
+        })
     }
 }
 

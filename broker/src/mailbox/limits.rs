@@ -8,6 +8,11 @@
 use std::path::Path;
 use std::time::Duration;
 
+use keyferry_common::name::AgentName;
+
+use super::error::Refusal;
+use super::types::StoredMeta;
+
 /// Largest share of the total: 10 GiB.
 const TOTAL_CAP: u64 = 10 << 30;
 
@@ -70,6 +75,59 @@ impl MailboxLimits {
 /// a reservation counts against the limits until its upload is committed.
 pub fn max_upload(size: u64) -> u64 {
     size.saturating_add(size / 64).saturating_add(64 << 10)
+}
+
+/// Whether a transfer `meta` that counts `needed` bytes fits beside
+/// `charges` (sender, receiver and bytes of every transfer stored or being
+/// uploaded), checked in the order [`Refusal`] lists.
+pub(super) fn admit<'a>(
+    limits: &MailboxLimits,
+    charges: impl Iterator<Item = (&'a AgentName, &'a AgentName, u64)>,
+    meta: &StoredMeta,
+    needed: u64,
+) -> Result<(), Refusal> {
+    let (mut count, mut to_receiver, mut from_sender, mut used) = (0, 0u64, 0u64, 0u64);
+    for (from, to, bytes) in charges {
+        if *to == meta.to {
+            count += 1;
+            to_receiver = to_receiver.saturating_add(bytes);
+        }
+        if *from == meta.from {
+            from_sender = from_sender.saturating_add(bytes);
+        }
+        used = used.saturating_add(bytes);
+    }
+    let l = limits;
+    let over = |waiting: u64, limit: u64| waiting.saturating_add(needed) > limit;
+    if count >= l.per_receiver_count {
+        Err(Refusal::ReceiverCount {
+            receiver: meta.to.clone(),
+            limit: l.per_receiver_count,
+            waiting: count,
+        })
+    } else if over(to_receiver, l.per_receiver) {
+        Err(Refusal::ReceiverBytes {
+            receiver: meta.to.clone(),
+            limit: l.per_receiver,
+            waiting: to_receiver,
+            needed,
+        })
+    } else if over(from_sender, l.per_sender) {
+        Err(Refusal::SenderBytes {
+            sender: meta.from.clone(),
+            limit: l.per_sender,
+            waiting: from_sender,
+            needed,
+        })
+    } else if over(used, l.total) {
+        Err(Refusal::Total {
+            limit: l.total,
+            used,
+            needed,
+        })
+    } else {
+        Ok(())
+    }
 }
 
 /// Free bytes for an unprivileged user on the file system holding `dir`, or

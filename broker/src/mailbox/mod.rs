@@ -26,6 +26,9 @@
 //! Every method may block on the disk (fsync): async callers run them with
 //! `spawn_blocking`. What it does not do: decide who may store for whom,
 //! speak the protocol, or schedule [`Mailbox::expire`] — callers do.
+//!
+//! The brokers of a cluster keep the same records in NATS JetStream instead
+//! ([`shared`]); [`Storage`] is the one async interface callers use to either.
 
 mod delivery;
 mod disk;
@@ -35,6 +38,8 @@ mod format;
 mod limits;
 mod prekeys;
 mod recover;
+pub mod shared;
+mod storage;
 mod types;
 mod upload;
 
@@ -56,6 +61,7 @@ pub use delivery::Delivering;
 pub use error::{Limited, MailboxError, Refusal, TakeError, UploadError, WithdrawError};
 pub use format::{MAX_BUNDLE, MAX_ONE_TIME};
 pub use limits::{MailboxLimits, max_upload};
+pub use storage::{Handout, Sink, Storage};
 pub use types::{Outcome, Prekey, ReceiptRecord, State, StoredMeta, Usage};
 pub use upload::Upload;
 

@@ -17,7 +17,7 @@ use keyferry_common::sync::lock;
 
 use super::disk::{self, TMP_PREFIX};
 use super::error::{Limited, MailboxError, TakeError};
-use super::format::{Bundles, MAX_BUNDLE, MAX_ONE_TIME, MAX_PREKEY_FILE};
+use super::format::{Bundles, MAX_PREKEY_FILE};
 use super::types::Prekey;
 
 /// The window of the fetch rate.
@@ -28,7 +28,47 @@ const SWEEP_AT: usize = 1024;
 #[derive(Debug, Default)]
 struct State {
     held: HashMap<AgentName, Bundles>,
-    fetches: HashMap<AgentName, VecDeque<Instant>>,
+    fetches: FetchRate,
+}
+
+/// Every sender's prekey fetches in the last minute.
+#[derive(Debug, Default)]
+pub(super) struct FetchRate(HashMap<AgentName, VecDeque<Instant>>);
+
+impl FetchRate {
+    /// Counts a fetch by `sender` at `now`, or refuses it if `sender` made
+    /// `per_minute` of them in the minute before.
+    pub fn charge(
+        &mut self,
+        sender: &AgentName,
+        now: Instant,
+        per_minute: usize,
+    ) -> Result<(), Limited> {
+        if self.0.len() >= SWEEP_AT {
+            self.0.retain(|_, w| {
+                w.back()
+                    .is_some_and(|&t| now.saturating_duration_since(t) < RATE_WINDOW)
+            });
+        }
+        let window = self.0.entry(sender.clone()).or_default();
+        while window
+            .front()
+            .is_some_and(|&t| now.saturating_duration_since(t) >= RATE_WINDOW)
+        {
+            window.pop_front();
+        }
+        if window.len() >= per_minute {
+            let oldest = window.front().copied().unwrap_or(now);
+            let left = RATE_WINDOW.saturating_sub(now.saturating_duration_since(oldest));
+            // Round up: retrying after the advertised time must succeed.
+            let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+            return Err(Limited {
+                retry_after_secs: secs.max(1),
+            });
+        }
+        window.push_back(now);
+        Ok(())
+    }
 }
 
 /// Every receiver's prekeys, and every sender's recent fetches.
@@ -72,7 +112,7 @@ impl Prekeys {
             dir,
             state: Mutex::new(State {
                 held,
-                fetches: HashMap::new(),
+                fetches: FetchRate::default(),
             }),
         })
     }
@@ -87,7 +127,7 @@ impl Prekeys {
         }
     }
 
-    /// Adds one-time bundles (past [`MAX_ONE_TIME`] held, the rest are
+    /// Adds one-time bundles (past [`super::format::MAX_ONE_TIME`] held, the rest are
     /// dropped) and replaces the last-resort one if given. Returns the
     /// one-time bundles now held.
     pub fn put(
@@ -96,23 +136,9 @@ impl Prekeys {
         one_time: Vec<Vec<u8>>,
         last_resort: Option<Vec<u8>>,
     ) -> Result<u32, MailboxError> {
-        if let Some(bad) = one_time
-            .iter()
-            .chain(&last_resort)
-            .find(|b| !(1..=MAX_BUNDLE).contains(&b.len()))
-        {
-            return Err(MailboxError::Bundle {
-                len: bad.len(),
-                max: MAX_BUNDLE,
-            });
-        }
         let mut state = lock(&self.state);
         let mut next = state.held.get(receiver).cloned().unwrap_or_default();
-        let room = MAX_ONE_TIME.saturating_sub(next.one_time.len());
-        next.one_time.extend(one_time.into_iter().take(room));
-        if last_resort.is_some() {
-            next.last_resort = last_resort;
-        }
+        next.add(one_time, last_resort)?;
         self.persist(receiver, &next)?;
         let count = next.one_time.len();
         state.held.insert(receiver.clone(), next);
@@ -146,51 +172,22 @@ impl Prekeys {
     ) -> Result<Option<Prekey>, TakeError> {
         let mut state = lock(&self.state);
         let state = &mut *state;
-        if state.fetches.len() >= SWEEP_AT {
-            state.fetches.retain(|_, w| {
-                w.back()
-                    .is_some_and(|&t| now.saturating_duration_since(t) < RATE_WINDOW)
-            });
-        }
-        let window = state.fetches.entry(sender.clone()).or_default();
-        while window
-            .front()
-            .is_some_and(|&t| now.saturating_duration_since(t) >= RATE_WINDOW)
-        {
-            window.pop_front();
-        }
-        if window.len() >= per_minute {
-            let oldest = window.front().copied().unwrap_or(now);
-            let left = RATE_WINDOW.saturating_sub(now.saturating_duration_since(oldest));
-            // Round up: retrying after the advertised time must succeed.
-            let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
-            return Err(Limited {
-                retry_after_secs: secs.max(1),
-            }
-            .into());
-        }
-        window.push_back(now);
+        state.fetches.charge(sender, now, per_minute)?;
         let Some(bundles) = state.held.get(receiver) else {
             return Ok(None);
         };
-        if bundles.one_time.is_empty() {
-            return Ok(bundles.last_resort.clone().map(|bundle| Prekey {
-                bundle,
-                last_resort: true,
-            }));
-        }
         let mut next = bundles.clone();
-        let bundle = next.one_time.remove(0);
+        let taken = next.take();
+        if taken.as_ref().is_none_or(|p| p.last_resort) {
+            return Ok(taken);
+        }
         self.persist(receiver, &next)?;
         if next.is_empty() {
             state.held.remove(receiver);
         } else {
             state.held.insert(receiver.clone(), next);
         }
-        Ok(Some(Prekey {
-            bundle,
-            last_resort: false,
-        }))
+        Ok(taken)
     }
 
     /// Keeps only the one-time bundles of `receiver` for which `keep` holds

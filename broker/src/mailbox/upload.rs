@@ -16,8 +16,8 @@ use keyferry_common::sync::lock;
 
 use super::disk::{self, Layout};
 use super::error::{MailboxError, Refusal, UploadError};
-use super::format::{MAX_RECORD, MetaFile};
-use super::limits::max_upload;
+use super::format::{MetaFile, stamp};
+use super::limits::{admit, max_upload};
 use super::{Index, Mailbox, Reserved, Stored, StoredMeta};
 
 /// Bytes buffered before they are written to the file.
@@ -33,16 +33,7 @@ impl Mailbox {
         mut meta: StoredMeta,
         now_unix: u64,
     ) -> Result<Upload, Refusal> {
-        meta.stored_at = now_unix;
-        meta.expires = now_unix.saturating_add(self.limits.max_age_secs());
-        let len = MetaFile::encode(&meta, u64::MAX).len();
-        if len > MAX_RECORD {
-            return Err(Refusal::OfferTooLong {
-                id: meta.id,
-                len,
-                max: MAX_RECORD,
-            });
-        }
+        stamp(&mut meta, now_unix, self.limits.max_age_secs())?;
         let charge = max_upload(meta.size);
         {
             let mut index = lock(&self.index);
@@ -80,48 +71,7 @@ impl Mailbox {
         {
             return Err(Refusal::Duplicate { id });
         }
-        let (mut count, mut to_receiver, mut from_sender, mut used) = (0, 0u64, 0u64, 0u64);
-        for (from, to, bytes) in index.charges() {
-            if *to == meta.to {
-                count += 1;
-                to_receiver = to_receiver.saturating_add(bytes);
-            }
-            if *from == meta.from {
-                from_sender = from_sender.saturating_add(bytes);
-            }
-            used = used.saturating_add(bytes);
-        }
-        let l = &self.limits;
-        let over = |waiting: u64, limit: u64| waiting.saturating_add(needed) > limit;
-        if count >= l.per_receiver_count {
-            Err(Refusal::ReceiverCount {
-                receiver: meta.to.clone(),
-                limit: l.per_receiver_count,
-                waiting: count,
-            })
-        } else if over(to_receiver, l.per_receiver) {
-            Err(Refusal::ReceiverBytes {
-                receiver: meta.to.clone(),
-                limit: l.per_receiver,
-                waiting: to_receiver,
-                needed,
-            })
-        } else if over(from_sender, l.per_sender) {
-            Err(Refusal::SenderBytes {
-                sender: meta.from.clone(),
-                limit: l.per_sender,
-                waiting: from_sender,
-                needed,
-            })
-        } else if over(used, l.total) {
-            Err(Refusal::Total {
-                limit: l.total,
-                used,
-                needed,
-            })
-        } else {
-            Ok(())
-        }
+        admit(&self.limits, index.charges(), meta, needed)
     }
 }
 

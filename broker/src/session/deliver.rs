@@ -21,7 +21,7 @@ use keyferry_common::wire::message::{Message, RefuseReason, SignedOffer};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::mailbox::{Mailbox, Outcome, StoredMeta};
+use crate::mailbox::{Outcome, Storage, StoredMeta};
 use crate::state::State;
 use crate::stored::{Delivered, deliver};
 
@@ -66,7 +66,7 @@ impl Courier {
     /// Starts the courier for `name` (its key `spki`), pushing on `push`.
     pub(super) fn start(
         state: Arc<State>,
-        mailbox: Arc<Mailbox>,
+        mailbox: Storage,
         (name, spki): (AgentName, Vec<u8>),
         push: mpsc::Sender<Box<Message>>,
     ) -> Self {
@@ -108,13 +108,14 @@ impl Courier {
 
 /// The `PrekeyCount` for `name`: one-time bundles held, and until when its
 /// last-resort bundle holds (0: none, or unreadable).
-pub(super) fn prekey_count(mailbox: &Mailbox, name: &AgentName) -> Message {
+pub(super) async fn prekey_count(mailbox: &Storage, name: &AgentName) -> Message {
     let last_resort_expires = mailbox
         .last_resort(name)
+        .await
         .and_then(|b| own_bundle(&b).ok())
         .map_or(0, |b| b.expires);
     Message::PrekeyCount {
-        one_time: mailbox.prekey_count(name),
+        one_time: mailbox.prekey_count(name).await,
         last_resort_expires,
     }
 }
@@ -122,7 +123,7 @@ pub(super) fn prekey_count(mailbox: &Mailbox, name: &AgentName) -> Message {
 struct Run {
     wake: Arc<tokio::sync::Notify>,
     state: Arc<State>,
-    mailbox: Arc<Mailbox>,
+    mailbox: Storage,
     name: AgentName,
     key: Option<PublicKey>,
     push: mpsc::Sender<Box<Message>>,
@@ -144,10 +145,19 @@ impl Run {
         loop {
             let now = Instant::now();
             later.retain(|_, t| *t > now);
-            let waiting = self.mailbox.waiting_for(&self.name, unix_now());
+            let waiting = match self.mailbox.waiting_for(&self.name, unix_now()).await {
+                Ok(waiting) => waiting,
+                Err(e) => {
+                    warn!(to = %self.name, error = %e, "mailbox unreadable: looked at again later");
+                    Vec::new()
+                }
+            };
             let next = waiting.into_iter().find(|m| !later.contains_key(&m.id));
             let Some(meta) = next else {
-                let until = later.values().min().copied();
+                // In a cluster, another broker may store for this receiver:
+                // looked for again now and then.
+                let poll = self.mailbox.poll_every().map(|p| Instant::now() + p);
+                let until = later.values().copied().chain(poll).min();
                 tokio::select! {
                     () = wake.notified() => {}
                     () = async {
@@ -174,7 +184,7 @@ impl Run {
     /// Offers one stored transfer; `None` once the session is gone.
     async fn offer(&mut self, meta: StoredMeta) -> Option<Step> {
         let id = meta.id;
-        let Some(delivering) = self.mailbox.begin_delivery(&id) else {
+        let Some(delivering) = self.mailbox.begin_delivery(&meta).await else {
             return Some(Step::Again(AGAIN));
         };
         *lock(&self.current) = Some(id);
@@ -216,7 +226,7 @@ impl Run {
                 let Ok(Ok(conn)) = tokio::time::timeout(within, arrival).await else {
                     return Some(Step::Again(AGAIN));
                 };
-                let file = match delivering.open_data() {
+                let file = match delivering.open_data().await {
                     Ok(f) => f,
                     Err(e) => {
                         warn!(transfer = %id, error = %e, "stored transfer unreadable");
@@ -260,12 +270,15 @@ impl Run {
             }
         };
         let delivered = matches!(outcome, Outcome::Delivered { .. });
-        match tokio::task::spawn_blocking(move || delivering.finish(outcome, unix_now())).await {
-            Ok(Ok(())) => {
+        match delivering.finish(outcome, unix_now()).await {
+            Ok(()) => {
                 info!(transfer = %id, to = %self.name, delivered, "stored transfer ended");
                 Some(Step::Done)
             }
-            _ => Some(Step::Again(AGAIN)),
+            Err(e) => {
+                warn!(transfer = %id, error = %e, "a stored transfer's end not recorded");
+                Some(Step::Again(AGAIN))
+            }
         }
     }
 }
@@ -288,12 +301,16 @@ fn not_now(reason: RefuseReason) -> Option<Duration> {
 /// Drops `name`'s one-time bundles that expire within a day (a sender
 /// would refuse them, and the receiver tops up what is left); how many are
 /// left.
-pub(super) fn drop_stale_prekeys(mailbox: &Mailbox, name: &AgentName) -> u32 {
+pub(super) async fn drop_stale_prekeys(mailbox: &Storage, name: &AgentName) -> u32 {
     let soon = unix_now().saturating_add(24 * 3600);
-    mailbox
-        .retain_prekeys(name, |b| own_bundle(b).is_ok_and(|b| b.expires > soon))
-        .unwrap_or_else(|e| {
+    let kept = mailbox
+        .retain_prekeys(name, move |b| own_bundle(b).is_ok_and(|b| b.expires > soon))
+        .await;
+    match kept {
+        Ok(count) => count,
+        Err(e) => {
             warn!(agent = %name, error = %e, "stale prekeys not dropped");
-            mailbox.prekey_count(name)
-        })
+            mailbox.prekey_count(name).await
+        }
+    }
 }

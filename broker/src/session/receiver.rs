@@ -66,21 +66,20 @@ pub(super) async fn session(
         return Err(e.into());
     }
     info!(agent = %agent.name, "receiver online");
-    // Its prekeys and what waits for it in the mailbox (a standalone
-    // broker's: PROTOCOL.md §2.8).
-    let mailbox = state.mailbox.clone().filter(|_| state.cluster.is_none());
+    // Its prekeys and what waits for it in the mailbox (this broker's, or
+    // its cluster's: PROTOCOL.md §2.8).
+    let mailbox = state.mailbox.clone();
     let courier = match &mailbox {
         Some(m) => {
-            let (mb, name) = (Arc::clone(m), agent.name.clone());
-            let _ = tokio::task::spawn_blocking(move || drop_stale_prekeys(&mb, &name)).await;
-            if let Err(e) = conn.writer.write(&prekey_count(m, &agent.name)).await {
+            drop_stale_prekeys(m, &agent.name).await;
+            if let Err(e) = conn.writer.write(&prekey_count(m, &agent.name).await).await {
                 registry.remove_receiver(&agent.name, conn_id);
                 return Err(e.into());
             }
             let who = (agent.name.clone(), agent.spki.clone());
             Some(Courier::start(
                 Arc::clone(state),
-                Arc::clone(m),
+                m.clone(),
                 who,
                 tx.clone(),
             ))
@@ -143,21 +142,16 @@ pub(super) async fn session(
                     Some(Message::Prekeys { bundles, last_resort }) if mailbox.is_some() => {
                         deposits += 1;
                         if let Some(m) = &mailbox {
-                            let (m, name) = (Arc::clone(m), agent.name.clone());
                             let bundles = bundles.into_iter().map(|b| b.into_vec()).collect();
                             let last = (!last_resort.is_empty()).then_some(last_resort);
-                            let put = tokio::task::spawn_blocking(move || {
-                                m.put_prekeys(&name, bundles, last).map(|_| prekey_count(&m, &name))
-                            })
-                            .await;
-                            match put {
-                                Ok(Ok(count)) => {
+                            match m.put_prekeys(&agent.name, bundles, last).await {
+                                Ok(_) => {
+                                    let count = prekey_count(m, &agent.name).await;
                                     if let Message::PrekeyCount { one_time, .. } = &count {
                                         info!(agent = %agent.name, one_time, "prekeys deposited");
                                     }
                                     conn.writer.write(&count).await?;
                                 }
-                                Ok(Err(e)) => warn!(agent = %agent.name, error = %e, "prekeys not kept"),
                                 Err(e) => warn!(agent = %agent.name, error = %e, "prekeys not kept"),
                             }
                         }

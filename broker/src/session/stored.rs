@@ -5,8 +5,6 @@
 //! upload on a data connection of its own), the sender's receipts
 //! (`Receipts`), and withdrawing one still waiting (`Withdraw`).
 
-use std::sync::Arc;
-
 use keyferry_common::handshake::SignedOffer;
 use keyferry_common::handshake::stored::parse_stored;
 use keyferry_common::identity::Fingerprint;
@@ -16,8 +14,9 @@ use keyferry_common::wire::message::{ErrorCode, Message, StoredEntry};
 use tracing::{info, warn};
 
 use super::{Agent, BrokerConn, place, refuse};
+use crate::cluster::names;
 use crate::error::SessionError;
-use crate::mailbox::{Mailbox, State as Kept, StoredMeta, WithdrawError};
+use crate::mailbox::{State as Kept, Storage, StoredMeta, WithdrawError};
 use crate::state::State;
 
 /// Most entries a `ReceiptList` carries (the newest).
@@ -33,27 +32,26 @@ fn error(code: ErrorCode, detail: String) -> Message {
     Message::Error { code, detail }
 }
 
-/// This broker's mailbox, or why there is none for this request.
-fn mailbox(state: &State) -> Result<&Arc<Mailbox>, Message> {
-    if state.cluster.is_some() {
-        return Err(error(
-            ErrorCode::StoreFull,
-            "this broker is part of a cluster, and this version stores transfers for offline \
-             receivers on standalone brokers only"
-                .into(),
-        ));
-    }
+/// This broker's mailbox (its own, or its cluster's), or why there is none.
+fn mailbox(state: &State) -> Result<&Storage, Message> {
     state.mailbox.as_ref().ok_or_else(|| {
-        error(
-            ErrorCode::StoreFull,
-            "this broker keeps no mailbox (its data dir cannot hold one)".into(),
-        )
+        let detail = if state.cluster.is_some() {
+            "this broker keeps no mailbox (its cluster's could not be opened)"
+        } else {
+            "this broker keeps no mailbox (its data dir cannot hold one)"
+        };
+        error(ErrorCode::StoreFull, detail.into())
     })
 }
 
-/// The receiver's key, as this broker registered it.
-fn key_of(state: &State, name: &AgentName) -> Result<Vec<u8>, Message> {
-    match state.registry.key_of(name) {
+/// The receiver's key, as this broker (or, in a cluster, the cluster; its
+/// cache here while it is away) has it bound.
+async fn key_of(state: &State, name: &AgentName) -> Result<Vec<u8>, Message> {
+    let found = match &state.cluster {
+        Some(cluster) => names::key_of(cluster, &state.registry, name).await.key,
+        None => state.registry.key_of(name).map_err(|e| e.to_string()),
+    };
+    match found {
         Ok(Some(spki)) => Ok(spki),
         Ok(None) => Err(error(
             ErrorCode::UnknownPeer,
@@ -69,18 +67,13 @@ fn key_of(state: &State, name: &AgentName) -> Result<Vec<u8>, Message> {
 /// `FetchPrekey{name}`: the receiver's key and one of its bundles.
 pub(super) async fn fetch(state: &State, agent: &Agent, name: AgentName) -> Message {
     let result = async {
-        let mailbox = Arc::clone(mailbox(state)?);
-        let spki = key_of(state, &name)?;
-        let (from, to) = (agent.name.clone(), name.clone());
+        let mailbox = mailbox(state)?;
+        let spki = key_of(state, &name).await?;
+        // None that expires within a day is handed out (the sender would
+        // refuse it).
+        super::deliver::drop_stale_prekeys(mailbox, &name).await;
         let now = std::time::Instant::now();
-        let taken = tokio::task::spawn_blocking(move || {
-            // None that expires within a day is handed out (the sender would
-            // refuse it).
-            super::deliver::drop_stale_prekeys(&mailbox, &to);
-            mailbox.take_prekey(&from, &to, now)
-        })
-        .await
-        .map_err(|e| error(ErrorCode::Protocol, e.to_string()))?;
+        let taken = mailbox.take_prekey(&agent.name, &name, now).await;
         match taken {
             Ok(Some(prekey)) => Ok(Message::Prekey {
                 name: name.clone(),
@@ -113,7 +106,7 @@ pub(super) async fn store(
     (to, offer, size): (AgentName, SignedOffer, u64),
 ) -> Result<(), SessionError> {
     let mailbox = match mailbox(state) {
-        Ok(m) => Arc::clone(m),
+        Ok(m) => m.clone(),
         Err(Message::Error { code, detail }) => return Err(refuse(&mut conn, code, detail).await),
         Err(_) => return Ok(()),
     };
@@ -132,7 +125,7 @@ pub(super) async fn store(
             .into();
         return Err(refuse(&mut conn, ErrorCode::Protocol, detail).await);
     }
-    let spki = match key_of(state, &to) {
+    let spki = match key_of(state, &to).await {
         Ok(spki) => spki,
         Err(Message::Error { code, detail }) => return Err(refuse(&mut conn, code, detail).await),
         Err(_) => return Ok(()),
@@ -145,6 +138,7 @@ pub(super) async fn store(
     // Sealed to the receiver's last-resort bundle (for the log only).
     let last_resort = mailbox
         .last_resort(&to)
+        .await
         .and_then(|b| keyferry_common::handshake::prekey::own_bundle(&b).ok())
         .is_some_and(|b| b.id == fields.bundle_id);
     let _slot = match place::offer_place(state, &agent.name, sid).await {
@@ -164,13 +158,7 @@ pub(super) async fn store(
         last_resort,
         order: 0,
     };
-    let reserving = Arc::clone(&mailbox);
-    let reserved = tokio::task::spawn_blocking(move || reserving.reserve(meta, unix_now())).await;
-    let reserved = match reserved {
-        Ok(r) => r,
-        Err(e) => return Err(refuse(&mut conn, ErrorCode::Protocol, e.to_string()).await),
-    };
-    let upload = match reserved {
+    let upload = match mailbox.reserve(meta, unix_now()).await {
         Ok(u) => u,
         Err(refusal) => {
             info!(transfer = %tid, from = %agent.name, %to, %refusal, "stored transfer refused");
@@ -219,20 +207,27 @@ pub(super) async fn store(
 /// `Receipts`: the sender's stored transfers, newest first.
 pub(super) async fn receipts(state: &State, agent: &Agent) -> Message {
     let mailbox = match mailbox(state) {
-        Ok(m) => Arc::clone(m),
+        Ok(m) => m,
         Err(e) => return e,
     };
-    let name = agent.name.clone();
-    let Ok(mut records) =
-        tokio::task::spawn_blocking(move || mailbox.receipts(&name, unix_now())).await
-    else {
-        return error(ErrorCode::Protocol, "the mailbox could not be read".into());
+    let mut records = match mailbox.receipts(&agent.name, unix_now()).await {
+        Ok(records) => records,
+        Err(e) => {
+            warn!(error = %e, "mailbox: receipts unreadable");
+            return error(ErrorCode::Protocol, "the mailbox could not be read".into());
+        }
     };
     records.sort_by_key(|r| std::cmp::Reverse(r.stored_at));
     records.truncate(MOST_LISTED);
-    let entries = records
-        .into_iter()
-        .map(|r| {
+    let mut entries = Vec::with_capacity(records.len());
+    let mut keys = std::collections::HashMap::new();
+    for r in records {
+        if !keys.contains_key(&r.to) {
+            let spki = key_of(state, &r.to).await.unwrap_or_default();
+            keys.insert(r.to.clone(), spki);
+        }
+        let spki = keys.get(&r.to).cloned().unwrap_or_default();
+        entries.push({
             let (state_byte, at, receipt) = match r.state {
                 Kept::Waiting { expires } => (0, expires, Vec::new()),
                 Kept::Delivered { receipt, at } => (1, at, receipt),
@@ -240,12 +235,6 @@ pub(super) async fn receipts(state: &State, agent: &Agent) -> Message {
                 Kept::Expired { at } => (3, at, Vec::new()),
                 Kept::Withdrawn { at } => (4, at, Vec::new()),
             };
-            let spki = state
-                .registry
-                .key_of(&r.to)
-                .ok()
-                .flatten()
-                .unwrap_or_default();
             StoredEntry {
                 transfer_id: r.id,
                 to: r.to,
@@ -256,28 +245,25 @@ pub(super) async fn receipts(state: &State, agent: &Agent) -> Message {
                 receipt,
                 spki,
             }
-        })
-        .collect();
+        });
+    }
     Message::ReceiptList { entries }
 }
 
 /// `Withdraw{tid}`.
 pub(super) async fn withdraw(state: &State, agent: &Agent, tid: TransferId) -> Message {
     let mailbox = match mailbox(state) {
-        Ok(m) => Arc::clone(m),
+        Ok(m) => m,
         Err(e) => return e,
     };
-    let from = agent.name.clone();
-    let done = tokio::task::spawn_blocking(move || mailbox.withdraw(&from, &tid, unix_now())).await;
-    match done {
-        Ok(Ok(())) => {
+    match mailbox.withdraw(&agent.name, &tid, unix_now()).await {
+        Ok(()) => {
             info!(transfer = %tid, from = %agent.name, "stored transfer withdrawn");
             Message::Withdrawn { transfer_id: tid }
         }
-        Ok(Err(e @ (WithdrawError::NotWaiting { .. } | WithdrawError::Delivering { .. }))) => {
+        Err(e @ (WithdrawError::NotWaiting { .. } | WithdrawError::Delivering { .. })) => {
             error(ErrorCode::UnknownTransfer, e.to_string())
         }
-        Ok(Err(e)) => error(ErrorCode::Protocol, e.to_string()),
         Err(e) => error(ErrorCode::Protocol, e.to_string()),
     }
 }
