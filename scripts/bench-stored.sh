@@ -14,6 +14,9 @@
 #
 #   scripts/bench-stored.sh                  256 MiB, 5 rounds of each
 #   SIZE_MIB=1024 ROUNDS=3 scripts/bench-stored.sh
+#   CLUSTER=1 scripts/bench-stored.sh        the broker in a cluster: stored
+#       transfers go to NATS JetStream (scripts/common.sh's start_nats), whose
+#       CPU is counted with the broker's
 #
 # Files live under target/ (on the disk, not in memory).
 set -euo pipefail
@@ -29,11 +32,26 @@ bin=$PWD/target/release
 now() { date +%s.%N; }
 # CPU seconds (user + system) a process has used so far.
 cpu_of() { awk '{ print ($14 + $15) / 100 }' "/proc/$1/stat"; }
+# The broker's CPU seconds, with its NATS server's in a cluster.
+broker_cpu() {
+    if [ -n "$npid" ]; then
+        echo "$(cpu_of "$bpid") + $(cpu_of "$npid")" | bc -l
+    else
+        cpu_of "$bpid"
+    fi
+}
 
 head -c $((size_mib << 20)) /dev/urandom >"$work/data.bin"
 mkdir -p "$work/alice" "$work/bob"
 chmod 700 "$work/alice" "$work/bob"
-"$bin/broker" --listen 127.0.0.1:0 --data-dir "$work/b" >"$work/b.out" 2>"$work/b.log" &
+cluster=()
+npid=
+if [ "${CLUSTER:-0}" = 1 ]; then
+    start_nats
+    npid=$nats_pid
+    cluster=(--cluster "$url" --broker-id bench)
+fi
+"$bin/broker" --listen 127.0.0.1:0 --data-dir "$work/b" "${cluster[@]}" >"$work/b.out" 2>"$work/b.log" &
 bpid=$!
 pids+=("$bpid")
 for _ in $(seq 200); do grep -q fingerprint "$work/b.out" 2>/dev/null && break; sleep 0.05; done
@@ -72,10 +90,10 @@ live() {
     shift
     receiver
     for _ in $(seq 600); do grep -q "receiving as" "$work/r.err" && break; sleep 0.05; done
-    b0=$(cpu_of "$bpid"); r0=$(cpu_of "$rpid")
+    b0=$(broker_cpu); r0=$(cpu_of "$rpid")
     read -r secs scpu < <(sender "$@")
     for _ in $(seq 600); do grep -q '"event":"received"' "$work/r.out" && break; sleep 0.02; done
-    b1=$(cpu_of "$bpid"); r1=$(cpu_of "$rpid")
+    b1=$(broker_cpu); r1=$(cpu_of "$rpid")
     cmp -s "$work/data.bin" "$work/in/data.bin" || { echo "live round: data differs" >&2; exit 1; }
     stop_receiver
     echo "$secs $scpu $(echo "$b1 - $b0" | bc -l) $(echo "$r1 - $r0" | bc -l)" >>"$into"
@@ -89,14 +107,14 @@ for round in $(seq "$rounds"); do
     live "$work/live"
     live "$work/relay" --direct never
     # stored
-    b0=$(cpu_of "$bpid")
+    b0=$(broker_cpu)
     read -r ssecs scpu < <(sender --store)
     grep -q '"event":"stored"' "$work/s.out" || { echo "stored round $round: not stored" >&2; cat "$work/s.err" >&2; exit 1; }
     t0=$(now)
     receiver
     for _ in $(seq 6000); do grep -q '"event":"received"' "$work/r.out" && break; sleep 0.005; done
     t1=$(now)
-    r1=$(cpu_of "$rpid"); b1=$(cpu_of "$bpid")
+    r1=$(cpu_of "$rpid"); b1=$(broker_cpu)
     cmp -s "$work/data.bin" "$work/in/data.bin" || { echo "stored round $round: data differs" >&2; exit 1; }
     stop_receiver
     dsecs=$(echo "$t1 - $t0" | bc -l)
@@ -110,7 +128,7 @@ store=$(col "$work/stored" 1)
 deliver=$(col "$work/stored" 2)
 total=$(awk '{ print $1 + $2 }' "$work/stored" | median)
 per_byte() { echo "scale=2; $1 * 1000000000 / $bytes" | bc -l; }
-echo "size ${size_mib} MiB, ${rounds} rounds each, medians"
+echo "size ${size_mib} MiB, ${rounds} rounds each, medians${npid:+ (broker in a cluster: its CPU counts nats-server)}"
 relay=$(col "$work/relay" 1)
 printf "direct:  %.3f s (%.0f MB/s)   cpu ns/B: sender %s broker %s receiver %s\n" \
     "$live" "$(echo "$bytes / $live / 1000000" | bc -l)" \
