@@ -218,14 +218,32 @@ fn a_transfer_stored_for_an_offline_receiver_arrives_and_only_then_and_never_twi
     );
     assert!(tried >= 15, "the other prekeys were tried too ({tried})");
 
-    // A broker that replays the stored transfer: bob refuses it (the
-    // one-time prekey it was sealed to is gone), and nothing is placed twice.
-    let (data, addr) = (broker.data, broker.addr.clone());
-    let mut old = broker.proc;
-    old.kill();
-    fs::remove_dir_all(data.join("mailbox")).unwrap();
-    copy_dir(kept.path(), &data.join("mailbox"));
-    let mut broker = Broker::start_at(data, &addr);
+    // The broker offers it again, as if bob's receipt had been lost on the
+    // way (its mailbox as it was before the delivery), to a new run of bob's
+    // receiver: bob sends the receipt he kept in his home, and places
+    // nothing twice; alice reads "delivered", verified.
+    let replay = |broker: Broker| {
+        let (data, addr) = (broker.data, broker.addr.clone());
+        let mut old = broker.proc;
+        old.kill();
+        fs::remove_dir_all(data.join("mailbox")).unwrap();
+        copy_dir(kept.path(), &data.join("mailbox"));
+        Broker::start_at(data, &addr)
+    };
+    let mut broker = replay(broker);
+    let mut rx = bob.receiver(&broker, out.path(), &["--json"]);
+    broker.proc.stderr.wait_for("stored transfer ended", WAIT);
+    rx.kill();
+    assert_eq!(support::names_in(out.path()), vec!["big.iso".to_owned()]);
+    let list = receipts(&alice, &broker);
+    assert_eq!(list[0]["state"], "delivered", "{list:?}");
+    assert_eq!(list[0]["verified"], true, "{list:?}");
+
+    // Replayed again to a bob whose home lost that receipt: he refuses it
+    // (the one-time prekey it was sealed to is gone), and nothing is placed
+    // twice.
+    fs::remove_dir_all(bob.dir.join("stored-receipts")).unwrap();
+    let mut broker = replay(broker);
     let mut rx = bob.receiver(&broker, out.path(), &["--json"]);
     let line = rx.stdout.wait_for("\"event\":\"refused\"", WAIT);
     assert!(line.contains("no longer holds"), "{line}");

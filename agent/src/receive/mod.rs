@@ -141,6 +141,9 @@ struct Shared {
     /// The signed receipts of stored transfers this run ended, to send again
     /// if the broker offers one again (its receipt was lost on the way).
     stored_receipts: Mutex<HashMap<TransferId, Vec<u8>>>,
+    /// The same, kept in the home for later runs (`None`: it cannot hold
+    /// them).
+    signed: Option<crate::mailbox::signed::SignedReceipts>,
 }
 
 /// Why one incoming transfer did not complete.
@@ -235,6 +238,17 @@ pub async fn receive(ctx: Ctx, opts: RecvOptions) -> Result<(), AgentError> {
             None
         }
     };
+    let signed = crate::mailbox::signed::SignedReceipts::open(&shared_home)
+        .inspect(|s| {
+            s.sweep();
+        })
+        .map_err(|e| {
+            notice!(
+                "cannot keep signed receipts in {} ({e})",
+                shared_home.display()
+            )
+        })
+        .ok();
     let shared = Arc::new(Shared {
         ctx,
         opts,
@@ -257,6 +271,7 @@ pub async fn receive(ctx: Ctx, opts: RecvOptions) -> Result<(), AgentError> {
         ))),
         stored_running: Mutex::new(std::collections::HashSet::new()),
         stored_receipts: Mutex::new(HashMap::new()),
+        signed,
     });
     // Answers go out on whichever control connection is current; results
     // come back for --once.

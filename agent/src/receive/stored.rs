@@ -237,7 +237,6 @@ pub(super) async fn ended(
             }
         }
     };
-    used_up(shared, tid, &gate).await;
     let sender_fp = parse_stored(offer).map_or(Fingerprint([0; 32]), |f| f.sender_fp);
     let receipt = StoredReceipt {
         transfer_id: tid,
@@ -247,14 +246,27 @@ pub(super) async fn ended(
         outcome,
     };
     let identity = std::sync::Arc::clone(&shared.ctx.identity);
-    if let Ok(signed) = tokio::task::spawn_blocking(move || receipt.sign(&identity)).await {
-        {
-            let mut kept = lock(&shared.stored_receipts);
-            if kept.len() >= KEEP_RECEIPTS {
-                kept.clear();
-            }
-            kept.insert(tid, signed.clone());
+    let signed = tokio::task::spawn_blocking(move || receipt.sign(&identity))
+        .await
+        .ok();
+    if let Some(signed) = &signed {
+        let mut kept = lock(&shared.stored_receipts);
+        if kept.len() >= KEEP_RECEIPTS {
+            kept.clear();
         }
+        kept.insert(tid, signed.clone());
+    }
+    // The receipt is kept in the home before the prekey that opens the
+    // transfer goes: a restart in between can still answer an offer again.
+    if let (Some(signed), Some(keep)) = (&signed, &shared.signed) {
+        let (keep, bytes) = (keep.clone(), signed.clone());
+        let kept = tokio::task::spawn_blocking(move || keep.keep(&tid, &bytes)).await;
+        if !matches!(kept, Ok(Ok(()))) {
+            notice!("cannot keep the receipt of stored transfer {tid} in the home");
+        }
+    }
+    used_up(shared, tid, &gate).await;
+    if let Some(signed) = signed {
         let _ = out
             .send(Message::StoredReceipt {
                 transfer_id: tid,
@@ -298,7 +310,8 @@ async fn used_up(shared: &Shared, tid: TransferId, gate: &StoredGate) {
 /// The signed receipt this run already sent for `tid`, if any: a broker
 /// offering that transfer again did not get it.
 pub(super) fn receipt_again(shared: &Shared, tid: &TransferId) -> Option<Vec<u8>> {
-    lock(&shared.stored_receipts).get(tid).cloned()
+    let here = lock(&shared.stored_receipts).get(tid).cloned();
+    here.or_else(|| shared.signed.as_ref()?.get(tid))
 }
 
 fn why_of(failure: &Failure) -> String {
