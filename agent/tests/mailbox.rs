@@ -411,9 +411,12 @@ fn a_fetch_loop_is_rate_limited_and_the_last_resort_prekey_is_said_on_both_sides
     assert_eq!(texts, want);
     rx.stderr.wait_for("last-resort prekey", WAIT);
     rx.kill();
-    // A broker that replays them: the last-resort prekey is still there, so
-    // bob's record of what was sealed to it refuses m16; the others find
-    // their one-time prekeys gone. Nothing arrives twice.
+    // A broker that replays them, to a bob whose home lost the receipts he
+    // signed (with them he would just send those again): the last-resort
+    // prekey is still there, so bob's record of what was sealed to it
+    // refuses m16; the others find their one-time prekeys gone. Nothing
+    // arrives twice.
+    fs::remove_dir_all(bob.dir.join("stored-receipts")).unwrap();
     let (data, addr) = (broker.data, broker.addr.clone());
     let mut old = broker.proc;
     old.kill();
