@@ -2,7 +2,8 @@
 //! driven as users would: the real binaries on 127.0.0.1, a real
 //! `nats-server -js` on a free port, real files. A transfer stored through
 //! one broker is delivered by another, also after the first died; NATS keeps
-//! only ciphertext; an upload cut by its broker's death is never offered; a
+//! only ciphertext; an upload cut half way (by its sender, or by its broker's
+//! death) never reaches NATS and is never offered; a
 //! limit counts what every broker stored.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is a test failure
@@ -89,7 +90,7 @@ fn a_transfer_stored_through_one_broker_is_delivered_by_another_after_the_first_
 }
 
 #[test]
-fn an_upload_cut_by_its_brokers_death_is_never_offered_and_limits_count_the_cluster() {
+fn an_upload_cut_half_way_never_reaches_nats_nor_is_offered_and_limits_count_the_cluster() {
     let Some(nats) = Nats::start() else { return };
     // Each broker takes at most 2 transfers for one receiver, counted
     // across the cluster.
@@ -99,20 +100,36 @@ fn an_upload_cut_by_its_brokers_death_is_never_offered_and_limits_count_the_clus
     let out = TempDir::new("out");
     deposit_prekeys(&mut one, &bob, out.path());
 
-    // An upload through broker two, which dies half way.
-    let (mut sender, mut input) =
-        alice.pipe_sender(&two, "bob", "p.bin", &["--store", "--max-size", "64MiB"]);
+    // Uploads staged at broker two and cut half way: first by their sender,
+    // then by the broker's death. Nothing of them reaches NATS.
+    let in_nats = bytes_under(nats.store.path());
+    let staging = two.data.join("mailbox-staging");
     let block = support::pseudo_random(1 << 20, 5);
-    for _ in 0..6 {
-        std::io::Write::write_all(&mut input, &block).unwrap();
-    }
-    wait_until("the upload to reach NATS", WAIT, || {
-        bytes_under(nats.store.path()) > 4 << 20
-    });
     let mut two = two;
-    two.proc.kill();
-    drop(input);
-    assert_ne!(sender.wait(WAIT), Some(12));
+    for cut_by_broker in [false, true] {
+        let (mut sender, mut input) =
+            alice.pipe_sender(&two, "bob", "p.bin", &["--store", "--max-size", "64MiB"]);
+        for _ in 0..6 {
+            std::io::Write::write_all(&mut input, &block).unwrap();
+        }
+        wait_until("the upload to be staged", WAIT, || {
+            bytes_under(&staging) > 4 << 20
+        });
+        if cut_by_broker {
+            two.proc.kill();
+        } else {
+            sender.kill();
+            wait_until("the staged upload to go", WAIT, || {
+                bytes_under(&staging) == 0
+            });
+        }
+        drop(input);
+        assert_ne!(sender.wait(WAIT), Some(12));
+    }
+    assert!(
+        bytes_under(nats.store.path()) < in_nats + (1 << 20),
+        "an upload cut half way reached NATS"
+    );
     let mut rx = bob.receiver(&one, out.path(), &["--json"]);
     let offered = printed_for(&mut rx, Duration::from_secs(5));
     assert!(

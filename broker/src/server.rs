@@ -46,6 +46,8 @@ pub struct Broker {
     metrics: Option<TcpListener>,
     /// The mailbox's limits (a cluster's mailbox takes them too).
     store_limits: MailboxLimits,
+    /// Where a cluster's mailbox stages uploads.
+    store_staging: PathBuf,
     /// News of transfers stored through any broker of the cluster.
     stored_news: Option<async_nats::Subscriber>,
 }
@@ -96,6 +98,7 @@ impl Broker {
             subjects: None,
             metrics: None,
             store_limits,
+            store_staging: data_dir.join("mailbox-staging"),
             stored_news: None,
         })
     }
@@ -124,7 +127,7 @@ impl Broker {
         let shared = SharedMailbox::open(
             cluster.client().clone(),
             &cluster.jetstream(),
-            cluster.member().id.clone(),
+            (cluster.member().id.clone(), self.store_staging.clone()),
             self.store_limits.clone(),
         )
         .await;

@@ -1,19 +1,24 @@
 //! The cluster's shared state against a real `nats-server -js` on a free
 //! loopback port: two members of one cluster, in this process, racing for
-//! a name and fencing a receiver that moved. (The brokers' whole behaviour
+//! a name, fencing a receiver that moved, handing out one-time prekeys and
+//! working on stored transfers. (The brokers' whole behaviour
 //! in a cluster, with the real binaries, is in `agent/tests/cluster.rs`.)
 
 #![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
 use keyferry_broker::cluster::presence::{Claim, HOLDS_YES};
 use keyferry_broker::cluster::{Cluster, Member};
+use keyferry_broker::mailbox::shared::SharedMailbox;
+use keyferry_broker::mailbox::{MailboxLimits, Outcome, State, StoredMeta, WithdrawError};
 use keyferry_broker::registry::Binding;
 use keyferry_common::identity::Fingerprint;
+use keyferry_common::ids::TransferId;
 use keyferry_common::name::AgentName;
 
 /// A nats-server with JetStream in a temporary store, killed (by PID) on drop.
@@ -113,7 +118,7 @@ fn name(s: &str) -> AgentName {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_binding_one_name_at_the_same_moment_have_one_winner() {
     let Some(nats) = nats() else { return };
-    let members = std::sync::Arc::new([
+    let members = Arc::new([
         member(&nats, "one").await,
         member(&nats, "two").await,
         member(&nats, "three").await,
@@ -123,7 +128,7 @@ async fn members_binding_one_name_at_the_same_moment_have_one_winner() {
         // Eight agents with eight keys, through three brokers, at once.
         let tasks: Vec<_> = (0..8u8)
             .map(|k| {
-                let (members, n) = (std::sync::Arc::clone(&members), n.clone());
+                let (members, n) = (Arc::clone(&members), n.clone());
                 tokio::spawn(async move {
                     let key = vec![k; 8];
                     let (binding, bound) =
@@ -211,7 +216,7 @@ async fn a_second_broker_with_the_same_id_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offers_through_several_members_at_once_count_against_one_rate() {
     let Some(nats) = nats() else { return };
-    let members = std::sync::Arc::new([member(&nats, "one").await, member(&nats, "two").await]);
+    let members = Arc::new([member(&nats, "one").await, member(&nats, "two").await]);
     // 20 offers by one name at the same moment through two brokers, with a
     // rate of 7 a minute: exactly 7 pass, whichever broker they came through.
     // Second 1 of a minute (1_800_000_000 is a multiple of 60).
@@ -240,7 +245,7 @@ async fn offers_through_several_members_at_once_count_against_one_rate() {
 /// Makes `n` offers by `who` at once at Unix time `now`, through the
 /// members in turn, at `rate` a minute; how many passed.
 async fn offers_at_once(
-    members: &std::sync::Arc<[Cluster; 2]>,
+    members: &Arc<[Cluster; 2]>,
     who: &str,
     n: usize,
     rate: usize,
@@ -248,7 +253,7 @@ async fn offers_at_once(
 ) -> usize {
     let tasks: Vec<_> = (0..n)
         .map(|i| {
-            let (members, who) = (std::sync::Arc::clone(members), name(who));
+            let (members, who) = (Arc::clone(members), name(who));
             tokio::spawn(async move { members[i % 2].take_offer(&who, rate, now).await })
         })
         .collect();
@@ -257,4 +262,165 @@ async fn offers_at_once(
         passed += usize::from(t.await.unwrap().unwrap());
     }
     passed
+}
+
+/// The cluster's mailbox of `member`, staging in a fresh directory.
+async fn mailbox(member: &Cluster, limits: MailboxLimits) -> Arc<SharedMailbox> {
+    let staging = std::env::temp_dir().join(format!(
+        "keyferry-staging-{}-{}",
+        std::process::id(),
+        member.member().id
+    ));
+    let js = member.jetstream();
+    let opened = SharedMailbox::open(
+        member.client().clone(),
+        &js,
+        (member.member().id.clone(), staging),
+        limits,
+    );
+    Arc::new(opened.await.unwrap())
+}
+
+fn limits() -> MailboxLimits {
+    MailboxLimits {
+        total: 1 << 30,
+        per_receiver: 1 << 30,
+        per_sender: 1 << 30,
+        max_age: Duration::from_secs(3600),
+        per_receiver_count: 32,
+        fetches_per_minute: 10,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_time_prekey_goes_to_one_sender_however_many_members_hand_them_out() {
+    let Some(nats) = nats() else { return };
+    let (one, two) = (member(&nats, "one").await, member(&nats, "two").await);
+    let boxes = [mailbox(&one, limits()).await, mailbox(&two, limits()).await];
+    let bob = name("bob");
+    let bundles: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i; 100]).collect();
+    let held = boxes[0].put_prekeys(&bob, bundles.clone(), Some(vec![0xff; 100]));
+    assert_eq!(held.await.unwrap(), 10);
+    // 24 senders at once, half through each member.
+    let fetches = (0..24).map(|i| {
+        let (mailbox, bob) = (Arc::clone(&boxes[i % 2]), bob.clone());
+        tokio::spawn(async move {
+            let sender = name(&format!("sender{i}"));
+            mailbox.take_prekey(&sender, &bob, Instant::now()).await
+        })
+    });
+    let mut one_time = Vec::new();
+    let mut last_resort = 0;
+    for fetch in futures_util::future::join_all(fetches).await {
+        let prekey = fetch.unwrap().unwrap().unwrap();
+        if prekey.last_resort {
+            assert_eq!(prekey.bundle, vec![0xff; 100]);
+            last_resort += 1;
+        } else {
+            one_time.push(prekey.bundle);
+        }
+    }
+    one_time.sort();
+    assert_eq!(one_time, bundles, "each one-time bundle handed out once");
+    assert_eq!(last_resort, 14);
+    assert_eq!(boxes[1].prekey_count(&bob).await.unwrap(), 0);
+}
+
+/// Stores `len` bytes for bob from alice through `mailbox`, as transfer `id`.
+async fn store(mailbox: &Arc<SharedMailbox>, id: u8, len: usize) -> StoredMeta {
+    let meta = StoredMeta {
+        id: TransferId([id; 16]),
+        from: name("alice"),
+        to: name("bob"),
+        sender_spki: vec![1; 32],
+        offer_body: vec![2; 64],
+        offer_signature: vec![3; 64],
+        size: len as u64,
+        stored_at: 0,
+        expires: 0,
+        last_resort: false,
+        order: 0,
+    };
+    let mut upload = mailbox.reserve(meta, unix_now()).await.unwrap();
+    upload.write(vec![id; len]).await.unwrap();
+    upload.commit().await.unwrap()
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Bytes held by the object store's stream.
+async fn object_bytes(member: &Cluster) -> u64 {
+    let mut stream = member
+        .jetstream()
+        .get_stream("OBJ_keyferry-stored")
+        .await
+        .unwrap();
+    stream.info().await.unwrap().state.bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_member_at_a_time_works_on_a_stored_transfer_and_an_abandoned_upload_leaves_nothing() {
+    let Some(nats) = nats() else { return };
+    let (one, two) = (member(&nats, "one").await, member(&nats, "two").await);
+    let (a, b) = (mailbox(&one, limits()).await, mailbox(&two, limits()).await);
+    // An upload abandoned half way reaches neither NATS nor the limits.
+    let before = object_bytes(&one).await;
+    let meta = store(&a, 9, 0).await;
+    assert!(b.withdraw(&meta.from, &meta.id, unix_now()).await.is_ok());
+    let after_one = object_bytes(&one).await;
+    let half = StoredMeta {
+        id: TransferId([7; 16]),
+        size: 4 << 20,
+        ..meta.clone()
+    };
+    let mut upload = a.reserve(half, unix_now()).await.unwrap();
+    upload.write(vec![7; 3 << 20]).await.unwrap();
+    drop(upload);
+    assert_eq!(object_bytes(&one).await, after_one, "nothing of it in NATS");
+    assert!(after_one >= before);
+
+    let meta = store(&a, 5, 1 << 20).await;
+    let bob = name("bob");
+    let waiting = b.waiting_for(&bob, unix_now()).await.unwrap();
+    assert_eq!(waiting, vec![meta.clone()]);
+    // One delivers; the other can neither deliver nor withdraw meanwhile.
+    let delivering = a.begin_delivery(&meta).await.unwrap();
+    assert!(b.begin_delivery(&meta).await.is_none());
+    let withdrawn = b.withdraw(&meta.from, &meta.id, unix_now()).await;
+    assert!(
+        matches!(withdrawn, Err(WithdrawError::Delivering { .. })),
+        "{withdrawn:?}"
+    );
+    let mut data = Vec::new();
+    let mut object = delivering.open_data().await.unwrap();
+    tokio::io::AsyncReadExt::read_to_end(&mut object, &mut data)
+        .await
+        .unwrap();
+    assert_eq!(data, vec![5; 1 << 20]);
+    // Delivered: ended once, for every member.
+    let outcome = Outcome::Delivered {
+        receipt: b"signed".to_vec(),
+    };
+    delivering.finish(outcome, unix_now()).await.unwrap();
+    assert!(b.waiting_for(&bob, unix_now()).await.unwrap().is_empty());
+    assert!(b.begin_delivery(&meta).await.is_none());
+    let receipts = b.receipts(&meta.from, unix_now()).await.unwrap();
+    let mut states: Vec<_> = receipts.iter().map(|r| (r.id, r.state.clone())).collect();
+    states.sort_by_key(|(id, _)| *id);
+    assert!(
+        matches!(
+            &states[..],
+            [(_, State::Delivered { .. }), (_, State::Withdrawn { .. })]
+        ),
+        "{states:?}"
+    );
+    // Its 1 MiB is gone; a deleted object leaves only its small tombstone
+    // (until the store's max age).
+    let left = object_bytes(&one).await;
+    assert!(left < after_one + (16 << 10), "{left} bytes left");
 }

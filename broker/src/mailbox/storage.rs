@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use keyferry_common::ids::TransferId;
 use keyferry_common::name::AgentName;
-use tokio::io::AsyncRead;
+use tokio::io::{AsyncRead, AsyncReadExt as _};
 
 use super::shared::{SharedDelivery, SharedMailbox, SharedUpload};
 use super::{
@@ -35,7 +35,7 @@ impl std::fmt::Debug for Storage {
 }
 
 /// Runs a blocking mailbox call off the async threads.
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, MailboxError> {
     tokio::task::spawn_blocking(f)
@@ -88,18 +88,19 @@ impl Storage {
         }
     }
 
-    /// One-time bundles held for `receiver`.
-    pub async fn prekey_count(&self, receiver: &AgentName) -> u32 {
+    /// One-time bundles held for `receiver` (an error: the cluster cannot
+    /// say, which is not "none").
+    pub async fn prekey_count(&self, receiver: &AgentName) -> Result<u32, MailboxError> {
         match self {
-            Self::Disk(m) => m.prekey_count(receiver),
+            Self::Disk(m) => Ok(m.prekey_count(receiver)),
             Self::Shared(m) => m.prekey_count(receiver).await,
         }
     }
 
     /// `receiver`'s last-resort bundle, if it deposited one.
-    pub async fn last_resort(&self, receiver: &AgentName) -> Option<Vec<u8>> {
+    pub async fn last_resort(&self, receiver: &AgentName) -> Result<Option<Vec<u8>>, MailboxError> {
         match self {
-            Self::Disk(m) => m.last_resort(receiver),
+            Self::Disk(m) => Ok(m.last_resort(receiver)),
             Self::Shared(m) => m.last_resort(receiver).await,
         }
     }
@@ -259,9 +260,9 @@ impl Sink {
                 Ok(bytes)
             }
             Self::Shared(up) => {
-                let cap = bytes.capacity();
-                up.write(bytes).await?;
-                Ok(Vec::with_capacity(cap))
+                let mut bytes = up.write(bytes).await?;
+                bytes.clear();
+                Ok(bytes)
             }
         }
     }
@@ -304,11 +305,24 @@ impl Handout {
         }
     }
 
-    /// Its data, to read from the start.
+    /// Its data, to read from the start: at most [`Handout::data_len`]
+    /// bytes.
     pub async fn open_data(&self) -> Result<Box<dyn AsyncRead + Send + Unpin>, MailboxError> {
+        let len = self.data_len();
         match self {
-            Self::Disk(d) => Ok(Box::new(tokio::fs::File::from_std(d.open_data()?))),
-            Self::Shared(d) => Ok(Box::new(d.open_data().await?)),
+            Self::Disk(d) => Ok(Box::new(
+                tokio::fs::File::from_std(d.open_data()?).take(len),
+            )),
+            Self::Shared(d) => Ok(Box::new(d.open_data().await?.take(len))),
+        }
+    }
+
+    /// Waits until the delivery must stop because another broker may take
+    /// the transfer over (never, on one broker's disk).
+    pub async fn lost(&self) {
+        match self {
+            Self::Disk(_) => std::future::pending().await,
+            Self::Shared(d) => d.lost().await,
         }
     }
 

@@ -108,16 +108,24 @@ impl Courier {
 
 /// The `PrekeyCount` for `name`: one-time bundles held, and until when its
 /// last-resort bundle holds (0: none, or unreadable).
-pub(super) async fn prekey_count(mailbox: &Storage, name: &AgentName) -> Message {
-    let last_resort_expires = mailbox
-        .last_resort(name)
+/// `None` when the mailbox cannot say (its cluster away): then the receiver
+/// is told nothing rather than "none", which would make it deposit anew.
+pub(super) async fn prekey_count(mailbox: &Storage, name: &AgentName) -> Option<Message> {
+    let counted = async {
+        let last_resort = mailbox.last_resort(name).await?;
+        let last_resort_expires = last_resort
+            .and_then(|b| own_bundle(&b).ok())
+            .map_or(0, |b| b.expires);
+        let one_time = mailbox.prekey_count(name).await?;
+        Ok::<_, crate::mailbox::MailboxError>(Message::PrekeyCount {
+            one_time,
+            last_resort_expires,
+        })
+    };
+    counted
         .await
-        .and_then(|b| own_bundle(&b).ok())
-        .map_or(0, |b| b.expires);
-    Message::PrekeyCount {
-        one_time: mailbox.prekey_count(name).await,
-        last_resort_expires,
-    }
+        .inspect_err(|e| warn!(agent = %name, error = %e, "prekeys not counted: not told"))
+        .ok()
 }
 
 struct Run {
@@ -235,7 +243,11 @@ impl Run {
                 };
                 let idle = self.state.limits.idle_timeout;
                 let meters = self.state.metrics.meters(crate::metrics::Path::Stored);
-                if deliver(conn, file, id, idle, meters).await != Delivered::Receipt {
+                let delivered = tokio::select! {
+                    d = deliver(conn, file, id, idle, meters) => d,
+                    () = delivering.lost() => Delivered::Failed,
+                };
+                if delivered != Delivered::Receipt {
                     info!(transfer = %id, "stored transfer not delivered this time");
                 }
                 match tokio::time::timeout(RECEIPT, self.answers.recv()).await {
@@ -310,7 +322,7 @@ pub(super) async fn drop_stale_prekeys(mailbox: &Storage, name: &AgentName) -> u
         Ok(count) => count,
         Err(e) => {
             warn!(agent = %name, error = %e, "stale prekeys not dropped");
-            mailbox.prekey_count(name).await
+            mailbox.prekey_count(name).await.unwrap_or(0)
         }
     }
 }

@@ -72,7 +72,9 @@ pub(super) async fn session(
     let courier = match &mailbox {
         Some(m) => {
             drop_stale_prekeys(m, &agent.name).await;
-            if let Err(e) = conn.writer.write(&prekey_count(m, &agent.name).await).await {
+            if let Some(count) = prekey_count(m, &agent.name).await
+                && let Err(e) = conn.writer.write(&count).await
+            {
                 registry.remove_receiver(&agent.name, conn_id);
                 return Err(e.into());
             }
@@ -146,11 +148,12 @@ pub(super) async fn session(
                             let last = (!last_resort.is_empty()).then_some(last_resort);
                             match m.put_prekeys(&agent.name, bundles, last).await {
                                 Ok(_) => {
-                                    let count = prekey_count(m, &agent.name).await;
-                                    if let Message::PrekeyCount { one_time, .. } = &count {
-                                        info!(agent = %agent.name, one_time, "prekeys deposited");
+                                    if let Some(count) = prekey_count(m, &agent.name).await {
+                                        if let Message::PrekeyCount { one_time, .. } = &count {
+                                            info!(agent = %agent.name, one_time, "prekeys deposited");
+                                        }
+                                        conn.writer.write(&count).await?;
                                     }
-                                    conn.writer.write(&count).await?;
                                 }
                                 Err(e) => warn!(agent = %agent.name, error = %e, "prekeys not kept"),
                             }

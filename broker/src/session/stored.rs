@@ -139,6 +139,8 @@ pub(super) async fn store(
     let last_resort = mailbox
         .last_resort(&to)
         .await
+        .ok()
+        .flatten()
         .and_then(|b| keyferry_common::handshake::prekey::own_bundle(&b).ok())
         .is_some_and(|b| b.id == fields.bundle_id);
     let _slot = match place::offer_place(state, &agent.name, sid).await {

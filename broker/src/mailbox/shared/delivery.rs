@@ -2,36 +2,30 @@
 //! receiver, a delivery and its marker, the ends (delivered, refused,
 //! withdrawn, expired) and the receipt records a sender reads.
 //!
-//! A broker delivering a transfer holds its `d.` key, rewritten every
-//! [`MARK_EVERY`]; a marker not rewritten for [`MARK_STALE`] belongs to a
-//! broker that died or lost its cluster and is taken over. While a fresh one
-//! stands, no other broker delivers, withdraws or expires the transfer.
+//! A broker works on a transfer — delivers, withdraws or expires it — only
+//! under its marker ([`super::marker`]), so never two at once; a delivery
+//! whose marker is lost stops. Every end creates the transfer's `e.` record
+//! first; a `w.` key found beside one is cleaned up, never offered.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_nats::jetstream::object_store::Object;
 use keyferry_common::ids::TransferId;
-use keyferry_common::io::task::AbortOnDrop;
 use keyferry_common::name::AgentName;
 
-use super::{SharedMailbox, hex_id, hex_name, id_in, op, unix_now};
+use super::marker::Marker;
+use super::{SharedMailbox, hex_id, hex_name, id_in, op};
 use crate::mailbox::ending::MAX_ENDED_PER_SENDER;
 use crate::mailbox::error::{MailboxError, WithdrawError};
 use crate::mailbox::format::{End, Ended, MetaFile, waiting_record};
 use crate::mailbox::types::{Outcome, ReceiptRecord, StoredMeta};
 
-/// How often a delivering broker rewrites its marker.
-const MARK_EVERY: Duration = Duration::from_secs(20);
-/// A marker older than this is another broker's no longer.
-const MARK_STALE: i64 = 60;
-
 fn waiting_key(meta: &StoredMeta) -> String {
     format!("w.{}.{}", hex_name(&meta.to), hex_id(&meta.id))
 }
 
-fn marker_key(id: &TransferId) -> String {
-    format!("d.{}", hex_id(id))
+fn ended_key(meta: &StoredMeta) -> String {
+    format!("e.{}.{}", hex_name(&meta.from), hex_id(&meta.id))
 }
 
 impl SharedMailbox {
@@ -62,61 +56,43 @@ impl SharedMailbox {
         Ok(waiting)
     }
 
-    /// Whether a broker other than a dead one is delivering `id` now.
-    async fn delivering(&self, id: &TransferId) -> Result<bool, MailboxError> {
-        let marker = self.entry(&marker_key(id)).await?;
-        Ok(marker.is_some_and(|e| unix_now() - e.created.unix_timestamp() < MARK_STALE))
-    }
-
     /// Takes waiting transfer `meta` for delivery by this broker; `None` if
-    /// it ended, or another broker is delivering it.
+    /// it ended, or another broker is working on it. One whose end was
+    /// recorded but not cleaned up (a broker lost the cluster half way) is
+    /// cleaned up now instead.
     pub async fn begin_delivery(self: &Arc<Self>, meta: &StoredMeta) -> Option<SharedDelivery> {
-        let record = self.entry(&waiting_key(meta)).await.ok()??;
-        let (meta, len) = MetaFile::decode(&record.value, &meta.id)?;
-        let key = marker_key(&meta.id);
-        let marker = op("reading a marker", self.kv.entry(key.as_str()))
-            .await
-            .ok()?;
-        let mine = bytes::Bytes::from(self.broker.clone());
-        let revision = match marker {
-            Some(e)
-                if e.operation == async_nats::jetstream::kv::Operation::Put
-                    && !e.value.is_empty() =>
-            {
-                if unix_now() - e.created.unix_timestamp() < MARK_STALE {
-                    return None;
-                }
-                let update = self.kv.update(key.as_str(), mine.clone(), e.revision);
-                op("taking over a marker", update).await.ok()?
+        let marker = self.claim(&meta.id).await.ok()??;
+        // Read again under the marker: an end may have come since the list.
+        let record = match self.entry(&waiting_key(meta)).await {
+            Ok(Some(record)) => record,
+            _ => {
+                marker.release().await;
+                return None;
             }
-            _ => op(
-                "writing a marker",
-                self.kv.create(key.as_str(), mine.clone()),
-            )
-            .await
-            .ok()?,
         };
-        let kv = self.kv.clone();
-        let refresh = AbortOnDrop(tokio::spawn(async move {
-            let mut revision = revision;
-            loop {
-                tokio::time::sleep(MARK_EVERY).await;
-                let update = kv.update(key.as_str(), mine.clone(), revision);
-                match op("refreshing a marker", update).await {
-                    Ok(r) => revision = r,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "mailbox: delivery marker lost");
-                        return;
-                    }
-                }
-            }
-        }));
+        let Some((meta, len)) = MetaFile::decode(&record.value, &meta.id) else {
+            marker.release().await;
+            return None;
+        };
+        if !matches!(self.entry(&ended_key(&meta)).await, Ok(None)) {
+            self.clean_up(&meta).await;
+            marker.release().await;
+            return None;
+        }
         Some(SharedDelivery {
             shared: Arc::clone(self),
             meta,
             len,
-            refresh: Some(refresh),
+            marker: Some(marker),
         })
+    }
+
+    /// Removes an ended transfer's `w.` key and object (again).
+    async fn clean_up(&self, meta: &StoredMeta) {
+        if let Err(e) = self.purge(&waiting_key(meta)).await {
+            tracing::warn!(transfer = %meta.id, error = %e, "mailbox: cleanup postponed");
+        }
+        self.drop_object(&meta.id).await;
     }
 
     /// Ends waiting transfer `meta` with `end` at `at`: its `e.` record is
@@ -131,20 +107,19 @@ impl SharedMailbox {
             end,
             at,
         };
-        let key = format!("e.{}.{}", hex_name(&meta.from), hex_id(&meta.id));
-        let first = self.create(&key, ended.encode(&meta.id)).await?;
-        // Ended: what follows is cleanup, which the next end or sweep redoes.
-        if let Err(e) = self.purge(&waiting_key(meta)).await {
-            tracing::warn!(transfer = %meta.id, error = %e, "mailbox: cleanup postponed");
-        }
-        self.drop_object(&meta.id).await;
+        let first = self
+            .create(&ended_key(meta), ended.encode(&meta.id))
+            .await?;
+        // Ended: what follows is cleanup, which the next delivery attempt or
+        // sweep redoes.
+        self.clean_up(meta).await;
         Ok(first)
     }
 
     /// Withdraws `sender`'s waiting transfer `id`, unless a broker is
     /// delivering it.
     pub async fn withdraw(
-        &self,
+        self: &Arc<Self>,
         sender: &AgentName,
         id: &TransferId,
         now_unix: u64,
@@ -153,10 +128,13 @@ impl SharedMailbox {
         let Some((meta, _)) = found.into_iter().find(|(m, _)| m.from == *sender) else {
             return Err(WithdrawError::NotWaiting { id: *id });
         };
-        if self.delivering(id).await? {
+        // Under the transfer's marker, as a delivery: never both at once.
+        let Some(marker) = self.claim(id).await? else {
             return Err(WithdrawError::Delivering { id: *id });
-        }
-        if self.end(&meta, End::Withdrawn, now_unix).await? {
+        };
+        let ended = self.end(&meta, End::Withdrawn, now_unix).await;
+        marker.release().await;
+        if ended? {
             Ok(())
         } else {
             Err(WithdrawError::NotWaiting { id: *id })
@@ -195,20 +173,35 @@ impl SharedMailbox {
     /// expired; records older than the maximum age, and a sender's beyond
     /// its newest [`MAX_ENDED_PER_SENDER`], go. Returns what this broker
     /// expired.
-    pub async fn expire(&self, now_unix: u64) -> Result<Vec<StoredMeta>, MailboxError> {
+    pub async fn expire(self: &Arc<Self>, now_unix: u64) -> Result<Vec<StoredMeta>, MailboxError> {
         let mut expired = Vec::new();
-        for (meta, _) in self.waiting(">").await? {
-            if meta.expires > now_unix || self.delivering(&meta.id).await? {
+        let waiting = self.waiting(">").await?;
+        let ended = self.scan("e.>").await?;
+        let ended_ids: std::collections::HashSet<TransferId> =
+            ended.iter().filter_map(|s| id_in(&s.key)).collect();
+        for (meta, _) in waiting {
+            if ended_ids.contains(&meta.id) {
+                // Ended, not cleaned up: done now.
+                self.clean_up(&meta).await;
                 continue;
             }
-            if self.end(&meta, End::Expired, meta.expires).await? {
+            if meta.expires > now_unix {
+                continue;
+            }
+            // Under its marker: not while a broker delivers it.
+            let Some(marker) = self.claim(&meta.id).await? else {
+                continue;
+            };
+            let ended = self.end(&meta, End::Expired, meta.expires).await;
+            marker.release().await;
+            if ended? {
                 expired.push(meta);
             }
         }
         let keep = self.limits.max_age.as_secs();
         let mut by_sender: std::collections::HashMap<String, Vec<(u64, String)>> =
             std::collections::HashMap::new();
-        for s in self.scan("e.>").await? {
+        for s in ended {
             let Some(e) = id_in(&s.key).and_then(|id| Ended::decode(&s.value, &id)) else {
                 self.purge(&s.key).await?;
                 continue;
@@ -242,7 +235,7 @@ pub struct SharedDelivery {
     shared: Arc<SharedMailbox>,
     meta: StoredMeta,
     len: u64,
-    refresh: Option<AbortOnDrop>,
+    marker: Option<Marker>,
 }
 
 impl std::fmt::Debug for SharedDelivery {
@@ -270,26 +263,34 @@ impl SharedDelivery {
         op("reading a stored transfer", self.shared.objects.get(&name)).await
     }
 
+    /// Waits until this broker lost the transfer's marker (for ever if it
+    /// never does): the delivery must stop, another broker may take over.
+    pub async fn lost(&self) {
+        match &self.marker {
+            Some(m) => m.lost().await,
+            None => std::future::pending().await,
+        }
+    }
+
     /// Ends the delivery as the receiver answered: the record first, then
-    /// the data; on an error the transfer stays waiting.
+    /// the data; on an error (the marker lost included) the transfer stays
+    /// waiting.
     pub async fn finish(mut self, outcome: Outcome, now_unix: u64) -> Result<(), MailboxError> {
         let end = End::of(&self.meta.id, outcome)?;
-        self.refresh = None;
-        if !self.shared.end(&self.meta, end, now_unix).await? {
+        let marker = self.marker.take();
+        if marker.as_ref().is_none_or(Marker::is_lost) {
+            return Err(MailboxError::Shared(format!(
+                "transfer {}: this broker lost its delivery marker",
+                self.meta.id
+            )));
+        }
+        let ended = self.shared.end(&self.meta, end, now_unix).await;
+        if let Some(m) = marker {
+            m.release().await;
+        }
+        if !ended? {
             return Err(MailboxError::NotWaiting { id: self.meta.id });
         }
         Ok(())
-    }
-}
-
-impl Drop for SharedDelivery {
-    fn drop(&mut self) {
-        self.refresh = None;
-        let (shared, key) = (Arc::clone(&self.shared), marker_key(&self.meta.id));
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                let _ = shared.purge(&key).await;
-            });
-        }
     }
 }

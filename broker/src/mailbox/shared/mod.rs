@@ -28,28 +28,28 @@
 //! held here.
 
 mod delivery;
+mod marker;
+mod prekeys;
 mod upload;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream::consumer::{DeliverPolicy, ReplayPolicy, push};
-use async_nats::jetstream::kv::{self, CreateErrorKind, UpdateErrorKind};
+use async_nats::jetstream::kv;
 use async_nats::jetstream::object_store::{self, ObjectStore};
 use async_nats::jetstream::{self, stream::StorageType};
 use bytes::Bytes;
 use futures_util::StreamExt as _;
 use keyferry_common::ids::TransferId;
 use keyferry_common::name::AgentName;
-use keyferry_common::sync::lock;
 
 use super::Reserved;
-use super::error::{MailboxError, TakeError};
-use super::format::Bundles;
+use super::error::MailboxError;
 use super::limits::MailboxLimits;
 use super::prekeys::FetchRate;
-use super::types::Prekey;
 use crate::cluster::bounded;
 
 pub use delivery::SharedDelivery;
@@ -59,6 +59,8 @@ pub use upload::SharedUpload;
 pub const MAILBOX_BUCKET: &str = "keyferry-mailbox";
 /// The object store of stored transfers' data.
 pub const OBJECTS_BUCKET: &str = "keyferry-stored";
+/// Its stream.
+const OBJECTS_STREAM: &str = "OBJ_keyferry-stored";
 /// Where a broker says it stored a transfer (payload: the receiver's name),
 /// so that the broker holding that receiver offers it at once.
 pub const STORED_SUBJECT: &str = "keyferry.mailbox.stored";
@@ -92,6 +94,8 @@ pub struct SharedMailbox {
     limits: MailboxLimits,
     /// This broker's id, written in the delivery markers it holds.
     broker: String,
+    /// Where uploads wait until they are whole.
+    staging: PathBuf,
     local: Mutex<Local>,
 }
 
@@ -145,12 +149,16 @@ impl SharedMailbox {
     /// missing (file storage, one replica; an operator may create them
     /// beforehand with more). The object store's maximum age is the
     /// mailbox's plus a day, so that what a crash left half written goes too.
+    ///
+    /// Uploads are staged in `staging` (made 0700; whatever an earlier run
+    /// left there is removed) and reach the cluster only once whole.
     pub async fn open(
         client: async_nats::Client,
         js: &jetstream::Context,
-        broker: String,
+        (broker, staging): (String, PathBuf),
         limits: MailboxLimits,
     ) -> Result<Self, MailboxError> {
+        upload::clear_staging(&staging)?;
         let kv = crate::cluster::bucket(
             js,
             kv::Config {
@@ -177,12 +185,24 @@ impl SharedMailbox {
                 op("creating the object store", js.create_object_store(config)).await?
             }
         };
+        // One made by someone else must keep objects as long as their records.
+        let stream = op("reading the object store", js.get_stream(OBJECTS_STREAM)).await?;
+        let max_age = stream.cached_info().config.max_age;
+        if !max_age.is_zero() && max_age < limits.max_age {
+            tracing::warn!(
+                max_age_secs = max_age.as_secs(),
+                mailbox_max_age_secs = limits.max_age.as_secs(),
+                "the object store keeps objects for less time than the mailbox keeps transfers: \
+                 some would vanish before they expire"
+            );
+        }
         Ok(Self {
             client,
             kv,
             objects,
             limits,
             broker,
+            staging,
             local: Mutex::new(Local::default()),
         })
     }
@@ -219,9 +239,10 @@ impl SharedMailbox {
             return Ok(out);
         }
         let mut messages = op("listing the mailbox", consumer.messages()).await?;
+        // Whole or an error: a partial list would skip limits and duplicates.
         let read = async {
             while let Some(Ok(m)) = messages.next().await {
-                let Ok(info) = m.info() else { break };
+                let Ok(info) = m.info() else { return false };
                 let pending = info.pending;
                 // A deleted or purged key leaves an empty marker; no record
                 // of ours is empty.
@@ -234,14 +255,20 @@ impl SharedMailbox {
                     });
                 }
                 if pending == 0 {
-                    break;
+                    return true;
                 }
             }
+            false
         };
-        tokio::time::timeout(SCAN_TIMEOUT, read)
-            .await
-            .map_err(|_| MailboxError::Shared("listing the mailbox: timed out".into()))?;
-        Ok(out)
+        match tokio::time::timeout(SCAN_TIMEOUT, read).await {
+            Ok(true) => Ok(out),
+            Ok(false) => Err(MailboxError::Shared(
+                "listing the mailbox: the listing broke off".into(),
+            )),
+            Err(_) => Err(MailboxError::Shared(
+                "listing the mailbox: timed out".into(),
+            )),
+        }
     }
 
     /// The live entry of `key`, if there is one.
@@ -250,140 +277,30 @@ impl SharedMailbox {
         Ok(entry.filter(|e| e.operation == kv::Operation::Put && !e.value.is_empty()))
     }
 
-    /// Writes `value` under `key` unless it exists: `false` if it did.
+    /// Writes `value` under `key` unless it exists: `false` if another
+    /// value was there. A write whose answer was lost but which landed is
+    /// recognised by its value (every record written this way is unique:
+    /// it names its transfer, and its time).
     async fn create(&self, key: &str, value: Vec<u8>) -> Result<bool, MailboxError> {
-        match bounded("writing the mailbox", self.kv.create(key, value.into())).await {
+        let written = bounded(
+            "writing the mailbox",
+            self.kv.create(key, value.clone().into()),
+        );
+        match written.await {
             Ok(_) => Ok(true),
-            Err(e) => {
-                // `bounded` flattened the kind: ask again what is there.
-                if self.entry(key).await?.is_some() {
-                    Ok(false)
-                } else {
-                    Err(MailboxError::Shared(e.to_string()))
-                }
-            }
+            Err(e) => match self.entry(key).await? {
+                Some(there) => Ok(there.value == value),
+                None => Err(MailboxError::Shared(e.to_string())),
+            },
         }
     }
 
-    /// Removes `key` and its history (no delete marker is kept).
+    /// Removes `key` and its history from the bucket's stream, leaving no
+    /// marker (a KV purge would leave one per key, for ever, in every scan).
     async fn purge(&self, key: &str) -> Result<(), MailboxError> {
-        op("removing from the mailbox", self.kv.purge(key)).await
-    }
-
-    /// Applies `change` to `receiver`'s bundles as the cluster holds them,
-    /// written back only if it changed them and only over the revision it
-    /// read (read again on a lost race). Returns `change`'s result and the
-    /// bundles now held.
-    async fn change_prekeys<T>(
-        &self,
-        receiver: &AgentName,
-        change: impl Fn(&mut Bundles) -> Result<T, MailboxError>,
-    ) -> Result<(T, Bundles), MailboxError> {
-        let key = format!("p.{}", hex_name(receiver));
-        for _ in 0..TRIES {
-            let entry = op("reading prekeys", self.kv.entry(key.as_str())).await?;
-            let live = entry
-                .as_ref()
-                .filter(|e| e.operation == kv::Operation::Put && !e.value.is_empty());
-            let held = match live {
-                Some(e) => Bundles::decode(&e.value).unwrap_or_else(|| {
-                    tracing::warn!(agent = %receiver, "mailbox: corrupt prekeys in the cluster dropped");
-                    Bundles::default()
-                }),
-                None => Bundles::default(),
-            };
-            let mut next = held.clone();
-            let out = change(&mut next)?;
-            if next == held {
-                return Ok((out, next));
-            }
-            let value = Bytes::from(next.encode());
-            let written = match &entry {
-                Some(e) => match self.kv.update(key.as_str(), value, e.revision).await {
-                    Ok(_) => Ok(()),
-                    Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => continue,
-                    Err(e) => Err(shared("writing prekeys", e)),
-                },
-                None => match self.kv.create(key.as_str(), value).await {
-                    Ok(_) => Ok(()),
-                    Err(e) if e.kind() == CreateErrorKind::AlreadyExists => continue,
-                    Err(e) => Err(shared("writing prekeys", e)),
-                },
-            };
-            return written.map(|()| (out, next));
-        }
-        Err(MailboxError::Shared(format!(
-            "{receiver}'s prekeys kept changing under this broker"
-        )))
-    }
-
-    /// Adds `receiver`'s bundles, as [`super::Mailbox::put_prekeys`].
-    pub async fn put_prekeys(
-        &self,
-        receiver: &AgentName,
-        one_time: Vec<Vec<u8>>,
-        last_resort: Option<Vec<u8>>,
-    ) -> Result<u32, MailboxError> {
-        let (_, held) = self
-            .change_prekeys(receiver, |b| b.add(one_time.clone(), last_resort.clone()))
-            .await?;
-        Ok(count_u32(held.one_time.len()))
-    }
-
-    /// `receiver`'s bundles as held now (none if the cluster cannot say).
-    async fn bundles(&self, receiver: &AgentName) -> Bundles {
-        let key = format!("p.{}", hex_name(receiver));
-        match self.entry(&key).await {
-            Ok(Some(e)) => Bundles::decode(&e.value).unwrap_or_default(),
-            Ok(None) => Bundles::default(),
-            Err(e) => {
-                tracing::warn!(agent = %receiver, error = %e, "mailbox: prekeys unreadable");
-                Bundles::default()
-            }
-        }
-    }
-
-    /// One-time bundles held for `receiver`.
-    pub async fn prekey_count(&self, receiver: &AgentName) -> u32 {
-        count_u32(self.bundles(receiver).await.one_time.len())
-    }
-
-    /// `receiver`'s last-resort bundle, if it deposited one.
-    pub async fn last_resort(&self, receiver: &AgentName) -> Option<Vec<u8>> {
-        self.bundles(receiver).await.last_resort
-    }
-
-    /// A bundle of `receiver`'s for `sender`, as
-    /// [`super::Mailbox::take_prekey`]; the fetch rate is counted by this
-    /// broker (a sender fetching through several brokers gets each one's).
-    pub async fn take_prekey(
-        &self,
-        sender: &AgentName,
-        receiver: &AgentName,
-        now: Instant,
-    ) -> Result<Option<Prekey>, TakeError> {
-        let per_minute = self.limits.fetches_per_minute;
-        lock(&self.local).fetches.charge(sender, now, per_minute)?;
-        let (taken, _) = self
-            .change_prekeys(receiver, |b| Ok(b.take()))
-            .await
-            .map_err(TakeError::Storage)?;
-        Ok(taken)
-    }
-
-    /// Keeps those of `receiver`'s one-time bundles for which `keep` holds.
-    pub async fn retain_prekeys(
-        &self,
-        receiver: &AgentName,
-        keep: impl Fn(&[u8]) -> bool,
-    ) -> Result<u32, MailboxError> {
-        let (_, held) = self
-            .change_prekeys(receiver, |b| {
-                b.one_time.retain(|x| keep(x));
-                Ok(())
-            })
-            .await?;
-        Ok(count_u32(held.one_time.len()))
+        let subject = format!("{}{key}", self.kv.prefix);
+        let purge = async { self.kv.stream.purge().filter(subject).await };
+        op("removing from the mailbox", purge).await.map(drop)
     }
 }
 

@@ -1,79 +1,61 @@
 //! Storing one transfer in the cluster: the reservation (the limits checked
 //! against every transfer the cluster holds and this broker's uploads in
-//! progress), the data streamed into the object store as it arrives, and the
-//! commit — the `w.` key, written only once the object is whole.
+//! progress), the upload staged in a file of this broker's, and the commit —
+//! the whole file put into the object store, then the `w.` key.
 //!
-//! The object store reads the upload from a channel that ends cleanly only
-//! when [`SharedUpload::commit`] says so: an upload dropped half way ends it
-//! with an error, so the object store never completes a partial object.
+//! Nothing of an upload reaches NATS before its trailer: one cut half way
+//! (its sender gone, the broker gone) leaves only a staging file, which is
+//! removed (at once, or at the next start), never uncounted bytes in the
+//! cluster. A put that fails half way (NATS lost meanwhile) leaves chunks no
+//! object names; the object store's maximum age removes them.
 
-use std::pin::Pin;
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, Write as _};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use async_nats::jetstream::object_store::ObjectMetadata;
-use keyferry_common::ids::TransferId;
 use keyferry_common::sync::lock;
-use tokio::io::{AsyncRead, ReadBuf};
-use tokio::sync::mpsc;
 
 use super::{STORED_SUBJECT, SharedMailbox, hex_id, hex_name, id_in, op};
 use crate::mailbox::Reserved;
 use crate::mailbox::error::{MailboxError, Refusal, UploadError};
 use crate::mailbox::format::{MetaFile, stamp};
 use crate::mailbox::limits::{admit, max_upload};
+use crate::mailbox::storage::blocking;
 use crate::mailbox::types::StoredMeta;
 
 /// Bytes the object store publishes at once (below NATS' 1 MiB payload).
 const CHUNK: usize = 512 << 10;
 
-/// What the upload hands the object store.
-enum Piece {
-    Data(Vec<u8>),
-    /// The upload is whole: end of data.
-    End,
-}
-
-/// The object store's side of the channel: data, then a clean end only
-/// after [`Piece::End`]; a channel closed without it is an error.
-struct PieceReader {
-    rx: mpsc::Receiver<Piece>,
-    current: Vec<u8>,
-    at: usize,
-    ended: bool,
-}
-
-impl AsyncRead for PieceReader {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = &mut *self;
-        while this.at == this.current.len() {
-            if this.ended {
-                return Poll::Ready(Ok(()));
-            }
-            match this.rx.poll_recv(cx) {
-                Poll::Ready(Some(Piece::Data(d))) => (this.current, this.at) = (d, 0),
-                Poll::Ready(Some(Piece::End)) => this.ended = true,
-                Poll::Ready(None) => {
-                    return Poll::Ready(Err(std::io::Error::other("the upload was abandoned")));
-                }
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-        let n = buf.remaining().min(this.current.len() - this.at);
-        buf.put_slice(&this.current[this.at..this.at + n]);
-        this.at += n;
-        Poll::Ready(Ok(()))
+fn io_error(path: &Path, e: std::io::Error) -> MailboxError {
+    MailboxError::Io {
+        path: path.to_owned(),
+        source: e,
     }
+}
+
+/// Makes the staging directory (0700) and empties it of what an earlier run
+/// left.
+pub(super) fn clear_staging(dir: &Path) -> Result<(), MailboxError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| io_error(dir, e))?;
+    for entry in fs::read_dir(dir).map_err(|e| io_error(dir, e))?.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_file()) {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+    Ok(())
 }
 
 impl SharedMailbox {
     /// Reserves room for `meta`'s transfer (its `stored_at` and `expires`
-    /// set from `now_unix`) and starts its object. Refused, before any
-    /// byte, if the cluster knows the id or a limit would be exceeded.
+    /// set from `now_unix`) and creates its staging file. Refused, before
+    /// any byte, if the cluster knows the id or a limit would be exceeded.
     pub async fn reserve(
         self: &Arc<Self>,
         mut meta: StoredMeta,
@@ -83,6 +65,9 @@ impl SharedMailbox {
         let id = meta.id;
         let waiting = self.scan("w.>").await?;
         let ended = self.scan(&format!("e.*.{}", hex_id(&id))).await?;
+        // An object of that name (an upload of the same id committing
+        // through another broker right now) is not overwritten.
+        let object = self.objects.info(&hex_id(&id)).await.is_ok();
         let stored: Vec<(StoredMeta, u64)> = waiting
             .iter()
             .filter_map(|s| MetaFile::decode(&s.value, &id_in(&s.key)?))
@@ -92,6 +77,7 @@ impl SharedMailbox {
             let mut local = lock(&self.local);
             let known = stored.iter().any(|(m, _)| m.id == id)
                 || !ended.is_empty()
+                || object
                 || local.reserved.contains_key(&id);
             if known {
                 return Err(Refusal::Duplicate { id });
@@ -108,47 +94,39 @@ impl SharedMailbox {
             };
             local.reserved.insert(id, reserved);
         }
-        let (tx, rx) = mpsc::channel(2);
-        let objects = self.objects.clone();
-        let name = hex_id(&id);
-        let put = tokio::spawn(async move {
-            let mut reader = PieceReader {
-                rx,
-                current: Vec::new(),
-                at: 0,
-                ended: false,
-            };
-            let object = ObjectMetadata {
-                name,
-                chunk_size: Some(CHUNK),
-                ..Default::default()
-            };
-            objects
-                .put(object, &mut reader)
-                .await
-                .map(|info| info.size as u64)
-                .map_err(|e| e.to_string())
-        });
-        Ok(SharedUpload {
+        let path = self.staging.join(format!("{}.part", hex_id(&id)));
+        let mut upload = SharedUpload {
             shared: Arc::clone(self),
             meta,
-            tx: Some(tx),
-            put: Some(put),
+            path: path.clone(),
+            file: None,
             written: 0,
             limit: charge,
             committed: false,
+        };
+        let file = blocking(move || {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| io_error(&path, e))
         })
+        .await??;
+        upload.file = Some(BufWriter::with_capacity(256 << 10, file));
+        Ok(upload)
     }
 }
 
 /// One transfer being uploaded into the cluster's mailbox. Dropping it
-/// without [`SharedUpload::commit`] abandons the object and frees the
+/// without [`SharedUpload::commit`] removes its staging file and frees the
 /// reservation.
 pub struct SharedUpload {
     shared: Arc<SharedMailbox>,
     meta: StoredMeta,
-    tx: Option<mpsc::Sender<Piece>>,
-    put: Option<tokio::task::JoinHandle<Result<u64, String>>>,
+    path: PathBuf,
+    /// `None` only while a blocking write holds it.
+    file: Option<BufWriter<File>>,
     written: u64,
     limit: u64,
     committed: bool,
@@ -174,22 +152,17 @@ impl SharedUpload {
         self.limit
     }
 
-    /// Why the object store stopped taking data.
-    async fn failure(&mut self) -> UploadError {
-        let why = match self.put.take() {
-            Some(put) => match put.await {
-                Ok(Err(e)) => e,
-                Ok(Ok(_)) => "the object ended early".into(),
-                Err(e) => e.to_string(),
-            },
-            None => "the object store is gone".into(),
-        };
-        MailboxError::Shared(format!("storing transfer {}: {why}", self.meta.id)).into()
+    fn gone(&self) -> UploadError {
+        MailboxError::Shared(format!(
+            "transfer {}: the staging file is gone",
+            self.meta.id
+        ))
+        .into()
     }
 
     /// Appends `bytes` (past the limit, nothing is written and
-    /// [`UploadError::TooLong`] is returned).
-    pub async fn write(&mut self, bytes: Vec<u8>) -> Result<(), UploadError> {
+    /// [`UploadError::TooLong`] is returned); hands the buffer back.
+    pub async fn write(&mut self, bytes: Vec<u8>) -> Result<Vec<u8>, UploadError> {
         let total = (bytes.len() as u64).saturating_add(self.written);
         if total > self.limit {
             return Err(UploadError::TooLong {
@@ -197,44 +170,47 @@ impl SharedUpload {
                 limit: self.limit,
             });
         }
-        let sent = match &self.tx {
-            Some(tx) => tx.send(Piece::Data(bytes)).await.is_ok(),
-            None => false,
-        };
-        if !sent {
-            return Err(self.failure().await);
-        }
+        let mut file = self.file.take().ok_or_else(|| self.gone())?;
+        let path = self.path.clone();
+        let (file, bytes, done) = blocking(move || {
+            let done = file.write_all(&bytes).map_err(|e| io_error(&path, e));
+            (file, bytes, done)
+        })
+        .await?;
+        self.file = Some(file);
+        done?;
         self.written = total;
-        Ok(())
+        Ok(bytes)
     }
 
-    /// Ends the object, then writes the transfer's `w.` key: from then on
-    /// it is stored, and offered to its receiver by any broker.
+    /// Puts the whole upload into the object store, then writes the
+    /// transfer's `w.` key: from then on it is stored, and offered to its
+    /// receiver by any broker.
     pub async fn commit(mut self) -> Result<StoredMeta, UploadError> {
         let id = self.meta.id;
-        let ended = self.tx.as_ref().map(|tx| tx.try_send(Piece::End));
-        if !matches!(ended, Some(Ok(()))) {
-            // The channel is full only if the store stopped reading.
-            let sent = match self.tx.as_ref() {
-                Some(tx) => tx.send(Piece::End).await.is_ok(),
-                None => false,
-            };
-            if !sent {
-                return Err(self.failure().await);
-            }
-        }
-        self.tx = None;
-        let size = match self.put.take() {
-            Some(put) => put
-                .await
-                .map_err(|e| MailboxError::Shared(e.to_string()))?
-                .map_err(|e| MailboxError::Shared(format!("storing transfer {id}: {e}")))?,
-            None => return Err(MailboxError::Shared("the object store is gone".into()).into()),
+        let mut file = self.file.take().ok_or_else(|| self.gone())?;
+        let path = self.path.clone();
+        blocking(move || file.flush().map_err(|e| io_error(&path, e))).await??;
+        let mut data = tokio::fs::File::open(&self.path)
+            .await
+            .map_err(|e| io_error(&self.path, e))?;
+        let object = ObjectMetadata {
+            name: hex_id(&id),
+            chunk_size: Some(CHUNK),
+            ..Default::default()
         };
         let shared = Arc::clone(&self.shared);
-        if size != self.written {
+        let info = shared
+            .objects
+            .put(object, &mut data)
+            .await
+            .map_err(|e| MailboxError::Shared(format!("storing transfer {id}: {e}")))?;
+        if info.size as u64 != self.written {
             shared.drop_object(&id).await;
-            let why = format!("transfer {id}: {size} bytes stored of {}", self.written);
+            let why = format!(
+                "transfer {id}: {} bytes stored of {}",
+                info.size, self.written
+            );
             return Err(MailboxError::Shared(why).into());
         }
         {
@@ -247,7 +223,9 @@ impl SharedUpload {
         }
         let key = format!("w.{}.{}", hex_name(&self.meta.to), hex_id(&id));
         let record = MetaFile::encode(&self.meta, self.written);
-        // The commit point.
+        // The commit point. An answer lost on the way leaves the object: the
+        // key may have been written (then it is delivered), and if it was
+        // not, the object store's maximum age removes the object.
         match shared.create(&key, record).await {
             Ok(true) => {}
             Ok(false) => {
@@ -255,10 +233,7 @@ impl SharedUpload {
                     MailboxError::Shared(format!("transfer {id} is stored already")).into(),
                 );
             }
-            Err(e) => {
-                shared.drop_object(&id).await;
-                return Err(e.into());
-            }
+            Err(e) => return Err(e.into()),
         }
         lock(&shared.local).reserved.remove(&id);
         self.committed = true;
@@ -276,12 +251,10 @@ impl SharedUpload {
 
 impl Drop for SharedUpload {
     fn drop(&mut self) {
-        // Stop the object store first, then close its channel without an
-        // end: whichever it sees, it cannot complete the object.
-        if let Some(put) = self.put.take() {
-            put.abort();
-        }
-        self.tx = None;
+        // The staging copy goes either way: once committed, the cluster has
+        // the data.
+        self.file = None;
+        let _ = fs::remove_file(&self.path);
         if !self.committed {
             lock(&self.shared.local).reserved.remove(&self.meta.id);
         }
@@ -291,51 +264,10 @@ impl Drop for SharedUpload {
 impl SharedMailbox {
     /// Deletes transfer `id`'s object, if there is one (a failure is logged:
     /// the object store's maximum age removes it in the end).
-    pub(super) async fn drop_object(&self, id: &TransferId) {
+    pub(super) async fn drop_object(&self, id: &keyferry_common::ids::TransferId) {
         let name = hex_id(id);
         if let Err(e) = op("deleting an object", self.objects.delete(&name)).await {
             tracing::debug!(transfer = %id, error = %e, "mailbox: object not deleted");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use tokio::io::AsyncReadExt as _;
-
-    use super::*;
-
-    fn reader() -> (mpsc::Sender<Piece>, PieceReader) {
-        let (tx, rx) = mpsc::channel(4);
-        let reader = PieceReader {
-            rx,
-            current: Vec::new(),
-            at: 0,
-            ended: false,
-        };
-        (tx, reader)
-    }
-
-    #[tokio::test]
-    async fn the_object_store_sees_an_end_only_when_the_upload_says_so() {
-        let (tx, mut r) = reader();
-        tx.send(Piece::Data(b"sealed ".to_vec())).await.unwrap();
-        tx.send(Piece::Data(b"frames".to_vec())).await.unwrap();
-        tx.send(Piece::End).await.unwrap();
-        drop(tx);
-        let mut all = Vec::new();
-        r.read_to_end(&mut all).await.unwrap();
-        assert_eq!(all, b"sealed frames");
-    }
-
-    #[tokio::test]
-    async fn an_upload_dropped_half_way_is_an_error_not_an_end() {
-        let (tx, mut r) = reader();
-        tx.send(Piece::Data(b"half".to_vec())).await.unwrap();
-        drop(tx);
-        let mut all = Vec::new();
-        let err = r.read_to_end(&mut all).await.unwrap_err();
-        assert!(err.to_string().contains("abandoned"), "{err}");
-        assert_eq!(all, b"half");
     }
 }
