@@ -31,6 +31,9 @@ const ANSWER: Duration = Duration::from_secs(150);
 const RECEIPT: Duration = Duration::from_secs(300);
 /// A transfer that could not be delivered now is offered again after this.
 const AGAIN: Duration = Duration::from_secs(60);
+/// A transfer that could not be taken for delivery (another delivers it, or
+/// the mailbox did not answer) is looked at again after this.
+const BUSY: Duration = Duration::from_secs(5);
 
 /// A receiver's answer about a stored transfer, routed from its session.
 #[derive(Debug)]
@@ -156,8 +159,10 @@ impl Run {
             let waiting = match self.mailbox.waiting_for(&self.name, unix_now()).await {
                 Ok(waiting) => waiting,
                 Err(e) => {
-                    warn!(to = %self.name, error = %e, "mailbox unreadable: looked at again later");
-                    Vec::new()
+                    // Its cluster slow or away: soon again, not at the next poll.
+                    warn!(to = %self.name, error = %e, "mailbox unreadable: looked at again in a few seconds");
+                    tokio::time::sleep(BUSY).await;
+                    continue;
                 }
             };
             let next = waiting.into_iter().find(|m| !later.contains_key(&m.id));
@@ -192,8 +197,10 @@ impl Run {
     /// Offers one stored transfer; `None` once the session is gone.
     async fn offer(&mut self, meta: StoredMeta) -> Option<Step> {
         let id = meta.id;
+        // Being delivered by another session or broker, or its cluster did
+        // not answer: soon again.
         let Some(delivering) = self.mailbox.begin_delivery(&meta).await else {
-            return Some(Step::Again(AGAIN));
+            return Some(Step::Again(BUSY));
         };
         *lock(&self.current) = Some(id);
         let offered = Message::StoredOffered {
