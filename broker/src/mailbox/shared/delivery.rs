@@ -50,7 +50,7 @@ impl SharedMailbox {
             .await?
             .into_iter()
             .map(|(m, _)| m)
-            .filter(|m| now_unix < m.expires)
+            .filter(|m| m.to == *receiver && now_unix < m.expires)
             .collect();
         waiting.sort_by_key(|m| (m.order, m.id));
         Ok(waiting)
@@ -74,10 +74,18 @@ impl SharedMailbox {
             marker.release().await;
             return None;
         };
-        if !matches!(self.entry(&ended_key(&meta)).await, Ok(None)) {
-            self.clean_up(&meta).await;
-            marker.release().await;
-            return None;
+        match self.entry(&ended_key(&meta)).await {
+            Ok(None) => {}
+            Ok(Some(_)) => {
+                self.clean_up(&meta).await;
+                marker.release().await;
+                return None;
+            }
+            // Not known now: left as it is, for a later look.
+            Err(_) => {
+                marker.release().await;
+                return None;
+            }
         }
         Some(SharedDelivery {
             shared: Arc::clone(self),
