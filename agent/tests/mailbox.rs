@@ -566,3 +566,37 @@ fn a_receiver_on_a_terminal_is_asked_about_a_stored_transfer_and_no_leaves_nothi
     assert_eq!(refused["verified"], true, "{list:?}");
     assert_eq!(refused["why"], "bob declined");
 }
+
+#[test]
+fn a_stored_delivery_cut_half_way_keeps_no_prefix_and_comes_again_whole() {
+    let mut broker = Broker::start();
+    let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
+    let (src, out) = (TempDir::new("src"), TempDir::new("out"));
+    deposit_prekeys(&mut broker, &bob, out.path());
+    let file = src.join("cut.iso");
+    marker_file(&file, 128);
+    stored_event(&store(
+        &alice,
+        &broker,
+        "bob",
+        &["--file", file.to_str().unwrap()],
+    ));
+    // The broker dies while bob is being sent it.
+    let mut rx = bob.receiver(&broker, out.path(), &["--json"]);
+    support::wait_for_data(rx.child.id(), out.path(), 8 << 20);
+    let (data, addr) = (broker.data, broker.addr.clone());
+    let mut old = broker.proc;
+    old.kill();
+    let line = rx.stdout.wait_for("\"event\":\"failed\"", WAIT);
+    assert!(line.contains("cut.iso") || line.contains("alice"), "{line}");
+    // A stored transfer comes again whole: nothing of it is kept meanwhile.
+    assert!(
+        support::names_in(out.path()).is_empty(),
+        "{:?}",
+        support::names_in(out.path())
+    );
+    let _broker = Broker::start_at(data, &addr);
+    rx.stdout.wait_for("\"event\":\"received\"", WAIT);
+    assert_eq!(hash_file(&out.join("cut.iso")), hash_file(&file));
+    assert_eq!(support::names_in(out.path()), vec!["cut.iso".to_owned()]);
+}

@@ -217,6 +217,9 @@ async fn accept_and_receive(
     out: &mpsc::Sender<Message>,
     gate: &mut StoredGate,
 ) -> Result<(Placed, Path), Failure> {
+    // A stored transfer never resumes from a kept prefix (the broker sends
+    // it whole again): a failed one keeps none.
+    let resumable = matches!(offer, Incoming::Live(_));
     let admitted = admit::admit(shared, from, spki, offer, tid, gate).await?;
     let ctx = &shared.ctx;
     // Waiting for the ticket before the accept goes out, so that even an
@@ -336,7 +339,8 @@ async fn accept_and_receive(
         },
         place: admitted.place,
     };
-    match stream::receive_stream(shared, &mut data, job, admitted.slot, asked).await {
+    let receiving = stream::receive_stream(shared, &mut data, job, admitted.slot, asked, resumable);
+    match receiving.await {
         Ok(done) => {
             // The receipt goes out only once the data is in place and durable.
             let _ = data

@@ -353,12 +353,14 @@ fn snapshot(journal: &Journal, stream: &RecvStream) -> Journal {
 pub(super) struct Leftover(Box<Sink>, bool);
 
 impl Leftover {
-    /// Keeps the verified prefix journalled if the failure was `reason` and
-    /// a retry is to be expected (the sender, the broker or a connection
-    /// went away, or nothing came for too long); removes it otherwise (what
-    /// did not verify, or broke a rule, is not worth resuming).
-    pub(super) fn settle(self, reason: AbortReason) {
+    /// Keeps the verified prefix journalled if the transfer is `resumable`
+    /// (a live one), the failure was `reason` and a retry is to be expected
+    /// (the sender, the broker or a connection went away, or nothing came
+    /// for too long); removes it otherwise (what did not verify, or broke a
+    /// rule, is not worth resuming, and a stored transfer comes again whole).
+    pub(super) fn settle(self, reason: AbortReason, resumable: bool) {
         let keep = self.1
+            && resumable
             && matches!(
                 reason,
                 AbortReason::PeerGone | AbortReason::Timeout | AbortReason::Interrupted

@@ -46,6 +46,7 @@ pub(super) async fn receive_stream(
     job: Job,
     slot: Slot<'_>,
     mut asks: Option<mpsc::Receiver<Asked>>,
+    resumable: bool,
 ) -> Result<Received, Failure> {
     let tid = job.stream.transfer_id();
     let (tx, rx) = mpsc::channel::<Vec<u8>>(8);
@@ -178,7 +179,7 @@ pub(super) async fn receive_stream(
     // directory's lock instead, PROTOCOL.md §7.4).
     drop(slot);
     // Journalling the prefix syncs the disk: not on this task's thread.
-    let _ = tokio::task::spawn_blocking(move || leftover.settle(reason)).await;
+    let _ = tokio::task::spawn_blocking(move || leftover.settle(reason, resumable)).await;
     Err(failure)
 }
 
