@@ -20,6 +20,7 @@ use super::consent::Consent;
 use super::job::{Job, Want};
 use super::offers::{Incoming, StoredGate};
 use super::report::{self, Placed};
+use super::stored::Again;
 use super::{Failure, Shared, admit, path, stream};
 use crate::client::CONNECT_TIMEOUT;
 use crate::direct::Path;
@@ -71,13 +72,24 @@ pub(super) async fn incoming(
     };
     let _running = if stored {
         // Its receipt went out already (and was lost): the same again.
-        if let Some(receipt) = super::stored::receipt_again(shared, &tid) {
-            let again = Message::StoredReceipt {
-                transfer_id: tid,
-                receipt,
-            };
-            let _ = out.send(again).await;
-            return None;
+        match super::stored::receipt_again(shared, tid).await {
+            Again::No => {}
+            Again::Send(receipt) => {
+                let again = Message::StoredReceipt {
+                    transfer_id: tid,
+                    receipt,
+                };
+                let _ = out.send(again).await;
+                return None;
+            }
+            Again::NotNow => {
+                let later = Message::Refuse {
+                    transfer_id: tid,
+                    reason: RefuseReason::TryLater { seconds: 60 },
+                };
+                let _ = out.send(later).await;
+                return None;
+            }
         }
         // Offered twice at once (a broker's doing): the second is busy.
         match Running::start(shared, tid) {

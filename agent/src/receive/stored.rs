@@ -15,12 +15,13 @@ use keyferry_common::wire::message::{AbortReason, Message, RefuseReason};
 use tokio::sync::mpsc;
 
 use super::incoming::Ended;
-use super::offers::StoredGate;
+use super::offers::{PrekeyUse, StoredGate};
 use super::report::{self, Placed};
 use super::{Failure, Shared};
 use crate::direct::Path;
 use crate::home::now_unix;
 use crate::mailbox::prekeys::top_up as bundles_to_add;
+use crate::mailbox::signed::{Found, Kept};
 use crate::output::notice;
 
 /// Most one-time bundles in one `Prekeys` message (each is at most about
@@ -41,9 +42,13 @@ pub(super) async fn top_up(shared: &Shared, held: (u32, u64), out: &mpsc::Sender
         std::sync::Arc::clone(&shared.ctx.identity),
         shared.ctx.name.clone(),
     );
+    let signed = shared.signed.clone();
     let made = tokio::task::spawn_blocking(move || {
         // Whatever no stored transfer can name any more goes first.
         prekeys.sweep(now_unix());
+        if let Some(s) = signed {
+            s.sweep();
+        }
         bundles_to_add(&prekeys, &identity, &me, held, now_unix())
     })
     .await;
@@ -258,10 +263,16 @@ pub(super) async fn ended(
     }
     // The receipt is kept in the home before the prekey that opens the
     // transfer goes: a restart in between can still answer an offer again.
+    // (Not kept, the prekey goes all the same: forward secrecy first.)
     if let (Some(signed), Some(keep)) = (&signed, &shared.signed) {
-        let (keep, bytes) = (keep.clone(), signed.clone());
-        let kept = tokio::task::spawn_blocking(move || keep.keep(&tid, &bytes)).await;
-        if !matches!(kept, Ok(Ok(()))) {
+        let kept = Kept {
+            receipt: signed.clone(),
+            prekey: gate.prekey.map(|p| (p.id, p.last_resort)),
+            offer_time: gate.time,
+        };
+        let keep = keep.clone();
+        let done = tokio::task::spawn_blocking(move || keep.keep(&tid, &kept)).await;
+        if !matches!(done, Ok(Ok(()))) {
             notice!("cannot keep the receipt of stored transfer {tid} in the home");
         }
     }
@@ -307,11 +318,61 @@ async fn used_up(shared: &Shared, tid: TransferId, gate: &StoredGate) {
     }
 }
 
-/// The signed receipt this run already sent for `tid`, if any: a broker
-/// offering that transfer again did not get it.
-pub(super) fn receipt_again(shared: &Shared, tid: &TransferId) -> Option<Vec<u8>> {
-    let here = lock(&shared.stored_receipts).get(tid).cloned();
-    here.or_else(|| shared.signed.as_ref()?.get(tid))
+/// What to answer a stored transfer offered again whose receipt went out
+/// already (the broker did not get it).
+pub(super) enum Again {
+    /// Not one this receiver ended.
+    No,
+    /// Its receipt, to send again.
+    Send(Vec<u8>),
+    /// Its record cannot be read now: not now.
+    NotNow,
+}
+
+/// The signed receipt this receiver sent for `tid`, if any: from this run,
+/// or kept in the home — then checked to be its own for that transfer, and
+/// the prekey it names deleted (or its id recorded) if a stop came between
+/// keeping the receipt and that step.
+pub(super) async fn receipt_again(shared: &Shared, tid: TransferId) -> Again {
+    if let Some(receipt) = lock(&shared.stored_receipts).get(&tid).cloned() {
+        return Again::Send(receipt);
+    }
+    let Some(signed) = shared.signed.clone() else {
+        return Again::No;
+    };
+    let me = shared.ctx.identity.public().clone();
+    let found = tokio::task::spawn_blocking(move || {
+        let found = signed.get(&tid);
+        if let Found::Kept(k) = &found {
+            let ours = StoredReceipt::verify(&k.receipt, &me).is_ok_and(|r| {
+                r.transfer_id == tid && r.receiver_fp == Fingerprint::of_spki(me.spki_der())
+            });
+            if !ours {
+                signed.forget(&tid);
+                return Found::Nothing;
+            }
+        }
+        found
+    })
+    .await;
+    match found {
+        Ok(Found::Kept(k)) => {
+            let gate = StoredGate {
+                signable: true,
+                prekey: k
+                    .prekey
+                    .map(|(id, last_resort)| PrekeyUse { id, last_resort }),
+                time: k.offer_time,
+            };
+            used_up(shared, tid, &gate).await;
+            Again::Send(k.receipt)
+        }
+        Ok(Found::Unreadable(why)) => {
+            notice!("cannot read the kept receipt of stored transfer {tid} ({why})");
+            Again::NotNow
+        }
+        Ok(Found::Nothing) | Err(_) => Again::No,
+    }
 }
 
 fn why_of(failure: &Failure) -> String {
