@@ -220,8 +220,18 @@ fn a_transfer_stored_for_an_offline_receiver_arrives_and_only_then_and_never_twi
 
     // The broker offers it again, as if bob's receipt had been lost on the
     // way (its mailbox as it was before the delivery), to a new run of bob's
-    // receiver: bob sends the receipt he kept in his home, and places
-    // nothing twice; alice reads "delivered", verified.
+    // receiver — one that had stopped before it deleted the used prekey (put
+    // back here): bob sends the receipt he kept in his home, deletes that
+    // prekey now, and places nothing twice; alice reads "delivered",
+    // verified.
+    let held = |dir: &Path| support::names_in(&dir.join("prekeys"));
+    let used: Vec<String> = held(control.path())
+        .into_iter()
+        .filter(|n| !held(bob.dir.path()).contains(n))
+        .collect();
+    assert_eq!(used.len(), 1, "{used:?}");
+    let used = format!("prekeys/{}", used[0]);
+    fs::copy(control.join(&used), bob.dir.join(&used)).unwrap();
     let replay = |broker: Broker| {
         let (data, addr) = (broker.data, broker.addr.clone());
         let mut old = broker.proc;
@@ -235,6 +245,10 @@ fn a_transfer_stored_for_an_offline_receiver_arrives_and_only_then_and_never_twi
     broker.proc.stderr.wait_for("stored transfer ended", WAIT);
     rx.kill();
     assert_eq!(support::names_in(out.path()), vec!["big.iso".to_owned()]);
+    assert!(
+        !bob.dir.join(&used).exists(),
+        "the used prekey is deleted now"
+    );
     let list = receipts(&alice, &broker);
     assert_eq!(list[0]["state"], "delivered", "{list:?}");
     assert_eq!(list[0]["verified"], true, "{list:?}");
