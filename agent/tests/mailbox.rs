@@ -424,6 +424,16 @@ fn a_fetch_loop_is_rate_limited_and_the_last_resort_prekey_is_said_on_both_sides
     let want: Vec<String> = (0..17).map(|i| format!("m{i}")).collect();
     assert_eq!(texts, want);
     rx.stderr.wait_for("last-resort prekey", WAIT);
+    // Every one ended at the broker: bob is done with each (its prekey
+    // deleted or its id recorded) before its receipt goes.
+    wait_until("seventeen ends", WAIT, || {
+        let ended = broker.proc.stderr.drain();
+        ended
+            .iter()
+            .filter(|l| l.contains("stored transfer ended"))
+            .count()
+            >= 17
+    });
     rx.kill();
     // A broker that replays them, to a bob whose home lost the receipts he
     // signed (with them he would just send those again): the last-resort
