@@ -26,14 +26,25 @@ use crate::mailbox::limits::{admit, max_upload};
 use crate::mailbox::storage::blocking;
 use crate::mailbox::types::StoredMeta;
 
-/// Bytes the object store publishes at once (below NATS' 1 MiB payload).
-const CHUNK: usize = 512 << 10;
+/// The most bytes the object store publishes at once: NATS' default
+/// largest payload (1 MiB) less room for the message's headers; less if the
+/// server allows less.
+const CHUNK: usize = (1 << 20) - (4 << 10);
 
 fn io_error(path: &Path, e: std::io::Error) -> MailboxError {
     MailboxError::Io {
         path: path.to_owned(),
         source: e,
     }
+}
+
+/// The chunk size for the server `client` is connected to.
+fn chunk_size(client: &async_nats::Client) -> usize {
+    let most = client.server_info().max_payload;
+    if most == 0 {
+        return 128 << 10;
+    }
+    CHUNK.min(most.saturating_sub(4 << 10)).max(1 << 10)
 }
 
 /// Makes the staging directory (0700) and empties it of what an earlier run
@@ -194,12 +205,12 @@ impl SharedUpload {
         let mut data = tokio::fs::File::open(&self.path)
             .await
             .map_err(|e| io_error(&self.path, e))?;
+        let shared = Arc::clone(&self.shared);
         let object = ObjectMetadata {
             name: hex_id(&id),
-            chunk_size: Some(CHUNK),
+            chunk_size: Some(chunk_size(&shared.client)),
             ..Default::default()
         };
-        let shared = Arc::clone(&self.shared);
         let info = shared
             .objects
             .put(object, &mut data)
