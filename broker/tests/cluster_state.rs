@@ -384,7 +384,11 @@ async fn one_member_at_a_time_works_on_a_stored_transfer_and_an_abandoned_upload
     assert_eq!(object_bytes(&one).await, after_one, "nothing of it in NATS");
     assert!(after_one >= before);
 
+    // Every member hears of what another stored, and for whom.
+    let mut news = b.stored_news().await.unwrap();
     let meta = store(&a, 5, 1 << 20).await;
+    let heard = tokio::time::timeout(Duration::from_secs(5), news.next()).await;
+    assert_eq!(&heard.unwrap().unwrap().payload[..], b"bob");
     let bob = name("bob");
     let waiting = b.waiting_for(&bob, unix_now()).await.unwrap();
     assert_eq!(waiting, vec![meta.clone()]);
