@@ -183,6 +183,47 @@ pub struct OfferFields {
     header_len: usize,
 }
 
+/// A name field of an offer's header; `what` names the record in the error.
+fn name_field(
+    d: &mut crate::encode::Decoder<'_>,
+    what: &'static str,
+) -> Result<AgentName, HandshakeError> {
+    let raw = d
+        .bytes(crate::name::MAX_NAME_LEN)
+        .map_err(|_| HandshakeError::Malformed(what))?;
+    std::str::from_utf8(raw)
+        .ok()
+        .and_then(|s| AgentName::new(s).ok())
+        .ok_or(HandshakeError::Malformed(what))
+}
+
+/// The sealed terms that end an offer's body (live or stored).
+fn encode_sealed(s: &Sealed) -> Vec<u8> {
+    Encoder::default()
+        .fixed(&s.iv)
+        .bytes(&s.ciphertext)
+        .fixed(&s.tag)
+        .finish()
+}
+
+/// Reads the sealed terms that end an offer's body, and checks nothing
+/// follows them; `what` names the record in the error.
+fn decode_sealed(
+    mut d: crate::encode::Decoder<'_>,
+    what: &'static str,
+) -> Result<Sealed, HandshakeError> {
+    let bad = |_| HandshakeError::Malformed(what);
+    let iv = d.array::<{ crate::crypto::seal::IV_LEN }>().map_err(bad)?;
+    let ciphertext = d.bytes(MAX_TERMS_LEN + 16).map_err(bad)?.to_vec();
+    let tag = d.array::<TAG_LEN>().map_err(bad)?;
+    d.finish().map_err(bad)?;
+    Ok(Sealed {
+        iv,
+        ciphertext,
+        tag,
+    })
+}
+
 fn header_hash(header: &[u8]) -> [u8; 32] {
     Sha256::digest(Encoder::new(label::OFFER_HEADER).fixed(header).finish()).into()
 }

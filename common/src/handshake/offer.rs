@@ -4,7 +4,7 @@
 use super::accept::OpenedOffer;
 use super::{
     HandshakeError, MAX_OFFER_LEN, MAX_TERMS_LEN, MAX_WRAPPED_LEN, OfferFields, SignedOffer, Terms,
-    header_hash, label, oaep_label, terms_ad,
+    decode_sealed, encode_sealed, header_hash, label, name_field, oaep_label, terms_ad,
 };
 use crate::PROTOCOL_VERSION;
 use crate::crypto::ecdh::Ephemeral;
@@ -35,23 +35,6 @@ fn encode_header(f: &OfferFields) -> Vec<u8> {
         .finish()
 }
 
-fn encode_sealed(s: &Sealed) -> Vec<u8> {
-    Encoder::default()
-        .fixed(&s.iv)
-        .bytes(&s.ciphertext)
-        .fixed(&s.tag)
-        .finish()
-}
-
-fn name_field(d: &mut Decoder<'_>) -> Result<AgentName, HandshakeError> {
-    let bad = HandshakeError::Malformed("offer");
-    let raw = d
-        .bytes(crate::name::MAX_NAME_LEN)
-        .map_err(|_| bad.clone())?;
-    let s = std::str::from_utf8(raw).map_err(|_| bad.clone())?;
-    AgentName::new(s).map_err(|_| bad)
-}
-
 impl SignedOffer {
     /// Parses the body's structure. Nothing is authenticated yet: use the result
     /// only to route the offer and to find the sender's pinned key.
@@ -67,9 +50,9 @@ impl SignedOffer {
         }
         let transfer_id = TransferId(d.array().map_err(|_| bad())?);
         let stream_id = StreamId(d.array().map_err(|_| bad())?);
-        let sender = name_field(&mut d)?;
+        let sender = name_field(&mut d, "offer")?;
         let sender_fp = Fingerprint(d.array().map_err(|_| bad())?);
-        let receiver = name_field(&mut d)?;
+        let receiver = name_field(&mut d, "offer")?;
         let receiver_fp = Fingerprint(d.array().map_err(|_| bad())?);
         let time = d.u64().map_err(|_| bad())?;
         let sender_nonce = Nonce(d.array().map_err(|_| bad())?);
@@ -77,10 +60,7 @@ impl SignedOffer {
         let kem_key = Box::new(d.array().map_err(|_| bad())?);
         let wrapped_key = d.bytes(MAX_WRAPPED_LEN).map_err(|_| bad())?.to_vec();
         let header_len = self.body.len() - d.remaining();
-        let iv = d.array::<IV_LEN>().map_err(|_| bad())?;
-        let ciphertext = d.bytes(MAX_TERMS_LEN + 16).map_err(|_| bad())?.to_vec();
-        let tag = d.array::<TAG_LEN>().map_err(|_| bad())?;
-        d.finish().map_err(|_| bad())?;
+        let terms = decode_sealed(d, "offer")?;
         Ok(OfferFields {
             version,
             transfer_id,
@@ -94,11 +74,7 @@ impl SignedOffer {
             sender_share,
             kem_key,
             wrapped_key,
-            terms: Sealed {
-                iv,
-                ciphertext,
-                tag,
-            },
+            terms,
             header_len,
         })
     }

@@ -17,7 +17,8 @@ use sha2::{Digest as _, Sha256};
 
 use super::prekey::{Bundle, PrekeyKeys};
 use super::{
-    HandshakeError, MAX_OFFER_LEN, MAX_TERMS_LEN, MAX_WRAPPED_LEN, SignedOffer, Terms, terms_ad,
+    HandshakeError, MAX_OFFER_LEN, MAX_TERMS_LEN, MAX_WRAPPED_LEN, SignedOffer, Terms,
+    decode_sealed, encode_sealed, name_field, terms_ad,
 };
 use crate::PROTOCOL_VERSION;
 use crate::crypto::ecdh::{Ephemeral, SHARE_LEN};
@@ -28,7 +29,7 @@ use crate::crypto::wrap;
 use crate::encode::{Decoder, Encoder};
 use crate::identity::{Fingerprint, Identity, PublicKey};
 use crate::ids::{Nonce, StreamId, TransferId};
-use crate::name::{AgentName, MAX_NAME_LEN};
+use crate::name::AgentName;
 use crate::schedule::{PairKeys, Secrets, derive_pair_keys, terms_keys};
 
 /// Labels of the stored handshake.
@@ -143,16 +144,6 @@ fn transcript(offer: &SignedOffer, bundle_body: &[u8]) -> [u8; 32] {
     .into()
 }
 
-fn name_field(d: &mut Decoder<'_>) -> Result<AgentName, HandshakeError> {
-    let raw = d
-        .bytes(MAX_NAME_LEN)
-        .map_err(|_| HandshakeError::Malformed("stored offer"))?;
-    std::str::from_utf8(raw)
-        .ok()
-        .and_then(|s| AgentName::new(s).ok())
-        .ok_or(HandshakeError::Malformed("stored offer"))
-}
-
 /// Parses a stored offer's body. Nothing is authenticated yet.
 pub fn parse_stored(offer: &SignedOffer) -> Result<StoredFields, HandshakeError> {
     let bad = |_| HandshakeError::Malformed("stored offer");
@@ -166,9 +157,9 @@ pub fn parse_stored(offer: &SignedOffer) -> Result<StoredFields, HandshakeError>
     }
     let transfer_id = TransferId(d.array().map_err(bad)?);
     let stream_id = StreamId(d.array().map_err(bad)?);
-    let sender = name_field(&mut d)?;
+    let sender = name_field(&mut d, "stored offer")?;
     let sender_fp = Fingerprint(d.array().map_err(bad)?);
-    let receiver = name_field(&mut d)?;
+    let receiver = name_field(&mut d, "stored offer")?;
     let receiver_fp = Fingerprint(d.array().map_err(bad)?);
     let time = d.u64().map_err(bad)?;
     let sender_nonce = Nonce(d.array().map_err(bad)?);
@@ -177,10 +168,7 @@ pub fn parse_stored(offer: &SignedOffer) -> Result<StoredFields, HandshakeError>
     let kem_ct = Box::new(d.array().map_err(bad)?);
     let wrapped_key = d.bytes(MAX_WRAPPED_LEN).map_err(bad)?.to_vec();
     let header_len = offer.body.len() - d.remaining();
-    let iv = d.array::<IV_LEN>().map_err(bad)?;
-    let ciphertext = d.bytes(MAX_TERMS_LEN + 16).map_err(bad)?.to_vec();
-    let tag = d.array::<TAG_LEN>().map_err(bad)?;
-    d.finish().map_err(bad)?;
+    let terms = decode_sealed(d, "stored offer")?;
     Ok(StoredFields {
         transfer_id,
         stream_id,
@@ -194,11 +182,7 @@ pub fn parse_stored(offer: &SignedOffer) -> Result<StoredFields, HandshakeError>
         sender_share,
         kem_ct,
         wrapped_key,
-        terms: Sealed {
-            iv,
-            ciphertext,
-            tag,
-        },
+        terms,
         header_len,
     })
 }
@@ -265,13 +249,7 @@ pub fn make_stored_offer(p: StoredParams<'_>) -> Result<(SignedOffer, PairKeys),
     );
     let sealed = seal::seal(&keys, &terms_ad(&fields.transfer_id), &terms_plain);
     let mut body = header;
-    body.extend_from_slice(
-        &Encoder::default()
-            .fixed(&sealed.iv)
-            .bytes(&sealed.ciphertext)
-            .fixed(&sealed.tag)
-            .finish(),
-    );
+    body.extend_from_slice(&encode_sealed(&sealed));
     let signature = p.identity.sign(label::STORED_OFFER, &body);
     let offer = SignedOffer { body, signature };
     if offer.body.len() + offer.signature.len() > MAX_OFFER_LEN {
