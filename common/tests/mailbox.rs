@@ -8,7 +8,7 @@ use keyferry_common::crypto::seal;
 use keyferry_common::handshake::prekey::{BundleKind, make_bundle, verify_bundle};
 use keyferry_common::handshake::receipt::{Outcome, StoredReceipt};
 use keyferry_common::handshake::stored::{
-    StoredParams, make_stored_offer, parse_stored, verify_stored,
+    StoredParams, VerifiedStored, make_stored_offer, parse_stored, verify_stored,
 };
 use keyferry_common::handshake::{HandshakeError, Kind, SignedOffer, Terms};
 use keyferry_common::ids::StreamId;
@@ -68,18 +68,22 @@ fn stored_to_bob(
     (offer, pair, signed, keys)
 }
 
+/// Bob's check of a stored offer from alice at `now`.
+fn bob_verifies(offer: &SignedOffer, now: u64) -> Result<VerifiedStored, HandshakeError> {
+    verify_stored(
+        offer,
+        alice().public(),
+        &name("bob"),
+        bob().fingerprint(),
+        now,
+    )
+}
+
 #[test]
 fn a_stored_offer_opens_with_the_identity_and_the_bundle_and_both_sides_agree() {
     let (offer, sent, signed, keys) = stored_to_bob(BundleKind::OneTime);
     let bundle = keyferry_common::handshake::prekey::own_bundle(&signed).unwrap();
-    let verified = verify_stored(
-        &offer,
-        alice().public(),
-        &name("bob"),
-        bob().fingerprint(),
-        NOW + 86400,
-    )
-    .unwrap();
+    let verified = bob_verifies(&offer, NOW + 86400).unwrap();
     assert_eq!(verified.fields().bundle_id, bundle.id);
     let (got, pair) = verified.open(bob(), &bundle, &keys).unwrap();
     assert_eq!(got, terms());
@@ -95,14 +99,7 @@ fn without_the_bundle_secrets_the_identity_key_opens_nothing() {
     let (offer, sent, signed, _deleted) = stored_to_bob(BundleKind::OneTime);
     let bundle = keyferry_common::handshake::prekey::own_bundle(&signed).unwrap();
     let (_, _, other_keys) = make_bundle(bob(), &name("bob"), BundleKind::OneTime, NOW, 3600);
-    let verified = verify_stored(
-        &offer,
-        alice().public(),
-        &name("bob"),
-        bob().fingerprint(),
-        NOW,
-    )
-    .unwrap();
+    let verified = bob_verifies(&offer, NOW).unwrap();
     // The right public bundle, the wrong private halves: the terms open (they
     // are under RSA alone, PROTOCOL.md §4), the pair keys do not agree.
     let (_, pair) = verified.open(bob(), &bundle, &other_keys).unwrap();
@@ -110,14 +107,7 @@ fn without_the_bundle_secrets_the_identity_key_opens_nothing() {
     // Another bundle than the one the offer names: refused outright.
     let (other_signed, _, other) = make_bundle(bob(), &name("bob"), BundleKind::OneTime, NOW, 3600);
     let other_bundle = keyferry_common::handshake::prekey::own_bundle(&other_signed).unwrap();
-    let verified = verify_stored(
-        &offer,
-        alice().public(),
-        &name("bob"),
-        bob().fingerprint(),
-        NOW,
-    )
-    .unwrap();
+    let verified = bob_verifies(&offer, NOW).unwrap();
     assert_eq!(
         verified.open(bob(), &other_bundle, &other).unwrap_err(),
         HandshakeError::Auth
@@ -150,55 +140,20 @@ fn a_stored_offer_is_checked_before_any_private_key_is_used() {
         ),
         Err(HandshakeError::NotForUs { .. })
     ));
-    assert!(
-        verify_stored(
-            &offer,
-            alice().public(),
-            &name("bob"),
-            bob().fingerprint(),
-            NOW + 36 * 86400
-        )
-        .is_err()
-    );
-    assert!(
-        verify_stored(
-            &offer,
-            alice().public(),
-            &name("bob"),
-            bob().fingerprint(),
-            NOW - 600
-        )
-        .is_err()
-    );
+    assert!(bob_verifies(&offer, NOW + 36 * 86400).is_err());
+    assert!(bob_verifies(&offer, NOW - 600).is_err());
     // Any flipped byte of the body fails the signature (or the parse).
     for at in [2, 40, 200, 1500, offer.body.len() - 1] {
         let mut bad = offer.clone();
         bad.body[at] ^= 1;
-        assert!(
-            verify_stored(
-                &bad,
-                alice().public(),
-                &name("bob"),
-                bob().fingerprint(),
-                NOW
-            )
-            .is_err(),
-            "{at}"
-        );
+        assert!(bob_verifies(&bad, NOW).is_err(), "{at}");
     }
     // A live offer's signature context differs: a stored body signed as a
     // live offer does not verify as stored.
     let mut relabelled = offer.clone();
     relabelled.signature = alice().sign("keyferry/v2 offer", &offer.body);
     assert_eq!(
-        verify_stored(
-            &relabelled,
-            alice().public(),
-            &name("bob"),
-            bob().fingerprint(),
-            NOW
-        )
-        .unwrap_err(),
+        bob_verifies(&relabelled, NOW).unwrap_err(),
         HandshakeError::Auth
     );
     assert!(parse_stored(&offer).is_ok());
