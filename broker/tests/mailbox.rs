@@ -67,6 +67,20 @@ async fn bob_leaves_prekeys(broker: &TestBroker, bob: &Agent, n: usize) {
         .await;
 }
 
+/// Asks on `conn` to store `offer` (1000 bytes announced) for `to`.
+async fn ask_to_store(
+    conn: &mut keyferry_agent::client::AgentConn,
+    to: &str,
+    offer: SignedOffer,
+) {
+    let store = Message::Store {
+        to: name(to),
+        offer,
+        size: 1000,
+    };
+    conn.writer.write(&store).await.unwrap();
+}
+
 /// Alice's stored offer to bob, against a bundle fetched on `conn`.
 async fn sealed(
     alice: &Agent,
@@ -180,14 +194,7 @@ async fn an_upload_out_of_place_or_too_long_is_voided_and_leaves_nothing() {
     for (what, frames) in cases {
         let mut conn = alice.connect(Role::Sender).await;
         let (offer, tid, sid) = sealed(&alice, &mut conn).await;
-        conn.writer
-            .write(&Message::Store {
-                to: name("bob"),
-                offer,
-                size: 1000,
-            })
-            .await
-            .unwrap();
+        ask_to_store(&mut conn, "bob", offer).await;
         let Some(Message::Ticket { ticket, .. }) = conn.reader.read_timeout(WAIT).await.unwrap()
         else {
             panic!("{what}: no ticket")
@@ -239,14 +246,7 @@ async fn a_store_must_name_its_own_sender_and_the_receivers_registered_key() {
     let (offer, _, _) = sealed(&alice, &mut conn).await;
     drop(conn);
     let mut conn = carol.connect(Role::Sender).await;
-    conn.writer
-        .write(&Message::Store {
-            to: name("bob"),
-            offer: offer.clone(),
-            size: 1000,
-        })
-        .await
-        .unwrap();
+    ask_to_store(&mut conn, "bob", offer.clone()).await;
     let detail = expect_error(&mut conn, ErrorCode::Protocol).await;
     assert!(
         detail.contains("must name this connection's agent"),
@@ -254,14 +254,7 @@ async fn a_store_must_name_its_own_sender_and_the_receivers_registered_key() {
     );
     // Alice's own, but said to be for carol.
     let mut conn = alice.connect(Role::Sender).await;
-    conn.writer
-        .write(&Message::Store {
-            to: name("carol"),
-            offer,
-            size: 1000,
-        })
-        .await
-        .unwrap();
+    ask_to_store(&mut conn, "carol", offer).await;
     expect_error(&mut conn, ErrorCode::Protocol).await;
     assert!(objects(&broker).is_empty());
 }
