@@ -68,11 +68,7 @@ async fn bob_leaves_prekeys(broker: &TestBroker, bob: &Agent, n: usize) {
 }
 
 /// Asks on `conn` to store `offer` (1000 bytes announced) for `to`.
-async fn ask_to_store(
-    conn: &mut keyferry_agent::client::AgentConn,
-    to: &str,
-    offer: SignedOffer,
-) {
+async fn ask_to_store(conn: &mut keyferry_agent::client::AgentConn, to: &str, offer: SignedOffer) {
     let store = Message::Store {
         to: name(to),
         offer,
