@@ -58,6 +58,15 @@ fi
 note "tests"
 # The end-to-end tests start the real binaries: build them first.
 cargo build --workspace --bins --locked
+cargo test --workspace --locked --no-run -q
+# The receivers in the tests keep 1 GiB of their file system free and refuse
+# what would eat into it: on a nearly full disk dozens of tests would fail
+# with "too large". Say so once instead.
+tmp_free_kib=$(df -Pk "${TMPDIR:-/tmp}" | awk 'NR == 2 { print $4 }')
+if [ "${tmp_free_kib:-0}" -lt $((3 * 1024 * 1024)) ]; then
+    echo "only $((tmp_free_kib / 1024)) MiB free under ${TMPDIR:-/tmp}: the tests need 3 GiB (free some space, or point TMPDIR elsewhere)"
+    exit 1
+fi
 if have cargo nextest --version; then
     cargo nextest run --workspace --locked --no-fail-fast
 else

@@ -264,13 +264,26 @@ async fn offers_at_once(
     passed
 }
 
-/// The cluster's mailbox of `member`, staging in a fresh directory.
-async fn mailbox(member: &Cluster, limits: MailboxLimits) -> Arc<SharedMailbox> {
-    let staging = std::env::temp_dir().join(format!(
-        "keyferry-staging-{}-{}",
-        std::process::id(),
-        member.member().id
-    ));
+/// A test's staging directories, removed when the test ends.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("keyferry-staging-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        Self(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The cluster's mailbox of `member`, staging in a fresh directory of `scratch`.
+async fn mailbox(scratch: &Scratch, member: &Cluster, limits: MailboxLimits) -> Arc<SharedMailbox> {
+    let staging = scratch.0.join(&member.member().id);
     let js = member.jetstream();
     let opened = SharedMailbox::open(
         member.client().clone(),
@@ -296,7 +309,11 @@ fn limits() -> MailboxLimits {
 async fn a_one_time_prekey_goes_to_one_sender_however_many_members_hand_them_out() {
     let Some(nats) = nats() else { return };
     let (one, two) = (member(&nats, "one").await, member(&nats, "two").await);
-    let boxes = [mailbox(&one, limits()).await, mailbox(&two, limits()).await];
+    let scratch = Scratch::new();
+    let boxes = [
+        mailbox(&scratch, &one, limits()).await,
+        mailbox(&scratch, &two, limits()).await,
+    ];
     let bob = name("bob");
     let bundles: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i; 100]).collect();
     let held = boxes[0].put_prekeys(&bob, bundles.clone(), Some(vec![0xff; 100]));
@@ -367,7 +384,11 @@ async fn object_bytes(member: &Cluster) -> u64 {
 async fn one_member_at_a_time_works_on_a_stored_transfer_and_an_abandoned_upload_leaves_nothing() {
     let Some(nats) = nats() else { return };
     let (one, two) = (member(&nats, "one").await, member(&nats, "two").await);
-    let (a, b) = (mailbox(&one, limits()).await, mailbox(&two, limits()).await);
+    let scratch = Scratch::new();
+    let (a, b) = (
+        mailbox(&scratch, &one, limits()).await,
+        mailbox(&scratch, &two, limits()).await,
+    );
     // An upload abandoned half way reaches neither NATS nor the limits.
     let before = object_bytes(&one).await;
     let meta = store(&a, 9, 0).await;
