@@ -10,6 +10,7 @@ use keyferry_common::auth;
 use keyferry_common::identity::{Fingerprint, Identity};
 use keyferry_common::ids::TransferId;
 use keyferry_common::io::connection::{ConnError, Connection, FrameReader, FrameWriter};
+use keyferry_common::io::lanes::Pipe;
 use keyferry_common::io::tls::{self, PinOutcome, PinningVerifier};
 use keyferry_common::name::AgentName;
 use keyferry_common::text::escape;
@@ -27,9 +28,10 @@ use crate::trust::pins::{PinCheck, PinError};
 /// A connection to the broker after TLS.
 pub type AgentConn = Connection<tokio_rustls::client::TlsStream<TcpStream>>;
 
-/// A transfer's plain data connection to the broker (PROTOCOL.md §2.5): the
-/// stream on it is sealed end to end.
-pub type DataConn = Connection<TcpStream>;
+/// A transfer's plain data connection, to the broker (PROTOCOL.md §2.5) or
+/// straight to the other agent over one or several TCP connections (§2.7):
+/// the stream on it is sealed end to end.
+pub type DataConn = Connection<Pipe>;
 
 /// How long connecting may take in all: TCP, TLS, `Hello`, the challenge and
 /// authentication, under one deadline (a broker that keeps talking without
@@ -366,7 +368,7 @@ pub async fn open_upload_on(
     };
     let _ = tcp.set_nodelay(true);
     let _ = keyferry_common::io::tcp::keep_alive(&tcp);
-    let mut conn = Connection::new(tcp);
+    let mut conn = Connection::new(Pipe::Tcp(tcp));
     for (tid, t) in &tickets {
         conn.writer
             .write(&Message::Redeem {

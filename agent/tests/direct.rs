@@ -36,6 +36,29 @@ fn file_of(dir: &TempDir, name: &str, len: usize, seed: u64) -> (std::path::Path
 /// Whether `dir` is empty within 20 s: an accepted transfer whose sender
 /// gave up before the stream leaves nothing once the receiver's wait for
 /// its data connection ends.
+/// `sent` (with `--json`) went straight to bob's `--once` receiver over
+/// `connections` connections, `data` arrived whole at `at`, and the broker
+/// relayed none of it.
+fn arrived_direct(
+    sent: &support::Run,
+    connections: u64,
+    (data, at): (&[u8], std::path::PathBuf),
+    receiver: &mut support::Proc,
+    broker: &mut Broker,
+) {
+    assert_eq!(sent.code, Some(0), "{sent:#?}");
+    let report = json(sent);
+    assert_eq!(report["via"], "direct", "{report}");
+    assert_eq!(report["connections"], connections, "{report}");
+    assert_eq!(report["sha256"], sha256_hex(data));
+    assert_eq!(receiver.wait(WAIT), Some(0));
+    assert_eq!(std::fs::read(at).unwrap(), data);
+    assert!(
+        !support::relayed(&mut broker.proc),
+        "the broker relayed a direct transfer"
+    );
+}
+
 fn emptied(dir: &std::path::Path) -> bool {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while std::time::Instant::now() < deadline {
@@ -56,18 +79,11 @@ fn on_one_machine_the_stream_goes_direct_and_the_broker_relays_nothing() {
     let mut receiver = bob.receiver(&broker, out.path(), &["--once", "--yes"]);
 
     let sent = alice.send_file(&broker, "bob", &file, &[]);
-    assert_eq!(sent.code, Some(0), "{sent:#?}");
-    let report = json(&sent);
-    assert_eq!(report["via"], "direct", "{report}");
-    assert_eq!(report["sha256"], sha256_hex(&data));
-    assert_eq!(receiver.wait(WAIT), Some(0));
+    // No round trip to speak of: one connection.
+    let landed = (&data[..], out.join("d.bin"));
+    arrived_direct(&sent, 1, landed, &mut receiver, &mut broker);
     let line = receiver.stdout.wait_for("received", WAIT);
     assert!(line.contains(", direct) -> "), "{line}");
-    assert_eq!(std::fs::read(out.join("d.bin")).unwrap(), data);
-    assert!(
-        !support::relayed(&mut broker.proc),
-        "the broker relayed a direct transfer"
-    );
 
     // A small file is not worth the dial and the proofs: the relay.
     let out = TempDir::new("out-small");
@@ -78,6 +94,45 @@ fn on_one_machine_the_stream_goes_direct_and_the_broker_relays_nothing() {
     assert_eq!(json(&sent)["via"], "relay");
     assert_eq!(receiver.wait(WAIT), Some(0));
     assert!(support::relayed(&mut broker.proc));
+}
+
+#[test]
+fn a_stream_spread_over_four_connections_arrives_whole_under_rotating_keys() {
+    let mut broker = Broker::start();
+    let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
+    let (src, out) = (TempDir::new("src"), TempDir::new("out"));
+    let (file, data) = file_of(&src, "wide.bin", 48 << 20, 11);
+    let mut receiver = bob.receiver(&broker, out.path(), &["--once", "--yes"]);
+    let extra = ["--streams", "4", "--rekey-interval", "20ms"];
+    let sent = alice.send_file(&broker, "bob", &file, &extra);
+    let landed = (&data[..], out.join("wide.bin"));
+    arrived_direct(&sent, 4, landed, &mut receiver, &mut broker);
+    let keys = json(&sent)["session_keys"].as_u64().unwrap();
+    assert!(keys > 1, "{sent:#?}");
+
+    // The line a person reads says so too.
+    let out = TempDir::new("out-line");
+    let mut receiver = bob.receiver(&broker, out.path(), &["--once", "--yes"]);
+    let file_arg = file.to_str().unwrap();
+    let args = [
+        "--role",
+        "sender",
+        "--to",
+        "bob",
+        "--file",
+        file_arg,
+        "--streams",
+        "3",
+    ];
+    let sent = alice.run(&broker, &args);
+    assert_eq!(sent.code, Some(0), "{sent:#?}");
+    assert!(
+        sent.stdout
+            .contains("direct over 3 connections) — receipt verified"),
+        "{sent:#?}"
+    );
+    assert_eq!(receiver.wait(WAIT), Some(0));
+    assert_eq!(std::fs::read(out.join("wide.bin")).unwrap(), data);
 }
 
 #[test]
@@ -208,20 +263,33 @@ fn read_frame(s: &mut TcpStream) -> Option<Message> {
 }
 
 /// A stranger who knows transfer `tid` (the broker sees it) tries the
-/// receiver's direct port: it is challenged like anyone, and its made-up
-/// proof gets the connection closed. Returns whether it was challenged
-/// and then closed.
-fn stranger_with_the_transfer_id(port: u16, tid: TransferId) -> (bool, bool) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let hello = Message::DirectHello {
-        transfer_id: tid,
-        nonce: [9; 32],
-    };
-    send_frame(&mut s, &hello);
-    let challenged = matches!(read_frame(&mut s), Some(Message::DirectChallenge { .. }));
-    send_frame(&mut s, &Message::DirectProof { proof: [7; 32] });
-    (challenged, closed_within(&mut s, Duration::from_secs(5)))
+/// receiver's direct port, once with each kind of made-up proof (of a first
+/// connection, of the first of several, of a further one, and numbers out
+/// of range): it is challenged like anyone, and its proof gets the
+/// connection closed. Returns whether each was challenged and then closed.
+fn stranger_with_the_transfer_id(port: u16, tid: TransferId) -> Vec<(bool, bool)> {
+    let proof = [7; 32];
+    let forged = [
+        Message::DirectProof { proof },
+        Message::DirectLanes { lanes: 4, proof },
+        Message::DirectLane { lane: 1, proof },
+        Message::DirectLanes { lanes: 9, proof },
+        Message::DirectLane { lane: 0, proof },
+    ];
+    let mut outcomes = Vec::new();
+    for (i, forged) in forged.iter().enumerate() {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let hello = Message::DirectHello {
+            transfer_id: tid,
+            nonce: [i as u8; 32],
+        };
+        send_frame(&mut s, &hello);
+        let challenged = matches!(read_frame(&mut s), Some(Message::DirectChallenge { .. }));
+        send_frame(&mut s, forged);
+        outcomes.push((challenged, closed_within(&mut s, Duration::from_secs(5))));
+    }
+    outcomes
 }
 
 #[test]
@@ -281,8 +349,8 @@ fn strangers_on_the_direct_port_are_refused_and_the_transfer_is_unaffected() {
     assert_eq!(std::fs::read(out.join("s.bin")).unwrap(), data);
     assert_eq!(
         *tried.lock().unwrap(),
-        Some((true, true)),
-        "the stranger with the real id was challenged, then closed"
+        Some(vec![(true, true); 5]),
+        "the stranger with the real id was challenged, then closed, whatever it claimed"
     );
     assert!(
         closed_within(&mut forged, Duration::from_secs(5)),

@@ -81,7 +81,7 @@ const BOB_TO_C: &str = "10.220.2.1";
 /// run and the receiver.
 fn send(w: &World) -> (Run, Proc) {
     let receiver = w.receiver(B, BOB_TO_C, &["--once"]);
-    (Run::finish(w.sender(A, ALICE_TO_C)), receiver)
+    (Run::finish(w.sender(A, ALICE_TO_C, &[])), receiver)
 }
 
 /// With routers made of `masquerade` (see [`make`]), the file arrives whole

@@ -43,10 +43,12 @@ fn two_agents_on_one_lan_go_direct_and_the_far_broker_relays_nothing() {
     let Some(net) = net_or_skip("l") else { return };
     let mut w = World::new(net, 2, 5 << 20);
     let mut receiver = w.receiver(1, BOB_TO_C, &["--once"]);
-    let sent = Run::finish(w.sender(0, ALICE_TO_C));
+    // Over two connections, as a long path would take.
+    let sent = Run::finish(w.sender(0, ALICE_TO_C, &["--streams", "2"]));
     assert_eq!(sent.code, Some(0), "{sent:#?}");
     let report = support::json(&sent);
     assert_eq!(report["via"], "direct", "{report}");
+    assert_eq!(report["connections"], 2, "{report}");
     assert_eq!(receiver.wait(WAIT), Some(0));
     assert_eq!(std::fs::read(w.out.join("data.bin")).unwrap(), w.data);
     assert!(
@@ -85,7 +87,8 @@ fn a_direct_path_cut_mid_transfer_finishes_over_the_relay() {
     }
     let mut w = World::new(net, 2, 48 << 20);
     let mut receiver = w.receiver(1, BOB_TO_C, &["--progress-timeout", "5s"]);
-    let sender = w.sender(0, ALICE_TO_C);
+    // Over three connections: all of them go with the LAN.
+    let sender = w.sender(0, ALICE_TO_C, &["--streams", "3"]);
     // The LAN goes away once the receiver holds 8 MiB of the direct stream.
     wait_for_data(receiver.child.id(), w.out.path(), 8 << 20);
     w.net

@@ -11,13 +11,13 @@ use keyferry_common::handshake::{Kind, Terms};
 use keyferry_common::identity::{Fingerprint, Identity};
 use keyferry_common::ids::{StreamId, TransferId};
 use keyferry_common::io::connection::{Connection, FrameWriter};
+use keyferry_common::io::lanes::Pipe;
 use keyferry_common::manifest::Manifest;
 use keyferry_common::name::AgentName;
 use keyferry_common::schedule::PairKeys;
 use keyferry_common::transfer::{RekeyPolicy, SendStream, StreamStart};
 use keyferry_common::wire::message::Message;
 use tokio::io::WriteHalf;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::client::{Ctx, open_upload};
@@ -34,7 +34,7 @@ struct Peer {
 
 /// The stream going out now.
 pub(super) struct Live {
-    writer: FrameWriter<WriteHalf<TcpStream>>,
+    writer: FrameWriter<WriteHalf<Pipe>>,
     stream: SendStream,
     peers: Vec<Peer>,
     back: mpsc::Receiver<Message>,

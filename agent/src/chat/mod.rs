@@ -182,6 +182,7 @@ fn send_file(ctx: &Ctx, opts: &ChatOptions, path: PathBuf, screen: &Screen) {
                 retry_for: Duration::ZERO,
                 progress: false,
                 direct: DirectOpt::Never,
+                streams: None,
                 direct_failed: Default::default(),
                 store: false,
             },

@@ -23,8 +23,12 @@ pub fn print_report(report: &Report, label: &str, json: bool) -> Result<(), Agen
         1 => "1 file, ".into(),
         n => format!("{n} files, "),
     };
+    let over = match report.connections {
+        0 | 1 => String::new(),
+        n => format!(" over {n} connections"),
+    };
     say!(
-        "sent {label} to {} ({files}{} bytes in {:.2} s, {} session keys, sha256 {}{resumed}, {}) — receipt verified",
+        "sent {label} to {} ({files}{} bytes in {:.2} s, {} session keys, sha256 {}{resumed}, {}{over}) — receipt verified",
         report.peer,
         report.bytes,
         report.seconds,

@@ -163,6 +163,7 @@ pub(super) async fn sender(args: Args, ctx: Ctx) -> Result<(), AgentError> {
             retry_for: args.retry_for,
             progress: true,
             direct: args.direct,
+            streams: args.streams,
             direct_failed: Default::default(),
             store: args.store,
         },

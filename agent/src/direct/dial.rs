@@ -4,20 +4,22 @@
 //! proof over it gets our proof and carries the stream. A listener that
 //! cannot prove itself (someone else holding that address, a port reused)
 //! learns nothing it could use elsewhere: our proof goes only to the one
-//! that proved itself, and covers its own fresh challenge.
+//! that proved itself, and covers its own fresh challenge. On a long path
+//! more connections follow to the same address ([`super::lanes`]).
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use keyferry_common::crypto::keys::MacKey;
 use keyferry_common::crypto::random_array;
-use keyferry_common::handshake::direct::{Challenges, DirectTerms, sender_proof, verify_receiver};
+use keyferry_common::handshake::direct::{Challenges, DirectTerms, verify_receiver};
 use keyferry_common::ids::TransferId;
 use keyferry_common::io::connection::Connection;
-use keyferry_common::wire::frame::MAX_FRAME_LEN;
 use keyferry_common::wire::message::Message;
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
+use super::lanes::{self, Probe};
 use super::punch::{PunchPort, SENDER_WINDOW};
 use super::{DIAL_TIMEOUT, PROOF_TIMEOUT};
 use crate::client::DataConn;
@@ -33,13 +35,16 @@ const MAX_ANSWER_FRAME: usize = 96;
 /// from a port of the system's choice; each simultaneous-open address from
 /// our `punch` port (named in the terms) if it is of its family, until the
 /// simultaneous open's window ends (PROTOCOL.md §2.7), else once too.
+/// Through a listening address the stream then takes as many connections
+/// as [`lanes::count`] says for the round trip measured (`streams`:
+/// `--streams`); returns it and that number.
 pub async fn dial(
     terms: &DirectTerms,
     key: &Arc<MacKey>,
     tid: TransferId,
-    loopback: bool,
+    (loopback, streams): (bool, Option<u8>),
     punch: Option<PunchPort>,
-) -> Result<DataConn, String> {
+) -> Result<(DataConn, u8), String> {
     let deadline = tokio::time::Instant::now() + SENDER_WINDOW;
     let punch = punch.map(Arc::new);
     let listening = terms.dialable().map(|a| (a, None));
@@ -59,6 +64,7 @@ pub async fn dial(
         seen.push(addr);
         let key = Arc::clone(key);
         attempts.spawn(async move {
+            let punched = from.is_some();
             let tcp = match from {
                 Some(p) => p.connect(addr, deadline).await,
                 None => tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr))
@@ -70,7 +76,7 @@ pub async fn dial(
                 Ok(tcp) => one(tcp, &key, tid).await,
                 Err(e) => Err(e),
             };
-            (addr, proved)
+            (addr, punched, proved)
         });
     }
     if attempts.is_empty() {
@@ -79,20 +85,24 @@ pub async fn dial(
     let mut why = Vec::new();
     while let Some(joined) = attempts.join_next().await {
         match joined {
-            Ok((addr, Ok((mut conn, c)))) => {
+            Ok((addr, punched, Ok((conn, c, rtt)))) => {
                 // Only the winner hears our proof; the others are dropped.
-                let proof = Message::DirectProof {
-                    proof: sender_proof(key, &tid, &c),
+                // A simultaneous open's mapping takes one connection.
+                let n = if punched {
+                    1
+                } else {
+                    lanes::count(rtt, streams)
                 };
-                match conn.writer.write(&proof).await {
-                    Ok(()) => {
-                        conn.reader.set_max(MAX_FRAME_LEN);
-                        return Ok(conn);
-                    }
+                let more = match n {
+                    1 => Vec::new(),
+                    n => lanes::open_more(addr, key, tid, n - 1).await,
+                };
+                match lanes::join(conn, &c, more, key, tid).await {
+                    Ok(joined) => return Ok(joined),
                     Err(e) => why.push(format!("{addr}: {e}")),
                 }
             }
-            Ok((addr, Err(e))) => why.push(format!("{addr}: {e}")),
+            Ok((addr, _, Err(e))) => why.push(format!("{addr}: {e}")),
             Err(e) => why.push(e.to_string()),
         }
     }
@@ -100,12 +110,13 @@ pub async fn dial(
 }
 
 /// One connection: send our challenge, check the listener's proof over both
-/// challenges (within [`PROOF_TIMEOUT`]).
-async fn one(
+/// challenges (within [`PROOF_TIMEOUT`]); with the time that took (a round
+/// trip and the listener's work).
+pub(super) async fn one(
     tcp: TcpStream,
     key: &MacKey,
     tid: TransferId,
-) -> Result<(DataConn, Challenges), String> {
+) -> Result<(Probe, Challenges, Duration), String> {
     let _ = keyferry_common::io::tcp::direct(&tcp);
     let mut conn = Connection::new(tcp);
     conn.reader.set_max(MAX_ANSWER_FRAME);
@@ -114,6 +125,7 @@ async fn one(
         transfer_id: tid,
         nonce: ours,
     };
+    let asked = Instant::now();
     conn.writer.write(&hello).await.map_err(|e| e.to_string())?;
     match tokio::time::timeout(PROOF_TIMEOUT, conn.reader.read()).await {
         Ok(Ok(Some(Message::DirectChallenge { nonce, proof }))) => {
@@ -122,7 +134,7 @@ async fn one(
                 receiver: nonce,
             };
             match verify_receiver(key, &tid, &c, &proof) {
-                Ok(()) => Ok((conn, c)),
+                Ok(()) => Ok((conn, c, asked.elapsed())),
                 Err(_) => Err("the listener there is not the receiver".into()),
             }
         }

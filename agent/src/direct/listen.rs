@@ -16,18 +16,19 @@ use keyferry_common::crypto::keys::MacKey;
 use keyferry_common::crypto::random_array;
 use keyferry_common::handshake::Kind;
 use keyferry_common::handshake::direct::{
-    Challenges, DirectTerms, MAX_CANDIDATES, dialable, receiver_proof, verify_sender,
+    Challenges, DirectTerms, LaneProof, MAX_CANDIDATES, MAX_LANES, dialable, receiver_proof,
+    verify_sender,
 };
 use keyferry_common::ids::TransferId;
 use keyferry_common::io::connection::Connection;
 use keyferry_common::io::task::AbortOnDrop;
 use keyferry_common::sync::lock;
-use keyferry_common::wire::frame::MAX_FRAME_LEN;
 use keyferry_common::wire::message::Message;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::{Semaphore, mpsc};
 
 use super::PROOF_TIMEOUT;
+use super::lanes::{Arrival, Gathering};
 use super::punch::{self, PunchPort};
 use super::seen::Seen;
 use crate::client::DataConn;
@@ -36,14 +37,18 @@ use crate::client::DataConn;
 /// backlog.
 const MAX_PROVING: usize = 16;
 /// Largest frame on a direct connection before it is proved (a
-/// `DirectHello` is 49 bytes, a `DirectProof` 33).
+/// `DirectHello` is 49 bytes, a `DirectLanes` 34).
 const MAX_FIRST_FRAME: usize = 64;
 
-/// A transfer waiting for its sender's direct connection.
+/// A transfer waiting for its sender's direct connections.
 #[derive(Debug)]
 struct Waiter {
     key: Arc<MacKey>,
-    conn: oneshot::Sender<DataConn>,
+    arrivals: mpsc::UnboundedSender<Arrival>,
+    /// The first connection proved itself.
+    first: bool,
+    /// Which further connections (bit `n` for number `n`) did.
+    further: u16,
 }
 
 type Waiters = Arc<Mutex<HashMap<TransferId, Waiter>>>;
@@ -134,11 +139,17 @@ impl Listener {
     /// Waits for transfer `tid`'s sender to connect and prove itself with
     /// `key`; the wait ends when the returned receiver is dropped.
     pub fn expect(&self, tid: TransferId, key: Arc<MacKey>) -> Expected {
-        let (tx, rx) = oneshot::channel();
-        lock(&self.waiters).insert(tid, Waiter { key, conn: tx });
+        let (tx, rx) = mpsc::unbounded_channel();
+        let waiter = Waiter {
+            key,
+            arrivals: tx,
+            first: false,
+            further: 0,
+        };
+        lock(&self.waiters).insert(tid, waiter);
         Expected {
             tid,
-            conn: rx,
+            conn: Gathering::new(rx),
             waiters: Arc::clone(&self.waiters),
             punching: None,
         }
@@ -238,7 +249,7 @@ async fn route_source(broker: &str) -> Option<IpAddr> {
 #[derive(Debug)]
 pub struct Expected {
     tid: TransferId,
-    conn: oneshot::Receiver<DataConn>,
+    conn: Gathering,
     waiters: Waiters,
     /// The simultaneous open, while it runs.
     punching: Option<AbortOnDrop>,
@@ -268,12 +279,13 @@ impl Expected {
         self.punching = Some(AbortOnDrop(task));
     }
 
-    /// The proved connection; never returns if none comes.
+    /// The proved connection (all of the stream's, if it takes several);
+    /// never returns if none comes. Safe to cancel.
     pub async fn connection(&mut self) -> DataConn {
-        match (&mut self.conn).await {
-            Ok(conn) => conn,
-            Err(_) => std::future::pending().await,
-        }
+        let conn = self.conn.connection().await;
+        // Later connections naming this transfer find no wait.
+        lock(&self.waiters).remove(&self.tid);
+        conn
     }
 }
 
@@ -307,7 +319,9 @@ async fn serve(socket: TcpListener, waiters: Waiters) {
 /// The exchange of PROTOCOL.md §2.7 on one accepted connection: the
 /// sender's `DirectHello` naming a transfer that waits, our challenge and
 /// proof, the sender's proof over both challenges; then the connection is
-/// that transfer's. Anything else drops (closes) the connection.
+/// that transfer's (its first, of one or several, or a further one of a
+/// stream over several, each number once). Anything else drops (closes)
+/// the connection.
 async fn prove(tcp: TcpStream, waiters: &Waiters) {
     let _ = keyferry_common::io::tcp::direct(&tcp);
     let mut conn = Connection::new(tcp);
@@ -330,18 +344,42 @@ async fn prove(tcp: TcpStream, waiters: &Waiters) {
     if conn.writer.write(&challenge).await.is_err() {
         return;
     }
-    let Ok(Some(Message::DirectProof { proof })) = conn.reader.read().await else {
+    let proved = match conn.reader.read().await {
+        Ok(Some(Message::DirectProof { proof })) => verify_sender(&key, &transfer_id, &c, &proof)
+            .ok()
+            .map(|()| LaneProof::First(1)),
+        Ok(Some(Message::DirectLanes { lanes, proof })) if (2..=MAX_LANES).contains(&lanes) => {
+            let said = LaneProof::First(lanes);
+            said.verify(&key, &transfer_id, &c, &proof)
+                .ok()
+                .map(|()| said)
+        }
+        Ok(Some(Message::DirectLane { lane, proof })) if (1..MAX_LANES).contains(&lane) => {
+            let said = LaneProof::Further(lane);
+            said.verify(&key, &transfer_id, &c, &proof)
+                .ok()
+                .map(|()| said)
+        }
+        _ => None,
+    };
+    let Some(proved) = proved else { return };
+    // Proved: the first once, each further number once.
+    let mut waiters = lock(waiters);
+    let Some(waiter) = waiters.get_mut(&transfer_id) else {
         return;
     };
-    if verify_sender(&key, &transfer_id, &c, &proof).is_err() {
-        return;
-    }
-    // Proved: this transfer's wait ends here (a second proof finds none).
-    let Some(waiter) = lock(waiters).remove(&transfer_id) else {
-        return;
+    let arrival = match proved {
+        LaneProof::First(n) if !waiter.first => {
+            waiter.first = true;
+            Arrival::First(n, conn)
+        }
+        LaneProof::Further(n) if waiter.further & (1 << n) == 0 => {
+            waiter.further |= 1 << n;
+            Arrival::Further(n, conn)
+        }
+        _ => return,
     };
-    conn.reader.set_max(MAX_FRAME_LEN);
-    let _ = waiter.conn.send(conn);
+    let _ = waiter.arrivals.send(arrival);
 }
 
 #[cfg(test)]

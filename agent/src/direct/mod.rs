@@ -2,9 +2,11 @@
 //! and names its addresses in its authenticated accept ([`listen`]); the
 //! sender dials them and the two prove to each other, under the pair's
 //! direct key, that the connection belongs to this transfer ([`dial`]); the
-//! stream then crosses it exactly as it would cross the broker's relay.
+//! stream then crosses it exactly as it would cross the broker's relay, on
+//! a long path spread over several connections ([`lanes`]).
 
 pub mod dial;
+pub mod lanes;
 pub mod listen;
 pub mod punch;
 pub mod seen;

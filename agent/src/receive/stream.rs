@@ -10,10 +10,10 @@ use std::time::Duration;
 use keyferry_common::handshake::Kind;
 use keyferry_common::ids::TransferId;
 use keyferry_common::io::connection::{ConnError, FrameWriter};
+use keyferry_common::io::lanes;
 use keyferry_common::transfer::RecvError;
 use keyferry_common::wire::message::{AbortReason, Message};
 use tokio::io::WriteHalf;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use super::admit::Slot;
@@ -187,7 +187,7 @@ pub(super) async fn receive_stream(
 /// on if the answer is yes, and gives the answer back.
 async fn answer(
     shared: &Shared,
-    writer: &mut FrameWriter<WriteHalf<TcpStream>>,
+    writer: &mut FrameWriter<WriteHalf<lanes::Pipe>>,
     tid: TransferId,
     asked: Asked,
 ) {

@@ -53,6 +53,8 @@ pub struct Done {
     pub seconds: f64,
     /// Which path carried the stream.
     pub path: Path,
+    /// How many connections carried it (several only on a direct path).
+    pub connections: u8,
 }
 
 /// What one attempt gives each receiver.
@@ -149,7 +151,7 @@ async fn upload(
     let small = super::path::small(source);
     let opened = super::path::open(ctx, opts, &ready, small, early.as_ref()).await;
     drop(early);
-    let (mut data, path) = match opened {
+    let (mut data, path, connections) = match opened {
         Ok(d) => d,
         Err(AgentError::NoDirectPath(why)) => {
             return all_fail(&ready, &|| AgentError::NoDirectPath(why.clone()));
@@ -321,6 +323,7 @@ async fn upload(
                     bytes: stream.total(),
                     seconds,
                     path,
+                    connections,
                 }),
                 Some(Err(e)) => Err(after(e)),
                 None => Err(after(AgentError::Unconfirmed(

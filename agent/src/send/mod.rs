@@ -81,6 +81,9 @@ pub struct SendOptions {
     pub progress: bool,
     /// Which paths the stream may take.
     pub direct: crate::direct::DirectOpt,
+    /// How many connections a direct stream takes (`--streams`); `None`:
+    /// chosen from the round trip.
+    pub streams: Option<u8>,
     /// Set once a direct path broke: the retries take the relay.
     pub direct_failed: Arc<AtomicBool>,
     /// A receiver that is offline gets the transfer stored at the broker
@@ -131,6 +134,9 @@ pub struct Report {
     /// Which path carried the last attempt's stream: `direct` (between the
     /// agents) or `relay` (through the broker).
     pub via: crate::direct::Path,
+    /// How many TCP connections carried it (more than one only on a direct
+    /// path over a long round trip, or with `--streams`).
+    pub connections: u8,
 }
 
 fn collect(opts: &SendOptions) -> Result<Source, AgentError> {
@@ -328,6 +334,7 @@ fn report(source: &Source, to: &AgentName, done: &attempt::Done, attempts: u32) 
         resumed_from: done.resumed_from,
         attempts,
         via: done.path,
+        connections: done.connections,
     }
 }
 

@@ -54,7 +54,7 @@ pub(super) async fn open(
     ready: &[Handshake],
     small: bool,
     early: Option<&Early>,
-) -> Result<(DataConn, Path), AgentError> {
+) -> Result<(DataConn, Path, u8), AgentError> {
     let chosen = choose(ctx, opts, ready, small, early).await;
     if let Err(AgentError::NoDirectPath(_)) = &chosen {
         give_up(ctx, ready).await;
@@ -97,14 +97,14 @@ pub(super) async fn abort_waiting(
     }
 }
 
-/// [`open`]'s choice.
+/// [`open`]'s choice, and how many connections carry it.
 async fn choose(
     ctx: &Ctx,
     opts: &SendOptions,
     ready: &[Handshake],
     small: bool,
     early: Option<&Early>,
-) -> Result<(DataConn, Path), AgentError> {
+) -> Result<(DataConn, Path, u8), AgentError> {
     if let [one] = ready {
         // The port named for a simultaneous open is the dial's, or nobody's.
         let punch = keyferry_common::sync::lock(&one.punch).take();
@@ -135,8 +135,8 @@ async fn choose(
                     let tid = one.accepted.pair.transfer_id;
                     let local = broker_is_local(ctx).await;
                     let key = &one.accepted.pair.direct;
-                    match dial::dial(offered, key, tid, local, punch).await {
-                        Ok(conn) => return Ok((conn, Path::Direct)),
+                    match dial::dial(offered, key, tid, (local, opts.streams), punch).await {
+                        Ok((conn, n)) => return Ok((conn, Path::Direct, n)),
                         Err(why) if ours_only || theirs_only => {
                             return Err(AgentError::NoDirectPath(format!(
                                 "could not reach {to} directly ({why})"
@@ -170,7 +170,7 @@ async fn relay(
     ctx: &Ctx,
     ready: &[Handshake],
     early: Option<&Early>,
-) -> Result<(DataConn, Path), AgentError> {
+) -> Result<(DataConn, Path, u8), AgentError> {
     let tickets: Vec<(TransferId, Ticket)> = ready
         .iter()
         .map(|h| (h.accepted.pair.transfer_id, h.ticket.clone()))
@@ -178,7 +178,7 @@ async fn relay(
     let early = early.and_then(Early::take);
     open_upload_on(ctx, &tickets, early)
         .await
-        .map(|c| (c, Path::Relay))
+        .map(|c| (c, Path::Relay, 1))
 }
 
 /// Whether the broker is on this machine (its address is a loopback one):

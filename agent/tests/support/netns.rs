@@ -168,10 +168,11 @@ impl World {
     }
 
     /// Alice sending the file to bob from namespace `ns`, reaching the
-    /// broker at `host`, with `--json`.
-    pub fn sender(&self, ns: usize, host: &str) -> Proc {
+    /// broker at `host`, with `--json` and `extra`.
+    pub fn sender(&self, ns: usize, host: &str, extra: &[&str]) -> Proc {
         let file = self.file.to_str().unwrap();
-        let args = ["--role", "sender", "--to", "bob", "--file", file, "--json"];
+        let mut args = vec!["--role", "sender", "--to", "bob", "--file", file, "--json"];
+        args.extend_from_slice(extra);
         self.agent(ns, &self.homes.0, host, &args)
     }
 

@@ -320,6 +320,7 @@ impl Agent {
                 retry_for: Duration::ZERO,
                 progress: false,
                 direct: keyferry_agent::direct::DirectOpt::Never,
+                streams: None,
                 direct_failed: Default::default(),
                 store: false,
             },

@@ -24,7 +24,14 @@ mod label {
     pub const SENDER: &str = "keyferry/v5 direct-sender";
     /// The receiver's answer.
     pub const RECEIVER: &str = "keyferry/v5 direct-receiver";
+    /// The sender's proof on the first of several connections (version 8).
+    pub const LANES: &str = "keyferry/v8 direct-lanes";
+    /// The sender's proof on each further connection (version 8).
+    pub const LANE: &str = "keyferry/v8 direct-lane";
 }
+
+/// Most connections one stream is spread over (PROTOCOL.md §2.7).
+pub const MAX_LANES: u8 = 8;
 
 /// Which paths a receiver takes for the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -240,6 +247,47 @@ pub fn sender_proof(key: &MacKey, tid: &TransferId, c: &Challenges) -> [u8; 32] 
 /// The receiver's proof on a direct connection of transfer `tid`.
 pub fn receiver_proof(key: &MacKey, tid: &TransferId, c: &Challenges) -> [u8; 32] {
     mac::tag(key, &[&proof_input(label::RECEIVER, tid, c)])
+}
+
+/// What the sender's proof on a connection of a stream spread over several
+/// says: the first of `n` connections, or the further one numbered `n`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LaneProof {
+    /// `DirectLanes{lanes: n}`: the first connection, of `n` in all.
+    First(u8),
+    /// `DirectLane{lane: n}`: further connection number `n`.
+    Further(u8),
+}
+
+impl LaneProof {
+    fn input(self, tid: &TransferId, c: &Challenges) -> Vec<u8> {
+        let (label, n) = match self {
+            Self::First(n) => (label::LANES, n),
+            Self::Further(n) => (label::LANE, n),
+        };
+        Encoder::new(label)
+            .fixed(&tid.0)
+            .fixed(&c.sender)
+            .fixed(&c.receiver)
+            .u8(n)
+            .finish()
+    }
+
+    /// The sender's proof.
+    pub fn tag(self, key: &MacKey, tid: &TransferId, c: &Challenges) -> [u8; 32] {
+        mac::tag(key, &[&self.input(tid, c)])
+    }
+
+    /// Checks the sender's proof, in constant time.
+    pub fn verify(
+        self,
+        key: &MacKey,
+        tid: &TransferId,
+        c: &Challenges,
+        proof: &[u8; 32],
+    ) -> Result<(), AuthError> {
+        mac::verify(key, &[&self.input(tid, c)], proof)
+    }
 }
 
 /// Checks the sender's proof, in constant time.

@@ -261,6 +261,16 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
             writer: FrameWriter::new(w, frame::MAX_FRAME_LEN),
         }
     }
+
+    /// The stream back, and the bytes read from it but not yet returned as
+    /// frames.
+    pub fn into_inner(self) -> (S, Vec<u8>)
+    where
+        S: Unpin,
+    {
+        let (r, buf) = self.reader.into_parts();
+        (r.unsplit(self.writer.inner), buf)
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! The edges: frames over async streams ([`connection`]), the TLS 1.3
 //! configurations and the agents' pinning verifier ([`tls`]), durable
-//! private file writes ([`fs`]), keepalive options for TCP ([`tcp`]), and a
-//! task aborted with its handle ([`task`]).
+//! private file writes ([`fs`]), keepalive options for TCP ([`tcp`]), one
+//! stream over several TCP connections ([`lanes`]), and a task aborted with
+//! its handle ([`task`]).
 //!
 //! Behind the default-on `io` cargo feature: without it the crate is the
 //! protocol alone (no tokio, no rustls), which is what the fuzz targets and
@@ -9,6 +10,7 @@
 
 pub mod connection;
 pub mod fs;
+pub mod lanes;
 pub mod task;
 pub mod tcp;
 pub mod tls;

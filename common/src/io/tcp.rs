@@ -59,6 +59,35 @@ pub fn direct(stream: &tokio::net::TcpStream) -> io::Result<()> {
     set_timeouts(stream, &keepalive, DIRECT_USER_TIMEOUT)
 }
 
+/// Most bytes a sender's lane holds unsent in the kernel (`TCP_NOTSENT_LOWAT`).
+pub const LANE_UNSENT: u32 = 128 << 10;
+
+/// The socket buffer a lane asks for (the kernel caps it at its
+/// `net.core.wmem_max`/`rmem_max`, and doubles it for its bookkeeping).
+pub const LANE_BUFFER: usize = 4 << 20;
+
+/// A sender's lane (one of several connections carrying one stream,
+/// [`super::lanes`]) takes new data only while it has little unsent
+/// (`TCP_NOTSENT_LOWAT`, Linux): so a segment goes to a connection that
+/// sends it soon, and the segments reach the receiver nearly in order,
+/// instead of one waiting behind megabytes queued on a slower connection.
+/// Its send buffer is as large as the system allows from the start, not
+/// grown from 16 KiB as the connection speeds up.
+pub fn lane_out(stream: &tokio::net::TcpStream) -> io::Result<()> {
+    let sock = SockRef::from(stream);
+    sock.set_send_buffer_size(LANE_BUFFER)?;
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    sock.set_tcp_notsent_lowat(LANE_UNSENT)?;
+    Ok(())
+}
+
+/// A receiver's lane: a receive buffer as large as the system allows from
+/// the start, since the receiver reads the lanes in turn (segment order),
+/// and a lane it is not reading at the moment must hold what arrives.
+pub fn lane_in(stream: &tokio::net::TcpStream) -> io::Result<()> {
+    SockRef::from(stream).set_recv_buffer_size(LANE_BUFFER)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -477,6 +477,23 @@ pub enum Message {
         /// Transfer id.
         transfer_id: TransferId,
     },
+    /// The sender's proof on the first direct connection of a stream spread
+    /// over `lanes` connections (PROTOCOL.md §2.7), in place of
+    /// `DirectProof`; the stream follows, in segments.
+    DirectLanes {
+        /// How many connections carry the stream, this one included (2 to 8).
+        lanes: u8,
+        /// HMAC under the direct key over both challenges and `lanes`.
+        proof: [u8; 32],
+    },
+    /// The sender's proof on a further connection of such a stream, which is
+    /// its lane `lane` (1 to 7).
+    DirectLane {
+        /// This connection's place among the stream's connections.
+        lane: u8,
+        /// HMAC under the direct key over both challenges and `lane`.
+        proof: [u8; 32],
+    },
 }
 
 impl Message {
@@ -523,6 +540,8 @@ impl Message {
             Self::ReceiptList { .. } => "ReceiptList",
             Self::Withdraw { .. } => "Withdraw",
             Self::Withdrawn { .. } => "Withdrawn",
+            Self::DirectLanes { .. } => "DirectLanes",
+            Self::DirectLane { .. } => "DirectLane",
         }
     }
 }
@@ -896,6 +915,20 @@ mod tests {
             (
                 Message::Withdrawn { transfer_id: tid },
                 [vec![39], vec![0xaa; 16]].concat(),
+            ),
+            (
+                Message::DirectLanes {
+                    lanes: 4,
+                    proof: [0x66; 32],
+                },
+                [vec![40, 4], vec![0x66; 32]].concat(),
+            ),
+            (
+                Message::DirectLane {
+                    lane: 3,
+                    proof: [0x66; 32],
+                },
+                [vec![41, 3], vec![0x66; 32]].concat(),
             ),
             (
                 Message::Error {

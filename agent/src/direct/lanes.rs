@@ -1,0 +1,245 @@
+//! A direct stream over several connections (PROTOCOL.md §2.7, "Several
+//! connections"): on a long path one TCP connection carries at most its send
+//! buffer per round trip, so the sender opens more to the address that
+//! answered first, each proved like the first, and spreads the stream over
+//! them ([`keyferry_common::io::lanes`]). The sender picks how many from the
+//! round trip it measured (or `--streams`); the receiver gathers them before
+//! its stream begins.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keyferry_common::crypto::keys::MacKey;
+use keyferry_common::handshake::direct::{Challenges, LaneProof, MAX_LANES, sender_proof};
+use keyferry_common::ids::TransferId;
+use keyferry_common::io::connection::Connection;
+use keyferry_common::io::lanes::Pipe;
+use keyferry_common::wire::message::Message;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use super::{DIAL_TIMEOUT, PROOF_TIMEOUT};
+use crate::client::DataConn;
+
+/// A direct connection that proved its listener, not yet the stream's.
+pub(super) type Probe = Connection<TcpStream>;
+
+/// What one connection carries per round trip at the kernel's default
+/// buffers, about (measured: 4 MiB of send buffer kept 2 to 2.7 MiB in flight).
+const PER_ROUND_TRIP: f64 = (2 << 20) as f64;
+/// The rate the automatic choice provides for: 1 Gbit/s.
+const AIM: f64 = 125e6;
+
+/// How many connections a stream takes over a path of round trip `rtt`:
+/// `asked` (`--streams`) if given, else enough for [`AIM`], at most
+/// [`MAX_LANES`].
+pub fn count(rtt: Duration, asked: Option<u8>) -> u8 {
+    if let Some(n) = asked {
+        return n.clamp(1, MAX_LANES);
+    }
+    let wanted = (AIM * rtt.as_secs_f64() / PER_ROUND_TRIP).ceil();
+    if wanted >= f64::from(MAX_LANES) {
+        MAX_LANES
+    } else if wanted >= 1.0 {
+        // In 1..MAX_LANES here, so the cast is exact.
+        wanted as u8
+    } else {
+        1
+    }
+}
+
+/// Opens `n` more connections to `addr` and has each listener prove itself
+/// (as [`super::dial`]'s first); those that do, within the dial's and the
+/// proof's timeouts.
+pub(super) async fn open_more(
+    addr: std::net::SocketAddr,
+    key: &Arc<MacKey>,
+    tid: TransferId,
+    n: u8,
+) -> Vec<(Probe, Challenges)> {
+    let mut tries = JoinSet::new();
+    for _ in 0..n {
+        let key = Arc::clone(key);
+        tries.spawn(async move {
+            let tcp = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr))
+                .await
+                .ok()?
+                .ok()?;
+            super::dial::one(tcp, &key, tid).await.ok()
+        });
+    }
+    let mut proved = Vec::new();
+    while let Some(joined) = tries.join_next().await {
+        if let Ok(Some((conn, c, _))) = joined {
+            proved.push((conn, c));
+        }
+    }
+    proved
+}
+
+/// The sender's stream on `first` (whose listener proved itself over `c`)
+/// and the further connections in `more`: each further one gets its number
+/// and proof, then `first` its proof naming how many there are, and the
+/// stream runs over all of them. Returns it and how many carry it.
+pub(super) async fn join(
+    mut first: Probe,
+    c: &Challenges,
+    more: Vec<(Probe, Challenges)>,
+    key: &MacKey,
+    tid: TransferId,
+) -> Result<(DataConn, u8), String> {
+    let mut lanes = Vec::new();
+    for (mut conn, ck) in more {
+        // Numbered in the order they are told, so the numbers have no gaps.
+        let lane = u8::try_from(lanes.len() + 1).unwrap_or(MAX_LANES);
+        if lane >= MAX_LANES {
+            break;
+        }
+        let proof = LaneProof::Further(lane).tag(key, &tid, &ck);
+        if conn
+            .writer
+            .write(&Message::DirectLane { lane, proof })
+            .await
+            .is_ok()
+        {
+            // Nothing comes back on it: bytes read ahead there are none.
+            lanes.push(conn.into_inner().0);
+        }
+    }
+    let n = u8::try_from(lanes.len() + 1).unwrap_or(MAX_LANES);
+    let proof = if n == 1 {
+        Message::DirectProof {
+            proof: sender_proof(key, &tid, c),
+        }
+    } else {
+        Message::DirectLanes {
+            lanes: n,
+            proof: LaneProof::First(n).tag(key, &tid, c),
+        }
+    };
+    first
+        .writer
+        .write(&proof)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (tcp, ahead) = first.into_inner();
+    if n == 1 {
+        return Ok((Connection::with_buffer(Pipe::Tcp(tcp), ahead), 1));
+    }
+    for lane in std::iter::once(&tcp).chain(&lanes) {
+        let _ = keyferry_common::io::tcp::lane_out(lane);
+    }
+    let pipe = Pipe::spread((tcp, ahead), lanes);
+    Ok((Connection::new(pipe), n))
+}
+
+/// A connection that proved itself as the sender's, for a receiver's wait.
+#[derive(Debug)]
+pub(super) enum Arrival {
+    /// The first, saying how many the stream takes.
+    First(u8, Probe),
+    /// A further one, with its number.
+    Further(u8, Probe),
+}
+
+/// A receiver's gathering of a stream's connections as they prove
+/// themselves: once the first arrived, the rest must within
+/// [`PROOF_TIMEOUT`], else the direct path is given up (the sender's stream
+/// breaks and it goes on over the relay).
+#[derive(Debug)]
+pub(super) struct Gathering {
+    arrivals: mpsc::UnboundedReceiver<Arrival>,
+    first: Option<(u8, Probe)>,
+    further: Vec<Option<Probe>>,
+    deadline: Option<tokio::time::Instant>,
+}
+
+impl Gathering {
+    pub(super) fn new(arrivals: mpsc::UnboundedReceiver<Arrival>) -> Self {
+        Self {
+            arrivals,
+            first: None,
+            further: (0..MAX_LANES).map(|_| None).collect(),
+            deadline: None,
+        }
+    }
+
+    /// The stream's connection once all of it proved itself; never returns
+    /// if it does not. Safe to cancel: what arrived is kept.
+    pub(super) async fn connection(&mut self) -> DataConn {
+        loop {
+            if let Some((n, _)) = &self.first
+                && (1..usize::from(*n)).all(|k| self.further.get(k).is_some_and(Option::is_some))
+                && let Some(conn) = self.assemble()
+            {
+                return conn;
+            }
+            let next = match self.deadline {
+                Some(d) => match tokio::time::timeout_at(d, self.arrivals.recv()).await {
+                    Ok(a) => a,
+                    Err(_) => {
+                        // Not all came: none of them carries the stream.
+                        self.arrivals.close();
+                        self.first = None;
+                        self.further.iter_mut().for_each(|f| *f = None);
+                        self.deadline = None;
+                        continue;
+                    }
+                },
+                None => self.arrivals.recv().await,
+            };
+            match next {
+                Some(Arrival::First(n, conn)) => {
+                    self.first = Some((n, conn));
+                    self.deadline = Some(tokio::time::Instant::now() + PROOF_TIMEOUT);
+                }
+                Some(Arrival::Further(lane, conn)) => {
+                    if let Some(slot) = self.further.get_mut(usize::from(lane)) {
+                        *slot = Some(conn);
+                    }
+                }
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    /// The receiver's stream over the first connection and the further ones
+    /// it names.
+    fn assemble(&mut self) -> Option<DataConn> {
+        let (n, first) = self.first.take()?;
+        let (tcp, ahead) = first.into_inner();
+        if n == 1 {
+            return Some(Connection::with_buffer(Pipe::Tcp(tcp), ahead));
+        }
+        let mut rest = Vec::new();
+        for k in 1..usize::from(n) {
+            rest.push(self.further.get_mut(k)?.take()?.into_inner());
+        }
+        self.arrivals.close();
+        for lane in std::iter::once(&tcp).chain(rest.iter().map(|(t, _)| t)) {
+            let _ = keyferry_common::io::tcp::lane_in(lane);
+        }
+        Some(Connection::new(Pipe::gather((tcp, ahead), rest)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_round_trip_sets_the_count_and_streams_overrides_it() {
+        let ms = Duration::from_millis;
+        assert_eq!(count(ms(0), None), 1);
+        assert_eq!(count(ms(1), None), 1);
+        assert_eq!(count(ms(16), None), 1);
+        assert_eq!(count(ms(40), None), 3);
+        assert_eq!(count(ms(150), None), MAX_LANES);
+        assert_eq!(count(Duration::from_secs(5), None), MAX_LANES);
+        assert_eq!(count(ms(150), Some(2)), 2);
+        assert_eq!(count(ms(0), Some(4)), 4);
+        assert_eq!(count(ms(0), Some(0)), 1);
+        assert_eq!(count(ms(0), Some(200)), MAX_LANES);
+    }
+}
