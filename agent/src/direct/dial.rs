@@ -95,7 +95,7 @@ pub async fn dial(
                 };
                 let more = match n {
                     1 => Vec::new(),
-                    n => lanes::open_more(addr, key, tid, n - 1).await,
+                    n => lanes::open_more(addr, key, tid, (n - 1, rtt)).await,
                 };
                 match lanes::join(conn, &c, more, key, tid).await {
                     Ok(joined) => return Ok(joined),

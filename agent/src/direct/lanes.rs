@@ -50,14 +50,21 @@ pub fn count(rtt: Duration, asked: Option<u8>) -> u8 {
 }
 
 /// Opens `n` more connections to `addr` and has each listener prove itself
-/// (as [`super::dial`]'s first); those that do, within the dial's and the
-/// proof's timeouts.
+/// (as [`super::dial`]'s first); those that do so in time. The receiver
+/// gives every connection [`PROOF_TIMEOUT`] from its accept to the sender's
+/// proof, and the first connection (whose exchange took `rtt`) waits for
+/// these: so all of it must end within that budget, less the first's
+/// exchange twice over and half a second for the proofs' way.
 pub(super) async fn open_more(
     addr: std::net::SocketAddr,
     key: &Arc<MacKey>,
     tid: TransferId,
-    n: u8,
+    (n, rtt): (u8, Duration),
 ) -> Vec<(Probe, Challenges)> {
+    let budget = PROOF_TIMEOUT
+        .saturating_sub(rtt.saturating_mul(2))
+        .saturating_sub(Duration::from_millis(500));
+    let deadline = tokio::time::Instant::now() + budget;
     let mut tries = JoinSet::new();
     for _ in 0..n {
         let key = Arc::clone(key);
@@ -70,7 +77,8 @@ pub(super) async fn open_more(
         });
     }
     let mut proved = Vec::new();
-    while let Some(joined) = tries.join_next().await {
+    // Those still trying at the deadline are dropped (aborted) with `tries`.
+    while let Ok(Some(joined)) = tokio::time::timeout_at(deadline, tries.join_next()).await {
         if let Ok(Some((conn, c, _))) = joined {
             proved.push((conn, c));
         }

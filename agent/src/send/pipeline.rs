@@ -344,9 +344,14 @@ pub(super) async fn stream_out(
                             sealed.trailer.as_ref().map(ReadyFrame::frame),
                         ];
                         for f in frames.into_iter().flatten() {
-                            if let Err(e) = conn.writer.write_frame(f).await {
+                            if let Err(e) = conn.writer.write_frame_unflushed(f).await {
                                 return Err(why_write_failed(ctx, conn, e).await);
                             }
+                        }
+                        if sealed.trailer.is_some()
+                            && let Err(e) = conn.writer.flush().await
+                        {
+                            return Err(why_write_failed(ctx, conn, e).await);
                         }
                         progress.update(sealed.done, sealed.epoch);
                         next += 1;

@@ -231,6 +231,21 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         Ok(())
     }
 
+    /// Writes an already encoded frame without waiting for it to reach the
+    /// socket: for a stream's data frames, which a [`Self::flush`] follows
+    /// (over one TCP connection the same as [`Self::write_frame`]; over
+    /// lanes, the writer goes on while the lanes write).
+    pub async fn write_frame_unflushed(&mut self, bytes: &[u8]) -> Result<(), ConnError> {
+        self.inner.write_all(bytes).await?;
+        Ok(())
+    }
+
+    /// Waits until everything written reached the socket(s).
+    pub async fn flush(&mut self) -> Result<(), ConnError> {
+        self.inner.flush().await?;
+        Ok(())
+    }
+
     /// Closes the write side.
     pub async fn shutdown(&mut self) -> Result<(), ConnError> {
         self.inner.shutdown().await?;

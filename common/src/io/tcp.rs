@@ -71,11 +71,13 @@ pub const LANE_BUFFER: usize = 4 << 20;
 /// (`TCP_NOTSENT_LOWAT`, Linux): so a segment goes to a connection that
 /// sends it soon, and the segments reach the receiver nearly in order,
 /// instead of one waiting behind megabytes queued on a slower connection.
-/// Its send buffer is as large as the system allows from the start, not
-/// grown from 16 KiB as the connection speeds up.
+/// Its send buffer is [`LANE_BUFFER`] from the start, not grown from 16 KiB
+/// as the connection speeds up, where the system allows that much.
 pub fn lane_out(stream: &tokio::net::TcpStream) -> io::Result<()> {
     let sock = SockRef::from(stream);
-    sock.set_send_buffer_size(LANE_BUFFER)?;
+    if allows("wmem_max") {
+        sock.set_send_buffer_size(LANE_BUFFER)?;
+    }
     #[cfg(any(target_os = "linux", target_os = "android"))]
     sock.set_tcp_notsent_lowat(LANE_UNSENT)?;
     Ok(())
@@ -85,7 +87,22 @@ pub fn lane_out(stream: &tokio::net::TcpStream) -> io::Result<()> {
 /// the start, since the receiver reads the lanes in turn (segment order),
 /// and a lane it is not reading at the moment must hold what arrives.
 pub fn lane_in(stream: &tokio::net::TcpStream) -> io::Result<()> {
-    SockRef::from(stream).set_recv_buffer_size(LANE_BUFFER)
+    if allows("rmem_max") {
+        SockRef::from(stream).set_recv_buffer_size(LANE_BUFFER)?;
+    }
+    Ok(())
+}
+
+/// Whether the system lets a socket set a buffer of [`LANE_BUFFER`]
+/// (`net.core.<which>`, Linux). A buffer set by hand is no longer grown by
+/// the kernel, and one capped lower (the stock cap is 208 KiB) would carry
+/// less than the kernel's own growing one (to 4 MiB and more): then the
+/// kernel's is kept.
+fn allows(which: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/sys/net/core/{which}"))
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+        .is_some_and(|max| max >= LANE_BUFFER)
 }
 
 #[cfg(test)]

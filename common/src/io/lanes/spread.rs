@@ -43,6 +43,10 @@ struct FeedState {
     writer: Option<Waker>,
     /// The reader, to learn of a failure.
     reader: Option<Waker>,
+    /// Lanes in the middle of writing a segment.
+    writing: usize,
+    /// A flush, waiting for the queue to empty and the lanes to finish.
+    flusher: Option<Waker>,
 }
 
 impl FeedState {
@@ -52,8 +56,13 @@ impl FeedState {
             .map(|(kind, why)| io::Error::new(*kind, why.clone()))
     }
 
+    /// Everything queued reached a socket.
+    fn drained(&self) -> bool {
+        self.queue.is_empty() && self.writing == 0
+    }
+
     fn wake_all(&mut self) {
-        for w in [self.writer.take(), self.reader.take()]
+        for w in [self.writer.take(), self.reader.take(), self.flusher.take()]
             .into_iter()
             .flatten()
         {
@@ -72,10 +81,11 @@ async fn run_lane<W: AsyncWrite + Unpin>(mut io: W, feed: Arc<Feed>) {
         let (next, closed) = {
             let mut s = lock(&feed.state);
             let next = s.queue.pop_front();
-            if next.is_some()
-                && let Some(w) = s.writer.take()
-            {
-                w.wake();
+            if next.is_some() {
+                s.writing += 1;
+                if let Some(w) = s.writer.take() {
+                    w.wake();
+                }
             }
             (next, s.closed)
         };
@@ -88,7 +98,14 @@ async fn run_lane<W: AsyncWrite + Unpin>(mut io: W, feed: Arc<Feed>) {
                     s.wake_all();
                     return;
                 }
-                lock(&feed.state).spare.push(segment);
+                let mut s = lock(&feed.state);
+                s.spare.push(segment);
+                s.writing -= 1;
+                if s.drained()
+                    && let Some(w) = s.flusher.take()
+                {
+                    w.wake();
+                }
             }
             None if closed => {
                 let _ = io.shutdown().await;
@@ -136,6 +153,8 @@ impl<R: AsyncRead + Unpin> Spread<R> {
     }
 }
 
+/// Stops the lanes: what was flushed is on their sockets already; what was
+/// written and not flushed is given up with the stream.
 impl<R> Drop for Spread<R> {
     fn drop(&mut self) {
         for lane in &self.lanes {
@@ -201,12 +220,17 @@ impl<R: AsyncRead + Unpin> AsyncWrite for Spread<R> {
         Poll::Ready(Ok(data.len()))
     }
 
-    /// Nothing to do: the lanes' tasks write what is queued by themselves.
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match lock(&self.feed.state).error() {
-            Some(e) => Poll::Ready(Err(e)),
-            None => Poll::Ready(Ok(())),
+    /// Waits until the lanes wrote everything queued to their sockets.
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut s = lock(&self.feed.state);
+        if let Some(e) = s.error() {
+            return Poll::Ready(Err(e));
         }
+        if s.drained() {
+            return Poll::Ready(Ok(()));
+        }
+        s.flusher = Some(cx.waker().clone());
+        Poll::Pending
     }
 
     /// Lets the lanes write what is queued, then shut their write sides.

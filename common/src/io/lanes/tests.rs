@@ -92,6 +92,23 @@ async fn a_stream_over_uneven_lanes_arrives_whole_and_in_order_both_ways() {
 }
 
 #[tokio::test]
+async fn a_flush_waits_for_the_lanes_so_a_sender_dropped_after_it_loses_nothing() {
+    // Lanes with little room: most of what is written waits in the queue.
+    let (mut sender, mut receiver) = lanes(&[1 << 10, 2 << 10, 1 << 10]);
+    let data = pseudo_random(300 << 10, 3);
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        sender.write_all(&sent).await.unwrap();
+        sender.flush().await.unwrap();
+        // Dropped at once, without a shutdown.
+    });
+    let mut got = vec![0u8; data.len()];
+    receiver.read_exact(&mut got).await.unwrap();
+    writer.await.unwrap();
+    assert!(got == data, "the stream came back changed");
+}
+
+#[tokio::test]
 async fn bytes_read_before_the_lanes_are_served_first() {
     // The receiver's first lane already holds segment 0 and the head of 1.
     let (a, mut b) = duplex(1 << 16);
