@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keyferry_common::crypto::keys::MacKey;
-use keyferry_common::handshake::direct::{Challenges, LaneProof, MAX_LANES, sender_proof};
+use keyferry_common::handshake::direct::{Challenges, LaneProof, MAX_LANES};
 use keyferry_common::ids::TransferId;
 use keyferry_common::io::connection::Connection;
 use keyferry_common::io::lanes::Pipe;
@@ -116,15 +116,10 @@ pub(super) async fn join(
         }
     }
     let n = u8::try_from(lanes.len() + 1).unwrap_or(MAX_LANES);
-    let proof = if n == 1 {
-        Message::DirectProof {
-            proof: sender_proof(key, &tid, c),
-        }
-    } else {
-        Message::DirectLanes {
-            lanes: n,
-            proof: LaneProof::First(n).tag(key, &tid, c),
-        }
+    let proof = LaneProof::First(n).tag(key, &tid, c);
+    let proof = match n {
+        1 => Message::DirectProof { proof },
+        lanes => Message::DirectLanes { lanes, proof },
     };
     first
         .writer

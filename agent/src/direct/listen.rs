@@ -17,7 +17,6 @@ use keyferry_common::crypto::random_array;
 use keyferry_common::handshake::Kind;
 use keyferry_common::handshake::direct::{
     Challenges, DirectTerms, LaneProof, MAX_CANDIDATES, MAX_LANES, dialable, receiver_proof,
-    verify_sender,
 };
 use keyferry_common::ids::TransferId;
 use keyferry_common::io::connection::Connection;
@@ -45,10 +44,9 @@ const MAX_FIRST_FRAME: usize = 64;
 struct Waiter {
     key: Arc<MacKey>,
     arrivals: mpsc::UnboundedSender<Arrival>,
-    /// The first connection proved itself.
-    first: bool,
-    /// Which further connections (bit `n` for number `n`) did.
-    further: u16,
+    /// Which connections proved themselves: bit 0 the first, bit `n`
+    /// further number `n`.
+    proved: u16,
 }
 
 type Waiters = Arc<Mutex<HashMap<TransferId, Waiter>>>;
@@ -143,8 +141,7 @@ impl Listener {
         let waiter = Waiter {
             key,
             arrivals: tx,
-            first: false,
-            further: 0,
+            proved: 0,
         };
         lock(&self.waiters).insert(tid, waiter);
         Expected {
@@ -344,41 +341,32 @@ async fn prove(tcp: TcpStream, waiters: &Waiters) {
     if conn.writer.write(&challenge).await.is_err() {
         return;
     }
-    let proved = match conn.reader.read().await {
-        Ok(Some(Message::DirectProof { proof })) => verify_sender(&key, &transfer_id, &c, &proof)
-            .ok()
-            .map(|()| LaneProof::First(1)),
+    let (said, proof) = match conn.reader.read().await {
+        Ok(Some(Message::DirectProof { proof })) => (LaneProof::First(1), proof),
         Ok(Some(Message::DirectLanes { lanes, proof })) if (2..=MAX_LANES).contains(&lanes) => {
-            let said = LaneProof::First(lanes);
-            said.verify(&key, &transfer_id, &c, &proof)
-                .ok()
-                .map(|()| said)
+            (LaneProof::First(lanes), proof)
         }
         Ok(Some(Message::DirectLane { lane, proof })) if (1..MAX_LANES).contains(&lane) => {
-            let said = LaneProof::Further(lane);
-            said.verify(&key, &transfer_id, &c, &proof)
-                .ok()
-                .map(|()| said)
+            (LaneProof::Further(lane), proof)
         }
-        _ => None,
+        _ => return,
     };
-    let Some(proved) = proved else { return };
-    // Proved: the first once, each further number once.
+    if said.verify(&key, &transfer_id, &c, &proof).is_err() {
+        return;
+    }
+    // Proved: the first once (bit 0), each further number `n` once (bit `n`).
     let mut waiters = lock(waiters);
     let Some(waiter) = waiters.get_mut(&transfer_id) else {
         return;
     };
-    let arrival = match proved {
-        LaneProof::First(n) if !waiter.first => {
-            waiter.first = true;
-            Arrival::First(n, conn)
-        }
-        LaneProof::Further(n) if waiter.further & (1 << n) == 0 => {
-            waiter.further |= 1 << n;
-            Arrival::Further(n, conn)
-        }
-        _ => return,
+    let (bit, arrival) = match said {
+        LaneProof::First(n) => (1, Arrival::First(n, conn)),
+        LaneProof::Further(n) => (1 << n, Arrival::Further(n, conn)),
     };
+    if waiter.proved & bit != 0 {
+        return;
+    }
+    waiter.proved |= bit;
     let _ = waiter.arrivals.send(arrival);
 }
 

@@ -231,17 +231,22 @@ pub struct Challenges {
     pub receiver: [u8; 32],
 }
 
-fn proof_input(label: &str, tid: &TransferId, c: &Challenges) -> Vec<u8> {
-    Encoder::new(label)
-        .fixed(&tid.0)
-        .fixed(&c.sender)
-        .fixed(&c.receiver)
-        .finish()
+/// What every proof on a direct connection covers: its label, the
+/// transfer, both challenges.
+fn proof_encoder(label: &str, tid: &TransferId, c: &Challenges) -> Encoder {
+    let mut e = Encoder::new(label);
+    e.fixed(&tid.0).fixed(&c.sender).fixed(&c.receiver);
+    e
 }
 
-/// The sender's proof on a direct connection of transfer `tid`.
+fn proof_input(label: &str, tid: &TransferId, c: &Challenges) -> Vec<u8> {
+    proof_encoder(label, tid, c).finish()
+}
+
+/// The sender's proof on a direct connection of transfer `tid` that carries
+/// the stream alone (`DirectProof`).
 pub fn sender_proof(key: &MacKey, tid: &TransferId, c: &Challenges) -> [u8; 32] {
-    mac::tag(key, &[&proof_input(label::SENDER, tid, c)])
+    LaneProof::First(1).tag(key, tid, c)
 }
 
 /// The receiver's proof on a direct connection of transfer `tid`.
@@ -249,11 +254,12 @@ pub fn receiver_proof(key: &MacKey, tid: &TransferId, c: &Challenges) -> [u8; 32
     mac::tag(key, &[&proof_input(label::RECEIVER, tid, c)])
 }
 
-/// What the sender's proof on a connection of a stream spread over several
-/// says: the first of `n` connections, or the further one numbered `n`.
+/// What the sender's proof on a direct connection says: the first of `n`
+/// connections, or the further one numbered `n`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LaneProof {
-    /// `DirectLanes{lanes: n}`: the first connection, of `n` in all.
+    /// The first connection, of `n` in all: `DirectProof` (version 5's
+    /// proof, no count) for 1, `DirectLanes{lanes: n}` for more.
     First(u8),
     /// `DirectLane{lane: n}`: further connection number `n`.
     Further(u8),
@@ -262,15 +268,11 @@ pub enum LaneProof {
 impl LaneProof {
     fn input(self, tid: &TransferId, c: &Challenges) -> Vec<u8> {
         let (label, n) = match self {
+            Self::First(1) => return proof_input(label::SENDER, tid, c),
             Self::First(n) => (label::LANES, n),
             Self::Further(n) => (label::LANE, n),
         };
-        Encoder::new(label)
-            .fixed(&tid.0)
-            .fixed(&c.sender)
-            .fixed(&c.receiver)
-            .u8(n)
-            .finish()
+        proof_encoder(label, tid, c).u8(n).finish()
     }
 
     /// The sender's proof.
@@ -290,14 +292,14 @@ impl LaneProof {
     }
 }
 
-/// Checks the sender's proof, in constant time.
+/// Checks the sender's proof of [`sender_proof`], in constant time.
 pub fn verify_sender(
     key: &MacKey,
     tid: &TransferId,
     c: &Challenges,
     proof: &[u8; 32],
 ) -> Result<(), AuthError> {
-    mac::verify(key, &[&proof_input(label::SENDER, tid, c)], proof)
+    LaneProof::First(1).verify(key, tid, c, proof)
 }
 
 /// Checks the receiver's proof, in constant time.
@@ -480,5 +482,38 @@ mod tests {
         }
         let r = receiver_proof(&key, &tid, &c);
         assert!(verify_receiver(&key, &tid, &c, &r).is_ok());
+    }
+
+    #[test]
+    fn a_lane_proof_is_bound_to_its_count_or_number() {
+        let key = MacKey::from_bytes([7; 32]);
+        let tid = TransferId([1; 16]);
+        let c = Challenges {
+            sender: [3; 32],
+            receiver: [4; 32],
+        };
+        // One connection: version 5's proof, unchanged.
+        let one = proof_input(label::SENDER, &tid, &c);
+        assert_eq!(
+            LaneProof::First(1).tag(&key, &tid, &c),
+            mac::tag(&key, &[&one])
+        );
+        let said = [
+            LaneProof::First(1),
+            LaneProof::First(2),
+            LaneProof::First(3),
+            LaneProof::Further(1),
+            LaneProof::Further(2),
+        ];
+        for a in said {
+            let proof = a.tag(&key, &tid, &c);
+            for b in said {
+                assert_eq!(
+                    b.verify(&key, &tid, &c, &proof).is_ok(),
+                    a == b,
+                    "{a:?} as {b:?}"
+                );
+            }
+        }
     }
 }

@@ -226,9 +226,8 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 
     /// Writes an already encoded frame and flushes it.
     pub async fn write_frame(&mut self, bytes: &[u8]) -> Result<(), ConnError> {
-        self.inner.write_all(bytes).await?;
-        self.inner.flush().await?;
-        Ok(())
+        self.write_frame_unflushed(bytes).await?;
+        self.flush().await
     }
 
     /// Writes an already encoded frame without waiting for it to reach the
