@@ -93,6 +93,13 @@ pub fn lane_in(stream: &tokio::net::TcpStream) -> io::Result<()> {
     Ok(())
 }
 
+/// How many bytes the kernel may hold for `stream` before we read them: its
+/// receive buffer (`SO_RCVBUF`, which the kernel grows on its own on a long
+/// path unless it was set by hand).
+pub fn receive_room(stream: &tokio::net::TcpStream) -> io::Result<usize> {
+    SockRef::from(stream).recv_buffer_size()
+}
+
 /// Whether the system lets a socket set a buffer of [`LANE_BUFFER`]
 /// (`net.core.<which>`, Linux). A buffer set by hand is no longer grown by
 /// the kernel, and one capped lower (the stock cap is 208 KiB) would carry
