@@ -299,6 +299,72 @@ fn accept_from_names_refuses_others_without_a_trace_and_takes_the_named() {
 }
 
 #[test]
+fn a_policy_holds_for_messages_and_pipes_and_a_json_receiver_says_whom_it_refused() {
+    let broker = Broker::start();
+    let (alice, bob, carol) = (
+        Home::new("alice", "alice"),
+        Home::new("bob", "bob"),
+        Home::new("carol", "carol"),
+    );
+    let out = TempDir::new("out");
+    let mut rx = bob.receiver(&broker, out.path(), &["--accept-from", "alice", "--json"]);
+    let refused_event = |rx: &mut support::Proc| -> serde_json::Value {
+        let line = rx.stdout.wait_for("\"refused\"", WAIT);
+        serde_json::from_str(&line).unwrap()
+    };
+
+    // A message from a sender the policy does not name.
+    let msg = carol.run(
+        &broker,
+        &["--role", "sender", "--to", "bob", "--message", "let me in"],
+    );
+    assert_eq!(msg.code, Some(8), "{msg:#?}");
+    assert!(
+        msg.stderr.contains("only from the senders it names"),
+        "{}",
+        msg.stderr
+    );
+    let ev = refused_event(&mut rx);
+    assert_eq!(
+        (&ev["from"], &ev["exit_code"]),
+        (&"carol".into(), &8.into())
+    );
+    assert!(ev["reason"].as_str().is_some_and(|r| !r.is_empty()), "{ev}");
+
+    // A pipe from the same sender: refused before a byte of it is taken.
+    let (sender, mut input) = carol.pipe_sender(&broker, "bob", "p.bin", &["--retry-for", "0"]);
+    std::io::Write::write_all(&mut input, &pseudo_random(64 << 10, 3)).unwrap();
+    drop(input);
+    let piped = Run::finish(sender);
+    assert_eq!(piped.code, Some(8), "{piped:#?}");
+    // The receiver's second `refused` event, this one for the pipe.
+    let deadline = std::time::Instant::now() + WAIT;
+    let refusals = |rx: &mut support::Proc| {
+        let lines = rx.stdout.drain();
+        lines.iter().filter(|l| l.contains("\"refused\"")).count()
+    };
+    while refusals(&mut rx) < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(refusals(&mut rx), 2, "{:#?}", rx.stdout.drain());
+    assert!(empty(out.path()), "{:?}", names_in(out.path()));
+    assert!(!pinned(&bob, "carol"));
+
+    // The named sender's message goes through.
+    let ok = alice.run(
+        &broker,
+        &["--role", "sender", "--to", "bob", "--message", "hello bob"],
+    );
+    assert_eq!(ok.code, Some(0), "{ok:#?}");
+    let line = rx.stdout.wait_for("hello bob", WAIT);
+    let ev: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        (&ev["event"], &ev["from"]),
+        (&"message".into(), &"alice".into())
+    );
+}
+
+#[test]
 fn accept_from_known_refuses_a_first_contact_and_takes_a_pinned_sender() {
     let broker = Broker::start();
     let (alice, bob, carol) = (

@@ -326,6 +326,24 @@ fn a_limit_is_said_before_any_byte_moves_and_without_store_offline_is_exit_5() {
     // What fits is stored.
     let run = store(&alice, &broker, "bob", &["--message", "hello later"]);
     stored_event(&run);
+    // With bob online, --store is the live transfer: the mailbox's limit
+    // does not apply, nothing more is stored, the receipt comes at once.
+    let mut rx = bob.receiver(&broker, out.path(), &[]);
+    rx.stdout.wait_for("hello later", WAIT);
+    let run = store(&alice, &broker, "bob", &["--file", f]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let report = support::json(&run);
+    assert_eq!(
+        (&report["peer"], &report["sha256"]),
+        (&"bob".into(), &hash_file(&file).1.into()),
+        "{run:?}"
+    );
+    rx.stdout.wait_for("received two.bin", WAIT);
+    assert_eq!(
+        fs::read(out.join("two.bin")).unwrap(),
+        fs::read(&file).unwrap()
+    );
+    assert!(files_under(&broker.data.join("mailbox/objects")).is_empty());
 }
 
 #[test]
