@@ -158,3 +158,32 @@ fn an_upload_cut_half_way_never_reaches_nats_nor_is_offered_and_limits_count_the
         "{first}\n{second}"
     );
 }
+
+#[test]
+fn prekey_fetches_through_every_broker_in_turn_are_held_to_one_rate() {
+    let Some(nats) = Nats::start() else { return };
+    let rate = ["--prekey-fetches-per-minute", "4"];
+    let mut brokers: Vec<Broker> = ["one", "two", "three"]
+        .iter()
+        .map(|id| member(&nats, id, &rate))
+        .collect();
+    let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
+    let out = TempDir::new("out");
+    deposit_prekeys(&mut brokers[0], &bob, out.path());
+    // Four stored messages, each a fetch, through the brokers in turn: no
+    // broker sees more than two, and all four are within the rate.
+    for (i, text) in ["m0", "m1", "m2", "m3"].iter().enumerate() {
+        stored_event(&store(&alice, &brokers[i % 3], "bob", &["--message", text]));
+    }
+    // The fifth, through a broker that has seen only one of them: refused,
+    // since the cluster has seen four.
+    let run = store(&alice, &brokers[1], "bob", &["--message", "m4"]);
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(
+        run.stderr
+            .contains("too many prekey fetches through the brokers of this cluster"),
+        "{run:?}"
+    );
+    let list = receipts(&alice, &brokers[2]);
+    assert_eq!(list.len(), 4, "{list:?}");
+}

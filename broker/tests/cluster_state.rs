@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
 use keyferry_broker::cluster::presence::{Claim, HOLDS_YES};
+use keyferry_broker::cluster::rates::Counted;
 use keyferry_broker::cluster::{Cluster, Member};
 use keyferry_broker::mailbox::shared::SharedMailbox;
 use keyferry_broker::mailbox::{MailboxLimits, Outcome, State, StoredMeta, WithdrawError};
@@ -223,16 +224,31 @@ async fn offers_through_several_members_at_once_count_against_one_rate() {
     let now = 1_800_000_001;
     assert_eq!(offers_at_once(&members, "alice", 20, 7, now).await, 7);
     // Another name has its own count; the next minute still weighs the last.
-    assert!(members[0].take_offer(&name("bob"), 7, now).await.unwrap());
+    assert!(
+        members[0]
+            .take(Counted::Offers, &name("bob"), 7, now)
+            .await
+            .unwrap()
+    );
     // A second into the next minute the last one's 7 still weigh 59/60:
     // room for one more (6.9 + 1), not two.
     let alice = name("alice");
-    assert!(members[1].take_offer(&alice, 7, now + 60).await.unwrap());
-    assert!(!members[0].take_offer(&alice, 7, now + 60).await.unwrap());
+    assert!(
+        members[1]
+            .take(Counted::Offers, &alice, 7, now + 60)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !members[0]
+            .take(Counted::Offers, &alice, 7, now + 60)
+            .await
+            .unwrap()
+    );
     // A minute later still, the first minute has left the window.
     assert!(
         members[1]
-            .take_offer(&name("alice"), 7, now + 119)
+            .take(Counted::Offers, &name("alice"), 7, now + 119)
             .await
             .unwrap()
     );
@@ -254,7 +270,7 @@ async fn offers_at_once(
     let tasks: Vec<_> = (0..n)
         .map(|i| {
             let (members, who) = (Arc::clone(members), name(who));
-            tokio::spawn(async move { members[i % 2].take_offer(&who, rate, now).await })
+            tokio::spawn(async move { members[i % 2].take(Counted::Offers, &who, rate, now).await })
         })
         .collect();
     let mut passed = 0;

@@ -1,7 +1,10 @@
 //! One offer rate per agent name across the cluster (`keyferry-rates`): each
 //! offer counts in the bucket under its sender's name and the current minute,
 //! so an agent that offers through several brokers is held to
-//! `--offers-per-minute` once, not once per broker (PROTOCOL.md §2.6).
+//! `--offers-per-minute` once, not once per broker (PROTOCOL.md §2.6). A
+//! sender's prekey fetches are counted the same way, under their own keys
+//! (`--prekey-fetches-per-minute`), so that fetching through every broker in
+//! turn drains no more of a receiver's one-time prekeys than one broker allows.
 //!
 //! The window slides as the local one does, approximately: the previous
 //! minute's count weighs in by the share of it still inside the last 60 s
@@ -23,9 +26,32 @@ use super::{Cluster, ClusterError};
 /// (each lost race is an offer counted by another broker).
 const EXTRA_TRIES: u64 = 16;
 
-/// The bucket key of `name`'s count in minute `minute` (since the epoch).
-fn slot(name: &AgentName, minute: u64) -> String {
-    format!("{}_{minute}", key(name))
+/// What a count counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    /// Offers (live, and `Store`s), by their sender.
+    Offers,
+    /// `FetchPrekey`s, by the sender that fetches.
+    PrekeyFetches,
+}
+
+impl Counted {
+    fn what(self) -> &'static str {
+        match self {
+            Self::Offers => "offer",
+            Self::PrekeyFetches => "prekey fetch",
+        }
+    }
+}
+
+/// The bucket key of `name`'s count of `what` in minute `minute` (since the
+/// epoch). An offer key is all hex digits and one `_`; a fetch key starts
+/// with `fetch.`, which no offer key can.
+fn slot(what: Counted, name: &AgentName, minute: u64) -> String {
+    match what {
+        Counted::Offers => format!("{}_{minute}", key(name)),
+        Counted::PrekeyFetches => format!("fetch.{}_{minute}", key(name)),
+    }
 }
 
 /// A count as stored: decimal ASCII; anything else counts as 0 (and is
@@ -51,29 +77,31 @@ fn full(previous: u64, current: u64, seconds_in: u64, rate: u64) -> bool {
 impl Cluster {
     /// `name`'s count in `k` and its revision (`None`: no entry).
     async fn rate_entry(&self, k: &str) -> Result<Option<(u64, u64)>, ClusterError> {
-        let entry = self
-            .op("reading an offer count", self.rates.entry(k))
-            .await?;
+        let entry = self.op("reading a count", self.rates.entry(k)).await?;
         Ok(entry
             .filter(|e| e.operation == Operation::Put)
             .map(|e| (count(&e.value), e.revision)))
     }
 
-    /// Counts one offer by `name` at Unix time `now` if the cluster-wide
-    /// estimate for the last minute is below `rate`; `Ok(false)` if it is
-    /// not (nothing counted).
-    pub async fn take_offer(
+    /// Counts one of `what` by `name` at Unix time `now` if the
+    /// cluster-wide estimate for the last minute is below `rate`; `Ok(false)`
+    /// if it is not (nothing counted).
+    pub async fn take(
         &self,
+        what: Counted,
         name: &AgentName,
         rate: usize,
         now: u64,
     ) -> Result<bool, ClusterError> {
         let (minute, seconds_in) = (now / 60, now % 60);
         let previous = match minute.checked_sub(1) {
-            Some(m) => self.rate_entry(&slot(name, m)).await?.map_or(0, |c| c.0),
+            Some(m) => self
+                .rate_entry(&slot(what, name, m))
+                .await?
+                .map_or(0, |c| c.0),
             None => 0,
         };
-        let k = slot(name, minute);
+        let k = slot(what, name, minute);
         let rate = u64::try_from(rate).unwrap_or(u64::MAX);
         for _ in 0..rate.saturating_add(EXTRA_TRIES) {
             let current = self.rate_entry(&k).await?;
@@ -84,7 +112,7 @@ impl Cluster {
             let value: bytes::Bytes = n.saturating_add(1).to_string().into();
             let written = match current {
                 None => {
-                    self.op("counting an offer", async {
+                    self.op("counting", async {
                         match self.rates.create(&k, value).await {
                             Ok(_) => Ok(true),
                             Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(false),
@@ -94,7 +122,7 @@ impl Cluster {
                     .await?
                 }
                 Some((_, rev)) => {
-                    self.op("counting an offer", async {
+                    self.op("counting", async {
                         match self.rates.update(&k, value, rev).await {
                             Ok(_) => Ok(true),
                             Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(false),
@@ -109,7 +137,8 @@ impl Cluster {
             }
         }
         Err(ClusterError::Contended(format!(
-            "the offer count of {name} kept changing"
+            "the {} count of {name} kept changing",
+            what.what()
         )))
     }
 }
@@ -132,6 +161,7 @@ mod tests {
         assert_eq!(count(b"12"), 12);
         assert_eq!(count(b"x"), 0);
         let bob = AgentName::new("bob").unwrap();
-        assert_eq!(slot(&bob, 7), "626f62_7");
+        assert_eq!(slot(Counted::Offers, &bob, 7), "626f62_7");
+        assert_eq!(slot(Counted::PrekeyFetches, &bob, 7), "fetch.626f62_7");
     }
 }

@@ -11,6 +11,7 @@ use keyferry_common::name::AgentName;
 use tracing::{debug, warn};
 
 use crate::cluster::ClusterError;
+use crate::cluster::rates::Counted;
 use crate::metrics::Limit;
 use crate::state::State;
 use crate::transfers::{OfferLimit, OfferSlot};
@@ -45,35 +46,55 @@ pub(crate) fn offer_slot<'a>(
 /// (with `--cluster`); the detail for the sender when refused. A cluster that
 /// does not answer leaves the count to this broker alone.
 pub(crate) async fn cluster_rate(state: &State, name: &AgentName) -> Result<(), String> {
+    let rate = state.limits.offers_per_minute;
+    cluster_count(state, Counted::Offers, name, rate).await.map_err(|over| {
+        state.metrics.refused_by(Limit::OffersPerMinute);
+        match over {
+            Over::Full => {
+                format!("more than {rate} offers in a minute through the brokers of this cluster")
+            }
+            Over::Contended => format!(
+                "too many offers at once through the brokers of this cluster (at most {rate} a minute)"
+            ),
+        }
+    })
+}
+
+/// Why a cluster-wide count refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Over {
+    /// The last minute holds `rate` already.
+    Full,
+    /// Others of the same name raced through several brokers for every
+    /// try; refusing is the safe side.
+    Contended,
+}
+
+/// Counts one of `what` by `name` against `rate` a minute across the
+/// cluster (with `--cluster`). A cluster that does not answer leaves the
+/// count to this broker alone: `Ok`.
+pub(crate) async fn cluster_count(
+    state: &State,
+    what: Counted,
+    name: &AgentName,
+    rate: usize,
+) -> Result<(), Over> {
     let Some(cluster) = &state.cluster else {
         return Ok(());
     };
     if !cluster.connected() {
-        // Not a 2 s wait per offer for an answer that will not come.
+        // Not a 2 s wait per request for an answer that will not come.
         return Ok(());
     }
-    let rate = state.limits.offers_per_minute;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    match cluster.take_offer(name, rate, now).await {
+    match cluster.take(what, name, rate, now).await {
         Ok(true) => Ok(()),
-        Ok(false) => {
-            state.metrics.refused_by(Limit::OffersPerMinute);
-            Err(format!(
-                "more than {rate} offers in a minute through the brokers of this cluster"
-            ))
-        }
-        Err(ClusterError::Contended(_)) => {
-            // Only offers of this name racing through several brokers get
-            // here; refusing is the safe side.
-            state.metrics.refused_by(Limit::OffersPerMinute);
-            Err(format!(
-                "too many offers at once through the brokers of this cluster (at most {rate} a minute)"
-            ))
-        }
+        Ok(false) => Err(Over::Full),
+        Err(ClusterError::Contended(_)) => Err(Over::Contended),
         Err(e) => {
-            warn!(error = %e, "cluster unreachable: the offer rate counted on this broker only");
+            warn!(error = %e, ?what, "cluster unreachable: counted on this broker only");
             Ok(())
         }
     }

@@ -13,8 +13,10 @@ use keyferry_common::name::AgentName;
 use keyferry_common::wire::message::{ErrorCode, Message, StoredEntry};
 use tracing::{info, warn};
 
+use super::place::{Over, cluster_count};
 use super::{Agent, BrokerConn, place, refuse};
 use crate::cluster::names;
+use crate::cluster::rates::Counted;
 use crate::error::SessionError;
 use crate::mailbox::{State as Kept, Storage, StoredMeta, WithdrawError};
 use crate::state::State;
@@ -69,6 +71,22 @@ pub(super) async fn fetch(state: &State, agent: &Agent, name: AgentName) -> Mess
     let result = async {
         let mailbox = mailbox(state)?;
         let spki = key_of(state, &name).await?;
+        // Counted across the cluster too, so that asking every broker in
+        // turn drains no more one-time prekeys than asking one.
+        let rate = mailbox.limits().fetches_per_minute;
+        if let Err(over) = cluster_count(state, Counted::PrekeyFetches, &agent.name, rate).await {
+            let detail = match over {
+                Over::Full => format!(
+                    "too many prekey fetches through the brokers of this cluster (at most \
+                     {rate} a minute); retry in a minute"
+                ),
+                Over::Contended => format!(
+                    "too many prekey fetches at once through the brokers of this cluster (at \
+                     most {rate} a minute)"
+                ),
+            };
+            return Err(error(ErrorCode::RateLimited, detail));
+        }
         // None that expires within a day is handed out (the sender would
         // refuse it).
         super::deliver::drop_stale_prekeys(mailbox, &name).await;
