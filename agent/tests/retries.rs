@@ -2,7 +2,9 @@
 //! 127.0.0.1): a sender the receiver asks to come back later (its RSA
 //! budget for a newly met key is spent) waits and succeeds; the same
 //! command run again right after a sender was killed mid-transfer resumes
-//! instead of being refused as busy; and a receiver whose broker closes
+//! instead of being refused as busy; a sender refused as busy (its one slot
+//! taken by its own pipe) offers again and gets through once the slot is
+//! free; and a receiver whose broker closes
 //! every connection right after `Welcome` backs off instead of reconnecting
 //! every second for ever.
 
@@ -84,6 +86,43 @@ fn the_same_command_right_after_the_sender_was_killed_resumes() {
     let report = json(&again);
     assert!(report["resumed_from"].as_u64().unwrap() > 0, "{report}");
     assert_eq!(hash_file(&out.join("big.bin")), hash_file(&file));
+}
+
+#[test]
+fn a_sender_refused_as_busy_offers_again_and_gets_through_once_the_slot_is_free() {
+    let broker = Broker::start();
+    let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
+    let (src, out) = (TempDir::new("src"), TempDir::new("out"));
+    let receiver = bob.receiver(&broker, out.path(), &[]);
+    // A pipe from alice holds her one slot at bob's while we keep it open.
+    let (mut pipe, mut input) =
+        alice.pipe_sender(&broker, "bob", "p.bin", &["--max-size", "64MiB"]);
+    let head = pseudo_random(2 << 20, 21);
+    std::io::Write::write_all(&mut input, &head).unwrap();
+    wait_for_data(receiver.child.id(), out.path(), 1 << 20);
+    // A file from alice meanwhile: refused as busy, offered again.
+    let file = src.join("f.bin");
+    std::fs::write(&file, pseudo_random(64 << 10, 22)).unwrap();
+    let mut cmd = alice.command(&broker);
+    cmd.args(["--role", "sender", "--to", "bob", "--file"])
+        .arg(&file);
+    let mut second = support::Proc::spawn(cmd);
+    second.stderr.wait_for("busy", WAIT);
+    // The pipe ends: its slot is free and the file goes through.
+    drop(input);
+    assert_eq!(pipe.wait(WAIT), Some(0));
+    assert_eq!(second.wait(WAIT), Some(0), "{:#?}", second.stderr.drain());
+    assert!(
+        second
+            .stderr
+            .drain()
+            .iter()
+            .any(|l| l.contains("offering again")),
+        "{:#?}",
+        second.stderr.drain()
+    );
+    assert_eq!(hash_file(&out.join("f.bin")), hash_file(&file));
+    assert_eq!(std::fs::read(out.join("p.bin")).unwrap(), head);
 }
 
 #[test]
