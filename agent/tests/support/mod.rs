@@ -548,3 +548,16 @@ pub fn known_for_two_days(alice: &Home, bob: &Home) {
         )
         .unwrap();
 }
+
+/// Waits, if need be, until the wall clock is in the first 45 seconds of a
+/// minute: a cluster counts rates by the minute (`keyferry-rates`), and
+/// counts that straddle a minute's end weigh less than the test expects.
+pub fn early_in_a_minute() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let into = now.as_secs() % 60;
+    if into >= 45 {
+        std::thread::sleep(Duration::from_secs(61 - into));
+    }
+}
