@@ -72,6 +72,11 @@ once() {
     done
     s1=$(now); s1_bytes=$(size_of "$part")
     kill -9 "$spid"; wait "$spid" 2>/dev/null || true
+    # The run's rate needs two readings of the first attempt's progress.
+    if [ -z "$s0" ] || [ "$s1_bytes" -le "$s0_bytes" ]; then
+        echo "the first attempt did not get going: $(cat "$work/s1.err")" >&2
+        exit 1
+    fi
     # The receiver journals what verified once it sees the sender gone.
     for _ in $(seq 600); do grep -q "failed" "$work/r.err" 2>/dev/null && break; sleep 0.05; done
     sleep 1

@@ -8,8 +8,8 @@
 //!   receiver, refreshed by heartbeat, expiring after [`PRESENCE_TTL`].
 //! * `keyferry-brokers`: broker id → its advertised address and certificate
 //!   fingerprint, for operators to publish ([`Cluster::brokers`]).
-//! * `keyferry-rates` ([`rates`]): offers per sender name and minute, so the
-//!   offer rate holds across the cluster.
+//! * `keyferry-rates` ([`rates`]): offers and prekey fetches per sender name
+//!   and minute, so the offer and fetch rates hold across the cluster.
 //! * `keyferry-sending` ([`sending`]): each sender's streams in flight, by
 //!   broker, so the concurrency limit holds across the cluster.
 //!

@@ -1,7 +1,9 @@
 //! Receivers' prekey bundles in the cluster's mailbox: one `p.<hex name>`
 //! entry per receiver, changed only by revision-checked writes, so that a
 //! one-time bundle goes to one sender however many brokers are asked at
-//! once. The fetch rate is counted by each broker for its own connections.
+//! once. The fetch rate is counted here by each broker for its own
+//! connections; the session counts it across the cluster as well
+//! (`keyferry-rates`).
 
 use std::time::Instant;
 
@@ -96,8 +98,8 @@ impl SharedMailbox {
     }
 
     /// A bundle of `receiver`'s for `sender`, as
-    /// [`super::Mailbox::take_prekey`]; the fetch rate is counted by this
-    /// broker (a sender fetching through several brokers gets each one's).
+    /// [`super::Mailbox::take_prekey`]; the fetch rate is counted here by
+    /// this broker (the session counts it across the cluster before).
     pub async fn take_prekey(
         &self,
         sender: &AgentName,
