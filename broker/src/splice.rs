@@ -8,16 +8,18 @@
 //! waited on when the pipe is empty (so a would-block can only mean the
 //! socket has nothing), the one we write to only when the pipe holds bytes.
 //!
-//! A record trickling in while the way out is fast is gathered: when the last
-//! wait for the sender brought less than [`SMALL_FILL`], and its socket has
-//! the room to hold more, the relay lets [`GATHER`] pass before it waits
-//! again. Without that it wakes for nearly every packet of a long inbound
-//! leg (the outbound socket never fills, so nothing else holds it back) and
-//! spends several times the CPU per byte of a relay whose two legs are alike.
+//! A record trickling in while the way out is fast is gathered: when what
+//! the sender brought since the relay last waited for it is little, and at
+//! the rate it came a pause of [`GATHER`] fills at most a quarter of the
+//! sender's socket buffer, the relay pauses before it waits again. Without
+//! that it wakes for nearly every packet of a long inbound leg (the outbound
+//! socket never fills, so nothing else holds it back) and spends several
+//! times the CPU per byte of a relay whose two legs are alike. A fast sender
+//! (a pause would fill the buffer's window) is read as it comes, as before.
 
 use std::io;
 use std::os::fd::{AsFd as _, OwnedFd};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustix::pipe::{PipeFlags, SpliceFlags, fcntl_setpipe_size, pipe_with, splice};
 use tokio::io::Interest;
@@ -34,21 +36,29 @@ const PIPE_SIZE: usize = 256 << 10;
 /// record than copying: below this, the relay copies instead.
 const MIN_PIPE: usize = 64 << 10;
 
-/// A wait for the sender that brought less than this was a wake-up for a
-/// trickle.
+/// Less than this (or half the pipe, if smaller) from the sender between two
+/// waits for it is a trickle; the last bytes of a record are never paused
+/// for.
 const SMALL_FILL: usize = 128 << 10;
 
 /// How long a trickle is left to gather. tokio's timer counts in whole
-/// milliseconds, so this is 3-4 ms: at 200 Mbit/s, 75-100 KiB per wake-up
-/// where there were some 50 (one per 1448-byte packet). Measured against
-/// 1 ms (docs/BENCHMARKS.md): a little less CPU, the same throughput.
+/// milliseconds, so this is 3-4 ms ([`GATHER_MOST`]): at 200 Mbit/s,
+/// 75-100 KiB per wake-up where there were some 50 (one per 1448-byte
+/// packet). Measured against 1 ms (docs/BENCHMARKS.md): a little less CPU,
+/// the same throughput.
 const GATHER: Duration = Duration::from_millis(3);
 
+/// [`GATHER`] and one tick of the timer: the longest a pause lasts.
+const GATHER_MOST: Duration = Duration::from_millis(4);
+
 /// Gathering needs the sender's socket to hold what arrives meanwhile
-/// without closing its window: a receive buffer this large (of which the
-/// kernel offers about half as window) holds 4 ms at 2 Gbit/s. A smaller
-/// one (a short inbound leg, where the kernel did not grow it) is read as
-/// the bytes come, as before.
+/// without closing its window (the kernel offers about half the receive
+/// buffer as window): a pause may fill at most this share of it, at the
+/// rate the bytes came since the last wait...
+const ROOM_SHARE: u128 = 4;
+
+/// ...and the buffer must be at least this large: one the kernel did not
+/// grow (a short inbound leg) is read as the bytes come, as before.
 const GATHER_ROOM: usize = 2 << 20;
 
 /// A pipe between two sockets.
@@ -102,9 +112,8 @@ pub async fn exactly(
 ) -> Result<(), Stop> {
     let flags = SpliceFlags::NONBLOCK | SpliceFlags::MOVE;
     let mut held = 0usize;
-    // Whether the last wait for `from` was followed by a trickle, and
-    // whether the next read is the first after such a wait.
-    let (mut trickle, mut waited) = (false, false);
+    // What `from` brought since the last wait for it began (none yet).
+    let mut since: Option<Since> = None;
     while n > 0 || held > 0 {
         if n > 0 && held < pipe.cap {
             let want = n.min(pipe.cap - held);
@@ -124,8 +133,8 @@ pub async fn exactly(
                 Ok(k) => {
                     n -= k;
                     held += k;
-                    if std::mem::take(&mut waited) {
-                        trickle = k < SMALL_FILL && has_room(from);
+                    if let Some(s) = &mut since {
+                        s.bytes += k;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -149,7 +158,14 @@ pub async fn exactly(
                 Err(e) => return Err(Stop::To(e)),
             }
         } else if n > 0 {
-            if trickle && n >= SMALL_FILL {
+            let trickle = since
+                .as_ref()
+                .is_some_and(|s| n >= SMALL_FILL && s.worth_gathering(from, pipe.cap));
+            since = Some(Since {
+                at: Instant::now(),
+                bytes: 0,
+            });
+            if trickle {
                 tokio::select! {
                     () = tokio::time::sleep(GATHER) => {}
                     () = shutdown.cut() => return Err(Stop::Shutdown),
@@ -158,15 +174,33 @@ pub async fn exactly(
             wait(from.readable(), idle, shutdown, Stop::From)
                 .await
                 .map_err(|e| e.unwrap_or(Stop::Silent))?;
-            waited = true;
         }
     }
     Ok(())
 }
 
-/// Whether `from` can hold a gathering trickle ([`GATHER_ROOM`]).
-fn has_room(from: &TcpStream) -> bool {
-    keyferry_common::io::tcp::receive_room(from).is_ok_and(|room| room >= GATHER_ROOM)
+/// What the sender brought since the relay last began to wait for it.
+#[derive(Debug)]
+struct Since {
+    at: Instant,
+    bytes: usize,
+}
+
+impl Since {
+    /// Whether a pause before the next wait gathers a trickle: little came
+    /// since the last wait, and a pause at the rate it came fills at most
+    /// [`ROOM_SHARE`] of `from`'s receive buffer (of at least
+    /// [`GATHER_ROOM`]).
+    fn worth_gathering(&self, from: &TcpStream, pipe_cap: usize) -> bool {
+        if self.bytes >= SMALL_FILL.min(pipe_cap / 2) {
+            return false;
+        }
+        let elapsed = self.at.elapsed().as_micros().max(1);
+        let during = self.bytes as u128 * GATHER_MOST.as_micros() / elapsed;
+        keyferry_common::io::tcp::receive_room(from).is_ok_and(|room| {
+            room >= GATHER_ROOM && during.saturating_mul(ROOM_SHARE) <= room as u128
+        })
+    }
 }
 
 /// Waits for `ready`, at most `idle` (then `Err(None)`), unless the
@@ -198,7 +232,9 @@ mod tests {
     use tokio::net::{TcpListener, TcpStream};
     use tokio::sync::watch;
 
-    use super::{GATHER_ROOM, Pipe, Stop, exactly};
+    use std::time::Instant;
+
+    use super::{GATHER_ROOM, PIPE_SIZE, Pipe, SMALL_FILL, Since, Stop, exactly};
     use crate::shutdown::{Phase, Shutdown};
 
     /// Two connected sockets on 127.0.0.1: (the far end, ours).
@@ -251,8 +287,41 @@ mod tests {
         let _sender = writer.await.unwrap();
         let mut rest = [0u8; 1];
         let mut from = from;
-        from.read_exact(&mut rest).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), from.read_exact(&mut rest))
+            .await
+            .expect("the byte past the record was taken by the relay")
+            .unwrap();
         assert_eq!(&rest, b"!");
+    }
+
+    /// The pause is for a slow trickle into a socket with room, only.
+    #[tokio::test]
+    async fn the_pause_is_taken_only_for_a_slow_trickle_with_room() {
+        let (_far, small) = pair().await;
+        let (_far2, roomy) = pair().await;
+        tcp::lane_in(&roomy).unwrap();
+        let since = |micros: u64, bytes: usize| Since {
+            at: Instant::now() - Duration::from_micros(micros),
+            bytes,
+        };
+        let cap = PIPE_SIZE;
+        // A socket the kernel did not grow: never.
+        if tcp::receive_room(&small).unwrap() < GATHER_ROOM {
+            assert!(!since(1000, 1448).worth_gathering(&small, cap));
+        }
+        if tcp::receive_room(&roomy).unwrap() < GATHER_ROOM {
+            println!("skipped: this system caps receive buffers below {GATHER_ROOM} bytes");
+            return;
+        }
+        // A packet per 60 us (25 MB/s): paused for.
+        assert!(since(60, 1448).worth_gathering(&roomy, cap));
+        // Plenty since the last wait: read on.
+        assert!(!since(5000, SMALL_FILL).worth_gathering(&roomy, cap));
+        // Little, but at a rate where a pause would fill the window
+        // (64 KiB in 10 us): read on.
+        assert!(!since(10, 64 << 10).worth_gathering(&roomy, cap));
+        // Half a small pipe is plenty too.
+        assert!(!since(5000, 40 << 10).worth_gathering(&roomy, 64 << 10));
     }
 
     /// A relay gathering a trickle (napping or waiting, wherever the cut
