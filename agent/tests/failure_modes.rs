@@ -77,37 +77,47 @@ fn the_receiver_killed_mid_transfer() {
 fn the_sender_killed_mid_transfer() {
     let broker = Broker::start();
     let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
-    let (src, out) = (TempDir::new("src"), TempDir::new("out"));
+    let src = TempDir::new("src");
     let file = big_file(&src);
-    let mut receiver = bob.receiver(&broker, out.path(), &["--once"]);
-    let mut sender = alice.start(
-        &broker,
-        &[
-            "--role",
-            "sender",
-            "--to",
-            "bob",
-            "--file",
-            file.to_str().unwrap(),
-        ],
-    );
-    wait_for_data(receiver.child.id(), out.path(), 4 << 20);
-    sender.kill();
-    let start = Instant::now();
-    let code = receiver.wait(Duration::from_secs(90));
-    assert!(
-        start.elapsed() < Duration::from_secs(70),
-        "{:?}",
-        start.elapsed()
-    );
-    assert!(matches!(code, Some(c) if c != 0), "{code:?}");
-    receiver.stderr.wait_for("nothing was placed", WAIT);
-    assert!(finals(out.path()).is_empty());
-    assert_eq!(
-        temporaries(out.path()),
-        1,
-        "the receiver keeps what verified for the sender's retry"
-    );
+    // Direct (the default on one machine), then through the relay, where
+    // the broker tells the receiver that the sender went away.
+    for direct in ["auto", "never"] {
+        let out = TempDir::new("out");
+        let mut receiver = bob.receiver(&broker, out.path(), &["--once"]);
+        let mut sender = alice.start(
+            &broker,
+            &[
+                "--role",
+                "sender",
+                "--to",
+                "bob",
+                "--direct",
+                direct,
+                "--file",
+                file.to_str().unwrap(),
+            ],
+        );
+        wait_for_data(receiver.child.id(), out.path(), 4 << 20);
+        sender.kill();
+        let start = Instant::now();
+        let code = receiver.wait(Duration::from_secs(90));
+        assert!(
+            start.elapsed() < Duration::from_secs(70),
+            "{:?}",
+            start.elapsed()
+        );
+        assert!(matches!(code, Some(c) if c != 0), "{code:?}");
+        let line = receiver.stderr.wait_for("nothing was placed", WAIT);
+        if direct == "never" {
+            assert!(line.contains("the sender's connection was lost"), "{line}");
+        }
+        assert!(finals(out.path()).is_empty());
+        assert_eq!(
+            temporaries(out.path()),
+            1,
+            "the receiver keeps what verified for the sender's retry"
+        );
+    }
 }
 
 #[test]

@@ -125,22 +125,24 @@ fn typing_filters_the_picker_and_space_picks_several() {
 }
 
 #[test]
-fn esc_cancels_the_picker_with_130_and_nothing_is_sent() {
+fn esc_or_ctrl_c_cancels_the_picker_with_130_and_nothing_is_sent() {
     let broker = Broker::start();
     let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
     let (src, out) = (TempDir::new("src"), TempDir::new("out"));
     let mut receiver = bob.receiver(&broker, out.path(), &["--yes", "--json"]);
     let file = src.join("never.txt");
     std::fs::write(&file, b"x").unwrap();
-    let mut alice = on_terminal(
-        &alice,
-        &broker,
-        &["--role", "sender", "--file", file.to_str().unwrap()],
-    );
-    alice.wait_for("> [ ] bob", WAIT);
-    alice.send(keys::ESC);
-    assert_eq!(alice.wait(WAIT), Some(130), "{}", alice.transcript());
-    assert!(alice.transcript().contains("cancelled; nothing was sent"));
+    for key in [keys::ESC, keys::CTRL_C] {
+        let mut sender = on_terminal(
+            &alice,
+            &broker,
+            &["--role", "sender", "--file", file.to_str().unwrap()],
+        );
+        sender.wait_for("> [ ] bob", WAIT);
+        sender.send(key);
+        assert_eq!(sender.wait(WAIT), Some(130), "{}", sender.transcript());
+        assert!(sender.transcript().contains("cancelled; nothing was sent"));
+    }
     std::thread::sleep(Duration::from_millis(500));
     assert!(receiver.stdout.drain().is_empty(), "an offer reached bob");
     assert!(empty(out.path()));

@@ -23,6 +23,7 @@ pub mod keys {
     pub const ESC: &[u8] = b"\x1b";
     pub const SPACE: &[u8] = b" ";
     pub const CTRL_D: &[u8] = b"\x04";
+    pub const CTRL_C: &[u8] = b"\x03";
 }
 
 /// A process whose stdin, stdout and stderr are one pseudo-terminal.
