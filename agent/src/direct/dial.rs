@@ -5,10 +5,12 @@
 //! cannot prove itself (someone else holding that address, a port reused)
 //! learns nothing it could use elsewhere: our proof goes only to the one
 //! that proved itself, and covers its own fresh challenge. On a long path
-//! more connections follow to the same address ([`super::lanes`]).
+//! more connections go to the same address ([`super::lanes`]), dialled as
+//! soon as the first one's connect shows the round trip, beside its proof;
+//! they carry the stream only if that first listener proved itself.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use keyferry_common::crypto::keys::MacKey;
 use keyferry_common::crypto::random_array;
@@ -36,8 +38,8 @@ const MAX_ANSWER_FRAME: usize = 96;
 /// our `punch` port (named in the terms) if it is of its family, until the
 /// simultaneous open's window ends (PROTOCOL.md §2.7), else once too.
 /// Through a listening address the stream then takes as many connections
-/// as [`lanes::count`] says for the round trip measured (`streams`:
-/// `--streams`); returns it and that number.
+/// as [`lanes::count`] says for the round trip its connect took
+/// (`streams`: `--streams`); returns it and that number.
 pub async fn dial(
     terms: &DirectTerms,
     key: &Arc<MacKey>,
@@ -65,6 +67,7 @@ pub async fn dial(
         let key = Arc::clone(key);
         attempts.spawn(async move {
             let punched = from.is_some();
+            let asked = Instant::now();
             let tcp = match from {
                 Some(p) => p.connect(addr, deadline).await,
                 None => tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr))
@@ -72,11 +75,20 @@ pub async fn dial(
                     .map_err(|_| "no answer".to_owned())
                     .and_then(|r| r.map_err(|e| e.to_string())),
             };
+            // The connect took a round trip: the further connections are
+            // dialled now, beside this one's proof (aborted with `more` if
+            // it does not win). A simultaneous open's mapping takes one.
+            let mut more = JoinSet::new();
+            let n = lanes::count(asked.elapsed(), streams);
+            if tcp.is_ok() && !punched && n > 1 {
+                let (key, rtt) = (Arc::clone(&key), asked.elapsed());
+                more.spawn(async move { lanes::open_more(addr, &key, tid, (n - 1, rtt)).await });
+            }
             let proved = match tcp {
                 Ok(tcp) => one(tcp, &key, tid).await,
                 Err(e) => Err(e),
             };
-            (addr, punched, proved)
+            (addr, proved, more)
         });
     }
     if attempts.is_empty() {
@@ -85,24 +97,18 @@ pub async fn dial(
     let mut why = Vec::new();
     while let Some(joined) = attempts.join_next().await {
         match joined {
-            Ok((addr, punched, Ok((conn, c, rtt)))) => {
+            Ok((addr, Ok((conn, c)), mut more)) => {
                 // Only the winner hears our proof; the others are dropped.
-                // A simultaneous open's mapping takes one connection.
-                let n = if punched {
-                    1
-                } else {
-                    lanes::count(rtt, streams)
-                };
-                let more = match n {
-                    1 => Vec::new(),
-                    n => lanes::open_more(addr, key, tid, (n - 1, rtt)).await,
+                let more = match more.join_next().await {
+                    Some(Ok(proved)) => proved,
+                    _ => Vec::new(),
                 };
                 match lanes::join(conn, &c, more, key, tid).await {
                     Ok(joined) => return Ok(joined),
                     Err(e) => why.push(format!("{addr}: {e}")),
                 }
             }
-            Ok((addr, _, Err(e))) => why.push(format!("{addr}: {e}")),
+            Ok((addr, Err(e), _)) => why.push(format!("{addr}: {e}")),
             Err(e) => why.push(e.to_string()),
         }
     }
@@ -110,13 +116,12 @@ pub async fn dial(
 }
 
 /// One connection: send our challenge, check the listener's proof over both
-/// challenges (within [`PROOF_TIMEOUT`]); with the time that took (a round
-/// trip and the listener's work).
+/// challenges (within [`PROOF_TIMEOUT`]).
 pub(super) async fn one(
     tcp: TcpStream,
     key: &MacKey,
     tid: TransferId,
-) -> Result<(Probe, Challenges, Duration), String> {
+) -> Result<(Probe, Challenges), String> {
     let _ = keyferry_common::io::tcp::direct(&tcp);
     let mut conn = Connection::new(tcp);
     conn.reader.set_max(MAX_ANSWER_FRAME);
@@ -125,7 +130,6 @@ pub(super) async fn one(
         transfer_id: tid,
         nonce: ours,
     };
-    let asked = Instant::now();
     conn.writer.write(&hello).await.map_err(|e| e.to_string())?;
     match tokio::time::timeout(PROOF_TIMEOUT, conn.reader.read()).await {
         Ok(Ok(Some(Message::DirectChallenge { nonce, proof }))) => {
@@ -134,7 +138,7 @@ pub(super) async fn one(
                 receiver: nonce,
             };
             match verify_receiver(key, &tid, &c, &proof) {
-                Ok(()) => Ok((conn, c, asked.elapsed())),
+                Ok(()) => Ok((conn, c)),
                 Err(_) => Err("the listener there is not the receiver".into()),
             }
         }

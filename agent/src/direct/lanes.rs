@@ -1,10 +1,11 @@
 //! A direct stream over several connections (PROTOCOL.md §2.7, "Several
 //! connections"): on a long path one TCP connection carries at most its send
-//! buffer per round trip, so the sender opens more to the address that
-//! answered first, each proved like the first, and spreads the stream over
-//! them ([`keyferry_common::io::lanes`]). The sender picks how many from the
-//! round trip it measured (or `--streams`); the receiver gathers them before
-//! its stream begins.
+//! buffer per round trip, so the sender opens more to the address it
+//! dialled, each proved like the first, and spreads the stream over them
+//! ([`keyferry_common::io::lanes`]) if that address's listener proved itself
+//! first. The sender picks how many from the round trip its first connect
+//! took (or `--streams`) and dials them at once, beside the first one's
+//! proof; the receiver gathers them before its stream begins.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,9 +53,10 @@ pub fn count(rtt: Duration, asked: Option<u8>) -> u8 {
 /// Opens `n` more connections to `addr` and has each listener prove itself
 /// (as [`super::dial`]'s first); those that do so in time. The receiver
 /// gives every connection [`PROOF_TIMEOUT`] from its accept to the sender's
-/// proof, and the first connection (whose exchange took `rtt`) waits for
-/// these: so all of it must end within that budget, less the first's
-/// exchange twice over and half a second for the proofs' way.
+/// proof, and the first connection (whose connect took `rtt`, and which was
+/// accepted about when this began) waits for these: so all of it must end
+/// within that budget, less that round trip twice over and half a second for
+/// the proofs' way.
 pub(super) async fn open_more(
     addr: std::net::SocketAddr,
     key: &Arc<MacKey>,
@@ -79,7 +81,7 @@ pub(super) async fn open_more(
     let mut proved = Vec::new();
     // Those still trying at the deadline are dropped (aborted) with `tries`.
     while let Ok(Some(joined)) = tokio::time::timeout_at(deadline, tries.join_next()).await {
-        if let Ok(Some((conn, c, _))) = joined {
+        if let Ok(Some((conn, c))) = joined {
             proved.push((conn, c));
         }
     }
