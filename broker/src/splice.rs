@@ -195,12 +195,20 @@ impl Since {
         if self.bytes >= SMALL_FILL.min(pipe_cap / 2) {
             return false;
         }
-        let elapsed = self.at.elapsed().as_micros().max(1);
-        let during = self.bytes as u128 * GATHER_MOST.as_micros() / elapsed;
-        keyferry_common::io::tcp::receive_room(from).is_ok_and(|room| {
-            room >= GATHER_ROOM && during.saturating_mul(ROOM_SHARE) <= room as u128
-        })
+        let elapsed = self.at.elapsed();
+        keyferry_common::io::tcp::receive_room(from)
+            .is_ok_and(|room| worth(self.bytes, elapsed, room, pipe_cap))
     }
+}
+
+/// [`Since::worth_gathering`] for `bytes` in `elapsed`, a receive buffer of
+/// `room` bytes and a pipe of `pipe_cap`.
+fn worth(bytes: usize, elapsed: Duration, room: usize, pipe_cap: usize) -> bool {
+    if bytes >= SMALL_FILL.min(pipe_cap / 2) || room < GATHER_ROOM {
+        return false;
+    }
+    let during = bytes as u128 * GATHER_MOST.as_micros() / elapsed.as_micros().max(1);
+    during.saturating_mul(ROOM_SHARE) <= room as u128
 }
 
 /// Waits for `ready`, at most `idle` (then `Err(None)`), unless the
@@ -234,7 +242,7 @@ mod tests {
 
     use std::time::Instant;
 
-    use super::{GATHER_ROOM, PIPE_SIZE, Pipe, SMALL_FILL, Since, Stop, exactly};
+    use super::{GATHER_ROOM, PIPE_SIZE, Pipe, SMALL_FILL, Since, Stop, exactly, worth};
     use crate::shutdown::{Phase, Shutdown};
 
     /// Two connected sockets on 127.0.0.1: (the far end, ours).
@@ -295,33 +303,39 @@ mod tests {
     }
 
     /// The pause is for a slow trickle into a socket with room, only.
-    #[tokio::test]
-    async fn the_pause_is_taken_only_for_a_slow_trickle_with_room() {
-        let (_far, small) = pair().await;
-        let (_far2, roomy) = pair().await;
-        tcp::lane_in(&roomy).unwrap();
-        let since = |micros: u64, bytes: usize| Since {
-            at: Instant::now() - Duration::from_micros(micros),
-            bytes,
-        };
-        let cap = PIPE_SIZE;
-        // A socket the kernel did not grow: never.
-        if tcp::receive_room(&small).unwrap() < GATHER_ROOM {
-            assert!(!since(1000, 1448).worth_gathering(&small, cap));
-        }
-        if tcp::receive_room(&roomy).unwrap() < GATHER_ROOM {
-            println!("skipped: this system caps receive buffers below {GATHER_ROOM} bytes");
-            return;
-        }
-        // A packet per 60 us (25 MB/s): paused for.
-        assert!(since(60, 1448).worth_gathering(&roomy, cap));
+    #[test]
+    fn the_pause_is_taken_only_for_a_slow_trickle_with_room() {
+        let us = Duration::from_micros;
+        let (cap, room) = (PIPE_SIZE, 8 << 20);
+        // A packet per 60 us (25 MB/s): 97 KB in a pause, a quarter of
+        // 8 MiB holds it.
+        assert!(worth(1448, us(60), room, cap));
+        // A receive buffer the kernel did not grow: never.
+        assert!(!worth(1448, us(60), GATHER_ROOM - 1, cap));
         // Plenty since the last wait: read on.
-        assert!(!since(5000, SMALL_FILL).worth_gathering(&roomy, cap));
+        assert!(!worth(SMALL_FILL, us(5000), room, cap));
         // Little, but at a rate where a pause would fill the window
         // (64 KiB in 10 us): read on.
-        assert!(!since(10, 64 << 10).worth_gathering(&roomy, cap));
+        assert!(!worth(64 << 10, us(10), room, cap));
+        // The rate's edge: 2 MiB in a pause is a quarter of 8 MiB.
+        assert!(worth(1 << 10, us(2), room, cap));
+        assert!(!worth(1 << 10, us(1), room, cap));
         // Half a small pipe is plenty too.
-        assert!(!since(5000, 40 << 10).worth_gathering(&roomy, 64 << 10));
+        assert!(!worth(40 << 10, us(5000), room, 64 << 10));
+    }
+
+    /// The socket's own room is read: one the kernel has not grown is
+    /// never paused for.
+    #[tokio::test]
+    async fn a_socket_that_did_not_grow_is_never_paused_for() {
+        let (_far, small) = pair().await;
+        let since = Since {
+            at: Instant::now() - Duration::from_micros(1000),
+            bytes: 1448,
+        };
+        if tcp::receive_room(&small).unwrap() < GATHER_ROOM {
+            assert!(!since.worth_gathering(&small, PIPE_SIZE));
+        }
     }
 
     /// A relay gathering a trickle (napping or waiting, wherever the cut

@@ -10,6 +10,7 @@
 //! they carry the stream only if that first listener proved itself.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use keyferry_common::crypto::keys::MacKey;
@@ -49,24 +50,29 @@ pub async fn dial(
 ) -> Result<(DataConn, u8), String> {
     let deadline = tokio::time::Instant::now() + SENDER_WINDOW;
     let punch = punch.map(Arc::new);
-    let listening = terms.dialable().map(|a| (a, None));
+    // (address, our punch port to dial it from, whether it is a
+    // simultaneous-open address: those take one connection, never lanes)
+    let listening = terms.dialable().map(|a| (a, None, false));
     let punched = terms
         .punch_dialable()
-        .map(|a| (a, punch.as_ref().filter(|p| p.reaches(&a)).cloned()));
+        .map(|a| (a, punch.as_ref().filter(|p| p.reaches(&a)).cloned(), true));
     let mut attempts = JoinSet::new();
     let mut seen = Vec::new();
-    for (addr, from) in listening
+    // Only the first attempt whose connect completes dials further
+    // connections early: the receiver proves at most 16 at once, and lanes
+    // to several of its addresses would crowd out the winner's.
+    let claimed = Arc::new(AtomicBool::new(false));
+    for (addr, from, simultaneous) in listening
         .chain(punched)
-        .filter(|(a, _)| loopback || !a.ip().is_loopback())
+        .filter(|(a, _, _)| loopback || !a.ip().is_loopback())
     {
         // Each address once (`::ffff:X` is X).
         if seen.contains(&addr) {
             continue;
         }
         seen.push(addr);
-        let key = Arc::clone(key);
+        let (key, claimed) = (Arc::clone(key), Arc::clone(&claimed));
         attempts.spawn(async move {
-            let punched = from.is_some();
             let asked = Instant::now();
             let tcp = match from {
                 Some(p) => p.connect(addr, deadline).await,
@@ -78,17 +84,22 @@ pub async fn dial(
             // The connect took a round trip: the further connections are
             // dialled now, beside this one's proof (aborted with `more` if
             // it does not win). A simultaneous open's mapping takes one.
+            let rtt = asked.elapsed();
+            let n = if simultaneous {
+                1
+            } else {
+                lanes::count(rtt, streams)
+            };
             let mut more = JoinSet::new();
-            let n = lanes::count(asked.elapsed(), streams);
-            if tcp.is_ok() && !punched && n > 1 {
-                let (key, rtt) = (Arc::clone(&key), asked.elapsed());
+            if tcp.is_ok() && n > 1 && !claimed.swap(true, Ordering::Relaxed) {
+                let key = Arc::clone(&key);
                 more.spawn(async move { lanes::open_more(addr, &key, tid, (n - 1, rtt)).await });
             }
             let proved = match tcp {
                 Ok(tcp) => one(tcp, &key, tid).await,
                 Err(e) => Err(e),
             };
-            (addr, proved, more)
+            (addr, proved, (n, rtt, more))
         });
     }
     if attempts.is_empty() {
@@ -97,11 +108,15 @@ pub async fn dial(
     let mut why = Vec::new();
     while let Some(joined) = attempts.join_next().await {
         match joined {
-            Ok((addr, Ok((conn, c)), mut more)) => {
+            Ok((addr, Ok((conn, c)), (n, rtt, mut more))) => {
                 // Only the winner hears our proof; the others are dropped.
+                // A winner that was not the first to connect dials its
+                // further connections now.
                 let more = match more.join_next().await {
                     Some(Ok(proved)) => proved,
-                    _ => Vec::new(),
+                    Some(Err(_)) => Vec::new(),
+                    None if n > 1 => lanes::open_more(addr, key, tid, (n - 1, rtt)).await,
+                    None => Vec::new(),
                 };
                 match lanes::join(conn, &c, more, key, tid).await {
                     Ok(joined) => return Ok(joined),

@@ -32,8 +32,8 @@ use super::punch::{self, PunchPort};
 use super::seen::Seen;
 use crate::client::DataConn;
 
-/// Most connections proving themselves at once; more wait in the kernel's
-/// backlog.
+/// Most connections proving themselves at once; any more are closed at once
+/// (so a sender dials early lanes to one address only).
 const MAX_PROVING: usize = 16;
 /// Largest frame on a direct connection before it is proved (a
 /// `DirectHello` is 49 bytes, a `DirectLanes` 34).
