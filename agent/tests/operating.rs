@@ -184,21 +184,28 @@ fn health_becomes(at: &str, status: u16) -> String {
     }
 }
 
+/// A broker of the cluster at `nats`, with metrics and `extra` options; and
+/// its metrics address.
+fn member_with_metrics(nats: &Nats, tag: &str, extra: &[&str]) -> (Broker, String) {
+    let url = nats.url();
+    let mut args = vec![
+        "--cluster",
+        &url,
+        "--broker-id",
+        "one",
+        "--metrics",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    let mut broker = Broker::start_with(TempDir::new(tag), &args);
+    let at = metrics_addr(&mut broker);
+    (broker, at)
+}
+
 #[test]
 fn health_follows_the_cluster_connection() {
     let Some(nats) = Nats::start() else { return };
-    let mut broker = Broker::start_with(
-        TempDir::new("ops-cluster"),
-        &[
-            "--cluster",
-            &nats.url(),
-            "--broker-id",
-            "one",
-            "--metrics",
-            "127.0.0.1:0",
-        ],
-    );
-    let at = metrics_addr(&mut broker);
+    let (_broker, at) = member_with_metrics(&nats, "ops-cluster", &[]);
     assert_eq!(health_becomes(&at, 200), "ok\n");
     let (mut proc, port, store) = (nats.proc, nats.port, nats.store);
     proc.kill();
@@ -229,20 +236,7 @@ fn health_follows_the_cluster_connection() {
 #[test]
 fn with_nats_away_the_offer_rate_is_counted_by_the_broker_alone() {
     let Some(nats) = Nats::start() else { return };
-    let mut broker = Broker::start_with(
-        TempDir::new("ops-fallback"),
-        &[
-            "--cluster",
-            &nats.url(),
-            "--broker-id",
-            "one",
-            "--metrics",
-            "127.0.0.1:0",
-            "--offers-per-minute",
-            "2",
-        ],
-    );
-    let at = metrics_addr(&mut broker);
+    let (broker, at) = member_with_metrics(&nats, "ops-fallback", &["--offers-per-minute", "2"]);
     let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
     let out = TempDir::new("ops-fallback-out");
     let _bob = bob.receiver(&broker, out.path(), &["--yes"]);

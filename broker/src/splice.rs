@@ -192,23 +192,27 @@ impl Since {
     /// [`ROOM_SHARE`] of `from`'s receive buffer (of at least
     /// [`GATHER_ROOM`]).
     fn worth_gathering(&self, from: &TcpStream, pipe_cap: usize) -> bool {
-        if self.bytes >= SMALL_FILL.min(pipe_cap / 2) {
-            return false;
-        }
-        let elapsed = self.at.elapsed();
-        keyferry_common::io::tcp::receive_room(from)
-            .is_ok_and(|room| worth(self.bytes, elapsed, room, pipe_cap))
+        let room = || keyferry_common::io::tcp::receive_room(from).ok();
+        worth(self.bytes, self.at.elapsed(), room, pipe_cap)
     }
 }
 
-/// [`Since::worth_gathering`] for `bytes` in `elapsed`, a receive buffer of
-/// `room` bytes and a pipe of `pipe_cap`.
-fn worth(bytes: usize, elapsed: Duration, room: usize, pipe_cap: usize) -> bool {
-    if bytes >= SMALL_FILL.min(pipe_cap / 2) || room < GATHER_ROOM {
+/// [`Since::worth_gathering`] for `bytes` in `elapsed`, a pipe of
+/// `pipe_cap`, and the receive buffer `room` tells (asked only when the
+/// bytes were few: it is a system call).
+fn worth(
+    bytes: usize,
+    elapsed: Duration,
+    room: impl FnOnce() -> Option<usize>,
+    pipe_cap: usize,
+) -> bool {
+    if bytes >= SMALL_FILL.min(pipe_cap / 2) {
         return false;
     }
     let during = bytes as u128 * GATHER_MOST.as_micros() / elapsed.as_micros().max(1);
-    during.saturating_mul(ROOM_SHARE) <= room as u128
+    room().is_some_and(|room| {
+        room >= GATHER_ROOM && during.saturating_mul(ROOM_SHARE) <= room as u128
+    })
 }
 
 /// Waits for `ready`, at most `idle` (then `Err(None)`), unless the
@@ -306,12 +310,12 @@ mod tests {
     #[test]
     fn the_pause_is_taken_only_for_a_slow_trickle_with_room() {
         let us = Duration::from_micros;
-        let (cap, room) = (PIPE_SIZE, 8 << 20);
+        let (cap, room) = (PIPE_SIZE, || Some(8 << 20));
         // A packet per 60 us (25 MB/s): 97 KB in a pause, a quarter of
         // 8 MiB holds it.
         assert!(worth(1448, us(60), room, cap));
         // A receive buffer the kernel did not grow: never.
-        assert!(!worth(1448, us(60), GATHER_ROOM - 1, cap));
+        assert!(!worth(1448, us(60), || Some(GATHER_ROOM - 1), cap));
         // Plenty since the last wait: read on.
         assert!(!worth(SMALL_FILL, us(5000), room, cap));
         // Little, but at a rate where a pause would fill the window
