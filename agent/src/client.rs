@@ -23,6 +23,7 @@ use tokio_rustls::TlsConnector;
 use crate::direct::seen::Seen;
 use crate::error::AgentError;
 use crate::home::{Home, now_unix};
+use crate::relay_lanes::{self, Lanes, Opened};
 use crate::trust::pins::{PinCheck, PinError};
 
 /// A connection to the broker after TLS.
@@ -334,8 +335,21 @@ pub async fn open_upload(
 pub async fn open_upload_on(
     ctx: &Ctx,
     tickets: &[(TransferId, Ticket)],
-    early: Option<TcpStream>,
+    early: Option<Opened>,
 ) -> Result<DataConn, AgentError> {
+    open_upload_lanes(ctx, tickets, early, Lanes::One)
+        .await
+        .map(|(conn, _)| conn)
+}
+
+/// [`open_upload_on`], where one ticket may take several connections, as
+/// `lanes` says ([`crate::relay_lanes`]); returns how many carry the stream.
+pub async fn open_upload_lanes(
+    ctx: &Ctx,
+    tickets: &[(TransferId, Ticket)],
+    early: Option<Opened>,
+    lanes: Lanes,
+) -> Result<(DataConn, u8), AgentError> {
     let Some((_, first)) = tickets.first() else {
         return Err(AgentError::Internal("an upload without tickets".into()));
     };
@@ -359,13 +373,29 @@ pub async fn open_upload_on(
         addr: addr.clone(),
         detail: format!("data connection: {detail}"),
     };
-    let tcp = match early {
-        Some(tcp) => tcp,
-        None => tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
+    let lanes = if tickets.len() == 1 {
+        lanes
+    } else {
+        Lanes::One
+    };
+    let mut opened = match early {
+        Some(opened) => opened,
+        None => relay_lanes::connect(&addr, lanes)
             .await
-            .map_err(|_| unreachable("timed out".into()))?
             .map_err(|e| unreachable(e.to_string()))?,
     };
+    if lanes == Lanes::One {
+        opened.more.clear();
+    }
+    if let [(tid, t)] = &tickets[..]
+        && !opened.more.is_empty()
+    {
+        let (pipe, n) = relay_lanes::redeem(opened, *tid, t.ticket)
+            .await
+            .map_err(|e| conn_error(ctx, ConnError::Io(e)))?;
+        return Ok((Connection::new(pipe), n));
+    }
+    let tcp = opened.first;
     let _ = tcp.set_nodelay(true);
     let _ = keyferry_common::io::tcp::keep_alive(&tcp);
     let mut conn = Connection::new(Pipe::Tcp(tcp));
@@ -378,7 +408,7 @@ pub async fn open_upload_on(
             .await
             .map_err(|e| conn_error(ctx, e))?;
     }
-    Ok(conn)
+    Ok((conn, 1))
 }
 
 #[cfg(test)]

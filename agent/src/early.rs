@@ -4,16 +4,15 @@
 //! come (the broker relays once both sides are there: both open early).
 //! Unused after [`KEEP`] it is closed (the broker waits at most 10 s for a
 //! connection's first frame); a side that finds it gone, or goes elsewhere,
-//! connects anew.
+//! connects anew. A sender's opens its further lanes too, as soon as the
+//! first connected ([`crate::relay_lanes`]).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::relay_lanes::{Lanes, Opened, connect};
 use keyferry_common::io::task::AbortOnDrop;
 use keyferry_common::sync::lock;
-use tokio::net::TcpStream;
-
-use crate::client::CONNECT_TIMEOUT;
 
 /// How long an opened connection waits for its upload.
 const KEEP: Duration = Duration::from_secs(8);
@@ -21,21 +20,21 @@ const KEEP: Duration = Duration::from_secs(8);
 /// The connection being opened, or open and waiting.
 #[derive(Debug)]
 pub struct Early {
-    slot: Arc<Mutex<Option<TcpStream>>>,
+    slot: Arc<Mutex<Option<Opened>>>,
     _task: AbortOnDrop,
 }
 
 impl Early {
-    /// Starts connecting to `broker` (`HOST:PORT`).
-    pub fn open(broker: String) -> Self {
-        let slot: Arc<Mutex<Option<TcpStream>>> = Arc::default();
+    /// Starts connecting to `broker` (`HOST:PORT`), with as many
+    /// connections as `lanes` asks for.
+    pub fn open(broker: String, lanes: Lanes) -> Self {
+        let slot: Arc<Mutex<Option<Opened>>> = Arc::default();
         let held = Arc::clone(&slot);
         let task = tokio::spawn(async move {
-            let connect = TcpStream::connect(&broker);
-            let Ok(Ok(tcp)) = tokio::time::timeout(CONNECT_TIMEOUT, connect).await else {
+            let Ok(opened) = connect(&broker, lanes).await else {
                 return;
             };
-            *lock(&held) = Some(tcp);
+            *lock(&held) = Some(opened);
             tokio::time::sleep(KEEP).await;
             // Closed if nobody took it.
             drop(lock(&held).take());
@@ -47,7 +46,7 @@ impl Early {
     }
 
     /// The open connection, if it is there (and then only once).
-    pub fn take(&self) -> Option<TcpStream> {
+    pub fn take(&self) -> Option<Opened> {
         lock(&self.slot).take()
     }
 }

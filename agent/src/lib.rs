@@ -33,7 +33,9 @@ pub mod output;
 pub mod progress;
 pub mod prompt;
 pub mod receive;
+pub mod relay_lanes;
 pub mod send;
+pub mod streams;
 pub mod trust;
 
 pub use cli::{Args, run};

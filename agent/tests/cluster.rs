@@ -179,12 +179,20 @@ fn a_receiver_on_one_broker_gets_a_file_from_a_sender_on_another() {
         .unwrap_or_else(|| panic!("bob is not listed on broker 2: {list:#?}"));
     assert!(bob_line.contains("\"receiver\":true"), "{bob_line}");
 
-    // 64 MiB from a sender on broker 2; the data goes to broker 1 directly.
+    // 64 MiB from a sender on broker 2; the data goes to broker 1 directly,
+    // over three connections.
     let src = TempDir::new("cluster-src");
     let file = src.join("big.bin");
     std::fs::write(&file, pseudo_random(64 << 20, 15)).unwrap();
-    let sent = alice.send_file(&b2, "bob", &file, &["--direct", "never"]);
+    let flags = ["--direct", "never", "--streams", "3"];
+    let sent = alice.send_file(&b2, "bob", &file, &flags);
     assert_eq!(sent.code, Some(0), "{sent:#?}");
+    let report = support::json(&sent);
+    assert_eq!(
+        (&report["via"], &report["connections"]),
+        (&serde_json::json!("relay"), &serde_json::json!(3)),
+        "{report}"
+    );
     assert_eq!(hash_file(&out.join("big.bin")), hash_file(&file));
     b1.proc
         .stderr

@@ -188,6 +188,38 @@ fn direct_never_on_either_side_takes_the_relay() {
 }
 
 #[test]
+fn a_relayed_stream_spread_over_several_connections_arrives_whole() {
+    let mut broker = Broker::start();
+    let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
+    let src = TempDir::new("src");
+    let (file, data) = file_of(&src, "lanes.bin", 24 << 20, 12);
+    // The sender's --direct never opens its connections beside the offer;
+    // the receiver's makes a sender that would dial open them after the
+    // accept.
+    for (receiver_flags, sender_flags, n) in [
+        (&[][..], &["--direct", "never", "--streams", "4"][..], 4),
+        (&["--direct", "never"][..], &["--streams", "3"][..], 3),
+    ] {
+        let out = TempDir::new("out");
+        let mut args = vec!["--once", "--yes"];
+        args.extend_from_slice(receiver_flags);
+        let mut receiver = bob.receiver(&broker, out.path(), &args);
+        let mut flags = vec!["--rekey-interval", "20ms"];
+        flags.extend_from_slice(sender_flags);
+        let sent = alice.send_file(&broker, "bob", &file, &flags);
+        assert_eq!(sent.code, Some(0), "{sent:#?}");
+        let report = json(&sent);
+        assert_eq!(report["via"], "relay", "{report}");
+        assert_eq!(report["connections"], n, "{report}");
+        assert_eq!(report["sha256"], sha256_hex(&data));
+        assert!(report["session_keys"].as_u64().unwrap() > 1, "{report}");
+        assert_eq!(receiver.wait(WAIT), Some(0));
+        assert_eq!(std::fs::read(out.join("lanes.bin")).unwrap(), data);
+        assert!(support::relayed(&mut broker.proc), "{sender_flags:?}");
+    }
+}
+
+#[test]
 fn direct_only_without_a_direct_path_fails_clearly_with_exit_13() {
     let broker = Broker::start();
     let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));

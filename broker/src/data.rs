@@ -7,8 +7,11 @@
 //! A ticket is compared in constant time, admits one connection, and is gone
 //! when its transfer's wait ends ([`crate::tickets`]). A sender's connection
 //! may redeem the sender tickets of several transfers of one stream (one
-//! upload to several receivers). What the connection then carries is the
-//! relay's business ([`crate::relay`], [`crate::fanout`]).
+//! upload to several receivers). A sender with one receiver may spread its
+//! stream over several connections instead, its lanes (`RedeemLanes` on the
+//! first, `RedeemLane` on each other): the transfer gets them all, or none.
+//! What the connections then carry is the relay's business
+//! ([`crate::relay`], [`crate::fanout`]).
 
 use std::sync::Arc;
 
@@ -25,13 +28,17 @@ use crate::metrics::Handshake;
 use crate::relay::DataConn;
 use crate::routes::Remote;
 use crate::state::State;
-use crate::tickets::{MAX_FANOUT, Redeemed};
+use crate::tickets::{Further, MAX_FANOUT, Redeemed};
 
 /// The largest frame a data connection may send before it is admitted
 /// (`Redeem` is 50 bytes).
 const REDEEM_MAX: usize = 64;
 /// How long an upload's further `Redeem`s may take to follow its first.
 const MORE_REDEEMS: std::time::Duration = std::time::Duration::from_secs(1);
+/// The largest refusal this broker sends on a data connection.
+const REFUSAL_MAX: usize = 256;
+/// How long a stream's further lanes may take to come after its first.
+const MORE_LANES: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Serves a connection that did not start with TLS: it must be a data
 /// connection presenting a valid ticket before `deadline` (the handshake
@@ -59,6 +66,39 @@ pub async fn admit(
             transfer_id,
             ticket,
         })) => (transfer_id, ticket),
+        Ok(Some(Message::RedeemLanes {
+            transfer_id,
+            ticket,
+            lanes,
+        })) => {
+            let Some((first, further)) = state.tickets.redeem_lanes(&transfer_id, &ticket, lanes)
+            else {
+                drop(reader);
+                state.metrics.handshake_failed(Handshake::Ticket);
+                return Err(refuse(&mut tcp, ErrorCode::UnknownTransfer, UNKNOWN_LANES).await);
+            };
+            let conn = admitted(reader.into_parts().1, tcp, guard);
+            let until = deadline.min(tokio::time::Instant::now() + MORE_LANES);
+            // Without all of them, the stream cannot be read: the
+            // connections close, and the sender tries again.
+            if let Some(conn) = gather(conn, further, lanes, until).await {
+                // If the wait just ended, the connections are dropped.
+                let _ = state.tickets.redeem_upload(first, &[], &[], conn);
+            }
+            return Ok(());
+        }
+        Ok(Some(Message::RedeemLane {
+            transfer_id,
+            ticket,
+            lane,
+        })) => {
+            let conn = admitted(reader.into_parts().1, tcp, guard);
+            if let Err(mut conn) = state.tickets.redeem_lane(&transfer_id, &ticket, lane, conn) {
+                state.metrics.handshake_failed(Handshake::Ticket);
+                return Err(refuse(&mut conn.tcp, ErrorCode::UnknownTransfer, UNKNOWN_LANES).await);
+            }
+            return Ok(());
+        }
         Ok(None) | Err(ConnError::Io(_)) => return Ok(()),
         Ok(Some(_)) | Err(ConnError::Frame(_)) => {
             drop(reader);
@@ -151,6 +191,29 @@ pub async fn admit(
     }
 }
 
+/// The refusal of a lane whose ticket is no good.
+const UNKNOWN_LANES: &str = "no transfer waits for this ticket on several connections (unknown, used, expired, or its place taken)";
+
+/// The first of a stream's `n` lanes with the others (numbered 1 to
+/// `n − 1`), once all are there; `None` if they are not by `until`.
+async fn gather(
+    mut first: DataConn,
+    mut further: Further<DataConn>,
+    n: u8,
+    until: tokio::time::Instant,
+) -> Option<DataConn> {
+    let want = usize::from(n) - 1;
+    while further.held.len() < want {
+        match tokio::time::timeout_at(until, further.arriving.recv()).await {
+            Ok(Some(lane)) => further.held.push(lane),
+            _ => return None,
+        }
+    }
+    further.held.sort_by_key(|(k, _)| *k);
+    first.further = further.held.into_iter().map(|(_, c)| c).collect();
+    Some(first)
+}
+
 /// A data connection whose tickets were good: out of the unauthenticated
 /// places, with the bytes read after its `Redeem`s.
 fn admitted(leftover: Vec<u8>, tcp: TcpStream, mut guard: ConnGuard) -> DataConn {
@@ -159,6 +222,7 @@ fn admitted(leftover: Vec<u8>, tcp: TcpStream, mut guard: ConnGuard) -> DataConn
         tcp,
         leftover,
         guard,
+        further: Vec::new(),
     }
 }
 
@@ -229,7 +293,8 @@ async fn more_redeems(
 
 /// Tells a data connection why it is refused; the error to log.
 async fn refuse(tcp: &mut TcpStream, code: ErrorCode, detail: &str) -> SessionError {
-    let _ = FrameWriter::new(tcp, REDEEM_MAX)
+    // The refusal is ours, not bound by what a data connection may send.
+    let _ = FrameWriter::new(tcp, REFUSAL_MAX)
         .write(&Message::Error {
             code,
             detail: detail.to_owned(),

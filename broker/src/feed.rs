@@ -81,6 +81,7 @@ pub async fn open(state: &State, group: &[Remote]) -> Result<DataConn, String> {
         tcp,
         leftover: Vec::new(),
         guard,
+        further: Vec::new(),
     })
 }
 

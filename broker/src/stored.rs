@@ -62,6 +62,7 @@ pub async fn take_upload(
         tcp,
         leftover,
         guard,
+        ..
     } = conn;
     let (rd, wr) = tcp.into_split();
     let mut reader = FrameReader::with_buffer(rd, leftover, MAX_FRAME_LEN);

@@ -9,6 +9,12 @@
 //! each of the others is told where to hand its receiver's connection
 //! ([`Arrival::Joined`]).
 //!
+//! A sender may spread its stream over several data connections to the relay
+//! (its lanes): the first presents the sender ticket with their number
+//! ([`Tickets::redeem_lanes`]), the others the same ticket with their place
+//! ([`Tickets::redeem_lane`]), in any order; those that come before the first
+//! are held, at most one per place.
+//!
 //! Plain state, no sockets: a redeemed ticket hands over whatever
 //! data-connection value `C` the caller uses (the relay's connection in the
 //! broker, a number in the tests). Tickets are compared in constant time.
@@ -25,6 +31,8 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Most receivers one upload may have.
 pub const MAX_FANOUT: usize = 16;
+/// Most data connections one sender's stream may take to the relay.
+pub const MAX_LANES: u8 = 8;
 
 /// A receiver's data connection handed to the relay of its stream, and
 /// what tells its transfer's task that the relay ended.
@@ -73,6 +81,41 @@ struct Entry<C> {
     receiver: Slot<C>,
     stream: StreamId,
     from: AgentName,
+    lanes: Lanes<C>,
+}
+
+/// The further connections of a sender's stream over several.
+struct Lanes<C> {
+    /// How many the first said there are; `Some(1)` once the sender ticket
+    /// was redeemed by a connection of its own (then none is taken).
+    count: Option<u8>,
+    /// Those that came before the first, by place.
+    held: Vec<(u8, C)>,
+    /// Where those that come after the first go.
+    to: Option<mpsc::Sender<(u8, C)>>,
+    /// The places taken, one bit each.
+    taken: u8,
+}
+
+impl<C> Default for Lanes<C> {
+    fn default() -> Self {
+        Self {
+            count: None,
+            held: Vec::new(),
+            to: None,
+            taken: 0,
+        }
+    }
+}
+
+/// The further connections of a stream over lanes: those that came before
+/// its first, and where the others arrive (each with its place).
+#[derive(Debug)]
+pub struct Further<C> {
+    /// Those already there.
+    pub held: Vec<(u8, C)>,
+    /// Those still to come.
+    pub arriving: mpsc::Receiver<(u8, C)>,
 }
 
 /// Every transfer waiting for its data connections.
@@ -194,6 +237,7 @@ impl<C> Tickets<C> {
                 },
                 stream,
                 from: from.clone(),
+                lanes: Lanes::default(),
             },
         );
         Some(Issued {
@@ -235,12 +279,83 @@ impl<C> Tickets<C> {
             return None;
         }
         let to = e.sender.to.take()?;
+        e.lanes.count = Some(1);
+        e.lanes.held.clear();
         Some(Redeemed::Sender(Reserved {
             tid: *tid,
             to,
             stream: e.stream,
             from: e.from.clone(),
         }))
+    }
+
+    /// Takes the sender ticket of `tid` for the first of `n` (2 to
+    /// [`MAX_LANES`]) data connections carrying its stream, once: the
+    /// reservation to complete with [`Self::redeem_upload`] (with no other
+    /// ticket), and the further connections. `None` if no such sender ticket
+    /// waits, `n` is out of range, or the transfer is one of an upload to
+    /// several receivers (which takes one connection).
+    pub fn redeem_lanes(
+        &self,
+        tid: &TransferId,
+        ticket: &[u8; 32],
+        n: u8,
+    ) -> Option<(Reserved<C>, Further<C>)> {
+        if !(2..=MAX_LANES).contains(&n) || self.shares_stream(tid) {
+            return None;
+        }
+        let mut i = lock(&self.inner);
+        let e = i.get_mut(tid)?;
+        if !matches(&e.sender.ticket, ticket) {
+            return None;
+        }
+        let to = e.sender.to.take()?;
+        let (tx, arriving) = mpsc::channel(usize::from(MAX_LANES));
+        e.lanes.count = Some(n);
+        e.lanes.to = Some(tx);
+        let held = std::mem::take(&mut e.lanes.held)
+            .into_iter()
+            .filter(|(k, _)| *k < n)
+            .collect();
+        let reserved = Reserved {
+            tid: *tid,
+            to,
+            stream: e.stream,
+            from: e.from.clone(),
+        };
+        Some((reserved, Further { held, arriving }))
+    }
+
+    /// Takes `conn` as place `lane` of the stream whose sender ticket is
+    /// `ticket`: held until its first comes, or handed to it. Gives the
+    /// connection back if no such sender ticket waits, the place is out of
+    /// range or taken, or the first took one connection (or fewer places).
+    pub fn redeem_lane(
+        &self,
+        tid: &TransferId,
+        ticket: &[u8; 32],
+        lane: u8,
+        conn: C,
+    ) -> Result<(), C> {
+        let mut i = lock(&self.inner);
+        let Some(e) = i.get_mut(tid) else {
+            return Err(conn);
+        };
+        let bit = 1u8.checked_shl(u32::from(lane)).unwrap_or(0);
+        let in_range = lane >= 1 && lane < e.lanes.count.unwrap_or(MAX_LANES);
+        if !matches(&e.sender.ticket, ticket) || !in_range || e.lanes.taken & bit != 0 {
+            return Err(conn);
+        }
+        match (&e.lanes.to, e.lanes.count) {
+            (Some(to), _) => to.try_send((lane, conn)).map_err(|e| match e {
+                mpsc::error::TrySendError::Full((_, c))
+                | mpsc::error::TrySendError::Closed((_, c)) => c,
+            })?,
+            (None, None) => e.lanes.held.push((lane, conn)),
+            (None, Some(_)) => return Err(conn),
+        }
+        e.lanes.taken |= bit;
+        Ok(())
     }
 
     /// Completes an upload: `first` and the sender tickets in `more`, each
@@ -435,5 +550,63 @@ mod tests {
             .map(|i| (TransferId([100 + i as u8; 16]), [0; 32]))
             .collect();
         assert_eq!(t.redeem_upload(first, &many, &[], 3).unwrap_err(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_stream_over_lanes_takes_each_place_once_in_any_order() {
+        let t: Tickets<u32> = Tickets::new();
+        let (tid, sid, alice) = (TransferId([4; 16]), StreamId([1; 16]), name("alice"));
+        let mut issued = t.issue(tid, sid, &alice).unwrap();
+        let (s, r) = (issued.sender_ticket, issued.receiver_ticket);
+        // Before the first: held, once per place, with the sender's ticket only.
+        assert_eq!(t.redeem_lane(&tid, &s, 2, 102), Ok(()));
+        assert_eq!(t.redeem_lane(&tid, &s, 2, 99), Err(99), "a place taken");
+        assert_eq!(
+            t.redeem_lane(&tid, &r, 1, 98),
+            Err(98),
+            "the receiver's ticket"
+        );
+        assert_eq!(t.redeem_lane(&tid, &[0; 32], 1, 97), Err(97));
+        assert_eq!(
+            t.redeem_lane(&tid, &s, 0, 96),
+            Err(96),
+            "place 0 is the first's"
+        );
+        assert_eq!(t.redeem_lane(&tid, &s, MAX_LANES, 95), Err(95));
+        assert_eq!(
+            t.redeem_lane(&tid, &s, 6, 106),
+            Ok(()),
+            "held, beyond the count to come"
+        );
+        for bad in [0, 1, MAX_LANES + 1] {
+            assert!(t.redeem_lanes(&tid, &s, bad).is_none(), "{bad} lanes");
+        }
+        assert!(t.redeem_lanes(&tid, &r, 3).is_none());
+        let (first, mut further) = t.redeem_lanes(&tid, &s, 3).unwrap();
+        assert!(t.redeem_lanes(&tid, &s, 3).is_none(), "once");
+        assert_eq!(further.held, vec![(2, 102)], "place 6 is past 3 lanes");
+        // After the first: handed on; past the count or taken: refused.
+        assert_eq!(t.redeem_lane(&tid, &s, 3, 93), Err(93));
+        assert_eq!(t.redeem_lane(&tid, &s, 2, 92), Err(92));
+        assert_eq!(t.redeem_lane(&tid, &s, 1, 101), Ok(()));
+        assert_eq!(further.arriving.recv().await, Some((1, 101)));
+        t.redeem_upload(first, &[], &[], 100).unwrap();
+        assert!(matches!(
+            (&mut issued.sender).await,
+            Ok(Arrival::Upload { conn: 100, .. })
+        ));
+        // A sender ticket redeemed by one connection takes no lanes.
+        let tid2 = TransferId([5; 16]);
+        let two = t.issue(tid2, sid, &alice).unwrap();
+        let Some(Redeemed::Sender(_)) = t.redeem(&tid2, &two.sender_ticket) else {
+            panic!("the sender's ticket")
+        };
+        assert_eq!(t.redeem_lane(&tid2, &two.sender_ticket, 1, 91), Err(91));
+        // Nor does an upload to several receivers.
+        let tid3 = TransferId([6; 16]);
+        let three = t.issue(tid3, sid, &alice).unwrap();
+        assert!(t.redeem_lanes(&tid3, &three.sender_ticket, 2).is_none());
+        drop((issued, two, three));
+        assert_eq!(t.redeem_lane(&tid, &s, 1, 90), Err(90), "withdrawn");
     }
 }

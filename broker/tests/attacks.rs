@@ -17,7 +17,7 @@ use keyferry_broker::{AccessPolicy, Limits};
 use keyferry_common::handshake::{Kind, OfferParams, Terms, make_offer};
 use keyferry_common::identity::PublicKey;
 use keyferry_common::ids::{StreamId, TransferId};
-use keyferry_common::io::connection::Connection;
+use keyferry_common::io::connection::{ConnError, Connection};
 use keyferry_common::name::AgentName;
 use keyferry_common::wire::message::{AbortReason, ErrorCode, Message, Role};
 use support::{
@@ -469,15 +469,23 @@ async fn plain(broker: &TestBroker, msg: Option<&Message>, raw: &[u8]) -> Option
         .flatten()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn data_connections_need_a_valid_unused_ticket() {
-    let broker = TestBroker::start().await;
+/// Bob's receiver into `out`, and alice's offer of 5 bytes to it accepted:
+/// the receiver's task, alice's connection (kept open), the transfer and
+/// alice's ticket.
+async fn an_accepted_offer(
+    broker: &TestBroker,
+    out: &TempDir,
+) -> (
+    tokio::task::JoinHandle<Result<(), keyferry_agent::error::AgentError>>,
+    keyferry_agent::client::AgentConn,
+    TransferId,
+    [u8; 32],
+) {
     let (alice, bob) = (
-        Agent::new(&broker, "alice", "alice"),
-        Agent::new(&broker, "bob", "bob"),
+        Agent::new(broker, "alice", "alice"),
+        Agent::new(broker, "bob", "bob"),
     );
-    let out = TempDir::new("out");
-    let receiver = bob.receiver(&broker, out.path(), true).await;
+    let receiver = bob.receiver(broker, out.path(), true).await;
     let mut conn = alice.connect(Role::Sender).await;
     let key = bob_key(&mut conn).await;
     conn.writer
@@ -491,18 +499,28 @@ async fn data_connections_need_a_valid_unused_ticket() {
     let Some(Message::Ticket { ticket, .. }) = conn.reader.read_timeout(WAIT).await.unwrap() else {
         panic!("no ticket")
     };
-    let unknown = |m: Option<Message>| {
-        assert!(
-            matches!(
-                m,
-                Some(Message::Error {
-                    code: ErrorCode::UnknownTransfer,
-                    ..
-                })
-            ),
-            "{m:?}"
-        )
-    };
+    (receiver, conn, transfer_id, ticket)
+}
+
+/// Asserts that the broker answered `UnknownTransfer`.
+fn unknown(m: Option<Message>) {
+    assert!(
+        matches!(
+            m,
+            Some(Message::Error {
+                code: ErrorCode::UnknownTransfer,
+                ..
+            })
+        ),
+        "{m:?}"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_connections_need_a_valid_unused_ticket() {
+    let broker = TestBroker::start().await;
+    let out = TempDir::new("out");
+    let (receiver, _conn, transfer_id, ticket) = an_accepted_offer(&broker, &out).await;
     let redeem = |transfer_id, ticket| Message::Redeem {
         transfer_id,
         ticket,
@@ -556,4 +574,85 @@ async fn data_connections_need_a_valid_unused_ticket() {
     assert!(received.is_err());
     assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
     normal_transfer(&broker, 6).await;
+}
+
+/// Sends `msg` alone on a fresh plain connection and returns what the broker
+/// answers (`None` if it answers nothing and keeps the connection).
+async fn alone(broker: &TestBroker, msg: &Message) -> Option<Message> {
+    let tcp = tokio::net::TcpStream::connect(&broker.addr).await.unwrap();
+    let mut conn = Connection::new(tcp);
+    conn.writer.write(msg).await.unwrap();
+    conn.reader
+        .read_timeout(Duration::from_secs(2))
+        .await
+        .ok()
+        .flatten()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_over_several_connections_needs_each_place_once_and_all_of_them() {
+    let broker = TestBroker::start().await;
+    let out = TempDir::new("out");
+    let (receiver, _conn, transfer_id, ticket) = an_accepted_offer(&broker, &out).await;
+    let lane = |lane, ticket| Message::RedeemLane {
+        transfer_id,
+        ticket,
+        lane,
+    };
+    let first = |lanes| Message::RedeemLanes {
+        transfer_id,
+        ticket,
+        lanes,
+    };
+    let mut wrong = ticket;
+    wrong[0] ^= 1;
+    // A wrong ticket, places out of range, counts out of range: refused.
+    unknown(alone(&broker, &lane(1, wrong)).await);
+    for bad in [0, 8, 255] {
+        unknown(alone(&broker, &lane(bad, ticket)).await);
+    }
+    for bad in [0, 1, 9] {
+        unknown(alone(&broker, &first(bad)).await);
+    }
+    // A place is held before the first comes (no answer), and taken once.
+    let held = tokio::net::TcpStream::connect(&broker.addr).await.unwrap();
+    let mut held = Connection::new(held);
+    held.writer.write(&lane(1, ticket)).await.unwrap();
+    assert!(
+        held.reader
+            .read_timeout(Duration::from_millis(300))
+            .await
+            .is_err(),
+        "the broker answered a lane it holds"
+    );
+    unknown(alone(&broker, &lane(1, ticket)).await);
+    // The first says three; place 2 never comes: within 3 s both it and
+    // place 1 are closed, and the transfer is not relayed.
+    let tcp = tokio::net::TcpStream::connect(&broker.addr).await.unwrap();
+    let mut lead = Connection::new(tcp);
+    lead.writer.write(&first(3)).await.unwrap();
+    let began = Instant::now();
+    for c in [&mut lead, &mut held] {
+        let end = c.reader.read_timeout(Duration::from_secs(6)).await;
+        assert!(matches!(end, Ok(None) | Err(ConnError::Io(_))), "{end:?}");
+    }
+    let took = began.elapsed();
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(6),
+        "{took:?}"
+    );
+    // The ticket was used by that first: another is refused.
+    unknown(alone(&broker, &first(2)).await);
+    let received = tokio::time::timeout(WAIT, receiver).await.unwrap().unwrap();
+    assert!(received.is_err());
+    assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
+    let tid = transfer_id.to_string();
+    let logs = broker.logs.text();
+    assert!(
+        !logs
+            .lines()
+            .any(|l| l.contains("transfer started") && l.contains(&tid)),
+        "{logs}"
+    );
+    normal_transfer(&broker, 7).await;
 }

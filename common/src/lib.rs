@@ -46,7 +46,7 @@ pub mod units;
 pub mod wire;
 
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 8;
+pub const PROTOCOL_VERSION: u16 = 9;
 
 /// The one line an agent and a broker of different protocol versions show:
 /// both versions, and which side to upgrade.

@@ -71,7 +71,7 @@ impl Parts {
 }
 
 /// The protocol version PROTOCOL.md describes.
-const VERSION: u16 = 8;
+const VERSION: u16 = 9;
 
 /// An offer from Alice to Bob built from PROTOCOL.md §3.3 alone, signed by
 /// Alice whatever its parts.

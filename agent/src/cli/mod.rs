@@ -207,10 +207,11 @@ pub struct Args {
     /// senders (to open one port in a firewall) [default: any free port].
     #[arg(long, value_name = "PORT", help_heading = "Receiver")]
     pub direct_port: Option<u16>,
-    /// Sender: how many TCP connections a direct stream is spread over, 1 to
-    /// 8. One connection carries at most its send buffer per round trip, so
-    /// a long path needs several to fill its link [default: from the round
-    /// trip measured when connecting: 1 on a LAN, 3 at 40 ms, 8 from 118 ms].
+    /// Sender: how many TCP connections a stream to one receiver is spread
+    /// over, 1 to 8, directly to it or to the broker's relay. One connection
+    /// carries at most its send buffer per round trip, so a long path needs
+    /// several to fill its link [default: from the round trip measured when
+    /// connecting: 1 on a LAN, 3 at 40 ms, 8 from 118 ms].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=8), help_heading = "Sender")]
     pub streams: Option<u8>,
 

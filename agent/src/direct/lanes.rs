@@ -4,7 +4,7 @@
 //! dialled, each proved like the first, and spreads the stream over them
 //! ([`keyferry_common::io::lanes`]) if that address's listener proved itself
 //! first. The sender picks how many from the round trip its first connect
-//! took (or `--streams`) and dials them at once, beside the first one's
+//! took (or `--streams`, [`crate::streams`]) and dials them at once, beside the first one's
 //! proof; the receiver gathers them before its stream begins.
 
 use std::sync::Arc;
@@ -25,30 +25,6 @@ use crate::client::DataConn;
 
 /// A direct connection that proved its listener, not yet the stream's.
 pub(super) type Probe = Connection<TcpStream>;
-
-/// What one connection carries per round trip at the kernel's default
-/// buffers, about (measured: 4 MiB of send buffer kept 2 to 2.7 MiB in flight).
-const PER_ROUND_TRIP: f64 = (2 << 20) as f64;
-/// The rate the automatic choice provides for: 1 Gbit/s.
-const AIM: f64 = 125e6;
-
-/// How many connections a stream takes over a path of round trip `rtt`:
-/// `asked` (`--streams`) if given, else enough for [`AIM`], at most
-/// [`MAX_LANES`].
-pub fn count(rtt: Duration, asked: Option<u8>) -> u8 {
-    if let Some(n) = asked {
-        return n.clamp(1, MAX_LANES);
-    }
-    let wanted = (AIM * rtt.as_secs_f64() / PER_ROUND_TRIP).ceil();
-    if wanted >= f64::from(MAX_LANES) {
-        MAX_LANES
-    } else if wanted >= 1.0 {
-        // In 1..MAX_LANES here, so the cast is exact.
-        wanted as u8
-    } else {
-        1
-    }
-}
 
 /// Opens `n` more connections to `addr` and has each listener prove itself
 /// (as [`super::dial`]'s first); those that do so in time. The receiver
@@ -226,25 +202,5 @@ impl Gathering {
             let _ = keyferry_common::io::tcp::lane_in(lane);
         }
         Some(Connection::new(Pipe::gather((tcp, ahead), rest)))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_round_trip_sets_the_count_and_streams_overrides_it() {
-        let ms = Duration::from_millis;
-        assert_eq!(count(ms(0), None), 1);
-        assert_eq!(count(ms(1), None), 1);
-        assert_eq!(count(ms(16), None), 1);
-        assert_eq!(count(ms(40), None), 3);
-        assert_eq!(count(ms(150), None), MAX_LANES);
-        assert_eq!(count(Duration::from_secs(5), None), MAX_LANES);
-        assert_eq!(count(ms(150), Some(2)), 2);
-        assert_eq!(count(ms(0), Some(4)), 4);
-        assert_eq!(count(ms(0), Some(0)), 1);
-        assert_eq!(count(ms(0), Some(200)), MAX_LANES);
     }
 }

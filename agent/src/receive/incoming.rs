@@ -25,6 +25,7 @@ use super::{Failure, Shared, admit, path, stream};
 use crate::client::CONNECT_TIMEOUT;
 use crate::direct::Path;
 use crate::early::Early;
+use crate::relay_lanes::Lanes;
 
 /// How one offer ended, for a `--once` receiver: `None` if it does not count
 /// as its one transfer (refused as busy while another runs), else the exit
@@ -250,7 +251,8 @@ async fn accept_and_receive(
     }
     // The relay's data connection is opened now, while the accept travels
     // (PROTOCOL.md §2.5), unless only a direct connection will do.
-    let early = (admitted.direct != DirectMode::Only).then(|| Early::open(ctx.broker.clone()));
+    let early =
+        (admitted.direct != DirectMode::Only).then(|| Early::open(ctx.broker.clone(), Lanes::One));
     let accept = Message::Accept {
         transfer_id: tid,
         accept: admitted.accept,

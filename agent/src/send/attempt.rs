@@ -53,7 +53,8 @@ pub struct Done {
     pub seconds: f64,
     /// Which path carried the stream.
     pub path: Path,
-    /// How many connections carried it (several only on a direct path).
+    /// How many connections carried it (from the sender: to the receiver
+    /// directly, or to the broker).
     pub connections: u8,
 }
 
@@ -75,7 +76,8 @@ pub async fn run(
     // An upload that will likely take the relay opens its data connection
     // now, beside the offers.
     let relayed = !super::path::may_dial(opts, source, to.len());
-    let early = relayed.then(|| Early::open(ctx.broker.clone()));
+    let lanes = super::path::relay_lanes(opts, source, to.len());
+    let early = relayed.then(|| Early::open(ctx.broker.clone(), lanes));
     let mut tasks = JoinSet::new();
     for (i, name) in to.iter().enumerate() {
         let job = handshake(

@@ -81,8 +81,8 @@ pub struct SendOptions {
     pub progress: bool,
     /// Which paths the stream may take.
     pub direct: crate::direct::DirectOpt,
-    /// How many connections a direct stream takes (`--streams`); `None`:
-    /// chosen from the round trip.
+    /// How many connections a stream to one receiver takes, directly or to
+    /// the relay (`--streams`); `None`: chosen from the round trip.
     pub streams: Option<u8>,
     /// Set once a direct path broke: the retries take the relay.
     pub direct_failed: Arc<AtomicBool>,
@@ -134,8 +134,8 @@ pub struct Report {
     /// Which path carried the last attempt's stream: `direct` (between the
     /// agents) or `relay` (through the broker).
     pub via: crate::direct::Path,
-    /// How many TCP connections carried it (more than one only on a direct
-    /// path over a long round trip, or with `--streams`).
+    /// How many TCP connections carried it from the sender (more than one
+    /// only over a long round trip, or with `--streams`).
     pub connections: u8,
 }
 

@@ -13,11 +13,12 @@ use keyferry_common::wire::message::{AbortReason, Message};
 use super::SendOptions;
 use super::offer::Handshake;
 use super::source::Source;
-use crate::client::{Ctx, DataConn, Ticket, open_upload, open_upload_on};
+use crate::client::{Ctx, DataConn, Ticket, open_upload, open_upload_lanes};
 use crate::direct::{DirectOpt, Path, dial};
 use crate::early::Early;
 use crate::error::AgentError;
 use crate::output::notice;
+use crate::relay_lanes::Lanes;
 
 /// The smallest stream `--direct auto` dials for: below it the dial and the
 /// proofs (two round trips between the agents) cost more than the relay's
@@ -28,6 +29,17 @@ pub(super) const DIRECT_FROM: u64 = 4 << 20;
 /// sides sends through the relay.
 pub(super) fn small(source: &Source) -> bool {
     source.size_known && source.total < DIRECT_FROM
+}
+
+/// How many connections an upload of `source` to `receivers` receivers
+/// may take to the relay: several for one receiver and a stream that is
+/// not `small` (as the round trip or `--streams` says), else one.
+pub(super) fn relay_lanes(opts: &SendOptions, source: &Source, receivers: usize) -> Lanes {
+    if receivers == 1 && !small(source) {
+        Lanes::Auto(opts.streams)
+    } else {
+        Lanes::One
+    }
 }
 
 /// Whether, by this side's options, an upload of `source` to `receivers`
@@ -161,24 +173,30 @@ async fn choose(
                 .into(),
         ));
     }
-    relay(ctx, ready, early).await
+    let lanes = if small {
+        Lanes::One
+    } else {
+        Lanes::Auto(opts.streams)
+    };
+    relay(ctx, ready, early, lanes).await
 }
 
 /// The broker's relay: one data connection for every receiver (the one
-/// opened beside the offers, if it is there).
+/// opened beside the offers, if it is there), or, for one receiver, as many
+/// as `lanes` says.
 async fn relay(
     ctx: &Ctx,
     ready: &[Handshake],
     early: Option<&Early>,
+    lanes: Lanes,
 ) -> Result<(DataConn, Path, u8), AgentError> {
     let tickets: Vec<(TransferId, Ticket)> = ready
         .iter()
         .map(|h| (h.accepted.pair.transfer_id, h.ticket.clone()))
         .collect();
     let early = early.and_then(Early::take);
-    open_upload_on(ctx, &tickets, early)
-        .await
-        .map(|c| (c, Path::Relay, 1))
+    let (conn, n) = open_upload_lanes(ctx, &tickets, early, lanes).await?;
+    Ok((conn, Path::Relay, n))
 }
 
 /// Whether the broker is on this machine (its address is a loopback one):

@@ -157,7 +157,8 @@ pub(crate) async fn relay_when_connected<T>(
             not_relayed();
             return;
         };
-        info!(transfer = %tid, "transfer started");
+        let lanes = sender.further.len() + 1;
+        info!(transfer = %tid, lanes, "transfer started");
         let meters = state.metrics.meters(path);
         let report = relay(sender, receiver, ids, idle, shutdown, meters).await;
         report.log(tid, &state.metrics);

@@ -494,6 +494,27 @@ pub enum Message {
         /// HMAC under the direct key over both challenges and `lane`.
         proof: [u8; 32],
     },
+    /// Sender → broker: the first message of the first of several data
+    /// connections carrying one stream to the relay (PROTOCOL.md §2.5); the
+    /// stream follows, in segments.
+    RedeemLanes {
+        /// Transfer id.
+        transfer_id: TransferId,
+        /// The sender's ticket for it.
+        ticket: [u8; 32],
+        /// How many connections carry the stream, this one included (2 to 8).
+        lanes: u8,
+    },
+    /// Sender → broker: the first message of a further data connection of
+    /// such a stream, its lane `lane` (1 to 7).
+    RedeemLane {
+        /// Transfer id.
+        transfer_id: TransferId,
+        /// The sender's ticket for it (the same as on the first).
+        ticket: [u8; 32],
+        /// This connection's place among the stream's connections.
+        lane: u8,
+    },
 }
 
 impl Message {
@@ -542,6 +563,8 @@ impl Message {
             Self::Withdrawn { .. } => "Withdrawn",
             Self::DirectLanes { .. } => "DirectLanes",
             Self::DirectLane { .. } => "DirectLane",
+            Self::RedeemLanes { .. } => "RedeemLanes",
+            Self::RedeemLane { .. } => "RedeemLane",
         }
     }
 }
@@ -929,6 +952,22 @@ mod tests {
                     proof: [0x66; 32],
                 },
                 [vec![41, 3], vec![0x66; 32]].concat(),
+            ),
+            (
+                Message::RedeemLanes {
+                    transfer_id: tid,
+                    ticket: [4; 32],
+                    lanes: 8,
+                },
+                [vec![42], vec![0xaa; 16], vec![4; 32], vec![8]].concat(),
+            ),
+            (
+                Message::RedeemLane {
+                    transfer_id: tid,
+                    ticket: [4; 32],
+                    lane: 7,
+                },
+                [vec![43], vec![0xaa; 16], vec![4; 32], vec![7]].concat(),
             ),
             (
                 Message::Error {

@@ -1,0 +1,426 @@
+//! Relaying one transfer between the sender's and the receiver's data
+//! connections. The broker never opens a record: it only checks that each frame
+//! is a message allowed in that direction for that transfer.
+//!
+//! Forward (sender → receiver): the root (for this transfer), the manifest,
+//! key updates, chunks and the trailer (of this transfer's stream), an abort.
+//! Back (receiver → sender): the receipt, an abort (of this transfer). Anything else, EOF, an error
+//! or a silence longer than the idle limit ends that direction and tells the
+//! other side `Abort(PeerGone)`, which ends the other direction in turn.
+//!
+//! Bytes are forwarded as they arrive, unchanged and without copying frames
+//! out: a chunk is checked from its first 27 bytes ([`check`]) and the
+//! rest of its record moved socket to socket by `splice(2)` ([`crate::splice`];
+//! copied through the read buffer if no pipe can be had); other (small)
+//! messages are decoded whole before they go on. Each direction holds at most
+//! one read buffer, and reads again only after it wrote what it read:
+//! backpressure is end to end. A sender whose stream comes over several
+//! connections (lanes, PROTOCOL.md §2.5) is read back in order through
+//! [`Gather`] and copied, not spliced; what goes back to it takes its first.
+
+use std::time::{Duration, Instant};
+
+use keyferry_common::ids::{StreamId, TransferId};
+use keyferry_common::io::lanes::Gather;
+use keyferry_common::wire::frame::MAX_FRAME_LEN;
+use keyferry_common::wire::message::{self, AbortReason, Message};
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tracing::info;
+
+use crate::conns::ConnGuard;
+use crate::metrics::{End, Meters, Metrics};
+use crate::shutdown::Shutdown;
+use crate::splice::{self, Pipe, Stop};
+
+mod check;
+
+use check::{Checker, Dir, Scan};
+
+/// An admitted data connection: the socket, what was read past its `Redeem`,
+/// and its place under the connection limits.
+#[derive(Debug)]
+pub struct DataConn {
+    /// The socket.
+    pub tcp: TcpStream,
+    /// Bytes already read after the `Redeem` frame (the stream's start).
+    pub leftover: Vec<u8>,
+    /// Released when the relay ends.
+    pub guard: ConnGuard,
+    /// A sender's further lanes, in order (none but for a relayed stream
+    /// over several connections).
+    pub further: Vec<DataConn>,
+}
+
+/// One side of a relay direction, and the socket under it if it is one
+/// (only then may bytes be spliced).
+trait Side: Unpin {
+    fn socket(&self) -> Option<&TcpStream>;
+}
+
+impl Side for OwnedReadHalf {
+    fn socket(&self) -> Option<&TcpStream> {
+        Some(self.as_ref())
+    }
+}
+
+impl Side for OwnedWriteHalf {
+    fn socket(&self) -> Option<&TcpStream> {
+        Some(self.as_ref())
+    }
+}
+
+/// A sender's lanes, read back in order; what goes back to the sender is
+/// written to the first.
+type Lanes = Gather<OwnedReadHalf, OwnedWriteHalf>;
+
+impl Side for tokio::io::ReadHalf<Lanes> {
+    fn socket(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
+impl Side for tokio::io::WriteHalf<Lanes> {
+    fn socket(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
+impl RelayReport {
+    /// Logs how the relay of `tid` ended, and counts it.
+    pub fn log(&self, tid: TransferId, metrics: &Metrics) {
+        let end = if self.result.is_ok() {
+            End::Finished
+        } else {
+            End::Failed
+        };
+        metrics.transfer_ended(end, self.bytes, self.elapsed);
+        let (bytes, seconds) = (self.bytes, format!("{:.3}", self.elapsed.as_secs_f64()));
+        match &self.result {
+            Ok(()) => info!(transfer = %tid, bytes, seconds, "transfer finished"),
+            Err(why) => info!(transfer = %tid, bytes, seconds, %why, "transfer failed"),
+        }
+    }
+}
+
+/// Why a relay ended before both directions completed.
+#[derive(Debug, Error)]
+pub enum RelayEnd {
+    /// A side sent a frame that may not pass (bad length, wrong message or
+    /// transfer).
+    #[error("{side} sent {what}")]
+    Refused {
+        /// Which side.
+        side: &'static str,
+        /// What it sent.
+        what: String,
+    },
+    /// A side closed its connection early.
+    #[error("{0} disconnected")]
+    Disconnected(&'static str),
+    /// Reading from or writing to a side failed.
+    #[error("{side}: {source}")]
+    Io {
+        /// Which side.
+        side: &'static str,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A side sent nothing for the idle limit.
+    #[error("{side} silent for {secs}s")]
+    Silent {
+        /// Which side.
+        side: &'static str,
+        /// The limit.
+        secs: u64,
+    },
+    /// The other side of a side stopped reading for the idle limit.
+    #[error("peer of {0} stopped reading")]
+    Stalled(&'static str),
+    /// The broker is shutting down and the grace period is over.
+    #[error("cut by the broker's shutdown")]
+    Shutdown,
+}
+
+/// How much one read may bring in.
+const READ_SIZE: usize = 128 << 10;
+/// How much one read may bring in when record bodies are spliced: the next
+/// frame's head, and little of its body.
+const HEAD_READ: usize = 4 << 10;
+
+/// How a relay ended.
+#[derive(Debug)]
+pub struct RelayReport {
+    /// Bytes relayed forward.
+    pub bytes: u64,
+    /// How long the relay ran.
+    pub elapsed: Duration,
+    /// `Ok` if the trailer went forward and the receipt went back.
+    pub result: Result<(), RelayEnd>,
+}
+
+/// Relays one direction until it ends; returns the bytes forwarded. With a
+/// `pipe`, the bodies of chunk records are spliced; a `meter` counts the
+/// bytes as they pass.
+#[allow(clippy::too_many_arguments)]
+async fn pump<R: AsyncRead + Side, W: AsyncWrite + Side>(
+    dir: Dir,
+    ids: (TransferId, StreamId),
+    idle: Duration,
+    from: &mut R,
+    mut buf: Vec<u8>,
+    to: &mut W,
+    mut shutdown: Shutdown,
+    (pipe, meters): (Option<Pipe>, Option<&Meters>),
+) -> (u64, Result<(), RelayEnd>) {
+    let count = |n: usize| {
+        if let Some(m) = meters {
+            m.received.inc_by(n as u64);
+            m.relayed.inc_by(n as u64);
+        }
+    };
+    let mut checker = Checker {
+        dir,
+        ids,
+        passing: 0,
+    };
+    let mut bytes = 0u64;
+    let result = 'relay: loop {
+        // Everything at the start of the buffer that may go on, goes on.
+        let mut ok = 0;
+        let mut ends = false;
+        while !ends {
+            match checker.scan(&buf[ok..]) {
+                Scan::Forward { n, ends: e } => {
+                    ok += n;
+                    ends = e;
+                }
+                Scan::NeedMore => break,
+                Scan::Refuse(why) => break 'relay Err(why),
+            }
+        }
+        if ok > 0 {
+            let written = tokio::select! {
+                w = tokio::time::timeout(idle, to.write_all(&buf[..ok])) => w,
+                () = shutdown.cut() => break 'relay Err(RelayEnd::Shutdown),
+            };
+            match written {
+                Ok(Ok(())) => {}
+                Ok(Err(source)) => {
+                    let side = dir.destination();
+                    return (bytes, Err(RelayEnd::Io { side, source }));
+                }
+                Err(_) => return (bytes, Err(RelayEnd::Stalled(dir.source()))),
+            }
+            bytes += ok as u64;
+            count(ok);
+            buf.drain(..ok);
+        }
+        if ends {
+            return (bytes, Ok(()));
+        }
+        // The rest of an approved chunk record goes socket to socket.
+        if let (Some(pipe), Some(from_tcp), Some(to_tcp)) = (&pipe, from.socket(), to.socket())
+            && checker.passing > 0
+            && buf.is_empty()
+        {
+            let n = checker.passing;
+            let spliced = splice::exactly(from_tcp, to_tcp, pipe, n, idle, &mut shutdown).await;
+            if let Err(stop) = spliced {
+                break 'relay Err(stopped(dir, idle, stop));
+            }
+            checker.passing = 0;
+            bytes += n as u64;
+            count(n);
+            continue;
+        }
+        // A small message is decoded whole, so it must fit; chunks stream.
+        let spliced = pipe.is_some() && from.socket().is_some() && to.socket().is_some();
+        let most = if spliced { HEAD_READ } else { READ_SIZE };
+        buf.reserve(most);
+        let mut limited = (&mut *from).take(most as u64);
+        let read = tokio::select! {
+            r = tokio::time::timeout(idle, limited.read_buf(&mut buf)) => r,
+            () = shutdown.cut() => break Err(RelayEnd::Shutdown),
+        };
+        let side = dir.source();
+        match read {
+            Ok(Ok(0)) => break Err(RelayEnd::Disconnected(side)),
+            Ok(Ok(_)) => {}
+            Ok(Err(source)) => break Err(RelayEnd::Io { side, source }),
+            Err(_) => {
+                break Err(RelayEnd::Silent {
+                    side,
+                    secs: idle.as_secs(),
+                });
+            }
+        }
+    };
+    // Mid-frame, an abort would corrupt the stream; the close says enough then.
+    if checker.passing == 0 {
+        let gone = Message::Abort {
+            transfer_id: ids.0,
+            reason: AbortReason::PeerGone,
+        };
+        if let Ok(frame) = message::encode(&gone, MAX_FRAME_LEN) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), to.write_all(&frame)).await;
+        }
+    }
+    let _ = to.shutdown().await;
+    (bytes, result)
+}
+
+/// What a splice that stopped means for this direction.
+fn stopped(dir: Dir, idle: Duration, stop: Stop) -> RelayEnd {
+    let side = dir.source();
+    match stop {
+        Stop::Closed => RelayEnd::Disconnected(side),
+        Stop::From(source) => RelayEnd::Io { side, source },
+        Stop::To(source) => RelayEnd::Io {
+            side: dir.destination(),
+            source,
+        },
+        Stop::Silent => RelayEnd::Silent {
+            side,
+            secs: idle.as_secs(),
+        },
+        Stop::Stalled => RelayEnd::Stalled(side),
+        Stop::Shutdown => RelayEnd::Shutdown,
+    }
+}
+
+/// Reads and discards what a peer still sends, until it closes or `grace`
+/// passes: closing a socket with unread data makes the kernel send a reset,
+/// which can destroy the `Abort` just written to that peer before it reads it.
+async fn drain<R: AsyncRead + Unpin>(from: &mut R, grace: Duration) {
+    let mut sink = vec![0u8; 64 << 10];
+    let _ = tokio::time::timeout(grace, async {
+        while let Ok(n) = from.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// How long a failed relay keeps reading, so its `Abort` reaches both sides.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
+/// Relays transfer `ids.0` (of stream `ids.1`) until both directions ended
+/// (or `shutdown` cuts it).
+pub async fn relay(
+    sender: DataConn,
+    receiver: DataConn,
+    ids: (TransferId, StreamId),
+    idle: Duration,
+    shutdown: Shutdown,
+    meters: Meters,
+) -> RelayReport {
+    let start = Instant::now();
+    let (r_read, r_write) = receiver.tcp.into_split();
+    let to_receiver = (r_read, receiver.leftover, r_write);
+    let mut guards = vec![sender.guard, receiver.guard];
+    let (bytes, result) = if sender.further.is_empty() {
+        let (s_read, s_write) = sender.tcp.into_split();
+        let from_sender = (s_read, sender.leftover, s_write);
+        let pipe = Pipe::new().ok();
+        both(
+            from_sender,
+            to_receiver,
+            (ids, idle, shutdown),
+            (pipe, meters),
+        )
+        .await
+    } else {
+        let lanes = gather(sender.tcp, sender.leftover, sender.further, &mut guards);
+        let (s_read, s_write) = tokio::io::split(lanes);
+        // The bytes read past each lane's first frame are in the lanes.
+        let from_sender = (s_read, Vec::new(), s_write);
+        both(
+            from_sender,
+            to_receiver,
+            (ids, idle, shutdown),
+            (None, meters),
+        )
+        .await
+    };
+    drop(guards);
+    RelayReport {
+        bytes,
+        elapsed: start.elapsed(),
+        result,
+    }
+}
+
+/// A sender's lanes as one stream, read back in order; their places under
+/// the limits go to `guards`.
+fn gather(
+    first: TcpStream,
+    leftover: Vec<u8>,
+    further: Vec<DataConn>,
+    guards: &mut Vec<ConnGuard>,
+) -> Lanes {
+    let _ = keyferry_common::io::tcp::lane_in(&first);
+    let (first_read, first_write) = first.into_split();
+    let (mut readers, mut writers) = (vec![(first_read, leftover)], Vec::new());
+    for lane in further {
+        let _ = keyferry_common::io::tcp::lane_in(&lane.tcp);
+        let (r, w) = lane.tcp.into_split();
+        readers.push((r, lane.leftover));
+        writers.push(w);
+        guards.push(lane.guard);
+    }
+    Gather::new(readers, first_write, writers)
+}
+
+/// Runs both directions between the sender's side and the receiver's (each
+/// a read side, what was read from it already, and a write side) until both
+/// ended; then, if either failed, lets both sides read the abort. With a
+/// `pipe`, chunk bodies are spliced where both ends are sockets.
+async fn both<SR, SW, RR, RW>(
+    (mut s_read, s_start, mut s_write): (SR, Vec<u8>, SW),
+    (mut r_read, r_start, mut r_write): (RR, Vec<u8>, RW),
+    (ids, idle, shutdown): ((TransferId, StreamId), Duration, Shutdown),
+    (pipe, meters): (Option<Pipe>, Meters),
+) -> (u64, Result<(), RelayEnd>)
+where
+    SR: AsyncRead + Side,
+    SW: AsyncWrite + Side,
+    RR: AsyncRead + Side,
+    RW: AsyncWrite + Side,
+{
+    let (forward, back) = tokio::join!(
+        pump(
+            Dir::Forward,
+            ids,
+            idle,
+            &mut s_read,
+            s_start,
+            &mut r_write,
+            shutdown.clone(),
+            (pipe, Some(&meters)),
+        ),
+        pump(
+            Dir::Back,
+            ids,
+            idle,
+            &mut r_read,
+            r_start,
+            &mut s_write,
+            shutdown,
+            (None, None),
+        ),
+    );
+    if forward.1.is_err() || back.1.is_err() {
+        // The failing direction told the other side; let both read that
+        // before the sockets close.
+        tokio::join!(
+            drain(&mut s_read, DRAIN_GRACE),
+            drain(&mut r_read, DRAIN_GRACE)
+        );
+    }
+    (forward.0, forward.1.and(back.1))
+}
