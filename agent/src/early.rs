@@ -31,11 +31,14 @@ impl Early {
         let slot: Arc<Mutex<Option<Opened>>> = Arc::default();
         let held = Arc::clone(&slot);
         let task = tokio::spawn(async move {
+            // Counted from the start: the broker's wait for a first frame
+            // runs from the first connection's accept.
+            let began = tokio::time::Instant::now();
             let Ok(opened) = connect(&broker, lanes).await else {
                 return;
             };
             *lock(&held) = Some(opened);
-            tokio::time::sleep(KEEP).await;
+            tokio::time::sleep_until(began + KEEP).await;
             // Closed if nobody took it.
             drop(lock(&held).take());
         });

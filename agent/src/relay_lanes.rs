@@ -48,15 +48,20 @@ pub struct Opened {
 /// does not connect within twice the first's round trip and a second is left
 /// out.
 pub async fn connect(addr: &str, lanes: Lanes) -> std::io::Result<Opened> {
-    let began = Instant::now();
-    let first = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+    let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out");
+    let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+    // The name is looked up first, so that the round trip is the connect's.
+    let to: Vec<_> = tokio::time::timeout_at(deadline, tokio::net::lookup_host(addr))
         .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"))??;
-    let rtt = began.elapsed();
+        .map_err(|_| timed_out())??
+        .collect();
+    let (first, rtt) = tokio::time::timeout_at(deadline, first_of(&to))
+        .await
+        .map_err(|_| timed_out())??;
     let more = match lanes {
         Lanes::One => Vec::new(),
         Lanes::Auto(asked) => {
-            let n = crate::streams::count(rtt, asked);
+            let n = crate::streams::count(rtt, asked, crate::streams::RELAY);
             match first.peer_addr() {
                 Ok(to) if n > 1 => more(to, n - 1, rtt).await,
                 _ => Vec::new(),
@@ -64,6 +69,20 @@ pub async fn connect(addr: &str, lanes: Lanes) -> std::io::Result<Opened> {
         }
     };
     Ok(Opened { first, more })
+}
+
+/// Connects to the first of `to` that answers, in turn; how long that
+/// connect took.
+async fn first_of(to: &[std::net::SocketAddr]) -> std::io::Result<(TcpStream, Duration)> {
+    let mut last = std::io::Error::new(std::io::ErrorKind::InvalidInput, "the name has no address");
+    for addr in to {
+        let began = Instant::now();
+        match TcpStream::connect(addr).await {
+            Ok(tcp) => return Ok((tcp, began.elapsed())),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 /// Opens `n` connections to `to` at once; those that connect in time.

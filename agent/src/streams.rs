@@ -11,17 +11,30 @@ use keyferry_common::handshake::direct::MAX_LANES;
 /// What one connection carries per round trip at the kernel's default
 /// buffers, about (measured: 4 MiB of send buffer kept 2 to 2.7 MiB in flight).
 const PER_ROUND_TRIP: f64 = (2 << 20) as f64;
-/// The rate the automatic choice provides for: 1 Gbit/s.
-const AIM: f64 = 125e6;
+/// The rate the automatic choice provides for, in bytes a second.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Aim(f64);
+
+/// A direct stream's: 1 Gbit/s.
+pub const DIRECT: Aim = Aim(125e6);
+
+/// A sender's leg to the relay: 250 Mbit/s. The broker's link brings in
+/// both the sender's data and the acknowledgements of its leg to the
+/// receiver; connections beyond what the path needs build a queue there,
+/// which holds those acknowledgements back and slows the receiver's leg
+/// (measured on an emulated 200 Mbit/s, 150 ms path with the broker next to
+/// the receiver: 64 % of the link over 8 connections, 73 % over 2, 72 % over
+/// 3). A broker serves many transfers; one that needs more says `--streams`.
+pub const RELAY: Aim = Aim(31.25e6);
 
 /// How many connections a stream takes over a path of round trip `rtt`:
-/// `asked` (`--streams`) if given, else enough for [`AIM`], at most
+/// `asked` (`--streams`) if given, else enough for `aim`, at most
 /// [`MAX_LANES`].
-pub fn count(rtt: Duration, asked: Option<u8>) -> u8 {
+pub fn count(rtt: Duration, asked: Option<u8>, aim: Aim) -> u8 {
     if let Some(n) = asked {
         return n.clamp(1, MAX_LANES);
     }
-    let wanted = (AIM * rtt.as_secs_f64() / PER_ROUND_TRIP).ceil();
+    let wanted = (aim.0 * rtt.as_secs_f64() / PER_ROUND_TRIP).ceil();
     if wanted >= f64::from(MAX_LANES) {
         MAX_LANES
     } else if wanted >= 1.0 {
@@ -39,15 +52,21 @@ mod tests {
     #[test]
     fn the_round_trip_sets_the_count_and_streams_overrides_it() {
         let ms = Duration::from_millis;
-        assert_eq!(count(ms(0), None), 1);
-        assert_eq!(count(ms(1), None), 1);
-        assert_eq!(count(ms(16), None), 1);
-        assert_eq!(count(ms(40), None), 3);
-        assert_eq!(count(ms(150), None), MAX_LANES);
-        assert_eq!(count(Duration::from_secs(5), None), MAX_LANES);
-        assert_eq!(count(ms(150), Some(2)), 2);
-        assert_eq!(count(ms(0), Some(4)), 4);
-        assert_eq!(count(ms(0), Some(0)), 1);
-        assert_eq!(count(ms(0), Some(200)), MAX_LANES);
+        assert_eq!(count(ms(0), None, DIRECT), 1);
+        assert_eq!(count(ms(1), None, DIRECT), 1);
+        assert_eq!(count(ms(16), None, DIRECT), 1);
+        assert_eq!(count(ms(40), None, DIRECT), 3);
+        assert_eq!(count(ms(150), None, DIRECT), MAX_LANES);
+        assert_eq!(count(Duration::from_secs(5), None, DIRECT), MAX_LANES);
+        assert_eq!(count(ms(150), Some(2), DIRECT), 2);
+        assert_eq!(count(ms(0), Some(4), DIRECT), 4);
+        assert_eq!(count(ms(0), Some(0), DIRECT), 1);
+        assert_eq!(count(ms(0), Some(200), DIRECT), MAX_LANES);
+        // The relay aims lower: 1 to about 67 ms, 2 to 134, 3 to 201.
+        assert_eq!(count(ms(40), None, RELAY), 1);
+        assert_eq!(count(ms(75), None, RELAY), 2);
+        assert_eq!(count(ms(150), None, RELAY), 3);
+        assert_eq!(count(ms(600), None, RELAY), MAX_LANES);
+        assert_eq!(count(ms(150), Some(8), RELAY), MAX_LANES);
     }
 }

@@ -4,7 +4,8 @@
 //! command run again right after a sender was killed mid-transfer resumes
 //! instead of being refused as busy; a sender refused as busy (its one slot
 //! taken by its own pipe) offers again and gets through once the slot is
-//! free; and a receiver whose broker closes
+//! free; a sender whose broker does not take its further connections to the
+//! relay sends again over one; and a receiver whose broker closes
 //! every connection right after `Welcome` backs off instead of reconnecting
 //! every second for ever.
 
@@ -123,6 +124,36 @@ fn a_sender_refused_as_busy_offers_again_and_gets_through_once_the_slot_is_free(
     );
     assert_eq!(hash_file(&out.join("f.bin")), hash_file(&file));
     assert_eq!(std::fs::read(out.join("p.bin")).unwrap(), head);
+}
+
+#[test]
+fn a_stream_whose_further_connections_the_broker_refuses_is_sent_again_over_one() {
+    // Five connections from 127.0.0.1 at most: the two agents' own and
+    // three more. Of the eight lanes the sender opens once bob accepted
+    // (his --direct never keeps it from dialling him), at least four are
+    // closed at once; the broker gives up on their stream 3 s after its
+    // first came, and the retry takes one connection (the receiver's and
+    // the sender's four then fit).
+    let broker = Broker::start_with(TempDir::new("broker"), &["--max-connections-per-ip", "5"]);
+    let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
+    let (src, out) = (TempDir::new("src"), TempDir::new("out"));
+    let file = src.join("f.bin");
+    std::fs::write(&file, pseudo_random(6 << 20, 23)).unwrap();
+    // Not --once: its first transfer fails.
+    let mut receiver = bob.receiver(&broker, out.path(), &["--yes", "--direct", "never"]);
+    let flags = ["--streams", "8", "--retry-for", "60s"];
+    let sent = alice.send_file(&broker, "bob", &file, &flags);
+    assert_eq!(sent.code, Some(0), "{sent:#?}");
+    let report = json(&sent);
+    assert_eq!(report["via"], "relay", "{report}");
+    assert_eq!(report["connections"], 1, "{report}");
+    assert!(report["attempts"].as_u64().unwrap() >= 2, "{report}");
+    assert!(
+        sent.stderr.contains("a lane of the stream"),
+        "the first attempt failed for another reason: {sent:#?}"
+    );
+    assert_eq!(hash_file(&out.join("f.bin")), hash_file(&file));
+    receiver.kill();
 }
 
 #[test]

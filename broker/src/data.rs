@@ -81,10 +81,14 @@ pub async fn admit(
             let until = deadline.min(tokio::time::Instant::now() + MORE_LANES);
             // Without all of them, the stream cannot be read: the
             // connections close, and the sender tries again.
-            if let Some(conn) = gather(conn, further, lanes, until).await {
-                // If the wait just ended, the connections are dropped.
-                let _ = state.tickets.redeem_upload(first, &[], &[], conn);
-            }
+            let Some(conn) = gather(conn, further, lanes, until).await else {
+                state.metrics.handshake_failed(Handshake::Timeout);
+                return Err(SessionError::Refused(format!(
+                    "transfer {transfer_id}: not all of its sender's {lanes} connections came"
+                )));
+            };
+            // If the wait just ended, the connections are dropped.
+            let _ = state.tickets.redeem_upload(first, &[], &[], conn);
             return Ok(());
         }
         Ok(Some(Message::RedeemLane {

@@ -175,6 +175,8 @@ pub async fn relay(
     mut shutdown: Shutdown,
     meters: Meters,
 ) -> RelayReport {
+    // Only one receiver's relay takes a sender over several connections.
+    debug_assert!(sender.further.is_empty(), "an upload over lanes");
     let start = Instant::now();
     let mut tasks = JoinSet::new();
     let transfers: usize = receivers.iter().map(|r| r.tids.len()).sum();

@@ -58,6 +58,8 @@ pub async fn take_upload(
     idle: Duration,
     meters: Meters,
 ) -> Result<StoredMeta, String> {
+    // A stored upload redeems one ticket with `Redeem`: never over lanes.
+    debug_assert!(conn.further.is_empty(), "a stored upload over lanes");
     let DataConn {
         tcp,
         leftover,

@@ -23,6 +23,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use keyferry_common::crypto::random_array;
+use keyferry_common::handshake::direct::MAX_LANES;
 use keyferry_common::ids::{StreamId, TransferId};
 use keyferry_common::name::AgentName;
 use keyferry_common::sync::lock;
@@ -31,8 +32,6 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Most receivers one upload may have.
 pub const MAX_FANOUT: usize = 16;
-/// Most data connections one sender's stream may take to the relay.
-pub const MAX_LANES: u8 = 8;
 
 /// A receiver's data connection handed to the relay of its stream, and
 /// what tells its transfer's task that the relay ended.
@@ -164,7 +163,9 @@ impl<C> std::fmt::Debug for Issued<'_, C> {
 
 impl<C> Drop for Issued<'_, C> {
     fn drop(&mut self) {
-        lock(&self.tickets.inner).remove(&self.tid);
+        // Held connections close after the lock is released.
+        let gone = lock(&self.tickets.inner).remove(&self.tid);
+        drop(gone);
     }
 }
 
@@ -201,6 +202,15 @@ impl<C> Reserved<C> {
 
 fn matches(slot_ticket: &[u8; 32], ticket: &[u8; 32]) -> bool {
     bool::from(slot_ticket.ct_eq(ticket))
+}
+
+/// Whether another waiting transfer has `tid`'s stream and sender.
+fn shares<C>(i: &HashMap<TransferId, Entry<C>>, tid: &TransferId) -> bool {
+    let Some(e) = i.get(tid) else {
+        return false;
+    };
+    i.iter()
+        .any(|(t, o)| t != tid && o.stream == e.stream && o.from == e.from)
 }
 
 impl<C> Tickets<C> {
@@ -253,12 +263,7 @@ impl<C> Tickets<C> {
     /// Whether another transfer of `tid`'s stream (an upload to several
     /// receivers) is waiting for its data connections too.
     pub fn shares_stream(&self, tid: &TransferId) -> bool {
-        let i = lock(&self.inner);
-        let Some(e) = i.get(tid) else {
-            return false;
-        };
-        i.iter()
-            .any(|(t, o)| t != tid && o.stream == e.stream && o.from == e.from)
+        shares(&lock(&self.inner), tid)
     }
 
     /// Takes the first ticket a data connection presents, once: a
@@ -266,6 +271,8 @@ impl<C> Tickets<C> {
     /// reservation that [`Self::redeem_upload`] completes. `None`: no such
     /// ticket waits (unknown, used or withdrawn).
     pub fn redeem(&self, tid: &TransferId, ticket: &[u8; 32]) -> Option<Redeemed<C>> {
+        // Declared before the lock, so dropped (closed) after it.
+        let _gone: Vec<(u8, C)>;
         let mut i = lock(&self.inner);
         let e = i.get_mut(tid)?;
         let (s, r) = (
@@ -280,7 +287,7 @@ impl<C> Tickets<C> {
         }
         let to = e.sender.to.take()?;
         e.lanes.count = Some(1);
-        e.lanes.held.clear();
+        _gone = std::mem::take(&mut e.lanes.held);
         Some(Redeemed::Sender(Reserved {
             tid: *tid,
             to,
@@ -301,10 +308,11 @@ impl<C> Tickets<C> {
         ticket: &[u8; 32],
         n: u8,
     ) -> Option<(Reserved<C>, Further<C>)> {
-        if !(2..=MAX_LANES).contains(&n) || self.shares_stream(tid) {
+        let mut gone = Vec::new();
+        let mut i = lock(&self.inner);
+        if !(2..=MAX_LANES).contains(&n) || shares(&i, tid) {
             return None;
         }
-        let mut i = lock(&self.inner);
         let e = i.get_mut(tid)?;
         if !matches(&e.sender.ticket, ticket) {
             return None;
@@ -313,10 +321,14 @@ impl<C> Tickets<C> {
         let (tx, arriving) = mpsc::channel(usize::from(MAX_LANES));
         e.lanes.count = Some(n);
         e.lanes.to = Some(tx);
-        let held = std::mem::take(&mut e.lanes.held)
-            .into_iter()
-            .filter(|(k, _)| *k < n)
-            .collect();
+        let mut held = Vec::new();
+        for (k, conn) in std::mem::take(&mut e.lanes.held) {
+            if k < n {
+                held.push((k, conn));
+            } else {
+                gone.push(conn);
+            }
+        }
         let reserved = Reserved {
             tid: *tid,
             to,
@@ -338,12 +350,20 @@ impl<C> Tickets<C> {
         conn: C,
     ) -> Result<(), C> {
         let mut i = lock(&self.inner);
+        let several = shares(&i, tid);
         let Some(e) = i.get_mut(tid) else {
             return Err(conn);
         };
         let bit = 1u8.checked_shl(u32::from(lane)).unwrap_or(0);
         let in_range = lane >= 1 && lane < e.lanes.count.unwrap_or(MAX_LANES);
-        if !matches(&e.sender.ticket, ticket) || !in_range || e.lanes.taken & bit != 0 {
+        // The sender ticket still waits, or was taken by a first of lanes.
+        let open = e.sender.to.is_some() || e.lanes.to.is_some();
+        if !matches(&e.sender.ticket, ticket)
+            || !in_range
+            || e.lanes.taken & bit != 0
+            || !open
+            || several
+        {
             return Err(conn);
         }
         match (&e.lanes.to, e.lanes.count) {
@@ -606,6 +626,7 @@ mod tests {
         let tid3 = TransferId([6; 16]);
         let three = t.issue(tid3, sid, &alice).unwrap();
         assert!(t.redeem_lanes(&tid3, &three.sender_ticket, 2).is_none());
+        assert_eq!(t.redeem_lane(&tid3, &three.sender_ticket, 1, 89), Err(89));
         drop((issued, two, three));
         assert_eq!(t.redeem_lane(&tid, &s, 1, 90), Err(90), "withdrawn");
     }

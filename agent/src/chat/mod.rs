@@ -184,6 +184,7 @@ fn send_file(ctx: &Ctx, opts: &ChatOptions, path: PathBuf, screen: &Screen) {
                 direct: DirectOpt::Never,
                 streams: None,
                 direct_failed: Default::default(),
+                lanes_failed: Default::default(),
                 store: false,
             },
         )

@@ -165,6 +165,7 @@ pub(super) async fn sender(args: Args, ctx: Ctx) -> Result<(), AgentError> {
             direct: args.direct,
             streams: args.streams,
             direct_failed: Default::default(),
+            lanes_failed: Default::default(),
             store: args.store,
         },
     )

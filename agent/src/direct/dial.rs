@@ -88,7 +88,7 @@ pub async fn dial(
             let n = if simultaneous {
                 1
             } else {
-                crate::streams::count(rtt, streams)
+                crate::streams::count(rtt, streams, crate::streams::DIRECT)
             };
             let mut more = JoinSet::new();
             if tcp.is_ok() && n > 1 && !claimed.swap(true, Ordering::Relaxed) {

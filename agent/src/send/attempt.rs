@@ -166,10 +166,14 @@ async fn upload(
             });
         }
     };
-    // A direct path that breaks is not tried again by this run's retries.
+    // A direct path that breaks is not tried again by this run's retries;
+    // nor are several connections to the relay (whatever cut them may be
+    // what keeps them from working).
     let broke = || {
         if path == Path::Direct {
             opts.direct_failed.store(true, Ordering::Relaxed);
+        } else if connections > 1 {
+            opts.lanes_failed.store(true, Ordering::Relaxed);
         }
     };
     // The sender's marks of what it reads (a resume later starts from them).

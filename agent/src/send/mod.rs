@@ -86,6 +86,9 @@ pub struct SendOptions {
     pub streams: Option<u8>,
     /// Set once a direct path broke: the retries take the relay.
     pub direct_failed: Arc<AtomicBool>,
+    /// Set once a stream over several connections to the relay broke: the
+    /// retries take one.
+    pub lanes_failed: Arc<AtomicBool>,
     /// A receiver that is offline gets the transfer stored at the broker
     /// (one receiver only).
     pub store: bool,

@@ -35,7 +35,12 @@ pub(super) fn small(source: &Source) -> bool {
 /// may take to the relay: several for one receiver and a stream that is
 /// not `small` (as the round trip or `--streams` says), else one.
 pub(super) fn relay_lanes(opts: &SendOptions, source: &Source, receivers: usize) -> Lanes {
-    if receivers == 1 && !small(source) {
+    lanes_for(opts, receivers == 1 && !small(source))
+}
+
+/// Several connections to the relay if `worth` it, and not after they broke.
+fn lanes_for(opts: &SendOptions, worth: bool) -> Lanes {
+    if worth && !opts.lanes_failed.load(Ordering::Relaxed) {
         Lanes::Auto(opts.streams)
     } else {
         Lanes::One
@@ -173,12 +178,7 @@ async fn choose(
                 .into(),
         ));
     }
-    let lanes = if small {
-        Lanes::One
-    } else {
-        Lanes::Auto(opts.streams)
-    };
-    relay(ctx, ready, early, lanes).await
+    relay(ctx, ready, early, lanes_for(opts, !small)).await
 }
 
 /// The broker's relay: one data connection for every receiver (the one

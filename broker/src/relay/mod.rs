@@ -320,32 +320,49 @@ pub async fn relay(
     meters: Meters,
 ) -> RelayReport {
     let start = Instant::now();
-    let (r_read, r_write) = receiver.tcp.into_split();
-    let to_receiver = (r_read, receiver.leftover, r_write);
+    let (mut r_read, mut r_write) = receiver.tcp.into_split();
     let mut guards = vec![sender.guard, receiver.guard];
     let (bytes, result) = if sender.further.is_empty() {
-        let (s_read, s_write) = sender.tcp.into_split();
-        let from_sender = (s_read, sender.leftover, s_write);
+        let (mut s_read, mut s_write) = sender.tcp.into_split();
         let pipe = Pipe::new().ok();
-        both(
-            from_sender,
-            to_receiver,
+        let (bytes, result) = both(
+            (&mut s_read, sender.leftover, &mut s_write),
+            (&mut r_read, receiver.leftover, &mut r_write),
             (ids, idle, shutdown),
             (pipe, meters),
         )
-        .await
+        .await;
+        if result.is_err() {
+            // The failing direction told the other side; let both read
+            // that before the sockets close.
+            tokio::join!(
+                drain(&mut s_read, DRAIN_GRACE),
+                drain(&mut r_read, DRAIN_GRACE)
+            );
+        }
+        (bytes, result)
     } else {
         let lanes = gather(sender.tcp, sender.leftover, sender.further, &mut guards);
-        let (s_read, s_write) = tokio::io::split(lanes);
+        let (mut s_read, mut s_write) = tokio::io::split(lanes);
         // The bytes read past each lane's first frame are in the lanes.
-        let from_sender = (s_read, Vec::new(), s_write);
-        both(
-            from_sender,
-            to_receiver,
+        let (bytes, result) = both(
+            (&mut s_read, Vec::new(), &mut s_write),
+            (&mut r_read, receiver.leftover, &mut r_write),
             (ids, idle, shutdown),
             (None, meters),
         )
-        .await
+        .await;
+        if result.is_err() {
+            // Each lane on its own: the stream's order no longer matters,
+            // and a lane left with unread bytes would be reset.
+            let mut lanes = s_read.unsplit(s_write).into_readers();
+            let drains = lanes.iter_mut().map(|l| drain(l, DRAIN_GRACE));
+            tokio::join!(
+                futures_util::future::join_all(drains),
+                drain(&mut r_read, DRAIN_GRACE)
+            );
+        }
+        (bytes, result)
     };
     drop(guards);
     RelayReport {
@@ -378,11 +395,11 @@ fn gather(
 
 /// Runs both directions between the sender's side and the receiver's (each
 /// a read side, what was read from it already, and a write side) until both
-/// ended; then, if either failed, lets both sides read the abort. With a
-/// `pipe`, chunk bodies are spliced where both ends are sockets.
+/// ended. With a `pipe`, chunk bodies are spliced where both ends are
+/// sockets.
 async fn both<SR, SW, RR, RW>(
-    (mut s_read, s_start, mut s_write): (SR, Vec<u8>, SW),
-    (mut r_read, r_start, mut r_write): (RR, Vec<u8>, RW),
+    (s_read, s_start, s_write): (&mut SR, Vec<u8>, &mut SW),
+    (r_read, r_start, r_write): (&mut RR, Vec<u8>, &mut RW),
     (ids, idle, shutdown): ((TransferId, StreamId), Duration, Shutdown),
     (pipe, meters): (Option<Pipe>, Meters),
 ) -> (u64, Result<(), RelayEnd>)
@@ -397,9 +414,9 @@ where
             Dir::Forward,
             ids,
             idle,
-            &mut s_read,
+            s_read,
             s_start,
-            &mut r_write,
+            r_write,
             shutdown.clone(),
             (pipe, Some(&meters)),
         ),
@@ -407,20 +424,12 @@ where
             Dir::Back,
             ids,
             idle,
-            &mut r_read,
+            r_read,
             r_start,
-            &mut s_write,
+            s_write,
             shutdown,
             (None, None),
         ),
     );
-    if forward.1.is_err() || back.1.is_err() {
-        // The failing direction told the other side; let both read that
-        // before the sockets close.
-        tokio::join!(
-            drain(&mut s_read, DRAIN_GRACE),
-            drain(&mut r_read, DRAIN_GRACE)
-        );
-    }
     (forward.0, forward.1.and(back.1))
 }

@@ -322,6 +322,7 @@ impl Agent {
                 direct: keyferry_agent::direct::DirectOpt::Never,
                 streams: None,
                 direct_failed: Default::default(),
+                lanes_failed: Default::default(),
                 store: false,
             },
         )

@@ -90,6 +90,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Gather<R, W> {
         }
     }
 
+    /// The lanes' read sides, for one that reads no more of the stream but
+    /// must not leave bytes unread (a socket closed with unread bytes is
+    /// reset); what was read ahead is dropped, as is the first lane's write
+    /// side.
+    pub fn into_readers(self) -> Vec<R> {
+        self.lanes.into_iter().map(|l| l.io.io).collect()
+    }
+
     /// How many connections carry the stream.
     pub fn count(&self) -> usize {
         self.lanes.len()
