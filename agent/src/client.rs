@@ -23,7 +23,7 @@ use tokio_rustls::TlsConnector;
 use crate::direct::seen::Seen;
 use crate::error::AgentError;
 use crate::home::{Home, now_unix};
-use crate::relay_lanes::{self, Lanes, Opened};
+use crate::relay_lanes::{self, Lanes, Leg, Opened};
 use crate::trust::pins::{PinCheck, PinError};
 
 /// A connection to the broker after TLS.
@@ -337,18 +337,19 @@ pub async fn open_upload_on(
     tickets: &[(TransferId, Ticket)],
     early: Option<Opened>,
 ) -> Result<DataConn, AgentError> {
-    open_upload_lanes(ctx, tickets, early, Lanes::One)
+    open_upload_lanes(ctx, tickets, early, (Lanes::One, Leg::Sender))
         .await
         .map(|(conn, _)| conn)
 }
 
 /// [`open_upload_on`], where one ticket may take several connections, as
-/// `lanes` says ([`crate::relay_lanes`]); returns how many carry the stream.
+/// `lanes` says ([`crate::relay_lanes`]), for the side `leg`; returns how
+/// many carry the stream.
 pub async fn open_upload_lanes(
     ctx: &Ctx,
     tickets: &[(TransferId, Ticket)],
     early: Option<Opened>,
-    lanes: Lanes,
+    (lanes, leg): (Lanes, Leg),
 ) -> Result<(DataConn, u8), AgentError> {
     let Some((_, first)) = tickets.first() else {
         return Err(AgentError::Internal("an upload without tickets".into()));
@@ -390,7 +391,7 @@ pub async fn open_upload_lanes(
     if let [(tid, t)] = &tickets[..]
         && !opened.more.is_empty()
     {
-        let (pipe, n) = relay_lanes::redeem(opened, *tid, t.ticket)
+        let (pipe, n) = relay_lanes::redeem(opened, *tid, t.ticket, leg)
             .await
             .map_err(|e| conn_error(ctx, ConnError::Io(e)))?;
         return Ok((Connection::new(pipe), n));

@@ -1,14 +1,15 @@
-//! A sender's data connection to the broker's relay over several TCP
+//! An agent's data connection to the broker's relay over several TCP
 //! connections, its lanes (PROTOCOL.md §2.5, "Several connections"): one
-//! connection carries at most its send buffer per round trip, so a sender far
+//! connection carries at most its send buffer per round trip, so an agent far
 //! from the broker fills its link only with more. It picks how many from the
-//! round trip its first connect took (as a direct stream does, §2.7), or
-//! `--streams`; dials the others to the address the first reached, at once;
-//! redeems its ticket on each (`RedeemLane` with its place on the others,
-//! then `RedeemLanes` with their number on the first) and spreads the stream
-//! over them ([`keyferry_common::io::lanes`]). The broker reads them back in
-//! order. A receiver, an upload to several receivers and a small stream take
-//! one connection.
+//! round trip its first connect took (as a direct stream does, §2.7, aiming
+//! lower: [`crate::streams::RELAY`]), or `--streams`; dials the others to the
+//! address the first reached, at once; redeems its ticket on each
+//! (`RedeemLane` with its place on the others, then `RedeemLanes` with their
+//! number on the first); and a sender spreads its stream over them, a
+//! receiver reads it back from them in order
+//! ([`keyferry_common::io::lanes`]). An upload to several receivers, a chat
+//! and a small stream take one connection.
 
 use std::time::{Duration, Instant};
 
@@ -31,6 +32,15 @@ pub enum Lanes {
     /// As many as the round trip asks for, or the number given
     /// (`--streams`).
     Auto(Option<u8>),
+}
+
+/// Which side of a transfer a data connection is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leg {
+    /// The stream goes out on it, spread over its lanes.
+    Sender,
+    /// The stream comes in on it, gathered from its lanes.
+    Receiver,
 }
 
 /// TCP connections to a broker, opened for one data connection.
@@ -103,14 +113,15 @@ async fn more(to: std::net::SocketAddr, n: u8, rtt: Duration) -> Vec<TcpStream> 
     connected
 }
 
-/// Redeems the sender ticket `ticket` of `tid` on `opened`: on each further
-/// connection its place, then on the first how many there are (or a plain
-/// `Redeem` if it is alone). Returns the connection the stream goes on, and
-/// how many carry it.
+/// Redeems the ticket `ticket` of `tid` (the `leg`'s) on `opened`: on each
+/// further connection its place, then on the first how many there are (or a
+/// plain `Redeem` if it is alone). Returns the connection the stream goes
+/// on, and how many carry it.
 pub async fn redeem(
     opened: Opened,
     tid: TransferId,
     ticket: [u8; 32],
+    leg: Leg,
 ) -> std::io::Result<(Pipe, u8)> {
     let Opened { mut first, more } = opened;
     for tcp in std::iter::once(&first).chain(&more) {
@@ -151,10 +162,22 @@ pub async fn redeem(
     if n == 1 {
         return Ok((Pipe::Tcp(first), 1));
     }
-    for lane in std::iter::once(&first).chain(&lanes) {
-        let _ = keyferry_common::io::tcp::lane_out(lane);
-    }
-    Ok((Pipe::spread((first, Vec::new()), lanes), n))
+    let pipe = match leg {
+        Leg::Sender => {
+            for lane in std::iter::once(&first).chain(&lanes) {
+                let _ = keyferry_common::io::tcp::lane_out(lane);
+            }
+            Pipe::spread((first, Vec::new()), lanes)
+        }
+        Leg::Receiver => {
+            for lane in std::iter::once(&first).chain(&lanes) {
+                let _ = keyferry_common::io::tcp::lane_in(lane);
+            }
+            let rest = lanes.into_iter().map(|l| (l, Vec::new())).collect();
+            Pipe::gather((first, Vec::new()), rest)
+        }
+    };
+    Ok((pipe, n))
 }
 
 async fn write(tcp: &mut TcpStream, msg: &Message) -> std::io::Result<()> {
@@ -190,7 +213,7 @@ mod tests {
         let (tid, ticket) = (TransferId([7; 16]), [9; 32]);
         let opened = connect(&addr, Lanes::Auto(Some(3))).await.unwrap();
         assert_eq!(opened.more.len(), 2, "--streams 3 on a short path");
-        let (pipe, n) = redeem(opened, tid, ticket).await.unwrap();
+        let (pipe, n) = redeem(opened, tid, ticket, Leg::Sender).await.unwrap();
         assert_eq!((n, pipe.count()), (3, 3));
         let mut frames = first_frames(&listener, 3).await;
         frames.sort_by_key(|m| match m {
@@ -223,7 +246,7 @@ mod tests {
         for lanes in [Lanes::Auto(None), Lanes::One] {
             let opened = connect(&addr, lanes).await.unwrap();
             assert!(opened.more.is_empty(), "{lanes:?}");
-            let (pipe, n) = redeem(opened, tid, ticket).await.unwrap();
+            let (pipe, n) = redeem(opened, tid, ticket, Leg::Sender).await.unwrap();
             assert_eq!((n, pipe.count()), (1, 1));
             let frames = first_frames(&listener, 1).await;
             assert_eq!(

@@ -8,6 +8,10 @@ use std::time::Duration;
 
 use keyferry_common::handshake::direct::MAX_LANES;
 
+/// The smallest stream worth a direct dial or several connections: below
+/// it the round trips they cost are more than they save.
+pub const WORTH_IT: u64 = 4 << 20;
+
 /// What one connection carries per round trip at the kernel's default
 /// buffers, about (measured: 4 MiB of send buffer kept 2 to 2.7 MiB in flight).
 const PER_ROUND_TRIP: f64 = (2 << 20) as f64;

@@ -188,7 +188,7 @@ fn direct_never_on_either_side_takes_the_relay() {
 }
 
 #[test]
-fn a_relayed_stream_spread_over_several_connections_arrives_whole() {
+fn a_relayed_stream_spread_over_several_connections_on_either_leg_arrives_whole() {
     let mut broker = Broker::start();
     let (alice, bob) = (Home::new("alice", "alice"), Home::new("bob", "bob"));
     let src = TempDir::new("src");
@@ -196,9 +196,18 @@ fn a_relayed_stream_spread_over_several_connections_arrives_whole() {
     // The sender's --direct never opens its connections beside the offer;
     // the receiver's makes a sender that would dial open them after the
     // accept.
-    for (receiver_flags, sender_flags, n) in [
-        (&[][..], &["--direct", "never", "--streams", "4"][..], 4),
-        (&["--direct", "never"][..], &["--streams", "3"][..], 3),
+    // A receiver's --streams is its own leg's: the broker spreads the
+    // stream over its connections.
+    for (receiver_flags, sender_flags, n, m) in [
+        (&[][..], &["--direct", "never", "--streams", "4"][..], 4, 1),
+        (&["--direct", "never"][..], &["--streams", "3"][..], 3, 1),
+        (&["--direct", "never", "--streams", "3"][..], &[][..], 1, 3),
+        (
+            &["--streams", "2"][..],
+            &["--direct", "never", "--streams", "5"][..],
+            5,
+            2,
+        ),
     ] {
         let out = TempDir::new("out");
         let mut args = vec!["--once", "--yes"];
@@ -216,7 +225,8 @@ fn a_relayed_stream_spread_over_several_connections_arrives_whole() {
         assert_eq!(receiver.wait(WAIT), Some(0));
         assert_eq!(std::fs::read(out.join("lanes.bin")).unwrap(), data);
         // The broker relayed it, having gathered every connection.
-        let started = broker.proc.stderr.wait_for(&format!("lanes={n}"), WAIT);
+        let both = format!("lanes={n} receiver_lanes={m}");
+        let started = broker.proc.stderr.wait_for(&both, WAIT);
         assert!(started.contains("transfer started"), "{started}");
     }
 }

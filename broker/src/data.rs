@@ -28,7 +28,7 @@ use crate::metrics::Handshake;
 use crate::relay::DataConn;
 use crate::routes::Remote;
 use crate::state::State;
-use crate::tickets::{Further, MAX_FANOUT, Redeemed};
+use crate::tickets::{Further, LanesRedeemed, MAX_FANOUT, Redeemed};
 
 /// The largest frame a data connection may send before it is admitted
 /// (`Redeem` is 50 bytes).
@@ -71,24 +71,26 @@ pub async fn admit(
             ticket,
             lanes,
         })) => {
-            let Some((first, further)) = state.tickets.redeem_lanes(&transfer_id, &ticket, lanes)
-            else {
+            let Some(redeemed) = state.tickets.redeem_lanes(&transfer_id, &ticket, lanes) else {
                 drop(reader);
                 state.metrics.handshake_failed(Handshake::Ticket);
                 return Err(refuse(&mut tcp, ErrorCode::UnknownTransfer, UNKNOWN_LANES).await);
             };
             let conn = admitted(reader.into_parts().1, tcp, guard);
             let until = deadline.min(tokio::time::Instant::now() + MORE_LANES);
-            // Without all of them, the stream cannot be read: the
-            // connections close, and the sender tries again.
-            let Some(conn) = gather(conn, further, lanes, until).await else {
-                state.metrics.handshake_failed(Handshake::Timeout);
-                return Err(SessionError::Refused(format!(
-                    "transfer {transfer_id}: not all of its sender's {lanes} connections came"
-                )));
-            };
-            // If the wait just ended, the connections are dropped.
-            let _ = state.tickets.redeem_upload(first, &[], &[], conn);
+            // Without all of them, the stream cannot be carried: the
+            // connections close, and the sender tries again. If the wait
+            // just ended, the connections are dropped.
+            match redeemed {
+                LanesRedeemed::Sender(first, further) => {
+                    let conn = gather(&state, conn, further, (lanes, until), "sender").await?;
+                    let _ = state.tickets.redeem_upload(first, &[], &[], conn);
+                }
+                LanesRedeemed::Receiver(to, further) => {
+                    let conn = gather(&state, conn, further, (lanes, until), "receiver").await?;
+                    let _ = to.send(conn);
+                }
+            }
             return Ok(());
         }
         Ok(Some(Message::RedeemLane {
@@ -198,24 +200,31 @@ pub async fn admit(
 /// The refusal of a lane whose ticket is no good.
 const UNKNOWN_LANES: &str = "no transfer waits for this ticket on several connections (unknown, used, expired, or its place taken)";
 
-/// The first of a stream's `n` lanes with the others (numbered 1 to
-/// `n − 1`), once all are there; `None` if they are not by `until`.
+/// The first of one side's `n` lanes with the others (numbered 1 to
+/// `n − 1`), once all are there; an error (counted) if they are not by
+/// `until`.
 async fn gather(
+    state: &State,
     mut first: DataConn,
     mut further: Further<DataConn>,
-    n: u8,
-    until: tokio::time::Instant,
-) -> Option<DataConn> {
+    (n, until): (u8, tokio::time::Instant),
+    side: &str,
+) -> Result<DataConn, SessionError> {
     let want = usize::from(n) - 1;
     while further.held.len() < want {
         match tokio::time::timeout_at(until, further.arriving.recv()).await {
             Ok(Some(lane)) => further.held.push(lane),
-            _ => return None,
+            _ => {
+                state.metrics.handshake_failed(Handshake::Timeout);
+                return Err(SessionError::Refused(format!(
+                    "not all of a {side}'s {n} data connections came"
+                )));
+            }
         }
     }
     further.held.sort_by_key(|(k, _)| *k);
     first.further = further.held.into_iter().map(|(_, c)| c).collect();
-    Some(first)
+    Ok(first)
 }
 
 /// A data connection whose tickets were good: out of the unauthenticated

@@ -80,7 +80,45 @@ struct Entry<C> {
     receiver: Slot<C>,
     stream: StreamId,
     from: AgentName,
-    lanes: Lanes<C>,
+    /// The further connections of each side (by [`Side`]).
+    lanes: [Lanes<C>; 2],
+}
+
+/// A side of a transfer's data connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Sender = 0,
+    Receiver = 1,
+}
+
+impl<C> Entry<C> {
+    /// Whose ticket `ticket` is (compared in constant time with both).
+    fn side_of(&self, ticket: &[u8; 32]) -> Option<Side> {
+        let (s, r) = (
+            matches(&self.sender.ticket, ticket),
+            matches(&self.receiver.ticket, ticket),
+        );
+        match (s, r) {
+            (true, _) => Some(Side::Sender),
+            (_, true) => Some(Side::Receiver),
+            _ => None,
+        }
+    }
+}
+
+/// The first of several connections, by side: where it goes.
+enum First<C> {
+    Sender(oneshot::Sender<Arrival<C>>),
+    Receiver(oneshot::Sender<C>),
+}
+
+/// A first of several connections, taken.
+#[derive(Debug)]
+pub enum LanesRedeemed<C> {
+    /// The sender's: to complete with [`Tickets::redeem_upload`].
+    Sender(Reserved<C>, Further<C>),
+    /// The receiver's: its connections go here, once all are there.
+    Receiver(oneshot::Sender<C>, Further<C>),
 }
 
 /// The further connections of a sender's stream over several.
@@ -247,7 +285,7 @@ impl<C> Tickets<C> {
                 },
                 stream,
                 from: from.clone(),
-                lanes: Lanes::default(),
+                lanes: [Lanes::default(), Lanes::default()],
             },
         );
         Some(Issued {
@@ -280,14 +318,19 @@ impl<C> Tickets<C> {
             matches(&e.receiver.ticket, ticket),
         );
         if r {
-            return e.receiver.to.take().map(Redeemed::Receiver);
+            let to = e.receiver.to.take()?;
+            let lanes = &mut e.lanes[Side::Receiver as usize];
+            lanes.count = Some(1);
+            _gone = std::mem::take(&mut lanes.held);
+            return Some(Redeemed::Receiver(to));
         }
         if !s {
             return None;
         }
         let to = e.sender.to.take()?;
-        e.lanes.count = Some(1);
-        _gone = std::mem::take(&mut e.lanes.held);
+        let lanes = &mut e.lanes[Side::Sender as usize];
+        lanes.count = Some(1);
+        _gone = std::mem::take(&mut lanes.held);
         Some(Redeemed::Sender(Reserved {
             tid: *tid,
             to,
@@ -296,52 +339,62 @@ impl<C> Tickets<C> {
         }))
     }
 
-    /// Takes the sender ticket of `tid` for the first of `n` (2 to
-    /// [`MAX_LANES`]) data connections carrying its stream, once: the
-    /// reservation to complete with [`Self::redeem_upload`] (with no other
-    /// ticket), and the further connections. `None` if no such sender ticket
-    /// waits, `n` is out of range, or the transfer is one of an upload to
-    /// several receivers (which takes one connection).
+    /// Takes a ticket of `tid` for the first of `n` (2 to [`MAX_LANES`])
+    /// data connections carrying its side of the stream, once: for the
+    /// sender's ticket the reservation to complete with
+    /// [`Self::redeem_upload`] (with no other ticket), for the receiver's
+    /// where its connection goes; and the further connections. `None` if no
+    /// such ticket waits, `n` is out of range, or the transfer is one of an
+    /// upload to several receivers (whose connections are one each).
     pub fn redeem_lanes(
         &self,
         tid: &TransferId,
         ticket: &[u8; 32],
         n: u8,
-    ) -> Option<(Reserved<C>, Further<C>)> {
+    ) -> Option<LanesRedeemed<C>> {
         let mut gone = Vec::new();
         let mut i = lock(&self.inner);
         if !(2..=MAX_LANES).contains(&n) || shares(&i, tid) {
             return None;
         }
         let e = i.get_mut(tid)?;
-        if !matches(&e.sender.ticket, ticket) {
-            return None;
-        }
-        let to = e.sender.to.take()?;
+        let side = e.side_of(ticket)?;
+        let first = match side {
+            Side::Sender => First::Sender(e.sender.to.take()?),
+            Side::Receiver => First::Receiver(e.receiver.to.take()?),
+        };
         let (tx, arriving) = mpsc::channel(usize::from(MAX_LANES));
-        e.lanes.count = Some(n);
-        e.lanes.to = Some(tx);
+        let lanes = &mut e.lanes[side as usize];
+        lanes.count = Some(n);
+        lanes.to = Some(tx);
         let mut held = Vec::new();
-        for (k, conn) in std::mem::take(&mut e.lanes.held) {
+        for (k, conn) in std::mem::take(&mut lanes.held) {
             if k < n {
                 held.push((k, conn));
             } else {
                 gone.push(conn);
             }
         }
-        let reserved = Reserved {
-            tid: *tid,
-            to,
-            stream: e.stream,
-            from: e.from.clone(),
-        };
-        Some((reserved, Further { held, arriving }))
+        let further = Further { held, arriving };
+        Some(match first {
+            First::Sender(to) => LanesRedeemed::Sender(
+                Reserved {
+                    tid: *tid,
+                    to,
+                    stream: e.stream,
+                    from: e.from.clone(),
+                },
+                further,
+            ),
+            First::Receiver(to) => LanesRedeemed::Receiver(to, further),
+        })
     }
 
-    /// Takes `conn` as place `lane` of the stream whose sender ticket is
-    /// `ticket`: held until its first comes, or handed to it. Gives the
-    /// connection back if no such sender ticket waits, the place is out of
-    /// range or taken, or the first took one connection (or fewer places).
+    /// Takes `conn` as place `lane` of the side of the stream whose ticket
+    /// is `ticket`: held until its first comes, or handed to it. Gives the
+    /// connection back if no such ticket waits, the place is out of range or
+    /// taken, the first took one connection (or fewer places), or the
+    /// transfer is one of an upload to several receivers.
     pub fn redeem_lane(
         &self,
         tid: &TransferId,
@@ -354,27 +407,30 @@ impl<C> Tickets<C> {
         let Some(e) = i.get_mut(tid) else {
             return Err(conn);
         };
+        let Some(side) = e.side_of(ticket) else {
+            return Err(conn);
+        };
+        // The ticket still waits, or was taken by a first of lanes.
+        let waits = match side {
+            Side::Sender => e.sender.to.is_some(),
+            Side::Receiver => e.receiver.to.is_some(),
+        };
+        let lanes = &mut e.lanes[side as usize];
         let bit = 1u8.checked_shl(u32::from(lane)).unwrap_or(0);
-        let in_range = lane >= 1 && lane < e.lanes.count.unwrap_or(MAX_LANES);
-        // The sender ticket still waits, or was taken by a first of lanes.
-        let open = e.sender.to.is_some() || e.lanes.to.is_some();
-        if !matches(&e.sender.ticket, ticket)
-            || !in_range
-            || e.lanes.taken & bit != 0
-            || !open
-            || several
-        {
+        let in_range = lane >= 1 && lane < lanes.count.unwrap_or(MAX_LANES);
+        let open = waits || lanes.to.is_some();
+        if !in_range || lanes.taken & bit != 0 || !open || several {
             return Err(conn);
         }
-        match (&e.lanes.to, e.lanes.count) {
+        match (&lanes.to, lanes.count) {
             (Some(to), _) => to.try_send((lane, conn)).map_err(|e| match e {
                 mpsc::error::TrySendError::Full((_, c))
                 | mpsc::error::TrySendError::Closed((_, c)) => c,
             })?,
-            (None, None) => e.lanes.held.push((lane, conn)),
+            (None, None) => lanes.held.push((lane, conn)),
             (None, Some(_)) => return Err(conn),
         }
-        e.lanes.taken |= bit;
+        lanes.taken |= bit;
         Ok(())
     }
 
@@ -433,8 +489,11 @@ impl<C> Tickets<C> {
             joiners,
         };
         // If the wait just ended, the connection is dropped, which is its
-        // answer; and no other broker is fed for it.
-        match first.to.send(upload) {
+        // answer (after the lock is released); and no other broker is fed
+        // for it.
+        let sent = first.to.send(upload);
+        drop(i);
+        match sent {
             Ok(()) => Ok(feeds),
             Err(_) => Ok(None),
         }
@@ -578,14 +637,15 @@ mod tests {
         let (tid, sid, alice) = (TransferId([4; 16]), StreamId([1; 16]), name("alice"));
         let mut issued = t.issue(tid, sid, &alice).unwrap();
         let (s, r) = (issued.sender_ticket, issued.receiver_ticket);
-        // Before the first: held, once per place, with the sender's ticket only.
+        // Before the first: held, once per place of each side.
         assert_eq!(t.redeem_lane(&tid, &s, 2, 102), Ok(()));
         assert_eq!(t.redeem_lane(&tid, &s, 2, 99), Err(99), "a place taken");
         assert_eq!(
-            t.redeem_lane(&tid, &r, 1, 98),
-            Err(98),
-            "the receiver's ticket"
+            t.redeem_lane(&tid, &r, 2, 202),
+            Ok(()),
+            "the receiver's own"
         );
+        assert_eq!(t.redeem_lane(&tid, &r, 2, 98), Err(98), "a place taken");
         assert_eq!(t.redeem_lane(&tid, &[0; 32], 1, 97), Err(97));
         assert_eq!(
             t.redeem_lane(&tid, &s, 0, 96),
@@ -601,9 +661,18 @@ mod tests {
         for bad in [0, 1, MAX_LANES + 1] {
             assert!(t.redeem_lanes(&tid, &s, bad).is_none(), "{bad} lanes");
         }
-        assert!(t.redeem_lanes(&tid, &r, 3).is_none());
-        let (first, mut further) = t.redeem_lanes(&tid, &s, 3).unwrap();
+        let Some(LanesRedeemed::Sender(first, mut further)) = t.redeem_lanes(&tid, &s, 3) else {
+            panic!("the sender's lanes")
+        };
         assert!(t.redeem_lanes(&tid, &s, 3).is_none(), "once");
+        // The receiver's side on its own: two connections.
+        let Some(LanesRedeemed::Receiver(to, theirs)) = t.redeem_lanes(&tid, &r, 2) else {
+            panic!("the receiver's lanes")
+        };
+        assert!(theirs.held.is_empty(), "place 2 is past 2 lanes");
+        assert!(t.redeem(&tid, &r).is_none(), "its ticket is taken");
+        to.send(200).unwrap();
+        assert_eq!((&mut issued.receiver).await, Ok(200));
         assert_eq!(further.held, vec![(2, 102)], "place 6 is past 3 lanes");
         // After the first: handed on; past the count or taken: refused.
         assert_eq!(t.redeem_lane(&tid, &s, 3, 93), Err(93));
@@ -629,5 +698,17 @@ mod tests {
         assert_eq!(t.redeem_lane(&tid3, &three.sender_ticket, 1, 89), Err(89));
         drop((issued, two, three));
         assert_eq!(t.redeem_lane(&tid, &s, 1, 90), Err(90), "withdrawn");
+        // A sender ticket joined to another's upload takes no lanes, also
+        // once that other's wait ended.
+        let (ta, tb) = (TransferId([7; 16]), TransferId([8; 16]));
+        let a = t.issue(ta, sid, &alice).unwrap();
+        let b = t.issue(tb, sid, &alice).unwrap();
+        let Some(Redeemed::Sender(first)) = t.redeem(&ta, &a.sender_ticket) else {
+            panic!("the upload's first ticket")
+        };
+        t.redeem_upload(first, &[(tb, b.sender_ticket)], &[], 300)
+            .unwrap();
+        drop(a);
+        assert_eq!(t.redeem_lane(&tb, &b.sender_ticket, 1, 88), Err(88));
     }
 }

@@ -67,6 +67,7 @@ pub async fn chat(ctx: Ctx, opts: ChatOptions) -> Result<(), AgentError> {
         // Chat lines and files from the chat go through the broker.
         direct: DirectOpt::Never,
         direct_port: 0,
+        streams: None,
         policy: Policy::Only(opts.peers.clone()),
         preserve: true,
         chat: Some(link),

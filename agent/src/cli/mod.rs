@@ -208,7 +208,8 @@ pub struct Args {
     #[arg(long, value_name = "PORT", help_heading = "Receiver")]
     pub direct_port: Option<u16>,
     /// Sender: how many TCP connections a stream to one receiver is spread
-    /// over, 1 to 8, directly to it or to the broker's relay. One connection
+    /// over, 1 to 8, directly to it or to the broker's relay (a receiver's
+    /// --streams: its own connections from the relay). One connection
     /// carries at most its send buffer per round trip, so a long path needs
     /// several to fill its link [default: from the round trip measured when
     /// connecting; directly 1 on a LAN, 3 at 40 ms, 8 from 118 ms; to the

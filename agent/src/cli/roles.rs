@@ -91,6 +91,7 @@ pub(super) async fn receiver(args: Args, ctx: Ctx) -> Result<(), AgentError> {
             trust_sender_hash: args.trust_sender_hash,
             direct: args.direct,
             direct_port: args.direct_port.unwrap_or(0),
+            streams: args.streams,
         },
     )
     .await

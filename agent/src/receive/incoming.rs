@@ -6,9 +6,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use keyferry_common::handshake::SignedOffer;
 use keyferry_common::handshake::direct::DirectMode;
 use keyferry_common::handshake::stored::parse_stored;
+use keyferry_common::handshake::{Kind, SignedOffer};
 use keyferry_common::ids::TransferId;
 use keyferry_common::name::AgentName;
 use keyferry_common::sync::lock;
@@ -250,9 +250,16 @@ async fn accept_and_receive(
         e.punch(plan);
     }
     // The relay's data connection is opened now, while the accept travels
-    // (PROTOCOL.md §2.5), unless only a direct connection will do.
+    // (PROTOCOL.md §2.5), unless only a direct connection will do: over
+    // several connections for a stream to this receiver alone that is not
+    // small, as the round trip says.
+    let lanes = relay_lanes(shared, &admitted.terms);
+    let mut watch = LanesWatch {
+        shared,
+        armed: lanes != Lanes::One,
+    };
     let early =
-        (admitted.direct != DirectMode::Only).then(|| Early::open(ctx.broker.clone(), Lanes::One));
+        (admitted.direct != DirectMode::Only).then(|| Early::open(ctx.broker.clone(), lanes));
     let accept = Message::Accept {
         transfer_id: tid,
         accept: admitted.accept,
@@ -285,12 +292,15 @@ async fn accept_and_receive(
         (tid, ticket),
         expected,
         admitted.direct,
-        early.as_ref(),
+        (early.as_ref(), lanes),
     )
     .await;
     drop(early);
     let (mut data, via) = match opened {
-        Ok(d) => d,
+        Ok(d) => {
+            watch.armed &= d.1 == Path::Relay;
+            d
+        }
         Err(why) => {
             if let Some(place) = admitted.place {
                 place.discard_if_empty();
@@ -365,6 +375,7 @@ async fn accept_and_receive(
                 })
                 .await;
             let _ = data.writer.shutdown().await;
+            watch.armed = false;
             Ok((done.placed, via))
         }
         Err(Failure::Failed(reason, why)) => {
@@ -377,6 +388,41 @@ async fn accept_and_receive(
                 .await;
             Err(Failure::Failed(reason, why))
         }
-        Err(other) => Err(other),
+        Err(other) => {
+            watch.armed = false;
+            Err(other)
+        }
+    }
+}
+
+/// How long after a stream over several connections from the relay failed
+/// this receiver's streams take one.
+const LANES_REST: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// How many connections a stream of `terms` takes from the relay: several
+/// for a stream to this receiver alone that is not small and no chat (as
+/// the round trip or `--streams` says), unless such a stream failed lately.
+fn relay_lanes(shared: &Shared, terms: &keyferry_common::handshake::Terms) -> Lanes {
+    let small = terms.size_known && terms.size < crate::streams::WORTH_IT;
+    let failed = lock(&shared.lanes_failed).is_some_and(|at| at.elapsed() < LANES_REST);
+    if terms.receivers == 1 && terms.kind != Kind::Chat && !small && !failed {
+        Lanes::Auto(shared.opts.streams)
+    } else {
+        Lanes::One
+    }
+}
+
+/// Marks, when dropped armed, that a stream over several connections from
+/// the relay failed (whatever cut it may be what keeps them from working).
+struct LanesWatch<'a> {
+    shared: &'a Shared,
+    armed: bool,
+}
+
+impl Drop for LanesWatch<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            *lock(&self.shared.lanes_failed) = Some(Instant::now());
+        }
     }
 }

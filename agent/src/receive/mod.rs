@@ -99,6 +99,9 @@ pub struct RecvOptions {
     pub direct: DirectOpt,
     /// The port to listen on for direct connections (0: any).
     pub direct_port: u16,
+    /// How many connections a stream to this receiver alone takes from
+    /// the relay (`--streams`); `None`: chosen from the round trip.
+    pub streams: Option<u8>,
 }
 
 /// Transfers in progress: the receiver's capacity.
@@ -127,6 +130,9 @@ struct Shared {
     prompter: crate::prompt::Prompter,
     /// Transfers that are chat streams: their end is the chat's to tell.
     chats: Mutex<std::collections::HashSet<TransferId>>,
+    /// When a stream over several connections from the relay last failed:
+    /// for a while after, streams take one.
+    lanes_failed: Mutex<Option<std::time::Instant>>,
     /// Where senders connect directly (none with `--direct never`).
     direct: Option<Listener>,
     /// The private halves of this receiver's prekeys (none if the home
@@ -263,6 +269,7 @@ pub async fn receive(ctx: Ctx, opts: RecvOptions) -> Result<(), AgentError> {
         tickets: Mutex::new(HashMap::new()),
         prompter: crate::prompt::Prompter::new(),
         chats: Mutex::new(std::collections::HashSet::new()),
+        lanes_failed: Mutex::new(None),
         direct,
         prekeys,
         stored_replay: Arc::new(Mutex::new(ReplayGuard::persistent(

@@ -9,10 +9,11 @@ use std::time::Duration;
 use keyferry_common::handshake::direct::DirectMode;
 use keyferry_common::ids::TransferId;
 
-use crate::client::{Ctx, DataConn, Ticket, open_upload_on};
+use crate::client::{Ctx, DataConn, Ticket, open_upload_lanes};
 use crate::direct::Path;
 use crate::direct::listen::Expected;
 use crate::early::Early;
+use crate::relay_lanes::{Lanes, Leg};
 
 /// How long a receiver waits for either path once it has its ticket: the
 /// broker's wait for the data connections (10 s) and a little more. After
@@ -30,12 +31,18 @@ pub(super) async fn open(
     (tid, ticket): (TransferId, Ticket),
     expected: Option<Expected>,
     mode: DirectMode,
-    early: Option<&Early>,
+    (early, lanes): (Option<&Early>, Lanes),
 ) -> Result<(DataConn, Path), String> {
-    // The connection opened beside the accept, if it is there.
+    // The connection opened beside the accept, if it is there; over as many
+    // connections as `lanes` says.
     let open_data = |ctx, tid, ticket| {
         let early = early.and_then(Early::take);
-        async move { open_upload_on(ctx, &[(tid, ticket)], early).await }
+        let tickets = [(tid, ticket)];
+        async move {
+            open_upload_lanes(ctx, &tickets, early, (lanes, Leg::Receiver))
+                .await
+                .map(|(conn, _)| conn)
+        }
     };
     let Some(mut expected) = expected else {
         return open_data(ctx, tid, ticket)

@@ -311,10 +311,13 @@ async fn upload(
             }
         }
     }
-    progress.done(
-        tids.len() - ended.values().filter(|r| r.is_err()).count(),
-        tids.len(),
-    );
+    let failed = ended.values().filter(|r| r.is_err()).count();
+    // Several connections to the relay that ended without every receipt
+    // (the relay's `Abort`, or the connection's end) are not tried again.
+    if path == Path::Relay && connections > 1 && (failed > 0 || ended.len() < tids.len()) {
+        opts.lanes_failed.store(true, Ordering::Relaxed);
+    }
+    progress.done(tids.len() - failed, tids.len());
     let seconds = began.elapsed().as_secs_f64();
     ready
         .into_iter()

@@ -18,12 +18,12 @@ use crate::direct::{DirectOpt, Path, dial};
 use crate::early::Early;
 use crate::error::AgentError;
 use crate::output::notice;
-use crate::relay_lanes::Lanes;
+use crate::relay_lanes::{Lanes, Leg};
 
 /// The smallest stream `--direct auto` dials for: below it the dial and the
 /// proofs (two round trips between the agents) cost more than the relay's
 /// detour saves, so a small file or a message takes the relay.
-pub(super) const DIRECT_FROM: u64 = 4 << 20;
+pub(super) const DIRECT_FROM: u64 = crate::streams::WORTH_IT;
 
 /// Whether `source` is a small stream, which `--direct auto` on both
 /// sides sends through the relay.
@@ -178,7 +178,10 @@ async fn choose(
                 .into(),
         ));
     }
-    relay(ctx, ready, early, lanes_for(opts, !small)).await
+    // Several connections only for a stream to one receiver named (another
+    // named may still be waiting for the same stream at the broker).
+    let one = opts.to.len() == 1 && ready.len() == 1;
+    relay(ctx, ready, early, lanes_for(opts, one && !small)).await
 }
 
 /// The broker's relay: one data connection for every receiver (the one
@@ -195,7 +198,7 @@ async fn relay(
         .map(|h| (h.accepted.pair.transfer_id, h.ticket.clone()))
         .collect();
     let early = early.and_then(Early::take);
-    let (conn, n) = open_upload_lanes(ctx, &tickets, early, lanes).await?;
+    let (conn, n) = open_upload_lanes(ctx, &tickets, early, (lanes, Leg::Sender)).await?;
     Ok((conn, Path::Relay, n))
 }
 

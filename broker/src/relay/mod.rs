@@ -21,13 +21,11 @@
 use std::time::{Duration, Instant};
 
 use keyferry_common::ids::{StreamId, TransferId};
-use keyferry_common::io::lanes::Gather;
 use keyferry_common::wire::frame::MAX_FRAME_LEN;
 use keyferry_common::wire::message::{self, AbortReason, Message};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tracing::info;
 
 use crate::conns::ConnGuard;
@@ -36,8 +34,10 @@ use crate::shutdown::Shutdown;
 use crate::splice::{self, Pipe, Stop};
 
 mod check;
+mod leg;
 
 use check::{Checker, Dir, Scan};
+use leg::{Of, Socket as Side};
 
 /// An admitted data connection: the socket, what was read past its `Redeem`,
 /// and its place under the connection limits.
@@ -49,43 +49,9 @@ pub struct DataConn {
     pub leftover: Vec<u8>,
     /// Released when the relay ends.
     pub guard: ConnGuard,
-    /// A sender's further lanes, in order (none but for a relayed stream
-    /// over several connections).
+    /// Its further lanes, in order (none but for one side of a relayed
+    /// stream over several connections).
     pub further: Vec<DataConn>,
-}
-
-/// One side of a relay direction, and the socket under it if it is one
-/// (only then may bytes be spliced).
-trait Side: Unpin {
-    fn socket(&self) -> Option<&TcpStream>;
-}
-
-impl Side for OwnedReadHalf {
-    fn socket(&self) -> Option<&TcpStream> {
-        Some(self.as_ref())
-    }
-}
-
-impl Side for OwnedWriteHalf {
-    fn socket(&self) -> Option<&TcpStream> {
-        Some(self.as_ref())
-    }
-}
-
-/// A sender's lanes, read back in order; what goes back to the sender is
-/// written to the first.
-type Lanes = Gather<OwnedReadHalf, OwnedWriteHalf>;
-
-impl Side for tokio::io::ReadHalf<Lanes> {
-    fn socket(&self) -> Option<&TcpStream> {
-        None
-    }
-}
-
-impl Side for tokio::io::WriteHalf<Lanes> {
-    fn socket(&self) -> Option<&TcpStream> {
-        None
-    }
 }
 
 impl RelayReport {
@@ -291,21 +257,6 @@ fn stopped(dir: Dir, idle: Duration, stop: Stop) -> RelayEnd {
     }
 }
 
-/// Reads and discards what a peer still sends, until it closes or `grace`
-/// passes: closing a socket with unread data makes the kernel send a reset,
-/// which can destroy the `Abort` just written to that peer before it reads it.
-async fn drain<R: AsyncRead + Unpin>(from: &mut R, grace: Duration) {
-    let mut sink = vec![0u8; 64 << 10];
-    let _ = tokio::time::timeout(grace, async {
-        while let Ok(n) = from.read(&mut sink).await {
-            if n == 0 {
-                break;
-            }
-        }
-    })
-    .await;
-}
-
 /// How long a failed relay keeps reading, so its `Abort` reaches both sides.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
@@ -320,77 +271,33 @@ pub async fn relay(
     meters: Meters,
 ) -> RelayReport {
     let start = Instant::now();
-    let (mut r_read, mut r_write) = receiver.tcp.into_split();
-    let mut guards = vec![sender.guard, receiver.guard];
-    let (bytes, result) = if sender.further.is_empty() {
-        let (mut s_read, mut s_write) = sender.tcp.into_split();
-        let pipe = Pipe::new().ok();
-        let (bytes, result) = both(
-            (&mut s_read, sender.leftover, &mut s_write),
-            (&mut r_read, receiver.leftover, &mut r_write),
-            (ids, idle, shutdown),
-            (pipe, meters),
-        )
-        .await;
-        if result.is_err() {
-            // The failing direction told the other side; let both read
-            // that before the sockets close.
-            tokio::join!(
-                drain(&mut s_read, DRAIN_GRACE),
-                drain(&mut r_read, DRAIN_GRACE)
-            );
-        }
-        (bytes, result)
-    } else {
-        let lanes = gather(sender.tcp, sender.leftover, sender.further, &mut guards);
-        let (mut s_read, mut s_write) = tokio::io::split(lanes);
-        // The bytes read past each lane's first frame are in the lanes.
-        let (bytes, result) = both(
-            (&mut s_read, Vec::new(), &mut s_write),
-            (&mut r_read, receiver.leftover, &mut r_write),
-            (ids, idle, shutdown),
-            (None, meters),
-        )
-        .await;
-        if result.is_err() {
-            // Each lane on its own: the stream's order no longer matters,
-            // and a lane left with unread bytes would be reset.
-            let mut lanes = s_read.unsplit(s_write).into_readers();
-            let drains = lanes.iter_mut().map(|l| drain(l, DRAIN_GRACE));
-            tokio::join!(
-                futures_util::future::join_all(drains),
-                drain(&mut r_read, DRAIN_GRACE)
-            );
-        }
-        (bytes, result)
-    };
+    let mut guards = Vec::new();
+    let (mut s_read, s_start, mut s_write) = leg::open(sender, Of::Sender, &mut guards);
+    let (mut r_read, r_start, mut r_write) = leg::open(receiver, Of::Receiver, &mut guards);
+    // Record bodies are spliced between two single connections.
+    let plain = s_read.socket().is_some() && r_write.socket().is_some();
+    let pipe = plain.then(|| Pipe::new().ok()).flatten();
+    let (bytes, result) = both(
+        (&mut s_read, s_start, &mut s_write),
+        (&mut r_read, r_start, &mut r_write),
+        (ids, idle, shutdown),
+        (pipe, meters),
+    )
+    .await;
+    if result.is_err() {
+        // The failing direction told the other side; let both read that
+        // before the sockets close.
+        tokio::join!(
+            leg::drain(s_read, s_write, DRAIN_GRACE),
+            leg::drain(r_read, r_write, DRAIN_GRACE)
+        );
+    }
     drop(guards);
     RelayReport {
         bytes,
         elapsed: start.elapsed(),
         result,
     }
-}
-
-/// A sender's lanes as one stream, read back in order; their places under
-/// the limits go to `guards`.
-fn gather(
-    first: TcpStream,
-    leftover: Vec<u8>,
-    further: Vec<DataConn>,
-    guards: &mut Vec<ConnGuard>,
-) -> Lanes {
-    let _ = keyferry_common::io::tcp::lane_in(&first);
-    let (first_read, first_write) = first.into_split();
-    let (mut readers, mut writers) = (vec![(first_read, leftover)], Vec::new());
-    for lane in further {
-        let _ = keyferry_common::io::tcp::lane_in(&lane.tcp);
-        let (r, w) = lane.tcp.into_split();
-        readers.push((r, lane.leftover));
-        writers.push(w);
-        guards.push(lane.guard);
-    }
-    Gather::new(readers, first_write, writers)
 }
 
 /// Runs both directions between the sender's side and the receiver's (each

@@ -137,7 +137,7 @@ pub(crate) async fn relay_when_connected<T>(
         }
         _ if mine.is_some() => {
             // Nothing relayed: the agents may have connected to each other.
-            info!(transfer = %tid, "the sender's data connection did not come (a direct connection, or a sender gone)");
+            info!(transfer = %tid, "the sender's data connection did not come (a direct connection, a sender gone, or not all of its connections)");
             not_relayed();
             return;
         }
@@ -157,8 +157,8 @@ pub(crate) async fn relay_when_connected<T>(
             not_relayed();
             return;
         };
-        let lanes = sender.further.len() + 1;
-        info!(transfer = %tid, lanes, "transfer started");
+        let (lanes, receiver_lanes) = (sender.further.len() + 1, receiver.further.len() + 1);
+        info!(transfer = %tid, lanes, receiver_lanes, "transfer started");
         let meters = state.metrics.meters(path);
         let report = relay(sender, receiver, ids, idle, shutdown, meters).await;
         report.log(tid, &state.metrics);

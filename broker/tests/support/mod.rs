@@ -288,6 +288,7 @@ impl Agent {
             // These tests are about the broker: every stream through it.
             direct: keyferry_agent::direct::DirectOpt::Never,
             direct_port: 0,
+            streams: None,
         };
         let online_before = broker.logs.text().matches(&self.online_line()).count();
         let task = tokio::spawn(receive(ctx, opts));

@@ -494,23 +494,23 @@ pub enum Message {
         /// HMAC under the direct key over both challenges and `lane`.
         proof: [u8; 32],
     },
-    /// Sender → broker: the first message of the first of several data
-    /// connections carrying one stream to the relay (PROTOCOL.md §2.5); the
-    /// stream follows, in segments.
+    /// Agent → broker: the first message of the first of several data
+    /// connections carrying one side of a stream through the relay
+    /// (PROTOCOL.md §2.5); a sender's stream follows, in segments.
     RedeemLanes {
         /// Transfer id.
         transfer_id: TransferId,
-        /// The sender's ticket for it.
+        /// The side's ticket for it.
         ticket: [u8; 32],
         /// How many connections carry the stream, this one included (2 to 8).
         lanes: u8,
     },
-    /// Sender → broker: the first message of a further data connection of
-    /// such a stream, its lane `lane` (1 to 7).
+    /// Agent → broker: the first message of a further data connection of
+    /// such a side, its lane `lane` (1 to 7).
     RedeemLane {
         /// Transfer id.
         transfer_id: TransferId,
-        /// The sender's ticket for it (the same as on the first).
+        /// The side's ticket for it (the same as on the first).
         ticket: [u8; 32],
         /// This connection's place among the stream's connections.
         lane: u8,
