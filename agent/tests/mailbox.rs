@@ -193,7 +193,8 @@ fn a_transfer_stored_for_an_offline_receiver_arrives_and_only_then_and_never_twi
     assert_eq!(list.len(), 1);
     assert_eq!(list[0]["state"], "waiting");
 
-    let mut rx = bob.receiver(&broker, out.path(), &["--json"]);
+    // A stored delivery comes over one connection, whatever --streams says.
+    let mut rx = bob.receiver(&broker, out.path(), &["--json", "--streams", "3"]);
     let line = rx.stdout.wait_for("\"event\":\"received\"", WAIT);
     let got: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(got["stored"], true);

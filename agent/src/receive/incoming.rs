@@ -253,10 +253,10 @@ async fn accept_and_receive(
     // (PROTOCOL.md §2.5), unless only a direct connection will do: over
     // several connections for a stream to this receiver alone that is not
     // small, as the round trip says.
-    let lanes = relay_lanes(shared, &admitted.terms);
+    let lanes = relay_lanes(shared, &admitted.terms, resumable);
     let mut watch = LanesWatch {
         shared,
-        armed: lanes != Lanes::One,
+        armed: false,
     };
     let early =
         (admitted.direct != DirectMode::Only).then(|| Early::open(ctx.broker.clone(), lanes));
@@ -297,11 +297,13 @@ async fn accept_and_receive(
     .await;
     drop(early);
     let (mut data, via) = match opened {
-        Ok(d) => {
-            watch.armed &= d.1 == Path::Relay;
-            d
+        Ok((conn, via, n)) => {
+            watch.armed = via == Path::Relay && n > 1;
+            (conn, via)
         }
         Err(why) => {
+            // No path at all: the relay's connections may be why.
+            watch.armed = lanes != Lanes::One && admitted.direct != DirectMode::Only;
             if let Some(place) = admitted.place {
                 place.discard_if_empty();
             }
@@ -379,6 +381,8 @@ async fn accept_and_receive(
             Ok((done.placed, via))
         }
         Err(Failure::Failed(reason, why)) => {
+            // Only a stream that broke counts against several connections.
+            watch.armed &= matches!(reason, AbortReason::PeerGone | AbortReason::Timeout);
             let _ = data
                 .writer
                 .write(&Message::Abort {
@@ -400,12 +404,13 @@ async fn accept_and_receive(
 const LANES_REST: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// How many connections a stream of `terms` takes from the relay: several
-/// for a stream to this receiver alone that is not small and no chat (as
-/// the round trip or `--streams` says), unless such a stream failed lately.
-fn relay_lanes(shared: &Shared, terms: &keyferry_common::handshake::Terms) -> Lanes {
+/// for a live stream (not a stored delivery) to this receiver alone that is
+/// not small and no chat (as the round trip or `--streams` says), unless
+/// such a stream failed lately.
+fn relay_lanes(shared: &Shared, terms: &keyferry_common::handshake::Terms, live: bool) -> Lanes {
     let small = terms.size_known && terms.size < crate::streams::WORTH_IT;
     let failed = lock(&shared.lanes_failed).is_some_and(|at| at.elapsed() < LANES_REST);
-    if terms.receivers == 1 && terms.kind != Kind::Chat && !small && !failed {
+    if live && terms.receivers == 1 && terms.kind != Kind::Chat && !small && !failed {
         Lanes::Auto(shared.opts.streams)
     } else {
         Lanes::One

@@ -4,6 +4,7 @@
 //! connection; whichever carries the first frame is the stream's, and the
 //! other is closed. With `--direct only` there is no relay to wait on.
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use keyferry_common::handshake::direct::DirectMode;
@@ -25,13 +26,31 @@ const WAIT: Duration = Duration::from_secs(15);
 /// went direct has proved itself within its dial and proof timeouts).
 const GRACE: Duration = Duration::from_secs(5);
 
-/// The stream's connection, and which path it is; or why there is none.
+/// The stream's connection, which path it is, and over how many
+/// connections from the relay (1 for a direct one); or why there is none.
 pub(super) async fn open(
+    ctx: &Ctx,
+    ticket: (TransferId, Ticket),
+    expected: Option<Expected>,
+    mode: DirectMode,
+    early: (Option<&Early>, Lanes),
+) -> Result<(DataConn, Path, u8), String> {
+    let over = AtomicU8::new(1);
+    let (conn, path) = choose(ctx, ticket, expected, mode, (early, &over)).await?;
+    let n = match path {
+        Path::Relay => over.load(Ordering::Relaxed),
+        Path::Direct => 1,
+    };
+    Ok((conn, path, n))
+}
+
+/// [`open`]'s choice; how many connections carry the relay's goes to `over`.
+async fn choose(
     ctx: &Ctx,
     (tid, ticket): (TransferId, Ticket),
     expected: Option<Expected>,
     mode: DirectMode,
-    (early, lanes): (Option<&Early>, Lanes),
+    ((early, lanes), over): ((Option<&Early>, Lanes), &AtomicU8),
 ) -> Result<(DataConn, Path), String> {
     // The connection opened beside the accept, if it is there; over as many
     // connections as `lanes` says.
@@ -39,9 +58,9 @@ pub(super) async fn open(
         let early = early.and_then(Early::take);
         let tickets = [(tid, ticket)];
         async move {
-            open_upload_lanes(ctx, &tickets, early, (lanes, Leg::Receiver))
-                .await
-                .map(|(conn, _)| conn)
+            let (conn, n) = open_upload_lanes(ctx, &tickets, early, (lanes, Leg::Receiver)).await?;
+            over.store(n, Ordering::Relaxed);
+            Ok::<_, crate::error::AgentError>(conn)
         }
     };
     let Some(mut expected) = expected else {

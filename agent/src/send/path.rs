@@ -35,7 +35,7 @@ pub(super) fn small(source: &Source) -> bool {
 /// may take to the relay: several for one receiver and a stream that is
 /// not `small` (as the round trip or `--streams` says), else one.
 pub(super) fn relay_lanes(opts: &SendOptions, source: &Source, receivers: usize) -> Lanes {
-    lanes_for(opts, receivers == 1 && !small(source))
+    lanes_for(opts, receivers == 1 && opts.to.len() == 1 && !small(source))
 }
 
 /// Several connections to the relay if `worth` it, and not after they broke.

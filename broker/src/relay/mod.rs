@@ -234,7 +234,9 @@ async fn pump<R: AsyncRead + Side, W: AsyncWrite + Side>(
             let _ = tokio::time::timeout(Duration::from_secs(5), to.write_all(&frame)).await;
         }
     }
-    let _ = to.shutdown().await;
+    // Bounded: a receiver's lanes flush what is queued before they shut,
+    // which a receiver that stopped reading would hold up for ever.
+    let _ = tokio::time::timeout(Duration::from_secs(5), to.shutdown()).await;
     (bytes, result)
 }
 
