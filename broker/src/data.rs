@@ -7,9 +7,10 @@
 //! A ticket is compared in constant time, admits one connection, and is gone
 //! when its transfer's wait ends ([`crate::tickets`]). A sender's connection
 //! may redeem the sender tickets of several transfers of one stream (one
-//! upload to several receivers). A sender with one receiver may spread its
-//! stream over several connections instead, its lanes (`RedeemLanes` on the
-//! first, `RedeemLane` on each other): the transfer gets them all, or none.
+//! upload to several receivers). Either side of a transfer with one receiver
+//! may spread its data connection over several instead, its lanes
+//! (`RedeemLanes` on the first, `RedeemLane` on each other): the transfer gets
+//! all of a side's, or none.
 //! What the connections then carry is the relay's business
 //! ([`crate::relay`], [`crate::fanout`]).
 

@@ -9,11 +9,11 @@
 //! each of the others is told where to hand its receiver's connection
 //! ([`Arrival::Joined`]).
 //!
-//! A sender may spread its stream over several data connections to the relay
-//! (its lanes): the first presents the sender ticket with their number
-//! ([`Tickets::redeem_lanes`]), the others the same ticket with their place
-//! ([`Tickets::redeem_lane`]), in any order; those that come before the first
-//! are held, at most one per place.
+//! Either side of a transfer with one receiver may spread its data connection
+//! over several (its lanes): the first presents the side's ticket with their
+//! number ([`Tickets::redeem_lanes`]), the others the same ticket with their
+//! place ([`Tickets::redeem_lane`]), in any order; those that come before the
+//! first are held, at most one per place and side.
 //!
 //! Plain state, no sockets: a redeemed ticket hands over whatever
 //! data-connection value `C` the caller uses (the relay's connection in the

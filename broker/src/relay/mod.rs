@@ -9,14 +9,15 @@
 //! other side `Abort(PeerGone)`, which ends the other direction in turn.
 //!
 //! Bytes are forwarded as they arrive, unchanged and without copying frames
-//! out: a chunk is checked from its first 27 bytes ([`check`]) and the
+//! out: a chunk is checked from its first 27 bytes (`check.rs`) and the
 //! rest of its record moved socket to socket by `splice(2)` ([`crate::splice`];
 //! copied through the read buffer if no pipe can be had); other (small)
 //! messages are decoded whole before they go on. Each direction holds at most
 //! one read buffer, and reads again only after it wrote what it read:
-//! backpressure is end to end. A sender whose stream comes over several
-//! connections (lanes, PROTOCOL.md §2.5) is read back in order through
-//! [`Gather`] and copied, not spliced; what goes back to it takes its first.
+//! backpressure is end to end. A side whose data connection is several
+//! (lanes, PROTOCOL.md §2.5) is read back in order, or written out over them
+//! (`leg.rs`), and copied, not spliced; what goes the other way takes its
+//! first connection.
 
 use std::time::{Duration, Instant};
 
