@@ -393,7 +393,7 @@ pub async fn open_upload_lanes(
     {
         let (pipe, n) = relay_lanes::redeem(opened, *tid, t.ticket, leg)
             .await
-            .map_err(|e| conn_error(ctx, ConnError::Io(e)))?;
+            .map_err(|e| conn_error(ctx, e))?;
         return Ok((Connection::new(pipe), n));
     }
     let tcp = opened.first;

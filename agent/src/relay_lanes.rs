@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use keyferry_common::handshake::direct::MAX_LANES;
 use keyferry_common::ids::TransferId;
+use keyferry_common::io::connection::{ConnError, FrameWriter};
 use keyferry_common::io::lanes::Pipe;
-use keyferry_common::wire::message::{self, Message};
-use tokio::io::AsyncWriteExt as _;
+use keyferry_common::wire::message::Message;
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
@@ -122,7 +122,7 @@ pub async fn redeem(
     tid: TransferId,
     ticket: [u8; 32],
     leg: Leg,
-) -> std::io::Result<(Pipe, u8)> {
+) -> Result<(Pipe, u8), ConnError> {
     let Opened { mut first, more } = opened;
     for tcp in std::iter::once(&first).chain(&more) {
         let _ = tcp.set_nodelay(true);
@@ -180,15 +180,15 @@ pub async fn redeem(
     Ok((pipe, n))
 }
 
-async fn write(tcp: &mut TcpStream, msg: &Message) -> std::io::Result<()> {
-    let frame = message::encode(msg, 64)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
-    tcp.write_all(&frame).await
+/// Writes `msg`, a data connection's first frame (at most 64 bytes).
+async fn write(tcp: &mut TcpStream, msg: &Message) -> Result<(), ConnError> {
+    FrameWriter::new(tcp, 64).write(msg).await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use keyferry_common::wire::message;
     use tokio::io::AsyncReadExt as _;
     use tokio::net::TcpListener;
 

@@ -39,7 +39,7 @@ const MAX_ANSWER_FRAME: usize = 96;
 /// our `punch` port (named in the terms) if it is of its family, until the
 /// simultaneous open's window ends (PROTOCOL.md §2.7), else once too.
 /// Through a listening address the stream then takes as many connections
-/// as [`lanes::count`] says for the round trip its connect took
+/// as [`crate::streams::count`] says for the round trip its connect took
 /// (`streams`: `--streams`); returns it and that number.
 pub async fn dial(
     terms: &DirectTerms,

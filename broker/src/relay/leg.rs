@@ -1,6 +1,6 @@
 //! One side of a relay, a leg: one data connection, or several carrying one
 //! stream (lanes, PROTOCOL.md §2.5) — a sender's read back in order
-//! ([`Gather`]), a receiver's written out over them ([`Spread`]). Either way
+//! ([`Pipe::Gather`]), a receiver's written out over them ([`Pipe::Spread`]). Either way
 //! a read side and a write side, and the socket under them when there is
 //! one (only then may the relay splice).
 
@@ -8,7 +8,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use keyferry_common::io::lanes::{Gather, Spread};
+use keyferry_common::io::lanes::Pipe;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -16,27 +16,21 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use super::DataConn;
 use crate::conns::ConnGuard;
 
-/// A sender's lanes, read back in order; what goes back to the sender is
-/// written to the first.
-type Gathered = Gather<OwnedReadHalf, OwnedWriteHalf>;
-/// A receiver's lanes: what goes to it is spread over them; what it sends
-/// comes on the first.
-type Spreading = Spread<OwnedReadHalf>;
-
 /// A leg's read side.
 #[derive(Debug)]
 pub(super) enum LegRead {
     Tcp(OwnedReadHalf),
-    Gathered(ReadHalf<Gathered>),
-    Spread(ReadHalf<Spreading>),
+    /// A sender's lanes read back in order ([`Pipe::Gather`]), or the first
+    /// of a receiver's ([`Pipe::Spread`]).
+    Lanes(ReadHalf<Pipe>),
 }
 
 /// A leg's write side.
 #[derive(Debug)]
 pub(super) enum LegWrite {
     Tcp(OwnedWriteHalf),
-    Gathered(WriteHalf<Gathered>),
-    Spread(WriteHalf<Spreading>),
+    /// The first of a sender's lanes, or a receiver's lanes written out.
+    Lanes(WriteHalf<Pipe>),
 }
 
 /// Which side a leg is.
@@ -66,28 +60,20 @@ pub(super) fn open(
         Of::Receiver => keyferry_common::io::tcp::lane_out,
     };
     let _ = tune(&conn.tcp);
-    let (first_read, first_write) = conn.tcp.into_split();
-    let (mut readers, mut writers) = (vec![(first_read, conn.leftover)], Vec::new());
+    let mut rest = Vec::new();
     for lane in conn.further {
         let _ = tune(&lane.tcp);
-        let (r, w) = lane.tcp.into_split();
-        readers.push((r, lane.leftover));
-        writers.push(w);
+        rest.push((lane.tcp, lane.leftover));
         guards.push(lane.guard);
     }
-    match of {
-        Of::Sender => {
-            let (r, w) = tokio::io::split(Gather::new(readers, first_write, writers));
-            (LegRead::Gathered(r), Vec::new(), LegWrite::Gathered(w))
-        }
-        Of::Receiver => {
-            // Nothing comes on a further lane: their read sides are unused.
-            let first = readers.swap_remove(0);
-            writers.insert(0, first_write);
-            let (r, w) = tokio::io::split(Spread::new(first, writers));
-            (LegRead::Spread(r), Vec::new(), LegWrite::Spread(w))
-        }
-    }
+    let first = (conn.tcp, conn.leftover);
+    let pipe = match of {
+        Of::Sender => Pipe::gather(first, rest),
+        // Nothing comes on a receiver's further lanes.
+        Of::Receiver => Pipe::spread(first, rest.into_iter().map(|(t, _)| t).collect()),
+    };
+    let (r, w) = tokio::io::split(pipe);
+    (LegRead::Lanes(r), Vec::new(), LegWrite::Lanes(w))
 }
 
 /// Reads and discards what a leg still sends, until it closes or `grace`
@@ -97,11 +83,14 @@ pub(super) fn open(
 /// matters).
 pub(super) async fn drain(read: LegRead, write: LegWrite, grace: std::time::Duration) {
     match (read, write) {
-        (LegRead::Gathered(r), LegWrite::Gathered(w)) => {
-            let mut lanes = r.unsplit(w).into_readers();
-            let drains = lanes.iter_mut().map(|l| drain_one(l, grace));
-            futures_util::future::join_all(drains).await;
-        }
+        (LegRead::Lanes(r), LegWrite::Lanes(w)) => match r.unsplit(w) {
+            Pipe::Gather(g) => {
+                let mut lanes = g.into_readers();
+                let drains = lanes.iter_mut().map(|l| drain_one(l, grace));
+                futures_util::future::join_all(drains).await;
+            }
+            mut pipe => drain_one(&mut pipe, grace).await,
+        },
         (mut r, _) => drain_one(&mut r, grace).await,
     }
 }
@@ -150,8 +139,7 @@ impl AsyncRead for LegRead {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Tcp(t) => Pin::new(t).poll_read(cx, buf),
-            Self::Gathered(g) => Pin::new(g).poll_read(cx, buf),
-            Self::Spread(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Lanes(l) => Pin::new(l).poll_read(cx, buf),
         }
     }
 }
@@ -164,24 +152,21 @@ impl AsyncWrite for LegWrite {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Self::Tcp(t) => Pin::new(t).poll_write(cx, buf),
-            Self::Gathered(g) => Pin::new(g).poll_write(cx, buf),
-            Self::Spread(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Lanes(l) => Pin::new(l).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Tcp(t) => Pin::new(t).poll_flush(cx),
-            Self::Gathered(g) => Pin::new(g).poll_flush(cx),
-            Self::Spread(s) => Pin::new(s).poll_flush(cx),
+            Self::Lanes(l) => Pin::new(l).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Tcp(t) => Pin::new(t).poll_shutdown(cx),
-            Self::Gathered(g) => Pin::new(g).poll_shutdown(cx),
-            Self::Spread(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Lanes(l) => Pin::new(l).poll_shutdown(cx),
         }
     }
 }
