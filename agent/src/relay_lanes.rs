@@ -128,24 +128,15 @@ pub async fn redeem(
         let _ = tcp.set_nodelay(true);
         let _ = keyferry_common::io::tcp::keep_alive(tcp);
     }
-    let mut lanes = Vec::new();
-    for mut tcp in more {
-        // Numbered in the order they are told, so the numbers have no gaps.
-        let Ok(lane) = u8::try_from(lanes.len() + 1) else {
-            break;
-        };
-        if lane >= MAX_LANES {
-            break;
-        }
+    let lanes = crate::streams::number(more, |lane, mut tcp: TcpStream| async move {
         let redeem = Message::RedeemLane {
             transfer_id: tid,
             ticket,
             lane,
         };
-        if write(&mut tcp, &redeem).await.is_ok() {
-            lanes.push(tcp);
-        }
-    }
+        write(&mut tcp, &redeem).await.ok().map(|()| tcp)
+    })
+    .await;
     let n = u8::try_from(lanes.len() + 1).unwrap_or(MAX_LANES);
     let redeem = match n {
         1 => Message::Redeem {

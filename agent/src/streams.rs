@@ -31,6 +31,30 @@ pub const DIRECT: Aim = Aim(125e6);
 /// 3). A broker serves many transfers; one that needs more says `--streams`.
 pub const RELAY: Aim = Aim(31.25e6);
 
+/// Tells each further connection of `more` its place with `tell`, numbered
+/// from 1 in the order told: one whose telling fails is left out and its
+/// number goes to the next, so the numbers have no gaps; at most
+/// [`MAX_LANES`] − 1 are told (the first connection is place 0). Returns
+/// those told, in their order.
+pub async fn number<T, L, F>(more: Vec<T>, mut tell: impl FnMut(u8, T) -> F) -> Vec<L>
+where
+    F: Future<Output = Option<L>>,
+{
+    let mut told = Vec::new();
+    for conn in more {
+        let Ok(place) = u8::try_from(told.len() + 1) else {
+            break;
+        };
+        if place >= MAX_LANES {
+            break;
+        }
+        if let Some(lane) = tell(place, conn).await {
+            told.push(lane);
+        }
+    }
+    told
+}
+
 /// How many connections a stream takes over a path of round trip `rtt`:
 /// `asked` (`--streams`) if given, else enough for `aim`, at most
 /// [`MAX_LANES`].

@@ -22,7 +22,6 @@ use crate::error::AgentError;
 use crate::receive::chatsink::{ChatEvent, ChatLink};
 use crate::receive::consent::Policy;
 use crate::receive::{RecvOptions, receive};
-use crate::send::source::Walk;
 use crate::send::{Payload, SendOptions, send};
 use outgoing::{Cmd, Note, Outgoing};
 use screen::{Input, Screen};
@@ -56,21 +55,12 @@ pub async fn chat(ctx: Ctx, opts: ChatOptions) -> Result<(), AgentError> {
         events: events_tx,
     };
     let receiving = RecvOptions {
-        out_dir: opts.out_dir.clone(),
-        once: false,
         max_size: opts.max_size,
-        progress_timeout: Duration::from_secs(60),
-        json: false,
-        stdout: false,
         keepalive: opts.keepalive,
-        trust_sender_hash: false,
         // Chat lines and files from the chat go through the broker.
         direct: DirectOpt::Never,
-        direct_port: 0,
-        streams: None,
-        policy: Policy::Only(opts.peers.clone()),
-        preserve: true,
         chat: Some(link),
+        ..RecvOptions::new(opts.out_dir.clone(), Policy::Only(opts.peers.clone()))
     };
     let mut receiver = tokio::spawn(receive(ctx.clone(), receiving));
     // Reachable first (or the reason why not), then talking.
@@ -175,18 +165,8 @@ fn send_file(ctx: &Ctx, opts: &ChatOptions, path: PathBuf, screen: &Screen) {
         let sent = send(
             &ctx,
             SendOptions {
-                to: peers,
-                payload: Payload::Files(vec![path.clone()]),
-                walk: Walk::default(),
-                rekey_interval: Duration::from_secs(5),
-                peer_fingerprint: None,
-                retry_for: Duration::ZERO,
-                progress: false,
                 direct: DirectOpt::Never,
-                streams: None,
-                direct_failed: Default::default(),
-                lanes_failed: Default::default(),
-                store: false,
+                ..SendOptions::new(peers, Payload::Files(vec![path.clone()]))
             },
         )
         .await;

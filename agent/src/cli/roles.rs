@@ -153,8 +153,6 @@ pub(super) async fn sender(args: Args, ctx: Ctx) -> Result<(), AgentError> {
     let sent = send(
         &ctx,
         SendOptions {
-            to,
-            payload,
             walk: Walk {
                 exclude: args.exclude,
                 refuse_links: args.no_skip_links,
@@ -165,9 +163,8 @@ pub(super) async fn sender(args: Args, ctx: Ctx) -> Result<(), AgentError> {
             progress: true,
             direct: args.direct,
             streams: args.streams,
-            direct_failed: Default::default(),
-            lanes_failed: Default::default(),
             store: args.store,
+            ..SendOptions::new(to, payload)
         },
     )
     .await?;

@@ -75,24 +75,19 @@ pub(super) async fn join(
     key: &MacKey,
     tid: TransferId,
 ) -> Result<(DataConn, u8), String> {
-    let mut lanes = Vec::new();
-    for (mut conn, ck) in more {
-        // Numbered in the order they are told, so the numbers have no gaps.
-        let lane = u8::try_from(lanes.len() + 1).unwrap_or(MAX_LANES);
-        if lane >= MAX_LANES {
-            break;
-        }
-        let proof = LaneProof::Further(lane).tag(key, &tid, &ck);
-        if conn
-            .writer
-            .write(&Message::DirectLane { lane, proof })
-            .await
-            .is_ok()
-        {
+    let lanes = crate::streams::number(
+        more,
+        |lane, (mut conn, ck): (Probe, Challenges)| async move {
+            let proof = LaneProof::Further(lane).tag(key, &tid, &ck);
+            let told = conn
+                .writer
+                .write(&Message::DirectLane { lane, proof })
+                .await;
             // Nothing comes back on it: bytes read ahead there are none.
-            lanes.push(conn.into_inner().0);
-        }
-    }
+            told.ok().map(|()| conn.into_inner().0)
+        },
+    )
+    .await;
     let n = u8::try_from(lanes.len() + 1).unwrap_or(MAX_LANES);
     let proof = LaneProof::First(n).tag(key, &tid, c);
     let proof = match n {

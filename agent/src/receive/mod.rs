@@ -104,6 +104,34 @@ pub struct RecvOptions {
     pub streams: Option<u8>,
 }
 
+impl RecvOptions {
+    /// A receiver into `out_dir` that takes what `policy` admits, with the
+    /// command line's defaults: it stays for more than one transfer, takes
+    /// any size the free space allows, gives up on a transfer after 60 s
+    /// without new verified data, pings the broker every 20 s, hashes what
+    /// arrives, keeps modes and times, and takes either path with
+    /// connections chosen from the round trip; no JSON lines, no standard
+    /// output, no chat. Change a field with struct update syntax.
+    pub fn new(out_dir: PathBuf, policy: consent::Policy) -> Self {
+        Self {
+            out_dir,
+            once: false,
+            max_size: None,
+            progress_timeout: Duration::from_secs(60),
+            json: false,
+            stdout: false,
+            keepalive: Duration::from_secs(20),
+            trust_sender_hash: false,
+            policy,
+            preserve: true,
+            chat: None,
+            direct: DirectOpt::Auto,
+            direct_port: 0,
+            streams: None,
+        }
+    }
+}
+
 /// Transfers in progress: the receiver's capacity.
 #[derive(Debug, Default)]
 struct Limits {

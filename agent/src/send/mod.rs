@@ -95,6 +95,29 @@ pub struct SendOptions {
 }
 
 impl SendOptions {
+    /// An upload of `payload` to `to` with what a caller other than the
+    /// command line wants by default: keys rotated every 5 s, no pinned
+    /// fingerprint, no retries, no progress bar, either path
+    /// (`--direct auto`), connections chosen from the round trip, nothing
+    /// stored for an offline receiver. Change a field with struct update
+    /// syntax (`SendOptions { store: true, ..SendOptions::new(to, payload) }`).
+    pub fn new(to: Vec<AgentName>, payload: Payload) -> Self {
+        Self {
+            to,
+            payload,
+            walk: Walk::default(),
+            rekey_interval: Duration::from_secs(5),
+            peer_fingerprint: None,
+            retry_for: Duration::ZERO,
+            progress: false,
+            direct: crate::direct::DirectOpt::Auto,
+            streams: None,
+            direct_failed: Arc::default(),
+            lanes_failed: Arc::default(),
+            store: false,
+        }
+    }
+
     fn is_message(&self) -> bool {
         matches!(self.payload, Payload::Message(_))
     }

@@ -274,21 +274,14 @@ impl Agent {
     ) -> JoinHandle<Result<(), AgentError>> {
         let ctx = self.ctx.clone();
         let opts = RecvOptions {
-            out_dir: out.to_owned(),
             once,
-            max_size: None,
-            progress_timeout: Duration::from_secs(60),
-            json: false,
-            stdout: false,
-            keepalive: Duration::from_secs(20),
-            trust_sender_hash: false,
-            policy: keyferry_agent::receive::consent::Policy::Anyone,
-            chat: None,
             preserve: false,
             // These tests are about the broker: every stream through it.
             direct: keyferry_agent::direct::DirectOpt::Never,
-            direct_port: 0,
-            streams: None,
+            ..RecvOptions::new(
+                out.to_owned(),
+                keyferry_agent::receive::consent::Policy::Anyone,
+            )
         };
         let online_before = broker.logs.text().matches(&self.online_line()).count();
         let task = tokio::spawn(receive(ctx, opts));
@@ -313,18 +306,12 @@ impl Agent {
         let mut sent = send(
             &self.ctx,
             SendOptions {
-                to: vec![AgentName::new(to).unwrap()],
-                payload: Payload::Files(vec![file.to_owned()]),
-                walk: Default::default(),
-                rekey_interval: Duration::from_secs(5),
-                peer_fingerprint: None,
-                retry_for: Duration::ZERO,
-                progress: false,
+                // These tests are about the broker: every stream through it.
                 direct: keyferry_agent::direct::DirectOpt::Never,
-                streams: None,
-                direct_failed: Default::default(),
-                lanes_failed: Default::default(),
-                store: false,
+                ..SendOptions::new(
+                    vec![AgentName::new(to).unwrap()],
+                    Payload::Files(vec![file.to_owned()]),
+                )
             },
         )
         .await?;
