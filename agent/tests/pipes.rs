@@ -253,3 +253,49 @@ fn a_slow_pipe_arrives_as_it_is_written() {
         b"first line\nsecond line\n"
     );
 }
+
+/// A receiver says nothing while a stream comes in (its receipt follows the
+/// trailer): a relayed transfer that runs longer than the broker's idle
+/// limit, with data moving all along, is not silent and arrives whole, to
+/// one receiver and to two.
+#[test]
+fn a_relayed_stream_longer_than_the_idle_limit_is_not_cut_while_data_moves() {
+    let broker = Broker::start_with(TempDir::new("broker"), &["--idle-timeout", "2s"]);
+    let alice = Home::new("alice", "alice");
+    let (bob, carol) = (Home::new("bob", "bob"), Home::new("carol", "carol"));
+    support::known_for_two_days(&alice, &bob);
+    support::known_for_two_days(&alice, &carol);
+    let (out_b, out_c) = (TempDir::new("out-b"), TempDir::new("out-c"));
+    let mut receivers = [
+        bob.receiver(&broker, out_b.path(), &["--yes"]),
+        carol.receiver(&broker, out_c.path(), &["--yes"]),
+    ];
+    for (also, name, outs) in [
+        (&[][..], "one.bin", vec![&out_b]),
+        (&["--to", "carol"][..], "two.bin", vec![&out_b, &out_c]),
+    ] {
+        let mut flags = vec!["--json", "--direct", "never", "--max-size", "8MiB"];
+        flags.extend_from_slice(also);
+        let (sender, mut input) = alice.pipe_sender(&broker, "bob", name, &flags);
+        // 24 pieces a quarter of a second apart: 6 s of stream, three times
+        // the broker's idle limit, and never 2 s without a byte.
+        let data = pseudo_random(24 << 16, 41);
+        for piece in data.chunks(1 << 16) {
+            std::io::Write::write_all(&mut input, piece).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+        drop(input);
+        let sent = Run::finish(sender);
+        assert_eq!(sent.code, Some(0), "{name}: {sent:#?}");
+        for out in outs {
+            assert_eq!(
+                sha256_hex(&std::fs::read(out.join(name)).unwrap()),
+                sha256_hex(&data),
+                "{name}"
+            );
+        }
+    }
+    for r in &mut receivers {
+        r.kill();
+    }
+}

@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use crate::metrics::Meters;
+use crate::quiet::Quiet;
 use crate::relay::{DataConn, RelayEnd, RelayReport};
 use crate::shutdown::Shutdown;
 
@@ -82,38 +83,43 @@ async fn write_out(mut to: OwnedWriteHalf, mut rx: mpsc::Receiver<Arc<[u8]>>, id
 /// and then its `Receipt` or `Abort`. A feed's broker may say more about a
 /// transfer it already answered for (an `Abort` of its own, then its
 /// receiver's): that is passed over. Anything else — a frame of another
-/// transfer, a bad frame, the connection's end, its silence — becomes
-/// `Abort{PeerGone}` for every transfer not yet answered.
+/// transfer, a bad frame, the connection's end, its silence while the whole
+/// upload is `quiet` for `idle` — becomes `Abort{PeerGone}` for every
+/// transfer not yet answered.
 async fn read_back(
     from: tokio::net::tcp::OwnedReadHalf,
     leftover: Vec<u8>,
     tids: Vec<TransferId>,
     back: mpsc::Sender<Vec<u8>>,
-    idle: Duration,
+    (idle, quiet): (Duration, Arc<Quiet>),
 ) {
     let mut reader = FrameReader::with_buffer(from, leftover, BACK_MAX);
     let mut open = tids.clone();
     let mut proceeded = Vec::new();
     while !open.is_empty() {
-        let frame = match reader.read_timeout(idle).await {
-            Ok(Some(m @ Message::Proceed { transfer_id }))
+        let read = quiet.within(idle, reader.read()).await;
+        if let Some(Ok(Some(_))) = read {
+            quiet.moved();
+        }
+        let frame = match read.and_then(Result::ok).flatten() {
+            Some(m @ Message::Proceed { transfer_id })
                 if open.contains(&transfer_id) && !proceeded.contains(&transfer_id) =>
             {
                 proceeded.push(transfer_id);
                 frame_of(&m)
             }
-            Ok(Some(m @ Message::Receipt { transfer_id, .. }))
-            | Ok(Some(m @ Message::Abort { transfer_id, .. }))
+            Some(m @ Message::Receipt { transfer_id, .. })
+            | Some(m @ Message::Abort { transfer_id, .. })
                 if open.contains(&transfer_id) =>
             {
                 open.retain(|t| *t != transfer_id);
                 frame_of(&m)
             }
-            Ok(Some(
+            Some(
                 Message::Proceed { transfer_id }
                 | Message::Receipt { transfer_id, .. }
                 | Message::Abort { transfer_id, .. },
-            )) if tids.contains(&transfer_id) => continue,
+            ) if tids.contains(&transfer_id) => continue,
             _ => break,
         };
         if back.send(frame).await.is_err() {
@@ -184,12 +190,16 @@ pub async fn relay(
     let mut lanes: Vec<Option<Lane>> = Vec::new();
     let mut lane_of = HashMap::new();
     let mut done = Vec::new();
+    // A receiver says nothing while the stream comes in: silence counts only
+    // when nothing moves either way.
+    let quiet = Arc::new(Quiet::new());
     for r in receivers {
         let (rd, wr) = r.conn.tcp.into_split();
         let (tx, rx) = mpsc::channel::<Arc<[u8]>>(QUEUE);
         tasks.spawn(write_out(wr, rx, idle));
         let tids = r.tids.clone();
-        tasks.spawn(read_back(rd, r.conn.leftover, tids, back_tx.clone(), idle));
+        let clock = (idle, Arc::clone(&quiet));
+        tasks.spawn(read_back(rd, r.conn.leftover, tids, back_tx.clone(), clock));
         for tid in &r.tids {
             lane_of.insert(*tid, lanes.len());
         }
@@ -221,19 +231,19 @@ pub async fn relay(
     let mut payload = Vec::new();
     let result: Result<(), RelayEnd> = loop {
         let read = tokio::select! {
-            r = tokio::time::timeout(idle, reader.read_payload_into(&mut payload)) => r,
+            r = quiet.within(idle, reader.read_payload_into(&mut payload)) => r,
             () = shutdown.cut() => break Err(RelayEnd::Shutdown),
         };
         match read {
-            Ok(Ok(true)) => {}
-            Ok(Ok(false)) => break Err(RelayEnd::Disconnected("sender")),
-            Ok(Err(e)) => {
+            Some(Ok(true)) => quiet.moved(),
+            Some(Ok(false)) => break Err(RelayEnd::Disconnected("sender")),
+            Some(Err(e)) => {
                 break Err(RelayEnd::Refused {
                     side: "sender",
                     what: format!("a bad frame: {e}"),
                 });
             }
-            Err(_) => {
+            None => {
                 break Err(RelayEnd::Silent {
                     side: "sender",
                     secs: idle.as_secs(),

@@ -51,6 +51,7 @@ pub mod logs;
 pub mod mailbox;
 pub mod member;
 pub mod metrics;
+pub mod quiet;
 pub mod registry;
 pub mod relay;
 pub mod routes;

@@ -6,7 +6,9 @@
 //! key updates, chunks and the trailer (of this transfer's stream), an abort.
 //! Back (receiver → sender): the receipt, an abort (of this transfer). Anything else, EOF, an error
 //! or a silence longer than the idle limit ends that direction and tells the
-//! other side `Abort(PeerGone)`, which ends the other direction in turn.
+//! other side `Abort(PeerGone)`, which ends the other direction in turn. A
+//! direction is silent only while the other is too ([`Quiet`]): the receiver
+//! says nothing while the stream comes in.
 //!
 //! Bytes are forwarded as they arrive, unchanged and without copying frames
 //! out: a chunk is checked from its first 27 bytes (`check.rs`) and the
@@ -31,6 +33,7 @@ use tracing::info;
 
 use crate::conns::ConnGuard;
 use crate::metrics::{End, Meters, Metrics};
+use crate::quiet::Quiet;
 use crate::shutdown::Shutdown;
 use crate::splice::{self, Pipe, Stop};
 
@@ -130,12 +133,14 @@ pub struct RelayReport {
 
 /// Relays one direction until it ends; returns the bytes forwarded. With a
 /// `pipe`, the bodies of chunk records are spliced; a `meter` counts the
-/// bytes as they pass.
+/// bytes as they pass. It waits for bytes until the transfer has been
+/// `quiet` in both directions for `idle`, and for a write to go through at
+/// most `idle`.
 #[allow(clippy::too_many_arguments)]
 async fn pump<R: AsyncRead + Side, W: AsyncWrite + Side>(
     dir: Dir,
     ids: (TransferId, StreamId),
-    idle: Duration,
+    (idle, quiet): (Duration, &Quiet),
     from: &mut R,
     mut buf: Vec<u8>,
     to: &mut W,
@@ -183,6 +188,7 @@ async fn pump<R: AsyncRead + Side, W: AsyncWrite + Side>(
             }
             bytes += ok as u64;
             count(ok);
+            quiet.moved();
             buf.drain(..ok);
         }
         if ends {
@@ -201,6 +207,7 @@ async fn pump<R: AsyncRead + Side, W: AsyncWrite + Side>(
             checker.passing = 0;
             bytes += n as u64;
             count(n);
+            quiet.moved();
             continue;
         }
         // A small message is decoded whole, so it must fit; chunks stream.
@@ -209,15 +216,15 @@ async fn pump<R: AsyncRead + Side, W: AsyncWrite + Side>(
         buf.reserve(most);
         let mut limited = (&mut *from).take(most as u64);
         let read = tokio::select! {
-            r = tokio::time::timeout(idle, limited.read_buf(&mut buf)) => r,
+            r = quiet.within(idle, limited.read_buf(&mut buf)) => r,
             () = shutdown.cut() => break Err(RelayEnd::Shutdown),
         };
         let side = dir.source();
         match read {
-            Ok(Ok(0)) => break Err(RelayEnd::Disconnected(side)),
-            Ok(Ok(_)) => {}
-            Ok(Err(source)) => break Err(RelayEnd::Io { side, source }),
-            Err(_) => {
+            Some(Ok(0)) => break Err(RelayEnd::Disconnected(side)),
+            Some(Ok(_)) => quiet.moved(),
+            Some(Err(source)) => break Err(RelayEnd::Io { side, source }),
+            None => {
                 break Err(RelayEnd::Silent {
                     side,
                     secs: idle.as_secs(),
@@ -280,10 +287,11 @@ pub async fn relay(
     // Record bodies are spliced between two single connections.
     let plain = s_read.socket().is_some() && r_write.socket().is_some();
     let pipe = plain.then(|| Pipe::new().ok()).flatten();
+    let quiet = Quiet::new();
     let (bytes, result) = both(
         (&mut s_read, s_start, &mut s_write),
         (&mut r_read, r_start, &mut r_write),
-        (ids, idle, shutdown),
+        (ids, (idle, &quiet), shutdown),
         (pipe, meters),
     )
     .await;
@@ -310,7 +318,7 @@ pub async fn relay(
 async fn both<SR, SW, RR, RW>(
     (s_read, s_start, s_write): (&mut SR, Vec<u8>, &mut SW),
     (r_read, r_start, r_write): (&mut RR, Vec<u8>, &mut RW),
-    (ids, idle, shutdown): ((TransferId, StreamId), Duration, Shutdown),
+    (ids, clock, shutdown): ((TransferId, StreamId), (Duration, &Quiet), Shutdown),
     (pipe, meters): (Option<Pipe>, Meters),
 ) -> (u64, Result<(), RelayEnd>)
 where
@@ -323,7 +331,7 @@ where
         pump(
             Dir::Forward,
             ids,
-            idle,
+            clock,
             s_read,
             s_start,
             r_write,
@@ -333,7 +341,7 @@ where
         pump(
             Dir::Back,
             ids,
-            idle,
+            clock,
             r_read,
             r_start,
             s_write,
