@@ -78,6 +78,9 @@ pub async fn admit(
                 return Err(refuse(&mut tcp, ErrorCode::UnknownTransfer, UNKNOWN_LANES).await);
             };
             let conn = admitted(reader.into_parts().1, tcp, guard);
+            if let LanesRedeemed::Sender(..) = redeemed {
+                ready_to_receive(&conn.tcp);
+            }
             let until = deadline.min(tokio::time::Instant::now() + MORE_LANES);
             // Without all of them, the stream cannot be carried: the
             // connections close, and the sender tries again. If the wait
@@ -100,6 +103,9 @@ pub async fn admit(
             lane,
         })) => {
             let conn = admitted(reader.into_parts().1, tcp, guard);
+            if state.tickets.is_sender_ticket(&transfer_id, &ticket) {
+                ready_to_receive(&conn.tcp);
+            }
             if let Err(mut conn) = state.tickets.redeem_lane(&transfer_id, &ticket, lane, conn) {
                 state.metrics.handshake_failed(Handshake::Ticket);
                 return Err(refuse(&mut conn.tcp, ErrorCode::UnknownTransfer, UNKNOWN_LANES).await);
@@ -196,6 +202,16 @@ pub async fn admit(
             }
         }
     }
+}
+
+/// Gives a sender's lane its large receive buffer as soon as its ticket is
+/// known good: the sender streams at once, and its segments wait here until
+/// the relay starts (the receiver's side may still be coming). Set only
+/// after that wait, the buffer was set on a connection whose default one
+/// had filled, and the kernel kept its window at about 80 KiB for the rest
+/// of the transfer (measured: 2 MB/s instead of 20 on a 150 ms path).
+fn ready_to_receive(tcp: &TcpStream) {
+    let _ = keyferry_common::io::tcp::lane_in(tcp);
 }
 
 /// The refusal of a lane whose ticket is no good.

@@ -395,6 +395,15 @@ impl<C> Tickets<C> {
     /// connection back if no such ticket waits, the place is out of range or
     /// taken, the first took one connection (or fewer places), or the
     /// transfer is one of an upload to several receivers.
+    /// Whether `ticket` is the sender ticket of `tid` (compared in constant
+    /// time), so that a lane presenting it may be readied to receive a
+    /// stream before it is placed.
+    pub fn is_sender_ticket(&self, tid: &TransferId, ticket: &[u8; 32]) -> bool {
+        let i = lock(&self.inner);
+        i.get(tid)
+            .is_some_and(|e| e.side_of(ticket) == Some(Side::Sender))
+    }
+
     pub fn redeem_lane(
         &self,
         tid: &TransferId,

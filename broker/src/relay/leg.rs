@@ -55,9 +55,11 @@ pub(super) fn open(
         let (r, w) = conn.tcp.into_split();
         return (LegRead::Tcp(r), conn.leftover, LegWrite::Tcp(w));
     }
-    let tune = match of {
-        Of::Sender => keyferry_common::io::tcp::lane_in,
-        Of::Receiver => keyferry_common::io::tcp::lane_out,
+    // A sender's lanes got their receive buffers when they were admitted
+    // (`crate::data`); a receiver's get their send side here.
+    let tune = |tcp: &TcpStream| match of {
+        Of::Sender => Ok(()),
+        Of::Receiver => keyferry_common::io::tcp::lane_out(tcp),
     };
     let _ = tune(&conn.tcp);
     let mut rest = Vec::new();
