@@ -260,7 +260,7 @@ fn a_slow_pipe_arrives_as_it_is_written() {
 /// one receiver and to two.
 #[test]
 fn a_relayed_stream_longer_than_the_idle_limit_is_not_cut_while_data_moves() {
-    let broker = Broker::start_with(TempDir::new("broker"), &["--idle-timeout", "2s"]);
+    let broker = Broker::start_with(TempDir::new("broker"), &["--idle-timeout", "3s"]);
     let alice = Home::new("alice", "alice");
     let (bob, carol) = (Home::new("bob", "bob"), Home::new("carol", "carol"));
     support::known_for_two_days(&alice, &bob);
@@ -277,9 +277,9 @@ fn a_relayed_stream_longer_than_the_idle_limit_is_not_cut_while_data_moves() {
         let mut flags = vec!["--json", "--direct", "never", "--max-size", "8MiB"];
         flags.extend_from_slice(also);
         let (sender, mut input) = alice.pipe_sender(&broker, "bob", name, &flags);
-        // 24 pieces a quarter of a second apart: 6 s of stream, three times
-        // the broker's idle limit, and never 2 s without a byte.
-        let data = pseudo_random(24 << 16, 41);
+        // 32 pieces a quarter of a second apart: 8 s of stream, more than
+        // twice the broker's idle limit, and never 3 s without a byte.
+        let data = pseudo_random(32 << 16, 41);
         for piece in data.chunks(1 << 16) {
             std::io::Write::write_all(&mut input, piece).unwrap();
             std::thread::sleep(std::time::Duration::from_millis(250));

@@ -65,8 +65,13 @@ fn frame_of(msg: &Message) -> Vec<u8> {
 }
 
 /// Writes the frames of `rx` to a receiver until the queue closes, then
-/// half-closes; stops at the first failed or stalled write.
-async fn write_out(mut to: OwnedWriteHalf, mut rx: mpsc::Receiver<Arc<[u8]>>, idle: Duration) {
+/// half-closes; stops at the first failed or stalled write. Each frame
+/// written is movement on the upload's `quiet` clock.
+async fn write_out(
+    mut to: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Arc<[u8]>>,
+    (idle, quiet): (Duration, Arc<Quiet>),
+) {
     while let Some(f) = rx.recv().await {
         if !matches!(
             tokio::time::timeout(idle, to.write_all(&f)).await,
@@ -74,6 +79,7 @@ async fn write_out(mut to: OwnedWriteHalf, mut rx: mpsc::Receiver<Arc<[u8]>>, id
         ) {
             return;
         }
+        quiet.moved();
     }
     let _ = to.shutdown().await;
 }
@@ -196,7 +202,7 @@ pub async fn relay(
     for r in receivers {
         let (rd, wr) = r.conn.tcp.into_split();
         let (tx, rx) = mpsc::channel::<Arc<[u8]>>(QUEUE);
-        tasks.spawn(write_out(wr, rx, idle));
+        tasks.spawn(write_out(wr, rx, (idle, Arc::clone(&quiet))));
         let tids = r.tids.clone();
         let clock = (idle, Arc::clone(&quiet));
         tasks.spawn(read_back(rd, r.conn.leftover, tids, back_tx.clone(), clock));
@@ -214,6 +220,7 @@ pub async fn relay(
     let (s_read, mut s_write) = sender.tcp.into_split();
     let notices = back_tx;
     // Back: everything the receivers answer, to the sender, until they all did.
+    let moved = Arc::clone(&quiet);
     let back = tokio::spawn(async move {
         while let Some(f) = back_rx.recv().await {
             if !matches!(
@@ -222,6 +229,7 @@ pub async fn relay(
             ) {
                 break;
             }
+            moved.moved();
         }
         let _ = s_write.shutdown().await;
     });

@@ -25,6 +25,7 @@ use rustix::pipe::{PipeFlags, SpliceFlags, fcntl_setpipe_size, pipe_with, splice
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use crate::quiet::Quiet;
 use crate::shutdown::Shutdown;
 
 /// The pipe size asked for: half a default chunk. The kernel bounds the
@@ -101,13 +102,14 @@ pub enum Stop {
     Shutdown,
 }
 
-/// Moves exactly `n` bytes from `from` to `to` through `pipe`.
+/// Moves exactly `n` bytes from `from` to `to` through `pipe`, telling
+/// `quiet` of each piece that came.
 pub async fn exactly(
     from: &TcpStream,
     to: &TcpStream,
     pipe: &Pipe,
     mut n: usize,
-    idle: Duration,
+    (idle, quiet): (Duration, &Quiet),
     shutdown: &mut Shutdown,
 ) -> Result<(), Stop> {
     let flags = SpliceFlags::NONBLOCK | SpliceFlags::MOVE;
@@ -131,6 +133,7 @@ pub async fn exactly(
             match got {
                 Ok(0) => return Err(Stop::Closed),
                 Ok(k) => {
+                    quiet.moved();
                     n -= k;
                     held += k;
                     if let Some(s) = &mut since {
@@ -246,7 +249,7 @@ mod tests {
 
     use std::time::Instant;
 
-    use super::{GATHER_ROOM, PIPE_SIZE, Pipe, SMALL_FILL, Since, Stop, exactly, worth};
+    use super::{GATHER_ROOM, PIPE_SIZE, Pipe, Quiet, SMALL_FILL, Since, Stop, exactly, worth};
     use crate::shutdown::{Phase, Shutdown};
 
     /// Two connected sockets on 127.0.0.1: (the far end, ours).
@@ -292,7 +295,8 @@ mod tests {
         let mut shutdown = Shutdown::new(rx);
         let pipe = Pipe::new().unwrap();
         let idle = Duration::from_secs(10);
-        exactly(&from, &to, &pipe, 600 << 10, idle, &mut shutdown)
+        let quiet = Quiet::new();
+        exactly(&from, &to, &pipe, 600 << 10, (idle, &quiet), &mut shutdown)
             .await
             .unwrap();
         assert!(reader.await.unwrap() == want, "the bytes passed on differ");
@@ -358,12 +362,13 @@ mod tests {
             }
         });
         let relay = tokio::spawn(async move {
+            let quiet = Quiet::new();
             exactly(
                 &from,
                 &to,
                 &pipe,
                 1 << 20,
-                Duration::from_secs(30),
+                (Duration::from_secs(30), &quiet),
                 &mut shutdown,
             )
             .await

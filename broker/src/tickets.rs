@@ -390,11 +390,6 @@ impl<C> Tickets<C> {
         })
     }
 
-    /// Takes `conn` as place `lane` of the side of the stream whose ticket
-    /// is `ticket`: held until its first comes, or handed to it. Gives the
-    /// connection back if no such ticket waits, the place is out of range or
-    /// taken, the first took one connection (or fewer places), or the
-    /// transfer is one of an upload to several receivers.
     /// Whether `ticket` is the sender ticket of `tid` (compared in constant
     /// time), so that a lane presenting it may be readied to receive a
     /// stream before it is placed.
@@ -404,6 +399,11 @@ impl<C> Tickets<C> {
             .is_some_and(|e| e.side_of(ticket) == Some(Side::Sender))
     }
 
+    /// Takes `conn` as place `lane` of the side of the stream whose ticket
+    /// is `ticket`: held until its first comes, or handed to it. Gives the
+    /// connection back if no such ticket waits, the place is out of range or
+    /// taken, the first took one connection (or fewer places), or the
+    /// transfer is one of an upload to several receivers.
     pub fn redeem_lane(
         &self,
         tid: &TransferId,

@@ -57,14 +57,15 @@ pub(super) fn open(
     }
     // A sender's lanes got their receive buffers when they were admitted
     // (`crate::data`); a receiver's get their send side here.
-    let tune = |tcp: &TcpStream| match of {
-        Of::Sender => Ok(()),
-        Of::Receiver => keyferry_common::io::tcp::lane_out(tcp),
+    let tune = |tcp: &TcpStream| {
+        if of == Of::Receiver {
+            let _ = keyferry_common::io::tcp::lane_out(tcp);
+        }
     };
-    let _ = tune(&conn.tcp);
+    tune(&conn.tcp);
     let mut rest = Vec::new();
     for lane in conn.further {
-        let _ = tune(&lane.tcp);
+        tune(&lane.tcp);
         rest.push((lane.tcp, lane.leftover));
         guards.push(lane.guard);
     }

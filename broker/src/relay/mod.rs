@@ -200,7 +200,8 @@ async fn pump<R: AsyncRead + Side, W: AsyncWrite + Side>(
             && buf.is_empty()
         {
             let n = checker.passing;
-            let spliced = splice::exactly(from_tcp, to_tcp, pipe, n, idle, &mut shutdown).await;
+            let clock = (idle, quiet);
+            let spliced = splice::exactly(from_tcp, to_tcp, pipe, n, clock, &mut shutdown).await;
             if let Err(stop) = spliced {
                 break 'relay Err(stopped(dir, idle, stop));
             }
