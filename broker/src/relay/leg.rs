@@ -4,34 +4,23 @@
 //! a read side and a write side, and the socket under them when there is
 //! one (only then may the relay splice).
 
-use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
 use keyferry_common::io::lanes::Pipe;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_util::either::Either;
 
 use super::DataConn;
 use crate::conns::ConnGuard;
 
-/// A leg's read side.
-#[derive(Debug)]
-pub(super) enum LegRead {
-    Tcp(OwnedReadHalf),
-    /// A sender's lanes read back in order ([`Pipe::Gather`]), or the first
-    /// of a receiver's ([`Pipe::Spread`]).
-    Lanes(ReadHalf<Pipe>),
-}
+/// A leg's read side: one connection's (`Left`), or (`Right`) a sender's
+/// lanes read back in order ([`Pipe::Gather`]) or the first of a
+/// receiver's ([`Pipe::Spread`]).
+pub(super) type LegRead = Either<OwnedReadHalf, ReadHalf<Pipe>>;
 
-/// A leg's write side.
-#[derive(Debug)]
-pub(super) enum LegWrite {
-    Tcp(OwnedWriteHalf),
-    /// The first of a sender's lanes, or a receiver's lanes written out.
-    Lanes(WriteHalf<Pipe>),
-}
+/// A leg's write side: one connection's (`Left`), or (`Right`) the first of
+/// a sender's lanes or a receiver's lanes written out.
+pub(super) type LegWrite = Either<OwnedWriteHalf, WriteHalf<Pipe>>;
 
 /// Which side a leg is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,7 +42,7 @@ pub(super) fn open(
     guards.push(conn.guard);
     if conn.further.is_empty() {
         let (r, w) = conn.tcp.into_split();
-        return (LegRead::Tcp(r), conn.leftover, LegWrite::Tcp(w));
+        return (Either::Left(r), conn.leftover, Either::Left(w));
     }
     // A sender's lanes got their receive buffers when they were admitted
     // (`crate::data`); a receiver's get their send side here.
@@ -76,7 +65,7 @@ pub(super) fn open(
         Of::Receiver => Pipe::spread(first, rest.into_iter().map(|(t, _)| t).collect()),
     };
     let (r, w) = tokio::io::split(pipe);
-    (LegRead::Lanes(r), Vec::new(), LegWrite::Lanes(w))
+    (Either::Right(r), Vec::new(), Either::Right(w))
 }
 
 /// Reads and discards what a leg still sends, until it closes or `grace`
@@ -86,7 +75,7 @@ pub(super) fn open(
 /// matters).
 pub(super) async fn drain(read: LegRead, write: LegWrite, grace: std::time::Duration) {
     match (read, write) {
-        (LegRead::Lanes(r), LegWrite::Lanes(w)) => match r.unsplit(w) {
+        (Either::Right(r), Either::Right(w)) => match r.unsplit(w) {
             Pipe::Gather(g) => {
                 let mut lanes = g.into_readers();
                 let drains = lanes.iter_mut().map(|l| drain_one(l, grace));
@@ -119,8 +108,8 @@ pub(super) trait Socket: Unpin {
 impl Socket for LegRead {
     fn socket(&self) -> Option<&TcpStream> {
         match self {
-            Self::Tcp(t) => Some(t.as_ref()),
-            _ => None,
+            Either::Left(t) => Some(t.as_ref()),
+            Either::Right(_) => None,
         }
     }
 }
@@ -128,48 +117,8 @@ impl Socket for LegRead {
 impl Socket for LegWrite {
     fn socket(&self) -> Option<&TcpStream> {
         match self {
-            Self::Tcp(t) => Some(t.as_ref()),
-            _ => None,
-        }
-    }
-}
-
-impl AsyncRead for LegRead {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Tcp(t) => Pin::new(t).poll_read(cx, buf),
-            Self::Lanes(l) => Pin::new(l).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for LegWrite {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Tcp(t) => Pin::new(t).poll_write(cx, buf),
-            Self::Lanes(l) => Pin::new(l).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Tcp(t) => Pin::new(t).poll_flush(cx),
-            Self::Lanes(l) => Pin::new(l).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Tcp(t) => Pin::new(t).poll_shutdown(cx),
-            Self::Lanes(l) => Pin::new(l).poll_shutdown(cx),
+            Either::Left(t) => Some(t.as_ref()),
+            Either::Right(_) => None,
         }
     }
 }
